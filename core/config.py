@@ -1,0 +1,154 @@
+"""Configs are code: a Python file whose `get_config()` returns frozen dataclasses.
+
+Overrides come as `a.b=c` strings (from `--set`). Each value is parsed to the field's declared type,
+and an unknown key is rejected with the list of valid ones, so a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+  """A config file or an override is wrong; the message names the file or field."""
+
+
+def load_config_file(path: str | Path, *args) -> Any:
+  """Imports `path` and returns its `get_config(*args)`."""
+  path = Path(path)
+  if not path.is_file():
+    raise ConfigError(f'config file not found: {path}')
+  module_name = f'_config_{abs(hash(str(path.resolve())))}'
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[module_name] = module  # dataclasses need their module registered
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} defines no get_config()')
+  return module.get_config(*args)
+
+
+def valid_keys(config: Any, prefix: str = '') -> list[str]:
+  """All dotted leaf paths of a dataclass config, for error messages."""
+  keys = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      keys += valid_keys(value, f'{prefix}{field.name}.')
+    else:
+      keys.append(f'{prefix}{field.name}')
+  return keys
+
+
+def _parse_bool(text: str) -> bool:
+  lowered = text.strip().lower()
+  if lowered in ('1', 'true', 'yes', 'on'):
+    return True
+  if lowered in ('0', 'false', 'no', 'off'):
+    return False
+  raise ValueError(f'not a boolean: {text!r}')
+
+
+def parse_value(text: str, annotation: Any) -> Any:
+  """Parses an override string to `annotation` (int, float, bool, str, Optional, tuple, Literal)."""
+  origin = typing.get_origin(annotation)
+  args = typing.get_args(annotation)
+  if origin in (typing.Union, types.UnionType):
+    if text.strip().lower() in ('none', 'null') and type(None) in args:
+      return None
+    errors = []
+    for option in args:
+      if option is type(None):
+        continue
+      try:
+        return parse_value(text, option)
+      except (ValueError, TypeError) as e:
+        errors.append(str(e))
+    raise ValueError('; '.join(errors))
+  if origin is typing.Literal:
+    for option in args:
+      if str(option) == text:
+        return option
+    raise ValueError(f'{text!r} is not one of {list(args)}')
+  if origin in (tuple, list):
+    stripped = text.strip()
+    if stripped.startswith(('[', '(')):
+      items = json.loads('[' + stripped[1:-1] + ']')
+    else:
+      items = [part.strip() for part in stripped.split(',') if part.strip()]
+    item_type = args[0] if args else Any
+    if item_type is Ellipsis or (len(args) == 2 and args[1] is Ellipsis):
+      item_type = args[0]
+    parsed = [parse_value(i if isinstance(i, str) else json.dumps(i), item_type) for i in items]
+    return tuple(parsed) if origin is tuple else parsed
+  if annotation is bool:
+    return _parse_bool(text)
+  if annotation is int:
+    return int(text)
+  if annotation is float:
+    return float(text)
+  if annotation is str:
+    return text
+  if annotation is Any:
+    return text
+  raise TypeError(f'cannot parse overrides of type {annotation}')
+
+
+def apply_override(config: Any, dotted: str, text: str, _root: Any = None, _path: str = '') -> Any:
+  """Returns a copy of `config` with field `dotted` set to `text` parsed to the field's type."""
+  root = _root if _root is not None else config
+  head, _, rest = dotted.partition('.')
+  names = {f.name: f for f in dataclasses.fields(config)}
+  if head not in names:
+    raise ConfigError(f'unknown config key {_path + head!r}; valid keys: {", ".join(valid_keys(root))}')
+  current = getattr(config, head)
+  if rest:
+    if not dataclasses.is_dataclass(current):
+      raise ConfigError(f'{_path + head!r} is a leaf; valid keys: {", ".join(valid_keys(root))}')
+    return dataclasses.replace(config, **{head: apply_override(current, rest, text, root, f'{_path}{head}.')})
+  if dataclasses.is_dataclass(current):
+    raise ConfigError(f'{_path + head!r} is a group, set one of its fields: '
+                      f'{", ".join(valid_keys(current, _path + head + "."))}')
+  hints = typing.get_type_hints(type(config))
+  try:
+    value = parse_value(text, hints[head])
+  except (ValueError, TypeError, json.JSONDecodeError) as e:
+    raise ConfigError(f'bad value for {_path + head!r} (type {hints[head]}): {text!r}: {e}') from None
+  return dataclasses.replace(config, **{head: value})
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+  """Applies `key=value` strings in order; later ones win. Dataclass __post_init__ re-validates."""
+  for item in overrides:
+    if '=' not in item:
+      raise ConfigError(f'override {item!r} is not of the form key=value')
+    key, text = item.split('=', 1)
+    config = apply_override(config, key.strip(), text.strip())
+  return config
+
+
+def to_dict(config: Any) -> dict:
+  return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+  """Rebuilds a (nested) dataclass config from `to_dict` output, as stored in a workdir."""
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in data:
+      continue
+    value = data[field.name]
+    field_type = hints[field.name]
+    if dataclasses.is_dataclass(field_type):
+      value = from_dict(field_type, value)
+    elif typing.get_origin(field_type) is tuple and value is not None:
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    kwargs[field.name] = value
+  return cls(**kwargs)

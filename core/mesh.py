@@ -1,0 +1,100 @@
+"""Slice presets and the device mesh built from them.
+
+A preset (one file in `tpu_configs/`) says what hardware a run gets: accelerator type, hosts, the
+mesh axis sizes inside a slice (ici) and across slices (dcn), peak FLOPs for MFU, and the logical
+sharding rules. Axis sizes of -1 mean "whatever devices are left".
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# A rule maps one logical axis name to a mesh axis, a tuple of mesh axes, or None (replicated).
+LogicalRule = tuple[str, str | tuple[str, ...] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceConfig:
+  # Short name of the preset, e.g. 'v4-32' or 'cpu-8'.
+  name: str
+  # gcloud accelerator type ('v4-32', 'v5litepod-16', ...) or 'cpu' for local runs.
+  accelerator_type: str
+  # TPU VM runtime image passed to `gcloud compute tpus tpu-vm create --version`.
+  runtime_version: str
+  # Number of host VMs in the slice (processes that jax.distributed joins).
+  num_hosts: int
+  # Devices each host drives (chips for TPU; forced host devices for CPU).
+  devices_per_host: int
+  # Mesh sizes (data, fsdp, tensor) inside one slice over the fast interconnect; -1 = the rest.
+  ici_mesh: tuple[int, ...]
+  # Mesh sizes (data, fsdp, tensor) across slices over the data-centre network; -1 = the rest.
+  dcn_mesh: tuple[int, ...]
+  # Peak dense FLOP/s of one device at the compute dtype, for MFU.
+  peak_flops_per_device: float
+  # High-bandwidth memory per device in GiB (used to warn about configs that cannot fit).
+  hbm_gib_per_device: float
+  # Logical axis name -> mesh axes; the one sharding rules table of this preset.
+  logical_rules: tuple[LogicalRule, ...]
+
+  def __post_init__(self):
+    for field in ('ici_mesh', 'dcn_mesh'):
+      sizes = getattr(self, field)
+      if len(sizes) != len(MESH_AXES):
+        raise ValueError(f'{self.name}: {field} needs one size per axis {MESH_AXES}, got {sizes}')
+      if sum(1 for s in sizes if s == -1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f'{self.name}: {field} {sizes} may hold at most one -1 and no zeros')
+    for logical, target in self.logical_rules:
+      axes = (target,) if isinstance(target, str) else (target or ())
+      unknown = [a for a in axes if a not in MESH_AXES]
+      if unknown:
+        raise ValueError(f'{self.name}: rule for {logical!r} names unknown mesh axes {unknown}')
+
+  @property
+  def num_devices(self) -> int:
+    return self.num_hosts * self.devices_per_host
+
+
+def resolve_sizes(sizes: tuple[int, ...], total: int, what: str) -> tuple[int, ...]:
+  """Replaces a -1 by the size that makes the product equal `total`."""
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if total % known:
+      raise ValueError(f'{what}: {total} devices do not divide into {sizes}')
+    sizes = tuple(total // known if s == -1 else s for s in sizes)
+  if math.prod(sizes) != total:
+    raise ValueError(f'{what}: mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+                     f'{total} are available')
+  return sizes
+
+
+def make_mesh(preset: SliceConfig, devices: list | None = None):
+  """Builds the (data, fsdp, tensor) mesh; ici axes are laid out inside a slice, dcn across slices.
+
+  Uses `jax.sharding.Mesh` with automatic axes (see deps.md: `jax.make_mesh` now defaults to
+  explicit axes, which reject the implicit resharding that FSDP relies on).
+  """
+  import jax
+  from jax.experimental import mesh_utils
+  from jax.sharding import Mesh
+  devices = list(devices if devices is not None else jax.devices())
+  num_slices = math.prod(s for s in preset.dcn_mesh if s != -1)
+  if -1 in preset.dcn_mesh:
+    num_slices = max(1, len({getattr(d, 'slice_index', 0) for d in devices}))
+  dcn = resolve_sizes(preset.dcn_mesh, num_slices, f'{preset.name} dcn_mesh')
+  if len(devices) % num_slices:
+    raise ValueError(f'{preset.name}: {len(devices)} devices do not split into {num_slices} slices')
+  ici = resolve_sizes(preset.ici_mesh, len(devices) // num_slices, f'{preset.name} ici_mesh')
+  if num_slices > 1:
+    # TPU multislice devices carry slice_index; on CPU or GPU each process stands in for a slice.
+    by_process = not hasattr(devices[0], 'slice_index')
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+  elif devices[0].platform == 'tpu':
+    grid = mesh_utils.create_device_mesh(ici, devices)
+  else:
+    # CPU/GPU: no physical topology to respect; keep process-major order so per-host data lines up.
+    grid = np.array(devices).reshape(ici)
+  return Mesh(grid, MESH_AXES)

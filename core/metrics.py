@@ -1,0 +1,73 @@
+"""What a person watching a run sees: metrics.jsonl, TensorBoard scalars and a progress bar.
+
+Only process 0 writes. On resume, lines of metrics.jsonl past the restored step are dropped, so the
+file always describes one consistent history.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+
+
+class MetricsLogger:
+
+  def __init__(self, workdir: str | Path, *, total_steps: int, start_step: int,
+               tensorboard: bool = True, progress_bar: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = Path(workdir) / 'metrics.jsonl'
+    self._tb = None
+    self._bar = None
+    if not self.enabled:
+      return
+    self._truncate_after(start_step)
+    self._file = self.path.open('a')
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
+      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), purge_step=start_step + 1)
+    if progress_bar:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+
+  def _truncate_after(self, step: int) -> None:
+    if not self.path.exists():
+      return
+    kept = [line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)['step'] <= step]
+    temp = self.path.with_suffix('.tmp')
+    temp.write_text(''.join(line + '\n' for line in kept))
+    temp.replace(self.path)
+
+  def log(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in metrics.items():
+        if math.isfinite(float(value)):
+          self._tb.add_scalar(key, float(value), step)
+      self._tb.flush()
+    if self._bar is not None:
+      self._bar.set_postfix(loss=f'{record["loss"]:.4f}', refresh=False)
+
+  def advance(self, steps: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(steps)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._bar is not None:
+      self._bar.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+  path = Path(workdir) / 'metrics.jsonl'
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

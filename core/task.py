@@ -1,0 +1,25 @@
+"""What a model family gives the engine: how to build the model and how to score a batch."""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+from flax import nnx
+
+
+class Task(Protocol):
+
+  def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model (called under `jax.jit` / `nnx.eval_shape`: no side effects)."""
+
+  def loss(self, model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean loss over the batch and auxiliary scalars to log."""
+
+  def batch_logical_axes(self) -> dict[str, tuple[str | None, ...]]:
+    """Logical axis names of each batch field, e.g. {'tokens': ('batch', 'act_seq')}."""
+
+  def flops_per_example(self) -> float:
+    """Training FLOPs (forward + backward) of one example, for MFU."""
+
+  def tokens_per_example(self) -> int:
+    """Tokens trained on per example, for tokens/s."""

@@ -1,0 +1,245 @@
+"""The one train loop every model uses. Sections: setup, sharded init, resume, step, loop, finish.
+
+The task supplies the model and its loss; the loop owns the mesh, sharding, optimizer, data feeding,
+checkpoints, metrics and preemption. Rerunning with the same workdir continues from the latest
+checkpoint, data iterator included; SIGTERM saves a checkpoint and returns cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from core import checkpoint
+from core.mesh import SliceConfig, make_mesh
+from core.metrics import MetricsLogger
+from core.optim import OptimConfig, learning_rate_schedule, make_optimizer
+from core.sharding import activation_sharding, logical_to_spec, tree_shardings
+from core.task import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  # Total optimizer updates; rerun with a larger value to continue a finished run.
+  steps: int = 1000
+  # Examples per optimizer update, over all hosts and micro-batches.
+  global_batch: int = 8
+  # Write metrics every this many updates (loss, tokens/s, step time, MFU).
+  log_every: int = 10
+  # Save a checkpoint every this many updates (and always at the end and on SIGTERM).
+  checkpoint_every: int = 200
+  # Checkpoints kept on disk.
+  keep_checkpoints: int = 3
+  # Seed of parameter init and data order.
+  seed: int = 0
+  # Write checkpoints in a background thread while training continues.
+  async_checkpoints: bool = True
+  # Show a progress bar on process 0.
+  progress_bar: bool = True
+  # Write TensorBoard event files next to metrics.jsonl.
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    for name in ('steps', 'global_batch', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'train.{name} must be >= 1, got {getattr(self, name)}')
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (TPU VMs get SIGTERM on preemption)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def agreed(self) -> bool:
+    # Every host must stop at the same step, or the collective save would hang.
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array([self.requested]))
+    return bool(np.any(flags))
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding], global_batch: int):
+  """Host-local rows -> one global jax.Array per field, without any host holding the full batch."""
+  return {name: jax.make_array_from_process_local_data(shardings[name], value,
+                                                       (global_batch,) + value.shape[1:])
+          for name, value in local.items()}
+
+
+def init_state(task: Task, mesh, rules, optim: OptimConfig, seed: int):
+  """Sharded init: shapes via eval_shape, then one jit whose outputs land directly in their shards.
+
+  Returns (graphdef, init_fn, abstract params, abstract optimizer state); nothing is allocated
+  until `init_fn()` runs, so a resume never materialises a throwaway copy of the model.
+  """
+  abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(params=seed)))
+  graphdef, abstract_state = nnx.split(abstract_model)
+  param_shardings = tree_shardings(nnx.get_partition_spec(abstract_state).to_pure_dict(), mesh, rules)
+  tx = make_optimizer(optim)
+  abstract_params = checkpoint.abstract_like(abstract_state.to_pure_dict(), param_shardings)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, P())
+  # Optimizer moments mirror the parameters' shardings; counters are replicated.
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
+  abstract_opt = checkpoint.abstract_like(abstract_opt, opt_shardings)
+
+  def init_fn():
+    params = nnx.split(task.make_model(nnx.Rngs(params=seed)))[1].to_pure_dict()
+    return params, tx.init(params)
+
+  init_fn = jax.jit(init_fn, out_shardings=(param_shardings, opt_shardings))
+  return graphdef, tx, init_fn, abstract_params, abstract_opt
+
+
+def make_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_shardings):
+  schedule = learning_rate_schedule(optim)
+
+  def loss_fn(params, batch):
+    return task.loss(nnx.merge(graphdef, params), batch)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(step, params, opt_state, batch):
+    if optim.grad_accum == 1:
+      (loss, aux), grads = grad_fn(params, batch)
+    else:
+      # Micro-batch m takes rows m, m+A, m+2A, ...: every device keeps an equal share of each.
+      def split(x):
+        x = x.reshape((x.shape[0] // optim.grad_accum, optim.grad_accum) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+      micro_batches = jax.tree.map(split, batch)
+
+      def accumulate(grad_sum, micro_batch):
+        micro_batch = jax.tree.map(jax.lax.with_sharding_constraint, micro_batch, batch_shardings)
+        (loss, aux), grads = grad_fn(params, micro_batch)
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      grad_sum, (losses, auxs) = jax.lax.scan(accumulate, zeros, micro_batches)
+      grads = jax.tree.map(lambda g: g / optim.grad_accum, grad_sum)
+      loss, aux = jnp.mean(losses), jax.tree.map(jnp.mean, auxs)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'learning_rate': schedule(step),
+               **aux}
+    return params, opt_state, metrics
+
+  return train_step
+
+
+def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: SliceConfig,
+          workdir: str | Path, make_data_iterator: Callable[[int, int], Iterator],
+          meta: dict | None = None, on_setup: Callable[[], None] | None = None) -> dict:
+  """Trains until `train_config.steps` optimizer updates are done; returns a summary dict.
+
+  `make_data_iterator(process_index, process_count)` returns this host's grain iterator of
+  host-local batches (global_batch / process_count rows).
+  """
+  # ---------------------------------------------------------------- setup
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = make_mesh(preset)
+  rules = preset.logical_rules
+  if train_config.global_batch % (optim.grad_accum * jax.process_count()):
+    raise ValueError(f'train.global_batch {train_config.global_batch} must split into '
+                     f'optim.grad_accum={optim.grad_accum} micro-batches on {jax.process_count()} hosts')
+  batch_shardings = {name: NamedSharding(mesh, logical_to_spec(axes, rules))
+                     for name, axes in task.batch_logical_axes().items()}
+  data_iterator = make_data_iterator(jax.process_index(), jax.process_count())
+
+  # ---------------------------------------------------------------- sharded init / resume
+  with activation_sharding(mesh, rules):
+    graphdef, tx, init_fn, abstract_params, abstract_opt = init_state(task, mesh, rules, optim,
+                                                                       train_config.seed)
+  manager = checkpoint.make_manager(workdir, keep=train_config.keep_checkpoints,
+                                    async_save=train_config.async_checkpoints)
+  start_step = manager.latest_step()
+  if start_step is None:
+    params, opt_state = init_fn()
+    start_step = 0
+  else:
+    restored = checkpoint.restore(manager, start_step, abstract_params=abstract_params,
+                                  abstract_opt_state=abstract_opt, data_iterator=data_iterator)
+    params, opt_state = restored['params'], restored['opt_state']
+    if opt_state is None:  # a weight import: fine-tune from its parameters with a fresh optimizer
+      opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract_opt))(params)
+  if on_setup is not None:
+    on_setup()
+
+  # ---------------------------------------------------------------- the step
+  train_step = make_train_step(task, graphdef, tx, optim, batch_shardings)
+  param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+  opt_shardings = jax.tree.map(lambda a: a.sharding, abstract_opt)
+  step_fn = jax.jit(train_step, donate_argnums=(1, 2),
+                    out_shardings=(param_shardings, opt_shardings, None))
+
+  # ---------------------------------------------------------------- the loop
+  logger = MetricsLogger(workdir, total_steps=train_config.steps, start_step=start_step,
+                         tensorboard=train_config.tensorboard, progress_bar=train_config.progress_bar)
+  preemption = _Preemption()
+  examples_per_step = train_config.global_batch
+  flops_per_step = task.flops_per_example() * examples_per_step
+  peak_flops = preset.peak_flops_per_device * mesh.devices.size
+  step = start_step
+  last_metrics: dict[str, float] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  preempted = False
+  try:
+    with activation_sharding(mesh, rules):
+      while step < train_config.steps:
+        batch = _global_batch(next(data_iterator), batch_shardings, train_config.global_batch)
+        params, opt_state, metrics = step_fn(jnp.int32(step), params, opt_state, batch)
+        step += 1
+        window_steps += 1
+        logger.advance()
+        if step % train_config.log_every == 0 or step == train_config.steps:
+          metrics = jax.device_get(metrics)  # the only host sync of a logging window
+          elapsed = time.perf_counter() - window_start
+          step_time = elapsed / window_steps
+          last_metrics = {k: float(v) for k, v in metrics.items()}
+          last_metrics.update(step_time_s=step_time,
+                              tokens_per_s=task.tokens_per_example() * examples_per_step / step_time,
+                              mfu=flops_per_step / step_time / peak_flops)
+          logger.log(step, last_metrics)
+          window_start, window_steps = time.perf_counter(), 0
+        if preemption.agreed():
+          preempted = True
+        if preempted or step % train_config.checkpoint_every == 0 or step == train_config.steps:
+          checkpoint.save(manager, step, params=params, opt_state=opt_state,
+                          data_iterator=data_iterator, meta=meta, force=True)
+        if preempted:
+          break
+  finally:
+    preemption.restore()
+    manager.wait_until_finished()
+    manager.close()
+    logger.close()
+
+  # ---------------------------------------------------------------- finish
+  return {'step': step, 'preempted': preempted, 'final_metrics': last_metrics,
+          'num_devices': int(mesh.devices.size), 'mesh': dict(mesh.shape),
+          'params': int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params))),
+          'trained_params': params}

@@ -1,0 +1,58 @@
+"""Built-in real data: visual sentences of scikit-learn's handwritten digits (ships in the wheel).
+
+Until the VQGAN issue lands, an 8x8 digit is tokenized by the simplest lossless image tokenizer:
+one token per pixel, its grey level 0..16. A sentence is `images_per_sentence` digits of one class
+(LVM's "category" sentences), so a model can only predict later images well by recognising the
+class from earlier ones: the loss measures in-context visual learning, not just pixel statistics.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+# Held out for evaluation: the last digits of the set (by index), never seen in training sentences.
+EVAL_FRACTION = 0.15
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """(images [n, 8, 8] uint8 in 0..16, labels [n]) from scikit-learn's bundled copy."""
+  try:
+    from sklearn.datasets import load_digits as sklearn_load_digits
+  except ImportError as e:
+    raise ImportError("the built-in digits need scikit-learn: pip install -e '.[data]'") from e
+  digits = sklearn_load_digits()
+  return digits.images.astype(np.uint8), digits.target.astype(np.int64)
+
+
+def pixel_tokenizer(image_hw: np.ndarray) -> np.ndarray:
+  return image_hw.reshape(-1).astype(np.int32)
+
+
+def category_sentences(images: np.ndarray, labels: np.ndarray, *, num_sentences: int,
+                       images_per_sentence: int, seed: int,
+                       tokenize: Callable[[np.ndarray], np.ndarray] = pixel_tokenizer) -> np.ndarray:
+  """[num_sentences, images_per_sentence * tokens_per_image] int32, each of one random class."""
+  rng = np.random.default_rng(seed)
+  by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+  classes = rng.choice(sorted(by_class), size=num_sentences)
+  sentences = []
+  for c in classes:
+    picks = rng.choice(by_class[c], size=images_per_sentence, replace=len(by_class[c]) < images_per_sentence)
+    sentences.append(np.concatenate([tokenize(images[i]) for i in picks]))
+  return np.stack(sentences).astype(np.int32)
+
+
+def digit_sentences(split: str, *, seq_len: int, num_sentences: int, seed: int = 0) -> np.ndarray:
+  """Sentences for `split` ('train' or 'eval', from disjoint digits) of exactly `seq_len` tokens."""
+  images, labels = load_digits()
+  tokens_per_image = images.shape[1] * images.shape[2]
+  if seq_len % tokens_per_image:
+    raise ValueError(f'data.seq_len {seq_len} must be a multiple of {tokens_per_image} (one 8x8 digit)')
+  cut = int(len(images) * (1 - EVAL_FRACTION))
+  part = slice(0, cut) if split == 'train' else slice(cut, None)
+  if split not in ('train', 'eval'):
+    raise ValueError(f'unknown digits split {split!r}')
+  return category_sentences(images[part], labels[part], num_sentences=num_sentences,
+                            images_per_sentence=seq_len // tokens_per_image,
+                            seed=seed + (0 if split == 'train' else 1))

@@ -1,0 +1,131 @@
+"""Fixed-length int32 token records in ArrayRecord shards.
+
+One record = one visual sentence = `seq_len` little-endian int32 token ids, nothing else, so a record's
+byte length alone tells whether it was written for this sequence length. Every id is checked against
+the vocabulary when written and again when read; errors name the shard and record.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+import grain
+
+SHARD_SUFFIX = '.arrayrecord'
+TOKEN_DTYPE = np.dtype('<i4')
+
+
+class TokenDataError(ValueError):
+  """A token file or record is malformed; the message names the file and record."""
+
+
+def check_tokens(tokens: np.ndarray, seq_len: int, vocab_size: int, where: str) -> np.ndarray:
+  """Returns `tokens` as int32 [seq_len] or raises naming `where` (e.g. 'shard x record 7')."""
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1 or tokens.shape[0] != seq_len:
+    raise TokenDataError(f'{where}: expected {seq_len} tokens, got shape {tokens.shape}')
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise TokenDataError(f'{where}: token ids must be integers, got dtype {tokens.dtype}')
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    bad = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
+    raise TokenDataError(f'{where}: token id {int(tokens[bad])} at position {bad} is outside the '
+                         f'vocabulary [0, {vocab_size})')
+  return tokens.astype(np.int32, copy=False)
+
+
+def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, seq_len: int,
+                       vocab_size: int, records_per_shard: int = 4096,
+                       prefix: str = 'tokens') -> list[Path]:
+  """Writes records to `out_dir/{prefix}-00000-of-000NN.arrayrecord`; returns the shard paths.
+
+  Every record is validated before anything is written to its final name: shards are written to
+  temporary names and renamed only when all records passed, so a bad record never leaves a
+  half-written data set behind (and never clobbers an existing one).
+  """
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  temp_paths: list[Path] = []
+  writer = None
+  count = 0
+  try:
+    for index, record in enumerate(records):
+      record = check_tokens(record, seq_len, vocab_size, f'input record {index}')
+      if count % records_per_shard == 0:
+        if writer is not None:
+          writer.close()
+        temp_paths.append(out_dir / f'.tmp-{prefix}-{len(temp_paths):05d}{SHARD_SUFFIX}')
+        writer = ArrayRecordWriter(str(temp_paths[-1]), 'group_size:1')
+      writer.write(record.astype(TOKEN_DTYPE).tobytes())
+      count += 1
+    if writer is not None:
+      writer.close()
+      writer = None
+  except BaseException:
+    if writer is not None:
+      writer.close()
+    for path in temp_paths:
+      path.unlink(missing_ok=True)
+    raise
+  if count == 0:
+    raise TokenDataError('no records to write')
+  final_paths = []
+  for shard, temp in enumerate(temp_paths):
+    final = out_dir / f'{prefix}-{shard:05d}-of-{len(temp_paths):05d}{SHARD_SUFFIX}'
+    os.replace(temp, final)
+    final_paths.append(final)
+  return final_paths
+
+
+def find_shards(path: str | Path) -> list[Path]:
+  """A shard file, or every `*.arrayrecord` in a directory (sorted), or a clear error."""
+  path = Path(path)
+  if path.is_file():
+    return [path]
+  if path.is_dir():
+    shards = sorted(p for p in path.glob(f'*{SHARD_SUFFIX}') if not p.name.startswith('.tmp-'))
+    if shards:
+      return shards
+    raise TokenDataError(f'{path}: no *{SHARD_SUFFIX} shards in this directory')
+  raise TokenDataError(f'{path}: no such file or directory')
+
+
+class TokenRecordSource(grain.sources.RandomAccessDataSource):
+  """Random access over the records of several shards, validated as they are read."""
+
+  def __init__(self, shard_paths: Sequence[str | Path], *, seq_len: int, vocab_size: int):
+    self.shard_paths = [str(p) for p in shard_paths]
+    self.seq_len, self.vocab_size = seq_len, vocab_size
+    self._shards = []
+    for path in self.shard_paths:
+      try:
+        self._shards.append(grain.sources.ArrayRecordDataSource([path]))
+      except Exception as e:  # array_record raises bare RuntimeErrors on corrupt files
+        raise TokenDataError(f'{path}: not a readable ArrayRecord shard ({e})') from None
+    self._starts = np.cumsum([0] + [len(s) for s in self._shards]).tolist()
+    # Cheap up-front check: the first record of every shard, before any training work starts.
+    for shard_index, shard in enumerate(self._shards):
+      if len(shard):
+        self._decode(shard_index, 0)
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def _decode(self, shard_index: int, record_index: int) -> np.ndarray:
+    where = f'{self.shard_paths[shard_index]} record {record_index}'
+    raw = self._shards[shard_index][record_index]
+    if len(raw) != self.seq_len * TOKEN_DTYPE.itemsize:
+      raise TokenDataError(f'{where}: {len(raw)} bytes, expected {self.seq_len} int32 tokens '
+                           f'({self.seq_len * TOKEN_DTYPE.itemsize} bytes)')
+    return check_tokens(np.frombuffer(raw, TOKEN_DTYPE), self.seq_len, self.vocab_size, where)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    index = int(index) % len(self)
+    shard_index = bisect.bisect_right(self._starts, index) - 1
+    return self._decode(shard_index, index - self._starts[shard_index])
+
+  def __repr__(self) -> str:
+    return f'TokenRecordSource({len(self.shard_paths)} shards, {len(self)} records, T={self.seq_len})'

@@ -1,0 +1,49 @@
+"""Turn a data path from a config into a random-access token source, validated before training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines import digit_sentences
+from data_pipelines.token_formats import read_token_file
+from data_pipelines.token_records import TokenDataError, TokenRecordSource, check_tokens, find_shards
+
+BUILTIN_SIZES = {'digits': ('train', 4096), 'digits-eval': ('eval', 256)}
+
+
+class InMemoryTokenSource:
+  """Records held in one int32 [N, T] array (small files and the built-in data)."""
+
+  def __init__(self, tokens_nt: np.ndarray, name: str):
+    self.tokens_nt, self.name = tokens_nt, name
+
+  def __len__(self) -> int:
+    return len(self.tokens_nt)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self.tokens_nt[int(index) % len(self)]
+
+  def __repr__(self) -> str:
+    return f'{self.name} ({len(self)} records)'
+
+
+def open_token_source(path: str, *, seq_len: int, vocab_size: int):
+  """'builtin:digits' | 'builtin:digits-eval' | shard dir | .arrayrecord | .jsonl | .npy."""
+  if path.startswith('builtin:'):
+    name = path.split(':', 1)[1]
+    if name not in BUILTIN_SIZES:
+      raise TokenDataError(f'unknown built-in data {path!r}; choose from '
+                           f'{[f"builtin:{n}" for n in BUILTIN_SIZES]}')
+    split, count = BUILTIN_SIZES[name]
+    tokens = digit_sentences.digit_sentences(split, seq_len=seq_len, num_sentences=count)
+    for row, record in enumerate(tokens):
+      check_tokens(record, seq_len, vocab_size, f'{path} record {row}')
+    return InMemoryTokenSource(tokens, path)
+  if not path:
+    raise TokenDataError('data.train_path is empty: give a shard directory, .jsonl or .npy file')
+  suffix = Path(path).suffix
+  if suffix in ('.jsonl', '.npy'):
+    return InMemoryTokenSource(np.stack(list(read_token_file(path, seq_len=seq_len, vocab_size=vocab_size))),
+                               path)
+  return TokenRecordSource(find_shards(path), seq_len=seq_len, vocab_size=vocab_size)

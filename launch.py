@@ -1,0 +1,153 @@
+"""The one CLI. Parses a command line and dispatches to a job; holds no logic of its own.
+
+  python launch.py quickstart                       # tiny LVM on built-in digits: shards, train, eval
+  python launch.py lvm train --config lvm/configs/tiny.py --tpu tpu_configs/cpu_8.py --workdir DIR [--set k=v ...]
+  python launch.py lvm eval --workdir DIR --data PATH
+  python launch.py lvm import-hf --hf-dir HF_DIR --workdir DIR
+  python launch.py lvm export-hf --workdir DIR --out HF_DIR
+  python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
+  python launch.py tpu create|setup|copy|run|ssh|delete --tpu tpu_configs/v4_32.py --name NAME [...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+
+def _prepare_runtime(args) -> None:
+  """Set up jax before its first import: forced CPU devices for cpu presets, multi-process init."""
+  from core.config import load_config_file
+  tpu_path = getattr(args, 'tpu', None)
+  if tpu_path:
+    preset = load_config_file(tpu_path)
+    flags = os.environ.get('XLA_FLAGS', '')
+    if preset.accelerator_type == 'cpu' and 'xla_force_host_platform_device_count' not in flags:
+      os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={preset.devices_per_host}'
+  import jax
+  if getattr(args, 'coordinator', None):
+    # Several processes on one machine (tests) or GPU/CPU clusters: explicit coordinator, gloo on CPU.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)
+  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+    jax.distributed.initialize()  # multi-host TPU slice: every host runs this same command
+  from absl import flags as absl_flags
+  absl_flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (google/grain#1355)
+
+
+def _print_result(result: dict) -> None:
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps(result, indent=1, default=str))
+
+
+def quickstart(args) -> dict:
+  """Everything that exists, end to end on CPU: token shards -> train -> eval."""
+  from data_pipelines.digit_sentences import digit_sentences
+  from data_pipelines.token_records import write_token_shards
+  from lvm import commands
+  workdir = Path(args.workdir)
+  seq_len = 256
+  shards = {}
+  for split, count in (('train', 4096), ('eval', 256)):
+    out = workdir / 'data' / split
+    if not any(out.glob('*.arrayrecord')):
+      write_token_shards(digit_sentences(split, seq_len=seq_len, num_sentences=count), out,
+                         seq_len=seq_len, vocab_size=8292, records_per_shard=1024)
+    shards[split] = str(out)
+  train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu,
+                                        str(workdir / 'lvm'), [f'data.train_path={shards["train"]}'] + args.set)
+  eval_result = commands.eval_command(str(workdir / 'lvm'), shards['eval'], args.tpu, 64, 32)
+  # A uniform guess over the 17 grey levels scores perplexity 17; see what the model learned.
+  summary = {'job': 'quickstart', 'train': {k: train_result[k] for k in ('step', 'final_metrics', 'mesh')},
+             'eval': eval_result, 'uniform_over_grey_levels_perplexity': 17.0}
+  from core.workdir import write_json_atomic
+  write_json_atomic(workdir / 'result.json', summary)
+  return summary
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='launch.py', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='group', required=True)
+
+  def add_distributed(p):
+    p.add_argument('--coordinator', help='host:port of process 0 (multi-process runs without a TPU)')
+    p.add_argument('--num-processes', type=int, default=1)
+    p.add_argument('--process-id', type=int, default=0)
+
+  q = sub.add_parser('quickstart', help='tiny LVM on built-in digits: shards, train, eval')
+  q.add_argument('--workdir', default='runs/quickstart')
+  q.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_8.py'))
+  q.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+
+  lvm = sub.add_parser('lvm', help='Large Vision Model jobs').add_subparsers(dest='command', required=True)
+  t = lvm.add_parser('train', help='train (or continue training) a decoder')
+  t.add_argument('--config', required=True)
+  t.add_argument('--tpu', required=True, help='slice preset file in tpu_configs/')
+  t.add_argument('--workdir', required=True)
+  t.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  add_distributed(t)
+  e = lvm.add_parser('eval', help='perplexity of a trained workdir on token data')
+  e.add_argument('--workdir', required=True)
+  e.add_argument('--data', required=True, help='shard dir, .arrayrecord, .jsonl, .npy or builtin:digits-eval')
+  e.add_argument('--tpu', help='slice preset (default: the one the run trained with)')
+  e.add_argument('--target-tokens', type=int, help='trailing tokens scored (default: last image, 256)')
+  e.add_argument('--batch-size', type=int, default=8)
+  add_distributed(e)
+  i = lvm.add_parser('import-hf', help='LlamaForCausalLM safetensors dir -> workdir checkpoint')
+  i.add_argument('--hf-dir', required=True)
+  i.add_argument('--workdir', required=True)
+  i.add_argument('--tpu', help='slice preset to shard the imported weights for')
+  i.add_argument('--seq-len', type=int, default=4096, help='record length the workdir will train/eval on')
+  x = lvm.add_parser('export-hf', help='workdir checkpoint -> LlamaForCausalLM safetensors dir')
+  x.add_argument('--workdir', required=True)
+  x.add_argument('--out', required=True)
+  x.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+
+  d = sub.add_parser('data', help='data preparation').add_subparsers(dest='command', required=True)
+  dt = d.add_parser('tokens', help='LVM .jsonl or int32 .npy -> ArrayRecord token shards')
+  dt.add_argument('--input', required=True)
+  dt.add_argument('--out', required=True)
+  dt.add_argument('--seq-len', type=int, required=True)
+  dt.add_argument('--vocab-size', type=int, default=8292)
+  dt.add_argument('--records-per-shard', type=int, default=4096)
+
+  from tpu_configs import gcloud
+  gcloud.add_parser(sub)
+
+  args = parser.parse_args(argv)
+  if args.group == 'tpu':
+    return gcloud.run(args)
+  _prepare_runtime(args)
+  if args.group == 'quickstart':
+    result = quickstart(args)
+  elif args.group == 'data':
+    from data_pipelines.token_formats import read_token_file
+    from data_pipelines.token_records import write_token_shards
+    paths = write_token_shards(read_token_file(args.input, seq_len=args.seq_len, vocab_size=args.vocab_size),
+                               args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                               records_per_shard=args.records_per_shard)
+    result = {'job': 'data tokens', 'shards': [str(p) for p in paths]}
+  else:
+    from lvm import commands
+    if args.command == 'train':
+      result = commands.train_command(args.config, args.tpu, args.workdir, args.set)
+    elif args.command == 'eval':
+      result = commands.eval_command(args.workdir, args.data, args.tpu, args.target_tokens, args.batch_size)
+    elif args.command == 'import-hf':
+      result = commands.import_hf_command(args.hf_dir, args.workdir, args.tpu, args.seq_len)
+    else:
+      result = commands.export_hf_command(args.workdir, args.out, args.dtype)
+  _print_result(result)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""LVM: VQGAN tokens -> visual sentences -> a LLaMA-style decoder trained on next-token prediction."""

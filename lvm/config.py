@@ -1,0 +1,37 @@
+"""The full config of an LVM training run: model, data, optimizer, loop."""
+from __future__ import annotations
+
+import dataclasses
+
+from core.optim import OptimConfig
+from core.train_loop import TrainConfig
+from lvm.model_config import DecoderConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  # Training tokens: a directory of .arrayrecord shards, one shard, an LVM .jsonl or an int32 .npy.
+  # The default builds visual sentences from scikit-learn's bundled handwritten digits.
+  train_path: str = 'builtin:digits'
+  # Tokens per record (visual sentence); LVM uses 16 images x 256 = 4096.
+  seq_len: int = 256
+  # Shuffle records each epoch (seeded by train.seed).
+  shuffle: bool = True
+  # grain read threads per host (0 reads in the main thread).
+  read_threads: int = 0
+
+  def __post_init__(self):
+    if self.seq_len < 2:
+      raise ValueError(f'data.seq_len must be >= 2, got {self.seq_len}')
+
+
+@dataclasses.dataclass(frozen=True)
+class LvmConfig:
+  # Decoder dimensions and numerics.
+  model: DecoderConfig
+  # Where the token records come from.
+  data: DataConfig = DataConfig()
+  # AdamW, schedule, gradient accumulation.
+  optim: OptimConfig = OptimConfig()
+  # Steps, batch, logging and checkpoint cadence.
+  train: TrainConfig = TrainConfig()

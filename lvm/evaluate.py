@@ -1,0 +1,51 @@
+"""Perplexity as LVM computes it (`eval_perplexity.py`): one forward pass over context + target
+images, exp(mean NLL over the target tokens) per example, then the mean over examples."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from core.sharding import activation_sharding, logical_to_spec
+from lvm.task import next_token_nll
+
+
+def perplexity(graphdef, params, source, *, mesh, rules, target_tokens: int, batch_size: int,
+               progress: bool = True) -> dict:
+  """Scores every record of `source` in order; the last batch is padded and its padding ignored."""
+  seq_len = len(source[0])
+  if not 1 <= target_tokens < seq_len:
+    raise ValueError(f'target tokens must be in [1, {seq_len - 1}], got {target_tokens}')
+  batch_sharding = NamedSharding(mesh, logical_to_spec(('batch', 'act_seq'), rules))
+  batch_ways = mesh.shape['data'] * mesh.shape['fsdp']
+  if batch_size % batch_ways:
+    raise ValueError(f'eval batch {batch_size} must be a multiple of data x fsdp = {batch_ways}')
+
+  @jax.jit
+  def target_nll(params, tokens_bt):
+    with activation_sharding(mesh, rules):
+      nll = next_token_nll(nnx.merge(graphdef, params)(tokens_bt), tokens_bt)
+    return jnp.mean(nll[:, -target_tokens:], axis=-1)  # [b]: mean NLL of the target tokens
+
+  per_example = []
+  indices = np.arange(len(source))
+  batches = range(0, len(source), batch_size)
+  if progress and jax.process_index() == 0:
+    from tqdm import tqdm
+    batches = tqdm(batches, unit='batch', desc='eval')
+  for start in batches:
+    rows = indices[start:start + batch_size]
+    tokens = np.stack([source[i] for i in rows])
+    pad = batch_size - len(rows)
+    if pad:
+      tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, axis=0)])
+    tokens = jax.device_put(tokens, batch_sharding)
+    per_example.append(np.asarray(jax.device_get(target_nll(params, tokens)))[:len(rows)])
+  nll = np.concatenate(per_example)
+  return {'perplexity': float(np.mean(np.exp(nll))),  # LVM: mean over examples of exp(mean NLL)
+          'corpus_perplexity': float(math.exp(np.mean(nll))),
+          'mean_nll': float(np.mean(nll)), 'examples': int(len(nll)), 'target_tokens': target_tokens}

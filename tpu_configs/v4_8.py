@@ -1,0 +1,18 @@
+"""v4-81"""
+from core.mesh import SliceConfig
+from tpu_configs.rules import FSDP_TENSOR_RULES
+
+
+def get_config():
+  return SliceConfig(
+      name='v4-8',
+      accelerator_type='v4-8',
+      runtime_version='tpu-ubuntu2204-base',
+      num_hosts=1,
+      devices_per_host=4,
+      ici_mesh=(1, -1, 1),  # data, fsdp, tensor
+      dcn_mesh=(1, 1, 1),
+      peak_flops_per_device=275e12,  # bf16 dense peak per chip
+      hbm_gib_per_device=32,
+      logical_rules=FSDP_TENSOR_RULES,
+  )

@@ -1,0 +1,18 @@
+"""v5e-161"""
+from core.mesh import SliceConfig
+from tpu_configs.rules import FSDP_TENSOR_RULES
+
+
+def get_config():
+  return SliceConfig(
+      name='v5e-16',
+      accelerator_type='v5litepod-16',
+      runtime_version='v2-alpha-tpuv5-lite',
+      num_hosts=4,
+      devices_per_host=4,
+      ici_mesh=(1, -1, 1),  # data, fsdp, tensor
+      dcn_mesh=(1, 1, 1),
+      peak_flops_per_device=197e12,  # bf16 dense peak per chip
+      hbm_gib_per_device=16,
+      logical_rules=FSDP_TENSOR_RULES,
+  )

@@ -1,0 +1,18 @@
+"""v6e-2561"""
+from core.mesh import SliceConfig
+from tpu_configs.rules import FSDP_TENSOR_RULES
+
+
+def get_config():
+  return SliceConfig(
+      name='v6e-256',
+      accelerator_type='v6e-256',
+      runtime_version='v2-alpha-tpuv6e',
+      num_hosts=64,
+      devices_per_host=4,
+      ici_mesh=(1, -1, 4),  # data, fsdp, tensor
+      dcn_mesh=(1, 1, 1),
+      peak_flops_per_device=918e12,  # bf16 dense peak per chip
+      hbm_gib_per_device=32,
+      logical_rules=FSDP_TENSOR_RULES,
+  )
