@@ -80,7 +80,12 @@ def make_mesh(preset: SliceConfig, devices: list | None = None):
   import jax
   from jax.experimental import mesh_utils
   from jax.sharding import Mesh
-  devices = list(devices if devices is not None else jax.devices())
+  if devices is None:
+    devices = jax.devices()
+    # A smaller preset on a bigger single host (cpu-1 under 8 forced devices) takes the first ones.
+    if jax.process_count() == 1 and len(devices) > preset.num_devices:
+      devices = devices[:preset.num_devices]
+  devices = list(devices)
   num_slices = math.prod(s for s in preset.dcn_mesh if s != -1)
   if -1 in preset.dcn_mesh:
     num_slices = max(1, len({getattr(d, 'slice_index', 0) for d in devices}))

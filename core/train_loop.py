@@ -95,9 +95,9 @@ def init_state(task: Task, mesh, rules, optim: OptimConfig, seed: int):
   """
   abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(params=seed)))
   graphdef, abstract_state = nnx.split(abstract_model)
-  param_shardings = tree_shardings(nnx.get_partition_spec(abstract_state).to_pure_dict(), mesh, rules)
+  param_shardings = tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)), mesh, rules)
   tx = make_optimizer(optim)
-  abstract_params = checkpoint.abstract_like(abstract_state.to_pure_dict(), param_shardings)
+  abstract_params = checkpoint.abstract_like(nnx.to_pure_dict(abstract_state), param_shardings)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, P())
   # Optimizer moments mirror the parameters' shardings; counters are replicated.
@@ -107,7 +107,7 @@ def init_state(task: Task, mesh, rules, optim: OptimConfig, seed: int):
   abstract_opt = checkpoint.abstract_like(abstract_opt, opt_shardings)
 
   def init_fn():
-    params = nnx.split(task.make_model(nnx.Rngs(params=seed)))[1].to_pure_dict()
+    params = nnx.to_pure_dict(nnx.split(task.make_model(nnx.Rngs(params=seed)))[1])
     return params, tx.init(params)
 
   init_fn = jax.jit(init_fn, out_shardings=(param_shardings, opt_shardings))
@@ -143,7 +143,7 @@ def make_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_sharding
       loss, aux = jnp.mean(losses), jax.tree.map(jnp.mean, auxs)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'learning_rate': schedule(step),
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(step),
                **aux}
     return params, opt_state, metrics
 

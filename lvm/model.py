@@ -25,13 +25,13 @@ _REMAT_POLICIES = {
 
 def _param(rngs: nnx.Rngs, config: DecoderConfig, shape, logical_axes) -> nnx.Param:
   init = nnx.initializers.normal(config.init_std)
-  return nnx.Param(init(rngs.params(), shape, jnp.dtype(config.param_dtype)), sharding=logical_axes)
+  return nnx.Param(init(rngs.params(), shape, jnp.dtype(config.param_dtype)), out_sharding=logical_axes)
 
 
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, config: DecoderConfig):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(config.param_dtype)), sharding=('norm',))
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(config.param_dtype)), out_sharding=('norm',))
     self.eps = config.rms_eps
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:

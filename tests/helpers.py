@@ -1,0 +1,31 @@
+"""Shared test helpers: small configs and subprocess runs of launch.py."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / 'lvm/configs/tiny.py')
+CPU8 = str(ROOT / 'tpu_configs/cpu_8.py')
+CPU1 = str(ROOT / 'tpu_configs/cpu_1.py')
+
+# A smaller-than-tiny model so each train test compiles and runs in seconds; f32 throughout.
+SMALL_MODEL = ['model.hidden_size=64', 'model.intermediate_size=96', 'model.num_heads=4',
+               'model.num_kv_heads=2', 'model.attention_block=64', 'data.seq_len=128',
+               'train.global_batch=8', 'train.progress_bar=false', 'train.tensorboard=false',
+               'optim.warmup_steps=2', 'optim.decay_steps=40']
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def launch(args: list[str], *, devices: int = 8, timeout: int = 600, **popen_kwargs):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
+  return subprocess.Popen([sys.executable, str(ROOT / 'launch.py')] + args, env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)

@@ -1,0 +1,53 @@
+"""Typed `--set` overrides: values parsed to the field type, unknown keys listed, bad values named."""
+import pytest
+
+from core.config import ConfigError, apply_overrides, load_config_file
+from tests.helpers import CPU8, TINY
+
+
+def test_overrides_parse_to_declared_types():
+  config = apply_overrides(load_config_file(TINY), [
+      'train.steps=7', 'optim.lr=0.5', 'train.progress_bar=false', 'model.compute_dtype=bfloat16',
+      'model.remat_policy=full', 'data.train_path=/some/dir'])
+  assert config.train.steps == 7 and isinstance(config.train.steps, int)
+  assert config.optim.lr == 0.5 and isinstance(config.optim.lr, float)
+  assert config.train.progress_bar is False
+  assert config.model.compute_dtype == 'bfloat16'
+  assert config.model.remat_policy == 'full'
+  assert config.data.train_path == '/some/dir'
+  assert load_config_file(TINY).train.steps == 300  # the original is untouched (frozen)
+
+
+def test_unknown_key_lists_valid_ones():
+  with pytest.raises(ConfigError) as error:
+    apply_overrides(load_config_file(TINY), ['train.stpes=3'])
+  message = str(error.value)
+  assert "'train.stpes'" in message and 'train.steps' in message and 'optim.lr' in message
+
+
+@pytest.mark.parametrize('override, field', [
+    ('train.steps=many', 'train.steps'),
+    ('train.progress_bar=maybe', 'train.progress_bar'),
+    ('model.compute_dtype=float64', 'model.compute_dtype'),
+])
+def test_bad_values_name_the_field(override, field):
+  with pytest.raises(ConfigError, match=field):
+    apply_overrides(load_config_file(TINY), [override])
+
+
+def test_validation_runs_after_override():
+  with pytest.raises(ValueError, match='num_kv_heads'):
+    apply_overrides(load_config_file(TINY), ['model.num_kv_heads=3'])
+  with pytest.raises(ValueError, match='train.steps'):
+    apply_overrides(load_config_file(TINY), ['train.steps=0'])
+  with pytest.raises(ConfigError, match='group'):
+    apply_overrides(load_config_file(TINY), ['model=3'])
+  with pytest.raises(ConfigError, match='key=value'):
+    apply_overrides(load_config_file(TINY), ['train.steps'])
+
+
+def test_tuple_override_on_preset():
+  preset = apply_overrides(load_config_file(CPU8), ['ici_mesh=(1,4,2)'])
+  assert preset.ici_mesh == (1, 4, 2)
+  with pytest.raises(ValueError, match='at most one -1'):
+    apply_overrides(load_config_file(CPU8), ['ici_mesh=-1,-1,2'])

@@ -1,0 +1,70 @@
+"""Parity with transformers' LlamaForCausalLM (torch CPU, random weights) through import-hf/export-hf."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jax
+from core.config import load_config_file
+from lvm import commands
+from tests.helpers import CPU8
+
+CONFIGS = {
+    'mha': dict(num_attention_heads=4, num_key_value_heads=4),
+    'grouped_kv': dict(num_attention_heads=8, num_key_value_heads=2),
+}
+
+
+def _hf_model(kind, tmp_path):
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+      max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+      attention_bias=False, mlp_bias=False, initializer_range=0.02, **CONFIGS[kind])
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():  # HF inits norms to 1; perturb them so a swapped norm would show
+    for name, p in model.named_parameters():
+      if 'norm' in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  return model
+
+
+@pytest.mark.parametrize('kind', sorted(CONFIGS))
+def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
+  hf = _hf_model(kind, tmp_path)
+  tokens = np.random.default_rng(1).integers(0, 300, (2, 128))
+  with torch.no_grad():
+    expected = hf(torch.tensor(tokens)).logits.numpy()
+
+  commands.import_hf_command(str(tmp_path / 'hf'), str(tmp_path / 'work'), CPU8, seq_len=128)
+  config, _ = commands.load_run_config(tmp_path / 'work')
+  graphdef, params, mesh, preset, step = commands.restore_params(tmp_path / 'work', config, CPU8)
+  assert step == 0 and config.model.num_kv_heads == CONFIGS[kind]['num_key_value_heads']
+  from flax import nnx
+  logits = np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens))
+  assert np.max(np.abs(logits - expected)) <= 1e-4
+
+  commands.export_hf_command(str(tmp_path / 'work'), str(tmp_path / 'exported'), 'float32')
+  reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'exported').eval()
+  for (name, a), (_, b) in zip(hf.state_dict().items(), reloaded.state_dict().items()):
+    assert torch.equal(a, b), name
+  assert json.loads((tmp_path / 'exported' / 'config.json').read_text())['num_key_value_heads'] == \
+      CONFIGS[kind]['num_key_value_heads']
+
+
+def test_import_rejects_unsupported_and_incomplete(tmp_path):
+  hf = _hf_model('mha', tmp_path)
+  config_path = tmp_path / 'hf' / 'config.json'
+  original = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps(dict(original, tie_word_embeddings=True)))
+  with pytest.raises(ValueError, match='tie_word_embeddings'):
+    commands.import_hf_command(str(tmp_path / 'hf'), str(tmp_path / 'w1'), CPU8, seq_len=128)
+  config_path.write_text(json.dumps(dict(original, num_hidden_layers=4)))  # one layer too many
+  with pytest.raises(ValueError, match='model.layers.3'):
+    commands.import_hf_command(str(tmp_path / 'hf'), str(tmp_path / 'w2'), CPU8, seq_len=128)
+  assert not (tmp_path / 'w2' / 'checkpoints').exists()  # nothing half-written
+  with pytest.raises(ValueError, match='config.json is missing'):
+    commands.import_hf_command(str(tmp_path), str(tmp_path / 'w3'), CPU8, seq_len=128)

@@ -1,0 +1,85 @@
+"""Decoder structure: parameter counts of LVM's presets, logical names, blockwise attention."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from core.config import load_config_file
+from core.mesh import make_mesh
+from core.sharding import tree_shardings
+from lvm.model import Decoder, causal_attention
+from lvm.model_config import PRESETS
+from tests.helpers import CPU8
+
+# LVM's sizes (EasyLM LLAMA_STANDARD_CONFIGS; reference/lvm.md §4 rounds these to 291M ... 6.54B).
+EXPECTED_PARAMS = {
+    'vqlm_100m': 116_974_720,
+    'vqlm_300m': 290_968_576,
+    'vqlm_600m': 648_396_288,
+    'vqlm_1b': 1_147_119_616,
+    'vqlm_3b': 3_274_742_400,
+    'vqlm_7b': 6_544_199_680,
+    'tiny': 2_518_656,
+}
+
+
+@pytest.mark.parametrize('name', sorted(EXPECTED_PARAMS))
+def test_preset_parameter_count(name):
+  config = PRESETS[name]
+  abstract = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0)))  # shapes only, nothing allocated
+  counted = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  assert counted == EXPECTED_PARAMS[name] == config.num_params()
+  assert config.vocab_size == 8292
+
+
+def test_every_parameter_has_logical_names_and_shards_on_the_mesh():
+  abstract = nnx.eval_shape(lambda: Decoder(PRESETS['vqlm_7b'], nnx.Rngs(0)))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract, nnx.Param)))
+  flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+  for path, spec in flat:
+    assert len(spec) >= 1 and all(isinstance(n, str) for n in spec), path
+  preset = load_config_file(CPU8)
+  shardings = tree_shardings(specs, make_mesh(preset), preset.logical_rules)
+  q = shardings['blocks']['attention']['q_proj'].spec
+  assert tuple(q) == (None, 'fsdp', 'tensor', None)  # layers, embed, heads, head_dim
+  assert tuple(shardings['embed'].spec) == ('tensor', 'fsdp')
+  assert tuple(shardings['blocks']['mlp']['down_proj'].spec) == (None, 'tensor', 'fsdp')
+
+
+def _naive_attention(q, k, v):
+  b, t, h, e = q.shape
+  groups = h // k.shape[2]
+  k = jnp.repeat(k, groups, axis=2)
+  v = jnp.repeat(v, groups, axis=2)
+  scores = jnp.einsum('bthe,bshe->bhts', q, k) / np.sqrt(e)
+  scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
+  return jnp.einsum('bhts,bshe->bthe', jax.nn.softmax(scores, -1), v)
+
+
+@pytest.mark.parametrize('block', [0, 16, 32, 64])
+@pytest.mark.parametrize('kv_heads', [4, 2, 1])
+def test_blockwise_attention_equals_textbook(block, kv_heads):
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (2, 64, 4, 8))
+  k = jax.random.normal(keys[1], (2, 64, kv_heads, 8))
+  v = jax.random.normal(keys[2], (2, 64, kv_heads, 8))
+  np.testing.assert_allclose(causal_attention(q, k, v, block), _naive_attention(q, k, v), atol=2e-6, rtol=1e-5)
+
+
+def test_remat_and_bf16_compute_keep_the_function():
+  config = dataclasses.replace(PRESETS['tiny'], num_layers=2)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 8292, (2, 128)))
+  model = Decoder(config, nnx.Rngs(0))
+  reference = model(tokens)
+  state = nnx.state(model)
+  remat = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Decoder(dataclasses.replace(config, remat_policy='full'), nnx.Rngs(0)))), state)
+  np.testing.assert_array_equal(remat(tokens), reference)
+  bf16 = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Decoder(dataclasses.replace(config, compute_dtype='bfloat16'), nnx.Rngs(0)))), state)
+  out = bf16(tokens)
+  assert out.dtype == jnp.float32  # logits stay float32 for the loss
+  # bf16 has 8 mantissa bits: logits of size ~0.3 agree to a few 1e-2, not to float32 precision.
+  assert float(jnp.max(jnp.abs(out - reference))) < 5e-2
+  assert float(jnp.max(jnp.abs(out - reference))) > 0  # it really computed in bf16
