@@ -122,7 +122,10 @@ def main(argv=None) -> int:
   from tpu_configs import gcloud
   gcloud.add_parser(sub)
 
-  args = parser.parse_args(argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  job = argv[argv.index('--') + 1:] if '--' in argv else []  # `tpu run ... -- <launch.py args>`
+  args = parser.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
+  args.job = job
   if args.group == 'tpu':
     return gcloud.run(args)
   _prepare_runtime(args)

@@ -35,6 +35,9 @@ class DecoderConfig:
   compute_dtype: Literal['float32', 'bfloat16'] = 'float32'
   # What a decoder block keeps for the backward pass: 'none' saves everything, 'full' recomputes all.
   remat_policy: RematPolicy = 'none'
+  # Decoder blocks per scan iteration: 1 keeps compile time flat in depth; num_layers unrolls fully
+  # (no loop: faster on CPU, where the scan's backward pays for slicing the stacked weights).
+  scan_unroll: int = 1
   # Query block of the causal blockwise attention (blocks above the diagonal are never computed); 0 = one block.
   attention_block: int = 512
 
@@ -46,6 +49,8 @@ class DecoderConfig:
     for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'max_seq_len'):
       if getattr(self, name) < 1:
         raise ValueError(f'model.{name} must be >= 1')
+    if not 1 <= self.scan_unroll <= self.num_layers:
+      raise ValueError(f'model.scan_unroll must be in [1, num_layers={self.num_layers}]')
     if self.attention_block < 0:
       raise ValueError('model.attention_block must be >= 0')
 

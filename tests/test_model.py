@@ -50,23 +50,29 @@ def test_every_parameter_has_logical_names_and_shards_on_the_mesh():
 
 
 def _naive_attention(q, k, v):
-  b, t, h, e = q.shape
-  groups = h // k.shape[2]
-  k = jnp.repeat(k, groups, axis=2)
-  v = jnp.repeat(v, groups, axis=2)
-  scores = jnp.einsum('bthe,bshe->bhts', q, k) / np.sqrt(e)
+  b, h, t, e = q.shape
+  groups = h // k.shape[1]
+  k = jnp.repeat(k, groups, axis=1)
+  v = jnp.repeat(v, groups, axis=1)
+  scores = jnp.einsum('bhte,bhse->bhts', q, k) / np.sqrt(e)
   scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
-  return jnp.einsum('bhts,bshe->bthe', jax.nn.softmax(scores, -1), v)
+  return jnp.einsum('bhts,bhse->bhte', jax.nn.softmax(scores, -1), v)
 
 
 @pytest.mark.parametrize('block', [0, 16, 32, 64])
 @pytest.mark.parametrize('kv_heads', [4, 2, 1])
 def test_blockwise_attention_equals_textbook(block, kv_heads):
   keys = jax.random.split(jax.random.key(0), 3)
-  q = jax.random.normal(keys[0], (2, 64, 4, 8))
-  k = jax.random.normal(keys[1], (2, 64, kv_heads, 8))
-  v = jax.random.normal(keys[2], (2, 64, kv_heads, 8))
+  q = jax.random.normal(keys[0], (2, 4, 64, 8))
+  k = jax.random.normal(keys[1], (2, kv_heads, 64, 8))
+  v = jax.random.normal(keys[2], (2, kv_heads, 64, 8))
   np.testing.assert_allclose(causal_attention(q, k, v, block), _naive_attention(q, k, v), atol=2e-6, rtol=1e-5)
+  # Gradients too: the stop_gradient on the row max must not change them.
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * jnp.cos(q))
+  ours = jax.grad(loss(lambda q, k, v: causal_attention(q, k, v, block)), argnums=(0, 1, 2))(q, k, v)
+  reference = jax.grad(loss(_naive_attention), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_remat_and_bf16_compute_keep_the_function():

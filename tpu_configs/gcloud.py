@@ -5,7 +5,6 @@ slice runs the same `launch.py` command; `jax.distributed.initialize()` finds it
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 
@@ -50,7 +49,7 @@ def build_commands(args) -> list[list[str]]:
   if args.verb == 'run':
     if not args.job:
       raise ValueError('tpu run needs the launch.py arguments after --, e.g. -- lvm train ...')
-    job = shlex.join(args.job[1:] if args.job[0] == '--' else args.job)
+    job = shlex.join(args.job)
     remote = f'cd {REMOTE_DIR} && .venv/bin/python launch.py {job}'
     return [_base('ssh', args) + [args.name, '--worker=all', '--command', remote] + _where(args)]
   if args.verb == 'ssh':
@@ -70,7 +69,6 @@ def add_parser(sub) -> None:
   p.add_argument('--spot', action='store_true', help='create a preemptible (spot) slice')
   p.add_argument('--worker', default='0', help='worker for ssh')
   p.add_argument('--execute', action='store_true', help='run the commands instead of printing them')
-  p.add_argument('job', nargs=argparse.REMAINDER, help='for run: -- launch.py arguments')
 
 
 def run(args) -> int:
