@@ -44,7 +44,7 @@ def matmul_peak(n: int = 2048) -> dict:
   return {'jax_f32_gflops': 2 * n ** 3 / jax_time / 1e9, 'numpy_f32_gflops': 2 * n ** 3 / np_time / 1e9}
 
 
-def ours(steps: int, attention_block: int, remat: str) -> dict:
+def ours(steps: int, attention_block: int, remat: str, scan_unroll: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -58,7 +58,8 @@ def ours(steps: int, attention_block: int, remat: str) -> dict:
   from lvm.task import NextTokenTask
   config = DecoderConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
                          num_heads=HEADS, num_kv_heads=HEADS, max_seq_len=SEQ,
-                         attention_block=attention_block, remat_policy=remat)
+                         attention_block=attention_block, remat_policy=remat,
+                         scan_unroll=scan_unroll)
   preset = load_config_file(Path(__file__).resolve().parent.parent / 'tpu_configs/cpu_1.py')
   mesh, rules = make_mesh(preset), preset.logical_rules
   task = NextTokenTask(config, SEQ)
@@ -110,7 +111,8 @@ def torch_peer(steps: int, compile_model: bool) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--steps', type=int, default=5)
-  parser.add_argument('--attention-block', type=int, default=256)
+  parser.add_argument('--attention-block', type=int, default=128)
+  parser.add_argument('--scan-unroll', type=int, default=LAYERS, help='1 = a loop over layers')
   parser.add_argument('--remat', default='none')
   parser.add_argument('--no-torch', action='store_true')
   parser.add_argument('--no-torch-compile', action='store_true')
@@ -120,7 +122,7 @@ def main():
   peak = matmul_peak()
   result = {'config': dict(vocab=VOCAB, hidden=HIDDEN, ffn=FFN, layers=LAYERS, heads=HEADS, batch=BATCH, seq=SEQ),
             'peak': peak}
-  result['ours'] = ours(args.steps, args.attention_block, args.remat)
+  result['ours'] = ours(args.steps, args.attention_block, args.remat, args.scan_unroll)
   peak_flops = max(peak.values()) * 1e9
   result['ours']['mfu'] = result['ours']['flops_per_step'] / result['ours']['seconds_per_step'] / peak_flops
   print(f"matmul peak: jax {peak['jax_f32_gflops']:.0f} GFLOP/s, numpy {peak['numpy_f32_gflops']:.0f} GFLOP/s")

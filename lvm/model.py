@@ -161,6 +161,14 @@ class Decoder(nnx.Module):
     self.lm_head = _param(rngs, config, (config.hidden_size, config.vocab_size), ('embed', 'vocab'))
 
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+    hidden_btd = self.hidden_states(tokens_bt, positions_bt)
+    b, t, d = hidden_btd.shape
+    logits_nv = jnp.dot(hidden_btd.reshape(b * t, d), self.lm_head[...].astype(hidden_btd.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits_nv, ('batch', 'act_vocab')).reshape(b, t, -1)
+
+  def hidden_states(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+    """Final-norm outputs [b, t, d] (what the lm_head projects to logits)."""
     config = self.config
     dtype = jnp.dtype(config.compute_dtype)
     if positions_bt is None:
@@ -182,5 +190,4 @@ class Decoder(nnx.Module):
       return run_block(block, x)
 
     x_nd = self.final_norm(scan_blocks(self.blocks, x_nd))
-    logits_nv = jnp.dot(x_nd, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
-    return constrain(logits_nv, ('batch', 'act_vocab')).reshape(b, t, -1)
+    return x_nd.reshape(b, t, -1)

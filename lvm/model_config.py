@@ -41,6 +41,10 @@ class DecoderConfig:
   # Query block of the causal blockwise attention (blocks above the diagonal are never computed); 0 = one block.
   attention_block: int = 512
 
+  # Sequence positions per chunk of the fused output projection + cross-entropy in training
+  # (the [b, t, vocab] logits are never stored); 0 = materialise all logits at once.
+  loss_chunk: int = 256
+
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(f'model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}')

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from core.losses import linear_cross_entropy
+
 from lvm.model import Decoder
 from lvm.model_config import DecoderConfig
 
@@ -30,8 +32,17 @@ class NextTokenTask:
 
   def loss(self, model: Decoder, batch):
     tokens_bt = batch['tokens']
-    nll = next_token_nll(model(tokens_bt), tokens_bt)
-    loss = jnp.mean(nll)
+    if self.model_config.loss_chunk <= 0:
+      loss = jnp.mean(next_token_nll(model(tokens_bt), tokens_bt))
+    else:
+      # Position i predicts token i+1; the last position has no target (weight 0).
+      b, t = tokens_bt.shape
+      targets_bt = jnp.concatenate([tokens_bt[:, 1:], tokens_bt[:, :1]], axis=1)
+      weights_bt = jnp.broadcast_to(jnp.arange(t) < t - 1, (b, t)).astype(jnp.float32)
+      hidden_btd = model.hidden_states(tokens_bt)
+      lm_head = model.lm_head[...].astype(hidden_btd.dtype)
+      loss = linear_cross_entropy(hidden_btd, lm_head, targets_bt, weights_bt,
+                                  self.model_config.loss_chunk) / (b * (t - 1))
     return loss, {'perplexity': jnp.exp(loss)}
 
   def batch_logical_axes(self):
