@@ -111,7 +111,7 @@ def torch_peer(steps: int, compile_model: bool) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--steps', type=int, default=5)
-  parser.add_argument('--attention-block', type=int, default=128)
+  parser.add_argument('--attention-block', type=int, default=256)
   parser.add_argument('--scan-unroll', type=int, default=LAYERS, help='1 = a loop over layers')
   parser.add_argument('--remat', default='none')
   parser.add_argument('--no-torch', action='store_true')

@@ -59,11 +59,12 @@ def apply_rope(x_bhte: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def causal_attention(q_bhte: jax.Array, k_bkse: jax.Array, v_bkse: jax.Array, block: int) -> jax.Array:
   """Causal softmax attention, computed in query blocks that only see keys up to their own end.
 
-  The textbook version builds all t×t scores and masks half of them away; here query block i
-  attends to keys [0, (i+1)·block), so the work above the diagonal is never done and the largest
-  score tensor is block × t. Heads lead the layout so every block is a plain batched matmul, and
-  the softmax is normalised after the PV product (t/e times fewer divisions, and a lighter
-  backward). Scores are float32. Grouped KV heads are broadcast, never copied.
+  The textbook version builds all t×t scores and masks half of them away. Here query block i
+  scores the keys before it (no mask needed) and its own diagonal block (the only masked part)
+  separately, so the work above the diagonal is never done and the largest score tensor is
+  block × t. The two parts share one row max and one normaliser, applied after the PV products
+  (t/e times fewer divisions, and a lighter backward). Heads lead the layout so every product is
+  a plain batched matmul; scores are float32; grouped KV heads are broadcast, never copied.
   """
   b, h, t, e = q_bhte.shape
   kv_heads = k_bkse.shape[1]
@@ -71,19 +72,33 @@ def causal_attention(q_bhte: jax.Array, k_bkse: jax.Array, v_bkse: jax.Array, bl
   block = t if block <= 0 or block >= t else block
   if t % block:
     raise ValueError(f'sequence length {t} is not a multiple of attention_block {block}')
+  visible = jnp.arange(block)[None, :] <= jnp.arange(block)[:, None]  # causal mask of a diagonal block
+
+  def scores(q, k):
+    return jnp.einsum('bkgqe,bkse->bkgqs', q, k, preferred_element_type=jnp.float32)
+
+  def weighted_values(p, v):
+    return jnp.einsum('bkgqs,bkse->bkgqe', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
   outputs = []
   for start in range(0, t, block):
     end = start + block
-    scores = jnp.einsum('bkgqe,bkse->bkgqs', q_bkgte[:, :, :, start:end], k_bkse[:, :, :end],
-                        preferred_element_type=jnp.float32)
-    # Only the last key block straddles the diagonal; the mask is a constant XLA folds in.
-    visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-    scores = jnp.where(visible, scores, -1e30)
-    # Subtracting the row max is for range only; it needs no gradient (softmax is shift-invariant).
-    unnormalised = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    out = jnp.einsum('bkgqs,bkse->bkgqe', unnormalised.astype(v_bkse.dtype), v_bkse[:, :, :end],
-                     preferred_element_type=jnp.float32)
-    outputs.append((out / unnormalised.sum(axis=-1, keepdims=True)).astype(q_bhte.dtype))
+    q_blk = q_bkgte[:, :, :, start:end]
+    diagonal = jnp.where(visible, scores(q_blk, k_bkse[:, :, start:end]), -1e30)
+    row_max = diagonal.max(axis=-1, keepdims=True)
+    if start:
+      before = scores(q_blk, k_bkse[:, :, :start])
+      row_max = jnp.maximum(row_max, before.max(axis=-1, keepdims=True))
+    # The max only keeps exp() in range; softmax is shift-invariant, so it needs no gradient.
+    row_max = jax.lax.stop_gradient(row_max)
+    p_diagonal = jnp.exp(diagonal - row_max)
+    numerator = weighted_values(p_diagonal, v_bkse[:, :, start:end])
+    denominator = p_diagonal.sum(axis=-1, keepdims=True)
+    if start:
+      p_before = jnp.exp(before - row_max)
+      numerator = numerator + weighted_values(p_before, v_bkse[:, :, :start])
+      denominator = denominator + p_before.sum(axis=-1, keepdims=True)
+    outputs.append((numerator / denominator).astype(q_bhte.dtype))
   out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
   return out.reshape(b, h, t, e)
 
