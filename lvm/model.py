@@ -51,9 +51,13 @@ def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[j
 
 
 def apply_rope(x_bhte: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  half = x_bhte.shape[-1] // 2
-  rotated = jnp.concatenate([-x_bhte[..., half:], x_bhte[..., :half]], axis=-1)
-  return x_bhte * cos.astype(x_bhte.dtype) + rotated * sin.astype(x_bhte.dtype)
+  """x·cos + rotate_half(x)·sin, with rotate_half([x1, x2]) = [-x2, x1] done as a reversal of the
+  two halves (its own transpose) rather than slices + concatenate, whose backward is zero padding
+  that XLA:CPU then copies around (~7% of a training step before this change)."""
+  e = x_bhte.shape[-1]
+  swapped = jnp.flip(x_bhte.reshape(*x_bhte.shape[:-1], 2, e // 2), axis=-2).reshape(x_bhte.shape)
+  sign = jnp.concatenate([-jnp.ones(e // 2, sin.dtype), jnp.ones(e // 2, sin.dtype)])
+  return x_bhte * cos.astype(x_bhte.dtype) + swapped * (sin * sign).astype(x_bhte.dtype)
 
 
 def causal_attention(q_bhte: jax.Array, k_bkse: jax.Array, v_bkse: jax.Array, block: int) -> jax.Array:
