@@ -49,24 +49,27 @@ def _print_result(result: dict) -> None:
 
 def quickstart(args) -> dict:
   """Everything that exists, end to end on CPU: token shards -> train -> eval."""
-  from data_pipelines.digit_sentences import digit_sentences
+  from data_pipelines.digit_sentences import digit_sentences, unigram_perplexity
   from data_pipelines.token_records import write_token_shards
   from lvm import commands
   workdir = Path(args.workdir)
   seq_len = 256
-  shards = {}
+  shards, sentences = {}, {}
   for split, count in (('train', 4096), ('eval', 256)):
     out = workdir / 'data' / split
+    sentences[split] = digit_sentences(split, seq_len=seq_len, num_sentences=count)
     if not any(out.glob('*.arrayrecord')):
-      write_token_shards(digit_sentences(split, seq_len=seq_len, num_sentences=count), out,
-                         seq_len=seq_len, vocab_size=8292, records_per_shard=1024)
+      write_token_shards(sentences[split], out, seq_len=seq_len, vocab_size=8292, records_per_shard=1024)
     shards[split] = str(out)
   train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu,
                                         str(workdir / 'lvm'), [f'data.train_path={shards["train"]}'] + args.set)
   eval_result = commands.eval_command(str(workdir / 'lvm'), shards['eval'], args.tpu, 64, 32)
-  # A uniform guess over the 17 grey levels scores perplexity 17; see what the model learned.
+  # Baselines: a uniform guess over the 17 grey levels, and the pixel-frequency (unigram) model.
   summary = {'job': 'quickstart', 'train': {k: train_result[k] for k in ('step', 'final_metrics', 'mesh')},
-             'eval': eval_result, 'uniform_over_grey_levels_perplexity': 17.0}
+             'eval': eval_result, 'baseline_uniform_perplexity': 17.0,
+             'baseline_unigram_perplexity': unigram_perplexity(sentences['train'], sentences['eval'], 64)}
+  print(f"\nquickstart: eval perplexity of the last digit {eval_result['perplexity']:.2f} "
+        f"(pixel-frequency baseline {summary['baseline_unigram_perplexity']:.2f}, uniform 17)")
   from core.workdir import write_json_atomic
   write_json_atomic(workdir / 'result.json', summary)
   return summary

@@ -56,3 +56,12 @@ def digit_sentences(split: str, *, seq_len: int, num_sentences: int, seed: int =
   return category_sentences(images[part], labels[part], num_sentences=num_sentences,
                             images_per_sentence=seq_len // tokens_per_image,
                             seed=seed + (0 if split == 'train' else 1))
+
+
+def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, target_tokens: int) -> float:
+  """Baseline a model must beat: LVM-style perplexity of the eval targets under the training set's
+  token frequencies (knows the pixel statistics, nothing about shapes or context)."""
+  counts = np.bincount(train_tokens.reshape(-1), minlength=int(eval_tokens.max()) + 1) + 1.0
+  log_p = np.log(counts / counts.sum())
+  nll = -log_p[eval_tokens[:, -target_tokens:]].mean(axis=1)
+  return float(np.mean(np.exp(nll)))
