@@ -1,0 +1,80 @@
+"""U-Net and noise schedule against diffusers on torch CPU (random weights)."""
+import numpy as np
+import pytest
+import torch
+
+import jax
+import jax.numpy as jnp
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import UNet2DConditionModel as TorchUNet
+from flax import nnx
+
+from attrib.diffusion import NoiseSchedule, ScheduleConfig
+from attrib.unet import UNet2DConditionModel
+from attrib.unet_config import MSCOCO, UNetConfig
+from attrib.unet_weights import WeightImportError, params_from_diffusers
+
+TINY_UNET = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64),
+                       cross_attention_levels=(True, False), layers_per_block=1, num_attention_heads=4,
+                       cross_attention_dim=48, norm_num_groups=8)
+SCHEDULER_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                    beta_schedule='scaled_linear', clip_sample=False)
+
+
+def _torch_unet(config):
+  torch.manual_seed(0)
+  model = TorchUNet(**config.diffusers_kwargs()).eval()
+  with torch.no_grad():  # diffusers zero-inits some convs, which would hide a wrong mapping
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  return model
+
+
+@pytest.mark.parametrize('config', [TINY_UNET, MSCOCO], ids=['tiny', 'mscoco'])
+def test_unet_matches_diffusers(config):
+  torch_model = _torch_unet(config)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(config, nnx.Rngs(0))))
+  params = params_from_diffusers({k: v.numpy() for k, v in torch_model.state_dict().items()},
+                                 nnx.to_pure_dict(abstract))
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, config.in_channels, config.sample_size, config.sample_size)).astype(np.float32)
+  context = rng.standard_normal((2, 7, config.cross_attention_dim)).astype(np.float32)
+  timesteps = np.array([3, 700])
+  with torch.no_grad():
+    expected = torch_model(torch.tensor(x), torch.tensor(timesteps), torch.tensor(context)).sample.numpy()
+  ours = jax.jit(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c))(params, x.transpose(0, 2, 3, 1), timesteps, context)
+  assert np.max(np.abs(np.asarray(ours).transpose(0, 3, 1, 2) - expected)) <= 1e-4
+  assert sum(p.numel() for p in torch_model.parameters()) == sum(v.size for v in jax.tree.leaves(params))
+
+
+def test_weight_import_names_the_bad_tensor():
+  torch_model = _torch_unet(TINY_UNET)
+  abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(TINY_UNET, nnx.Rngs(0))))[1])
+  weights = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  del weights['mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight']
+  with pytest.raises(WeightImportError, match='missing'):
+    params_from_diffusers(weights, abstract)
+  weights['conv_in.weight'] = np.zeros((32, 3, 3, 3), np.float32)
+  with pytest.raises(WeightImportError, match='conv_in.weight'):
+    params_from_diffusers(weights, abstract)
+
+
+def test_schedule_matches_diffusers():
+  ours = NoiseSchedule(ScheduleConfig())
+  rng = np.random.default_rng(0)
+  x0, eps = (rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(2))
+  timesteps = np.array([0, 10, 500, 999])
+  ddpm = DDPMScheduler(**SCHEDULER_KW)
+  expected = ddpm.add_noise(torch.tensor(x0), torch.tensor(eps), torch.tensor(timesteps)).numpy()
+  np.testing.assert_allclose(ours.add_noise(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(timesteps)), expected,
+                             atol=1e-6)
+  ddpm.set_timesteps(50)
+  ddim = DDIMScheduler(**SCHEDULER_KW)
+  ddim.set_timesteps(50)
+  for t in (980, 500, 20, 0):
+    generator = torch.Generator().manual_seed(t)
+    expected = ddpm.step(torch.tensor(eps), t, torch.tensor(x0), generator=generator).prev_sample.numpy()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t)).numpy()
+    np.testing.assert_allclose(ours.ddpm_step(eps, t, x0, noise, 20), expected, atol=1e-5)
+    expected = ddim.step(torch.tensor(eps), t, torch.tensor(x0)).prev_sample.numpy()
+    np.testing.assert_allclose(ours.ddim_step(eps, t, x0, 20), expected, atol=1e-5)
