@@ -114,6 +114,14 @@ def main(argv=None) -> int:
   x.add_argument('--out', required=True)
   x.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
 
+  a = sub.add_parser('attrib', help='data attribution jobs').add_subparsers(dest='command', required=True)
+  am = a.add_parser('train-model', help='train the text-to-image diffusion model')
+  am.add_argument('--config', required=True)
+  am.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_8.py'))
+  am.add_argument('--workdir', required=True)
+  am.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  add_distributed(am)
+
   d = sub.add_parser('data', help='data preparation').add_subparsers(dest='command', required=True)
   dt = d.add_parser('tokens', help='LVM .jsonl or int32 .npy -> ArrayRecord token shards')
   dt.add_argument('--input', required=True)
@@ -141,6 +149,9 @@ def main(argv=None) -> int:
                                args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
                                records_per_shard=args.records_per_shard)
     result = {'job': 'data tokens', 'shards': [str(p) for p in paths]}
+  elif args.group == 'attrib':
+    from attrib import commands as attrib_commands
+    result = attrib_commands.train_model_command(args.config, args.tpu, args.workdir, args.set)
   else:
     from lvm import commands
     if args.command == 'train':

@@ -19,27 +19,40 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple[LogicalRule, ...]] | None] = c
     'active_sharding', default=None)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Sequence[LogicalRule]) -> P:
+def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Sequence[LogicalRule],
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
   """Maps logical names to mesh axes. Names without a rule, or whose mesh axes are taken by an
-  earlier dimension of the same array, stay unsharded (a mesh axis may appear only once)."""
+  earlier dimension of the same array, stay unsharded (a mesh axis may appear only once). With
+  `shape` and `mesh`, a dimension the mesh axes do not divide (a 1-channel conv input) stays
+  unsharded too, instead of failing at init."""
   if logical_axes is None:
     return P()
   table = dict(rules)
   used: set[str] = set()
   out = []
-  for name in logical_axes:
+  for dim, name in enumerate(logical_axes):
     target = table.get(name) if name is not None else None
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     axes = tuple(a for a in axes if a not in used)
+    if shape is not None and mesh is not None:
+      ways = 1
+      for a in axes:
+        ways *= mesh.shape[a]
+      if shape[dim] % ways:
+        axes = ()
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*out)
 
 
-def tree_shardings(logical_specs: Any, mesh: Mesh, rules: Sequence[LogicalRule]) -> Any:
-  """A pytree of logical `PartitionSpec`s (from `nnx.get_partition_spec`) -> `NamedSharding`s."""
-  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules)),
-                      logical_specs, is_leaf=lambda x: isinstance(x, P))
+def tree_shardings(logical_specs: Any, mesh: Mesh, rules: Sequence[LogicalRule], shapes: Any = None) -> Any:
+  """A pytree of logical `PartitionSpec`s (from `nnx.get_partition_spec`) -> `NamedSharding`s.
+  `shapes` (a matching tree of arrays or ShapeDtypeStructs) keeps indivisible dims unsharded."""
+  if shapes is None:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules)),
+                        logical_specs, is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda spec, a: NamedSharding(mesh, logical_to_spec(tuple(spec), rules, a.shape, mesh)),
+                      logical_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 @contextlib.contextmanager

@@ -95,7 +95,8 @@ def init_state(task: Task, mesh, rules, optim: OptimConfig, seed: int):
   """
   abstract_model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(params=seed)))
   graphdef, abstract_state = nnx.split(abstract_model)
-  param_shardings = tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)), mesh, rules)
+  param_shardings = tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)), mesh, rules,
+                                   nnx.to_pure_dict(abstract_state))
   tx = make_optimizer(optim)
   abstract_params = checkpoint.abstract_like(nnx.to_pure_dict(abstract_state), param_shardings)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)

@@ -1,0 +1,126 @@
+"""`launch.py attrib ...` jobs. Each writes WORKDIR/result.json."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attrib import diffusion
+from attrib.config import DiffusionConfig
+from attrib.data import CaptionDropout, CaptionedImages
+from attrib.task import DenoisingTask
+from attrib.text_encoder import MiniLMTextEncoder
+from core import checkpoint
+from core.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
+from core.mesh import make_mesh
+from core.optim import OptimConfig
+from core.sharding import activation_sharding
+from core.train_loop import init_state, train
+from core.workdir import versions, write_json_atomic
+from data_pipelines.token_loader import record_batches
+
+CONFIG_FILE = 'config.json'
+DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
+
+
+def load_run(workdir: Path) -> tuple[DiffusionConfig, str]:
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    raise ConfigError(f'{path} not found: is {workdir} a workdir made by attrib train-model?')
+  stored = json.loads(path.read_text())
+  return from_dict(DiffusionConfig, stored['config']), stored['tpu']
+
+
+def restore_unet(workdir: Path, config: DiffusionConfig, tpu_path: str):
+  """(graphdef, params, mesh, preset, step) of the latest checkpoint."""
+  preset = load_config_file(tpu_path)
+  mesh = make_mesh(preset)
+  task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
+  with activation_sharding(mesh, preset.logical_rules):
+    graphdef, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  step = manager.latest_step()
+  if step is None:
+    raise ConfigError(f'{workdir}/checkpoints holds no checkpoint')
+  params = checkpoint.restore(manager, step, abstract_params=abstract_params)['params']
+  manager.close()
+  return graphdef, params, mesh, preset, step
+
+
+def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: int) -> np.ndarray:
+  """Images [b, h, w, c] for text states `context` [b, m, k] (CFG against `uncond` [m, k])."""
+  c = config.unet
+  predict = lambda x, t, ctx: nnx.merge(graphdef, params)(x, t, ctx)
+  uncond_b = jnp.broadcast_to(uncond, context.shape)
+  images = diffusion.sample(predict, diffusion.NoiseSchedule(config.schedule),
+                            shape=(context.shape[0], c.sample_size, c.sample_size, c.out_channels),
+                            context=jnp.asarray(context), uncond_context=uncond_b,
+                            guidance=config.sample.guidance, num_steps=config.sample.num_steps,
+                            method=config.sample.method, key=jax.random.key(seed))
+  return np.clip(np.asarray(images), -1, 1)
+
+
+def save_grid(images_bhwc: np.ndarray, rows: int, path: Path) -> None:
+  from PIL import Image
+  b, h, w, _ = images_bhwc.shape
+  cols = b // rows
+  grid = ((images_bhwc[:rows * cols, ..., 0] + 1) * 127.5).round().astype(np.uint8)
+  grid = grid.reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
+  Image.fromarray(grid).resize((cols * w * 4, rows * h * 4), Image.NEAREST).save(path)
+
+
+def nearest_neighbour_labels(generated: np.ndarray, train_images: np.ndarray, train_labels: np.ndarray) -> np.ndarray:
+  flat = train_images.reshape(len(train_images), -1)
+  queries = generated.reshape(len(generated), -1)
+  distances = (queries ** 2).sum(1)[:, None] - 2 * queries @ flat.T + (flat ** 2).sum(1)[None, :]
+  return train_labels[np.argmin(distances, axis=1)]
+
+
+def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
+  config: DiffusionConfig = apply_overrides(load_config_file(config_path), overrides)
+  workdir = Path(workdir)
+  preset = load_config_file(tpu_path)
+  text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
+  if text_encoder.dim != config.unet.cross_attention_dim:
+    raise ConfigError(f'unet.cross_attention_dim {config.unet.cross_attention_dim} != text encoder width {text_encoder.dim}')
+  data = CaptionedImages(config.data, text_encoder, cache_dir=workdir / 'cache')
+  task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(workdir / CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+
+  def make_iterator(process_index, process_count):
+    return record_batches(data, global_batch=config.train.global_batch, seed=config.train.seed,
+                          process_index=process_index, process_count=process_count,
+                          map_with_index=CaptionDropout(data.uncond, config.data.caption_dropout))
+
+  started = time.time()
+  summary = train(task, train_config=config.train, optim=config.optim, preset=preset, workdir=workdir,
+                  make_data_iterator=make_iterator)
+  summary.pop('trained_params')
+  result = {'job': 'attrib train-model', **summary, 'training_images': len(data),
+            'wall_s': time.time() - started}
+  if not summary['preempted']:
+    result['samples'] = evaluate_samples(workdir, config, tpu_path, data)
+  result['versions'] = versions()
+  write_json_atomic(workdir / 'result.json', result)
+  return result
+
+
+def evaluate_samples(workdir: Path, config: DiffusionConfig, tpu_path: str, data: CaptionedImages,
+                     per_class: int = 8) -> dict:
+  """A PNG grid (row = digit) and how often a sample's nearest training image has its prompt's class."""
+  from data_pipelines.digit_captions import WORDS
+  graphdef, params, _, _, step = restore_unet(workdir, config, tpu_path)
+  prompts = [f'a handwritten {WORDS[c]}' for c in range(10) for _ in range(per_class)]
+  context = data.text_encoder(prompts)[0]
+  images = generate(graphdef, params, config, context, data.uncond, seed=0)
+  save_grid(images, 10, workdir / 'samples.png')
+  predicted = nearest_neighbour_labels(images, data.images, data.labels)
+  wanted = np.repeat(np.arange(10), per_class)
+  return {'step': step, 'grid': str(workdir / 'samples.png'),
+          'nearest_neighbour_class_agreement': float(np.mean(predicted == wanted)), 'chance': 0.1}

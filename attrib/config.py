@@ -1,0 +1,49 @@
+"""Config of a text-to-image diffusion run: U-Net, noise schedule, data, optimizer, loop."""
+from __future__ import annotations
+
+import dataclasses
+
+from attrib.diffusion import ScheduleConfig
+from attrib.unet_config import UNetConfig
+from core.optim import OptimConfig
+from core.train_loop import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataConfig:
+  # Training images + captions: 'builtin:digits' (scikit-learn digits with template captions).
+  train_path: str = 'builtin:digits'
+  # Images held out of training (by index, from the end) for prompts of generated queries.
+  held_out: int = 197
+  # Indices of training images to leave out (counterfactual retraining), comma-separated file or ''.
+  exclude_path: str = ''
+  # Probability that a caption is replaced by the empty one (classifier-free guidance training).
+  caption_dropout: float = 0.1
+  # Text tokens the encoder sees (captions are padded/truncated to this).
+  text_len: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  # 'ddim' (deterministic) or 'ddpm' (ancestral).
+  method: str = 'ddim'
+  # Denoising steps (must divide schedule.num_train_timesteps).
+  num_steps: int = 50
+  # Classifier-free guidance scale.
+  guidance: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+  # The ε-prediction U-Net.
+  unet: UNetConfig
+  # DDPM noise schedule.
+  schedule: ScheduleConfig = ScheduleConfig()
+  # Images and captions.
+  data: ImageDataConfig = ImageDataConfig()
+  # How queries are generated.
+  sample: SampleConfig = SampleConfig()
+  # AdamW and its schedule.
+  optim: OptimConfig = OptimConfig()
+  # Steps, batch, logging, checkpoints.
+  train: TrainConfig = TrainConfig()
