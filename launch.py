@@ -122,6 +122,14 @@ def main(argv=None) -> int:
   am.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   add_distributed(am)
 
+  at = a.add_parser('teacher', help='AbU teacher: rank training images for generated queries')
+  at.add_argument('--workdir', required=True, help='a workdir trained by attrib train-model')
+  at.add_argument('--queries', type=int, required=True)
+  at.add_argument('--candidates', default='all', help="top-M candidates by base features, or 'all'")
+  at.add_argument('--tpu', help='slice preset (default: the one the model trained with)')
+  at.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='TeacherConfig fields')
+  add_distributed(at)
+
   d = sub.add_parser('data', help='data preparation').add_subparsers(dest='command', required=True)
   dt = d.add_parser('tokens', help='LVM .jsonl or int32 .npy -> ArrayRecord token shards')
   dt.add_argument('--input', required=True)
@@ -150,8 +158,12 @@ def main(argv=None) -> int:
                                records_per_shard=args.records_per_shard)
     result = {'job': 'data tokens', 'shards': [str(p) for p in paths]}
   elif args.group == 'attrib':
-    from attrib import commands as attrib_commands
-    result = attrib_commands.train_model_command(args.config, args.tpu, args.workdir, args.set)
+    if args.command == 'train-model':
+      from attrib import commands as attrib_commands
+      result = attrib_commands.train_model_command(args.config, args.tpu, args.workdir, args.set)
+    else:
+      from attrib import curation
+      result = curation.teacher_command(args.workdir, args.queries, args.candidates, args.tpu, args.set)
   else:
     from lvm import commands
     if args.command == 'train':
