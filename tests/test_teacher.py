@@ -1,0 +1,99 @@
+"""AbU teacher: unlearning raises the query's loss; scores repeat exactly and agree across layouts;
+the curation job resumes per query and writes its rankings as records."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from attrib.diffusion import NoiseSchedule, ScheduleConfig
+from attrib.teacher import Teacher, TeacherConfig, is_unlearned, split_params
+from attrib.unet import UNet2DConditionModel
+from attrib.unet_config import UNetConfig
+from core.config import load_config_file
+from core.mesh import make_mesh
+from tests.helpers import CPU1, CPU8, ROOT
+
+UNET = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                  cross_attention_levels=(True, True), layers_per_block=1, num_attention_heads=2,
+                  cross_attention_dim=24, norm_num_groups=8)
+
+
+def _teacher(preset_path, params, graphdef, n):
+  preset = load_config_file(preset_path)
+  return Teacher(graphdef, params, NoiseSchedule(ScheduleConfig()), TeacherConfig(query_grad_samples=128, step_size=0.005),
+                 mesh=make_mesh(preset), rules=preset.logical_rules, num_training_images=n)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model = UNet2DConditionModel(UNET, nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (24, 8, 8, 1)).astype(np.float32)
+  context = rng.standard_normal((24, 5, 24)).astype(np.float32)
+  return graphdef, params, images, context
+
+
+def test_only_cross_attention_kv_is_unlearned(setup):
+  graphdef, params, _, _ = setup
+  kv, _ = split_params(params)
+  # Cross-attentions: 2 down levels x 1 + mid 1 + 2 up levels x 2 = 7, each with to_k and to_v.
+  assert len(kv) == 14 and all('attn2' in k and ('to_k' in k or 'to_v' in k) for k in kv)
+  assert not is_unlearned(('down_blocks', 0, 'attentions', 0, 'transformer_blocks', 0, 'attn1', 'to_k', 'kernel'))
+
+
+def test_unlearning_raises_query_loss_and_scores_are_reproducible(setup):
+  graphdef, params, images, context = setup
+  ids = np.arange(len(images), dtype=np.int32)
+  teacher = _teacher(CPU1, params, graphdef, len(images))
+  fisher = teacher.fisher(images, context)
+  assert all(np.all(np.asarray(f) >= 0) and np.asarray(f).max() > 0 for f in fisher.values())
+  query = 3
+  kv = teacher.unlearn(fisher, images[query], context[query], query_seed=query)
+  base = teacher.losses(teacher.kv0, images, context, ids)
+  after = teacher.losses(kv, images, context, ids)
+  assert after[query] > base[query] * 1.05  # the query itself got harder to denoise
+  scores = teacher.scores(kv, base, images, context, ids)
+  assert np.argmax(scores) == query  # the (training) query is its own most influenced image
+  # Identical across runs ...
+  again = _teacher(CPU1, params, graphdef, len(images))
+  kv2 = again.unlearn(again.fisher(images, context), images[query], context[query], query_seed=query)
+  np.testing.assert_array_equal(again.scores(kv2, base, images, context, ids), scores)
+  # ... and across device layouts (candidates sharded over a (2, 2, 2) mesh).
+  sharded = _teacher(CPU8, params, graphdef, len(images))
+  kv8 = sharded.unlearn(sharded.fisher(images, context), images[query], context[query], query_seed=query)
+  base8 = sharded.losses(sharded.kv0, images, context, ids)
+  after8 = sharded.losses(kv8, images, context, ids)
+  np.testing.assert_allclose(base8, base, rtol=2e-6)
+  np.testing.assert_allclose(after8, after, rtol=2e-6)
+  # A score is a difference of two ~1.3 losses, so its error is a few float32 ulps of the loss,
+  # whatever the score's own size: compare at that absolute precision.
+  scores8 = after8 - base8
+  np.testing.assert_allclose(scores8, scores, rtol=0, atol=8 * np.finfo(np.float32).eps * float(after.max()))
+  assert list(np.argsort(-scores8)[:5]) == list(np.argsort(-scores)[:5])
+
+
+@pytest.mark.slow
+def test_curation_job_resumes_per_query(tmp_path):
+  from launch import main
+  work = tmp_path / 'model'
+  assert main(['attrib', 'train-model', '--config', str(ROOT / 'attrib/configs/digits.py'), '--tpu', CPU1,
+               '--workdir', str(work), '--set', 'train.steps=3', '--set', 'train.progress_bar=false',
+               '--set', 'data.held_out=1697', '--set', 'sample.num_steps=5']) == 0
+  args = ['attrib', 'teacher', '--workdir', str(work), '--queries', '2', '--candidates', '20',
+          '--set', 'fisher_samples_per_image=1', '--set', 'query_grad_samples=8']
+  assert main(args) == 0
+  first = json.loads((work / 'teacher_result.json').read_text())
+  assert first['scored_this_run'] == 2 and first['queries_whose_loss_rose'] == 2
+  kept = dict(np.load(work / 'teacher' / 'queries' / 'query_00000.npz'))
+  (work / 'teacher' / 'queries' / 'query_00001.npz').unlink()  # as if the job died on query 1
+  assert main(args) == 0
+  second = json.loads((work / 'teacher_result.json').read_text())
+  assert second['scored_this_run'] == 1
+  from attrib.curation import read_rank_records
+  records = read_rank_records(work / 'teacher' / 'ranks.arrayrecord')
+  assert [r['query'] for r in records] == [0, 1] and all(len(r['ranked_ids']) == 20 for r in records)
+  np.testing.assert_array_equal(records[0]['ranked_ids'], kept['ranked_ids'])
