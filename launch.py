@@ -130,6 +130,14 @@ def main(argv=None) -> int:
   at.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='TeacherConfig fields')
   add_distributed(at)
 
+  ac = a.add_parser('counterfactual', help='retrain without the teacher top-K vs random K; compare query loss')
+  ac.add_argument('--workdir', required=True)
+  ac.add_argument('--k', type=int, required=True)
+  ac.add_argument('--queries', type=int, default=3)
+  ac.add_argument('--seeds', type=int, default=2)
+  ac.add_argument('--steps', type=int, default=400, help='training steps of every retrained model')
+  ac.add_argument('--tpu')
+
   d = sub.add_parser('data', help='data preparation').add_subparsers(dest='command', required=True)
   dt = d.add_parser('tokens', help='LVM .jsonl or int32 .npy -> ArrayRecord token shards')
   dt.add_argument('--input', required=True)
@@ -161,6 +169,9 @@ def main(argv=None) -> int:
     if args.command == 'train-model':
       from attrib import commands as attrib_commands
       result = attrib_commands.train_model_command(args.config, args.tpu, args.workdir, args.set)
+    elif args.command == 'counterfactual':
+      from attrib.counterfactual import counterfactual_command
+      result = counterfactual_command(args.workdir, args.k, args.queries, args.seeds, args.steps, args.tpu)
     else:
       from attrib import curation
       result = curation.teacher_command(args.workdir, args.queries, args.candidates, args.tpu, args.set)

@@ -81,8 +81,11 @@ def nearest_neighbour_labels(generated: np.ndarray, train_images: np.ndarray, tr
   return train_labels[np.argmin(distances, axis=1)]
 
 
-def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
-  config: DiffusionConfig = apply_overrides(load_config_file(config_path), overrides)
+def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str],
+                        evaluate: bool = True, config: DiffusionConfig | None = None) -> dict:
+  if config is None:
+    config = load_config_file(config_path)
+  config = apply_overrides(config, overrides)
   workdir = Path(workdir)
   preset = load_config_file(tpu_path)
   text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
@@ -104,7 +107,7 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
   summary.pop('trained_params')
   result = {'job': 'attrib train-model', **summary, 'training_images': len(data),
             'wall_s': time.time() - started}
-  if not summary['preempted']:
+  if evaluate and not summary['preempted']:
     result['samples'] = evaluate_samples(workdir, config, tpu_path, data)
   result['versions'] = versions()
   write_json_atomic(workdir / 'result.json', result)

@@ -47,3 +47,20 @@ def params_from_diffusers(state_dict: Mapping[str, np.ndarray], abstract_params:
     raise WeightImportError(f'U-Net parameters missing from the diffusers weights: {missing[:5]} ...')
   leaves = [filled[p] for p in by_path]
   return jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
+
+
+def params_to_diffusers(params: dict) -> dict[str, np.ndarray]:
+  """Our tree -> diffusers state dict names and layouts (inverse of `params_from_diffusers`)."""
+  out = {}
+  for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = [str(getattr(k, 'key', getattr(k, 'idx', None))) for k in keys]
+    value = np.asarray(leaf)
+    leaf_name = path[-1]
+    if leaf_name == 'kernel':
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    name = '.'.join(path[:-1] + ['weight' if leaf_name in ('kernel', 'scale') else leaf_name])
+    name = f'.{name}.'
+    for old, new in _RENAMES:
+      name = name.replace(new, old)
+    out[name.strip('.')] = np.ascontiguousarray(value)
+  return out

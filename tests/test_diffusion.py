@@ -78,3 +78,14 @@ def test_schedule_matches_diffusers():
     np.testing.assert_allclose(ours.ddpm_step(eps, t, x0, noise, 20), expected, atol=1e-5)
     expected = ddim.step(torch.tensor(eps), t, torch.tensor(x0)).prev_sample.numpy()
     np.testing.assert_allclose(ours.ddim_step(eps, t, x0, 20), expected, atol=1e-5)
+
+
+def test_export_to_diffusers_round_trips():
+  from attrib.unet_weights import params_to_diffusers
+  torch_model = _torch_unet(TINY_UNET)
+  weights = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+  abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(TINY_UNET, nnx.Rngs(0))))[1])
+  exported = params_to_diffusers(params_from_diffusers(weights, abstract))
+  assert sorted(exported) == sorted(weights)
+  for name, value in weights.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)

@@ -55,3 +55,17 @@ def test_tpu_commands(capsys):
   assert "launch.py lvm train --config lvm/configs/vqlm_7b.py" in lines[1] and 'train.steps=10' in lines[1]
   with pytest.raises(ValueError, match='CPU preset'):
     launch_main(['tpu', 'create', '--tpu', 'tpu_configs/cpu_8.py', '--name', 'x'])
+
+
+def test_digit_captions_describe_the_images():
+  from data_pipelines.digit_captions import digit_captions
+  images, labels, captions = digit_captions()
+  assert images.shape == (1797, 16, 16, 1) and images.min() == -1.0 and images.max() == 1.0
+  assert captions[7] == 'a right-slanted handwritten seven' and captions[0] == 'a handwritten zero'
+  thick = np.array(['thick' in c for c in captions])
+  thin = np.array(['thin' in c for c in captions])
+  ink = images.reshape(len(images), -1).sum(1)
+  both = [d for d in range(10) if (thick & (labels == d)).any() and (thin & (labels == d)).any()]
+  assert len(both) >= 8
+  for digit in both:  # within a class, 'thick' images carry more ink than 'thin' ones
+    assert ink[thick & (labels == digit)].mean() > ink[thin & (labels == digit)].mean()
