@@ -67,9 +67,11 @@ def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: i
 
 def save_grid(images_bhwc: np.ndarray, rows: int, path: Path) -> None:
   from PIL import Image
-  b, h, w, _ = images_bhwc.shape
+  # A 1-pixel dark-grey frame per cell, so digits that touch their edges stay apart.
+  framed = np.pad(images_bhwc[..., 0], ((0, 0), (1, 1), (1, 1)), constant_values=-0.6)[..., None]
+  b, h, w, _ = framed.shape
   cols = b // rows
-  grid = ((images_bhwc[:rows * cols, ..., 0] + 1) * 127.5).round().astype(np.uint8)
+  grid = ((framed[:rows * cols, ..., 0] + 1) * 127.5).round().astype(np.uint8)
   grid = grid.reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
   Image.fromarray(grid).resize((cols * w * 4, rows * h * 4), Image.NEAREST).save(path)
 
