@@ -15,12 +15,8 @@ from attrib.config import DiffusionConfig
 from attrib.data import CaptionDropout, CaptionedImages
 from attrib.task import DenoisingTask
 from attrib.text_encoder import MiniLMTextEncoder
-from core import checkpoint
 from core.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
-from core.mesh import make_mesh
-from core.optim import OptimConfig
-from core.sharding import activation_sharding
-from core.train_loop import init_state, train
+from core.train_loop import restore_latest_params, train
 from core.workdir import versions, write_json_atomic
 from data_pipelines.token_loader import record_batches
 
@@ -39,16 +35,8 @@ def load_run(workdir: Path) -> tuple[DiffusionConfig, str]:
 def restore_unet(workdir: Path, config: DiffusionConfig, tpu_path: str):
   """(graphdef, params, mesh, preset, step) of the latest checkpoint."""
   preset = load_config_file(tpu_path)
-  mesh = make_mesh(preset)
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
-  with activation_sharding(mesh, preset.logical_rules):
-    graphdef, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
-  manager = checkpoint.make_manager(workdir, async_save=False)
-  step = manager.latest_step()
-  if step is None:
-    raise ConfigError(f'{workdir}/checkpoints holds no checkpoint')
-  params = checkpoint.restore(manager, step, abstract_params=abstract_params)['params']
-  manager.close()
+  graphdef, params, mesh, step = restore_latest_params(task, workdir, preset)
   return graphdef, params, mesh, preset, step
 
 

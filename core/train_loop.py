@@ -244,3 +244,21 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
           'num_devices': int(mesh.devices.size), 'mesh': dict(mesh.shape),
           'params': int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params))),
           'trained_params': params}
+
+
+def restore_latest_params(task: Task, workdir: str | Path, preset: SliceConfig):
+  """The latest checkpoint's parameters, sharded for `preset`'s mesh (for eval, sampling, export).
+
+  Returns (graphdef, params, mesh, step).
+  """
+  mesh = make_mesh(preset)
+  with activation_sharding(mesh, preset.logical_rules):
+    graphdef, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  step = manager.latest_step()
+  if step is None:
+    manager.close()
+    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint')
+  params = checkpoint.restore(manager, step, abstract_params=abstract_params)['params']
+  manager.close()
+  return graphdef, params, mesh, step

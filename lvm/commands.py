@@ -14,7 +14,7 @@ from core.config import ConfigError, apply_overrides, from_dict, load_config_fil
 from core.mesh import make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
-from core.train_loop import init_state, train
+from core.train_loop import init_state, restore_latest_params, train
 from core.workdir import versions, write_json_atomic
 from data_pipelines.token_loader import token_batches
 from data_pipelines.token_sources import open_token_source
@@ -79,18 +79,10 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
 
 
 def restore_params(workdir: Path, config: LvmConfig, tpu_path: str):
-  """Latest parameters of a workdir, sharded for `tpu_path`'s mesh. Returns (graphdef, params, mesh, preset)."""
+  """Latest parameters of a workdir, sharded for `tpu_path`'s mesh: (graphdef, params, mesh, preset, step)."""
   preset = load_config_file(tpu_path)
-  mesh = make_mesh(preset)
-  task = NextTokenTask(config.model, config.data.seq_len)
-  with activation_sharding(mesh, preset.logical_rules):
-    graphdef, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
-  manager = checkpoint.make_manager(workdir, async_save=False)
-  step = manager.latest_step()
-  if step is None:
-    raise ConfigError(f'{workdir}/checkpoints holds no checkpoint to evaluate')
-  params = checkpoint.restore(manager, step, abstract_params=abstract_params)['params']
-  manager.close()
+  graphdef, params, mesh, step = restore_latest_params(NextTokenTask(config.model, config.data.seq_len),
+                                                       workdir, preset)
   return graphdef, params, mesh, preset, step
 
 
