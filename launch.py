@@ -20,15 +20,24 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 
+def _trained_preset(workdir: str | None) -> str | None:
+  """The slice preset a workdir's run was started with (commands that default to it)."""
+  stored = Path(workdir) / 'config.json' if workdir else None
+  if stored is None or not stored.exists():
+    return None
+  preset = json.loads(stored.read_text()).get('tpu')
+  return preset if preset and Path(preset).exists() else None
+
+
 def _prepare_runtime(args) -> None:
   """Set up jax before its first import: forced CPU devices for cpu presets, multi-process init."""
   from core.config import load_config_file
-  tpu_path = getattr(args, 'tpu', None)
+  tpu_path = getattr(args, 'tpu', None) or _trained_preset(getattr(args, 'workdir', None))
   if tpu_path:
     preset = load_config_file(tpu_path)
-    flags = os.environ.get('XLA_FLAGS', '')
-    if preset.accelerator_type == 'cpu' and 'xla_force_host_platform_device_count' not in flags:
-      os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={preset.devices_per_host}'
+    if preset.accelerator_type == 'cpu':
+      from core.xla_flags import cpu_xla_flags
+      os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''), preset.devices_per_host)
   import jax
   if getattr(args, 'coordinator', None):
     # Several processes on one machine (tests) or GPU/CPU clusters: explicit coordinator, gloo on CPU.

@@ -30,8 +30,33 @@ def _conv(rngs, cin, cout, kernel, stride=1):
                   bias_metadata={'out_sharding': ('channels',)})
 
 
+class GroupNorm(nnx.Module):
+  """GroupNorm over NHWC with `scale`/`bias` like nnx.GroupNorm, computed in two reduction stages.
+
+  Statistics are reduced over H, W first (per channel, contiguous in NHWC) and then over the channels
+  of a group. nnx.GroupNorm reduces over (H, W, channels-of-group) in one strided reduction, which
+  XLA:CPU runs 2-3x slower; the result is the same to float32 rounding.
+  """
+
+  def __init__(self, channels, groups, eps, rngs):
+    del rngs  # no random init: ones and zeros
+    self.groups, self.eps = groups, eps
+    self.scale = nnx.Param(jnp.ones((channels,)), out_sharding=('channels',))
+    self.bias = nnx.Param(jnp.zeros((channels,)), out_sharding=('channels',))
+
+  def __call__(self, x_bhwc):
+    b, _, _, c = x_bhwc.shape
+    per_group = c // self.groups
+    def group_mean(values_bc):  # [b, c] -> [b, 1, 1, c], each channel holding its group's mean
+      means_bg = values_bc.reshape(b, self.groups, per_group).mean(axis=-1)
+      return jnp.repeat(means_bg, per_group, axis=1)[:, None, None, :]
+    centred = x_bhwc - group_mean(x_bhwc.mean(axis=(1, 2)))
+    inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred).mean(axis=(1, 2))) + self.eps)
+    return centred * (inv_std * self.scale[...]) + self.bias[...]
+
+
 def _group_norm(rngs, channels, groups, eps):
-  return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, rngs=rngs)
+  return GroupNorm(channels, groups, eps, rngs)
 
 
 def timestep_embedding(timesteps_b: jax.Array, dim: int) -> jax.Array:
@@ -83,11 +108,16 @@ class Attention(nnx.Module):
   def __call__(self, x_bnd, context_bmc=None):
     context = x_bnd if context_bmc is None else context_bmc
     b, n, d = x_bnd.shape
-    split = lambda y: y.reshape(b, y.shape[1], self.heads, d // self.heads)
-    q, k, v = split(self.to_q(x_bnd)), split(self.to_k(context)), split(self.to_v(context))
-    scores = jnp.einsum('bnhe,bmhe->bhnm', q, k) / math.sqrt(d // self.heads)
-    out = jnp.einsum('bhnm,bmhe->bnhe', jax.nn.softmax(scores, axis=-1), v)
-    return self.to_out(out.reshape(b, n, d))
+    # Head-major [b, h, tokens, e] operands, q pre-scaled, softmax normalised after the PV product:
+    # XLA:CPU otherwise fuses the scale and the normalisation into the batched dots as full
+    # [b, h, n, m] tensors (7x slower at 64 tokens).
+    split = lambda y: y.reshape(b, y.shape[1], self.heads, d // self.heads).transpose(0, 2, 1, 3)
+    q = split(self.to_q(x_bnd) * (1 / math.sqrt(d // self.heads)))
+    k, v = split(self.to_k(context)), split(self.to_v(context))
+    scores = jnp.einsum('bhne,bhme->bhnm', q, k)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    out = jnp.einsum('bhnm,bhme->bhne', weights, v) / weights.sum(axis=-1)[..., None]
+    return self.to_out(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
 class BasicTransformerBlock(nnx.Module):

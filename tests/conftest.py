@@ -3,10 +3,12 @@ import os
 import sys
 from pathlib import Path
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from core.xla_flags import cpu_xla_flags  # noqa: E402
+
+os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''), 8)
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from absl import flags  # noqa: E402
 

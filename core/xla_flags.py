@@ -1,0 +1,30 @@
+"""XLA flags for CPU runs, set in XLA_FLAGS before jax is first imported.
+
+- `--xla_force_host_platform_device_count=N`: N host devices, so a CPU preset gets a real mesh.
+- `--xla_cpu_experimental_ynn_fusion_type=INDIVIDUAL_DOT,REDUCE`: keep matmuls and reductions on
+  YNNPACK but give convolutions back to XLA's Eigen kernels, and stop XLA from fusing elementwise
+  chains into the dot calls. Measured on the digits U-Net forward (batch 256, 2-core EPYC): 3x3
+  convolutions 5.5 -> 3.5 ms, whole forward 0.32 -> 0.22 s; the LVM train step is unchanged
+  (1007 -> 1025 tokens/s). The flag is experimental, and an XLA that does not know a flag aborts at
+  start-up, so it is only added for the jaxlib series it was measured on.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+
+_TESTED_JAXLIB_SERIES = '0.10.'
+_YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
+
+
+def cpu_xla_flags(existing: str, device_count: int | None = None) -> str:
+  """`existing` XLA_FLAGS plus the CPU flags above; a flag the user already set is left as it is."""
+  flags = existing.split()
+  if device_count is not None and not any('xla_force_host_platform_device_count' in f for f in flags):
+    flags.append(f'--xla_force_host_platform_device_count={device_count}')
+  try:
+    jaxlib_version = importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    jaxlib_version = ''
+  if jaxlib_version.startswith(_TESTED_JAXLIB_SERIES) and not any(_YNN_FLAG in f for f in flags):
+    flags.append(f'{_YNN_FLAG}=INDIVIDUAL_DOT,REDUCE')
+  return ' '.join(flags)
