@@ -5,6 +5,10 @@
   python launch.py lvm eval --workdir DIR --data PATH
   python launch.py lvm import-hf --hf-dir HF_DIR --workdir DIR
   python launch.py lvm export-hf --workdir DIR --out HF_DIR
+  python launch.py attrib train-model --config attrib/configs/digits.py --workdir DIR
+  python launch.py attrib import-diffusers --weights model.bin --workdir DIR [--set data.train_path=latents:D]
+  python launch.py attrib teacher --workdir DIR --queries N --candidates M|all [--query-dir D] [--neighbours F]
+  python launch.py attrib counterfactual --workdir DIR --k K --queries Q --seeds S
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
   python launch.py tpu create|setup|copy|run|ssh|delete --tpu tpu_configs/v4_32.py --name NAME [...]
 """
@@ -131,10 +135,19 @@ def main(argv=None) -> int:
   am.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   add_distributed(am)
 
+  ai = a.add_parser('import-diffusers', help='a diffusers UNet2DConditionModel state dict -> workdir (MSCOCO model)')
+  ai.add_argument('--weights', required=True, help='model.bin (torch pickle) or .safetensors')
+  ai.add_argument('--config', default=str(ROOT / 'attrib/configs/mscoco.py'))
+  ai.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_1.py'))
+  ai.add_argument('--workdir', required=True)
+  ai.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+
   at = a.add_parser('teacher', help='AbU teacher: rank training images for generated queries')
-  at.add_argument('--workdir', required=True, help='a workdir trained by attrib train-model')
+  at.add_argument('--workdir', required=True, help='a workdir from attrib train-model or import-diffusers')
   at.add_argument('--queries', type=int, required=True)
   at.add_argument('--candidates', default='all', help="top-M candidates by base features, or 'all'")
+  at.add_argument('--query-dir', help='precomputed query latents.npy + text_embeddings.npy (imported models)')
+  at.add_argument('--neighbours', help='.npy [queries, >=M] training ids: the candidates of each query')
   at.add_argument('--tpu', help='slice preset (default: the one the model trained with)')
   at.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='TeacherConfig fields')
   add_distributed(at)
@@ -178,12 +191,16 @@ def main(argv=None) -> int:
     if args.command == 'train-model':
       from attrib import commands as attrib_commands
       result = attrib_commands.train_model_command(args.config, args.tpu, args.workdir, args.set)
+    elif args.command == 'import-diffusers':
+      from attrib.released import import_diffusers_command
+      result = import_diffusers_command(args.weights, args.config, args.tpu, args.workdir, args.set)
     elif args.command == 'counterfactual':
       from attrib.counterfactual import counterfactual_command
       result = counterfactual_command(args.workdir, args.k, args.queries, args.seeds, args.steps, args.tpu)
     else:
       from attrib import curation
-      result = curation.teacher_command(args.workdir, args.queries, args.candidates, args.tpu, args.set)
+      result = curation.teacher_command(args.workdir, args.queries, args.candidates, args.tpu, args.set,
+                                        query_dir=args.query_dir, neighbours=args.neighbours)
   else:
     from lvm import commands
     if args.command == 'train':

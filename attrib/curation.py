@@ -1,30 +1,45 @@
 """`launch.py attrib teacher`: the attribution data set the student distills, written resumably.
 
-Queries are generated from held-out prompts; each query's candidates (all training images, or the
-top M by base features) are scored by the AbU teacher. Every query's ranking is written to its own
+Queries are generated from held-out prompts (built-in digits) or read from precomputed latents
+(`--query-dir`, FastGDA's released MSCOCO queries); each query's candidates (all training images, the
+top M by base features, or the first M of a `--neighbours` file) are scored by the AbU teacher. Every query's ranking is written to its own
 file by an atomic rename, so a crash loses at most the query in flight; hosts take queries
-round-robin; at the end process 0 gathers them into one ArrayRecord shard (one record per query).
+round-robin, each scoring on its own devices (candidates sharded over them); at the end process 0
+gathers them into one ArrayRecord shard (one record per query).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from attrib.commands import generate, load_run, restore_unet
 from attrib.config import DiffusionConfig
 from attrib.data import CaptionedImages
 from attrib.diffusion import NoiseSchedule
+from attrib.precomputed import LazyRows, PrecomputedLatents
+from attrib.released import training_set_dir
 from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import MiniLMTextEncoder, mean_pool_normalise
 from core.config import ConfigError, apply_overrides
+from core.mesh import MESH_AXES
 from core.workdir import versions, write_json_atomic
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+  temp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+  with open(temp, 'wb') as f:
+    np.save(f, array)
+  os.replace(temp, path)
 
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
@@ -59,44 +74,125 @@ def make_queries(config: DiffusionConfig, graphdef, params, data: CaptionedImage
   return images, prompts
 
 
+@dataclasses.dataclass
+class TrainingViews:
+  """What the teacher reads of a training set: N images, F flipped copies (rows f·N + i), K captions."""
+  num_images: int
+  num_flips: int
+  num_captions: int
+  latent_rows: Any   # rows [0, F·N) -> model inputs [rows, h, w, c] (an array or a LazyRows)
+  text_rows: Callable[[int], Any]  # caption k -> image ids [0, N) -> text states [ids, tokens, dim]
+  index: np.ndarray  # position -> training-set id (ids stay stable when images are excluded)
+
+
+@dataclasses.dataclass
+class Queries:
+  images: np.ndarray    # [Q, h, w, c] model inputs
+  context: np.ndarray   # [Q, tokens, dim] text states of their prompts
+  features: np.ndarray  # [Q, d] base features, comparable with the training set's
+
+
+def _gather(view, rows: np.ndarray) -> LazyRows:
+  return LazyRows(lambda idx: view[rows[idx]], len(rows))
+
+
+def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarray) -> np.ndarray:
+  """[F, m]: each candidate's loss per flip, averaged over its captions (AbU's scoring loss).
+
+  The noise of (row, caption) is seeded by `row·K + caption`, so it is the same before and after
+  unlearning and for any candidate subset.
+  """
+  out = np.zeros((train.num_flips, len(cand)), np.float64)
+  for flip in range(train.num_flips):
+    rows = cand + flip * train.num_images
+    for caption in range(train.num_captions):
+      ids = (rows * train.num_captions + caption).astype(np.int32)
+      out[flip] += teacher.losses(kv, _gather(train.latent_rows, rows), _gather(train.text_rows(caption), cand),
+                                  ids) / train.num_captions
+  return out
+
+
+def _digits_setup(workdir: Path, config, graphdef, params, num_queries: int, out: Path):
+  text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
+  data = CaptionedImages(config.data, text_encoder, cache_dir=workdir / 'cache')
+  query_images, prompts = make_queries(config, graphdef, params, data, num_queries, out / 'queries.npz')
+  query_context = np.asarray(text_encoder(prompts)[0])
+  train_text = np.asarray(mean_pool_normalise(data.context, np.ones(data.context.shape[:2])))
+  train = TrainingViews(len(data), 1, 1, data.images, lambda caption: data.context, data.index)
+  queries = Queries(query_images, query_context,
+                    base_features(query_images, np.asarray(text_encoder.sentence_embedding(prompts))))
+  return train, queries, lambda: base_features(data.images, train_text)
+
+
+def _precomputed_setup(config, data_dir: Path, query_dir: str | None, num_queries: int):
+  if not query_dir:
+    raise ConfigError('this model trained on precomputed latents: pass --query-dir with the queries\' '
+                      'latents.npy and text_embeddings.npy')
+  data = PrecomputedLatents(data_dir, config.unet, flipped_copies=True)
+  query_set = PrecomputedLatents(query_dir, config.unet, flipped_copies=False)
+  if num_queries > query_set.num_images:
+    raise ConfigError(f'--queries {num_queries}: {query_dir} holds {query_set.num_images} queries')
+  for name, d in (('training set', data), ('queries', query_set)):
+    if d.text_len != config.data.text_len:
+      raise ConfigError(f'{name} in {d.directory}: {d.text_len} text tokens, the model uses {config.data.text_len}')
+  rows = np.arange(num_queries)
+  train = TrainingViews(data.num_images, data.num_flips, data.num_captions, data.latent_rows(),
+                        data.text_rows, np.arange(data.num_images))
+  queries = Queries(query_set.latent_rows()[rows], query_set.text_rows(0)[rows], query_set.features()[rows])
+  return train, queries, data.features
+
+
+def _local_teacher_mesh(mesh, params):
+  """Hosts score different queries, so each needs the whole model on its own devices."""
+  if jax.process_count() == 1:
+    return mesh, params
+  full = multihost_utils.process_allgather(params, tiled=True)
+  return Mesh(np.array(jax.local_devices()).reshape(-1, 1, 1), MESH_AXES), full
+
+
 def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: str | None,
-                    overrides: list[str]) -> dict:
+                    overrides: list[str], query_dir: str | None = None, neighbours: str | None = None) -> dict:
   workdir = Path(workdir)
   config, trained_tpu = load_run(workdir)
   teacher_config: TeacherConfig = apply_overrides(TeacherConfig(), overrides)
   if candidates != 'all' and not candidates.isdigit():
     raise ConfigError(f"--candidates must be a number or 'all', got {candidates!r}")
+  neighbour_ids = np.load(neighbours, mmap_mode='r') if neighbours else None
+  if neighbour_ids is not None and (candidates == 'all' or neighbour_ids.ndim != 2
+                                    or neighbour_ids.shape[0] < num_queries or neighbour_ids.shape[1] < int(candidates)):
+    raise ConfigError(f'--neighbours {neighbours}: expected [queries >= {num_queries}, >= --candidates] training '
+                      f'ids, got shape {neighbour_ids.shape} with --candidates {candidates}')
   out = workdir / 'teacher'
   (out / 'queries').mkdir(parents=True, exist_ok=True)
   started = time.time()
   graphdef, params, mesh, preset, step = restore_unet(workdir, config, tpu_path or trained_tpu)
-  text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
-  data = CaptionedImages(config.data, text_encoder, cache_dir=workdir / 'cache')
-  teacher = Teacher(graphdef, params, NoiseSchedule(config.schedule), teacher_config, mesh=mesh,
-                    rules=preset.logical_rules, num_training_images=len(data))
-  query_images, prompts = make_queries(config, graphdef, params, data, num_queries, out / 'queries.npz')
-  query_context = np.asarray(text_encoder(prompts)[0])
+  data_dir = training_set_dir(config)
+  if data_dir is None:
+    train, queries, train_features = _digits_setup(workdir, config, graphdef, params, num_queries, out)
+  else:
+    train, queries, train_features = _precomputed_setup(config, data_dir, query_dir, num_queries)
+  if neighbour_ids is not None and (neighbour_ids.min() < 0 or neighbour_ids.max() >= train.num_images):
+    raise ConfigError(f'--neighbours {neighbours}: ids must be in [0, {train.num_images})')
+  teacher_mesh, teacher_params = _local_teacher_mesh(mesh, params)
+  teacher = Teacher(graphdef, teacher_params, NoiseSchedule(config.schedule), teacher_config, mesh=teacher_mesh,
+                    rules=preset.logical_rules, num_training_images=train.num_images)
 
   # Per-model quantities, computed once and reused by every query (and every rerun).
   fisher_path, base_path = out / 'fisher.npz', out / 'base_losses.npy'
   if fisher_path.exists():
     fisher = dict(np.load(fisher_path))
   else:
-    fisher = {k: np.asarray(v) for k, v in teacher.fisher(data.images, data.context).items()}
+    fisher_rows = np.arange(train.num_images)
+    if 0 < teacher_config.fisher_images < train.num_images:
+      fisher_rows = np.sort(np.random.default_rng(0).choice(train.num_images, teacher_config.fisher_images, replace=False))
+    fisher = teacher.fisher(_gather(train.latent_rows, fisher_rows), _gather(train.text_rows(0), fisher_rows))
+    fisher = {k: np.asarray(v) for k, v in fisher.items()}
     if jax.process_index() == 0:
       _save_npz_atomic(fisher_path, **fisher)
-  ids = np.arange(len(data), dtype=np.int32)
-  if base_path.exists():
-    base_losses = np.load(base_path)
-  else:
-    base_losses = teacher.losses(teacher.kv0, data.images, data.context, ids)
-    if jax.process_index() == 0:
-      np.save(base_path, base_losses)
-
-  train_text = np.asarray(mean_pool_normalise(data.context, np.ones(data.context.shape[:2])))
-  train_features = base_features(data.images, train_text)
-  query_text = np.asarray(text_encoder.sentence_embedding(prompts))
-  query_features = base_features(query_images, query_text)
+  # θ₀ losses [F, N], filled in as candidates need them (NaN = not computed yet).
+  base_losses = (np.load(base_path).reshape(train.num_flips, train.num_images) if base_path.exists()
+                 else np.full((train.num_flips, train.num_images), np.nan))
+  features = train_features() if candidates != 'all' and neighbour_ids is None else None
 
   done = 0
   for q in range(jax.process_index(), num_queries, jax.process_count()):
@@ -104,22 +200,32 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     if path.exists():
       continue
     if candidates == 'all':
-      cand = ids
+      cand = np.arange(train.num_images, dtype=np.int32)
+    elif neighbour_ids is not None:
+      cand = np.asarray(neighbour_ids[q, :int(candidates)], np.int32)
     else:
-      cand = np.argsort(-(train_features @ query_features[q]), kind='stable')[:int(candidates)].astype(np.int32)
-    kv = teacher.unlearn(fisher, query_images[q], query_context[q], q)
-    scores = teacher.scores(kv, base_losses[cand], data.images[cand], data.context[cand], cand)
-    query_loss = teacher.losses(kv, query_images[q:q + 1], query_context[q:q + 1], np.array([10**6 + q]))
-    query_base = teacher.losses(teacher.kv0, query_images[q:q + 1], query_context[q:q + 1], np.array([10**6 + q]))
+      cand = np.argsort(-(features @ queries.features[q]), kind='stable')[:int(candidates)].astype(np.int32)
+    missing = cand[np.isnan(base_losses[:, cand]).any(axis=0)]
+    if len(missing):
+      base_losses[:, missing] = candidate_losses(teacher, teacher.kv0, train, missing)
+      if jax.process_count() == 1:  # hosts fill different entries; only a lone process may cache them
+        _save_npy_atomic(base_path, base_losses)
+    kv = teacher.unlearn(fisher, queries.images[q], queries.context[q], q)
+    # Score = loss increase; with flipped copies the larger of the two (AbU App. B.4).
+    scores = (candidate_losses(teacher, kv, train, cand) - base_losses[:, cand]).max(axis=0).astype(np.float32)
+    query_rows = (queries.images[q:q + 1], queries.context[q:q + 1], np.array([10**6 + q]))
+    query_loss = teacher.losses(kv, *query_rows)
+    query_base = teacher.losses(teacher.kv0, *query_rows)
     order = np.argsort(-scores, kind='stable')  # most influential first
-    _save_npz_atomic(path, query=q, candidates=cand, scores=scores, ranked_ids=data.index[cand[order]],
+    _save_npz_atomic(path, query=q, candidates=cand, scores=scores, ranked_ids=train.index[cand[order]],
                      query_loss_before=query_base[0], query_loss_after=query_loss[0])
     done += 1
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('teacher queries done')
 
   result = {'job': 'attrib teacher', 'model_step': step, 'queries': num_queries, 'candidates': candidates,
-            'scored_this_run': done, 'teacher': dict(vars(teacher_config)), 'wall_s': time.time() - started}
+            'scored_this_run': done, 'processes': jax.process_count(), 'teacher': dict(vars(teacher_config)),
+            'wall_s': time.time() - started}
   if jax.process_index() == 0:
     records = [dict(np.load(out / 'queries' / f'query_{q:05d}.npz')) for q in range(num_queries)]
     write_rank_records(records, out / 'ranks.arrayrecord')
@@ -128,7 +234,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     result.update(ranks=str(out / 'ranks.arrayrecord'), mean_query_loss_before=float(before.mean()),
                   mean_query_loss_after=float(after.mean()),
                   queries_whose_loss_rose=int((after > before).sum()), versions=versions())
-  write_json_atomic(workdir / 'teacher_result.json', result)
+    write_json_atomic(workdir / 'teacher_result.json', result)
   return result
 
 

@@ -1,8 +1,8 @@
 """DDPM noise schedule, ε-prediction loss, and DDPM / DDIM sampling with classifier-free guidance.
 
-Numbers follow diffusers' DDPMScheduler / DDIMScheduler with Stable Diffusion's settings
-(1000 steps, scaled-linear betas from 0.00085 to 0.012), so losses and samples are comparable with
-models trained there (tests check `add_noise` and the update steps against diffusers).
+Numbers follow diffusers' DDPMScheduler / DDIMScheduler: Stable Diffusion's scaled-linear betas
+(0.00085 to 0.012) by default, or the linear 1e-4 to 0.02 of `DDPMScheduler(1000)`, which FastGDA's
+released MSCOCO model was trained with (tests check `add_noise` and the update steps against diffusers).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import numpy as np
 class ScheduleConfig:
   # Diffusion steps of training.
   num_train_timesteps: int = 1000
-  # Scaled-linear betas: linspace(sqrt(start), sqrt(end))² (Stable Diffusion, FastGDA's COCO model).
+  # 'scaled_linear': linspace(sqrt(start), sqrt(end))² (Stable Diffusion); 'linear': linspace(start, end).
+  beta_schedule: str = 'scaled_linear'
   beta_start: float = 0.00085
   beta_end: float = 0.012
   # Clip predicted x0 to [-1, 1] while sampling (pixel-space models; off for latents).
@@ -29,11 +30,18 @@ class NoiseSchedule:
 
   def __init__(self, config: ScheduleConfig):
     self.config = config
-    betas = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.num_train_timesteps,
-                        dtype=np.float64) ** 2
-    # float32 like diffusers, so add_noise agrees to the last bit of its arithmetic.
+    if config.beta_schedule == 'scaled_linear':
+      betas = np.linspace(config.beta_start ** 0.5, config.beta_end ** 0.5, config.num_train_timesteps,
+                          dtype=np.float64) ** 2
+    elif config.beta_schedule == 'linear':
+      betas = np.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=np.float64)
+    else:
+      raise ValueError(f"schedule.beta_schedule {config.beta_schedule!r}: expected 'scaled_linear' or 'linear'")
+    # float32 betas like diffusers; torch's cumprod accumulates float32 in float64, and so does this
+    # (a float32 product drifts by ~3e-7 over 1000 steps), so add_noise agrees with diffusers.
     self.betas = jnp.asarray(betas, jnp.float32)
-    self.alphas_cumprod = jnp.cumprod(1.0 - self.betas)
+    alphas = 1.0 - np.asarray(betas, np.float32)
+    self.alphas_cumprod = jnp.asarray(np.cumprod(alphas.astype(np.float64)), jnp.float32)
 
   def add_noise(self, x0: jax.Array, noise: jax.Array, timesteps_b: jax.Array) -> jax.Array:
     a = self.alphas_cumprod[timesteps_b].reshape((-1,) + (1,) * (x0.ndim - 1))

@@ -25,6 +25,8 @@ from core.sharding import logical_to_spec
 class TeacherConfig:
   # Per-sample gradients per training image in the diagonal Fisher.
   fisher_samples_per_image: int = 2
+  # Training images the Fisher is estimated on (a fixed random subset; 0 = all of them).
+  fisher_images: int = 0
   # (noise, timestep) samples averaged into the query gradient ∇L(ẑ).
   query_grad_samples: int = 64
   # Newton steps of unlearning (AbU on COCO: 1).
@@ -113,7 +115,8 @@ class Teacher:
       rows = np.arange(start, min(start + step, len(images)))
       pad = (-len(rows)) % ways  # pad to a multiple of the batch ways; padding is dropped
       rows_padded = np.concatenate([rows, np.repeat(rows[-1:], pad)])
-      put = lambda x: jax.device_put(np.asarray(x)[rows_padded], self._batch_sharding)
+      # `images`/`context` may be lazy row views (memory-mapped data sets): only this batch is read.
+      put = lambda x: jax.device_put(np.asarray(x[rows_padded]), self._batch_sharding)
       values = self._per_example_loss(kv, put(images), put(context), put(ids))
       out.append(np.asarray(values)[:len(rows)])
     return np.concatenate(out)
@@ -136,7 +139,7 @@ class Teacher:
       for start in range(0, len(images), batch):
         rows = np.arange(start, min(start + batch, len(images)))
         seeds = rows + repeat * len(images)
-        part = self._fisher_batch(self.kv0, images[rows], context[rows], seeds)
+        part = self._fisher_batch(self.kv0, np.asarray(images[rows]), np.asarray(context[rows]), seeds)
         total = jax.tree.map(jnp.add, total, part)
         count += len(rows)
     return jax.tree.map(lambda s: s / count, total)

@@ -59,8 +59,15 @@ def test_weight_import_names_the_bad_tensor():
     params_from_diffusers(weights, abstract)
 
 
-def test_schedule_matches_diffusers():
-  ours = NoiseSchedule(ScheduleConfig())
+# Stable Diffusion's schedule, and the released MSCOCO model's `DDPMScheduler(num_train_timesteps=1000)`.
+LINEAR_KW = dict(num_train_timesteps=1000, clip_sample=False)
+
+
+@pytest.mark.parametrize('ours_config,SCHEDULER_KW', [
+    (ScheduleConfig(), SCHEDULER_KW),
+    (ScheduleConfig(beta_schedule='linear', beta_start=1e-4, beta_end=0.02), LINEAR_KW)], ids=['scaled', 'linear'])
+def test_schedule_matches_diffusers(ours_config, SCHEDULER_KW):
+  ours = NoiseSchedule(ours_config)
   rng = np.random.default_rng(0)
   x0, eps = (rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(2))
   timesteps = np.array([0, 10, 500, 999])

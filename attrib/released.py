@@ -1,0 +1,100 @@
+"""`launch.py attrib import-diffusers`: a released diffusers U-Net (FastGDA's MSCOCO `model.bin`) as a workdir.
+
+  python launch.py attrib import-diffusers --weights data/coco/model.bin \
+      --config attrib/configs/mscoco.py --set data.train_path=latents:data/coco/trainset --workdir runs/coco
+  python launch.py attrib teacher --workdir runs/coco --query-dir data/coco/query_test --queries 110 --candidates all
+
+The workdir then holds the imported parameters as a step-0 checkpoint and the run config, so every
+`attrib` command that reads a trained workdir (teacher, counterfactual scoring) reads it too.
+Everything is checked (weights against the config, the precomputed data against the U-Net) before
+anything is written.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from attrib.config import DiffusionConfig
+from attrib.precomputed import PrecomputedLatents
+from attrib.task import DenoisingTask
+from attrib.unet_weights import WeightImportError, params_from_diffusers
+from core import checkpoint
+from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.mesh import make_mesh
+from core.sharding import activation_sharding
+from core.train_loop import init_state
+from core.optim import OptimConfig
+from core.workdir import versions, write_json_atomic
+
+LATENTS_PREFIX = 'latents:'
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+  """A diffusers state dict from .safetensors (numpy only) or a torch pickle (.bin/.pt, needs torch)."""
+  path = Path(path)
+  if not path.is_file():
+    raise WeightImportError(f'{path} not found')
+  if path.suffix == '.safetensors':
+    from safetensors.numpy import load_file
+    return load_file(str(path))
+  try:
+    import torch
+  except ImportError:
+    raise WeightImportError(f'{path}: reading a torch pickle needs torch (pip install torch==2.13.0 for the CPU '
+                            'build), or convert it to .safetensors') from None
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises several types for a corrupt or non-tensor pickle
+    raise WeightImportError(f'{path}: not a readable torch state dict ({type(e).__name__}: {e})') from None
+  if not isinstance(state, dict) or not all(hasattr(v, 'numpy') for v in state.values()):
+    raise WeightImportError(f'{path}: expected a state dict of tensors')
+  return {k: v.float().numpy() for k, v in state.items()}
+
+
+def training_set_dir(config: DiffusionConfig) -> Path | None:
+  path = config.data.train_path
+  return Path(path[len(LATENTS_PREFIX):]) if path.startswith(LATENTS_PREFIX) else None
+
+
+def import_diffusers_command(weights: str, config_path: str, tpu_path: str, workdir: str,
+                             overrides: list[str]) -> dict:
+  started = time.time()
+  config: DiffusionConfig = apply_overrides(load_config_file(config_path), overrides)
+  workdir = Path(workdir)
+  if (workdir / 'checkpoints').exists() and any((workdir / 'checkpoints').iterdir()):
+    raise ConfigError(f'{workdir} already holds checkpoints; import into an empty workdir')
+  data_dir = training_set_dir(config)
+  data = PrecomputedLatents(data_dir, config.unet, flipped_copies=True) if data_dir else None
+  if data is not None and data.text_len != config.data.text_len:
+    raise ConfigError(f'data.text_len {config.data.text_len} != {data.text_len} tokens in {data_dir}')
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DenoisingTask(
+      config.unet, config.schedule, config.data.text_len).make_model(nnx.Rngs(0))))
+  host_params = params_from_diffusers(read_state_dict(weights), nnx.to_pure_dict(abstract))
+
+  preset = load_config_file(tpu_path)
+  mesh = make_mesh(preset)
+  task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
+  with activation_sharding(mesh, preset.logical_rules):
+    _, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
+  params = jax.tree.map(lambda value, leaf: jax.make_array_from_callback(leaf.shape, leaf.sharding,
+                                                                         lambda idx, v=value: v[idx]),
+                        host_params, abstract_params)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(workdir / 'config.json', {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  checkpoint.save(manager, 0, params=params, meta={'imported_from': str(weights)}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  result = {'job': 'attrib import-diffusers', 'weights': str(weights),
+            'parameters': int(sum(np.size(v) for v in jax.tree.leaves(host_params))),
+            'training_images': data.num_images if data else None,
+            'captions_per_image': data.num_captions if data else None,
+            'flipped_copies': bool(data and data.num_flips == 2), 'wall_s': time.time() - started,
+            'versions': versions()}
+  write_json_atomic(workdir / 'result.json', result)
+  return result
