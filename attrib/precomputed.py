@@ -89,9 +89,10 @@ class PrecomputedLatents:
   def features(self) -> np.ndarray:
     """Cheap base features for picking candidates without a neighbour file: unit latent ⊕ unit mean text.
 
-    Reads the whole set once (latents and caption 0), so it is for sets that fit in memory.
+    Reads every unflipped latent and first caption once, a chunk of rows at a time.
     """
     latents = np.asarray(self.latents[:self.num_images], np.float32).reshape(self.num_images, -1)
-    text = np.asarray(self.text[:, 0], np.float32).mean(axis=1)
+    text = np.concatenate([np.asarray(self.text[start:start + 4096, 0], np.float32).mean(axis=1)
+                           for start in range(0, self.num_images, 4096)])
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return np.concatenate([unit(latents), unit(text)], axis=1) / np.sqrt(2)
