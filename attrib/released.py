@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from attrib.config import DiffusionConfig
 from attrib.precomputed import PrecomputedLatents
@@ -72,15 +71,12 @@ def import_diffusers_command(weights: str, config_path: str, tpu_path: str, work
   if data is not None and data.text_len != config.data.text_len:
     raise ConfigError(f'data.text_len {config.data.text_len} != {data.text_len} tokens in {data_dir}')
 
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DenoisingTask(
-      config.unet, config.schedule, config.data.text_len).make_model(nnx.Rngs(0))))
-  host_params = params_from_diffusers(read_state_dict(weights), nnx.to_pure_dict(abstract))
-
   preset = load_config_file(tpu_path)
   mesh = make_mesh(preset)
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
-  with activation_sharding(mesh, preset.logical_rules):
+  with activation_sharding(mesh, preset.logical_rules):  # shapes and shardings only, nothing allocated
     _, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
+  host_params = params_from_diffusers(read_state_dict(weights), abstract_params)
   params = jax.tree.map(lambda value, leaf: jax.make_array_from_callback(leaf.shape, leaf.sharding,
                                                                          lambda idx, v=value: v[idx]),
                         host_params, abstract_params)
