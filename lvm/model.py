@@ -194,7 +194,10 @@ class Decoder(nnx.Module):
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     cos, sin = rope_tables(positions_bt, config.head_dim, config.rope_theta)
     b, t = tokens_bt.shape
-    x_nd = jnp.take(self.embed[...], tokens_bt.reshape(b * t), axis=0).astype(dtype)
+    # FSDP gathers the table's `embed` shards before the lookup (as for any weight): a gather whose
+    # output is split over `embed` cannot be moved to batch rows without replicating it in full.
+    table_vd = constrain(self.embed[...], ('vocab', None))
+    x_nd = jnp.take(table_vd, tokens_bt.reshape(b * t), axis=0).astype(dtype)
     x_nd = constrain(x_nd, ('batch', 'act_embed'))
 
     def run_block(block, x):

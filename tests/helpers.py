@@ -26,6 +26,9 @@ def free_port() -> int:
 
 
 def launch(args: list[str], *, devices: int = 8, timeout: int = 600, **popen_kwargs):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
+  # Keep the caller's other XLA flags (e.g. --xla_cpu_max_isa=AVX2 for the older-CPU run).
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
+  env = dict(os.environ, XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={devices}']),
+             JAX_PLATFORMS='cpu')
   return subprocess.Popen([sys.executable, str(ROOT / 'launch.py')] + args, env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)

@@ -13,6 +13,7 @@ from attrib.diffusion import NoiseSchedule, ScheduleConfig
 from attrib.unet import UNet2DConditionModel
 from attrib.unet_config import MSCOCO, UNetConfig
 from attrib.unet_weights import WeightImportError, params_from_diffusers
+from tests.tolerance import assert_network_close, assert_sum_close, total_fan_in
 
 TINY_UNET = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64),
                        cross_attention_levels=(True, False), layers_per_block=1, num_attention_heads=4,
@@ -43,7 +44,8 @@ def test_unet_matches_diffusers(config):
   with torch.no_grad():
     expected = torch_model(torch.tensor(x), torch.tensor(timesteps), torch.tensor(context)).sample.numpy()
   ours = jax.jit(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c))(params, x.transpose(0, 2, 3, 1), timesteps, context)
-  assert np.max(np.abs(np.asarray(ours).transpose(0, 3, 1, 2) - expected)) <= 1e-4
+  assert_network_close(np.asarray(ours).transpose(0, 3, 1, 2), expected, what='U-Net output',
+                       reduction_length=total_fan_in(torch_model.parameters()))
   assert sum(p.numel() for p in torch_model.parameters()) == sum(v.size for v in jax.tree.leaves(params))
 
 
@@ -73,18 +75,29 @@ def test_schedule_matches_diffusers(ours_config, SCHEDULER_KW):
   timesteps = np.array([0, 10, 500, 999])
   ddpm = DDPMScheduler(**SCHEDULER_KW)
   expected = ddpm.add_noise(torch.tensor(x0), torch.tensor(eps), torch.tensor(timesteps)).numpy()
-  np.testing.assert_allclose(ours.add_noise(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(timesteps)), expected,
-                             atol=1e-6)
+  alphas = ddpm.alphas_cumprod.double().numpy()
+  a = alphas[timesteps][:, None, None, None]
+  # x_t = √ā·x0 + √(1−ā)·ε: two rounded products, their sum and the two rounded coefficients.
+  assert_sum_close(ours.add_noise(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(timesteps)), expected,
+                   terms=4, magnitude=np.sqrt(a) * np.abs(x0) + np.sqrt(1 - a) * np.abs(eps), what='add_noise')
   ddpm.set_timesteps(50)
   ddim = DDIMScheduler(**SCHEDULER_KW)
   ddim.set_timesteps(50)
   for t in (980, 500, 20, 0):
+    a_t, a_prev = alphas[t], (alphas[t - 20] if t >= 20 else 1.0)
+    # x̂0 = (x − √(1−ā)ε)/√ā enters both steps; its terms are scaled by 1/√ā (×14 at t=980).
+    x0_size = (np.abs(x0) + np.sqrt(1 - a_t) * np.abs(eps)) / np.sqrt(a_t)
     generator = torch.Generator().manual_seed(t)
     expected = ddpm.step(torch.tensor(eps), t, torch.tensor(x0), generator=generator).prev_sample.numpy()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t)).numpy()
-    np.testing.assert_allclose(ours.ddpm_step(eps, t, x0, noise, 20), expected, atol=1e-5)
+    beta_t = 1 - a_t / a_prev
+    sigma = np.sqrt(float(ddpm._get_variance(t, t - 20))) if t > 0 else 0.0
+    size = (np.sqrt(a_prev) * beta_t / (1 - a_t) * x0_size + np.sqrt(1 - beta_t) * (1 - a_prev) / (1 - a_t)
+            * np.abs(x0) + sigma * np.abs(noise))
+    assert_sum_close(ours.ddpm_step(eps, t, x0, noise, 20), expected, terms=12, magnitude=size, what=f'ddpm t={t}')
     expected = ddim.step(torch.tensor(eps), t, torch.tensor(x0)).prev_sample.numpy()
-    np.testing.assert_allclose(ours.ddim_step(eps, t, x0, 20), expected, atol=1e-5)
+    size = np.sqrt(a_prev) * x0_size + np.sqrt(1 - a_prev) * np.abs(eps)
+    assert_sum_close(ours.ddim_step(eps, t, x0, 20), expected, terms=12, magnitude=size, what=f'ddim t={t}')
 
 
 def test_export_to_diffusers_round_trips():

@@ -14,6 +14,7 @@ from attrib.unet_config import UNetConfig
 from core.config import load_config_file
 from core.mesh import make_mesh
 from tests.helpers import CPU1, CPU8, ROOT
+from tests.tolerance import assert_network_close, network_bound, total_fan_in
 
 UNET = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
                   cross_attention_levels=(True, True), layers_per_block=1, num_attention_heads=2,
@@ -67,13 +68,17 @@ def test_unlearning_raises_query_loss_and_scores_are_reproducible(setup):
   kv8 = sharded.unlearn(sharded.fisher(images, context), images[query], context[query], query_seed=query)
   base8 = sharded.losses(sharded.kv0, images, context, ids)
   after8 = sharded.losses(kv8, images, context, ids)
-  np.testing.assert_allclose(base8, base, rtol=2e-6)
-  np.testing.assert_allclose(after8, after, rtol=2e-6)
-  # A score is a difference of two ~1.3 losses, so its error is a few float32 ulps of the loss,
-  # whatever the score's own size: compare at that absolute precision.
+  # A loss is the U-Net's output through a mean over 20 timesteps x 64 pixels.
+  length = total_fan_in(params, layout='jax') + 20 * images[0].size
+  assert_network_close(base8, base, reduction_length=length, what='losses before')
+  assert_network_close(after8, after, reduction_length=length, what='losses after')
+  # A score is a difference of two such losses: its error is that of the losses, whatever its own size.
   scores8 = after8 - base8
-  np.testing.assert_allclose(scores8, scores, rtol=0, atol=8 * np.finfo(np.float32).eps * float(after.max()))
-  assert list(np.argsort(-scores8)[:5]) == list(np.argsort(-scores)[:5])
+  tolerance = 2 * network_bound(length) * float(after.max())
+  assert np.max(np.abs(scores8 - scores)) <= tolerance
+  # The same top 5, up to scores within that tolerance of each other.
+  top5 = np.argsort(-scores8)[:5]
+  assert np.all(scores[top5] >= np.sort(scores)[-5] - 2 * tolerance)
 
 
 @pytest.mark.slow

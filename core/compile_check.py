@@ -1,0 +1,84 @@
+"""Compile a task's training step for a preset's mesh without running it (no data, no parameters).
+
+Used to check what XLA's SPMD partitioner makes of the sharding annotations: it reports shardings it
+cannot convert efficiently ("Involuntary full rematerialization": the whole tensor is replicated on
+every device and sliced again) as warnings on stderr, from C++, where Python cannot catch them. So
+the check compiles in a child process and reads its stderr:
+
+  python -m core.compile_check --task lvm --config lvm/configs/tiny.py --tpu tpu_configs/cpu_8.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REMAT_WARNING = 'Involuntary full rematerialization'
+
+
+def compile_train_step(task, preset, optim, global_batch: int, example_shapes: dict):
+  """The compiled train step for `preset`'s mesh, from abstract parameters and an abstract batch."""
+  import jax
+  from jax.sharding import NamedSharding
+  from core.mesh import make_mesh
+  from core.sharding import activation_sharding, logical_to_spec
+  from core.train_loop import init_state, make_train_step
+  mesh, rules = make_mesh(preset), preset.logical_rules
+  with activation_sharding(mesh, rules):
+    graphdef, tx, _, abstract_params, abstract_opt = init_state(task, mesh, rules, optim, 0)
+    shardings = {name: NamedSharding(mesh, logical_to_spec(axes, rules))
+                 for name, axes in task.batch_logical_axes().items()}
+    step = make_train_step(task, graphdef, tx, optim, shardings)
+    batch = {name: jax.ShapeDtypeStruct((global_batch,) + shape, dtype, sharding=shardings[name])
+             for name, (shape, dtype) in example_shapes.items()}
+    return jax.jit(step).lower(jax.numpy.int32(0), abstract_params, abstract_opt, batch).compile()
+
+
+def _task_and_batch(kind: str, config_path: str):
+  import jax.numpy as jnp
+  from core.config import load_config_file
+  config = load_config_file(config_path)
+  if kind == 'lvm':
+    from lvm.task import NextTokenTask
+    return (config, NextTokenTask(config.model, config.data.seq_len),
+            {'tokens': ((config.data.seq_len,), jnp.int32)})
+  from attrib.task import DenoisingTask
+  u = config.unet
+  return (config, DenoisingTask(u, config.schedule, config.data.text_len),
+          {'images': ((u.sample_size, u.sample_size, u.in_channels), jnp.float32),
+           'context': ((config.data.text_len, u.cross_attention_dim), jnp.float32),
+           'seed': ((), jnp.int32)})
+
+
+def remat_warnings(kind: str, config_path: str, tpu_path: str, timeout: int = 600) -> list[str]:
+  """Compiles in a child process; returns the partitioner's full-rematerialisation warnings."""
+  from core.config import load_config_file
+  from core.xla_flags import cpu_xla_flags
+  preset = load_config_file(tpu_path)
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=cpu_xla_flags(' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
+                                              if 'device_count' not in f), preset.num_devices))
+  done = subprocess.run([sys.executable, '-m', 'core.compile_check', '--task', kind, '--config', config_path,
+                         '--tpu', tpu_path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if done.returncode != 0:
+    raise RuntimeError(f'compiling the {kind} train step failed:\n{done.stderr[-4000:]}')
+  return [line for line in done.stderr.splitlines() if REMAT_WARNING in line]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--task', choices=['lvm', 'diffusion'], required=True)
+  parser.add_argument('--config', required=True)
+  parser.add_argument('--tpu', required=True)
+  args = parser.parse_args()
+  from core.config import load_config_file
+  config, task, shapes = _task_and_batch(args.task, args.config)
+  compile_train_step(task, load_config_file(args.tpu), config.optim, config.train.global_batch, shapes)
+  print('compiled')
+
+
+if __name__ == '__main__':
+  main()
