@@ -54,6 +54,18 @@ def _prepare_runtime(args) -> None:
   absl_flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (google/grain#1355)
 
 
+class _counted:
+  """Passes an iterable through and counts what went by."""
+
+  def __init__(self, iterable):
+    self.iterable, self.count = iterable, 0
+
+  def __iter__(self):
+    for item in self.iterable:
+      self.count += 1
+      yield item
+
+
 def _print_result(result: dict) -> None:
   import jax
   if jax.process_index() == 0:
@@ -64,9 +76,12 @@ def quickstart(args) -> dict:
   """Everything that exists, end to end on CPU: token shards -> train -> eval."""
   from data_pipelines.digit_sentences import digit_sentences, unigram_perplexity
   from data_pipelines.token_records import write_token_shards
+  from core import progress
   from lvm import commands
   workdir = Path(args.workdir)
   seq_len = 256
+  clock = progress.Stopwatch()
+  progress.say('quickstart 1/3: digit sentences -> ArrayRecord shards')
   shards, sentences = {}, {}
   for split, count in (('train', 4096), ('eval', 256)):
     out = workdir / 'data' / split
@@ -74,15 +89,20 @@ def quickstart(args) -> dict:
     if not any(out.glob('*.arrayrecord')):
       write_token_shards(sentences[split], out, seq_len=seq_len, vocab_size=8292, records_per_shard=1024)
     shards[split] = str(out)
+  progress.say(f'quickstart: shards ready ({clock.lap("data"):.1f} s)\nquickstart 2/3: train the tiny LVM')
   train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu,
                                         str(workdir / 'lvm'), [f'data.train_path={shards["train"]}'] + args.set)
+  progress.say(f'quickstart: trained ({clock.lap("train"):.1f} s)\nquickstart 3/3: perplexity of the last digit')
   eval_result = commands.eval_command(str(workdir / 'lvm'), shards['eval'], args.tpu, 64, 32)
+  clock.lap('eval')
   # Baselines: a uniform guess over the 17 grey levels, and the pixel-frequency (unigram) model.
   summary = {'job': 'quickstart', 'train': {k: train_result[k] for k in ('step', 'final_metrics', 'mesh')},
              'eval': eval_result, 'baseline_uniform_perplexity': 17.0,
-             'baseline_unigram_perplexity': unigram_perplexity(sentences['train'], sentences['eval'], 64)}
+             'baseline_unigram_perplexity': unigram_perplexity(sentences['train'], sentences['eval'], 64),
+             'stage_seconds': clock.stages, 'wall_s': clock.elapsed()}
   print(f"\nquickstart: eval perplexity of the last digit {eval_result['perplexity']:.2f} "
-        f"(pixel-frequency baseline {summary['baseline_unigram_perplexity']:.2f}, uniform 17)")
+        f"(pixel-frequency baseline {summary['baseline_unigram_perplexity']:.2f}, uniform 17)\n"
+        f"quickstart: {clock.elapsed():.0f} s in all (" + ', '.join(f'{k} {v:.1f} s' for k, v in clock.stages.items()) + ')')
   from core.workdir import write_json_atomic
   write_json_atomic(workdir / 'result.json', summary)
   return summary
@@ -183,10 +203,14 @@ def main(argv=None) -> int:
   elif args.group == 'data':
     from data_pipelines.token_formats import read_token_file
     from data_pipelines.token_records import write_token_shards
-    paths = write_token_shards(read_token_file(args.input, seq_len=args.seq_len, vocab_size=args.vocab_size),
-                               args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
+    from core import progress
+    counted = _counted(progress.bar(read_token_file(args.input, seq_len=args.seq_len, vocab_size=args.vocab_size),
+                                    desc='records', unit='rec'))
+    paths = write_token_shards(counted, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
                                records_per_shard=args.records_per_shard)
-    result = {'job': 'data tokens', 'shards': [str(p) for p in paths]}
+    progress.say(f'data tokens: wrote {counted.count} records of {args.seq_len} tokens into {len(paths)} '
+                 f'shard(s) in {args.out}')
+    result = {'job': 'data tokens', 'records': counted.count, 'shards': [str(p) for p in paths]}
   elif args.group == 'attrib':
     if args.command == 'train-model':
       from attrib import commands as attrib_commands

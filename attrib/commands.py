@@ -15,6 +15,7 @@ from attrib.config import DiffusionConfig
 from attrib.data import CaptionDropout, CaptionedImages
 from attrib.task import DenoisingTask
 from attrib.text_encoder import MiniLMTextEncoder
+from core import progress
 from core.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
 from core.train_loop import restore_latest_params, train
 from core.workdir import versions, write_json_atomic
@@ -40,7 +41,8 @@ def restore_unet(workdir: Path, config: DiffusionConfig, tpu_path: str):
   return graphdef, params, mesh, preset, step
 
 
-def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: int) -> np.ndarray:
+def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: int,
+             desc: str | None = None) -> np.ndarray:
   """Images [b, h, w, c] for text states `context` [b, m, k] (CFG against `uncond` [m, k])."""
   c = config.unet
   predict = lambda x, t, ctx: nnx.merge(graphdef, params)(x, t, ctx)
@@ -49,7 +51,7 @@ def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: i
                             shape=(context.shape[0], c.sample_size, c.sample_size, c.out_channels),
                             context=jnp.asarray(context), uncond_context=uncond_b,
                             guidance=config.sample.guidance, num_steps=config.sample.num_steps,
-                            method=config.sample.method, key=jax.random.key(seed))
+                            method=config.sample.method, key=jax.random.key(seed), desc=desc)
   return np.clip(np.asarray(images), -1, 1)
 
 
@@ -111,7 +113,9 @@ def evaluate_samples(workdir: Path, config: DiffusionConfig, tpu_path: str, data
   graphdef, params, _, _, step = restore_unet(workdir, config, tpu_path)
   prompts = [f'a handwritten {WORDS[c]}' for c in range(10) for _ in range(per_class)]
   context = data.text_encoder(prompts)[0]
-  images = generate(graphdef, params, config, context, data.uncond, seed=0)
+  progress.say(f'sampling {len(prompts)} images ({config.sample.method.upper()}, {config.sample.num_steps} steps, '
+               f'guidance {config.sample.guidance})')
+  images = generate(graphdef, params, config, context, data.uncond, seed=0, desc='sampling')
   save_grid(images, 10, workdir / 'samples.png')
   predicted = nearest_neighbour_labels(images, data.images, data.labels)
   wanted = np.repeat(np.arange(10), per_class)

@@ -19,6 +19,7 @@ from attrib.curation import read_rank_records
 from attrib.diffusion import NoiseSchedule
 from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import MiniLMTextEncoder
+from core import progress
 from core.config import ConfigError
 from core.workdir import versions, write_json_atomic
 
@@ -66,10 +67,21 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
       (run / 'excluded.txt').write_text(','.join(map(str, excluded)))
       overrides.append(f'data.exclude_path={run / "excluded.txt"}')
     if not (run / 'result.json').exists():
+      progress.say(f'counterfactual: training {name} ({steps} steps)')
       train_model_command('', tpu, str(run), overrides, evaluate=False, config=recipe)
+    announce(name)
     return run
 
   rows = []
+  clock, total_runs = progress.Stopwatch(), seeds * (1 + 2 * num_queries)
+  runs_done = 0
+
+  def announce(name: str) -> None:
+    nonlocal runs_done
+    runs_done += 1
+    progress.say(f'counterfactual: model {runs_done}/{total_runs} ({name}) ready, '
+                 f'{progress.format_seconds(clock.elapsed())} so far, about {clock.eta(runs_done, total_runs)} left')
+
   for seed in range(seeds):
     base_model = trained(f'full_seed{seed}', seed, None)
     for q, record in enumerate(records):

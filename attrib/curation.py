@@ -30,6 +30,7 @@ from attrib.precomputed import LazyRows, PrecomputedLatents
 from attrib.released import training_set_dir
 from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import MiniLMTextEncoder, mean_pool_normalise
+from core import progress
 from core.config import ConfigError, apply_overrides
 from core.mesh import MESH_AXES
 from core.workdir import versions, write_json_atomic
@@ -67,8 +68,8 @@ def make_queries(config: DiffusionConfig, graphdef, params, data: CaptionedImage
       return stored['images'][:count], [str(c) for c in stored['prompts'][:count]]
   prompts = list(data.held_out_captions[:count])
   context = np.asarray(data.text_encoder(prompts)[0])
-  images = np.concatenate([generate(graphdef, params, config, context[q:q + 1], data.uncond, seed=q)
-                           for q in range(count)])
+  images = np.concatenate([generate(graphdef, params, config, context[q:q + 1], data.uncond, seed=q,
+                                    desc=f'query {q + 1}/{count}') for q in range(count)])
   if jax.process_index() == 0:
     _save_npz_atomic(out, images=images, prompts=np.array(prompts))
   return images, prompts
@@ -96,7 +97,7 @@ def _gather(view, rows: np.ndarray) -> LazyRows:
   return LazyRows(lambda idx: view[rows[idx]], len(rows))
 
 
-def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarray) -> np.ndarray:
+def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarray, desc: str | None = None) -> np.ndarray:
   """[F, m]: each candidate's loss per flip, averaged over its captions (AbU's scoring loss).
 
   The noise of (row, caption) is seeded by `row·K + caption`, so it is the same before and after
@@ -107,14 +108,17 @@ def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarra
     rows = cand + flip * train.num_images
     for caption in range(train.num_captions):
       ids = (rows * train.num_captions + caption).astype(np.int32)
+      part = f'{desc} (flip {flip + 1}/{train.num_flips}, caption {caption + 1}/{train.num_captions})' \
+          if desc and train.num_flips * train.num_captions > 1 else desc
       out[flip] += teacher.losses(kv, _gather(train.latent_rows, rows), _gather(train.text_rows(caption), cand),
-                                  ids) / train.num_captions
+                                  ids, desc=part) / train.num_captions
   return out
 
 
 def _digits_setup(workdir: Path, config, graphdef, params, num_queries: int, out: Path):
   text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
   data = CaptionedImages(config.data, text_encoder, cache_dir=workdir / 'cache')
+  progress.say(f'teacher: generating {num_queries} queries from held-out prompts (or reading them back)')
   query_images, prompts = make_queries(config, graphdef, params, data, num_queries, out / 'queries.npz')
   query_context = np.asarray(text_encoder(prompts)[0])
   train_text = np.asarray(mean_pool_normalise(data.context, np.ones(data.context.shape[:2])))
@@ -181,7 +185,10 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   fisher_path, base_path = out / 'fisher.npz', out / 'base_losses.npy'
   if fisher_path.exists():
     fisher = dict(np.load(fisher_path))
+    progress.say(f'teacher: Fisher read back from {fisher_path}')
   else:
+    progress.say(f'teacher: diagonal Fisher over {min(train.num_images, teacher_config.fisher_images or train.num_images)} '
+                 f'training images x {teacher_config.fisher_samples_per_image} samples')
     fisher_rows = np.arange(train.num_images)
     if 0 < teacher_config.fisher_images < train.num_images:
       fisher_rows = np.sort(np.random.default_rng(0).choice(train.num_images, teacher_config.fisher_images, replace=False))
@@ -195,10 +202,13 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   features = train_features() if candidates != 'all' and neighbour_ids is None else None
 
   done = 0
-  for q in range(jax.process_index(), num_queries, jax.process_count()):
+  mine = list(range(jax.process_index(), num_queries, jax.process_count()))
+  todo = [q for q in mine if not (out / 'queries' / f'query_{q:05d}.npz').exists()]
+  if len(todo) < len(mine):
+    progress.say(f'teacher: resuming {workdir}: {len(mine) - len(todo)} of {len(mine)} queries already ranked')
+  clock = progress.Stopwatch()
+  for q in todo:
     path = out / 'queries' / f'query_{q:05d}.npz'
-    if path.exists():
-      continue
     if candidates == 'all':
       cand = np.arange(train.num_images, dtype=np.int32)
     elif neighbour_ids is not None:
@@ -207,12 +217,14 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
       cand = np.argsort(-(features @ queries.features[q]), kind='stable')[:int(candidates)].astype(np.int32)
     missing = cand[np.isnan(base_losses[:, cand]).any(axis=0)]
     if len(missing):
-      base_losses[:, missing] = candidate_losses(teacher, teacher.kv0, train, missing)
+      base_losses[:, missing] = candidate_losses(teacher, teacher.kv0, train, missing,
+                                                 desc=f'query {q + 1}/{num_queries}: θ₀ losses')
       if jax.process_count() == 1:  # hosts fill different entries; only a lone process may cache them
         _save_npy_atomic(base_path, base_losses)
     kv = teacher.unlearn(fisher, queries.images[q], queries.context[q], q)
     # Score = loss increase; with flipped copies the larger of the two (AbU App. B.4).
-    scores = (candidate_losses(teacher, kv, train, cand) - base_losses[:, cand]).max(axis=0).astype(np.float32)
+    after = candidate_losses(teacher, kv, train, cand, desc=f'query {q + 1}/{num_queries}: scoring {len(cand)}')
+    scores = (after - base_losses[:, cand]).max(axis=0).astype(np.float32)
     query_rows = (queries.images[q:q + 1], queries.context[q:q + 1], np.array([10**6 + q]))
     query_loss = teacher.losses(kv, *query_rows)
     query_base = teacher.losses(teacher.kv0, *query_rows)
@@ -220,6 +232,8 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     _save_npz_atomic(path, query=q, candidates=cand, scores=scores, ranked_ids=train.index[cand[order]],
                      query_loss_before=query_base[0], query_loss_after=query_loss[0])
     done += 1
+    progress.say(f'teacher: query {q + 1}/{num_queries} ranked {len(cand)} candidates '
+                 f'({progress.format_seconds(clock.elapsed() / done)} per query, {clock.eta(done, len(todo))} left)')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('teacher queries done')
 

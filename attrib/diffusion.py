@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core import progress
+
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
@@ -78,7 +80,7 @@ def epsilon_loss(predict_eps: Callable, schedule: NoiseSchedule, x0, context, no
 
 
 def sample(predict_eps: Callable, schedule: NoiseSchedule, *, shape, context, uncond_context,
-           guidance: float, num_steps: int, method: str, key: jax.Array) -> jax.Array:
+           guidance: float, num_steps: int, method: str, key: jax.Array, desc: str | None = None) -> jax.Array:
   """DDPM (ancestral) or DDIM sampling with classifier-free guidance:
   ε = ε(∅) + guidance · (ε(text) − ε(∅)). Timesteps use diffusers' 'leading' spacing."""
   if method not in ('ddpm', 'ddim'):
@@ -97,7 +99,8 @@ def sample(predict_eps: Callable, schedule: NoiseSchedule, *, shape, context, un
     eps_uncond, eps_text = jnp.split(eps, 2)
     return eps_uncond + guidance * (eps_text - eps_uncond)
 
-  for t in range(total - step_size, -1, -step_size):
+  timesteps = range(total - step_size, -1, -step_size)
+  for t in progress.bar(timesteps, total=num_steps, desc=desc or '', unit='step', enabled=desc is not None):
     eps = guided_eps(x, t)
     if method == 'ddim':
       x = schedule.ddim_step(eps, t, x, step_size)

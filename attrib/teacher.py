@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from attrib.diffusion import NoiseSchedule, epsilon_loss
+from core import progress
 from core.sharding import logical_to_spec
 
 
@@ -106,12 +107,13 @@ class Teacher:
     per_t = jax.lax.map(at_timestep, jnp.arange(len(self.score_timesteps)))  # [T, m]
     return per_t.mean(axis=0)
 
-  def losses(self, kv, images, context, ids) -> np.ndarray:
-    """Per-candidate losses, batched and sharded over the mesh's batch axes."""
+  def losses(self, kv, images, context, ids, desc: str | None = None) -> np.ndarray:
+    """Per-candidate losses, batched and sharded over the mesh's batch axes (`desc`: show a bar)."""
     out = []
     ways = self.mesh.shape['data'] * self.mesh.shape['fsdp']
     step = max(ways, self.config.candidate_batch // ways * ways)
-    for start in range(0, len(images), step):
+    starts = range(0, len(images), step)
+    for start in progress.bar(starts, total=len(starts), desc=desc or '', unit='batch', enabled=desc is not None):
       rows = np.arange(start, min(start + step, len(images)))
       pad = (-len(rows)) % ways  # pad to a multiple of the batch ways; padding is dropped
       rows_padded = np.concatenate([rows, np.repeat(rows[-1:], pad)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -185,6 +186,8 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
     restored = checkpoint.restore(manager, start_step, abstract_params=abstract_params,
                                   abstract_opt_state=abstract_opt, data_iterator=data_iterator)
     params, opt_state = restored['params'], restored['opt_state']
+    if jax.process_index() == 0:
+      print(f'resuming {workdir} from step {start_step} of {train_config.steps}', file=sys.stderr, flush=True)
     if opt_state is None:  # a weight import: fine-tune from its parameters with a fresh optimizer
       opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract_opt))(params)
   if on_setup is not None:
@@ -238,6 +241,8 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
     manager.wait_until_finished()
     manager.close()
     logger.close()
+  if preempted and jax.process_index() == 0:
+    print(f'SIGTERM: saved step {step} in {workdir}, rerun the same command to continue', file=sys.stderr, flush=True)
 
   # ---------------------------------------------------------------- finish
   return {'step': step, 'preempted': preempted, 'final_metrics': last_metrics,

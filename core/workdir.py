@@ -20,6 +20,13 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
   os.replace(temp, path)
 
 
+def default_file_mode() -> int:
+  """The mode a plain `open(path, 'w')` gives a new file here (0666 less the umask)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 def versions() -> dict:
   out = {'python': platform.python_version()}
   for package in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'grain', 'numpy'):

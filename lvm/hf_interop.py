@@ -8,11 +8,13 @@ Tensors are converted one at a time, so peak host memory is one stacked paramete
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from core.workdir import default_file_mode
 from lvm.model_config import DecoderConfig
 
 
@@ -164,6 +166,7 @@ def write_hf_dir(params: dict, config: DecoderConfig, out_dir: str | Path, dtype
             else 'model.safetensors')
     temp = out_dir / f'.tmp-{name}'
     save_file(tensors, str(temp), metadata={'format': 'pt'})
+    os.chmod(temp, default_file_mode())  # safetensors creates its file 0600; make it like the others
     temp.replace(out_dir / name)
     written.append(out_dir / name)
     weight_map.update({tensor: name for tensor in tensors})

