@@ -109,8 +109,32 @@ def quickstart(args) -> dict:
 
 
 def main(argv=None) -> int:
+  """Runs one command. Bad input (any `core.errors.UserError`) prints one line `error: ...` and
+  returns 2; `--debug` or LVM_ATTRIB_DEBUG=1 shows its traceback instead. Ctrl-C returns 130: every
+  job keeps resumable state (checkpoints, per-query files), so the same command continues."""
+  from core.errors import UserError
+  argv = list(sys.argv[1:] if argv is None else argv)
+  job_args = argv.index('--') if '--' in argv else len(argv)
+  debug = '--debug' in argv[:job_args] or os.environ.get('LVM_ATTRIB_DEBUG', '') not in ('', '0')
+  if '--debug' in argv[:job_args]:
+    argv.remove('--debug')
+  try:
+    return _run(argv)
+  except UserError as e:
+    if debug:
+      raise
+    message = ' '.join(str(e).split())  # one line, whatever the message's own layout
+    print(f'error: {message}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('interrupted: rerun the same command to continue from the last saved state', file=sys.stderr)
+    return 130
+
+
+def _run(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog='launch.py', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--debug', action='store_true', help='show the traceback of input errors too')
   sub = parser.add_subparsers(dest='group', required=True)
 
   def add_distributed(p):
@@ -191,7 +215,6 @@ def main(argv=None) -> int:
   from tpu_configs import gcloud
   gcloud.add_parser(sub)
 
-  argv = list(sys.argv[1:] if argv is None else argv)
   job = argv[argv.index('--') + 1:] if '--' in argv else []  # `tpu run ... -- <launch.py args>`
   args = parser.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
   args.job = job
@@ -204,8 +227,7 @@ def main(argv=None) -> int:
     from data_pipelines.token_formats import read_token_file
     from data_pipelines.token_records import write_token_shards
     from core import progress
-    counted = _counted(progress.bar(read_token_file(args.input, seq_len=args.seq_len, vocab_size=args.vocab_size),
-                                    desc='records', unit='rec'))
+    counted = _counted(read_token_file(args.input, seq_len=args.seq_len, vocab_size=args.vocab_size))
     paths = write_token_shards(counted, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
                                records_per_shard=args.records_per_shard)
     progress.say(f'data tokens: wrote {counted.count} records of {args.seq_len} tokens into {len(paths)} '

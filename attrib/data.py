@@ -1,6 +1,8 @@
 """The captioned training set of a diffusion run, its text states, and held-out query prompts."""
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import hashlib
 from pathlib import Path
 
@@ -14,11 +16,11 @@ class CaptionedImages:
 
   def __init__(self, config: ImageDataConfig, text_encoder, cache_dir: Path | None = None):
     if config.train_path != 'builtin:digits':
-      raise ValueError(f"data.train_path {config.train_path!r}: only 'builtin:digits' is available so far")
+      raise ConfigError(f"data.train_path {config.train_path!r}: only 'builtin:digits' is available so far")
     from data_pipelines.digit_captions import digit_captions
     images, labels, captions = digit_captions()
     if not 0 < config.held_out < len(images):
-      raise ValueError(f'data.held_out must be in (0, {len(images)})')
+      raise ConfigError(f'data.held_out must be in (0, {len(images)})')
     cut = len(images) - config.held_out
     self.images, self.labels, self.captions = images[:cut], labels[:cut], captions[:cut]
     self.held_out_images, self.held_out_labels = images[cut:], labels[cut:]
@@ -58,9 +60,9 @@ def read_index_file(path: str, size: int) -> np.ndarray:
   try:
     ids = np.array(sorted({int(x) for x in text.split(',') if x.strip()}), np.int64)
   except ValueError as e:
-    raise ValueError(f'{path}: expected comma/newline-separated training image ids ({e})') from None
+    raise ConfigError(f'{path}: expected comma/newline-separated training image ids ({e})') from None
   if len(ids) and (ids.min() < 0 or ids.max() >= size):
-    raise ValueError(f'{path}: ids must be in [0, {size}), got {ids.min()}..{ids.max()}')
+    raise ConfigError(f'{path}: ids must be in [0, {size}), got {ids.min()}..{ids.max()}')
   return ids
 
 

@@ -6,6 +6,8 @@ released MSCOCO model was trained with (tests check `add_noise` and the update s
 """
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import dataclasses
 from typing import Callable
 
@@ -38,7 +40,7 @@ class NoiseSchedule:
     elif config.beta_schedule == 'linear':
       betas = np.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=np.float64)
     else:
-      raise ValueError(f"schedule.beta_schedule {config.beta_schedule!r}: expected 'scaled_linear' or 'linear'")
+      raise ConfigError(f"schedule.beta_schedule {config.beta_schedule!r}: expected 'scaled_linear' or 'linear'")
     # float32 betas like diffusers; torch's cumprod accumulates float32 in float64, and so does this
     # (a float32 product drifts by ~3e-7 over 1000 steps), so add_noise agrees with diffusers.
     self.betas = jnp.asarray(betas, jnp.float32)
@@ -84,10 +86,10 @@ def sample(predict_eps: Callable, schedule: NoiseSchedule, *, shape, context, un
   """DDPM (ancestral) or DDIM sampling with classifier-free guidance:
   ε = ε(∅) + guidance · (ε(text) − ε(∅)). Timesteps use diffusers' 'leading' spacing."""
   if method not in ('ddpm', 'ddim'):
-    raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
+    raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
   total = schedule.config.num_train_timesteps
   if not 1 <= num_steps <= total or total % num_steps:
-    raise ValueError(f'num_steps must divide {total}, got {num_steps}')
+    raise ConfigError(f'num_steps must divide {total}, got {num_steps}')
   step_size = total // num_steps
   key, init_key = jax.random.split(key)
   x = jax.random.normal(init_key, shape)

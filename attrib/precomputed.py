@@ -11,6 +11,8 @@ of rows at a time.
 """
 from __future__ import annotations
 
+from core.errors import UserError
+
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from attrib.unet_config import UNetConfig
 LATENTS, TEXT = 'latents.npy', 'text_embeddings.npy'
 
 
-class PrecomputedDataError(ValueError):
+class PrecomputedDataError(UserError):
   pass
 
 

@@ -1,6 +1,8 @@
 """U-Net dimensions, named as in diffusers' UNet2DConditionModel so configs move across unchanged."""
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import dataclasses
 
 
@@ -29,10 +31,10 @@ class UNetConfig:
 
   def __post_init__(self):
     if len(self.cross_attention_levels) != len(self.block_out_channels):
-      raise ValueError('unet.cross_attention_levels needs one flag per block_out_channels level')
+      raise ConfigError('unet.cross_attention_levels needs one flag per block_out_channels level')
     for channels in self.block_out_channels:
       if channels % self.norm_num_groups or channels % self.num_attention_heads:
-        raise ValueError(f'unet channels {channels} must divide by norm_num_groups and heads')
+        raise ConfigError(f'unet channels {channels} must divide by norm_num_groups and heads')
 
   @property
   def time_embed_dim(self) -> int:

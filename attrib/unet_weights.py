@@ -1,6 +1,8 @@
 """diffusers UNet2DConditionModel state dict (torch names, NCHW / [out, in]) -> our parameter tree."""
 from __future__ import annotations
 
+from core.errors import UserError
+
 from typing import Mapping
 
 import jax
@@ -10,7 +12,7 @@ _RENAMES = (('.to_out.0.', '.to_out.'), ('.downsamplers.0.conv.', '.downsamplers
             ('.upsamplers.0.conv.', '.upsamplers.0.'), ('.ff.net.0.proj.', '.ff_in.'), ('.ff.net.2.', '.ff_out.'))
 
 
-class WeightImportError(ValueError):
+class WeightImportError(UserError):
   pass
 
 

@@ -5,6 +5,8 @@ and an unknown key is rejected with the list of valid ones, so a typo never sile
 """
 from __future__ import annotations
 
+from core.errors import ConfigError, UserError  # noqa: F401 (ConfigError is re-exported)
+
 import dataclasses
 import importlib.util
 import json
@@ -13,10 +15,6 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence
-
-
-class ConfigError(ValueError):
-  """A config file or an override is wrong; the message names the file or field."""
 
 
 def load_config_file(path: str | Path, *args) -> Any:
@@ -52,7 +50,7 @@ def _parse_bool(text: str) -> bool:
     return True
   if lowered in ('0', 'false', 'no', 'off'):
     return False
-  raise ValueError(f'not a boolean: {text!r}')
+  raise ConfigError(f'not a boolean: {text!r}')
 
 
 def parse_value(text: str, annotation: Any) -> Any:
@@ -70,12 +68,12 @@ def parse_value(text: str, annotation: Any) -> Any:
         return parse_value(text, option)
       except (ValueError, TypeError) as e:
         errors.append(str(e))
-    raise ValueError('; '.join(errors))
+    raise ConfigError('; '.join(errors))
   if origin is typing.Literal:
     for option in args:
       if str(option) == text:
         return option
-    raise ValueError(f'{text!r} is not one of {list(args)}')
+    raise ConfigError(f'{text!r} is not one of {list(args)}')
   if origin in (tuple, list):
     stripped = text.strip()
     if stripped.startswith(('[', '(')):

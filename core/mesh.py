@@ -6,6 +6,8 @@ sharding rules. Axis sizes of -1 mean "whatever devices are left".
 """
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import dataclasses
 import math
 
@@ -44,14 +46,14 @@ class SliceConfig:
     for field in ('ici_mesh', 'dcn_mesh'):
       sizes = getattr(self, field)
       if len(sizes) != len(MESH_AXES):
-        raise ValueError(f'{self.name}: {field} needs one size per axis {MESH_AXES}, got {sizes}')
+        raise ConfigError(f'{self.name}: {field} needs one size per axis {MESH_AXES}, got {sizes}')
       if sum(1 for s in sizes if s == -1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f'{self.name}: {field} {sizes} may hold at most one -1 and no zeros')
+        raise ConfigError(f'{self.name}: {field} {sizes} may hold at most one -1 and no zeros')
     for logical, target in self.logical_rules:
       axes = (target,) if isinstance(target, str) else (target or ())
       unknown = [a for a in axes if a not in MESH_AXES]
       if unknown:
-        raise ValueError(f'{self.name}: rule for {logical!r} names unknown mesh axes {unknown}')
+        raise ConfigError(f'{self.name}: rule for {logical!r} names unknown mesh axes {unknown}')
 
   @property
   def num_devices(self) -> int:
@@ -63,10 +65,10 @@ def resolve_sizes(sizes: tuple[int, ...], total: int, what: str) -> tuple[int, .
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if total % known:
-      raise ValueError(f'{what}: {total} devices do not divide into {sizes}')
+      raise ConfigError(f'{what}: {total} devices do not divide into {sizes}')
     sizes = tuple(total // known if s == -1 else s for s in sizes)
   if math.prod(sizes) != total:
-    raise ValueError(f'{what}: mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+    raise ConfigError(f'{what}: mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
                      f'{total} are available')
   return sizes
 
@@ -91,7 +93,7 @@ def make_mesh(preset: SliceConfig, devices: list | None = None):
     num_slices = max(1, len({getattr(d, 'slice_index', 0) for d in devices}))
   dcn = resolve_sizes(preset.dcn_mesh, num_slices, f'{preset.name} dcn_mesh')
   if len(devices) % num_slices:
-    raise ValueError(f'{preset.name}: {len(devices)} devices do not split into {num_slices} slices')
+    raise ConfigError(f'{preset.name}: {len(devices)} devices do not split into {num_slices} slices')
   ici = resolve_sizes(preset.ici_mesh, len(devices) // num_slices, f'{preset.name} ici_mesh')
   if num_slices > 1:
     # TPU multislice devices carry slice_index; on CPU or GPU each process stands in for a slice.

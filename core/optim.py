@@ -5,6 +5,8 @@ every step counter count optimizer updates, never micro-steps (the optax.MultiSt
 """
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import dataclasses
 
 import optax
@@ -35,11 +37,11 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.lr <= 0 or self.end_lr < 0:
-      raise ValueError(f'optim.lr must be > 0 and optim.end_lr >= 0, got {self.lr}, {self.end_lr}')
+      raise ConfigError(f'optim.lr must be > 0 and optim.end_lr >= 0, got {self.lr}, {self.end_lr}')
     if self.warmup_steps < 0 or self.decay_steps < 1:
-      raise ValueError('optim.warmup_steps must be >= 0 and optim.decay_steps >= 1')
+      raise ConfigError('optim.warmup_steps must be >= 0 and optim.decay_steps >= 1')
     if self.grad_accum < 1:
-      raise ValueError(f'optim.grad_accum must be >= 1, got {self.grad_accum}')
+      raise ConfigError(f'optim.grad_accum must be >= 1, got {self.grad_accum}')
 
 
 def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:

@@ -6,6 +6,8 @@ checkpoint, data iterator included; SIGTERM saves a checkpoint and returns clean
 """
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import dataclasses
 import signal
 import sys
@@ -54,7 +56,7 @@ class TrainConfig:
   def __post_init__(self):
     for name in ('steps', 'global_batch', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
       if getattr(self, name) < 1:
-        raise ValueError(f'train.{name} must be >= 1, got {getattr(self, name)}')
+        raise ConfigError(f'train.{name} must be >= 1, got {getattr(self, name)}')
 
 
 class _Preemption:
@@ -166,7 +168,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   mesh = make_mesh(preset)
   rules = preset.logical_rules
   if train_config.global_batch % (optim.grad_accum * jax.process_count()):
-    raise ValueError(f'train.global_batch {train_config.global_batch} must split into '
+    raise ConfigError(f'train.global_batch {train_config.global_batch} must split into '
                      f'optim.grad_accum={optim.grad_accum} micro-batches on {jax.process_count()} hosts')
   batch_shardings = {name: NamedSharding(mesh, logical_to_spec(axes, rules))
                      for name, axes in task.batch_logical_axes().items()}

@@ -6,6 +6,8 @@ the vocabulary when written and again when read; errors name the shard and recor
 """
 from __future__ import annotations
 
+from core.errors import UserError
+
 import bisect
 import os
 from pathlib import Path
@@ -19,7 +21,7 @@ SHARD_SUFFIX = '.arrayrecord'
 TOKEN_DTYPE = np.dtype('<i4')
 
 
-class TokenDataError(ValueError):
+class TokenDataError(UserError):
   """A token file or record is malformed; the message names the file and record."""
 
 

@@ -1,6 +1,8 @@
 """The full config of an LVM training run: model, data, optimizer, loop."""
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import dataclasses
 
 from core.optim import OptimConfig
@@ -22,7 +24,7 @@ class DataConfig:
 
   def __post_init__(self):
     if self.seq_len < 2:
-      raise ValueError(f'data.seq_len must be >= 2, got {self.seq_len}')
+      raise ConfigError(f'data.seq_len must be >= 2, got {self.seq_len}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,8 @@
 images, exp(mean NLL over the target tokens) per example, then the mean over examples."""
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import math
 
 import jax
@@ -19,11 +21,11 @@ def perplexity(graphdef, params, source, *, mesh, rules, target_tokens: int, bat
   """Scores every record of `source` in order; the last batch is padded and its padding ignored."""
   seq_len = len(source[0])
   if not 1 <= target_tokens < seq_len:
-    raise ValueError(f'target tokens must be in [1, {seq_len - 1}], got {target_tokens}')
+    raise ConfigError(f'target tokens must be in [1, {seq_len - 1}], got {target_tokens}')
   batch_sharding = NamedSharding(mesh, logical_to_spec(('batch', 'act_seq'), rules))
   batch_ways = mesh.shape['data'] * mesh.shape['fsdp']
   if batch_size % batch_ways:
-    raise ValueError(f'eval batch {batch_size} must be a multiple of data x fsdp = {batch_ways}')
+    raise ConfigError(f'eval batch {batch_size} must be a multiple of data x fsdp = {batch_ways}')
 
   @jax.jit
   def target_nll(params, tokens_bt):

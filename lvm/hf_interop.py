@@ -7,6 +7,8 @@ Tensors are converted one at a time, so peak host memory is one stacked paramete
 """
 from __future__ import annotations
 
+from core.errors import UserError
+
 import json
 import os
 from pathlib import Path
@@ -18,7 +20,7 @@ from core.workdir import default_file_mode
 from lvm.model_config import DecoderConfig
 
 
-class HFImportError(ValueError):
+class HFImportError(UserError):
   """The Hugging Face directory is missing files or describes a model we do not implement."""
 
 

@@ -9,6 +9,8 @@ Hugging Face LlamaForCausalLM (RoPE in rotate-half form), so released weights lo
 """
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -75,7 +77,7 @@ def causal_attention(q_bhte: jax.Array, k_bkse: jax.Array, v_bkse: jax.Array, bl
   q_bkgte = q_bhte.reshape(b, kv_heads, h // kv_heads, t, e) * jnp.asarray(e ** -0.5, q_bhte.dtype)
   block = t if block <= 0 or block >= t else block
   if t % block:
-    raise ValueError(f'sequence length {t} is not a multiple of attention_block {block}')
+    raise ConfigError(f'sequence length {t} is not a multiple of attention_block {block}')
   visible = jnp.arange(block)[None, :] <= jnp.arange(block)[:, None]  # causal mask of a diagonal block
 
   def scores(q, k):

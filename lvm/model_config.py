@@ -1,6 +1,8 @@
 """Decoder dimensions and numerics; presets with LVM's exact sizes (EasyLM LLAMA_STANDARD_CONFIGS)."""
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import dataclasses
 from typing import Literal
 
@@ -47,16 +49,16 @@ class DecoderConfig:
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ValueError(f'model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}')
+      raise ConfigError(f'model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}')
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f'model.num_heads {self.num_heads} is not a multiple of model.num_kv_heads {self.num_kv_heads}')
+      raise ConfigError(f'model.num_heads {self.num_heads} is not a multiple of model.num_kv_heads {self.num_kv_heads}')
     for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'max_seq_len'):
       if getattr(self, name) < 1:
-        raise ValueError(f'model.{name} must be >= 1')
+        raise ConfigError(f'model.{name} must be >= 1')
     if not 1 <= self.scan_unroll <= self.num_layers:
-      raise ValueError(f'model.scan_unroll must be in [1, num_layers={self.num_layers}]')
+      raise ConfigError(f'model.scan_unroll must be in [1, num_layers={self.num_layers}]')
     if self.attention_block < 0:
-      raise ValueError('model.attention_block must be >= 0')
+      raise ConfigError('model.attention_block must be >= 0')
 
   @property
   def head_dim(self) -> int:

@@ -1,6 +1,8 @@
 """Next-token prediction on fixed-length visual sentences (the LVM objective)."""
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,7 +25,7 @@ class NextTokenTask:
 
   def __init__(self, model_config: DecoderConfig, seq_len: int):
     if seq_len > model_config.max_seq_len:
-      raise ValueError(f'data.seq_len {seq_len} exceeds model.max_seq_len {model_config.max_seq_len}')
+      raise ConfigError(f'data.seq_len {seq_len} exceeds model.max_seq_len {model_config.max_seq_len}')
     self.model_config = model_config
     self.seq_len = seq_len
 

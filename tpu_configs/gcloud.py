@@ -5,6 +5,8 @@ slice runs the same `launch.py` command; `jax.distributed.initialize()` finds it
 """
 from __future__ import annotations
 
+from core.errors import ConfigError
+
 import shlex
 import subprocess
 
@@ -34,7 +36,7 @@ def _where(args) -> list[str]:
 def build_commands(args) -> list[list[str]]:
   preset = load_config_file(args.tpu)
   if preset.accelerator_type == 'cpu':
-    raise ValueError(f'{args.tpu} is a CPU preset; choose a TPU preset from tpu_configs/')
+    raise ConfigError(f'{args.tpu} is a CPU preset; choose a TPU preset from tpu_configs/')
   if args.verb == 'create':
     cmd = _base('create', args) + [args.name, f'--accelerator-type={preset.accelerator_type}',
                                    f'--version={preset.runtime_version}'] + _where(args)
@@ -56,7 +58,7 @@ def build_commands(args) -> list[list[str]]:
     return [_base('ssh', args) + [args.name, '--worker=all', '--command', setup] + _where(args)]
   if args.verb == 'run':
     if not args.job:
-      raise ValueError('tpu run needs the launch.py arguments after --, e.g. -- lvm train ...')
+      raise ConfigError('tpu run needs the launch.py arguments after --, e.g. -- lvm train ...')
     job = shlex.join(args.job)
     remote = f'cd {REMOTE_DIR} && .venv/bin/python launch.py {job}'
     return [_base('ssh', args) + [args.name, '--worker=all', '--command', remote] + _where(args)]
@@ -64,7 +66,7 @@ def build_commands(args) -> list[list[str]]:
     return [_base('ssh', args) + [args.name, f'--worker={args.worker}'] + _where(args)]
   if args.verb == 'delete':
     return [_base('delete', args) + [args.name, '--quiet'] + _where(args)]
-  raise ValueError(f'unknown tpu verb {args.verb!r}')
+  raise ConfigError(f'unknown tpu verb {args.verb!r}')
 
 
 def add_parser(sub) -> None:
