@@ -30,7 +30,7 @@ class OptimConfig:
   eps: float = 1e-8
   # Decoupled weight decay, applied to all parameters as LVM does.
   weight_decay: float = 0.1
-  # Global gradient-norm clip.
+  # Global gradient-norm clip (0 = none, as torch's AdamW).
   clip_norm: float = 1.0
   # Micro-batches summed into one optimizer update (the global batch is split this many ways).
   grad_accum: int = 1
@@ -40,6 +40,8 @@ class OptimConfig:
       raise ConfigError(f'optim.lr must be > 0 and optim.end_lr >= 0, got {self.lr}, {self.end_lr}')
     if self.warmup_steps < 0 or self.decay_steps < 1:
       raise ConfigError('optim.warmup_steps must be >= 0 and optim.decay_steps >= 1')
+    if self.clip_norm < 0:
+      raise ConfigError(f'optim.clip_norm must be >= 0 (0 = no clipping), got {self.clip_norm}')
     if self.grad_accum < 1:
       raise ConfigError(f'optim.grad_accum must be >= 1, got {self.grad_accum}')
 
@@ -51,8 +53,9 @@ def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+  # identity() has the same (empty) state as the clip, so checkpoints do not depend on the choice.
   return optax.chain(
-      optax.clip_by_global_norm(config.clip_norm),
+      optax.clip_by_global_norm(config.clip_norm) if config.clip_norm > 0 else optax.identity(),
       optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
                   weight_decay=config.weight_decay),
   )

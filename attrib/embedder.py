@@ -1,0 +1,113 @@
+"""FastGDA's student: one MLP g shared by queries and training images, scored by a scaled cosine.
+
+    s(ẑ, z) = a · cos(g(φ(ẑ)), g(φ(z))) + b          (a = 1, b = 0 at init)
+
+trained with BCE-with-logits against the teacher's normalised rank position j/K (0 = most
+influential). So the most influential training image gets the *lowest* s; with a learned a < 0 that
+is the *highest* cosine, which is what a maximum-inner-product index finds. `search_sign` says which
+way to search, whatever sign a took (fastgda.md §3, "ranking direction").
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from core.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedderConfig:
+  # Width of the base feature φ (DINO 768 + CLIP-text 512 = 1280 at full scale); set from the data.
+  input_dim: int = 1280
+  # Hidden layers of the MLP (ReLU + dropout after each); FastGDA: 768, 768, 768.
+  hidden: tuple[int, ...] = (768, 768, 768)
+  # Width of the embedding (the final linear layer, no activation).
+  output_dim: int = 768
+  # Dropout after every hidden layer during training.
+  dropout: float = 0.1
+
+  def __post_init__(self):
+    if self.input_dim < 1 or self.output_dim < 1 or any(h < 1 for h in self.hidden):
+      raise ConfigError(f'embedder widths must be >= 1, got input {self.input_dim}, hidden {self.hidden}, '
+                        f'output {self.output_dim}')
+    if not 0 <= self.dropout < 1:
+      raise ConfigError(f'embedder.dropout must be in [0, 1), got {self.dropout}')
+
+
+class Embedder(nnx.Module):
+  """φ [b, input_dim] -> g(φ) [b, output_dim]; plus the score's scalars a and b."""
+
+  def __init__(self, config: EmbedderConfig, rngs: nnx.Rngs):
+    widths = (config.input_dim,) + tuple(config.hidden) + (config.output_dim,)
+    xavier = nnx.initializers.xavier_uniform()
+    # Logical names: the wide dims split over `tensor` at scale; φ's dim is the features' `embed`.
+    names = [('embed', 'mlp')] + [('mlp', 'mlp')] * (len(widths) - 3) + [('mlp', 'embed')]
+    self.layers = nnx.List([
+        nnx.Linear(i, o, kernel_init=nnx.with_partitioning(xavier, names[k]),
+                   bias_init=nnx.with_partitioning(nnx.initializers.zeros, (names[k][1],)), rngs=rngs)
+        for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))])
+    self.dropout_rate = config.dropout
+    self.scale = nnx.Param(jnp.ones(()))   # a
+    self.offset = nnx.Param(jnp.zeros(()))  # b
+
+  def __call__(self, features_bd: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Dropout only with a `dropout_key` (training); the key is data, so the module holds no RNG state."""
+    x = features_bd
+    for depth, layer in enumerate(self.layers[:-1]):
+      x = jax.nn.relu(layer(x))
+      if dropout_key is not None and self.dropout_rate > 0:
+        keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, depth), 1 - self.dropout_rate, x.shape)
+        x = jnp.where(keep, x / (1 - self.dropout_rate), 0.0)
+    return self.layers[-1](x)
+
+  def score(self, query_embedding_bd: jax.Array, train_embedding_bd: jax.Array) -> jax.Array:
+    """s = a·cos + b per pair [b] (a logit: sigmoid(s) predicts the rank fraction j/K)."""
+    cos = jnp.sum(_unit(query_embedding_bd) * _unit(train_embedding_bd), axis=-1)
+    return self.scale[...] * cos + self.offset[...]
+
+
+def _unit(x: jax.Array) -> jax.Array:
+  # torch.nn.functional.cosine_similarity's eps: a zero vector has cosine 0, not NaN.
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+
+
+def unit_rows(x: jax.Array) -> jax.Array:
+  """Rows scaled to unit length (what the index stores and searches by inner product)."""
+  return _unit(x)
+
+
+def search_sign(scale: float) -> float:
+  """+1 if the most influential image has the highest cosine (a < 0), else -1 (search with −q)."""
+  return 1.0 if scale < 0 else -1.0
+
+
+class DistillTask:
+  """The core train loop's task: BCE between a·cos + b and the teacher's rank fraction."""
+
+  def __init__(self, config: EmbedderConfig):
+    self.config = config
+
+  def make_model(self, rngs: nnx.Rngs) -> Embedder:
+    return Embedder(self.config, rngs)
+
+  def loss(self, model: Embedder, batch):
+    # Dropout masks from the batch's own seed: the same on any device layout and on resume.
+    key = jax.random.key(batch['seed'][0])
+    logits = model.score(model(batch['query'], jax.random.fold_in(key, 0)),
+                         model(batch['train'], jax.random.fold_in(key, 1)))
+    loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch['target']))
+    return loss, {'scale_a': model.scale[...], 'offset_b': model.offset[...]}
+
+  def batch_logical_axes(self):
+    return {'query': ('batch', None), 'train': ('batch', None), 'target': ('batch',), 'seed': ('batch',)}
+
+  def tokens_per_example(self) -> int:
+    return 1  # tokens/s reads as pairs/s
+
+  def flops_per_example(self) -> float:
+    widths = (self.config.input_dim,) + tuple(self.config.hidden) + (self.config.output_dim,)
+    return 2 * 3 * 2 * sum(i * o for i, o in zip(widths[:-1], widths[1:]))  # 2 sides, fwd + bwd

@@ -1,0 +1,291 @@
+"""ScaNN index over the embedded training set, with recall measured at build time.
+
+Rows are unit vectors, searched by inner product (= cosine). The algorithm follows ScaNN's own
+advice by size (scann/docs/algorithms.md): brute force below ~20k rows; asymmetric hashing (AH)
+with exact re-scoring up to ~100k; a k-means tree over ~√N leaves + AH + exact re-scoring above.
+Recall@k against exact search is measured when the index is built, on held-out probe vectors, and
+stored with it, so a user sees what the index trades for its speed.
+
+On disk (one directory): `index.json` (kind, sizes, recall, per-file sha256), `ids.npy` (row -> training id),
+and `scann/` (ScaNN's serialised searcher). Loading checks every file against its checksum before
+ScaNN's C++ reads it: a corrupt file is named in a clear error instead of crashing the process.
+
+`ShardedIndex` splits rows over S independent indexes (built in parallel, searched in parallel,
+top-k merged): the unit a host holds at LAION scale (see README, "Index at scale").
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import ConfigError, UserError
+
+INDEX_FILE = 'index.json'
+FORMAT_VERSION = 1
+
+
+class IndexFileError(UserError):
+  """An index directory that is missing, incomplete, corrupt, or does not fit its model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+  # 'auto' (by size, as ScaNN advises), 'brute_force', 'ah' (hashing + re-scoring) or 'tree_ah'.
+  kind: str = 'auto'
+  # Neighbours returned by default.
+  k: int = 10
+  # Rows below which 'auto' searches exhaustively, and above which it adds a partitioning tree.
+  brute_force_below: int = 20_000
+  tree_above: int = 100_000
+  # Tree: leaves (0 = √N) and leaves searched per query.
+  num_leaves: int = 0
+  leaves_to_search: int = 32
+  # Candidates re-scored exactly after AH scoring.
+  reorder: int = 100
+  # Probe queries used to measure recall at build time.
+  recall_probes: int = 1000
+
+  def __post_init__(self):
+    if self.kind not in ('auto', 'brute_force', 'ah', 'tree_ah'):
+      raise ConfigError(f"index.kind {self.kind!r}: expected 'auto', 'brute_force', 'ah' or 'tree_ah'")
+    if self.k < 1 or self.reorder < 1 or self.leaves_to_search < 1 or self.recall_probes < 1:
+      raise ConfigError('index.k, index.reorder, index.leaves_to_search and index.recall_probes must be >= 1')
+
+
+def choose_kind(config: IndexConfig, rows: int) -> str:
+  if config.kind != 'auto':
+    return config.kind
+  if rows < config.brute_force_below:
+    return 'brute_force'
+  return 'ah' if rows <= config.tree_above else 'tree_ah'
+
+
+def _builder(vectors: np.ndarray, kind: str, config: IndexConfig, k: int):
+  import scann
+  builder = scann.scann_ops_pybind.builder(vectors, k, 'dot_product')
+  if kind == 'brute_force':
+    return builder.score_brute_force()
+  if kind == 'tree_ah':
+    leaves = config.num_leaves or max(2, int(round(np.sqrt(len(vectors)))))
+    builder = builder.tree(num_leaves=leaves, num_leaves_to_search=min(config.leaves_to_search, leaves),
+                           training_sample_size=min(len(vectors), 250_000))
+  return builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(max(config.reorder, k))
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+  """Row numbers of the k largest inner products per query (numpy, chunked)."""
+  out = []
+  for start in range(0, len(queries), 256):
+    scores = queries[start:start + 256] @ vectors.T
+    top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind='stable')
+    out.append(np.take_along_axis(top, order, axis=1))
+  return np.concatenate(out)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+  k = exact.shape[1]
+  return float(np.mean([len(np.intersect1d(f[:k], e)) / k for f, e in zip(found, exact)]))
+
+
+def probe_vectors(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+  """Probes that look like queries: random rows, perturbed by noise of the data's own spread, renormalised."""
+  rng = np.random.default_rng(seed)
+  rows = vectors[rng.choice(len(vectors), min(count, len(vectors)), replace=False)]
+  noisy = rows + rng.standard_normal(rows.shape).astype(np.float32) * float(np.std(vectors))
+  return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+class Index:
+  """One ScaNN searcher over unit vectors, with training ids per row."""
+
+  def __init__(self, searcher, ids: np.ndarray, meta: dict):
+    self.searcher, self.ids, self.meta = searcher, ids, meta
+
+  @property
+  def dim(self) -> int:
+    return int(self.meta['dim'])
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @classmethod
+  def build(cls, vectors: np.ndarray, ids: np.ndarray | None = None, config: IndexConfig = IndexConfig(),
+            probes: np.ndarray | None = None) -> 'Index':
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+      raise IndexFileError(f'index rows must be a non-empty [N, d] array, got {vectors.shape}')
+    ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    if len(ids) != len(vectors):
+      raise IndexFileError(f'{len(ids)} ids for {len(vectors)} rows')
+    kind = choose_kind(config, len(vectors))
+    k = min(config.k, len(vectors))
+    started = time.perf_counter()
+    searcher = _builder(vectors, kind, config, k).build()
+    build_s = time.perf_counter() - started
+    probes = probe_vectors(vectors, config.recall_probes) if probes is None else probes
+    found, _ = searcher.search_batched(probes, final_num_neighbors=k)
+    recall = recall_at_k(np.asarray(found), exact_top_k(vectors, probes, k))
+    meta = {'format': FORMAT_VERSION, 'kind': kind, 'rows': len(vectors), 'dim': int(vectors.shape[1]), 'k': k,
+            'build_s': build_s, f'recall_at_{k}': recall, 'recall_probes': len(probes),
+            'config': dataclasses.asdict(config)}
+    return cls(searcher, ids, meta)
+
+  def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(training ids [b, k], inner products [b, k]) of unit `queries` [b, d], best first."""
+    queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
+    if queries.shape[1] != self.dim:
+      raise IndexFileError(f'query dimension {queries.shape[1]} does not match the index ({self.dim})')
+    k = min(k or self.meta['k'], len(self.ids))
+    if len(queries) == 1:
+      rows, dots = self.searcher.search(queries[0], final_num_neighbors=k,
+                                        pre_reorder_num_neighbors=max(k, self.meta['config']['reorder']))
+      rows, dots = np.asarray(rows)[None], np.asarray(dots)[None]
+    else:
+      rows, dots = self.searcher.search_batched(queries, final_num_neighbors=k,
+                                                pre_reorder_num_neighbors=max(k, self.meta['config']['reorder']))
+    return self.ids[np.asarray(rows, np.int64)], np.asarray(dots, np.float32)
+
+  def upsert(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Adds rows (new training images) without a rebuild; an id already present is replaced."""
+    vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if vectors.shape != (len(ids), self.dim):
+      raise IndexFileError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
+    position = {int(i): row for row, i in enumerate(self.ids)}
+    rows = [position.get(int(i)) for i in ids]
+    new_rows = self.searcher.searcher.upsert(rows, vectors, 1)
+    grown = np.concatenate([self.ids, np.zeros(max(0, max(new_rows) + 1 - len(self.ids)), np.int64)])
+    grown[np.asarray(new_rows)] = ids
+    self.ids = grown
+    self.meta['rows'] = len(self.ids)
+    self.meta['upserted'] = int(self.meta.get('upserted', 0)) + sum(r is None for r in rows)
+
+  def save(self, directory: str | Path) -> None:
+    """Written beside the target and renamed into place: a crash never leaves half an index."""
+    directory = Path(directory)
+    temp = directory.with_name(f'.{directory.name}.tmp{os.getpid()}')
+    shutil.rmtree(temp, ignore_errors=True)
+    (temp / 'scann').mkdir(parents=True)
+    self.searcher.serialize(str(temp / 'scann'), relative_path=True)
+    np.save(temp / 'ids.npy', self.ids)
+    files = sorted(p for p in temp.rglob('*') if p.is_file())
+    meta = dict(self.meta, files={str(p.relative_to(temp)): _sha256(p) for p in files})
+    (temp / INDEX_FILE).write_text(json.dumps(meta, indent=1))
+    if directory.exists():
+      shutil.rmtree(directory)
+    os.replace(temp, directory)
+
+  @classmethod
+  def load(cls, directory: str | Path) -> 'Index':
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    for name, digest in meta['files'].items():
+      path = directory / name
+      if not path.is_file():
+        raise IndexFileError(f'{path} is missing: the index in {directory} is incomplete; rebuild it '
+                             f'(launch.py attrib index)')
+      if _sha256(path) != digest:
+        raise IndexFileError(f'{path} is corrupt (checksum differs from {directory / INDEX_FILE}); rebuild the index')
+    import scann
+    searcher = scann.scann_ops_pybind.load_searcher(str(directory / 'scann'))
+    return cls(searcher, np.load(directory / 'ids.npy', allow_pickle=False), meta)
+
+
+def _read_meta(directory: Path) -> dict:
+  path = directory / INDEX_FILE
+  if not path.is_file():
+    raise IndexFileError(f'{path} not found: {directory} holds no index (build one with launch.py attrib index)')
+  try:
+    meta = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise IndexFileError(f'{path} is corrupt ({e})') from None
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT_VERSION or 'files' not in meta:
+    raise IndexFileError(f'{path}: not an index of format {FORMAT_VERSION}')
+  return meta
+
+
+class ShardedIndex:
+  """S indexes over disjoint row ranges; built and searched in parallel, per-shard top-k merged.
+
+  Exact merge: a row in the global top k is in its own shard's top k, so merging the shards' top k
+  loses nothing that the shards found. At LAION scale each host holds its shards (rows by host), and
+  the per-host top k are merged the same way over the network.
+  """
+
+  def __init__(self, shards: list[Index]):
+    self.shards = shards
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(shards)))
+
+  @property
+  def dim(self) -> int:
+    return self.shards[0].dim
+
+  def __len__(self) -> int:
+    return sum(len(s) for s in self.shards)
+
+  @property
+  def meta(self) -> dict:
+    rows = [s.meta['rows'] for s in self.shards]
+    k = self.shards[0].meta['k']
+    recall = float(np.average([s.meta[f'recall_at_{s.meta["k"]}'] for s in self.shards], weights=rows))
+    return {'kind': 'sharded', 'shards': len(self.shards), 'rows': sum(rows), 'dim': self.dim, 'k': k,
+            'shard_recall_at_k_mean': recall, 'build_s': max(s.meta['build_s'] for s in self.shards)}
+
+  @classmethod
+  def build(cls, vectors: np.ndarray, ids: np.ndarray | None, num_shards: int,
+            config: IndexConfig = IndexConfig()) -> 'ShardedIndex':
+    ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    bounds = np.linspace(0, len(vectors), num_shards + 1).astype(int)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=num_shards) as pool:  # ScaNN builds release the GIL
+      shards = list(pool.map(lambda s: Index.build(vectors[bounds[s]:bounds[s + 1]], ids[bounds[s]:bounds[s + 1]],
+                                                   config), range(num_shards)))
+    return cls(shards)
+
+  def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(self._pool.map(lambda shard: shard.search(queries, k), self.shards))
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    dots = np.concatenate([p[1] for p in parts], axis=1)
+    k = min(k or self.shards[0].meta['k'], ids.shape[1])
+    order = np.argsort(-dots, axis=1, kind='stable')[:, :k]
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(dots, order, axis=1)
+
+  def save(self, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for s, shard in enumerate(self.shards):
+      shard.save(directory / f'shard_{s:05d}')
+    (directory / 'shards.json').write_text(json.dumps({'shards': len(self.shards)}))
+
+  @classmethod
+  def load(cls, directory: str | Path) -> 'ShardedIndex':
+    directory = Path(directory)
+    try:
+      count = json.loads((directory / 'shards.json').read_text())['shards']
+    except (OSError, ValueError, KeyError) as e:
+      raise IndexFileError(f'{directory / "shards.json"}: not a sharded index ({e})') from None
+    return cls([Index.load(directory / f'shard_{s:05d}') for s in range(count)])
+
+
+def load_any(directory: str | Path):
+  """An `Index` or a `ShardedIndex`, whichever the directory holds."""
+  directory = Path(directory)
+  if (directory / 'shards.json').is_file():
+    return ShardedIndex.load(directory)
+  return Index.load(directory)
