@@ -192,9 +192,42 @@ def _run(argv: list[str]) -> int:
   at.add_argument('--candidates', default='all', help="top-M candidates by base features, or 'all'")
   at.add_argument('--query-dir', help='precomputed query latents.npy + text_embeddings.npy (imported models)')
   at.add_argument('--neighbours', help='.npy [queries, >=M] training ids: the candidates of each query')
+  at.add_argument('--split', default='test', choices=['test', 'train'],
+                  help='test: evaluation queries (teacher/); train: the student\'s queries (teacher_train/), '
+                       'from prompts kept apart from the test ones')
   at.add_argument('--tpu', help='slice preset (default: the one the model trained with)')
   at.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='TeacherConfig fields')
   add_distributed(at)
+
+  af = a.add_parser('features', help='base features of the training set and the queries (FastGDA layout)')
+  af.add_argument('--workdir', required=True)
+  af.add_argument('--feature', action='append', help="feature name(s), e.g. 'unet+text' (default: the config's)")
+  af.add_argument('--config', default=str(ROOT / 'attrib/configs/fastgda_digits.py'))
+
+  ad = a.add_parser('distill', help='train the FastGDA embedder on the teacher rankings; embed and index')
+  ad.add_argument('--workdir', required=True)
+  ad.add_argument('--config', default=str(ROOT / 'attrib/configs/fastgda_digits.py'))
+  ad.add_argument('--tpu', help='slice preset (default: cpu_1)')
+  ad.add_argument('--features', help="directory of data_feats.npy / train_query_feats.npy (FastGDA's feats/<ftype>)")
+  ad.add_argument('--ranks', help='training-query ranks: influence_train.pkl, .npy [Q, M] or ranks.arrayrecord')
+  ad.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  add_distributed(ad)
+
+  ax = a.add_parser('index', help='(re)build the ScaNN index of the embedded training set')
+  ax.add_argument('--workdir', required=True)
+  ax.add_argument('--shards', type=int, default=1)
+
+  ae = a.add_parser('eval', help='mAP of base features and the student against the teacher; latency')
+  ae.add_argument('--workdir', required=True)
+  ae.add_argument('--features', help='features directory (default: the one the student trained on)')
+  ae.add_argument('--ranks', help='test-query ranks: influence_test.pkl, .npy or ranks.arrayrecord')
+
+  aq = a.add_parser('query', help='attribute one image: top-k training images as a PNG grid')
+  aq.add_argument('--workdir', required=True)
+  aq.add_argument('--image', required=True)
+  aq.add_argument('--prompt', required=True)
+  aq.add_argument('-k', type=int, default=10)
+  aq.add_argument('--out', help='PNG path (default WORKDIR/query.png)')
 
   ac = a.add_parser('counterfactual', help='retrain without the teacher top-K vs random K; compare query loss')
   ac.add_argument('--workdir', required=True)
@@ -240,13 +273,30 @@ def _run(argv: list[str]) -> int:
     elif args.command == 'import-diffusers':
       from attrib.released import import_diffusers_command
       result = import_diffusers_command(args.weights, args.config, args.tpu, args.workdir, args.set)
+    elif args.command == 'features':
+      from attrib.features import features_command
+      from core.config import load_config_file
+      names = args.feature or [load_config_file(args.config).feature, *load_config_file(args.config).compare_features]
+      result = features_command(args.workdir, list(dict.fromkeys(names)))
+    elif args.command == 'distill':
+      from attrib.distill import distill_command
+      result = distill_command(args.workdir, args.config, args.tpu, args.set, args.features, args.ranks)
+    elif args.command == 'index':
+      from attrib.distill import rebuild_index_command
+      result = rebuild_index_command(args.workdir, args.shards)
+    elif args.command == 'eval':
+      from attrib.evaluation import eval_command
+      result = eval_command(args.workdir, args.features, args.ranks)
+    elif args.command == 'query':
+      from attrib.query import query_command
+      result = query_command(args.workdir, args.image, args.prompt, args.k, args.out)
     elif args.command == 'counterfactual':
       from attrib.counterfactual import counterfactual_command
       result = counterfactual_command(args.workdir, args.k, args.queries, args.seeds, args.steps, args.tpu)
     else:
       from attrib import curation
       result = curation.teacher_command(args.workdir, args.queries, args.candidates, args.tpu, args.set,
-                                        query_dir=args.query_dir, neighbours=args.neighbours)
+                                        query_dir=args.query_dir, neighbours=args.neighbours, split=args.split)
   else:
     from lvm import commands
     if args.command == 'train':

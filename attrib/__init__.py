@@ -1,2 +1,10 @@
-"""Attribution: a text-to-image diffusion model, the AbU unlearning teacher, and (next) the
-distilled embedder with its ScaNN index."""
+"""Attribution: a text-to-image diffusion model, the AbU unlearning teacher, and FastGDA's
+distilled embedder with its ScaNN index, behind `Attributor`."""
+
+
+def __getattr__(name):
+  # Lazy: `import attrib.curation` must not pay for jax/flax/scann imports it does not use.
+  if name in ('Attributor', 'Attribution', 'AttributionError'):
+    from attrib import attributor
+    return getattr(attributor, name)
+  raise AttributeError(name)

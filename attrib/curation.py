@@ -58,17 +58,33 @@ def base_features(images, text_embeddings) -> np.ndarray:
   return np.concatenate([pixels, np.asarray(text_embeddings)], axis=1) / np.sqrt(2)
 
 
-def make_queries(config: DiffusionConfig, graphdef, params, data: CaptionedImages, count: int, out: Path):
-  """Query images from the first `count` held-out prompts (query q is generated with seed q)."""
-  if count > len(data.held_out_captions):
-    raise ConfigError(f'--queries {count}: only {len(data.held_out_captions)} held-out prompts exist')
+# Output directory and result file of each query split.
+SPLIT_DIRS = {'test': 'teacher', 'train': 'teacher_train'}
+# Seeds of the training split start here, so no training query repeats a test query's noise.
+TRAIN_SEED_OFFSET = 100_000
+
+
+def query_plan(held_out_captions, split: str, count: int) -> tuple[list[str], list[int]]:
+  """(prompt, seed) of each query. The held-out prompts split in two halves: `test` queries
+  (evaluation, the counterfactual) use the first, `train` queries (the student's) the second, so the
+  student is never evaluated on a prompt it trained on. Query q takes prompt q mod P with seed
+  q (test) or TRAIN_SEED_OFFSET + q (train): prompts × seeds give as many queries as wanted."""
+  half = len(held_out_captions) // 2
+  pool = list(held_out_captions[:half] if split == 'test' else held_out_captions[half:])
+  offset = 0 if split == 'test' else TRAIN_SEED_OFFSET
+  return [pool[q % len(pool)] for q in range(count)], [offset + q for q in range(count)]
+
+
+def make_queries(config: DiffusionConfig, graphdef, params, data: CaptionedImages, count: int, out: Path,
+                 split: str = 'test'):
+  """Query images of a split (see `query_plan`), generated once and read back on reruns."""
   if out.exists():
     stored = np.load(out)
     if len(stored['images']) >= count:
       return stored['images'][:count], [str(c) for c in stored['prompts'][:count]]
-  prompts = list(data.held_out_captions[:count])
+  prompts, seeds = query_plan(data.held_out_captions, split, count)
   context = np.asarray(data.text_encoder(prompts)[0])
-  images = np.concatenate([generate(graphdef, params, config, context[q:q + 1], data.uncond, seed=q,
+  images = np.concatenate([generate(graphdef, params, config, context[q:q + 1], data.uncond, seed=seeds[q],
                                     desc=f'query {q + 1}/{count}') for q in range(count)])
   if jax.process_index() == 0:
     _save_npz_atomic(out, images=images, prompts=np.array(prompts))
@@ -115,11 +131,11 @@ def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarra
   return out
 
 
-def _digits_setup(workdir: Path, config, graphdef, params, num_queries: int, out: Path):
+def _digits_setup(workdir: Path, config, graphdef, params, num_queries: int, out: Path, split: str):
   text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
   data = CaptionedImages(config.data, text_encoder, cache_dir=workdir / 'cache')
   progress.say(f'teacher: generating {num_queries} queries from held-out prompts (or reading them back)')
-  query_images, prompts = make_queries(config, graphdef, params, data, num_queries, out / 'queries.npz')
+  query_images, prompts = make_queries(config, graphdef, params, data, num_queries, out / 'queries.npz', split)
   query_context = np.asarray(text_encoder(prompts)[0])
   train_text = np.asarray(mean_pool_normalise(data.context, np.ones(data.context.shape[:2])))
   train = TrainingViews(len(data), 1, 1, data.images, lambda caption: data.context, data.index)
@@ -155,7 +171,8 @@ def _local_teacher_mesh(mesh, params):
 
 
 def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: str | None,
-                    overrides: list[str], query_dir: str | None = None, neighbours: str | None = None) -> dict:
+                    overrides: list[str], query_dir: str | None = None, neighbours: str | None = None,
+                    split: str = 'test') -> dict:
   workdir = Path(workdir)
   config, trained_tpu = load_run(workdir)
   teacher_config: TeacherConfig = apply_overrides(TeacherConfig(), overrides)
@@ -166,13 +183,15 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
                                     or neighbour_ids.shape[0] < num_queries or neighbour_ids.shape[1] < int(candidates)):
     raise ConfigError(f'--neighbours {neighbours}: expected [queries >= {num_queries}, >= --candidates] training '
                       f'ids, got shape {neighbour_ids.shape} with --candidates {candidates}')
-  out = workdir / 'teacher'
+  if split not in SPLIT_DIRS:
+    raise ConfigError(f"--split {split!r}: expected 'test' or 'train'")
+  out = workdir / SPLIT_DIRS[split]
   (out / 'queries').mkdir(parents=True, exist_ok=True)
   started = time.time()
   graphdef, params, mesh, preset, step = restore_unet(workdir, config, tpu_path or trained_tpu)
   data_dir = training_set_dir(config)
   if data_dir is None:
-    train, queries, train_features = _digits_setup(workdir, config, graphdef, params, num_queries, out)
+    train, queries, train_features = _digits_setup(workdir, config, graphdef, params, num_queries, out, split)
   else:
     train, queries, train_features = _precomputed_setup(config, data_dir, query_dir, num_queries)
   if neighbour_ids is not None and (neighbour_ids.min() < 0 or neighbour_ids.max() >= train.num_images):
@@ -237,7 +256,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('teacher queries done')
 
-  result = {'job': 'attrib teacher', 'model_step': step, 'queries': num_queries, 'candidates': candidates,
+  result = {'job': 'attrib teacher', 'split': split, 'model_step': step, 'queries': num_queries, 'candidates': candidates,
             'scored_this_run': done, 'processes': jax.process_count(), 'teacher': dict(vars(teacher_config)),
             'wall_s': time.time() - started}
   if jax.process_index() == 0:
@@ -248,7 +267,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     result.update(ranks=str(out / 'ranks.arrayrecord'), mean_query_loss_before=float(before.mean()),
                   mean_query_loss_after=float(after.mean()),
                   queries_whose_loss_rose=int((after > before).sum()), versions=versions())
-    write_json_atomic(workdir / 'teacher_result.json', result)
+    write_json_atomic(workdir / f'{SPLIT_DIRS[split]}_result.json', result)
   return result
 
 

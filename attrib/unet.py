@@ -236,7 +236,7 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_norm_out = _group_norm(rngs, channels[0], config.norm_num_groups, config.norm_eps)
     self.conv_out = _conv(rngs, channels[0], config.out_channels, 3)
 
-  def __call__(self, x_bhwc, timesteps_b, context_bmc):
+  def _down_and_mid(self, x_bhwc, timesteps_b, context_bmc):
     timesteps_b = jnp.broadcast_to(jnp.asarray(timesteps_b), (x_bhwc.shape[0],))
     temb = self.time_embedding(timestep_embedding(timesteps_b, self.config.block_out_channels[0]))
     x = self.conv_in(x_bhwc)
@@ -244,7 +244,15 @@ class UNet2DConditionModel(nnx.Module):
     for block in self.down_blocks:
       x, block_skips = block(x, temb, context_bmc)
       skips += block_skips
-    x = self.mid_block(x, temb, context_bmc)
+    return self.mid_block(x, temb, context_bmc), skips, temb
+
+  def mid_block_features(self, x_bhwc, timesteps_b, context_bmc):
+    """The bottleneck's activations averaged over space, [b, channels[-1]]: the model's own view
+    of an image (a candidate base feature for attribution)."""
+    return self._down_and_mid(x_bhwc, timesteps_b, context_bmc)[0].mean(axis=(1, 2))
+
+  def __call__(self, x_bhwc, timesteps_b, context_bmc):
+    x, skips, temb = self._down_and_mid(x_bhwc, timesteps_b, context_bmc)
     for block in self.up_blocks:
       x = block(x, skips, temb, context_bmc)
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))

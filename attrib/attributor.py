@@ -1,0 +1,155 @@
+"""The attribution API: which training images made this generated image?
+
+  from attrib import Attributor
+  attributor = Attributor.load('runs/digits')
+  result = attributor.attribute(image=generated, prompt='a handwritten seven', k=10)
+  result.ids, result.scores, result.captions      # most influential first
+
+Inside: the base feature φ of (image, prompt), the distilled embedding g(φ) (jitted), and a ScaNN
+search over the embedded training set. Scores are the student's predicted rank fraction
+sigmoid(a·cos + b) ∈ (0, 1): 0 = the teacher's most influential image, 1 = its least. Thread-safe:
+the jitted functions, the ScaNN searcher and the tokenizer are only read after `load`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from attrib.embedder import unit_rows
+from attrib.index import IndexFileError, load_any
+from core.errors import UserError
+
+
+class AttributionError(UserError):
+  """A query the attributor cannot take (wrong image shape or type, missing prompt, bad features)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribution:
+  ids: np.ndarray               # training ids, most influential first
+  scores: np.ndarray            # predicted rank fraction in (0, 1), ascending
+  cosine: np.ndarray            # cosine of query and training embeddings
+  captions: list[str] | None    # captions of those training images, when the training set has them
+
+
+class Attributor:
+
+  def __init__(self, workdir: Path, graphdef, params, index, featurizer, captions, images):
+    self.workdir, self.index, self.featurizer = workdir, index, featurizer
+    self.captions, self.train_images = captions, images
+    model = nnx.merge(graphdef, params)
+    self.scale, self.offset = float(params['scale']), float(params['offset'])
+    # Maximum inner product finds the highest cosine; the most influential image has the lowest
+    # a·cos + b, which is the highest cosine only when a < 0 (otherwise search with −q).
+    self.sign = 1.0 if self.scale < 0 else -1.0
+    self._embed = jax.jit(lambda x: unit_rows(model(x)))
+    self.input_dim = int(params['layers'][0]['kernel'].shape[0])
+    output_dim = int(params['layers'][len(params['layers']) - 1]['kernel'].shape[1])
+    if index.dim != output_dim:
+      raise IndexFileError(f'{workdir}/student/index holds {index.dim}-d rows but the embedder outputs '
+                           f'{output_dim}-d: the index was built for another model; rebuild it')
+
+  @classmethod
+  def load(cls, workdir: str | Path) -> 'Attributor':
+    from attrib.distill import load_student_run, restore_embedder, student_dir
+    workdir = Path(workdir)
+    run = load_student_run(workdir)
+    index = load_any(student_dir(workdir) / 'index')
+    graphdef, params, _, _, _ = restore_embedder(workdir, run)
+    params = jax.tree.map(np.asarray, jax.device_get(params))
+    featurizer, captions, images = None, None, None
+    if (workdir / 'config.json').is_file() and (workdir / 'features').is_dir():
+      # A student of the built-in digits model in this workdir: φ is computed here from image + prompt.
+      from attrib.features import DigitFeaturizer, digit_feature_sets
+      featurizer = (DigitFeaturizer(workdir), run.config.feature)
+      images, captions = digit_feature_sets(workdir)['train']
+    return cls(workdir, graphdef, params, index, featurizer, captions, images)
+
+  # ------------------------------------------------------------------ inputs
+  def _image(self, image) -> np.ndarray:
+    """One query image -> [16, 16, 1] float32 in [-1, 1] (the digits model's input)."""
+    from PIL import Image
+    if isinstance(image, (str, Path)):
+      try:
+        image = Image.open(image)
+        image.load()
+      except (OSError, ValueError) as e:
+        raise AttributionError(f'{image}: not a readable image ({e})') from None
+    if isinstance(image, Image.Image):
+      image = np.asarray(image.convert('L').resize((16, 16), Image.BILINEAR), np.uint8)
+    if not isinstance(image, np.ndarray):
+      raise AttributionError(f'image must be a numpy array, a PIL image or a path, got {type(image).__name__}')
+    if image.ndim == 3 and image.shape[-1] in (1, 3):
+      image = image.mean(axis=-1) if image.shape[-1] == 3 else image[..., 0]
+    if image.ndim != 2:
+      raise AttributionError(f'image of shape {image.shape}: expected [H, W], [H, W, 1] or [H, W, 3]')
+    if image.dtype == np.uint8:
+      if image.shape != (16, 16):
+        image = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR))
+      image = image.astype(np.float32) / 127.5 - 1
+    elif np.issubdtype(image.dtype, np.floating):
+      if image.shape != (16, 16):
+        raise AttributionError(f'float image of shape {image.shape}: the digits model takes 16x16 '
+                               f'(pass uint8 or a PIL image to have it resized)')
+      if not np.all(np.isfinite(image)) or image.min() < -1.0001 or image.max() > 1.0001:
+        raise AttributionError('float image values must be finite and in [-1, 1] (the model\'s pixel range)')
+    else:
+      raise AttributionError(f'image dtype {image.dtype}: expected uint8 or float')
+    return np.asarray(image, np.float32)[..., None]
+
+  def features(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
+    if self.featurizer is None:
+      raise AttributionError(f'{self.workdir}: this student was distilled on precomputed features; pass '
+                             'features=φ (the same base feature as its training set) instead of image/prompt')
+    if len(images) != len(prompts) or any(not isinstance(p, str) for p in prompts):
+      raise AttributionError('every image needs its prompt (a string)')
+    featurizer, name = self.featurizer
+    return featurizer(name, np.stack([self._image(i) for i in images]), list(prompts))
+
+  # ------------------------------------------------------------------ search
+  def attribute(self, image=None, prompt: str | None = None, k: int = 10, features=None) -> Attribution:
+    batch = None if features is None else np.atleast_2d(np.asarray(features))
+    return self.attribute_batch(None if image is None else [image], None if prompt is None else [prompt], k,
+                                features=batch)[0]
+
+  def attribute_batch(self, images=None, prompts=None, k: int = 10, features=None) -> list[Attribution]:
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= len(self.index):
+      raise AttributionError(f'k must be an integer in [1, {len(self.index)}], got {k!r}')
+    if features is None:
+      if images is None or prompts is None:
+        raise AttributionError('pass image and prompt (or features=φ)')
+      features = self.features(images, prompts)
+    features = np.asarray(features, np.float32)
+    if features.ndim != 2 or features.shape[1] != self.input_dim:
+      raise AttributionError(f'features of shape {features.shape}: the embedder takes [b, {self.input_dim}]')
+    query = np.asarray(self._embed(features))
+    ids, dots = self.index.search(self.sign * query, k)
+    cosine = self.sign * dots
+    scores = 1 / (1 + np.exp(-(self.scale * cosine + self.offset)))
+    return [Attribution(ids=i, scores=s, cosine=c,
+                        captions=None if self.captions is None else [self.captions[j] for j in i])
+            for i, s, c in zip(ids, scores, cosine)]
+
+  def measure_latency(self, features: np.ndarray, count: int = 50, images=None, prompts=None) -> dict:
+    """p50 / p95 / mean ms of single-query attribute() (from image + prompt when given), after warm-up."""
+    def one(q):
+      if images is not None:
+        self.attribute(image=images[q % len(images)], prompt=prompts[q % len(prompts)])
+      else:
+        self.attribute(features=features[q % len(features)])
+    for q in range(3):
+      one(q)
+    times = []
+    for q in range(count):
+      start = time.perf_counter()
+      one(q)
+      times.append((time.perf_counter() - start) * 1e3)
+    return {'p50': float(np.percentile(times, 50)), 'p95': float(np.percentile(times, 95)),
+            'mean': float(np.mean(times)), 'queries': count,
+            'with_features': images is not None}

@@ -1,0 +1,204 @@
+"""`launch.py attrib distill`: train the FastGDA embedder on the teacher's rankings, embed the
+training set, and build its ScaNN index.
+
+Everything lives in WORKDIR/student/: config.json (what was trained on what), the train loop's
+checkpoints, metrics.jsonl and TensorBoard logs, embeddings.npy (unit rows, training id = row) and
+index/. Rerunning the same command resumes training where it stopped; the result goes to
+WORKDIR/distill_result.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from attrib.embedder import DistillTask, EmbedderConfig, unit_rows
+from attrib.fastgda_config import FastGDAConfig
+from attrib.index import Index
+from attrib.student_data import (PairBatches, check_ranks, load_features, load_ranks, pair_iterator,
+                                 StudentDataError)
+from core import progress
+from core.batching import map_batches
+from core.config import apply_overrides, from_dict, load_config_file, to_dict
+from core.errors import ConfigError
+from core.optim import OptimConfig
+from core.train_loop import TrainConfig, restore_latest_params, train
+from core.workdir import versions, write_json_atomic
+
+STUDENT_DIR = 'student'
+DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentRun:
+  """What `student/config.json` records: enough for eval and the Attributor to rebuild everything."""
+  config: FastGDAConfig
+  features: str   # directory of data_feats.npy / *_query_feats.npy
+  ranks: str      # training-query ranks the student learned from
+  tpu: str
+
+
+def student_dir(workdir: str | Path) -> Path:
+  return Path(workdir) / STUDENT_DIR
+
+
+def load_student_run(workdir: str | Path) -> StudentRun:
+  path = student_dir(workdir) / 'config.json'
+  if not path.is_file():
+    raise ConfigError(f'{path} not found: run `launch.py attrib distill --workdir {workdir}` first')
+  stored = json.loads(path.read_text())
+  return StudentRun(from_dict(FastGDAConfig, stored['config']), stored['features'], stored['ranks'], stored['tpu'])
+
+
+def optim_config(config: FastGDAConfig) -> OptimConfig:
+  # torch.optim.AdamW as FastGDA uses it: constant rate, betas (.9, .999), no clipping.
+  d = config.distill
+  return OptimConfig(lr=d.lr, end_lr=d.lr, warmup_steps=0, decay_steps=1, b1=0.9, b2=0.999, eps=1e-8,
+                     weight_decay=d.weight_decay, clip_norm=0.0)
+
+
+def restore_embedder(workdir: str | Path, run: StudentRun | None = None):
+  """(graphdef, params, mesh, preset, step) of the student's latest checkpoint."""
+  run = run or load_student_run(workdir)
+  preset = load_config_file(run.tpu)
+  graphdef, params, mesh, step = restore_latest_params(DistillTask(run.config.embedder), student_dir(workdir), preset)
+  return graphdef, params, mesh, preset, step
+
+
+def embed(graphdef, params, features: np.ndarray, mesh, rules, batch: int = 1024) -> np.ndarray:
+  """Unit embeddings g(φ)/‖g(φ)‖ of feature rows, in batches sharded over the mesh (no dropout)."""
+  apply = jax.jit(lambda x: unit_rows(nnx.merge(graphdef, params)(x)))
+  return map_batches(apply, features, mesh, rules, batch).astype(np.float32)
+
+
+def pair_losses(graphdef, params, query_feats, train_feats, ranks: np.ndarray) -> float:
+  """Mean BCE of the student on every (query, candidate) pair of `ranks` (validation: no outliers)."""
+  model = nnx.merge(graphdef, params)
+  scale, offset = float(model.scale[...]), float(model.offset[...])
+  apply = jax.jit(lambda x: unit_rows(model(x)))
+  q = np.asarray(apply(np.asarray(query_feats, np.float32)))
+  total = 0.0
+  for row, ids in enumerate(ranks):
+    t = np.asarray(apply(np.asarray(train_feats[np.asarray(ids)], np.float32)))
+    logits = scale * (t @ q[row]) + offset
+    targets = np.arange(len(ids), dtype=np.float32) / len(ids)
+    total += float(np.mean(optax.sigmoid_binary_cross_entropy(logits, targets)))
+  return total / max(1, len(ranks))
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+  temp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+  with open(temp, 'wb') as f:
+    np.save(f, array)
+  os.replace(temp, path)
+
+
+def distill_command(workdir: str, config_path: str, tpu_path: str | None, overrides: list[str],
+                    features_dir: str | None = None, ranks_path: str | None = None) -> dict:
+  workdir = Path(workdir)
+  config: FastGDAConfig = apply_overrides(load_config_file(config_path), overrides)
+  features_dir = Path(features_dir) if features_dir else workdir / 'features' / config.feature
+  ranks_path = Path(ranks_path) if ranks_path else workdir / 'teacher_train' / 'ranks.arrayrecord'
+  tpu = str(Path(tpu_path or DEFAULT_TPU).resolve())
+  preset = load_config_file(tpu)
+
+  # Every input is opened and checked before anything is written or compiled.
+  train_feats = load_features(features_dir, 'train')
+  query_feats = load_features(features_dir, 'train_queries')
+  if train_feats.shape[1] != query_feats.shape[1]:
+    raise StudentDataError(f'{features_dir}: training features are {train_feats.shape[1]}-d, queries '
+                           f'{query_feats.shape[1]}-d')
+  ranks = load_ranks(ranks_path)
+  check_ranks(ranks, len(train_feats), len(query_feats), str(ranks_path))
+  d = config.distill
+  if d.val_queries >= len(ranks):
+    raise ConfigError(f'distill.val_queries {d.val_queries} leaves no training queries of the {len(ranks)} in {ranks_path}')
+  config = dataclasses.replace(config, embedder=dataclasses.replace(config.embedder, input_dim=int(train_feats.shape[1])))
+  train_ranks, val_ranks = ranks[:len(ranks) - d.val_queries], ranks[len(ranks) - d.val_queries:]
+  pairs = train_ranks.shape[0] * train_ranks.shape[1]
+  if d.batch > pairs:
+    raise ConfigError(f'distill.batch {d.batch} exceeds the {pairs} training pairs in {ranks_path}')
+  steps = d.epochs * (pairs // d.batch)
+
+  out = student_dir(workdir)
+  stored_path = out / 'config.json'
+  if stored_path.is_file():
+    stored = load_student_run(workdir)
+    if stored.config.embedder != config.embedder or Path(stored.features) != features_dir.resolve():
+      raise ConfigError(f'{out} holds a student of {stored.features} with {stored.config.embedder}; '
+                        f'use a new --workdir for {features_dir} with {config.embedder}')
+  out.mkdir(parents=True, exist_ok=True)
+  run = StudentRun(config, str(features_dir.resolve()), str(ranks_path.resolve()), tpu)
+  write_json_atomic(stored_path, {'config': to_dict(config), 'features': run.features, 'ranks': run.ranks,
+                                  'tpu': tpu})
+  progress.say(f'distill: {len(train_ranks)} queries x {train_ranks.shape[1]} candidates = {pairs} pairs, '
+               f'{d.epochs} epochs of batch {d.batch} ({steps} updates); {d.val_queries} queries held out')
+
+  def make_iterator(process_index, process_count):
+    return pair_iterator(PairBatches(train_ranks, query_feats, train_feats, global_batch=d.batch,
+                                     outlier_probability=d.outlier_probability, seed=d.seed,
+                                     process_index=process_index, process_count=process_count))
+
+  clock = progress.Stopwatch()
+  train_config = TrainConfig(steps=steps, global_batch=d.batch, log_every=min(d.log_every, steps),
+                             checkpoint_every=max(1, steps // 4), seed=d.seed, tensorboard=True)
+  summary = train(DistillTask(config.embedder), train_config=train_config, optim=optim_config(config),
+                  preset=preset, workdir=out, make_data_iterator=make_iterator)
+  summary.pop('trained_params')
+  clock.lap('train')
+  result = {'job': 'attrib distill', **summary, 'features': run.features, 'ranks': run.ranks,
+            'training_queries': len(train_ranks), 'candidates': int(train_ranks.shape[1]), 'pairs': pairs}
+  if not summary['preempted']:
+    result.update(finish_student(workdir, run, val_ranks, query_feats[len(train_ranks):]))
+  result.update(stage_seconds=clock.stages, wall_s=clock.elapsed(), versions=versions())
+  write_json_atomic(workdir / 'distill_result.json', result)
+  return result
+
+
+def finish_student(workdir: Path, run: StudentRun, val_ranks: np.ndarray, val_query_feats: np.ndarray) -> dict:
+  """Validation loss, the learned scale, the embedded training set and its index."""
+  graphdef, params, mesh, preset, step = restore_embedder(workdir, run)
+  scale = float(params['scale'])
+  progress.say(f'distill: embedding {len(load_features(run.features, "train"))} training images')
+  train_feats = load_features(run.features, 'train')
+  embeddings = embed(graphdef, params, train_feats, mesh, preset.logical_rules)
+  out = student_dir(workdir)
+  _save_npy_atomic(out / 'embeddings.npy', embeddings)
+  progress.say(f'distill: building the ScaNN index over {len(embeddings)} rows')
+  index = Index.build(embeddings, None, run.config.index)
+  index.save(out / 'index')
+  val_loss = pair_losses(graphdef, params, val_query_feats, train_feats, val_ranks) if len(val_ranks) else None
+  k = index.meta['k']
+  return {'student_step': step, 'scale_a': scale, 'offset_b': float(params['offset']),
+          'most_influential_is': 'highest cosine' if scale < 0 else 'lowest cosine',
+          'val_loss': val_loss, 'index': {key: index.meta[key] for key in ('kind', 'rows', 'dim', 'k', 'build_s')}
+          | {f'recall_at_{k}': index.meta[f'recall_at_{k}']}}
+
+
+def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
+  """Rebuilds student/index from student/embeddings.npy (one ScaNN index, or `shards` merged ones)."""
+  from attrib.index import ShardedIndex
+  workdir = Path(workdir)
+  run = load_student_run(workdir)
+  path = student_dir(workdir) / 'embeddings.npy'
+  if not path.is_file():
+    raise ConfigError(f'{path} not found: the distill run in {workdir} has not finished')
+  if shards < 1:
+    raise ConfigError(f'--shards must be >= 1, got {shards}')
+  embeddings = np.load(path)
+  index = (Index.build(embeddings, None, run.config.index) if shards == 1
+           else ShardedIndex.build(embeddings, None, shards, run.config.index))
+  index.save(student_dir(workdir) / 'index.new')
+  import shutil
+  shutil.rmtree(student_dir(workdir) / 'index', ignore_errors=True)
+  os.replace(student_dir(workdir) / 'index.new', student_dir(workdir) / 'index')
+  result = {'job': 'attrib index', 'index': {k: v for k, v in index.meta.items() if k != 'config'}}
+  write_json_atomic(workdir / 'index_result.json', result)
+  return result

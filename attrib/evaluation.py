@@ -1,0 +1,126 @@
+"""`launch.py attrib eval`: how close are fast rankings to the teacher's, and how fast are they?
+
+mAP(L) exactly as FastGDA's eval.py: for each test query, the positives are the teacher's top L;
+AP is taken over the *full* predicted ranking (score 1/(rank+1), i.e. average precision of the
+ranked list), and mAP is the mean over queries, reported with its standard error. It is computed for
+each base feature (rank by cosine of φ) and for the distilled embedding (rank by the student's
+score, most influential first), on test queries the student never trained on.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core import progress
+from core.errors import ConfigError
+from core.workdir import versions, write_json_atomic
+
+
+def average_precision(predicted: np.ndarray, positives: np.ndarray) -> float:
+  """AP of a ranked list (best first) against a set of positives; equals scikit-learn's
+  average_precision_score(isin(predicted, positives), 1/(rank+1)) (ranks are distinct, no ties)."""
+  relevant = np.isin(predicted, positives)
+  hits = np.cumsum(relevant)
+  if hits[-1] == 0:
+    return 0.0
+  precision_at_hit = hits[relevant] / (np.flatnonzero(relevant) + 1)
+  return float(precision_at_hit.sum() / hits[-1])
+
+
+def mean_average_precision(predicted: np.ndarray, teacher: np.ndarray, top_l: int) -> tuple[float, float]:
+  """(mAP(L), standard error) of predicted rankings [Q, N] against the teacher's rankings [Q, >= L]."""
+  aps = np.array([average_precision(p, t[:top_l]) for p, t in zip(predicted, teacher)])
+  return float(aps.mean()), float(aps.std() / np.sqrt(len(aps)))
+
+
+def rank_by_cosine(query_feats: np.ndarray, train_feats: np.ndarray) -> np.ndarray:
+  """Training ids by descending cosine similarity to each query (a base feature's own ranking)."""
+  q = query_feats / np.linalg.norm(query_feats, axis=1, keepdims=True)
+  t = train_feats / np.linalg.norm(train_feats, axis=1, keepdims=True)
+  return np.argsort(-(q @ t.T), axis=1, kind='stable')
+
+
+def restrict_to(predicted: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+  """Each predicted ranking kept to the teacher's candidates of that query (when it ranked a subset)."""
+  if predicted.shape[1] == candidates.shape[1]:
+    return predicted
+  return np.stack([p[np.isin(p, c)] for p, c in zip(predicted, candidates)])
+
+
+def map_table(predicted: np.ndarray, teacher: np.ndarray, map_at) -> dict:
+  predicted = restrict_to(predicted, teacher)
+  return {f'mAP({l})': dict(zip(('mean', 'stderr'), mean_average_precision(predicted, teacher, l)))
+          for l in map_at if l <= teacher.shape[1]}
+
+
+def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str | None = None,
+                 latency_queries: int = 50) -> dict:
+  from attrib.attributor import Attributor
+  from attrib.distill import embed, load_student_run, restore_embedder
+  from attrib.student_data import check_ranks, load_features, load_ranks
+  workdir = Path(workdir)
+  run = load_student_run(workdir)
+  config = run.config
+  features_dir = Path(features_dir or run.features)
+  ranks_path = Path(ranks_path) if ranks_path else workdir / 'teacher' / 'ranks.arrayrecord'
+  train_feats = load_features(features_dir, 'train')
+  test_feats = load_features(features_dir, 'test_queries')
+  teacher = np.asarray(load_ranks(ranks_path))
+  check_ranks(teacher, len(train_feats), len(test_feats), str(ranks_path))
+  test_feats = test_feats[:len(teacher)]
+  if max(config.map_at) > teacher.shape[1]:
+    raise ConfigError(f'map_at {config.map_at}: the teacher ranked only {teacher.shape[1]} candidates per query')
+
+  progress.say(f'eval: {len(teacher)} test queries, teacher rankings of {teacher.shape[1]} candidates')
+  table = {}
+  compare = [config.feature] + [f for f in config.compare_features if f != config.feature]
+  for name in compare:
+    directory = features_dir if name == config.feature else features_dir.parent / name
+    if not (directory / 'data_feats.npy').exists():
+      progress.say(f'eval: no features {directory}, skipped')
+      continue
+    predicted = rank_by_cosine(np.asarray(load_features(directory, 'test_queries'))[:len(teacher)],
+                               np.asarray(load_features(directory, 'train')))
+    table[name] = map_table(predicted, teacher, config.map_at)
+
+  graphdef, params, mesh, preset, _ = restore_embedder(workdir, run)
+  query_emb = embed(graphdef, params, test_feats, mesh, preset.logical_rules)
+  train_emb = np.load(workdir / 'student' / 'embeddings.npy')
+  sign = 1.0 if float(params['scale']) < 0 else -1.0  # most influential = lowest a·cos + b
+  student = np.argsort(-(sign * query_emb @ train_emb.T), axis=1, kind='stable')
+  table[f'FastGDA({config.feature})'] = map_table(student, teacher, config.map_at)
+
+  latency = Attributor.load(workdir).measure_latency(test_feats, latency_queries)
+  teacher_result = workdir / 'teacher_result.json'
+  teacher_s = None
+  if teacher_result.exists():
+    import json
+    stored = json.loads(teacher_result.read_text())
+    teacher_s = stored['wall_s'] / max(1, stored.get('scored_this_run') or stored['queries'])
+  best_base = max((v for k, v in table.items() if not k.startswith('FastGDA')),
+                  key=lambda v: v[next(iter(v))]['mean'], default=None)
+  result = {'job': 'attrib eval', 'test_queries': len(teacher), 'teacher_candidates': int(teacher.shape[1]),
+            'map': table, 'latency_ms': latency, 'teacher_s_per_query': teacher_s,
+            'speedup_vs_teacher': teacher_s / (latency['p50'] / 1e3) if teacher_s else None,
+            'versions': versions()}
+  if best_base is not None:
+    first = next(iter(best_base))
+    result['student_minus_best_base'] = table[f'FastGDA({config.feature})'][first]['mean'] - best_base[first]['mean']
+  write_json_atomic(workdir / 'eval_result.json', result)
+  _print_table(result, config.map_at)
+  return result
+
+
+def _print_table(result: dict, map_at) -> None:
+  lines = ['', f'{"ranking":<28}' + ''.join(f'{f"mAP({l})":>18}' for l in map_at)]
+  for name, row in result['map'].items():
+    cells = ''.join(f'{row[k]["mean"]:>10.3f} ± {row[k]["stderr"]:.3f}' if k in row else f'{"-":>18}'
+                    for k in (f'mAP({l})' for l in map_at))
+    lines.append(f'{name:<28}{cells}')
+  lat = result['latency_ms']
+  lines.append(f'attribute(): p50 {lat["p50"]:.2f} ms, p95 {lat["p95"]:.2f} ms'
+               + (f'; teacher {result["teacher_s_per_query"]:.1f} s per query, '
+                  f'{result["speedup_vs_teacher"]:,.0f}x faster' if result['speedup_vs_teacher'] else ''))
+  progress.say('\n'.join(lines))

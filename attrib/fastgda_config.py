@@ -1,0 +1,66 @@
+"""Config of the FastGDA student: which base feature, the teacher's training data, the embedder,
+distillation, the index, and evaluation."""
+from __future__ import annotations
+
+import dataclasses
+
+from attrib.embedder import EmbedderConfig
+from attrib.index import IndexConfig
+from core.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherDataConfig:
+  # Student training queries (held-out prompts x seeds) the teacher ranks; FastGDA COCO: 5000.
+  train_queries: int = 5000
+  # Test queries ranked over `test_candidates` for evaluation; FastGDA COCO: 110.
+  test_queries: int = 110
+  # M: candidates per training query (top M by the base feature); FastGDA COCO: 10,000 DINO neighbours.
+  candidates: int = 10_000
+  # Candidates per test query (0 = the whole training set, as FastGDA's COCO test set).
+  test_candidates: int = 0
+  # Timestep stride of the teacher's scoring loss (50 = 20 timesteps, the paper's).
+  timestep_stride: int = 50
+
+  def __post_init__(self):
+    if min(self.train_queries, self.test_queries, self.candidates, self.timestep_stride) < 1 or self.test_candidates < 0:
+      raise ConfigError('teacher_data: queries, candidates and timestep_stride must be >= 1 (test_candidates >= 0)')
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  # Pairs per optimizer update; FastGDA: 4096.
+  batch: int = 4096
+  # Passes over every (query, candidate) pair; FastGDA: 10.
+  epochs: int = 10
+  # AdamW (betas .9/.999, constant rate); FastGDA: 1e-3, weight decay 0.01.
+  lr: float = 1e-3
+  weight_decay: float = 0.01
+  # Probability p that a pair's image is swapped for one outside the query's candidates; FastGDA: 0.1.
+  outlier_probability: float = 0.1
+  # The last this-many training queries are held out for the validation loss (FastGDA: 100 of 5000).
+  val_queries: int = 100
+  # Seed of init, pair order, outliers and dropout.
+  seed: int = 0
+  # Metrics every this many updates.
+  log_every: int = 50
+
+  def __post_init__(self):
+    if self.batch < 1 or self.epochs < 1 or self.lr <= 0 or self.log_every < 1 or self.val_queries < 0:
+      raise ConfigError('distill: batch, epochs, log_every must be >= 1, lr > 0, val_queries >= 0')
+    if not 0 <= self.outlier_probability < 1:
+      raise ConfigError(f'distill.outlier_probability must be in [0, 1), got {self.outlier_probability}')
+
+
+@dataclasses.dataclass(frozen=True)
+class FastGDAConfig:
+  # The base feature φ the student embeds (a directory name under features/, e.g. 'dino+clip_text').
+  feature: str = 'dino+clip_text'
+  # Further base features whose own rankings `attrib eval` reports beside the student's.
+  compare_features: tuple[str, ...] = ()
+  # L of mAP(L): positives are the teacher's top L (FastGDA COCO: 500, 1000, 4000 of 118,287).
+  map_at: tuple[int, ...] = (500, 1000, 4000)
+  teacher_data: TeacherDataConfig = TeacherDataConfig()
+  embedder: EmbedderConfig = EmbedderConfig()
+  distill: DistillConfig = DistillConfig()
+  index: IndexConfig = IndexConfig()

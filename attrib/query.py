@@ -1,0 +1,52 @@
+"""`launch.py attrib query`: attribute one generated image and draw the answer.
+
+Writes OUT (a PNG: the query, then its top-k training images with their predicted rank fraction
+and caption) and WORKDIR/query_result.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from core.workdir import versions, write_json_atomic
+
+
+def _tile(image_hw: np.ndarray, scale: int) -> 'Image.Image':
+  from PIL import Image
+  grey = ((np.clip(image_hw, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+  return Image.fromarray(grey).resize((grey.shape[1] * scale, grey.shape[0] * scale), Image.NEAREST)
+
+
+def draw_attribution(query_hw: np.ndarray, prompt: str, train_images: np.ndarray, result, path: Path,
+                     scale: int = 6) -> None:
+  """One row: the query, a gap, then the top-k training images, each labelled with its score."""
+  from PIL import Image, ImageDraw
+  size = query_hw.shape[0] * scale
+  cell, label = size + 8, 28
+  k = len(result.ids)
+  canvas = Image.new('L', (cell * (k + 1) + 12, cell + label + 16), 255)
+  draw = ImageDraw.Draw(canvas)
+  canvas.paste(_tile(query_hw, scale), (4, 16))
+  draw.text((4, 2), 'query', fill=0)
+  draw.text((4, 16 + size + 2), prompt[:22], fill=0)
+  for n, (i, s) in enumerate(zip(result.ids, result.scores)):
+    x = 16 + cell * (n + 1)
+    canvas.paste(_tile(train_images[int(i)][..., 0], scale), (x, 16))
+    draw.text((x, 2), f'#{n + 1} id {int(i)}', fill=0)
+    draw.text((x, 16 + size + 2), f'{s:.3f}', fill=0)
+  canvas.save(path)
+
+
+def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None) -> dict:
+  from attrib.attributor import Attributor
+  attributor = Attributor.load(workdir)
+  result = attributor.attribute(image=image, prompt=prompt, k=k)
+  out_path = Path(out) if out else Path(workdir) / 'query.png'
+  if attributor.train_images is not None:
+    draw_attribution(attributor._image(image)[..., 0], prompt, attributor.train_images, result, out_path)
+  summary = {'job': 'attrib query', 'image': str(image), 'prompt': prompt, 'k': k,
+             'ids': result.ids.tolist(), 'scores': result.scores.tolist(), 'captions': result.captions,
+             'grid': str(out_path) if attributor.train_images is not None else None, 'versions': versions()}
+  write_json_atomic(Path(workdir) / 'query_result.json', summary)
+  return summary

@@ -1,0 +1,181 @@
+"""FastGDA student on a miniature release in FastGDA's own layout (features/*.npy, influence_*.pkl):
+distill with the core loop, search with ScaNN, rank the teacher's way, evaluate by mAP."""
+import json
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+from attrib.evaluation import average_precision, mean_average_precision
+from attrib.student_data import StudentDataError, load_rank_pickle
+from launch import main as launch_main
+from tests.helpers import CPU1, CPU8
+
+N, D, TRAIN_Q, TEST_Q, M = 600, 24, 200, 24, 100
+
+
+@pytest.fixture(scope='module')
+def release(tmp_path_factory):
+  """Influence = cosine after weighting φ's first 6 dims 4x; a query's candidates are its top M by raw
+  cosine (as FastGDA's DINO neighbours). A student that learns the weighting beats raw φ."""
+  root = tmp_path_factory.mktemp('fastgda')
+  rng = np.random.default_rng(0)
+  weights = np.ones(D, np.float32)
+  weights[:6] = 4.0
+  data = rng.standard_normal((N, D)).astype(np.float32)
+  train_q = rng.standard_normal((TRAIN_Q, D)).astype(np.float32)
+  test_q = rng.standard_normal((TEST_Q, D)).astype(np.float32)
+  feats = root / 'feats' / 'toy'
+  feats.mkdir(parents=True)
+  for name, array in (('data_feats', data), ('train_query_feats', train_q), ('test_query_feats', test_q)):
+    np.save(feats / f'{name}.npy', array)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  candidates = np.argsort(-(unit(train_q) @ unit(data).T), axis=1)[:, :M]
+  influence = unit(train_q * weights) @ unit(data * weights).T
+  train_rank = np.stack([c[np.argsort(-influence[q, c], kind='stable')] for q, c in enumerate(candidates)])
+  test_rank = np.argsort(-(unit(test_q * weights) @ unit(data * weights).T), axis=1, kind='stable')
+  with open(root / 'influence_train.pkl', 'wb') as f:
+    pickle.dump({'random': {'rank': train_rank}}, f)
+  with open(root / 'influence_test.pkl', 'wb') as f:
+    pickle.dump({'rank': test_rank, 'influence': np.sort(influence[:TEST_Q])}, f)
+  return root
+
+
+CONFIG = '''
+from attrib.embedder import EmbedderConfig
+from attrib.fastgda_config import DistillConfig, FastGDAConfig
+from attrib.index import IndexConfig
+
+def get_config():
+  return FastGDAConfig(feature='toy', map_at=(10, 30),
+                       embedder=EmbedderConfig(hidden=(64, 64), output_dim=32, initial_scale=-1.0),
+                       distill=DistillConfig(batch=512, epochs=30, val_queries=10, log_every=10),
+                       index=IndexConfig(recall_probes=100))
+'''
+
+
+def _distill(release, workdir, tpu, extra=()):
+  (release / 'config.py').write_text(CONFIG)
+  return launch_main(['attrib', 'distill', '--config', str(release / 'config.py'), '--workdir', str(workdir),
+                      '--tpu', tpu, '--features', str(release / 'feats' / 'toy'),
+                      '--ranks', str(release / 'influence_train.pkl'), '--set', 'distill.seed=1', *extra])
+
+
+def test_distilled_student_beats_its_base_feature_and_ranks_the_teacher_way(release, tmp_path):
+  assert _distill(release, tmp_path / 'w', CPU1) == 0
+  result = json.loads((tmp_path / 'w' / 'distill_result.json').read_text())
+  assert result['step'] == 30 * ((TRAIN_Q - 10) * M // 512)
+  # Ranking direction: targets are rank fractions (0 = most influential), so the most influential
+  # image must get the lowest a·cos + b: the learned a is negative, and search is by highest cosine.
+  assert result['scale_a'] < 0 and result['most_influential_is'] == 'highest cosine'
+  assert result['index']['kind'] == 'brute_force' and result['index']['recall_at_10'] == 1.0
+  assert launch_main(['attrib', 'eval', '--workdir', str(tmp_path / 'w'),
+                      '--ranks', str(release / 'influence_test.pkl')]) == 0
+  evaluation = json.loads((tmp_path / 'w' / 'eval_result.json').read_text())
+  base, student = evaluation['map']['toy'], evaluation['map']['FastGDA(toy)']
+  assert student['mAP(10)']['mean'] > base['mAP(10)']['mean'] + 0.15, evaluation['map']
+  # The Attributor answers in the teacher's order: its top-1 is the teacher's top-1 far above chance.
+  from attrib import Attributor
+  attributor = Attributor.load(tmp_path / 'w')
+  test_q = np.load(release / 'feats' / 'toy' / 'test_query_feats.npy')
+  teacher = load_rank_pickle(release / 'influence_test.pkl')
+  answers = attributor.attribute_batch(features=test_q, k=10)
+  top10_overlap = np.mean([len(np.intersect1d(a.ids, t[:10])) / 10 for a, t in zip(answers, teacher)])
+  assert top10_overlap > 0.3, top10_overlap  # chance: 10 / 600
+  assert all(np.all(np.diff(a.scores) >= -1e-6) for a in answers)  # most influential (lowest) first
+
+
+def test_attributor_is_thread_safe_and_rejects_bad_queries(release, tmp_path):
+  assert _distill(release, tmp_path / 'w', CPU1, ['--set', 'distill.epochs=2']) == 0
+  from attrib import Attributor, AttributionError
+  attributor = Attributor.load(tmp_path / 'w')
+  test_q = np.load(release / 'feats' / 'toy' / 'test_query_feats.npy')
+  serial = [attributor.attribute(features=q, k=5) for q in test_q]
+  results = [None] * 64
+  def work(t):
+    for n in range(t, 64, 16):
+      results[n] = attributor.attribute(features=test_q[n % TEST_Q], k=5)
+  threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  for n, r in enumerate(results):
+    np.testing.assert_array_equal(r.ids, serial[n % TEST_Q].ids)
+    np.testing.assert_array_equal(r.scores, serial[n % TEST_Q].scores)
+  with pytest.raises(AttributionError, match=r'\[b, 24\]'):
+    attributor.attribute(features=np.zeros(23, np.float32))
+  with pytest.raises(AttributionError, match='precomputed features'):
+    attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x')
+  with pytest.raises(AttributionError, match='k must be'):
+    attributor.attribute(features=test_q[0], k=0)
+
+
+def test_sharded_training_matches_one_device(release, tmp_path):
+  assert _distill(release, tmp_path / 'one', CPU1, ['--set', 'distill.epochs=2']) == 0
+  assert _distill(release, tmp_path / 'eight', CPU8, ['--set', 'distill.epochs=2']) == 0
+  from core.metrics import read_metrics
+  from tests.tolerance import assert_network_close
+  one = np.array([m['loss'] for m in read_metrics(tmp_path / 'one' / 'student')])
+  eight = np.array([m['loss'] for m in read_metrics(tmp_path / 'eight' / 'student')])
+  # Sums: the MLP's fan-ins (24 + 64 + 64), the cosine (32) and the batch mean (512), per update.
+  assert_network_close(eight, one, reduction_length=(24 + 64 + 64 + 32 + 512) * 30, what='distill losses')
+
+
+def test_resumed_distillation_equals_uninterrupted(release, tmp_path):
+  assert _distill(release, tmp_path / 'straight', CPU1, ['--set', 'distill.epochs=2']) == 0
+  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=1']) == 0
+  # Same workdir and features: a longer run continues from the checkpoint, pairs and outliers included.
+  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=2']) == 0
+  from core.metrics import read_metrics
+  a = {m['step']: m['loss'] for m in read_metrics(tmp_path / 'straight' / 'student')}
+  b = {m['step']: m['loss'] for m in read_metrics(tmp_path / 'resumed' / 'student')}
+  common = sorted(set(a) & set(b))
+  assert len(common) >= 7 and common[-1] == 74 and [a[s] for s in common] == [b[s] for s in common]
+  np.testing.assert_array_equal(np.load(tmp_path / 'straight' / 'student' / 'embeddings.npy'),
+                                np.load(tmp_path / 'resumed' / 'student' / 'embeddings.npy'))
+
+
+def test_map_equals_scikit_learn():
+  from sklearn.metrics import average_precision_score
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    predicted = rng.permutation(200)
+    teacher = rng.permutation(200)
+    for top_l in (1, 5, 40):
+      expected = average_precision_score(np.isin(predicted, teacher[:top_l]).astype(int),
+                                         1.0 / (np.arange(200) + 1))
+      assert abs(average_precision(predicted, teacher[:top_l]) - expected) < 1e-12
+  perfect = rng.permutation(50)
+  assert mean_average_precision(perfect[None], perfect[None], 10) == (1.0, 0.0)
+
+
+def test_code_in_a_rank_pickle_is_refused(tmp_path):
+  class Evil:
+    def __reduce__(self):
+      import os
+      return (os.system, ('echo pwned > ' + str(tmp_path / 'pwned'),))
+  with open(tmp_path / 'influence_train.pkl', 'wb') as f:
+    pickle.dump({'random': {'rank': np.zeros((2, 3), np.int64)}, 'x': Evil()}, f)
+  with pytest.raises(StudentDataError, match='influence_train.pkl.*posix.system|influence_train.pkl.*os.system'):
+    load_rank_pickle(tmp_path / 'influence_train.pkl')
+  assert not (tmp_path / 'pwned').exists()
+  (tmp_path / 'cut.pkl').write_bytes(pickle.dumps({'rank': np.zeros((2, 3), np.int64)})[:40])
+  with pytest.raises(StudentDataError, match='cut.pkl'):
+    load_rank_pickle(tmp_path / 'cut.pkl')
+
+
+def test_bad_student_inputs_are_named_before_work(release, tmp_path, capsys):
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  with open(bad / 'ranks.pkl', 'wb') as f:
+    pickle.dump({'random': {'rank': np.full((TRAIN_Q, M), N + 5)}}, f)
+  (release / 'config.py').write_text(CONFIG)
+  code = launch_main(['attrib', 'distill', '--config', str(release / 'config.py'), '--workdir', str(tmp_path / 'w'),
+                      '--features', str(release / 'feats' / 'toy'), '--ranks', str(bad / 'ranks.pkl')])
+  assert code == 2 and 'ranks.pkl' in capsys.readouterr().err
+  code = launch_main(['attrib', 'distill', '--config', str(release / 'config.py'), '--workdir', str(tmp_path / 'w'),
+                      '--features', str(bad), '--ranks', str(release / 'influence_train.pkl')])
+  assert code == 2 and 'data_feats.npy' in capsys.readouterr().err
+  assert not (tmp_path / 'w').exists()
