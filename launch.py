@@ -73,7 +73,8 @@ def _print_result(result: dict) -> None:
 
 
 def quickstart(args) -> dict:
-  """Everything that exists, end to end on CPU: token shards -> train -> eval."""
+  """Both halves end to end on CPU: the LVM (token shards -> train -> eval) and attribution
+  (diffusion model -> teacher -> features -> distilled embedder + index -> eval -> PNGs)."""
   from data_pipelines.digit_sentences import digit_sentences, unigram_perplexity
   from data_pipelines.token_records import write_token_shards
   from core import progress
@@ -81,7 +82,7 @@ def quickstart(args) -> dict:
   workdir = Path(args.workdir)
   seq_len = 256
   clock = progress.Stopwatch()
-  progress.say('quickstart 1/3: digit sentences -> ArrayRecord shards')
+  progress.say('quickstart LVM 1/3: digit sentences -> ArrayRecord shards')
   shards, sentences = {}, {}
   for split, count in (('train', 4096), ('eval', 256)):
     out = workdir / 'data' / split
@@ -89,20 +90,27 @@ def quickstart(args) -> dict:
     if not any(out.glob('*.arrayrecord')):
       write_token_shards(sentences[split], out, seq_len=seq_len, vocab_size=8292, records_per_shard=1024)
     shards[split] = str(out)
-  progress.say(f'quickstart: shards ready ({clock.lap("data"):.1f} s)\nquickstart 2/3: train the tiny LVM')
+  progress.say(f'quickstart: shards ready ({clock.lap("lvm data"):.1f} s)\nquickstart LVM 2/3: train the tiny LVM')
   train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu,
                                         str(workdir / 'lvm'), [f'data.train_path={shards["train"]}'] + args.set)
-  progress.say(f'quickstart: trained ({clock.lap("train"):.1f} s)\nquickstart 3/3: perplexity of the last digit')
+  progress.say(f'quickstart: trained ({clock.lap("lvm train"):.1f} s)\nquickstart LVM 3/3: perplexity of the last digit')
   eval_result = commands.eval_command(str(workdir / 'lvm'), shards['eval'], args.tpu, 64, 32)
-  clock.lap('eval')
+  clock.lap('lvm eval')
+  attribution = None
+  if not args.lvm_only:
+    from attrib import quickstart as attribution_quickstart
+    attribution = attribution_quickstart.run(workdir, full=args.full)
+    clock.stages.update({f'attribution {k}': v for k, v in attribution['stage_seconds'].items()})
   # Baselines: a uniform guess over the 17 grey levels, and the pixel-frequency (unigram) model.
   summary = {'job': 'quickstart', 'train': {k: train_result[k] for k in ('step', 'final_metrics', 'mesh')},
              'eval': eval_result, 'baseline_uniform_perplexity': 17.0,
              'baseline_unigram_perplexity': unigram_perplexity(sentences['train'], sentences['eval'], 64),
-             'stage_seconds': clock.stages, 'wall_s': clock.elapsed()}
+             'attribution': attribution, 'stage_seconds': clock.stages, 'wall_s': clock.elapsed()}
   print(f"\nquickstart: eval perplexity of the last digit {eval_result['perplexity']:.2f} "
-        f"(pixel-frequency baseline {summary['baseline_unigram_perplexity']:.2f}, uniform 17)\n"
-        f"quickstart: {clock.elapsed():.0f} s in all (" + ', '.join(f'{k} {v:.1f} s' for k, v in clock.stages.items()) + ')')
+        f"(pixel-frequency baseline {summary['baseline_unigram_perplexity']:.2f}, uniform 17)")
+  if attribution is not None:
+    attribution_quickstart.print_summary(attribution)
+  print(f"quickstart: {clock.elapsed():.0f} s in all (" + ', '.join(f'{k} {v:.1f} s' for k, v in clock.stages.items()) + ')')
   from core.workdir import write_json_atomic
   write_json_atomic(workdir / 'result.json', summary)
   return summary
@@ -142,10 +150,12 @@ def _run(argv: list[str]) -> int:
     p.add_argument('--num-processes', type=int, default=1)
     p.add_argument('--process-id', type=int, default=0)
 
-  q = sub.add_parser('quickstart', help='tiny LVM on built-in digits: shards, train, eval')
+  q = sub.add_parser('quickstart', help='both halves on the built-in digits: the tiny LVM, then attribution')
   q.add_argument('--workdir', default='runs/quickstart')
   q.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_8.py'))
-  q.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  q.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='LVM config fields')
+  q.add_argument('--lvm-only', action='store_true', help='skip the attribution half')
+  q.add_argument('--full', action='store_true', help='the full 2000-step diffusion model (slower)')
 
   lvm = sub.add_parser('lvm', help='Large Vision Model jobs').add_subparsers(dest='command', required=True)
   t = lvm.add_parser('train', help='train (or continue training) a decoder')

@@ -1,6 +1,7 @@
 """`launch.py attrib ...` jobs. Each writes WORKDIR/result.json."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -41,11 +42,17 @@ def restore_unet(workdir: Path, config: DiffusionConfig, tpu_path: str):
   return graphdef, params, mesh, preset, step
 
 
+@functools.lru_cache(maxsize=4)
+def _unet_apply(graphdef):
+  """One jitted U-Net call per model structure, reused by every sampling run (params are an argument)."""
+  return jax.jit(lambda params, x, t, context: nnx.merge(graphdef, params)(x, t, context))
+
+
 def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: int,
              desc: str | None = None) -> np.ndarray:
   """Images [b, h, w, c] for text states `context` [b, m, k] (CFG against `uncond` [m, k])."""
   c = config.unet
-  predict = lambda x, t, ctx: nnx.merge(graphdef, params)(x, t, ctx)
+  predict = functools.partial(_unet_apply(graphdef), params)
   uncond_b = jnp.broadcast_to(uncond, context.shape)
   images = diffusion.sample(predict, diffusion.NoiseSchedule(config.schedule),
                             shape=(context.shape[0], c.sample_size, c.sample_size, c.out_channels),

@@ -227,6 +227,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     progress.say(f'teacher: resuming {workdir}: {len(mine) - len(todo)} of {len(mine)} queries already ranked')
   clock = progress.Stopwatch()
   for q in todo:
+    query_started = time.time()
     path = out / 'queries' / f'query_{q:05d}.npz'
     if candidates == 'all':
       cand = np.arange(train.num_images, dtype=np.int32)
@@ -249,7 +250,8 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     query_base = teacher.losses(teacher.kv0, *query_rows)
     order = np.argsort(-scores, kind='stable')  # most influential first
     _save_npz_atomic(path, query=q, candidates=cand, scores=scores, ranked_ids=train.index[cand[order]],
-                     query_loss_before=query_base[0], query_loss_after=query_loss[0])
+                     query_loss_before=query_base[0], query_loss_after=query_loss[0],
+                     seconds=time.time() - query_started)
     done += 1
     progress.say(f'teacher: query {q + 1}/{num_queries} ranked {len(cand)} candidates '
                  f'({progress.format_seconds(clock.elapsed() / done)} per query, {clock.eta(done, len(todo))} left)')

@@ -81,6 +81,12 @@ def epsilon_loss(predict_eps: Callable, schedule: NoiseSchedule, x0, context, no
   return jnp.mean(jnp.square(eps - noise), axis=tuple(range(1, x0.ndim)))
 
 
+@jax.jit
+def _guide(eps, guidance):
+  eps_uncond, eps_text = jnp.split(eps, 2)
+  return eps_uncond + guidance * (eps_text - eps_uncond)
+
+
 def sample(predict_eps: Callable, schedule: NoiseSchedule, *, shape, context, uncond_context,
            guidance: float, num_steps: int, method: str, key: jax.Array, desc: str | None = None) -> jax.Array:
   """DDPM (ancestral) or DDIM sampling with classifier-free guidance:
@@ -95,11 +101,12 @@ def sample(predict_eps: Callable, schedule: NoiseSchedule, *, shape, context, un
   x = jax.random.normal(init_key, shape)
   both_context = jnp.concatenate([uncond_context, context], axis=0)
 
-  @jax.jit
   def guided_eps(x, t):
+    # `predict_eps` should be jitted once by the caller (see attrib.commands.generate): a jit made
+    # here would be traced and compiled anew on every call, which costs more than 50 steps of a
+    # small model.
     eps = predict_eps(jnp.concatenate([x, x]), jnp.full((2 * x.shape[0],), t), both_context)
-    eps_uncond, eps_text = jnp.split(eps, 2)
-    return eps_uncond + guidance * (eps_text - eps_uncond)
+    return _guide(eps, guidance)
 
   timesteps = range(total - step_size, -1, -step_size)
   for t in progress.bar(timesteps, total=num_steps, desc=desc or '', unit='step', enabled=desc is not None):

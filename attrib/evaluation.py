@@ -92,13 +92,17 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
   student = np.argsort(-(sign * query_emb @ train_emb.T), axis=1, kind='stable')
   table[f'FastGDA({config.feature})'] = map_table(student, teacher, config.map_at)
 
-  latency = Attributor.load(workdir).measure_latency(test_feats, latency_queries)
-  teacher_result = workdir / 'teacher_result.json'
-  teacher_s = None
-  if teacher_result.exists():
-    import json
-    stored = json.loads(teacher_result.read_text())
-    teacher_s = stored['wall_s'] / max(1, stored.get('scored_this_run') or stored['queries'])
+  attributor = Attributor.load(workdir)
+  images = prompts = None
+  queries_file = workdir / 'teacher' / 'queries.npz'
+  if attributor.featurizer is not None and queries_file.exists():  # time attribute() from image + prompt
+    stored = np.load(queries_file)
+    images, prompts = list(stored['images']), [str(p) for p in stored['prompts']]
+  latency = attributor.measure_latency(test_feats, latency_queries, images, prompts)
+  # The teacher's own time per test query (each query file records it), when this workdir ran it.
+  times = [float(np.load(p)['seconds']) for p in sorted((ranks_path.parent / 'queries').glob('query_*.npz'))
+           if 'seconds' in np.load(p)] if ranks_path.suffix == '.arrayrecord' else []
+  teacher_s = float(np.median(times)) if times else None
   best_base = max((v for k, v in table.items() if not k.startswith('FastGDA')),
                   key=lambda v: v[next(iter(v))]['mean'], default=None)
   result = {'job': 'attrib eval', 'test_queries': len(teacher), 'teacher_candidates': int(teacher.shape[1]),

@@ -115,7 +115,10 @@ class Teacher:
     starts = range(0, len(images), step)
     for start in progress.bar(starts, total=len(starts), desc=desc or '', unit='batch', enabled=desc is not None):
       rows = np.arange(start, min(start + step, len(images)))
-      pad = (-len(rows)) % ways  # pad to a multiple of the batch ways; padding is dropped
+      # Pad to a power of two (a multiple of the batch ways, at most `step`), so that candidate
+      # sets of every size reuse a handful of compiled shapes instead of compiling one per size.
+      bucket = -(-min(step, 1 << (len(rows) - 1).bit_length()) // ways) * ways
+      pad = bucket - len(rows)
       rows_padded = np.concatenate([rows, np.repeat(rows[-1:], pad)])
       # `images`/`context` may be lazy row views (memory-mapped data sets): only this batch is read.
       put = lambda x: jax.device_put(np.asarray(x[rows_padded]), self._batch_sharding)

@@ -35,7 +35,7 @@ def test_eval_perplexity_matches_lvm_formula_in_torch(tmp_path):
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
-  assert launch_main(['quickstart', '--workdir', str(tmp_path), '--set', 'train.steps=40',
+  assert launch_main(['quickstart', '--lvm-only', '--workdir', str(tmp_path), '--set', 'train.steps=40',
                       '--set', 'train.progress_bar=false']) == 0
   result = json.loads((tmp_path / 'result.json').read_text())
   assert result['train']['step'] == 40

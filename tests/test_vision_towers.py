@@ -1,0 +1,122 @@
+"""DINO ViT-B/16 and CLIP ViT-B/32 towers (scaled down, random weights) against transformers on
+torch CPU, through the Hugging Face checkpoint import; preprocessing and CLIP tokenisation too."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from attrib.vision_towers import (ClipTokenizer, TowerWeightError, load_tower, preprocess_dino)
+from tests.tolerance import assert_network_close, total_fan_in
+
+VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64,
+           patch_size=16)
+CLIP_TEXT = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, max_position_embeddings=77)
+CLIP_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64,
+                   patch_size=32)
+
+
+def _perturb(model):
+  torch.manual_seed(1)
+  with torch.no_grad():  # LayerNorms init to 1/0 and CLS to 0: perturb so a swapped tensor would show
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model.eval()
+
+
+def test_dino_vit_matches_transformers(tmp_path):
+  torch.manual_seed(0)
+  model = _perturb(transformers.ViTModel(transformers.ViTConfig(**VIT), add_pooling_layer=False))
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  apply, params, config = load_tower(tmp_path, 'dino')
+  images = np.random.default_rng(0).standard_normal((3, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = model(pixel_values=torch.tensor(images.transpose(0, 3, 1, 2))).last_hidden_state[:, 0].numpy()
+  ours = np.asarray(apply(params, images))
+  assert_network_close(ours, expected, what='DINO CLS',
+                       reduction_length=total_fan_in(model.parameters()) + 2 * VIT['num_hidden_layers'] * 17)
+
+
+@pytest.fixture()
+def clip_dir(tmp_path):
+  torch.manual_seed(0)
+  # eos_token_id 2, as openai/clip-vit-base-patch32's config: pooling at the largest id (EOS).
+  config = transformers.CLIPConfig(text_config=dict(CLIP_TEXT, vocab_size=600, eos_token_id=2), vision_config=CLIP_VISION,
+                                   projection_dim=32)
+  model = _perturb(transformers.CLIPModel(config))
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  return tmp_path, model
+
+
+def test_clip_towers_match_transformers(clip_dir):
+  path, model = clip_dir
+  vision, vision_params, _ = load_tower(path, 'clip_vision')
+  text, text_params, text_config = load_tower(path, 'clip_text')
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((2, 64, 64, 3)).astype(np.float32)
+  # Padded batch of different lengths; each row ends in EOS, the largest id of CLIP's vocabulary.
+  ids = rng.integers(1, 590, (3, 77))
+  mask = np.zeros((3, 77), np.int64)
+  for row, length in enumerate((5, 77, 12)):
+    ids[row, length - 1] = 599
+    ids[row, length:] = 0
+    mask[row, :length] = 1
+  with torch.no_grad():
+    expected_image = model.get_image_features(pixel_values=torch.tensor(images.transpose(0, 3, 1, 2))).numpy()
+    expected_text = model.get_text_features(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).numpy()
+  fan_in = total_fan_in(model.parameters())
+  assert_network_close(np.asarray(vision(vision_params, images)), expected_image, what='CLIP image',
+                       reduction_length=fan_in + 2 * 2 * 5)
+  assert_network_close(np.asarray(text(text_params, ids, mask)), expected_text, what='CLIP text',
+                       reduction_length=fan_in + 2 * 2 * 77)
+
+
+def test_wrong_checkpoint_is_named(clip_dir):
+  path, _ = clip_dir
+  with pytest.raises(TowerWeightError, match="model_type 'clip'"):
+    load_tower(path, 'dino')  # a CLIP checkpoint is not a ViTModel
+  config = json.loads((path / 'config.json').read_text())
+  config['text_config']['intermediate_size'] = 100
+  (path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(TowerWeightError, match=r'text_model.encoder.layers.0.mlp.fc1.weight has shape \(96, 48\)'):
+    load_tower(path, 'clip_text')
+
+
+def test_dino_preprocessing_matches_the_transformers_processor():
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  image = Image.fromarray(load_sample_images().images[0])  # 427 x 640, a real photo
+  # The reference: transformers' own image transforms (what its image processors are built from).
+  from transformers.image_transforms import center_crop, normalize, resize
+  from transformers.image_utils import PILImageResampling
+  array = np.asarray(image)
+  h, w = array.shape[:2]
+  size = (256, int(256 * w / h)) if h < w else (int(256 * h / w), 256)
+  expected = resize(array, size, resample=PILImageResampling.BICUBIC)
+  expected = center_crop(expected, (224, 224)).astype(np.float32) / 255.0
+  expected = normalize(expected, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+  ours = preprocess_dino(image)
+  assert ours.shape == (224, 224, 3)
+  # Both resize with PIL's bicubic on uint8 and crop the same window: equal to float32 rounding.
+  np.testing.assert_array_equal(ours, expected.astype(np.float32))
+
+
+def test_clip_tokenisation_matches_transformers(tmp_path):
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+  symbols = list(bytes_to_unicode().values())
+  merges = ['h a', 'ha n', 'han d', 'hand w</w>', 'd i', 'di g', 'dig i', 'digi t</w>', 's e', 'se v']
+  vocab = symbols + [s + '</w>' for s in symbols] + [m.replace(' ', '') for m in merges]
+  vocab += ['<|startoftext|>', '<|endoftext|>']
+  (tmp_path / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (tmp_path / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n')
+  slow = transformers.CLIPTokenizer(str(tmp_path / 'vocab.json'), str(tmp_path / 'merges.txt'))
+  fast = transformers.CLIPTokenizerFast(vocab_file=str(tmp_path / 'vocab.json'), merges_file=str(tmp_path / 'merges.txt'))
+  fast.save_pretrained(tmp_path / 'tok')
+  captions = ['a handwritten digit', 'Seven, HANDWRITTEN!', 'x' * 300, '']
+  ours_ids, ours_mask = ClipTokenizer(tmp_path / 'tok')(captions)
+  expected = fast(captions, padding='max_length', max_length=77, truncation=True)
+  np.testing.assert_array_equal(ours_ids, np.array(expected['input_ids']))
+  np.testing.assert_array_equal(ours_mask, np.array(expected['attention_mask']))
+  assert slow(captions[0])['input_ids'] == expected['input_ids'][0][:len(slow(captions[0])['input_ids'])]
