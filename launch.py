@@ -213,6 +213,12 @@ def _run(argv: list[str]) -> int:
   af.add_argument('--workdir', required=True)
   af.add_argument('--feature', action='append', help="feature name(s), e.g. 'unet+text' (default: the config's)")
   af.add_argument('--config', default=str(ROOT / 'attrib/configs/fastgda_digits.py'))
+  af.add_argument('--dino', help='facebook/dino-vitb16 checkpoint dir (full-scale features)')
+  af.add_argument('--clip', help='openai/clip-vit-base-patch32 checkpoint dir (full-scale features)')
+  af.add_argument('--train-list', help='TSV `image<TAB>caption` of the training images (full scale)')
+  af.add_argument('--train-queries-list', help='TSV `image<TAB>prompt` of the training queries')
+  af.add_argument('--test-queries-list', help='TSV `image<TAB>prompt` of the test queries')
+  af.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_1.py'))
 
   ad = a.add_parser('distill', help='train the FastGDA embedder on the teacher rankings; embed and index')
   ad.add_argument('--workdir', required=True)
@@ -287,7 +293,13 @@ def _run(argv: list[str]) -> int:
       from attrib.features import features_command
       from core.config import load_config_file
       names = args.feature or [load_config_file(args.config).feature, *load_config_file(args.config).compare_features]
-      result = features_command(args.workdir, list(dict.fromkeys(names)))
+      if args.dino or args.clip:
+        from attrib.features import tower_features_command
+        lists = {'train': args.train_list, 'train_queries': args.train_queries_list,
+                 'test_queries': args.test_queries_list}
+        result = tower_features_command(args.workdir, list(dict.fromkeys(names)), args.dino, args.clip, lists, args.tpu)
+      else:
+        result = features_command(args.workdir, list(dict.fromkeys(names)))
     elif args.command == 'distill':
       from attrib.distill import distill_command
       result = distill_command(args.workdir, args.config, args.tpu, args.set, args.features, args.ranks)

@@ -131,3 +131,106 @@ def features_command(workdir: str, names: list[str]) -> dict:
     progress.say(f'features: skipped {line}')
   return {'job': 'attrib features', 'features': names, 'written': written, 'skipped': skipped,
           'directory': str(workdir / 'features')}
+
+
+# ---------------------------------------------------------------- full scale: DINO + CLIP towers
+
+TOWER_PARTS = ('dino', 'clip', 'clip_text')
+
+
+class TowerFeaturizer:
+  """FastGDA's φ parts from imported checkpoints: 'dino' (ViT-B/16 CLS, 768), 'clip' (image, 512) and
+  'clip_text' (512); a name like 'dino+clip_text' concatenates them raw, as the paper does."""
+
+  def __init__(self, dino_dir: str | None, clip_dir: str | None, mesh, rules, batch: int = 64):
+    from attrib.vision_towers import ClipTokenizer, load_tower
+    self.mesh, self.rules, self.batch = mesh, rules, batch
+    self.dino = load_tower(dino_dir, 'dino') if dino_dir else None
+    self.clip_vision = load_tower(clip_dir, 'clip_vision') if clip_dir else None
+    self.clip_text = load_tower(clip_dir, 'clip_text') if clip_dir else None
+    self.tokenizer = ClipTokenizer(clip_dir) if clip_dir else None
+
+  def part(self, name: str, images: list, texts: list[str]) -> np.ndarray:
+    from attrib.vision_towers import preprocess_clip, preprocess_dino
+    tower = {'dino': self.dino, 'clip': self.clip_vision, 'clip_text': self.clip_text}[name]
+    if tower is None:
+      raise ConfigError(f"feature part {name!r} needs the {'--dino' if name == 'dino' else '--clip'} checkpoint")
+    apply, params, _ = tower
+    if name == 'clip_text':
+      ids, mask = self.tokenizer(texts)
+      rows = np.concatenate([ids, mask], axis=1)
+      t = ids.shape[1]
+      return map_batches(lambda r: apply(params, r[:, :t], r[:, t:]), rows, self.mesh, self.rules, self.batch)
+    prepare = preprocess_dino if name == 'dino' else preprocess_clip
+    out = []
+    for start in range(0, len(images), self.batch):  # decode and preprocess one batch at a time
+      pixels = np.stack([prepare(_open_image(i)) for i in images[start:start + self.batch]])
+      out.append(map_batches(lambda x: apply(params, x), pixels, self.mesh, self.rules, self.batch))
+    return np.concatenate(out).astype(np.float32)
+
+  def __call__(self, name: str, images: list, texts: list[str]) -> np.ndarray:
+    parts = name.split('+')
+    unknown = [p for p in parts if p not in TOWER_PARTS]
+    if unknown:
+      raise ConfigError(f'feature {name!r}: unknown part(s) {unknown}; full-scale parts are {TOWER_PARTS}')
+    return np.concatenate([self.part(p, images, texts) for p in parts], axis=1)
+
+
+def _open_image(image):
+  from PIL import Image
+  if isinstance(image, Image.Image):
+    return image
+  try:
+    opened = Image.open(image)
+    opened.load()
+    return opened
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'{image}: not a readable image ({e})') from None
+
+
+def read_image_list(path: str | Path) -> tuple[list[str], list[str]]:
+  """A TSV of `image path<TAB>caption` lines (relative paths are taken from the list's folder)."""
+  path = Path(path)
+  if not path.is_file():
+    raise ConfigError(f'{path} not found (expected lines of: image path <TAB> caption)')
+  images, captions = [], []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    if '\t' not in line:
+      raise ConfigError(f'{path}:{number}: expected `image path<TAB>caption`, got {line[:80]!r}')
+    image, caption = line.split('\t', 1)
+    image_path = Path(image) if Path(image).is_absolute() else path.parent / image
+    if not image_path.is_file():
+      raise ConfigError(f'{path}:{number}: image {image_path} not found')
+    images.append(str(image_path))
+    captions.append(caption)
+  if not images:
+    raise ConfigError(f'{path}: no images listed')
+  return images, captions
+
+
+def tower_features_command(workdir: str, names: list[str], dino_dir: str | None, clip_dir: str | None,
+                           lists: dict[str, str], tpu_path: str) -> dict:
+  """Full-scale φ for image lists (training set, training queries, test queries) into
+  WORKDIR/features/<name>/ in FastGDA's layout; files already written are kept (resume)."""
+  from core.config import load_config_file
+  from core.mesh import make_mesh
+  sets = {which: read_image_list(path) for which, path in lists.items() if path}  # all lists checked first
+  if 'train' not in sets:
+    raise ConfigError('--train-list is required (the training images and their first captions)')
+  preset = load_config_file(tpu_path)
+  featurizer = TowerFeaturizer(dino_dir, clip_dir, make_mesh(preset), preset.logical_rules)
+  written = []
+  for name in names:
+    out = Path(workdir) / 'features' / name
+    out.mkdir(parents=True, exist_ok=True)
+    for which, (images, captions) in sets.items():
+      path = out / FEATURE_FILES[which]
+      if path.exists() and np.load(path, mmap_mode='r').shape[0] == len(images):
+        continue
+      progress.say(f'features: {name} of {len(images)} {which.replace("_", " ")}')
+      _save_atomic(path, featurizer(name, images, captions))
+      written.append(str(path))
+  return {'job': 'attrib features', 'features': names, 'written': written,
+          'directory': str(Path(workdir) / 'features')}

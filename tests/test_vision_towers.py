@@ -14,7 +14,7 @@ from tests.tolerance import assert_network_close, total_fan_in
 VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64,
            patch_size=16)
 CLIP_TEXT = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, max_position_embeddings=77)
-CLIP_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64,
+CLIP_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=224,
                    patch_size=32)
 
 
@@ -55,7 +55,7 @@ def test_clip_towers_match_transformers(clip_dir):
   vision, vision_params, _ = load_tower(path, 'clip_vision')
   text, text_params, text_config = load_tower(path, 'clip_text')
   rng = np.random.default_rng(0)
-  images = rng.standard_normal((2, 64, 64, 3)).astype(np.float32)
+  images = rng.standard_normal((2, 224, 224, 3)).astype(np.float32)
   # Padded batch of different lengths; each row ends in EOS, the largest id of CLIP's vocabulary.
   ids = rng.integers(1, 590, (3, 77))
   mask = np.zeros((3, 77), np.int64)
@@ -68,7 +68,7 @@ def test_clip_towers_match_transformers(clip_dir):
     expected_text = model.get_text_features(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).numpy()
   fan_in = total_fan_in(model.parameters())
   assert_network_close(np.asarray(vision(vision_params, images)), expected_image, what='CLIP image',
-                       reduction_length=fan_in + 2 * 2 * 5)
+                       reduction_length=fan_in + 2 * 2 * 50)
   assert_network_close(np.asarray(text(text_params, ids, mask)), expected_text, what='CLIP text',
                        reduction_length=fan_in + 2 * 2 * 77)
 
@@ -120,3 +120,40 @@ def test_clip_tokenisation_matches_transformers(tmp_path):
   np.testing.assert_array_equal(ours_ids, np.array(expected['input_ids']))
   np.testing.assert_array_equal(ours_mask, np.array(expected['attention_mask']))
   assert slow(captions[0])['input_ids'] == expected['input_ids'][0][:len(slow(captions[0])['input_ids'])]
+
+
+def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path):
+  """`attrib features --dino --clip` over real bundled photos: dino+clip_text = the towers' outputs
+  concatenated raw, one row per listed image, in FastGDA's feats/<ftype> layout; reruns resume."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  from launch import main as launch_main
+  clip_path, _ = clip_dir
+  torch.manual_seed(0)
+  dino = _perturb(transformers.ViTModel(transformers.ViTConfig(**dict(VIT, image_size=224)), add_pooling_layer=False))
+  dino.save_pretrained(tmp_path / 'dino', safe_serialization=True)
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+  symbols = list(bytes_to_unicode().values())
+  vocab = symbols + [s + '</w>' for s in symbols] + ['<|startoftext|>', '<|endoftext|>']
+  (tmp_path / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (tmp_path / 'merges.txt').write_text('#version: 0.2\n')
+  transformers.CLIPTokenizerFast(vocab_file=str(tmp_path / 'vocab.json'),
+                                 merges_file=str(tmp_path / 'merges.txt')).save_pretrained(clip_path)
+  photos = load_sample_images().images
+  for n, photo in enumerate(photos):
+    Image.fromarray(photo).save(tmp_path / f'photo{n}.png')
+  (tmp_path / 'train.tsv').write_text('photo0.png\ta temple in china\nphoto1.png\ta flower\nphoto0.png\tagain\n')
+  (tmp_path / 'test.tsv').write_text('photo1.png\ta yellow flower\n')
+  args = ['attrib', 'features', '--workdir', str(tmp_path / 'w'), '--feature', 'dino+clip_text', '--feature', 'clip',
+          '--dino', str(tmp_path / 'dino'), '--clip', str(clip_path), '--train-list', str(tmp_path / 'train.tsv'),
+          '--test-queries-list', str(tmp_path / 'test.tsv')]
+  assert launch_main(args) == 0
+  out = tmp_path / 'w' / 'features'
+  phi = np.load(out / 'dino+clip_text' / 'data_feats.npy')
+  assert phi.shape == (3, 64 + 32) and np.load(out / 'clip' / 'test_query_feats.npy').shape == (1, 32)
+  dino_apply, dino_params, _ = load_tower(tmp_path / 'dino', 'dino')
+  expected = np.asarray(dino_apply(dino_params, np.stack([preprocess_dino(Image.open(tmp_path / 'photo0.png'))])))
+  assert_network_close(phi[0, :64], expected[0], what='DINO part of φ',  # batch of 3 vs 1: kernels may differ
+                       reduction_length=total_fan_in(dino.parameters()) + 2 * 2 * 197)
+  mtime = (out / 'clip' / 'data_feats.npy').stat().st_mtime_ns
+  assert launch_main(args) == 0 and (out / 'clip' / 'data_feats.npy').stat().st_mtime_ns == mtime  # resumed
