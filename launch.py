@@ -112,7 +112,7 @@ def quickstart(args) -> dict:
     attribution_quickstart.print_summary(attribution)
   print(f"quickstart: {clock.elapsed():.0f} s in all (" + ', '.join(f'{k} {v:.1f} s' for k, v in clock.stages.items()) + ')')
   from core.workdir import write_json_atomic
-  write_json_atomic(workdir / 'result.json', summary)
+  write_json_atomic(workdir / 'quickstart_result.json', summary)
   return summary
 
 

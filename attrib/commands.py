@@ -1,4 +1,4 @@
-"""`launch.py attrib ...` jobs. Each writes WORKDIR/result.json."""
+"""`launch.py attrib ...` jobs. Each writes WORKDIR/<job>_result.json."""
 from __future__ import annotations
 
 import functools
@@ -109,7 +109,7 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
   if evaluate and not summary['preempted']:
     result['samples'] = evaluate_samples(workdir, config, tpu_path, data)
   result['versions'] = versions()
-  write_json_atomic(workdir / 'result.json', result)
+  write_json_atomic(workdir / 'train_result.json', result)
   return result
 
 

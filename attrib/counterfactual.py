@@ -8,7 +8,6 @@ teacher's fixed-noise scoring loss. Every retraining is its own resumable workdi
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -35,6 +34,18 @@ def query_loss(workdir: Path, image, context, query: int, repeats: int = 4) -> f
                                       np.repeat(context[None], repeats, 0), ids)))
 
 
+def _finished(run: Path, steps: int) -> bool:
+  """A retraining is done when its checkpoints reached `steps` (state lives in checkpoints)."""
+  from core.checkpoint import make_manager
+  if not (run / 'checkpoints').is_dir():
+    return False
+  manager = make_manager(run, async_save=False)
+  try:
+    return (manager.latest_step() or 0) >= steps
+  finally:
+    manager.close()
+
+
 def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, steps: int,
                            tpu_path: str | None) -> dict:
   workdir = Path(workdir)
@@ -50,7 +61,11 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
   queries = np.load(workdir / 'teacher' / 'queries.npz')
   text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
   query_context = np.asarray(text_encoder([str(p) for p in queries['prompts'][:num_queries]])[0])
-  training_size = int(json.loads((workdir / 'result.json').read_text()).get('training_images', 0)) or None
+  # The training set's size from the data it was trained on (result files are reports, not state).
+  training_size = None
+  if config.data.train_path == 'builtin:digits':
+    from data_pipelines.digit_captions import digit_captions
+    training_size = len(digit_captions()[0]) - config.data.held_out
   out = workdir / 'counterfactual'
   out.mkdir(exist_ok=True)
   recipe = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps, progress_bar=False,
@@ -66,7 +81,7 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
       run.mkdir(parents=True, exist_ok=True)
       (run / 'excluded.txt').write_text(','.join(map(str, excluded)))
       overrides.append(f'data.exclude_path={run / "excluded.txt"}')
-    if not (run / 'result.json').exists():
+    if not _finished(run, steps):
       progress.say(f'counterfactual: training {name} ({steps} steps)')
       train_model_command('', tpu, str(run), overrides, evaluate=False, config=recipe)
     announce(name)

@@ -201,7 +201,13 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
                     rules=preset.logical_rules, num_training_images=train.num_images)
 
   # Per-model quantities, computed once and reused by every query (and every rerun).
-  fisher_path, base_path = out / 'fisher.npz', out / 'base_losses.npy'
+  # The Fisher and the θ₀ losses depend on the model (its step) and the teacher settings, not on the
+  # queries: both splits share them, named by what they depend on.
+  cache = workdir / 'teacher_cache'
+  cache.mkdir(exist_ok=True)
+  c = teacher_config
+  fisher_path = cache / f'fisher_step{step}_s{c.fisher_samples_per_image}_n{c.fisher_images}.npz'
+  base_path = cache / f'base_losses_step{step}_stride{c.score_timestep_stride}.npy'
   if fisher_path.exists():
     fisher = dict(np.load(fisher_path))
     progress.say(f'teacher: Fisher read back from {fisher_path}')

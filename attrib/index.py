@@ -147,19 +147,22 @@ class Index:
             'config': dataclasses.asdict(config)}
     return cls(searcher, ids, meta)
 
-  def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(training ids [b, k], inner products [b, k]) of unit `queries` [b, d], best first."""
+  def search(self, queries: np.ndarray, k: int | None = None, *, leaves: int | None = None,
+             reorder: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(training ids [b, k], inner products [b, k]) of unit `queries` [b, d], best first.
+    `leaves` / `reorder` override the build settings (tree leaves searched, candidates re-scored)."""
     queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
     if queries.shape[1] != self.dim:
       raise IndexFileError(f'query dimension {queries.shape[1]} does not match the index ({self.dim})')
     k = min(k or self.meta['k'], len(self.ids))
+    settings = self.meta['config']
+    pre = max(k, reorder or settings['reorder'])
+    leaves = leaves or settings['leaves_to_search'] if self.meta['kind'] == 'tree_ah' else -1
     if len(queries) == 1:
-      rows, dots = self.searcher.search(queries[0], final_num_neighbors=k,
-                                        pre_reorder_num_neighbors=max(k, self.meta['config']['reorder']))
+      rows, dots = self.searcher.search(queries[0], k, pre, leaves)
       rows, dots = np.asarray(rows)[None], np.asarray(dots)[None]
-    else:
-      rows, dots = self.searcher.search_batched(queries, final_num_neighbors=k,
-                                                pre_reorder_num_neighbors=max(k, self.meta['config']['reorder']))
+    else:  # ScaNN's own thread pool over the batch
+      rows, dots = self.searcher.search_batched_parallel(queries, k, pre, leaves)
     return self.ids[np.asarray(rows, np.int64)], np.asarray(dots, np.float32)
 
   def upsert(self, vectors: np.ndarray, ids: np.ndarray) -> None:

@@ -34,10 +34,10 @@ def run(workdir: Path, full: bool = False, stage_prefix: str = 'attribution') ->
   def stage(n, text):
     progress.say(f'quickstart {stage_prefix} {n}/6: {text}')
 
-  # The quick model trains 500 steps (about 3 minutes on 2 cores; its samples already have the prompted
+  # The quick model trains 400 steps (under 3 minutes on 2 cores; its samples already have the prompted
   # class); --full trains the 2000 steps of attrib/configs/digits.py.
   stage(1, 'text-to-image diffusion model on the captioned digits')
-  steps = [] if full else ['train.steps=500', 'optim.decay_steps=400']
+  steps = [] if full else ['train.steps=400', 'optim.decay_steps=300']
   model = train_model_command(str(ROOT / 'attrib/configs/digits.py'), cpu1, str(model_dir), steps)
   clock.lap('diffusion model')
   stage(2, f'AbU teacher: {td.train_queries} training queries x top {td.candidates}, '

@@ -92,5 +92,5 @@ def import_diffusers_command(weights: str, config_path: str, tpu_path: str, work
             'captions_per_image': data.num_captions if data else None,
             'flipped_copies': bool(data and data.num_flips == 2), 'wall_s': time.time() - started,
             'versions': versions()}
-  write_json_atomic(workdir / 'result.json', result)
+  write_json_atomic(workdir / 'import_result.json', result)
   return result

@@ -28,3 +28,21 @@ def cpu_xla_flags(existing: str, device_count: int | None = None) -> str:
   if jaxlib_version.startswith(_TESTED_JAXLIB_SERIES) and not any(_YNN_FLAG in f for f in flags):
     flags.append(f'{_YNN_FLAG}=INDIVIDUAL_DOT,REDUCE')
   return ' '.join(flags)
+
+
+def cpu_isa_summary() -> dict:
+  """The machine a number was measured on: CPU model, cores, widest vector ISA, XLA flags in effect."""
+  import os
+  model, flags = 'unknown', set()
+  try:
+    for line in open('/proc/cpuinfo'):
+      if line.startswith('model name') and model == 'unknown':
+        model = line.split(':', 1)[1].strip()
+      elif line.startswith('flags') and not flags:
+        flags = set(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  isa = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'older than AVX2'
+  limit = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'max_isa' in f]
+  return {'cpu': model, 'cores': os.cpu_count(), 'isa': isa, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'xla_isa_limit': limit[0].split('=', 1)[1] if limit else None}

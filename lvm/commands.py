@@ -1,4 +1,4 @@
-"""`launch.py lvm ...` jobs: train, eval, import-hf, export-hf. Each writes WORKDIR/result.json."""
+"""`launch.py lvm ...` jobs: train, eval, import-hf, export-hf. Each writes WORKDIR/<job>_result.json (train, eval, import, export)."""
 from __future__ import annotations
 
 import dataclasses
@@ -74,7 +74,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
   result = {'job': 'lvm train', **summary, 'model_params': config.model.num_params(),
             'data': repr(source), 'workdir': str(workdir), 'wall_s': time.time() - started,
             'versions': versions()}
-  write_json_atomic(workdir / 'result.json', result)
+  write_json_atomic(workdir / 'train_result.json', result)
   return result
 
 
@@ -96,7 +96,7 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
   scores = evaluate.perplexity(graphdef, params, source, mesh=mesh, rules=preset.logical_rules,
                                target_tokens=target, batch_size=batch_size)
   result = {'job': 'lvm eval', 'step': step, 'data': data_path, **scores, 'versions': versions()}
-  write_json_atomic(workdir / 'result.json', result)
+  write_json_atomic(workdir / 'eval_result.json', result)
   return result
 
 
@@ -136,7 +136,7 @@ def import_hf_command(hf_dir: str, workdir: str, tpu_path: str | None, seq_len: 
   manager.close()
   result = {'job': 'lvm import-hf', 'hf_dir': str(hf_dir), 'model_params': model_config.num_params(),
             'model': to_dict(model_config), 'versions': versions()}
-  write_json_atomic(workdir / 'result.json', result)
+  write_json_atomic(workdir / 'import_result.json', result)
   return result
 
 
@@ -148,5 +148,5 @@ def export_hf_command(workdir: str, out_dir: str, dtype: str) -> dict:
   files = hf_interop.write_hf_dir(host_params, config.model, out_dir, dtype=dtype)
   result = {'job': 'lvm export-hf', 'step': step, 'out_dir': str(out_dir), 'files': [str(f) for f in files],
             'dtype': dtype, 'versions': versions()}
-  write_json_atomic(workdir / 'result.json', result)
+  write_json_atomic(workdir / 'export_result.json', result)
   return result

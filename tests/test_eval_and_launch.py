@@ -31,19 +31,19 @@ def test_eval_perplexity_matches_lvm_formula_in_torch(tmp_path):
   assert_network_close(result['perplexity'], expected, reduction_length=length, what='perplexity')
   assert_network_close(result['corpus_perplexity'], math.exp(nll.mean().item()), reduction_length=length,
                        what='corpus perplexity')
-  assert json.loads((tmp_path / 'work' / 'result.json').read_text())['job'] == 'lvm eval'
+  assert json.loads((tmp_path / 'work' / 'eval_result.json').read_text())['job'] == 'lvm eval'
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
   assert launch_main(['quickstart', '--lvm-only', '--workdir', str(tmp_path), '--set', 'train.steps=40',
                       '--set', 'train.progress_bar=false']) == 0
-  result = json.loads((tmp_path / 'result.json').read_text())
+  result = json.loads((tmp_path / 'quickstart_result.json').read_text())
   assert result['train']['step'] == 40
   assert len(list((tmp_path / 'data' / 'train').glob('*.arrayrecord'))) == 4
   # 40 steps already beat the pixel-frequency model (which beats uniform guessing, 17).
   assert 5.0 < result['baseline_unigram_perplexity'] < 17.0
   assert result['eval']['perplexity'] < result['baseline_unigram_perplexity']
-  assert json.loads((tmp_path / 'lvm' / 'result.json').read_text())['job'] == 'lvm eval'
+  assert json.loads((tmp_path / 'lvm' / 'eval_result.json').read_text())['job'] == 'lvm eval'
   assert list((tmp_path / 'lvm' / 'tensorboard').glob('events.out.tfevents.*'))
 
 

@@ -76,7 +76,7 @@ def test_import_matches_diffusers_and_teacher_ranks_released_data(released, tmp_
   root, torch_model = released
   code, out = _import(released, tmp_path / 'coco')
   assert code == 0, out[-3000:]
-  result = json.loads((tmp_path / 'coco' / 'result.json').read_text())
+  result = json.loads((tmp_path / 'coco' / 'import_result.json').read_text())
   assert result['parameters'] == sum(p.numel() for p in torch_model.parameters())
   assert (result['training_images'], result['captions_per_image'], result['flipped_copies']) == (N, CAPTIONS, True)
 
@@ -115,7 +115,7 @@ def test_import_matches_diffusers_and_teacher_ranks_released_data(released, tmp_
   teacher = Teacher(graphdef, params, NoiseSchedule(config.schedule),
                     TeacherConfig(query_grad_samples=64, step_size=0.005, fisher_samples_per_image=1),
                     mesh=make_mesh(preset), rules=preset.logical_rules, num_training_images=N)
-  fisher = dict(np.load(tmp_path / 'coco' / 'teacher' / 'fisher.npz'))
+  fisher = dict(np.load(tmp_path / 'coco' / 'teacher_cache' / 'fisher_step0_s1_n0.npz'))
   query_latent = np.load(root / 'query_test' / 'latents.npy')[0].transpose(1, 2, 0)
   query_text = np.load(root / 'query_test' / 'text_embeddings.npy')[0, 0]
   kv = teacher.unlearn(fisher, query_latent, query_text, 0)
@@ -159,7 +159,7 @@ def test_teacher_on_two_processes_matches_one(released, tmp_path):
   two = read_rank_records(tmp_path / 'two' / 'teacher' / 'ranks.arrayrecord')
   # Scores are loss differences: they agree to the losses' float32 error (the U-Net's and the mean's).
   length = total_fan_in(torch_model.parameters()) + 20 * int(np.prod(np.load(root / 'trainset' / 'latents.npy', mmap_mode='r').shape[1:]))
-  largest_loss = float(np.nanmax(np.load(tmp_path / 'one' / 'teacher' / 'base_losses.npy')))
+  largest_loss = float(np.nanmax(np.load(tmp_path / 'one' / 'teacher_cache' / 'base_losses_step0_stride50.npy')))
   tolerance = 2 * network_bound(length) * (largest_loss + max(float(np.abs(a['scores']).max()) for a in one))
   for a, b in zip(one, two):
     by_id = dict(zip(b['ranked_ids'].tolist(), b['scores']))

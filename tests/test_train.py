@@ -101,7 +101,7 @@ def test_two_processes_with_per_host_data_match_one(tmp_path):
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  result = json.loads((tmp_path / 'multi' / 'result.json').read_text())
+  result = json.loads((tmp_path / 'multi' / 'train_result.json').read_text())
   assert result['num_devices'] == 8 and result['step'] == 4
   assert_network_close(_losses(tmp_path / 'multi'), _losses(tmp_path / 'single'),
                        reduction_length=_reduction_length(tmp_path / 'single', 4), what='losses')
@@ -123,7 +123,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, out[-3000:]
-  result = json.loads((workdir / 'result.json').read_text())
+  result = json.loads((workdir / 'train_result.json').read_text())
   assert result['preempted'] is True and 3 <= result['step'] < 100000
   assert f"SIGTERM: saved step {result['step']} in {workdir}, rerun the same command to continue" in out
   assert (workdir / 'checkpoints' / str(result['step'])).is_dir()

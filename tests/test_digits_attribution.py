@@ -1,0 +1,124 @@
+"""The attribution pipeline on the built-in digits, end to end at tiny sizes: diffusion model ->
+teacher (train and test splits) -> features -> distill -> index -> eval -> Attributor from image +
+prompt -> query PNG. (`launch.py quickstart` runs the same jobs at full size: slow test below.)"""
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from launch import main as launch_main
+from tests.helpers import CPU1, ROOT
+
+FASTGDA = str(ROOT / 'attrib/configs/fastgda_digits.py')
+
+
+@pytest.fixture(scope='module')
+def pipeline(tmp_path_factory):
+  work = tmp_path_factory.mktemp('digits')
+  run = lambda *argv: launch_main(list(argv))
+  assert run('attrib', 'train-model', '--config', str(ROOT / 'attrib/configs/digits.py'), '--tpu', CPU1,
+             '--workdir', str(work), '--set', 'train.steps=30', '--set', 'train.progress_bar=false',
+             '--set', 'train.tensorboard=false', '--set', 'sample.num_steps=10') == 0
+  teacher = ['--set', 'score_timestep_stride=250', '--set', 'query_grad_samples=16', '--set', 'fisher_images=64',
+             '--set', 'fisher_samples_per_image=1']
+  assert run('attrib', 'teacher', '--workdir', str(work), '--split', 'train', '--queries', '12', '--candidates', '40',
+             *teacher) == 0
+  assert run('attrib', 'teacher', '--workdir', str(work), '--split', 'test', '--queries', '3', '--candidates', '300',
+             *teacher) == 0
+  assert run('attrib', 'features', '--workdir', str(work), '--config', FASTGDA) == 0
+  assert run('attrib', 'distill', '--workdir', str(work), '--config', FASTGDA, '--set', 'distill.epochs=3',
+             '--set', 'distill.batch=128', '--set', 'distill.val_queries=2', '--set', 'map_at=(8,16)') == 0
+  assert run('attrib', 'eval', '--workdir', str(work)) == 0
+  return work
+
+
+def test_splits_use_disjoint_prompts_and_write_their_own_results(pipeline):
+  train = np.load(pipeline / 'teacher_train' / 'queries.npz')
+  test = np.load(pipeline / 'teacher' / 'queries.npz')
+  assert not set(map(str, train['prompts'])) & set(map(str, test['prompts']))
+  assert json.loads((pipeline / 'teacher_train_result.json').read_text())['split'] == 'train'
+  assert json.loads((pipeline / 'teacher_result.json').read_text())['split'] == 'test'
+  # Both splits share the model's Fisher and θ₀ losses.
+  assert len(list((pipeline / 'teacher_cache').glob('fisher_*.npz'))) == 1
+
+
+def test_features_distill_and_eval_results(pipeline):
+  phi = np.load(pipeline / 'features' / 'pixels+text' / 'data_feats.npy')
+  assert phi.shape == (1600, 256 + 384)
+  np.testing.assert_allclose(np.linalg.norm(phi, axis=1), np.sqrt(2), rtol=1e-5)  # two unit parts
+  distilled = json.loads((pipeline / 'distill_result.json').read_text())
+  assert distilled['pairs'] == 10 * 40 and distilled['index']['rows'] == 1600
+  evaluation = json.loads((pipeline / 'eval_result.json').read_text())
+  assert set(evaluation['map']) >= {'pixels+text', 'pixels', 'text', 'FastGDA(pixels+text)'}
+  assert evaluation['latency_ms']['with_features'] is True and evaluation['teacher_s_per_query'] > 0
+
+
+def test_attributor_from_image_and_prompt(pipeline, tmp_path):
+  from attrib import Attributor, AttributionError
+  attributor = Attributor.load(pipeline)
+  queries = np.load(pipeline / 'teacher' / 'queries.npz')
+  image, prompt = queries['images'][0], str(queries['prompts'][0])
+  result = attributor.attribute(image=image, prompt=prompt, k=5)
+  assert len(result.ids) == 5 and len(result.captions) == 5 and np.all(np.diff(result.scores) >= -1e-6)
+  # The same image as uint8 PNG: same features up to 8-bit quantisation, so the same answer set mostly.
+  from PIL import Image
+  Image.fromarray(((image[..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / 'q.png')
+  from_png = attributor.attribute(image=str(tmp_path / 'q.png'), prompt=prompt, k=5)
+  assert len(np.intersect1d(from_png.ids, result.ids)) >= 3
+  # 16 threads give what serial calls give.
+  serial = [attributor.attribute(image=queries['images'][q % 3], prompt=str(queries['prompts'][q % 3]), k=5)
+            for q in range(3)]
+  out = [None] * 32
+  def work(t):
+    for n in range(t, 32, 16):
+      out[n] = attributor.attribute(image=queries['images'][n % 3], prompt=str(queries['prompts'][n % 3]), k=5)
+  threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+  [t.start() for t in threads]
+  [t.join() for t in threads]
+  for n, r in enumerate(out):
+    np.testing.assert_array_equal(r.ids, serial[n % 3].ids)
+  with pytest.raises(AttributionError, match=r'shape \(8, 8\)'):
+    attributor.attribute(image=np.zeros((8, 8), np.float32), prompt=prompt)
+  with pytest.raises(AttributionError, match='dtype int64'):
+    attributor.attribute(image=np.zeros((16, 16), np.int64), prompt=prompt)
+  with pytest.raises(AttributionError, match=r'\[-1, 1\]'):
+    attributor.attribute(image=np.full((16, 16), 3.0, np.float32), prompt=prompt)
+  (tmp_path / 'bad.png').write_bytes(b'not a png')
+  with pytest.raises(AttributionError, match='bad.png'):
+    attributor.attribute(image=str(tmp_path / 'bad.png'), prompt=prompt)
+
+
+def test_query_command_writes_grid_and_result(pipeline, tmp_path):
+  from PIL import Image
+  queries = np.load(pipeline / 'teacher' / 'queries.npz')
+  Image.fromarray(((queries['images'][1][..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / 'q.png')
+  assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
+                      '--prompt', str(queries['prompts'][1]), '-k', '6', '--out', str(tmp_path / 'grid.png')]) == 0
+  result = json.loads((pipeline / 'query_result.json').read_text())
+  assert len(result['ids']) == 6 and Image.open(tmp_path / 'grid.png').size[0] > 6 * 96
+
+
+def test_index_errors_are_named(pipeline, tmp_path, capsys):
+  import shutil
+  from attrib.index import IndexFileError, load_any
+  copy = tmp_path / 'index'
+  shutil.copytree(pipeline / 'student' / 'index', copy)
+  target = next(p for p in sorted((copy / 'scann').iterdir()) if p.suffix == '.npy')
+  target.write_bytes(target.read_bytes()[:-16] + b'\0' * 16)
+  with pytest.raises(IndexFileError, match=f'{target.name} is corrupt'):
+    load_any(copy)
+  target.unlink()
+  with pytest.raises(IndexFileError, match=f'{target.name} is missing'):
+    load_any(copy)
+  with pytest.raises(IndexFileError, match='index.json not found'):
+    load_any(tmp_path)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_both_halves(tmp_path):
+  assert launch_main(['quickstart', '--workdir', str(tmp_path)]) == 0
+  result = json.loads((tmp_path / 'quickstart_result.json').read_text())
+  attribution = result['attribution']
+  assert attribution['student'] > attribution['base_features'][attribution['best_base_feature']]
+  assert all((tmp_path / 'attrib' / f'attribution_query{q}.png').exists() for q in range(4))
