@@ -252,6 +252,8 @@ def _run(argv: list[str]) -> int:
   ac.add_argument('--seeds', type=int, default=2)
   ac.add_argument('--steps', type=int, default=400, help='training steps of every retrained model')
   ac.add_argument('--tpu')
+  ac.add_argument('--ranking', default='teacher',
+                  help="comma-separated rankings whose top K are removed: teacher, student, or a base feature name")
 
   d = sub.add_parser('data', help='data preparation').add_subparsers(dest='command', required=True)
   dt = d.add_parser('tokens', help='LVM .jsonl or int32 .npy -> ArrayRecord token shards')
@@ -314,7 +316,8 @@ def _run(argv: list[str]) -> int:
       result = query_command(args.workdir, args.image, args.prompt, args.k, args.out)
     elif args.command == 'counterfactual':
       from attrib.counterfactual import counterfactual_command
-      result = counterfactual_command(args.workdir, args.k, args.queries, args.seeds, args.steps, args.tpu)
+      result = counterfactual_command(args.workdir, args.k, args.queries, args.seeds, args.steps, args.tpu,
+                                      tuple(r.strip() for r in args.ranking.split(',') if r.strip()))
     else:
       from attrib import curation
       result = curation.teacher_command(args.workdir, args.queries, args.candidates, args.tpu, args.set,

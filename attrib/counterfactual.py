@@ -46,8 +46,25 @@ def _finished(run: Path, steps: int) -> bool:
     manager.close()
 
 
+def ranking_top_k(workdir: Path, ranking: str, queries, records, k: int) -> list[np.ndarray]:
+  """Each query's top K training ids by `ranking`: 'teacher' (AbU), 'student' (the distilled
+  embedding, through the Attributor) or a base feature name (cosine of φ, features/<name>/)."""
+  if ranking == 'teacher':
+    return [r['ranked_ids'][:k] for r in records]
+  if ranking == 'student':
+    from attrib.attributor import Attributor
+    attributor = Attributor.load(workdir)
+    return [attributor.attribute(image=queries['images'][q], prompt=str(queries['prompts'][q]), k=k).ids
+            for q in range(len(records))]
+  from attrib.evaluation import rank_by_cosine
+  from attrib.student_data import load_features
+  directory = workdir / 'features' / ranking
+  query_feats = np.asarray(load_features(directory, 'test_queries'))[:len(records)]
+  return list(rank_by_cosine(query_feats, np.asarray(load_features(directory, 'train')))[:, :k])
+
+
 def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, steps: int,
-                           tpu_path: str | None) -> dict:
+                           tpu_path: str | None, rankings: tuple[str, ...] = ('teacher',)) -> dict:
   workdir = Path(workdir)
   config, trained_tpu = load_run(workdir)
   ranks_path = workdir / 'teacher' / 'ranks.arrayrecord'
@@ -87,8 +104,9 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
     announce(name)
     return run
 
+  tops = {name: ranking_top_k(workdir, name, queries, records, k) for name in rankings}  # checked before training
   rows = []
-  clock, total_runs = progress.Stopwatch(), seeds * (1 + 2 * num_queries)
+  clock, total_runs = progress.Stopwatch(), seeds * (1 + (1 + len(rankings)) * num_queries)
   runs_done = 0
 
   def announce(name: str) -> None:
@@ -102,18 +120,23 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
     for q, record in enumerate(records):
       image, context = queries['images'][q], query_context[q]
       base = query_loss(base_model, image, context, q)
-      top = record['ranked_ids'][:k]
       rng = np.random.default_rng(1000 * seed + q)
       random = rng.choice(training_size or int(record['ranked_ids'].max()) + 1, size=k, replace=False)
-      top_loss = query_loss(trained(f'q{q}_top{k}_seed{seed}', seed, top), image, context, q)
-      random_loss = query_loss(trained(f'q{q}_random{k}_seed{seed}', seed, random), image, context, q)
-      rows.append({'query': q, 'seed': seed, 'loss_full': base, 'delta_top_k': top_loss - base,
-                   'delta_random_k': random_loss - base})
-  delta_top = np.array([r['delta_top_k'] for r in rows])
+      row = {'query': q, 'seed': seed, 'loss_full': base}
+      for name in rankings:
+        run_name = f'q{q}_top{k}_seed{seed}' if name == 'teacher' else f'q{q}_{name}{k}_seed{seed}'
+        row[f'delta_{name}_top_k'] = query_loss(trained(run_name, seed, tops[name][q]), image, context, q) - base
+      row['delta_random_k'] = query_loss(trained(f'q{q}_random{k}_seed{seed}', seed, random), image, context, q) - base
+      rows.append(row)
   delta_random = np.array([r['delta_random_k'] for r in rows])
   result = {'job': 'attrib counterfactual', 'k': k, 'queries': num_queries, 'seeds': seeds, 'steps': steps,
-            'mean_delta_loss_top_k': float(delta_top.mean()), 'mean_delta_loss_random_k': float(delta_random.mean()),
-            'top_k_beats_random_fraction': float(np.mean(delta_top > delta_random)), 'rows': rows,
+            'rankings': list(rankings), 'mean_delta_loss_random_k': float(delta_random.mean()),
+            'stderr_delta_loss_random_k': float(delta_random.std() / np.sqrt(len(rows))), 'rows': rows,
             'wall_s': time.time() - started, 'versions': versions()}
+  for name in rankings:
+    delta = np.array([r[f'delta_{name}_top_k'] for r in rows])
+    result[f'mean_delta_loss_{name}_top_k'] = float(delta.mean())
+    result[f'stderr_delta_loss_{name}_top_k'] = float(delta.std() / np.sqrt(len(rows)))
+    result[f'{name}_top_k_beats_random_fraction'] = float(np.mean(delta > delta_random))
   write_json_atomic(workdir / 'counterfactual_result.json', result)
   return result

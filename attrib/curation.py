@@ -65,13 +65,21 @@ TRAIN_SEED_OFFSET = 100_000
 
 
 def query_plan(held_out_captions, split: str, count: int) -> tuple[list[str], list[int]]:
-  """(prompt, seed) of each query. The held-out prompts split in two halves: `test` queries
-  (evaluation, the counterfactual) use the first, `train` queries (the student's) the second, so the
-  student is never evaluated on a prompt it trained on. Query q takes prompt q mod P with seed
-  q (test) or TRAIN_SEED_OFFSET + q (train): prompts × seeds give as many queries as wanted."""
-  half = len(held_out_captions) // 2
-  pool = list(held_out_captions[:half] if split == 'test' else held_out_captions[half:])
-  offset = 0 if split == 'test' else TRAIN_SEED_OFFSET
+  """(prompt, seed) of each query. `test` queries (evaluation, the counterfactual) take the captions
+  of the first half of the held-out images, in order. `train` queries (the student's) take every
+  caption the digits' template can write (10 classes x thickness x slant) that no test query uses,
+  so the student never trains on a prompt it is evaluated on. Query q takes prompt q mod P with
+  seed q (test) or TRAIN_SEED_OFFSET + q (train): prompts x seeds give as many queries as wanted."""
+  from data_pipelines.digit_captions import caption
+  test_pool = list(held_out_captions[:len(held_out_captions) // 2])
+  if split == 'test':
+    pool, offset = test_pool, 0
+  else:
+    styles = [', '.join(w for w in (ink, slant) if w) for ink in ('', 'thick', 'thin')
+              for slant in ('', 'right-slanted', 'left-slanted')]
+    used = set(test_pool)
+    pool = [p for p in (caption(label, style) for label in range(10) for style in styles) if p not in used]
+    offset = TRAIN_SEED_OFFSET
   return [pool[q % len(pool)] for q in range(count)], [offset + q for q in range(count)]
 
 

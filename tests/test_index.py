@@ -1,0 +1,49 @@
+"""ScaNN index: algorithm by size, recall measured at build, save/load, upsert, sharded merge."""
+import numpy as np
+import pytest
+
+from attrib.index import Index, IndexConfig, IndexFileError, ShardedIndex, choose_kind, exact_top_k, load_any
+
+
+def _clustered(n, d=32, seed=0):
+  rng = np.random.default_rng(seed)
+  centres = rng.standard_normal((40, d)).astype(np.float32)
+  x = centres[rng.integers(0, 40, n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_kind_follows_scann_advice_by_size():
+  config = IndexConfig()
+  assert [choose_kind(config, n) for n in (5_000, 50_000, 500_000)] == ['brute_force', 'ah', 'tree_ah']
+
+
+@pytest.mark.parametrize('kind', ['brute_force', 'ah', 'tree_ah'])
+def test_search_recall_save_load_and_upsert(kind, tmp_path):
+  data = _clustered(4000)
+  ids = np.arange(4000) * 3 + 7  # training ids need not be row numbers
+  index = Index.build(data, ids, IndexConfig(kind=kind, num_leaves=60, leaves_to_search=20, recall_probes=300))
+  assert index.meta['kind'] == kind and index.meta['recall_at_10'] >= (1.0 if kind == 'brute_force' else 0.9)
+  queries = _clustered(50, seed=1)
+  found, dots = index.search(queries, 10)
+  exact = ids[exact_top_k(data, queries, 10)]
+  recall = np.mean([len(np.intersect1d(f, e)) / 10 for f, e in zip(found, exact)])
+  assert recall >= (1.0 if kind == 'brute_force' else 0.9) and np.all(np.diff(dots, axis=1) <= 1e-6)
+  index.save(tmp_path / 'ix')
+  loaded = load_any(tmp_path / 'ix')
+  np.testing.assert_array_equal(loaded.search(queries, 10)[0], found)
+  # New training images join without a rebuild and are found at once.
+  new = _clustered(3, seed=2)
+  loaded.upsert(new, np.array([10**6, 10**6 + 1, 10**6 + 2]))
+  assert len(loaded) == 4003
+  np.testing.assert_array_equal(loaded.search(new, 1)[0][:, 0], [10**6, 10**6 + 1, 10**6 + 2])
+  with pytest.raises(IndexFileError, match='query dimension 31'):
+    loaded.search(queries[:, :31])
+
+
+def test_sharded_index_equals_exact_search(tmp_path):
+  data = _clustered(3000)
+  sharded = ShardedIndex.build(data, None, 4, IndexConfig(kind='brute_force', recall_probes=100))
+  queries = _clustered(20, seed=3)
+  np.testing.assert_array_equal(sharded.search(queries, 10)[0], exact_top_k(data, queries, 10))
+  sharded.save(tmp_path / 'sharded')
+  np.testing.assert_array_equal(load_any(tmp_path / 'sharded').search(queries, 10)[0], sharded.search(queries, 10)[0])
