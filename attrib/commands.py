@@ -15,7 +15,7 @@ from attrib import diffusion
 from attrib.config import DiffusionConfig
 from attrib.data import CaptionDropout, CaptionedImages
 from attrib.task import DenoisingTask
-from attrib.text_encoder import MiniLMTextEncoder
+from attrib.text_encoder import shared_text_encoder
 from core import progress
 from core.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
 from core.train_loop import restore_latest_params, train
@@ -81,16 +81,17 @@ def nearest_neighbour_labels(generated: np.ndarray, train_images: np.ndarray, tr
 
 
 def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str],
-                        evaluate: bool = True, config: DiffusionConfig | None = None) -> dict:
+                        evaluate: bool = True, config: DiffusionConfig | None = None,
+                        cache_dir: Path | None = None) -> dict:
   if config is None:
     config = load_config_file(config_path)
   config = apply_overrides(config, overrides)
   workdir = Path(workdir)
   preset = load_config_file(tpu_path)
-  text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
+  text_encoder = shared_text_encoder(config.data.text_len)
   if text_encoder.dim != config.unet.cross_attention_dim:
     raise ConfigError(f'unet.cross_attention_dim {config.unet.cross_attention_dim} != text encoder width {text_encoder.dim}')
-  data = CaptionedImages(config.data, text_encoder, cache_dir=workdir / 'cache')
+  data = CaptionedImages(config.data, text_encoder, cache_dir=cache_dir or workdir / 'cache')
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
   workdir.mkdir(parents=True, exist_ok=True)
   write_json_atomic(workdir / CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from attrib.diffusion import ScheduleConfig
+from core.errors import ConfigError
 from attrib.unet_config import UNetConfig
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig
@@ -32,6 +33,13 @@ class SampleConfig:
   # Classifier-free guidance scale.
   guidance: float = 3.0
 
+  def __post_init__(self):
+    # Checked when the config is loaded, not after a whole training run (the samples come last).
+    if self.method not in ('ddim', 'ddpm'):
+      raise ConfigError(f"sample.method {self.method!r}: expected 'ddim' or 'ddpm'")
+    if self.num_steps < 1:
+      raise ConfigError(f'sample.num_steps must be >= 1, got {self.num_steps}')
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
@@ -47,3 +55,8 @@ class DiffusionConfig:
   optim: OptimConfig = OptimConfig()
   # Steps, batch, logging, checkpoints.
   train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    total = self.schedule.num_train_timesteps
+    if self.sample.num_steps > total or total % self.sample.num_steps:
+      raise ConfigError(f'sample.num_steps {self.sample.num_steps} must divide schedule.num_train_timesteps {total}')

@@ -17,7 +17,7 @@ from attrib.commands import load_run, restore_unet, train_model_command
 from attrib.curation import read_rank_records
 from attrib.diffusion import NoiseSchedule
 from attrib.teacher import Teacher, TeacherConfig
-from attrib.text_encoder import MiniLMTextEncoder
+from attrib.text_encoder import shared_text_encoder
 from core import progress
 from core.config import ConfigError
 from core.workdir import versions, write_json_atomic
@@ -76,7 +76,7 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
   if any(len(r['ranked_ids']) < k for r in records):
     raise ConfigError(f'--k {k} exceeds the candidates ranked per query')
   queries = np.load(workdir / 'teacher' / 'queries.npz')
-  text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
+  text_encoder = shared_text_encoder(config.data.text_len)
   query_context = np.asarray(text_encoder([str(p) for p in queries['prompts'][:num_queries]])[0])
   # The training set's size from the data it was trained on (result files are reports, not state).
   training_size = None
@@ -100,7 +100,8 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
       overrides.append(f'data.exclude_path={run / "excluded.txt"}')
     if not _finished(run, steps):
       progress.say(f'counterfactual: training {name} ({steps} steps)')
-      train_model_command('', tpu, str(run), overrides, evaluate=False, config=recipe)
+      # The captions' text states are the parent model's (same captions): encode them once.
+      train_model_command('', tpu, str(run), overrides, evaluate=False, config=recipe, cache_dir=workdir / 'cache')
     announce(name)
     return run
 

@@ -29,7 +29,7 @@ from attrib.diffusion import NoiseSchedule
 from attrib.precomputed import LazyRows, PrecomputedLatents
 from attrib.released import training_set_dir
 from attrib.teacher import Teacher, TeacherConfig
-from attrib.text_encoder import MiniLMTextEncoder, mean_pool_normalise
+from attrib.text_encoder import mean_pool_normalise, shared_text_encoder
 from core import progress
 from core.config import ConfigError, apply_overrides
 from core.mesh import MESH_AXES
@@ -140,7 +140,7 @@ def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarra
 
 
 def _digits_setup(workdir: Path, config, graphdef, params, num_queries: int, out: Path, split: str):
-  text_encoder = MiniLMTextEncoder(max_len=config.data.text_len)
+  text_encoder = shared_text_encoder(config.data.text_len)
   data = CaptionedImages(config.data, text_encoder, cache_dir=workdir / 'cache')
   progress.say(f'teacher: generating {num_queries} queries from held-out prompts (or reading them back)')
   query_images, prompts = make_queries(config, graphdef, params, data, num_queries, out / 'queries.npz', split)

@@ -51,11 +51,11 @@ class DigitFeaturizer:
 
   def __init__(self, workdir: Path):
     from attrib.commands import load_run, restore_unet
-    from attrib.text_encoder import MiniLMTextEncoder
+    from attrib.text_encoder import shared_text_encoder
     self.config, tpu = load_run(workdir)
     self.graphdef, self.params, self.mesh, preset, _ = restore_unet(workdir, self.config, tpu)
     self.rules = preset.logical_rules
-    self.text_encoder = MiniLMTextEncoder(max_len=self.config.data.text_len)
+    self.text_encoder = shared_text_encoder(self.config.data.text_len)
     uncond = jnp.asarray(self.text_encoder([''])[0][0])
     graphdef = self.graphdef
 

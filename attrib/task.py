@@ -1,6 +1,8 @@
 """Denoising (ε-prediction) training of the U-Net on the shared engine."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,12 +44,18 @@ class DenoisingTask:
 
   def flops_per_example(self) -> float:
     if self._flops is None:  # XLA's own count of one forward, x3 for forward + backward
-      c = self.unet_config
-      graphdef, state = nnx.split(nnx.eval_shape(lambda: self.make_model(nnx.Rngs(0))))
-      x = jax.ShapeDtypeStruct((1, c.sample_size, c.sample_size, c.in_channels), jnp.float32)
-      ctx = jax.ShapeDtypeStruct((1, self.text_len, c.cross_attention_dim), jnp.float32)
-      cost = jax.jit(lambda s, x, ctx: nnx.merge(graphdef, s)(x, jnp.zeros((1,), jnp.int32), ctx)).lower(
-          nnx.to_pure_dict(state), x, ctx).compile().cost_analysis()
-      cost = cost[0] if isinstance(cost, list) else cost
-      self._flops = 3 * float(cost.get('flops', 0.0))
+      self._flops = _forward_flops(self.unet_config, self.text_len)
     return self._flops
+
+
+@functools.lru_cache(maxsize=8)
+def _forward_flops(c: UNetConfig, text_len: int) -> float:
+  """Training FLOPs of one example: XLA's count of one forward, x3 for forward + backward (one
+  compile per U-Net config and process, however many models a job trains)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(c, nnx.Rngs(0))))
+  x = jax.ShapeDtypeStruct((1, c.sample_size, c.sample_size, c.in_channels), jnp.float32)
+  ctx = jax.ShapeDtypeStruct((1, text_len, c.cross_attention_dim), jnp.float32)
+  cost = jax.jit(lambda s, x, ctx: nnx.merge(graphdef, s)(x, jnp.zeros((1,), jnp.int32), ctx)).lower(
+      nnx.to_pure_dict(state), x, ctx).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return 3 * float(cost.get('flops', 0.0))

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 
 from attrib.diffusion import NoiseSchedule, epsilon_loss
 from core import progress
+from core.errors import ConfigError
 from core.sharding import logical_to_spec
 
 
@@ -40,6 +41,14 @@ class TeacherConfig:
   score_timestep_stride: int = 50
   # Candidates per jitted scoring call (per host).
   candidate_batch: int = 256
+
+  def __post_init__(self):
+    for name in ('fisher_samples_per_image', 'query_grad_samples', 'unlearn_steps', 'score_timestep_stride',
+                 'candidate_batch'):
+      if getattr(self, name) < 1:
+        raise ConfigError(f'{name} must be >= 1, got {getattr(self, name)}')
+    if self.fisher_images < 0 or self.step_size <= 0 or self.fisher_damping < 0:
+      raise ConfigError('fisher_images must be >= 0, step_size > 0 and fisher_damping >= 0')
 
 
 def is_unlearned(path: tuple) -> bool:

