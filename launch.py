@@ -5,6 +5,9 @@
   python launch.py lvm eval --workdir DIR --data PATH
   python launch.py lvm import-hf --hf-dir HF_DIR --workdir DIR
   python launch.py lvm export-hf --workdir DIR --out HF_DIR
+  python launch.py lvm train-tokenizer --config lvm/configs/tokenizer_tiny.py --tpu tpu_configs/cpu_1.py --workdir DIR
+  python launch.py lvm import-tokenizer --weights VQMODEL_DIR --workdir DIR
+  python launch.py lvm tokenize --tokenizer DIR --source builtin:digits|FOLDER --kind video|analogy|groups|... --out DIR
   python launch.py attrib train-model --config attrib/configs/digits.py --workdir DIR
   python launch.py attrib import-diffusers --weights model.bin --workdir DIR [--set data.train_path=latents:D]
   python launch.py attrib teacher --workdir DIR --queries N --candidates M|all [--query-dir D] [--neighbours F]
@@ -35,10 +38,10 @@ def _trained_preset(workdir: str | None) -> str | None:
 
 def _prepare_runtime(args) -> None:
   """Set up jax before its first import: forced CPU devices for cpu presets, multi-process init."""
-  from core.config import load_config_file
-  tpu_path = getattr(args, 'tpu', None) or _trained_preset(getattr(args, 'workdir', None))
+  from core.mesh import load_preset
+  tpu_path = getattr(args, 'tpu', None) or _trained_preset(getattr(args, 'workdir', None) or getattr(args, 'tokenizer', None))
   if tpu_path:
-    preset = load_config_file(tpu_path)
+    preset = load_preset(tpu_path)
     if preset.accelerator_type == 'cpu':
       from core.xla_flags import cpu_xla_flags
       os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''), preset.devices_per_host)
@@ -131,7 +134,9 @@ def main(argv=None) -> int:
   except UserError as e:
     if debug:
       raise
-    message = ' '.join(str(e).split())  # one line, whatever the message's own layout
+    # One line: control characters a user typed (a newline in a path) are shown escaped, so the
+    # line says exactly what was given and cannot be mistaken for two messages.
+    message = str(e).strip().translate({ord('\n'): '\\n', ord('\r'): '\\r', ord('\t'): '\\t'})
     print(f'error: {message}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
@@ -175,11 +180,34 @@ def _run(argv: list[str]) -> int:
   i.add_argument('--hf-dir', required=True)
   i.add_argument('--workdir', required=True)
   i.add_argument('--tpu', help='slice preset to shard the imported weights for')
-  i.add_argument('--seq-len', type=int, default=4096, help='record length the workdir will train/eval on')
+  i.add_argument('--seq-len', type=int, default=None,
+                 help='record length the workdir will train on (default: the model\'s max_position_embeddings)')
   x = lvm.add_parser('export-hf', help='workdir checkpoint -> LlamaForCausalLM safetensors dir')
   x.add_argument('--workdir', required=True)
   x.add_argument('--out', required=True)
   x.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+
+  tt = lvm.add_parser('train-tokenizer', help='train a VQGAN image tokenizer')
+  tt.add_argument('--config', required=True)
+  tt.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_1.py'))
+  tt.add_argument('--workdir', required=True)
+  tt.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  add_distributed(tt)
+  ti = lvm.add_parser('import-tokenizer', help='released VQGAN (diffusers VQModel dir or open-muse weights) -> workdir')
+  ti.add_argument('--weights', required=True, help='VQModel directory, or a weights file with config.json beside it')
+  ti.add_argument('--workdir', required=True)
+  ti.add_argument('--tpu', help='slice preset to shard the weights for (default: cpu_1)')
+  tk = lvm.add_parser('tokenize', help='images -> visual sentences of tokens (ArrayRecord shards + manifest)')
+  tk.add_argument('--tokenizer', required=True, help='a tokenizer workdir')
+  tk.add_argument('--source', default='builtin:digits', help='builtin:digits, builtin:photos or an image folder')
+  tk.add_argument('--kind', action='append', help='sentence kind(s); default: every kind the source supports')
+  tk.add_argument('--out', required=True)
+  tk.add_argument('--frames', type=int, default=4, help='images per visual sentence')
+  tk.add_argument('--sentences', type=int, default=2048, help='sentences per kind')
+  tk.add_argument('--records-per-shard', type=int, default=512)
+  tk.add_argument('--strict', action='store_true', help='fail on an unreadable image instead of skipping it')
+  tk.add_argument('--seed', type=int, default=0)
+  tk.add_argument('--tpu')
 
   a = sub.add_parser('attrib', help='data attribution jobs').add_subparsers(dest='command', required=True)
   am = a.add_parser('train-model', help='train the text-to-image diffusion model')
@@ -278,6 +306,8 @@ def _run(argv: list[str]) -> int:
     from data_pipelines.token_formats import read_token_file
     from data_pipelines.token_records import write_token_shards
     from core import progress
+    from core.config import check_at_least
+    check_at_least(1, seq_len=args.seq_len, vocab_size=args.vocab_size, records_per_shard=args.records_per_shard)
     counted = _counted(read_token_file(args.input, seq_len=args.seq_len, vocab_size=args.vocab_size))
     paths = write_token_shards(counted, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
                                records_per_shard=args.records_per_shard)
@@ -330,6 +360,17 @@ def _run(argv: list[str]) -> int:
       result = commands.eval_command(args.workdir, args.data, args.tpu, args.target_tokens, args.batch_size)
     elif args.command == 'import-hf':
       result = commands.import_hf_command(args.hf_dir, args.workdir, args.tpu, args.seq_len)
+    elif args.command == 'train-tokenizer':
+      from lvm.tokenizer_commands import train_tokenizer_command
+      result = train_tokenizer_command(args.config, args.tpu, args.workdir, args.set)
+    elif args.command == 'import-tokenizer':
+      from lvm.tokenizer_commands import import_tokenizer_command
+      result = import_tokenizer_command(args.weights, args.workdir, args.tpu)
+    elif args.command == 'tokenize':
+      from lvm.sentences import tokenize_command
+      result = tokenize_command(args.tokenizer, args.source, args.kind, args.out, frames=args.frames,
+                                sentences=args.sentences, records_per_shard=args.records_per_shard,
+                                strict=args.strict, seed=args.seed, tpu_path=args.tpu)
     else:
       result = commands.export_hf_command(args.workdir, args.out, args.dtype)
   _print_result(result)

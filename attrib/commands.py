@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -17,26 +16,22 @@ from attrib.data import CaptionDropout, CaptionedImages
 from attrib.task import DenoisingTask
 from attrib.text_encoder import shared_text_encoder
 from core import progress
-from core.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
+from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.mesh import load_preset
 from core.train_loop import restore_latest_params, train
-from core.workdir import versions, write_json_atomic
+from core.workdir import RUN_CONFIG_FILE, make_workdir, read_run_config, versions, write_json_atomic
 from data_pipelines.token_loader import record_batches
 
-CONFIG_FILE = 'config.json'
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
 
 
 def load_run(workdir: Path) -> tuple[DiffusionConfig, str]:
-  path = Path(workdir) / CONFIG_FILE
-  if not path.is_file():
-    raise ConfigError(f'{path} not found: is {workdir} a workdir made by attrib train-model?')
-  stored = json.loads(path.read_text())
-  return from_dict(DiffusionConfig, stored['config']), stored['tpu']
+  return read_run_config(workdir, DiffusionConfig, '`attrib train-model` or `attrib import-diffusers`')
 
 
 def restore_unet(workdir: Path, config: DiffusionConfig, tpu_path: str):
   """(graphdef, params, mesh, preset, step) of the latest checkpoint."""
-  preset = load_config_file(tpu_path)
+  preset = load_preset(tpu_path)
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
   graphdef, params, mesh, step = restore_latest_params(task, workdir, preset)
   return graphdef, params, mesh, preset, step
@@ -84,17 +79,17 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
                         evaluate: bool = True, config: DiffusionConfig | None = None,
                         cache_dir: Path | None = None) -> dict:
   if config is None:
-    config = load_config_file(config_path)
+    config = load_config_file(config_path, expect=DiffusionConfig)
   config = apply_overrides(config, overrides)
   workdir = Path(workdir)
-  preset = load_config_file(tpu_path)
+  preset = load_preset(tpu_path)
   text_encoder = shared_text_encoder(config.data.text_len)
   if text_encoder.dim != config.unet.cross_attention_dim:
     raise ConfigError(f'unet.cross_attention_dim {config.unet.cross_attention_dim} != text encoder width {text_encoder.dim}')
   data = CaptionedImages(config.data, text_encoder, cache_dir=cache_dir or workdir / 'cache')
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(workdir / CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+  make_workdir(workdir)
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
 
   def make_iterator(process_index, process_count):
     return record_batches(data, global_batch=config.train.global_batch, seed=config.train.seed,

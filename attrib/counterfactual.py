@@ -19,7 +19,7 @@ from attrib.diffusion import NoiseSchedule
 from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import shared_text_encoder
 from core import progress
-from core.config import ConfigError
+from core.config import ConfigError, check_at_least
 from core.workdir import versions, write_json_atomic
 
 
@@ -65,8 +65,13 @@ def ranking_top_k(workdir: Path, ranking: str, queries, records, k: int) -> list
 
 def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, steps: int,
                            tpu_path: str | None, rankings: tuple[str, ...] = ('teacher',)) -> dict:
+  check_at_least(1, k=k, queries=num_queries, seeds=seeds, steps=steps)
   workdir = Path(workdir)
   config, trained_tpu = load_run(workdir)
+  for name in rankings:
+    if name not in ('teacher', 'student') and not (workdir / 'features' / name).is_dir():
+      raise ConfigError(f"--ranking {name!r}: expected 'teacher', 'student' or a base feature with "
+                        f"features in {workdir / 'features' / name} (run `attrib features` first)")
   ranks_path = workdir / 'teacher' / 'ranks.arrayrecord'
   if not ranks_path.exists():
     raise ConfigError(f'{ranks_path} not found: run `attrib teacher` on {workdir} first')

@@ -10,9 +10,7 @@ gathers them into one ArrayRecord shard (one record per query).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,24 +29,9 @@ from attrib.released import training_set_dir
 from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import mean_pool_normalise, shared_text_encoder
 from core import progress
-from core.config import ConfigError, apply_overrides
+from core.config import ConfigError, apply_overrides, check_at_least
 from core.mesh import MESH_AXES
-from core.workdir import versions, write_json_atomic
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-  temp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-  with open(temp, 'wb') as f:
-    np.save(f, array)
-  os.replace(temp, path)
-
-
-def _save_npz_atomic(path: Path, **arrays) -> None:
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  temp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-  temp.write_bytes(buffer.getvalue())
-  os.replace(temp, path)
+from core.workdir import atomic_path, save_npy_atomic, save_npz_atomic, versions, write_json_atomic
 
 
 def base_features(images, text_embeddings) -> np.ndarray:
@@ -95,7 +78,7 @@ def make_queries(config: DiffusionConfig, graphdef, params, data: CaptionedImage
   images = np.concatenate([generate(graphdef, params, config, context[q:q + 1], data.uncond, seed=seeds[q],
                                     desc=f'query {q + 1}/{count}') for q in range(count)])
   if jax.process_index() == 0:
-    _save_npz_atomic(out, images=images, prompts=np.array(prompts))
+    save_npz_atomic(out, images=images, prompts=np.array(prompts))
   return images, prompts
 
 
@@ -181,6 +164,7 @@ def _local_teacher_mesh(mesh, params):
 def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: str | None,
                     overrides: list[str], query_dir: str | None = None, neighbours: str | None = None,
                     split: str = 'test') -> dict:
+  check_at_least(1, queries=num_queries)
   workdir = Path(workdir)
   config, trained_tpu = load_run(workdir)
   teacher_config: TeacherConfig = apply_overrides(TeacherConfig(), overrides)
@@ -228,7 +212,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     fisher = teacher.fisher(_gather(train.latent_rows, fisher_rows), _gather(train.text_rows(0), fisher_rows))
     fisher = {k: np.asarray(v) for k, v in fisher.items()}
     if jax.process_index() == 0:
-      _save_npz_atomic(fisher_path, **fisher)
+      save_npz_atomic(fisher_path, **fisher)
   # θ₀ losses [F, N], filled in as candidates need them (NaN = not computed yet).
   base_losses = (np.load(base_path).reshape(train.num_flips, train.num_images) if base_path.exists()
                  else np.full((train.num_flips, train.num_images), np.nan))
@@ -254,7 +238,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
       base_losses[:, missing] = candidate_losses(teacher, teacher.kv0, train, missing,
                                                  desc=f'query {q + 1}/{num_queries}: θ₀ losses')
       if jax.process_count() == 1:  # hosts fill different entries; only a lone process may cache them
-        _save_npy_atomic(base_path, base_losses)
+        save_npy_atomic(base_path, base_losses)
     kv = teacher.unlearn(fisher, queries.images[q], queries.context[q], q)
     # Score = loss increase; with flipped copies the larger of the two (AbU App. B.4).
     after = candidate_losses(teacher, kv, train, cand, desc=f'query {q + 1}/{num_queries}: scoring {len(cand)}')
@@ -263,7 +247,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     query_loss = teacher.losses(kv, *query_rows)
     query_base = teacher.losses(teacher.kv0, *query_rows)
     order = np.argsort(-scores, kind='stable')  # most influential first
-    _save_npz_atomic(path, query=q, candidates=cand, scores=scores, ranked_ids=train.index[cand[order]],
+    save_npz_atomic(path, query=q, candidates=cand, scores=scores, ranked_ids=train.index[cand[order]],
                      query_loss_before=query_base[0], query_loss_after=query_loss[0],
                      seconds=time.time() - query_started)
     done += 1
@@ -290,14 +274,13 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
 def write_rank_records(records: list[dict], path: Path) -> None:
   """One ArrayRecord record per query: JSON header line, then int32 ranked ids and float32 scores."""
   from array_record.python.array_record_module import ArrayRecordWriter
-  temp = path.with_name(f'.{path.name}.tmp')
-  writer = ArrayRecordWriter(str(temp), 'group_size:1')
-  for r in records:
-    order = np.argsort(-r['scores'], kind='stable')
-    header = json.dumps({'query': int(r['query']), 'm': int(len(order))}).encode() + b'\n'
-    writer.write(header + r['ranked_ids'].astype('<i4').tobytes() + r['scores'][order].astype('<f4').tobytes())
-  writer.close()
-  os.replace(temp, path)
+  with atomic_path(path) as temp:
+    writer = ArrayRecordWriter(str(temp), 'group_size:1')
+    for r in records:
+      order = np.argsort(-r['scores'], kind='stable')
+      header = json.dumps({'query': int(r['query']), 'm': int(len(order))}).encode() + b'\n'
+      writer.write(header + r['ranked_ids'].astype('<i4').tobytes() + r['scores'][order].astype('<f4').tobytes())
+    writer.close()
 
 
 def read_rank_records(path: Path) -> list[dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from attrib.embedder import DistillTask, EmbedderConfig, unit_rows
+from attrib.embedder import DistillTask, unit_rows
 from attrib.fastgda_config import FastGDAConfig
 from attrib.index import Index
 from attrib.student_data import (PairBatches, check_ranks, load_features, load_ranks, pair_iterator,
@@ -27,10 +26,11 @@ from attrib.student_data import (PairBatches, check_ranks, load_features, load_r
 from core import progress
 from core.batching import map_batches
 from core.config import apply_overrides, from_dict, load_config_file, to_dict
+from core.mesh import load_preset
 from core.errors import ConfigError
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig, restore_latest_params, train
-from core.workdir import versions, write_json_atomic
+from core.workdir import save_npy_atomic, versions, write_json_atomic
 
 STUDENT_DIR = 'student'
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
@@ -67,7 +67,7 @@ def optim_config(config: FastGDAConfig) -> OptimConfig:
 def restore_embedder(workdir: str | Path, run: StudentRun | None = None):
   """(graphdef, params, mesh, preset, step) of the student's latest checkpoint."""
   run = run or load_student_run(workdir)
-  preset = load_config_file(run.tpu)
+  preset = load_preset(run.tpu)
   graphdef, params, mesh, step = restore_latest_params(DistillTask(run.config.embedder), student_dir(workdir), preset)
   return graphdef, params, mesh, preset, step
 
@@ -93,21 +93,14 @@ def pair_losses(graphdef, params, query_feats, train_feats, ranks: np.ndarray) -
   return total / max(1, len(ranks))
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-  temp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-  with open(temp, 'wb') as f:
-    np.save(f, array)
-  os.replace(temp, path)
-
-
 def distill_command(workdir: str, config_path: str, tpu_path: str | None, overrides: list[str],
                     features_dir: str | None = None, ranks_path: str | None = None) -> dict:
   workdir = Path(workdir)
-  config: FastGDAConfig = apply_overrides(load_config_file(config_path), overrides)
+  config: FastGDAConfig = apply_overrides(load_config_file(config_path, expect=FastGDAConfig), overrides)
   features_dir = Path(features_dir) if features_dir else workdir / 'features' / config.feature
   ranks_path = Path(ranks_path) if ranks_path else workdir / 'teacher_train' / 'ranks.arrayrecord'
   tpu = str(Path(tpu_path or DEFAULT_TPU).resolve())
-  preset = load_config_file(tpu)
+  preset = load_preset(tpu)
 
   # Every input is opened and checked before anything is written or compiled.
   train_feats = load_features(features_dir, 'train')
@@ -170,7 +163,7 @@ def finish_student(workdir: Path, run: StudentRun, val_ranks: np.ndarray, val_qu
   train_feats = load_features(run.features, 'train')
   embeddings = embed(graphdef, params, train_feats, mesh, preset.logical_rules)
   out = student_dir(workdir)
-  _save_npy_atomic(out / 'embeddings.npy', embeddings)
+  save_npy_atomic(out / 'embeddings.npy', embeddings)
   progress.say(f'distill: building the ScaNN index over {len(embeddings)} rows')
   index = Index.build(embeddings, None, run.config.index)
   index.save(out / 'index')

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from core.errors import ConfigError
+from core.layers import logical_sharding_only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,6 @@ class EmbedderConfig:
       raise ConfigError(f'embedder.dropout must be in [0, 1), got {self.dropout}')
 
 
-nnx.use_eager_sharding(False)  # shard by the preset's rules at init time, not by a global mesh
 
 
 class _Dense(nnx.Module):
@@ -60,6 +60,7 @@ class _Dense(nnx.Module):
 class Embedder(nnx.Module):
   """φ [b, input_dim] -> g(φ) [b, output_dim]; plus the score's scalars a and b."""
 
+  @logical_sharding_only
   def __init__(self, config: EmbedderConfig, rngs: nnx.Rngs):
     widths = (config.input_dim,) + tuple(config.hidden) + (config.output_dim,)
     xavier = nnx.initializers.xavier_uniform()

@@ -8,7 +8,6 @@ score, most influential first), on test queries the student never trained on.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np

@@ -16,7 +16,6 @@ in batches sharded over the mesh, written atomically, and skipped when present (
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -28,6 +27,7 @@ from attrib.student_data import FEATURE_FILES
 from core import progress
 from core.batching import map_batches
 from core.errors import ConfigError
+from core.workdir import save_npy_atomic
 
 DIGIT_PARTS = ('pixels', 'unet', 'text')
 
@@ -78,13 +78,6 @@ class DigitFeaturizer:
     return np.concatenate([self.part(p, images, texts) for p in parts_of(name)], axis=1)
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-  temp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-  with open(temp, 'wb') as f:
-    np.save(f, array)
-  os.replace(temp, path)
-
-
 def digit_feature_sets(workdir: Path) -> dict[str, tuple[np.ndarray, list[str]] | None]:
   """(images, texts) of the training set and of each query split that the teacher has generated."""
   from attrib.commands import load_run
@@ -125,7 +118,7 @@ def features_command(workdir: str, names: list[str]) -> dict:
       if path.exists() and np.load(path, mmap_mode='r').shape[0] == len(images):
         continue
       progress.say(f'features: {name} of {len(images)} {which.replace("_", " ")}')
-      _save_atomic(path, featurizer(name, images, texts))
+      save_npy_atomic(path, featurizer(name, images, texts))
       written.append(str(path))
   for line in skipped:
     progress.say(f'features: skipped {line}')
@@ -214,12 +207,11 @@ def tower_features_command(workdir: str, names: list[str], dino_dir: str | None,
                            lists: dict[str, str], tpu_path: str) -> dict:
   """Full-scale φ for image lists (training set, training queries, test queries) into
   WORKDIR/features/<name>/ in FastGDA's layout; files already written are kept (resume)."""
-  from core.config import load_config_file
-  from core.mesh import make_mesh
+  from core.mesh import load_preset, make_mesh
   sets = {which: read_image_list(path) for which, path in lists.items() if path}  # all lists checked first
   if 'train' not in sets:
     raise ConfigError('--train-list is required (the training images and their first captions)')
-  preset = load_config_file(tpu_path)
+  preset = load_preset(tpu_path)
   featurizer = TowerFeaturizer(dino_dir, clip_dir, make_mesh(preset), preset.logical_rules)
   written = []
   for name in names:
@@ -230,7 +222,7 @@ def tower_features_command(workdir: str, names: list[str], dino_dir: str | None,
       if path.exists() and np.load(path, mmap_mode='r').shape[0] == len(images):
         continue
       progress.say(f'features: {name} of {len(images)} {which.replace("_", " ")}')
-      _save_atomic(path, featurizer(name, images, captions))
+      save_npy_atomic(path, featurizer(name, images, captions))
       written.append(str(path))
   return {'job': 'attrib features', 'features': names, 'written': written,
           'directory': str(Path(workdir) / 'features')}

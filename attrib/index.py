@@ -19,7 +19,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ConfigError, UserError
+from core.workdir import atomic_path
 
 INDEX_FILE = 'index.json'
 FORMAT_VERSION = 1
@@ -183,17 +183,17 @@ class Index:
   def save(self, directory: str | Path) -> None:
     """Written beside the target and renamed into place: a crash never leaves half an index."""
     directory = Path(directory)
-    temp = directory.with_name(f'.{directory.name}.tmp{os.getpid()}')
-    shutil.rmtree(temp, ignore_errors=True)
-    (temp / 'scann').mkdir(parents=True)
-    self.searcher.serialize(str(temp / 'scann'), relative_path=True)
-    np.save(temp / 'ids.npy', self.ids)
-    files = sorted(p for p in temp.rglob('*') if p.is_file())
-    meta = dict(self.meta, files={str(p.relative_to(temp)): _sha256(p) for p in files})
-    (temp / INDEX_FILE).write_text(json.dumps(meta, indent=1))
     if directory.exists():
+      # os.replace cannot put a directory over a non-empty one; the old index goes first, so a
+      # crash in between leaves no index (a clear "missing" error), never a mixed one.
       shutil.rmtree(directory)
-    os.replace(temp, directory)
+    with atomic_path(directory) as temp:
+      (temp / 'scann').mkdir(parents=True)
+      self.searcher.serialize(str(temp / 'scann'), relative_path=True)
+      np.save(temp / 'ids.npy', self.ids)
+      files = sorted(p for p in temp.rglob('*') if p.is_file())
+      meta = dict(self.meta, files={str(p.relative_to(temp)): _sha256(p) for p in files})
+      (temp / INDEX_FILE).write_text(json.dumps(meta, indent=1))
 
   @classmethod
   def load(cls, directory: str | Path) -> 'Index':

@@ -12,7 +12,7 @@ import numpy as np
 from core.workdir import versions, write_json_atomic
 
 
-def _tile(image_hw: np.ndarray, scale: int) -> 'Image.Image':
+def _tile(image_hw: np.ndarray, scale: int):  # -> PIL.Image.Image
   from PIL import Image
   grey = ((np.clip(image_hw, -1, 1) + 1) * 127.5).round().astype(np.uint8)
   return Image.fromarray(grey).resize((grey.shape[1] * scale, grey.shape[0] * scale), Image.NEAREST)

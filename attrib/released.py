@@ -20,14 +20,13 @@ import numpy as np
 from attrib.config import DiffusionConfig
 from attrib.precomputed import PrecomputedLatents
 from attrib.task import DenoisingTask
-from attrib.unet_weights import WeightImportError, params_from_diffusers
-from core import checkpoint
-from core.config import ConfigError, apply_overrides, load_config_file, to_dict
-from core.mesh import make_mesh
+from core.torch_layout import WeightImportError, params_from_diffusers
+from core.config import ConfigError, apply_overrides, load_config_file
+from core.mesh import load_preset, make_mesh
 from core.sharding import activation_sharding
 from core.train_loop import init_state
 from core.optim import OptimConfig
-from core.workdir import versions, write_json_atomic
+from core.workdir import versions, write_imported_run, write_json_atomic
 
 LATENTS_PREFIX = 'latents:'
 
@@ -39,7 +38,10 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     raise WeightImportError(f'{path} not found')
   if path.suffix == '.safetensors':
     from safetensors.numpy import load_file
-    return load_file(str(path))
+    try:
+      return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+      raise WeightImportError(f'{path}: not a readable safetensors file ({e})') from None
   try:
     import torch
   except ImportError:
@@ -62,30 +64,30 @@ def training_set_dir(config: DiffusionConfig) -> Path | None:
 def import_diffusers_command(weights: str, config_path: str, tpu_path: str, workdir: str,
                              overrides: list[str]) -> dict:
   started = time.time()
-  config: DiffusionConfig = apply_overrides(load_config_file(config_path), overrides)
+  config: DiffusionConfig = apply_overrides(load_config_file(config_path, expect=DiffusionConfig), overrides)
   workdir = Path(workdir)
   if (workdir / 'checkpoints').exists() and any((workdir / 'checkpoints').iterdir()):
     raise ConfigError(f'{workdir} already holds checkpoints; import into an empty workdir')
-  data_dir = training_set_dir(config)
-  data = PrecomputedLatents(data_dir, config.unet, flipped_copies=True) if data_dir else None
-  if data is not None and data.text_len != config.data.text_len:
-    raise ConfigError(f'data.text_len {config.data.text_len} != {data.text_len} tokens in {data_dir}')
-
-  preset = load_config_file(tpu_path)
+  preset = load_preset(tpu_path)
   mesh = make_mesh(preset)
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
   with activation_sharding(mesh, preset.logical_rules):  # shapes and shardings only, nothing allocated
     _, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
-  host_params = params_from_diffusers(read_state_dict(weights), abstract_params)
+  # The weights the user named are checked first (every key and shape), then the training set.
+  try:
+    host_params = params_from_diffusers(read_state_dict(weights), abstract_params)
+  except WeightImportError as e:
+    if str(weights) in str(e):
+      raise
+    raise WeightImportError(f'{weights}: {e}') from None
+  data_dir = training_set_dir(config)
+  data = PrecomputedLatents(data_dir, config.unet, flipped_copies=True) if data_dir else None
+  if data is not None and data.text_len != config.data.text_len:
+    raise ConfigError(f'data.text_len {config.data.text_len} != {data.text_len} tokens in {data_dir}')
   params = jax.tree.map(lambda value, leaf: jax.make_array_from_callback(leaf.shape, leaf.sharding,
                                                                          lambda idx, v=value: v[idx]),
                         host_params, abstract_params)
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(workdir / 'config.json', {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
-  manager = checkpoint.make_manager(workdir, async_save=False)
-  checkpoint.save(manager, 0, params=params, meta={'imported_from': str(weights)}, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  write_imported_run(workdir, config, tpu_path, params, source=weights)
   result = {'job': 'attrib import-diffusers', 'weights': str(weights),
             'parameters': int(sum(np.size(v) for v in jax.tree.leaves(host_params))),
             'training_images': data.num_images if data else None,

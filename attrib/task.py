@@ -5,7 +5,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from attrib.diffusion import NoiseSchedule, ScheduleConfig, epsilon_loss

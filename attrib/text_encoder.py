@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-nnx.use_eager_sharding(False)
+from core.layers import logical_sharding_only
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,7 @@ class _Encoder(nnx.Module):
 class BertModel(nnx.Module):
   """token ids [b, m] + mask [b, m] -> token states [b, m, d] (HF BertModel's last_hidden_state)."""
 
+  @logical_sharding_only
   def __init__(self, config: BertConfig, rngs: nnx.Rngs):
     self.embeddings = _Embeddings(config, rngs)
     self.encoder = _Encoder(config, rngs)

@@ -14,49 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attrib.unet_config import UNetConfig
+from core.layers import conv as _conv, group_norm as _group_norm, linear as _linear, logical_sharding_only
 
-nnx.use_eager_sharding(False)
-
-
-def _linear(rngs, din, dout, bias=True):
-  return nnx.Linear(din, dout, use_bias=bias, rngs=rngs,
-                    kernel_metadata={'out_sharding': ('embed', 'channels')},
-                    bias_metadata={'out_sharding': ('channels',)})
-
-
-def _conv(rngs, cin, cout, kernel, stride=1):
-  return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding=kernel // 2, rngs=rngs,
-                  kernel_metadata={'out_sharding': (None, None, 'embed', 'channels')},
-                  bias_metadata={'out_sharding': ('channels',)})
-
-
-class GroupNorm(nnx.Module):
-  """GroupNorm over NHWC with `scale`/`bias` like nnx.GroupNorm, computed in two reduction stages.
-
-  Statistics are reduced over H, W first (per channel, contiguous in NHWC) and then over the channels
-  of a group. nnx.GroupNorm reduces over (H, W, channels-of-group) in one strided reduction, which
-  XLA:CPU runs 2-3x slower; the result is the same to float32 rounding.
-  """
-
-  def __init__(self, channels, groups, eps, rngs):
-    del rngs  # no random init: ones and zeros
-    self.groups, self.eps = groups, eps
-    self.scale = nnx.Param(jnp.ones((channels,)), out_sharding=('channels',))
-    self.bias = nnx.Param(jnp.zeros((channels,)), out_sharding=('channels',))
-
-  def __call__(self, x_bhwc):
-    b, _, _, c = x_bhwc.shape
-    per_group = c // self.groups
-    def group_mean(values_bc):  # [b, c] -> [b, 1, 1, c], each channel holding its group's mean
-      means_bg = values_bc.reshape(b, self.groups, per_group).mean(axis=-1)
-      return jnp.repeat(means_bg, per_group, axis=1)[:, None, None, :]
-    centred = x_bhwc - group_mean(x_bhwc.mean(axis=(1, 2)))
-    inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred).mean(axis=(1, 2))) + self.eps)
-    return centred * (inv_std * self.scale[...]) + self.bias[...]
-
-
-def _group_norm(rngs, channels, groups, eps):
-  return GroupNorm(channels, groups, eps, rngs)
 
 
 def timestep_embedding(timesteps_b: jax.Array, dim: int) -> jax.Array:
@@ -215,6 +174,7 @@ class MidBlock(nnx.Module):
 class UNet2DConditionModel(nnx.Module):
   """ε-prediction U-Net: (noisy x [b, h, w, c], timesteps [b], text [b, m, cross_dim]) -> ε [b, h, w, c]."""
 
+  @logical_sharding_only
   def __init__(self, config: UNetConfig, rngs: nnx.Rngs):
     self.config = config
     channels = config.block_out_channels

@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from core.errors import UserError
+from core.layers import logical_sharding_only
 
-nnx.use_eager_sharding(False)  # shard by the preset's rules at init time, not by a global mesh
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,6 +137,7 @@ class EncoderLayer(nnx.Module):
 class VisionTower(nnx.Module):
   """[b, H, W, 3] preprocessed images -> DINO CLS [b, hidden] or CLIP image features [b, projection]."""
 
+  @logical_sharding_only
   def __init__(self, c: TowerConfig, rngs: nnx.Rngs):
     self.config = c
     p, d = c.patch_size, c.hidden
@@ -170,6 +171,7 @@ class VisionTower(nnx.Module):
 class TextTower(nnx.Module):
   """CLIP text: token ids [b, 77] -> text features [b, projection] (CLIPModel.get_text_features)."""
 
+  @logical_sharding_only
   def __init__(self, c: TowerConfig, rngs: nnx.Rngs):
     self.config = c
     self.tokens = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.vocab_size, c.hidden)), out_sharding=('vocab', 'embed'))
@@ -279,7 +281,6 @@ def load_tower(hf_dir: str | Path, kind: str):
 # ---------------------------------------------------------------- preprocessing
 
 def _resize_crop(image, shortest: int, crop: int, resample) -> np.ndarray:
-  from PIL import Image
   image = image.convert('RGB')
   w, h = image.size
   scale = shortest / min(w, h)

@@ -30,7 +30,6 @@ def main():
   parser.add_argument('--out')
   args = parser.parse_args()
 
-  import jax
   import numpy as np
   import torch
   from diffusers import UNet2DConditionModel as TorchUNet
@@ -38,7 +37,7 @@ def main():
   from attrib.diffusion import NoiseSchedule
   from attrib.teacher import Teacher, TeacherConfig
   from attrib.unet import UNet2DConditionModel
-  from attrib.unet_weights import params_to_diffusers
+  from core.torch_layout import params_to_diffusers
   from core.config import load_config_file
   from core.mesh import make_mesh
 

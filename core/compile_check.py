@@ -55,9 +55,9 @@ def _task_and_batch(kind: str, config_path: str):
 
 def remat_warnings(kind: str, config_path: str, tpu_path: str, timeout: int = 600) -> list[str]:
   """Compiles in a child process; returns the partitioner's full-rematerialisation warnings."""
-  from core.config import load_config_file
+  from core.mesh import load_preset
   from core.xla_flags import cpu_xla_flags
-  preset = load_config_file(tpu_path)
+  preset = load_preset(tpu_path)
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=cpu_xla_flags(' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
                                               if 'device_count' not in f), preset.num_devices))
@@ -74,9 +74,9 @@ def main() -> None:
   parser.add_argument('--config', required=True)
   parser.add_argument('--tpu', required=True)
   args = parser.parse_args()
-  from core.config import load_config_file
+  from core.mesh import load_preset
   config, task, shapes = _task_and_batch(args.task, args.config)
-  compile_train_step(task, load_config_file(args.tpu), config.optim, config.train.global_batch, shapes)
+  compile_train_step(task, load_preset(args.tpu), config.optim, config.train.global_batch, shapes)
   print('compiled')
 
 

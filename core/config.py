@@ -5,7 +5,7 @@ and an unknown key is rejected with the list of valid ones, so a typo never sile
 """
 from __future__ import annotations
 
-from core.errors import ConfigError, UserError  # noqa: F401 (ConfigError is re-exported)
+from core.errors import ConfigError  # noqa: F401 (re-exported: configs raise it)
 
 import dataclasses
 import importlib.util
@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def load_config_file(path: str | Path, *args) -> Any:
-  """Imports `path` and returns its `get_config(*args)`."""
+def load_config_file(path: str | Path, *args, expect: type | None = None) -> Any:
+  """Imports `path` and returns its `get_config(*args)`, checked to be an `expect` if given (so a
+  slice preset passed as a model config, or the reverse, is named at once)."""
   path = Path(path)
   if not path.is_file():
     raise ConfigError(f'config file not found: {path}')
@@ -26,10 +27,22 @@ def load_config_file(path: str | Path, *args) -> Any:
   spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[module_name] = module  # dataclasses need their module registered
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'{path} line {e.lineno}: {e.msg}') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config()')
-  return module.get_config(*args)
+  config = module.get_config(*args)
+  if expect is not None and not isinstance(config, expect):
+    raise ConfigError(f'{path} holds a {type(config).__name__}, but this argument needs a {expect.__name__} '
+                      f'file ({_EXPECTED_PLACE.get(expect.__name__, "see the README")})')
+  return config
+
+
+_EXPECTED_PLACE = {'SliceConfig': 'a preset from tpu_configs/', 'LvmConfig': 'a model config from lvm/configs/',
+                   'DiffusionConfig': 'a model config from attrib/configs/',
+                   'FastGDAConfig': 'a fastgda_*.py config from attrib/configs/'}
 
 
 def valid_keys(config: Any, prefix: str = '') -> list[str]:
@@ -150,3 +163,10 @@ def from_dict(cls: type, data: dict) -> Any:
       value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     kwargs[field.name] = value
   return cls(**kwargs)
+
+
+def check_at_least(minimum: int, **arguments: int | None) -> None:
+  """Command-line counts (`--queries 0`, `--k -1`) rejected by name before any work starts."""
+  for name, value in arguments.items():
+    if value is not None and value < minimum:
+      raise ConfigError(f'--{name.replace("_", "-")} must be >= {minimum}, got {value}')

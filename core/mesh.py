@@ -35,7 +35,8 @@ class SliceConfig:
   ici_mesh: tuple[int, ...]
   # Mesh sizes (data, fsdp, tensor) across slices over the data-centre network; -1 = the rest.
   dcn_mesh: tuple[int, ...]
-  # Peak dense FLOP/s of one device at the compute dtype, for MFU.
+  # Peak dense FLOP/s of one device at the compute dtype, for MFU; 0 = measure it on this machine
+  # (CPU presets: core/peak_flops.py).
   peak_flops_per_device: float
   # High-bandwidth memory per device in GiB (used to warn about configs that cannot fit).
   hbm_gib_per_device: float
@@ -43,6 +44,8 @@ class SliceConfig:
   logical_rules: tuple[LogicalRule, ...]
 
   def __post_init__(self):
+    if self.peak_flops_per_device < 0:
+      raise ConfigError(f'{self.name}: peak_flops_per_device must be >= 0 (0 = measure here)')
     for field in ('ici_mesh', 'dcn_mesh'):
       sizes = getattr(self, field)
       if len(sizes) != len(MESH_AXES):
@@ -105,3 +108,9 @@ def make_mesh(preset: SliceConfig, devices: list | None = None):
     # CPU/GPU: no physical topology to respect; keep process-major order so per-host data lines up.
     grid = np.array(devices).reshape(ici)
   return Mesh(grid, MESH_AXES)
+
+
+def load_preset(path) -> SliceConfig:
+  """A slice preset file (tpu_configs/*.py), rejected clearly if the file holds something else."""
+  from core.config import load_config_file
+  return load_config_file(path, expect=SliceConfig)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jax
 
+from core.workdir import write_bytes_atomic
+
 
 class MetricsLogger:
 
@@ -36,9 +38,7 @@ class MetricsLogger:
       return
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)['step'] <= step]
-    temp = self.path.with_suffix('.tmp')
-    temp.write_text(''.join(line + '\n' for line in kept))
-    temp.replace(self.path)
+    write_bytes_atomic(self.path, ''.join(line + '\n' for line in kept).encode())
 
   def log(self, step: int, metrics: dict) -> None:
     if not self.enabled:

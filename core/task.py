@@ -1,7 +1,7 @@
 """What a model family gives the engine: how to build the model and how to score a batch."""
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax
 from flax import nnx
@@ -23,3 +23,7 @@ class Task(Protocol):
 
   def tokens_per_example(self) -> int:
     """Tokens trained on per example, for tokens/s."""
+
+  # Optional: `after_update(graphdef, params, batch, step) -> (params, metrics)` runs inside the
+  # jitted step after the optimizer update, for changes that are not gradient steps. It must be a
+  # pure function of its arguments (seed randomness from `step`) so resumed runs stay identical.

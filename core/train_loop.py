@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from core import checkpoint
 from core.mesh import SliceConfig, make_mesh
+from core.peak_flops import peak_flops_per_device
 from core.metrics import MetricsLogger
 from core.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from core.sharding import activation_sharding, logical_to_spec, tree_shardings
 from core.task import Task
+from core.workdir import make_workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +151,9 @@ def make_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_sharding
     params = optax.apply_updates(params, updates)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(step),
                **aux}
+    if hasattr(task, 'after_update'):  # a non-gradient change (e.g. restarting dead codebook rows)
+      params, extra = task.after_update(graphdef, params, batch, step)
+      metrics.update(extra)
     return params, opt_state, metrics
 
   return train_step
@@ -164,7 +169,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   """
   # ---------------------------------------------------------------- setup
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  make_workdir(workdir)
   mesh = make_mesh(preset)
   rules = preset.logical_rules
   if train_config.global_batch % (optim.grad_accum * jax.process_count()):
@@ -208,7 +213,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   preemption = _Preemption()
   examples_per_step = train_config.global_batch
   flops_per_step = task.flops_per_example() * examples_per_step
-  peak_flops = preset.peak_flops_per_device * mesh.devices.size
+  peak_flops = peak_flops_per_device(preset) * mesh.devices.size
   step = start_step
   last_metrics: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0

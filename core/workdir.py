@@ -1,6 +1,13 @@
-"""Small helpers for the files every job writes into its workdir."""
+"""Small helpers for the files every job writes into its workdir.
+
+Every file a job writes goes through `atomic_path`: it is written under a temporary name next to its
+final place and renamed when complete, so a reader, a rerun or a resumed job never sees half a file,
+and a failing writer leaves nothing behind.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
@@ -8,16 +15,90 @@ from importlib import metadata
 from pathlib import Path
 
 import jax
+import numpy as np
+
+
+RUN_CONFIG_FILE = 'config.json'  # the run's config and slice preset: state later jobs read
+
+
+def read_run_config(workdir: str | Path, config_type: type, made_by: str):
+  """(config, preset path) a training or import job stored in `workdir`; a workdir of another kind
+  (an LVM run given to a diffusion command, or the reverse) is named as such."""
+  from core.config import from_dict
+  from core.errors import ConfigError
+  path = Path(workdir) / RUN_CONFIG_FILE
+  if not path.is_file():
+    raise ConfigError(f'{path} not found: is {workdir} a workdir made by {made_by}?')
+  try:
+    stored = json.loads(path.read_text())
+    return from_dict(config_type, stored['config']), stored['tpu']
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f'{path} does not describe a {config_type.__name__} run ({type(e).__name__}: {e}); '
+                      f'{workdir} was not made by {made_by}') from None
+
+
+def write_imported_run(workdir: str | Path, config, tpu_path: str | Path, params, source: str) -> None:
+  """A workdir holding imported weights as step 0 of a run, as if training had produced them: its
+  config and preset, then one checkpoint (written last, so a failure leaves no checkpoint to trust)."""
+  from core import checkpoint
+  from core.config import to_dict
+  workdir = make_workdir(workdir)
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+  manager = checkpoint.make_manager(workdir, async_save=False)
+  checkpoint.save(manager, 0, params=params, meta={'imported_from': str(source)}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def make_workdir(path: str | Path) -> Path:
+  """Creates a job's workdir; a path that is (or runs through) a file is a clear error."""
+  from core.errors import UserError
+  path = Path(path)
+  for part in (path, *path.parents):
+    if part.exists() and not part.is_dir():
+      raise UserError(f'workdir {path}: {part} is a file, not a directory; choose another --workdir')
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+  """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds."""
+  path = Path(path)
+  temp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+  try:
+    yield temp
+    os.replace(temp, path)
+  finally:
+    if temp.is_dir():
+      import shutil
+      shutil.rmtree(temp, ignore_errors=True)
+    else:
+      temp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+  with atomic_path(path) as temp:
+    temp.write_bytes(data)
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(array))
+  write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_npz_atomic(path: str | Path, **arrays) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
-  """Write to a temp name, then rename: readers never see a half-written file (process 0 only)."""
+  """A job's JSON file, written by process 0 only (the other hosts hold the same numbers)."""
   if jax.process_index() != 0:
     return
-  path = Path(path)
-  temp = path.with_name(f'.{path.name}.tmp')
-  temp.write_text(json.dumps(data, indent=1, default=str) + '\n')
-  os.replace(temp, path)
+  write_bytes_atomic(path, (json.dumps(data, indent=1, default=str) + '\n').encode())
 
 
 def default_file_mode() -> int:

@@ -1,6 +1,8 @@
 """Turn a data path from a config into a random-access token source, validated before training."""
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,26 @@ def open_token_source(path: str, *, seq_len: int, vocab_size: int):
     return InMemoryTokenSource(np.stack(list(read_token_file(path, seq_len=seq_len, vocab_size=vocab_size))),
                                path)
   return TokenRecordSource(find_shards(path), seq_len=seq_len, vocab_size=vocab_size)
+
+
+def record_length(path: str) -> int | None:
+  """Tokens per record of the data at `path`, read from its first record without loading the rest.
+
+  None for built-in data (generated at any length) and for anything unreadable, whose reader then
+  raises the precise error when the source is opened.
+  """
+  if path.startswith('builtin:') or not path:
+    return None
+  try:
+    suffix = Path(path).suffix
+    if suffix == '.npy':
+      array = np.load(path, mmap_mode='r', allow_pickle=False)
+      return int(array.shape[1]) if array.ndim == 2 else None
+    if suffix == '.jsonl':
+      with open(path) as f:
+        line = next(line for line in f if line.strip())
+      return len(base64.b64decode(json.loads(line)['tokens'], validate=True)) // 4
+    import grain.python as grain
+    return len(grain.ArrayRecordDataSource([str(find_shards(path)[0])])[0]) // 4
+  except Exception:  # noqa: BLE001 (the source's own reader reports what is wrong)
+    return None

@@ -2,41 +2,34 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from core import checkpoint
-from core.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
-from core.mesh import make_mesh
+from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import init_state, restore_latest_params, train
-from core.workdir import versions, write_json_atomic
+from core.workdir import RUN_CONFIG_FILE, make_workdir, read_run_config, versions, write_imported_run, write_json_atomic
 from data_pipelines.token_loader import token_batches
-from data_pipelines.token_sources import open_token_source
+from data_pipelines.token_sources import open_token_source, record_length
 from lvm import evaluate, hf_interop
 from lvm.config import LvmConfig
 from lvm.task import NextTokenTask
 
-CONFIG_FILE = 'config.json'
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
 
 
 def load_run_config(workdir: Path) -> tuple[LvmConfig, str]:
-  path = workdir / CONFIG_FILE
-  if not path.is_file():
-    raise ConfigError(f'{path} not found: is {workdir} an lvm workdir (made by train or import-hf)?')
-  stored = json.loads(path.read_text())
-  return from_dict(LvmConfig, stored['config']), stored.get('tpu', DEFAULT_TPU)
+  return read_run_config(workdir, LvmConfig, '`lvm train` or `lvm import-hf`')
 
 
 def _check_same_model(workdir: Path, config: LvmConfig) -> None:
   """Continuing a run with a different model or data layout would silently corrupt it: refuse."""
-  if not (workdir / CONFIG_FILE).is_file():
+  if not (workdir / RUN_CONFIG_FILE).is_file():
     return
   previous, _ = load_run_config(workdir)
   for group in ('model', 'data'):
@@ -50,16 +43,16 @@ def _check_same_model(workdir: Path, config: LvmConfig) -> None:
 
 
 def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
-  config: LvmConfig = apply_overrides(load_config_file(config_path), overrides)
+  config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
   workdir = Path(workdir)
   _check_same_model(workdir, config)
-  preset = load_config_file(tpu_path)
+  preset = load_preset(tpu_path)
   # Validate the data before any compile or init work starts.
   source = open_token_source(config.data.train_path, seq_len=config.data.seq_len,
                              vocab_size=config.model.vocab_size)
   task = NextTokenTask(config.model, config.data.seq_len)
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(workdir / CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+  make_workdir(workdir)
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
 
   def make_iterator(process_index, process_count):
     return token_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,
@@ -80,7 +73,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
 
 def restore_params(workdir: Path, config: LvmConfig, tpu_path: str):
   """Latest parameters of a workdir, sharded for `tpu_path`'s mesh: (graphdef, params, mesh, preset, step)."""
-  preset = load_config_file(tpu_path)
+  preset = load_preset(tpu_path)
   graphdef, params, mesh, step = restore_latest_params(NextTokenTask(config.model, config.data.seq_len),
                                                        workdir, preset)
   return graphdef, params, mesh, preset, step
@@ -90,25 +83,39 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
                  batch_size: int) -> dict:
   workdir = Path(workdir)
   config, trained_tpu = load_run_config(workdir)
-  source = open_token_source(data_path, seq_len=config.data.seq_len, vocab_size=config.model.vocab_size)
+  # Records of any length the model supports can be scored, not only the training length.
+  seq_len = record_length(data_path) or config.data.seq_len
+  if seq_len > config.model.max_seq_len:
+    raise ConfigError(f'{data_path}: records of {seq_len} tokens exceed the model\'s max_seq_len '
+                      f'{config.model.max_seq_len} ({workdir})')
+  block = config.model.attention_block
+  if 0 < block < seq_len and seq_len % block:
+    raise ConfigError(f'{data_path}: records of {seq_len} tokens are not a multiple of the model\'s '
+                      f'attention_block {block}')
+  source = open_token_source(data_path, seq_len=seq_len, vocab_size=config.model.vocab_size)
   graphdef, params, mesh, preset, step = restore_params(workdir, config, tpu_path or trained_tpu)
-  target = target_tokens or min(256, config.data.seq_len // 4)
+  target = target_tokens or min(256, seq_len // 4)
   scores = evaluate.perplexity(graphdef, params, source, mesh=mesh, rules=preset.logical_rules,
                                target_tokens=target, batch_size=batch_size)
-  result = {'job': 'lvm eval', 'step': step, 'data': data_path, **scores, 'versions': versions()}
+  result = {'job': 'lvm eval', 'step': step, 'data': data_path, 'record_tokens': seq_len, **scores, 'versions': versions()}
   write_json_atomic(workdir / 'eval_result.json', result)
   return result
 
 
-def import_hf_command(hf_dir: str, workdir: str, tpu_path: str | None, seq_len: int) -> dict:
+def import_hf_command(hf_dir: str, workdir: str, tpu_path: str | None, seq_len: int | None) -> dict:
+  """Imported weights in a fresh workdir; records default to the longest the model supports."""
   workdir = Path(workdir)
   if (workdir / 'checkpoints').exists() and any((workdir / 'checkpoints').iterdir()):
     raise ConfigError(f'{workdir} already holds checkpoints; import into an empty workdir')
   model_config, tensors = hf_interop.read_hf_params(hf_dir)
   tiny = load_config_file(Path(__file__).parent / 'configs' / 'tiny.py')
+  seq_len = seq_len or model_config.max_seq_len
+  if seq_len > model_config.max_seq_len:
+    raise ConfigError(f'--seq-len {seq_len} exceeds what {hf_dir} supports '
+                      f'(max_position_embeddings {model_config.max_seq_len})')
   config = dataclasses.replace(tiny, model=model_config,
                                data=dataclasses.replace(tiny.data, train_path='', seq_len=seq_len))
-  preset = load_config_file(tpu_path or DEFAULT_TPU)
+  preset = load_preset(tpu_path or DEFAULT_TPU)
   mesh = make_mesh(preset)
   task = NextTokenTask(config.model, config.data.seq_len)
   with activation_sharding(mesh, preset.logical_rules):
@@ -128,12 +135,7 @@ def import_hf_command(hf_dir: str, workdir: str, tpu_path: str | None, seq_len: 
   missing = [p for p, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0] if v is None]
   if missing:
     raise hf_interop.HFImportError(f'{hf_dir}: parameters not filled: {missing}')
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(workdir / CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path or DEFAULT_TPU).resolve())})
-  manager = checkpoint.make_manager(workdir, async_save=False)
-  checkpoint.save(manager, 0, params=params, meta={'imported_from': str(hf_dir)}, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  write_imported_run(workdir, config, tpu_path or DEFAULT_TPU, params, source=hf_dir)
   result = {'job': 'lvm import-hf', 'hf_dir': str(hf_dir), 'model_params': model_config.num_params(),
             'model': to_dict(model_config), 'versions': versions()}
   write_json_atomic(workdir / 'import_result.json', result)

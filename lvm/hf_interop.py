@@ -88,11 +88,21 @@ def _mapping(config: DecoderConfig):
 
 def _open_hf_tensors(hf_dir: Path) -> Callable[[str], np.ndarray]:
   from safetensors import safe_open
+
+  def opened(file_name: str, framework: str):
+    try:
+      return safe_open(hf_dir / file_name, framework=framework)
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+      raise HFImportError(f'{hf_dir / file_name}: not a readable safetensors file ({e})') from None
+
   index_path = hf_dir / 'model.safetensors.index.json'
   if index_path.is_file():
-    weight_map = json.loads(index_path.read_text())['weight_map']
+    try:
+      weight_map = json.loads(index_path.read_text())['weight_map']
+    except (ValueError, KeyError, TypeError) as e:
+      raise HFImportError(f'{index_path}: not a safetensors index with a weight_map ({e!r})') from None
   elif (hf_dir / 'model.safetensors').is_file():
-    with safe_open(hf_dir / 'model.safetensors', framework='numpy') as f:
+    with opened('model.safetensors', 'numpy') as f:
       weight_map = {name: 'model.safetensors' for name in f.keys()}
   else:
     raise HFImportError(f'{hf_dir}: no model.safetensors or model.safetensors.index.json '
@@ -100,12 +110,14 @@ def _open_hf_tensors(hf_dir: Path) -> Callable[[str], np.ndarray]:
   for file_name in set(weight_map.values()):
     if not (hf_dir / file_name).is_file():
       raise HFImportError(f'{hf_dir}: index names {file_name}, which is missing')
+    with opened(file_name, 'numpy'):  # every header is read before any tensor is converted
+      pass
 
   def get(name: str) -> np.ndarray:
     if name not in weight_map:
       raise HFImportError(f'{hf_dir}: tensor {name!r} is missing from the checkpoint')
     # The 'flax' framework reads bfloat16/float16 as well; we convert on the host.
-    with safe_open(hf_dir / weight_map[name], framework='flax') as f:
+    with opened(weight_map[name], 'flax') as f:
       return np.asarray(f.get_tensor(name), dtype=np.float32)
 
   return get

@@ -17,8 +17,8 @@ from flax import nnx
 
 from core.sharding import constrain
 from lvm.model_config import DecoderConfig
+from core.layers import logical_sharding_only
 
-nnx.use_eager_sharding(False)  # shard by the preset's rules at init time, not by a global mesh
 
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -168,6 +168,7 @@ class Decoder(nnx.Module):
   """tokens [b, t] int32 -> logits [b, t, v] float32. Blocks are stacked on a leading `layers` axis
   and run with `nnx.scan`, so compile time does not grow with depth."""
 
+  @logical_sharding_only
   def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
     self.config = config
     self.embed = _param(rngs, config, (config.vocab_size, config.hidden_size), ('vocab', 'embed'))

@@ -12,7 +12,7 @@ from flax import nnx
 from attrib.diffusion import NoiseSchedule, ScheduleConfig
 from attrib.unet import UNet2DConditionModel
 from attrib.unet_config import MSCOCO, UNetConfig
-from attrib.unet_weights import WeightImportError, params_from_diffusers
+from core.torch_layout import WeightImportError, params_from_diffusers
 from tests.tolerance import assert_network_close, assert_sum_close, total_fan_in
 
 TINY_UNET = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64),
@@ -101,7 +101,7 @@ def test_schedule_matches_diffusers(ours_config, SCHEDULER_KW):
 
 
 def test_export_to_diffusers_round_trips():
-  from attrib.unet_weights import params_to_diffusers
+  from core.torch_layout import params_to_diffusers
   torch_model = _torch_unet(TINY_UNET)
   weights = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(TINY_UNET, nnx.Rngs(0))))[1])

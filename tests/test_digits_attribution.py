@@ -11,6 +11,8 @@ from launch import main as launch_main
 from tests.helpers import CPU1, ROOT
 
 FASTGDA = str(ROOT / 'attrib/configs/fastgda_digits.py')
+TEACHER_SETTINGS = ['--set', 'score_timestep_stride=250', '--set', 'query_grad_samples=16', '--set', 'fisher_images=64',
+                    '--set', 'fisher_samples_per_image=1']
 
 
 @pytest.fixture(scope='module')
@@ -20,8 +22,7 @@ def pipeline(tmp_path_factory):
   assert run('attrib', 'train-model', '--config', str(ROOT / 'attrib/configs/digits.py'), '--tpu', CPU1,
              '--workdir', str(work), '--set', 'train.steps=30', '--set', 'train.progress_bar=false',
              '--set', 'train.tensorboard=false', '--set', 'sample.num_steps=10') == 0
-  teacher = ['--set', 'score_timestep_stride=250', '--set', 'query_grad_samples=16', '--set', 'fisher_images=64',
-             '--set', 'fisher_samples_per_image=1']
+  teacher = TEACHER_SETTINGS
   assert run('attrib', 'teacher', '--workdir', str(work), '--split', 'train', '--queries', '12', '--candidates', '40',
              *teacher) == 0
   assert run('attrib', 'teacher', '--workdir', str(work), '--split', 'test', '--queries', '3', '--candidates', '300',
@@ -41,6 +42,26 @@ def test_splits_use_disjoint_prompts_and_write_their_own_results(pipeline):
   assert json.loads((pipeline / 'teacher_result.json').read_text())['split'] == 'test'
   # Both splits share the model's Fisher and θ₀ losses.
   assert len(list((pipeline / 'teacher_cache').glob('fisher_*.npz'))) == 1
+
+
+def test_teacher_resumes_where_it_stopped(pipeline, tmp_path):
+  """A teacher run that died after query 0 scores only query 1 on the rerun, with the same ranking."""
+  import shutil
+  from attrib.curation import read_rank_records
+  work = tmp_path / 'copy'
+  shutil.copytree(pipeline, work, ignore=shutil.ignore_patterns('counterfactual', 'student', 'features'))
+  before = read_rank_records(work / 'teacher' / 'ranks.arrayrecord')
+  (work / 'teacher' / 'queries' / 'query_00001.npz').unlink()  # as if the job died on query 1
+  (work / 'teacher' / 'queries' / 'query_00002.npz').unlink()
+  assert launch_main(['attrib', 'teacher', '--workdir', str(work), '--split', 'test', '--queries', '3',
+                      '--candidates', '300', *TEACHER_SETTINGS]) == 0
+  result = json.loads((work / 'teacher_result.json').read_text())
+  assert result['scored_this_run'] == 2
+  after = read_rank_records(work / 'teacher' / 'ranks.arrayrecord')
+  assert [r['query'] for r in after] == [0, 1, 2]
+  for a, b in zip(before, after):  # rescoring is deterministic: same candidates, same order
+    np.testing.assert_array_equal(a['ranked_ids'], b['ranked_ids'])
+    np.testing.assert_array_equal(a['scores'], b['scores'])
 
 
 def test_features_distill_and_eval_results(pipeline):

@@ -1,6 +1,7 @@
 """The error boundary: bad input ends in one `error:` line and exit 2, never a traceback, and
 changes nothing on disk; --debug shows the traceback."""
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -23,6 +24,21 @@ def _bad_inputs(tmp):
   (tmp / 'truncated.npy').write_bytes((tmp / 'short.npy').read_bytes()[:100])
   (tmp / 'bad.jsonl').write_text('{"tokens": "not base64!"}\n')
   (tmp / 'a_file').write_text('x')
+  np.save(tmp / 'out_of_vocab.npy', np.full((2, 256), 9000, np.int32))
+  (tmp / 'hf').mkdir()
+  (tmp / 'hf' / 'config.json').write_text(json.dumps(dict(
+      architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=300, hidden_size=64,
+      intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+      max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)))
+  (tmp / 'hf' / 'model.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"not": "tensors"}')
+  (tmp / 'garbage.bin').write_bytes(b'PK\x03\x04 this is not a torch checkpoint')
+  from safetensors.numpy import save_file
+  save_file({'foreign.weight': np.zeros((2, 2), np.float32)}, str(tmp / 'foreign.safetensors'))
+  digits = str(ROOT / 'attrib/configs/digits.py')
+  from core.config import load_config_file, to_dict
+  for kind, config in (('lvm_run', TINY), ('diffusion_run', digits)):
+    (tmp / kind).mkdir()
+    (tmp / kind / 'config.json').write_text(json.dumps({'config': to_dict(load_config_file(config)), 'tpu': CPU8}))
   train = ['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', str(tmp / 'w')]
   tokens = ['data', 'tokens', '--out', str(tmp / 'out'), '--seq-len', '256', '--input']
   return {
@@ -45,13 +61,54 @@ def _bad_inputs(tmp):
                                     'attrib distill'),
       'shell text in a string': (train[:-1] + [str(tmp / 'w'), '--set', 'data.train_path=$(rm -rf /); x'],
                                  '$(rm -rf /); x'),
+      'quotes and a newline in a string': (train + ['--set', 'data.train_path=it\'s "x"\nrm -rf ~'],
+                                           'it\'s "x"\\nrm -rf ~'),
+      'newline in a workdir': (['lvm', 'eval', '--workdir', str(tmp / 'a\nb'), '--data', 'builtin:digits-eval'],
+                               'a\\nb'),
+      'out-of-vocab tokens': (tokens + [str(tmp / 'out_of_vocab.npy')], 'out_of_vocab.npy'),
+      'zero record length': (tokens[:-2] + ['0', '--input', str(tmp / 'short.npy')], '--seq-len'),
+      'workdir is a file': (train[:-1] + [str(tmp / 'a_file')], 'a_file'),
+      'model config as the preset': (['lvm', 'train', '--config', TINY, '--tpu', digits, '--workdir',
+                                      str(tmp / 'w')], 'digits.py'),
+      'preset as the model config': (['lvm', 'train', '--config', CPU8, '--tpu', CPU8, '--workdir',
+                                      str(tmp / 'w')], 'cpu_8.py'),
+      'import-hf without config.json': (['lvm', 'import-hf', '--hf-dir', str(tmp), '--workdir', str(tmp / 'w')],
+                                        'config.json'),
+      'import-hf of corrupt safetensors': (['lvm', 'import-hf', '--hf-dir', str(tmp / 'hf'), '--workdir',
+                                            str(tmp / 'w')], 'model.safetensors'),
+      'export-hf of no workdir': (['lvm', 'export-hf', '--workdir', str(tmp / 'none'), '--out', str(tmp / 'x')],
+                                  'none'),
+      'import-diffusers of a corrupt file': (['attrib', 'import-diffusers', '--weights', str(tmp / 'garbage.bin'),
+                                              '--workdir', str(tmp / 'w')], 'garbage.bin'),
+      'import-diffusers of foreign weights': (['attrib', 'import-diffusers', '--weights',
+                                               str(tmp / 'foreign.safetensors'), '--workdir', str(tmp / 'w')],
+                                              'foreign.safetensors'),
+      'teacher with no queries': (['attrib', 'teacher', '--workdir', str(tmp / 'w'), '--queries', '0'],
+                                  '--queries'),
+      'features on no workdir': (['attrib', 'features', '--workdir', str(tmp / 'none')], 'none'),
+      'index with no student': (['attrib', 'index', '--workdir', str(tmp / 'w')], 'attrib distill'),
+      'attrib eval with no student': (['attrib', 'eval', '--workdir', str(tmp / 'w')], 'attrib distill'),
+      'counterfactual on no workdir': (['attrib', 'counterfactual', '--workdir', str(tmp / 'none'), '--k', '3'],
+                                       'none'),
+      'counterfactual of zero images': (['attrib', 'counterfactual', '--workdir', str(tmp / 'w'), '--k', '0'],
+                                        '--k must be >= 1'),
+      'teacher on an LVM workdir': (['attrib', 'teacher', '--workdir', str(tmp / 'lvm_run'), '--queries', '1'],
+                                    'not made by `attrib train-model`'),
+      'lvm eval on a diffusion workdir': (['lvm', 'eval', '--workdir', str(tmp / 'diffusion_run'), '--data',
+                                           'builtin:digits-eval'], 'not made by `lvm train`'),
   }
 
 
 CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong type', 'missing config',
          'short records', 'float records', 'truncated npy', 'corrupt jsonl', 'eval of no workdir',
          'teacher on no workdir', 'shell text in a string', 'sampler typo (checked before training)',
-         'distill without features', 'attribute with no student']
+         'distill without features', 'attribute with no student', 'quotes and a newline in a string',
+         'newline in a workdir', 'out-of-vocab tokens', 'zero record length', 'workdir is a file',
+         'model config as the preset', 'preset as the model config', 'import-hf without config.json',
+         'import-hf of corrupt safetensors', 'export-hf of no workdir', 'import-diffusers of a corrupt file',
+         'import-diffusers of foreign weights', 'teacher with no queries', 'features on no workdir',
+         'index with no student', 'attrib eval with no student', 'counterfactual on no workdir',
+         'counterfactual of zero images', 'teacher on an LVM workdir', 'lvm eval on a diffusion workdir']
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -7,7 +7,6 @@ import torch
 import transformers
 
 import jax
-from core.config import load_config_file
 from lvm import commands
 from tests.helpers import CPU8
 from tests.tolerance import assert_network_close, total_fan_in
@@ -62,7 +61,7 @@ def test_import_matches_transformers_and_export_round_trips(kind, tmp_path):
 
 
 def test_import_rejects_unsupported_and_incomplete(tmp_path):
-  hf = _hf_model('mha', tmp_path)
+  _hf_model('mha', tmp_path)
   config_path = tmp_path / 'hf' / 'config.json'
   original = json.loads(config_path.read_text())
   config_path.write_text(json.dumps(dict(original, tie_word_embeddings=True)))
@@ -74,3 +73,26 @@ def test_import_rejects_unsupported_and_incomplete(tmp_path):
   assert not (tmp_path / 'w2' / 'checkpoints').exists()  # nothing half-written
   with pytest.raises(ValueError, match='config.json is missing'):
     commands.import_hf_command(str(tmp_path), str(tmp_path / 'w3'), CPU8, seq_len=128)
+
+
+def test_import_defaults_to_the_model_length_and_eval_scores_shorter_records(tmp_path):
+  hf = _hf_model('grouped_kv', tmp_path)
+  commands.import_hf_command(str(tmp_path / 'hf'), str(tmp_path / 'work'), CPU8, seq_len=None)
+  config, _ = commands.load_run_config(tmp_path / 'work')
+  assert config.data.seq_len == 256  # max_position_embeddings, not a 4096 the model cannot hold
+
+  tokens = np.random.default_rng(2).integers(0, 300, (3, 64)).astype(np.int32)
+  np.save(tmp_path / 'short.npy', tokens)
+  result = commands.eval_command(str(tmp_path / 'work'), str(tmp_path / 'short.npy'), CPU8,
+                                 target_tokens=16, batch_size=4)
+  with torch.no_grad():  # the reference: transformers' NLL of the last 16 tokens of each record
+    logits = hf(torch.tensor(tokens, dtype=torch.long)).logits.double()
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.tensor(tokens[:, 1:, None], dtype=torch.long))
+    expected = nll[:, -16:, 0].mean(-1).numpy()
+  assert result['record_tokens'] == 64 and result['examples'] == 3
+  assert_network_close(np.array([result['mean_nll']]), np.array([expected.mean()]), what='mean NLL',
+                       reduction_length=total_fan_in(hf.parameters()) + 2 * 3 * 64 + 300)
+
+  np.save(tmp_path / 'long.npy', np.zeros((1, 512), np.int32))
+  with pytest.raises(ValueError, match='exceed the model.s max_seq_len 256'):
+    commands.eval_command(str(tmp_path / 'work'), str(tmp_path / 'long.npy'), CPU8, None, 4)

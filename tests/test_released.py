@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 
 from attrib.precomputed import PrecomputedDataError
 from attrib.unet_config import UNetConfig
-from attrib.unet_weights import WeightImportError
+from core.torch_layout import WeightImportError
 from tests.helpers import CPU1, CPU8, free_port, launch
 from tests.tolerance import assert_network_close, network_bound, total_fan_in
 

@@ -2,7 +2,6 @@
 the curation job resumes per query and writes its rankings as records."""
 import json
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

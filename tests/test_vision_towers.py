@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 from attrib.vision_towers import (ClipTokenizer, TowerWeightError, load_tower, preprocess_dino)
 from tests.tolerance import assert_network_close, total_fan_in

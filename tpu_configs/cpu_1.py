@@ -12,7 +12,7 @@ def get_config():
       devices_per_host=1,
       ici_mesh=(1, 1, 1),
       dcn_mesh=(1, 1, 1),
-      peak_flops_per_device=300e9,  # measured f32 matmul peak of a 2-core dev machine
+      peak_flops_per_device=0,  # measured on the machine the run is on (core/peak_flops.py)
       hbm_gib_per_device=24,
       logical_rules=FSDP_TENSOR_RULES,
   )

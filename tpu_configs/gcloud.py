@@ -10,7 +10,7 @@ from core.errors import ConfigError
 import shlex
 import subprocess
 
-from core.config import load_config_file
+from core.mesh import load_preset
 
 
 def _pinned_jax() -> str:
@@ -34,7 +34,7 @@ def _where(args) -> list[str]:
 
 
 def build_commands(args) -> list[list[str]]:
-  preset = load_config_file(args.tpu)
+  preset = load_preset(args.tpu)
   if preset.accelerator_type == 'cpu':
     raise ConfigError(f'{args.tpu} is a CPU preset; choose a TPU preset from tpu_configs/')
   if args.verb == 'create':

@@ -5,7 +5,6 @@
       lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --workdir gs://BUCKET/lvm7b \
       --set data.train_path=gs://BUCKET/tokens
 """
-import dataclasses
 
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig

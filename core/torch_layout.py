@@ -1,4 +1,10 @@
-"""diffusers UNet2DConditionModel state dict (torch names, NCHW / [out, in]) -> our parameter tree."""
+"""Torch state dicts (diffusers names, NCHW convs, [out, in] linears) <-> our NNX parameter trees.
+
+Our modules keep diffusers' module names, so a state dict maps onto a tree by renaming a few
+wrappers (`RENAMES`) and transposing: convs [out, in, kh, kw] -> [kh, kw, in, out], linears
+[out, in] -> [in, out]; a module named `embedding` (a codebook) keeps its [rows, dim] layout.
+Used by the diffusion U-Net and the VQGAN tokenizer.
+"""
 from __future__ import annotations
 
 from core.errors import UserError
@@ -8,8 +14,8 @@ from typing import Mapping
 import jax
 import numpy as np
 
-_RENAMES = (('.to_out.0.', '.to_out.'), ('.downsamplers.0.conv.', '.downsamplers.0.'),
-            ('.upsamplers.0.conv.', '.upsamplers.0.'), ('.ff.net.0.proj.', '.ff_in.'), ('.ff.net.2.', '.ff_out.'))
+RENAMES = (('.to_out.0.', '.to_out.'), ('.downsamplers.0.conv.', '.downsamplers.0.'),
+           ('.upsamplers.0.conv.', '.upsamplers.0.'), ('.ff.net.0.proj.', '.ff_in.'), ('.ff.net.2.', '.ff_out.'))
 
 
 class WeightImportError(UserError):
@@ -17,10 +23,13 @@ class WeightImportError(UserError):
 
 
 def _our_path(name: str, value: np.ndarray) -> tuple[tuple, np.ndarray]:
-  for old, new in _RENAMES:
+  name = f'.{name}.'
+  for old, new in RENAMES:
     name = name.replace(old, new)
-  *modules, leaf = name.split('.')
-  if leaf == 'weight':
+  *modules, leaf = name.strip('.').split('.')
+  if leaf == 'weight' and modules[-1:] == ['embedding']:  # a codebook: [rows, dim] in both
+    leaf = 'embedding'
+  elif leaf == 'weight':
     if value.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
       leaf, value = 'kernel', value.transpose(2, 3, 1, 0)
     elif value.ndim == 2:  # linear [out, in] -> [in, out]
@@ -31,7 +40,7 @@ def _our_path(name: str, value: np.ndarray) -> tuple[tuple, np.ndarray]:
   return path, value
 
 
-def params_from_diffusers(state_dict: Mapping[str, np.ndarray], abstract_params: dict) -> dict:
+def params_from_diffusers(state_dict: Mapping[str, np.ndarray], abstract_params: dict, model: str = 'U-Net') -> dict:
   """Fills a copy of `abstract_params` (shapes) from `state_dict`; every parameter must be matched."""
   flat_abstract = {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
   by_path = {tuple(getattr(k, 'key', getattr(k, 'idx', None)) for k in path): leaf
@@ -40,13 +49,13 @@ def params_from_diffusers(state_dict: Mapping[str, np.ndarray], abstract_params:
   for name, value in state_dict.items():
     path, value = _our_path(name, np.asarray(value, np.float32))
     if path not in by_path:
-      raise WeightImportError(f'diffusers weight {name!r} has no place in this U-Net config')
+      raise WeightImportError(f'diffusers weight {name!r} has no place in this {model} config')
     if tuple(value.shape) != tuple(by_path[path].shape):
       raise WeightImportError(f'diffusers weight {name!r}: shape {value.shape} != expected {by_path[path].shape}')
     filled[path] = value
   missing = sorted('.'.join(map(str, p)) for p in by_path if p not in filled)
   if missing:
-    raise WeightImportError(f'U-Net parameters missing from the diffusers weights: {missing[:5]} ...')
+    raise WeightImportError(f'{model} parameters missing from the diffusers weights: {missing[:5]} ...')
   leaves = [filled[p] for p in by_path]
   return jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
 
@@ -60,9 +69,9 @@ def params_to_diffusers(params: dict) -> dict[str, np.ndarray]:
     leaf_name = path[-1]
     if leaf_name == 'kernel':
       value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-    name = '.'.join(path[:-1] + ['weight' if leaf_name in ('kernel', 'scale') else leaf_name])
+    name = '.'.join(path[:-1] + ['weight' if leaf_name in ('kernel', 'scale', 'embedding') else leaf_name])
     name = f'.{name}.'
-    for old, new in _RENAMES:
+    for old, new in RENAMES:
       name = name.replace(new, old)
     out[name.strip('.')] = np.ascontiguousarray(value)
   return out

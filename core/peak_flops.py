@@ -1,0 +1,77 @@
+"""The peak FLOP/s behind MFU on CPU presets: measured on this machine once, then cached.
+
+A constant in a preset is only right on the machine it was measured on (the 2-core dev VM's 300
+GFLOP/s was 30% off on another one). CPU presets therefore say `peak_flops_per_device=0` and the
+figure is measured: every local device runs an f32 matmul at the same time (the way a sharded
+training step loads the machine), best of several rounds. The result is cached per CPU model, core
+count, XLA flags and jaxlib version, so the measurement costs about a second once per machine.
+TPU and GPU presets keep their data-sheet peaks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MATMUL_SIZE = 1024
+ROUNDS = 7
+
+
+def _cache_file() -> Path:
+  root = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
+  return Path(root) / 'lvm_attrib' / 'peak_flops.json'
+
+
+def _machine_key() -> str:
+  from core.xla_flags import cpu_isa_summary
+  summary = cpu_isa_summary()
+  return json.dumps([summary.get('cpu'), os.cpu_count(), os.environ.get('XLA_FLAGS', ''),
+                     metadata.version('jaxlib'), jax.local_device_count()])
+
+
+def measure_host_flops() -> float:
+  """FLOP/s of all local devices together on a dense f32 matmul (each device its own product)."""
+  devices = jax.local_devices()
+  mesh = jax.sharding.Mesh(np.array(devices), ('d',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
+  n = MATMUL_SIZE
+  a = jax.device_put(jnp.ones((len(devices), n, n), jnp.float32) / n, sharding)
+  product = jax.jit(lambda x: jnp.einsum('dij,djk->dik', x, x), out_shardings=sharding)
+  product(a).block_until_ready()  # compile and warm up
+  best = float('inf')
+  for _ in range(ROUNDS):
+    start = time.perf_counter()
+    product(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return len(devices) * 2 * n ** 3 / best
+
+
+def host_peak_flops() -> float:
+  """Measured once per machine (and per XLA flags / jaxlib), then read from the cache."""
+  path, key = _cache_file(), _machine_key()
+  try:
+    cached = json.loads(path.read_text())
+  except (OSError, ValueError):
+    cached = {}
+  if key not in cached:
+    cached[key] = measure_host_flops()
+    try:
+      from core.workdir import write_bytes_atomic
+      path.parent.mkdir(parents=True, exist_ok=True)
+      write_bytes_atomic(path, json.dumps(cached, indent=1).encode())
+    except OSError:
+      pass  # a read-only home still gets a correct figure, measured each run
+  return float(cached[key])
+
+
+def peak_flops_per_device(preset) -> float:
+  """The preset's data-sheet peak, or for CPU presets (peak 0) the measured one per device."""
+  if preset.peak_flops_per_device > 0:
+    return float(preset.peak_flops_per_device)
+  return host_peak_flops() / jax.local_device_count()

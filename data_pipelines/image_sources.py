@@ -1,0 +1,138 @@
+"""Images for the tokenizer, as float32 [size, size, 3] in [0, 1]: bundled real images (no download)
+and image folders (nested class folders too), with every odd file converted or skipped by name.
+
+Bundled: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, upscaled) and crops of its
+two sample photographs (china.jpg, flower.jpg). Folders: any file PIL reads; grayscale, palette,
+RGBA (composited on white) and 16-bit images are converted to RGB; the shorter side is resized to
+`size` (bicubic) and the centre cropped. A corrupt or truncated file is skipped with a warning that
+names it and is counted (`strict=True` raises instead).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from core import progress
+from core.errors import UserError
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+
+
+class ImageDataError(UserError):
+  pass
+
+
+def digit_images(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(images [1797, size, size, 3] in [0, 1], labels 0-9): the digits, smoothly upscaled, grey as RGB."""
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  grey = (digits.images / 16.0 * 255).round().astype(np.uint8)
+  images = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BICUBIC)) for g in grey])
+  images = np.repeat(images[..., None], 3, axis=-1).astype(np.float32) / 255
+  return images, digits.target.astype(np.int32)
+
+
+def sample_photo_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
+  """`count` random square crops (64 to 256 px, resized to `size`) of scikit-learn's two photos."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  photos = load_sample_images().images
+  rng = np.random.default_rng(seed)
+  crops = []
+  for i in range(count):
+    photo = photos[i % len(photos)]
+    side = int(rng.integers(64, 257))
+    top, left = rng.integers(0, photo.shape[0] - side), rng.integers(0, photo.shape[1] - side)
+    crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BICUBIC)
+    crops.append(np.asarray(crop, np.float32) / 255)
+  return np.stack(crops)
+
+
+def builtin_images(name: str, size: int) -> np.ndarray:
+  """'builtin:digits' | 'builtin:photos' | 'builtin:digits+photos' -> float32 [N, size, size, 3]."""
+  parts = name.split(':', 1)[1].split('+')
+  unknown = [p for p in parts if p not in ('digits', 'photos')]
+  if unknown:
+    raise ImageDataError(f'unknown built-in images {name!r}: choose builtin:digits, builtin:photos or both '
+                         "joined by '+'")
+  out = []
+  for part in parts:
+    out.append(digit_images(size)[0] if part == 'digits' else sample_photo_crops(size, 1024))
+  return np.concatenate(out)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+  """One file -> float32 [size, size, 3] in [0, 1]; raises ImageDataError naming the file."""
+  from PIL import Image, UnidentifiedImageError
+  try:
+    with Image.open(path) as image:
+      image.load()
+      if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16/32-bit grey: scale to 8 bits
+        array = np.asarray(image, np.float64)
+        image = Image.fromarray((array / max(array.max(), 1) * 255).astype(np.uint8))
+      if image.mode in ('RGBA', 'LA', 'P', 'PA'):
+        image = image.convert('RGBA')
+        white = Image.new('RGBA', image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+      image = image.convert('RGB')
+      w, h = image.size
+      scale = size / min(w, h)
+      image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+      w, h = image.size
+      left, top = (w - size) // 2, (h - size) // 2
+      return np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    raise ImageDataError(f'{path}: not a readable image ({type(e).__name__}: {e})') from None
+
+
+@dataclasses.dataclass
+class FolderImages:
+  """Every image under a folder, in sorted order; `labels` = index of the first-level subfolder
+  (class folders), or -1 for files at the top."""
+  images: np.ndarray
+  labels: np.ndarray
+  paths: list[str]
+  classes: list[str]
+  skipped: list[str]
+
+
+def folder_images(root: str | Path, size: int, strict: bool = False) -> FolderImages:
+  root = Path(root)
+  if not root.is_dir():
+    raise ImageDataError(f'{root}: no such image folder')
+  files = sorted(p for p in root.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  if not files:
+    raise ImageDataError(f'{root}: no image files ({", ".join(IMAGE_SUFFIXES)})')
+  classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+  images, labels, paths, skipped = [], [], [], []
+  for path in files:
+    try:
+      images.append(load_image(path, size))
+    except ImageDataError as e:
+      if strict:
+        raise
+      skipped.append(str(path))
+      progress.say(f'warning: skipped {e}')
+      continue
+    parts = path.relative_to(root).parts
+    labels.append(classes.index(parts[0]) if len(parts) > 1 else -1)
+    paths.append(str(path))
+  if not images:
+    raise ImageDataError(f'{root}: none of {len(files)} image files could be read')
+  if skipped:
+    progress.say(f'{root}: skipped {len(skipped)} of {len(files)} files (unreadable; --strict fails instead)')
+  return FolderImages(np.stack(images), np.asarray(labels, np.int32), paths, classes, skipped)
+
+
+def open_images(source: str, size: int, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of a `builtin:...` name or an image folder."""
+  if source.startswith('builtin:'):
+    if source == 'builtin:digits':
+      return digit_images(size)
+    images = builtin_images(source, size)
+    return images, np.full(len(images), -1, np.int32)
+  found = folder_images(source, size, strict)
+  return found.images, found.labels

@@ -1,0 +1,156 @@
+"""Visual sentences (LVM §2): images -> sequences of frames -> tokens -> ArrayRecord shards.
+
+Kinds, each a fixed number of frames (`frames`, 4 by default; LVM uses 16 at 256 tokens each):
+  video        one image moving: rotated or shifted a little more in every frame
+  groups       `frames` different images of one category (class folders, digit labels)
+  analogy      [A, T(A), B, T(B), ...]: one transformation T (flip, rotate 90°, invert, shift) per sentence
+  colorization [grey(X), X, grey(Y), Y, ...]
+  inpainting   [X with a square masked, X, ...]
+Records are frames × tokens-per-image ids below the codebook size; ids from the codebook size up
+(100 of them) are reserved for special tokens (8192–8291 at full scale), so `vocab_size` = K + 100.
+
+The job is resumable shard by shard: sentence n of a kind is a pure function of (seed, kind, n), each
+shard is written whole under a temporary name and renamed, and a rerun skips finished shards, so an
+interrupted job loses and duplicates no record. `manifest.json` (written last) lists the shards,
+the records per kind and the checksum of the tokenizer's parameters.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core import progress
+from core.config import ConfigError, check_at_least
+from core.workdir import atomic_path, make_workdir, versions, write_json_atomic
+from data_pipelines.image_sources import open_images
+from data_pipelines.token_records import SHARD_SUFFIX, TOKEN_DTYPE
+
+KINDS = ('video', 'groups', 'analogy', 'colorization', 'inpainting')
+SPECIAL_TOKENS = 100
+STATE_FILE = 'tokenize_state.json'
+
+
+def _rotate_shift(image: np.ndarray, degrees: float, dx: float, dy: float) -> np.ndarray:
+  from PIL import Image
+  pil = Image.fromarray((image * 255).round().astype(np.uint8))
+  moved = pil.rotate(degrees, resample=Image.BILINEAR, translate=(dx, dy), fillcolor=(0, 0, 0))
+  return np.asarray(moved, np.float32) / 255
+
+
+def _grey(image):
+  return np.repeat(image.mean(axis=-1, keepdims=True), 3, axis=-1)
+
+
+ANALOGY_TRANSFORMS = {
+    'flip': lambda x: x[:, ::-1],
+    'rotate90': lambda x: np.rot90(x, 1, axes=(0, 1)),
+    'invert': lambda x: 1 - x,
+    'shift': lambda x: np.roll(x, x.shape[1] // 4, axis=1),
+}
+
+
+def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, frames: int,
+                    seed: int) -> np.ndarray:
+  """Frames [frames, s, s, 3] of sentence `n` of `kind`: the same for the same (seed, kind, n)."""
+  rng = np.random.default_rng([seed, KINDS.index(kind), n])
+  pick = lambda: images[rng.integers(len(images))]
+  if kind == 'video':
+    start, size = pick(), images.shape[1]
+    turn, (sx, sy) = rng.uniform(-20, 20), rng.uniform(-size / 16, size / 16, 2)
+    return np.stack([_rotate_shift(start, turn * i, sx * i, sy * i) for i in range(frames)])
+  if kind == 'groups':
+    classes = np.unique(labels[labels >= 0])
+    members = np.flatnonzero(labels == classes[rng.integers(len(classes))])
+    return images[rng.choice(members, frames, replace=len(members) < frames)]
+  pairs = []
+  transform = list(ANALOGY_TRANSFORMS.values())[rng.integers(len(ANALOGY_TRANSFORMS))]
+  for _ in range(frames // 2):
+    x = pick()
+    if kind == 'analogy':
+      pairs += [x, transform(x)]
+    elif kind == 'colorization':
+      pairs += [_grey(x), x]
+    else:  # inpainting: a quarter-side square at a random place, filled grey
+      side = images.shape[1] // 4 * 2
+      top, left = rng.integers(0, images.shape[1] - side + 1, 2)
+      masked = x.copy()
+      masked[top:top + side, left:left + side] = 0.5
+      pairs += [masked, x]
+  return np.stack(pairs)
+
+
+def kinds_for(images: np.ndarray, source_labels: np.ndarray, requested: list[str] | None, frames: int) -> list[str]:
+  kinds = list(requested or KINDS)
+  if not requested and np.ptp(images[:64], axis=-1).max() < 1e-3:
+    kinds.remove('colorization')  # grey sources (the digits): nothing to colour
+  unknown = [k for k in kinds if k not in KINDS]
+  if unknown:
+    raise ConfigError(f'--kind {unknown}: choose from {list(KINDS)}')
+  if frames % 2 and any(k in ('analogy', 'colorization', 'inpainting') for k in kinds):
+    raise ConfigError(f'--frames {frames}: analogy, colorization and inpainting sentences are pairs; use an even count')
+  if 'groups' in kinds and not (source_labels >= 0).any():
+    if requested:
+      raise ConfigError('--kind groups needs categories (class subfolders, or builtin:digits)')
+    kinds.remove('groups')
+  return kinds
+
+
+def _write_shard(path: Path, records: np.ndarray) -> None:
+  from array_record.python.array_record_module import ArrayRecordWriter
+  with atomic_path(path) as temp:
+    writer = ArrayRecordWriter(str(temp), 'group_size:1')
+    for record in records:
+      writer.write(record.astype(TOKEN_DTYPE).tobytes())
+    writer.close()
+
+
+def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, *, frames: int = 4,
+                     sentences: int = 2048, records_per_shard: int = 512, strict: bool = False, seed: int = 0,
+                     tpu_path: str | None = None) -> dict:
+  check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard)
+  from lvm.tokenizer_commands import load_tokenizer
+  started = time.time()
+  tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
+  tconfig = tokenizer.config.tokenizer
+  images, labels = open_images(source, tconfig.image_size, strict)
+  kinds = kinds_for(images, labels, kinds, frames)
+  out = make_workdir(out)
+  job = {'source': source, 'kinds': kinds, 'frames': frames, 'sentences': sentences,
+         'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum}
+  state_path = out / STATE_FILE
+  if state_path.is_file():
+    previous = json.loads(state_path.read_text())
+    if previous != job:
+      changed = {k: (previous.get(k), v) for k, v in job.items() if previous.get(k) != v}
+      raise ConfigError(f'{out} holds shards of another tokenize job ({changed}); use a new --out')
+  write_json_atomic(state_path, job)
+  for stale in out.glob(f'.*{SHARD_SUFFIX}.tmp*'):  # a shard an interrupted run was writing
+    stale.unlink()
+
+  seq_len = frames * tconfig.tokens_per_image
+  shards_per_kind = -(-sentences // records_per_shard)
+  shards, written = [], 0
+  for kind in kinds:
+    for shard in range(shards_per_kind):
+      path = out / f'{kind}-{shard:05d}-of-{shards_per_kind:05d}{SHARD_SUFFIX}'
+      shards.append(path.name)
+      if path.exists():
+        continue  # finished by an earlier run: the same records, by construction
+      rows = range(shard * records_per_shard, min(sentences, (shard + 1) * records_per_shard))
+      frames_nf = np.stack([sentence_frames(kind, n, images, labels, frames, seed) for n in rows])
+      tokens = tokenizer.encode(frames_nf.reshape(-1, *frames_nf.shape[2:]))
+      _write_shard(path, tokens.reshape(len(rows), seq_len))
+      written += 1
+      progress.say(f'tokenize: {kind} shard {shard + 1}/{shards_per_kind} ({len(rows)} sentences of {seq_len} tokens)')
+  manifest = {'job': 'lvm tokenize', **job, 'seq_len': seq_len, 'tokens_per_image': tconfig.tokens_per_image,
+              'codebook_size': tconfig.codebook_size, 'vocab_size': tconfig.codebook_size + SPECIAL_TOKENS,
+              'special_token_ids': [tconfig.codebook_size, tconfig.codebook_size + SPECIAL_TOKENS - 1],
+              'records_per_kind': {k: sentences for k in kinds}, 'shards': shards,
+              'images': int(len(images)), 'tokenizer': str(tokenizer_dir)}
+  write_json_atomic(out / 'manifest.json', manifest)
+  result = dict(manifest, shards_written_this_run=written, wall_s=time.time() - started, versions=versions())
+  write_json_atomic(out / 'tokenize_result.json', result)
+  return result

@@ -1,0 +1,148 @@
+"""`launch.py lvm train-tokenizer | import-tokenizer`, and loading a tokenizer workdir for other jobs."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from core.batching import map_batches
+from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.mesh import load_preset, make_mesh
+from core.optim import OptimConfig
+from core.sharding import activation_sharding
+from core.train_loop import init_state, restore_latest_params, train
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, versions, write_imported_run,
+                          write_json_atomic)
+from data_pipelines.image_sources import open_images
+from data_pipelines.token_loader import record_batches
+from lvm.tokenizer_task import TokenizerRunConfig, TokenizerTask
+from lvm.tokenizer_weights import read_tokenizer_dir, tokenizer_params
+
+MADE_BY = '`lvm train-tokenizer` or `lvm import-tokenizer`'
+DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
+
+
+class _Images:
+  """Random access over an image array as {'images': ...} records (for the grain loader)."""
+
+  def __init__(self, images: np.ndarray, name: str):
+    self.images, self.name = images, name
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    return {'images': self.images[int(index) % len(self.images)]}
+
+  def __repr__(self):
+    return f'{self.name} ({len(self)} images)'
+
+
+@dataclasses.dataclass
+class LoadedTokenizer:
+  config: TokenizerRunConfig
+  graphdef: object
+  params: dict
+  mesh: object
+  rules: tuple
+  step: int
+  checksum: str
+
+  def encode(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """float [n, s, s, 3] in [0, 1] -> int32 tokens [n, tokens_per_image], sharded over the mesh."""
+    fn = jax.jit(lambda x: nnx.merge(self.graphdef, self.params).encode(x))
+    with activation_sharding(self.mesh, self.rules):
+      return map_batches(fn, images, self.mesh, self.rules, batch)
+
+  def decode(self, tokens: np.ndarray, batch: int = 256) -> np.ndarray:
+    fn = jax.jit(lambda t: nnx.merge(self.graphdef, self.params).decode(t))
+    with activation_sharding(self.mesh, self.rules):
+      return map_batches(fn, tokens, self.mesh, self.rules, batch)
+
+
+def params_checksum(params) -> str:
+  """sha256 over every parameter's bytes, in tree order: names the exact tokenizer a shard used."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    digest.update(np.asarray(jax.device_get(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def load_tokenizer(workdir: str | Path, tpu_path: str | None = None) -> LoadedTokenizer:
+  config, trained_tpu = read_run_config(workdir, TokenizerRunConfig, MADE_BY)
+  preset = load_preset(tpu_path or trained_tpu)
+  graphdef, params, mesh, step = restore_latest_params(TokenizerTask(config.tokenizer), workdir, preset)
+  return LoadedTokenizer(config, graphdef, params, mesh, preset.logical_rules, step, params_checksum(params))
+
+
+def reconstruction_report(tokenizer: LoadedTokenizer, images: np.ndarray) -> dict:
+  """PSNR (dB, mean over images) of encode -> decode, and how the codebook is used on `images`."""
+  tokens = tokenizer.encode(images)
+  decoded = tokenizer.decode(tokens)
+  mse = np.mean(np.square(decoded - images), axis=(1, 2, 3))
+  counts = np.bincount(tokens.reshape(-1), minlength=tokenizer.config.tokenizer.codebook_size)
+  p = counts[counts > 0] / counts.sum()
+  return {'psnr_db': float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10)))), 'images': int(len(images)),
+          'codes_used': int((counts > 0).sum()), 'codebook_size': int(len(counts)),
+          'codebook_perplexity': float(np.exp(-(p * np.log(p)).sum()))}
+
+
+def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
+  config: TokenizerRunConfig = apply_overrides(load_config_file(config_path, expect=TokenizerRunConfig), overrides)
+  workdir = Path(workdir)
+  if (workdir / RUN_CONFIG_FILE).is_file():
+    previous, _ = read_run_config(workdir, TokenizerRunConfig, MADE_BY)
+    if previous.tokenizer != config.tokenizer:
+      raise ConfigError(f'{workdir} holds a tokenizer with other settings; use a new workdir')
+  preset = load_preset(tpu_path)
+  size = config.tokenizer.image_size
+  images, _ = open_images(config.data.source, size)  # read (and checked) before any model work
+  source = _Images(images, config.data.source)
+  task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
+  make_workdir(workdir)
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+
+  def make_iterator(process_index, process_count):
+    return record_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,
+                          process_index=process_index, process_count=process_count)
+
+  started = time.time()
+  summary = train(task, train_config=config.train, optim=config.optim, preset=preset, workdir=workdir,
+                  make_data_iterator=make_iterator, meta={'tokenizer': to_dict(config.tokenizer)})
+  summary.pop('trained_params')
+  train_seconds = time.time() - started
+  report = reconstruction_report(load_tokenizer(workdir, tpu_path), images)
+  result = {'job': 'lvm train-tokenizer', **summary, 'train_seconds': train_seconds,
+            'tokens_per_image': config.tokenizer.tokens_per_image, 'data': repr(source),
+            'reconstruction': report, 'versions': versions()}
+  write_json_atomic(workdir / 'train_result.json', result)
+  return result
+
+
+def import_tokenizer_command(weights: str, workdir: str, tpu_path: str | None) -> dict:
+  """A released tokenizer (diffusers VQModel dir, or open-muse VQGANModel weights with the
+  config.json beside them) -> a tokenizer workdir that `lvm tokenize` and `generate` use."""
+  workdir = Path(workdir)
+  if (workdir / 'checkpoints').exists() and any((workdir / 'checkpoints').iterdir()):
+    raise ConfigError(f'{workdir} already holds checkpoints; import into an empty workdir')
+  tokenizer_config, state, source = read_tokenizer_dir(weights)
+  tpu_path = tpu_path or DEFAULT_TPU
+  preset = load_preset(tpu_path)
+  mesh = make_mesh(preset)
+  task = TokenizerTask(tokenizer_config)
+  with activation_sharding(mesh, preset.logical_rules):
+    _, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
+  host_params = tokenizer_params(state, abstract_params, tokenizer_config, source)
+  params = jax.tree.map(lambda value, leaf: jax.make_array_from_callback(leaf.shape, leaf.sharding,
+                                                                         lambda idx, v=value: v[idx]),
+                        host_params, abstract_params)
+  write_imported_run(workdir, TokenizerRunConfig(tokenizer=tokenizer_config), tpu_path, params, source)
+  result = {'job': 'lvm import-tokenizer', 'weights': source, 'tokenizer': to_dict(tokenizer_config),
+            'checksum': params_checksum(params), 'versions': versions()}
+  write_json_atomic(workdir / 'import_result.json', result)
+  return result

@@ -1,0 +1,104 @@
+"""Released tokenizer weights -> our VQGAN: diffusers `VQModel` (aMUSEd-256, LVM's tokenizer) and the
+open-muse / taming `VQGANModel` key layout that LVM's own demo loads (`Emma02/vqvae_ckpts`).
+
+Both layouts hold the same network; the open-muse names are mapped onto diffusers' names first
+(`muse_to_diffusers_names`), then one loader fills our tree (core/torch_layout.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from core.torch_layout import WeightImportError, params_from_diffusers
+from lvm.tokenizer import TokenizerConfig
+
+
+def config_from_diffusers(config: dict, where: str) -> TokenizerConfig:
+  """A diffusers VQModel config.json -> TokenizerConfig; anything we do not build is refused by name."""
+  def need(key, allowed):
+    value = config.get(key, allowed[0])
+    if value not in allowed:
+      raise WeightImportError(f'{where}: {key}={value!r} is not supported (expected {allowed[0]!r})')
+  need('act_fn', ['silu'])
+  need('norm_type', ['group'])
+  need('mid_block_add_attention', [False])
+  down, up = config.get('down_block_types', []), config.get('up_block_types', [])
+  channels = tuple(config.get('block_out_channels', ()))
+  if set(down) != {'DownEncoderBlock2D'} or set(up) != {'UpDecoderBlock2D'} or not len(down) == len(up) == len(channels):
+    raise WeightImportError(f'{where}: expected one DownEncoderBlock2D and one UpDecoderBlock2D per entry of '
+                            f'block_out_channels {channels}, got {down} / {up}')
+  latent = int(config.get('latent_channels', 3))
+  if config.get('vq_embed_dim') not in (None, latent):
+    raise WeightImportError(f'{where}: vq_embed_dim {config["vq_embed_dim"]} != latent_channels {latent} '
+                            'is not supported')
+  factor = 2 ** (len(channels) - 1)
+  return TokenizerConfig(block_out_channels=channels, layers_per_block=int(config.get('layers_per_block', 1)),
+                         latent_channels=latent, codebook_size=int(config.get('num_vq_embeddings', 256)),
+                         norm_num_groups=int(config.get('norm_num_groups', 32)),
+                         image_size=int(config.get('sample_size', 32)) * factor,
+                         in_channels=int(config.get('in_channels', 3)))
+
+
+# open-muse VQGANModel (taming layout) -> diffusers VQModel names. Decoder levels are numbered
+# from the lowest resolution up in taming (`up.0` is the last to run) and in run order in diffusers.
+_MUSE_PATTERNS = [
+    (r'^(encoder|decoder)\.mid\.block_(\d)\.', lambda m: f'{m[1]}.mid_block.resnets.{int(m[2]) - 1}.'),
+    (r'^encoder\.down\.(\d+)\.block\.(\d+)\.', lambda m: f'encoder.down_blocks.{m[1]}.resnets.{m[2]}.'),
+    (r'^encoder\.down\.(\d+)\.downsample\.conv\.', lambda m: f'encoder.down_blocks.{m[1]}.downsamplers.0.conv.'),
+    (r'^(encoder|decoder)\.norm_out\.', lambda m: f'{m[1]}.conv_norm_out.'),
+    (r'\.nin_shortcut\.', lambda m: '.conv_shortcut.'),
+]
+
+
+def muse_to_diffusers_names(state: dict[str, np.ndarray], levels: int) -> dict[str, np.ndarray]:
+  out = {}
+  for name, value in state.items():
+    new = name
+    m = re.match(r'^decoder\.up\.(\d+)\.(block\.(\d+)|upsample\.conv)\.', new)
+    if m:
+      level = levels - 1 - int(m[1])
+      inner = f'resnets.{m[3]}.' if m[3] is not None else 'upsamplers.0.conv.'
+      new = f'decoder.up_blocks.{level}.{inner}' + new[m.end():]
+    for pattern, replace in _MUSE_PATTERNS:
+      new = re.sub(pattern, replace, new)
+    out[new] = value
+  return out
+
+
+def tokenizer_params(state: dict[str, np.ndarray], abstract_params: dict, config: TokenizerConfig,
+                     source: str) -> dict:
+  """Either layout -> our parameter tree (every tensor matched, every shape checked)."""
+  if any(k.startswith(('encoder.down.', 'decoder.up.')) for k in state):
+    state = muse_to_diffusers_names(state, len(config.block_out_channels))
+  try:
+    return params_from_diffusers(state, abstract_params, model='VQGAN')
+  except WeightImportError as e:
+    raise WeightImportError(f'{source}: {e}') from None
+
+
+def read_tokenizer_dir(path: str | Path) -> tuple[TokenizerConfig, dict[str, np.ndarray], str]:
+  """A diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors/.bin), or
+  one weights file with a config.json beside it. Returns (config, state dict, weights path)."""
+  from attrib.released import read_state_dict
+  path = Path(path)
+  directory = path if path.is_dir() else path.parent
+  config_file = directory / 'config.json'
+  if not config_file.is_file():
+    raise WeightImportError(f'{config_file} not found: a tokenizer needs its diffusers VQModel config.json')
+  try:
+    config = config_from_diffusers(json.loads(config_file.read_text()), str(config_file))
+  except ValueError as e:
+    if isinstance(e, WeightImportError):
+      raise
+    raise WeightImportError(f'{config_file}: not a JSON config ({e})') from None
+  if path.is_dir():
+    candidates = [directory / n for n in ('diffusion_pytorch_model.safetensors', 'model.safetensors',
+                                          'diffusion_pytorch_model.bin', 'pytorch_model.bin')]
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+      raise WeightImportError(f'{directory}: no diffusion_pytorch_model.safetensors (or .bin) weights')
+    path = found[0]
+  return config, read_state_dict(path), str(path)
