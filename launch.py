@@ -7,6 +7,7 @@
   python launch.py lvm export-hf --workdir DIR --out HF_DIR
   python launch.py lvm train-tokenizer --config lvm/configs/tokenizer_tiny.py --tpu tpu_configs/cpu_1.py --workdir DIR
   python launch.py lvm import-tokenizer --weights VQMODEL_DIR --workdir DIR
+  python launch.py lvm generate --workdir DIR --prompt a.png b.png c.png --frames N --out grid.png [--mode analogy]
   python launch.py lvm tokenize --tokenizer DIR --source builtin:digits|FOLDER --kind video|analogy|groups|... --out DIR
   python launch.py attrib train-model --config attrib/configs/digits.py --workdir DIR
   python launch.py attrib import-diffusers --weights model.bin --workdir DIR [--set data.train_path=latents:D]
@@ -75,42 +76,71 @@ def _print_result(result: dict) -> None:
     print(json.dumps(result, indent=1, default=str))
 
 
-def quickstart(args) -> dict:
-  """Both halves end to end on CPU: the LVM (token shards -> train -> eval) and attribution
-  (diffusion model -> teacher -> features -> distilled embedder + index -> eval -> PNGs)."""
-  from data_pipelines.digit_sentences import digit_sentences, unigram_perplexity
-  from data_pipelines.token_records import write_token_shards
+def _lvm_quickstart(args, workdir: Path, clock) -> dict:
+  """Real images to a trained LVM: tokenizer -> visual sentences (train / held-out images) -> decoder
+  -> perplexity of each sentence's last frame against the token-frequency baseline."""
+  import numpy as np
   from core import progress
+  from data_pipelines.digit_sentences import unigram_perplexity
+  from data_pipelines.token_records import TokenRecordSource, find_shards
   from lvm import commands
-  workdir = Path(args.workdir)
-  seq_len = 256
-  clock = progress.Stopwatch()
-  progress.say('quickstart LVM 1/3: digit sentences -> ArrayRecord shards')
-  shards, sentences = {}, {}
-  for split, count in (('train', 4096), ('eval', 256)):
-    out = workdir / 'data' / split
-    sentences[split] = digit_sentences(split, seq_len=seq_len, num_sentences=count)
-    if not any(out.glob('*.arrayrecord')):
-      write_token_shards(sentences[split], out, seq_len=seq_len, vocab_size=8292, records_per_shard=1024)
-    shards[split] = str(out)
-  progress.say(f'quickstart: shards ready ({clock.lap("lvm data"):.1f} s)\nquickstart LVM 2/3: train the tiny LVM')
-  train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu,
-                                        str(workdir / 'lvm'), [f'data.train_path={shards["train"]}'] + args.set)
-  progress.say(f'quickstart: trained ({clock.lap("lvm train"):.1f} s)\nquickstart LVM 3/3: perplexity of the last digit')
-  eval_result = commands.eval_command(str(workdir / 'lvm'), shards['eval'], args.tpu, 64, 32)
+  from lvm.sentences import tokenize_command
+  from lvm.tokenizer_commands import train_tokenizer_command
+  progress.say('quickstart LVM 1/4: train the tiny VQGAN tokenizer (32-px images -> 64 tokens, 512 codes)')
+  tokenizer = train_tokenizer_command(str(ROOT / 'lvm/configs/tokenizer_tiny.py'), args.tpu,
+                                      str(workdir / 'tokenizer'), args.set_tokenizer)
+  progress.say(f'quickstart: tokenizer PSNR {tokenizer["reconstruction"]["psnr_db"]:.1f} dB '
+               f'({clock.lap("tokenizer"):.1f} s)\nquickstart LVM 2/4: digit images -> visual sentences')
+  manifests = {}
+  for split, count, seed in (('train', 1024, 0), ('eval', 64, 1)):
+    manifests[split] = tokenize_command(str(workdir / 'tokenizer'), 'builtin:digits', None,
+                                        str(workdir / 'data' / split), frames=4, sentences=count,
+                                        records_per_shard=1024, seed=seed, split=split)
+  vocab, seq_len = manifests['train']['vocab_size'], manifests['train']['seq_len']
+  progress.say(f'quickstart: sentences ready ({clock.lap("sentences"):.1f} s)\nquickstart LVM 3/4: train the tiny LVM')
+  train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu, str(workdir / 'lvm'),
+                                        [f'data.train_path={workdir / "data" / "train"}', f'model.vocab_size={vocab}',
+                                         f'data.seq_len={seq_len}'] + args.set)
+  progress.say(f'quickstart: trained ({clock.lap("lvm train"):.1f} s)\nquickstart LVM 4/4: perplexity of the last frame')
+  eval_result = commands.eval_command(str(workdir / 'lvm'), str(workdir / 'data' / 'eval'), args.tpu,
+                                      manifests['train']['tokens_per_image'], 32)
+  from lvm.prompting import next_frame_report
+  next_frame = next_frame_report(workdir / 'lvm', workdir / 'data' / 'eval', kind='video',
+                                 png=workdir / 'lvm' / 'next_frame.png', tpu_path=args.tpu)
   clock.lap('lvm eval')
+  tokens = {split: np.stack(list(TokenRecordSource(find_shards(workdir / 'data' / split), seq_len=seq_len,
+                                                   vocab_size=vocab))) for split in manifests}
+  return {'tokenizer': {'psnr_db': tokenizer['reconstruction']['psnr_db'],
+                        'codes_used': tokenizer['reconstruction']['codes_used'],
+                        'train_seconds': tokenizer['train_seconds']},
+          'sentences': {split: m['records_per_kind'] for split, m in manifests.items()},
+          'train': {k: train_result[k] for k in ('step', 'final_metrics', 'mesh')}, 'eval': eval_result,
+          'next_frame': next_frame,
+          'baseline_unigram_perplexity': unigram_perplexity(tokens['train'], tokens['eval'],
+                                                            manifests['train']['tokens_per_image'])}
+
+
+def quickstart(args) -> dict:
+  """Both halves end to end on CPU: the LVM (tokenizer -> visual sentences -> train -> eval) and
+  attribution (diffusion model -> teacher -> features -> distilled embedder + index -> eval -> PNGs)."""
+  from core import progress
+  workdir = Path(args.workdir)
+  clock = progress.Stopwatch()
+  lvm = _lvm_quickstart(args, workdir, clock)
   attribution = None
   if not args.lvm_only:
     from attrib import quickstart as attribution_quickstart
     attribution = attribution_quickstart.run(workdir, full=args.full)
     clock.stages.update({f'attribution {k}': v for k, v in attribution['stage_seconds'].items()})
-  # Baselines: a uniform guess over the 17 grey levels, and the pixel-frequency (unigram) model.
-  summary = {'job': 'quickstart', 'train': {k: train_result[k] for k in ('step', 'final_metrics', 'mesh')},
-             'eval': eval_result, 'baseline_uniform_perplexity': 17.0,
-             'baseline_unigram_perplexity': unigram_perplexity(sentences['train'], sentences['eval'], 64),
-             'attribution': attribution, 'stage_seconds': clock.stages, 'wall_s': clock.elapsed()}
-  print(f"\nquickstart: eval perplexity of the last digit {eval_result['perplexity']:.2f} "
-        f"(pixel-frequency baseline {summary['baseline_unigram_perplexity']:.2f}, uniform 17)")
+  summary = {'job': 'quickstart', 'lvm': lvm, 'attribution': attribution, 'stage_seconds': clock.stages,
+             'wall_s': clock.elapsed()}
+  print(f"\nquickstart: tokenizer PSNR {lvm['tokenizer']['psnr_db']:.1f} dB on the bundled images; "
+        f"LVM perplexity of the last frame {lvm['eval']['perplexity']:.1f} on held-out digits "
+        f"(token-frequency baseline {lvm['baseline_unigram_perplexity']:.1f})")
+  nf = lvm['next_frame']
+  print(f"quickstart: next frame of held-out digit videos: token accuracy {nf['token_accuracy']['lvm']:.2f} "
+        f"(copy-last {nf['token_accuracy']['copy_last']:.2f}), PSNR {nf['psnr_db']['lvm']:.1f} dB "
+        f"(copy-last {nf['psnr_db']['copy_last']:.1f} dB); {nf['png']}")
   if attribution is not None:
     attribution_quickstart.print_summary(attribution)
   print(f"quickstart: {clock.elapsed():.0f} s in all (" + ', '.join(f'{k} {v:.1f} s' for k, v in clock.stages.items()) + ')')
@@ -159,6 +189,7 @@ def _run(argv: list[str]) -> int:
   q.add_argument('--workdir', default='runs/quickstart')
   q.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_8.py'))
   q.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='LVM config fields')
+  q.add_argument('--set-tokenizer', action='append', default=[], metavar='KEY=VALUE', help='tokenizer config fields')
   q.add_argument('--lvm-only', action='store_true', help='skip the attribution half')
   q.add_argument('--full', action='store_true', help='the full 2000-step diffusion model (slower)')
 
@@ -199,7 +230,10 @@ def _run(argv: list[str]) -> int:
   ti.add_argument('--tpu', help='slice preset to shard the weights for (default: cpu_1)')
   tk = lvm.add_parser('tokenize', help='images -> visual sentences of tokens (ArrayRecord shards + manifest)')
   tk.add_argument('--tokenizer', required=True, help='a tokenizer workdir')
-  tk.add_argument('--source', default='builtin:digits', help='builtin:digits, builtin:photos or an image folder')
+  tk.add_argument('--source', default='builtin:digits',
+                  help='builtin:digits|photos, tfds:NAME[:SPLIT], frames:DIR (one subfolder of frames per video) '
+                       'or an image folder (class subfolders give categories)')
+  tk.add_argument('--stride', type=int, default=1, help='frame stride of video clips')
   tk.add_argument('--kind', action='append', help='sentence kind(s); default: every kind the source supports')
   tk.add_argument('--out', required=True)
   tk.add_argument('--frames', type=int, default=4, help='images per visual sentence')
@@ -207,7 +241,23 @@ def _run(argv: list[str]) -> int:
   tk.add_argument('--records-per-shard', type=int, default=512)
   tk.add_argument('--strict', action='store_true', help='fail on an unreadable image instead of skipping it')
   tk.add_argument('--seed', type=int, default=0)
+  tk.add_argument('--split', default='all', choices=['all', 'train', 'eval'],
+                  help='images used: eval = the last 10%% of the source, train = the rest (no image in both)')
   tk.add_argument('--tpu')
+
+  g = lvm.add_parser('generate', help='prompt a trained LVM with images; writes a PNG grid (prompt | generation)')
+  g.add_argument('--workdir', required=True)
+  g.add_argument('--prompt', nargs='+', required=True, help='prompt images, in order')
+  g.add_argument('--frames', type=int, default=1, help='frames to generate (sequence mode)')
+  g.add_argument('--mode', default='sequence', choices=['sequence', 'analogy', 'in-context'])
+  g.add_argument('--out', help='PNG path (default WORKDIR/generation.png)')
+  g.add_argument('--tokenizer', help='tokenizer workdir (default: the one that made the training tokens)')
+  g.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
+  g.add_argument('--top-k', type=int, default=0)
+  g.add_argument('--top-p', type=float, default=1.0)
+  g.add_argument('--seed', type=int, default=0)
+  g.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='weights and KV cache')
+  g.add_argument('--tpu')
 
   a = sub.add_parser('attrib', help='data attribution jobs').add_subparsers(dest='command', required=True)
   am = a.add_parser('train-model', help='train the text-to-image diffusion model')
@@ -366,11 +416,18 @@ def _run(argv: list[str]) -> int:
     elif args.command == 'import-tokenizer':
       from lvm.tokenizer_commands import import_tokenizer_command
       result = import_tokenizer_command(args.weights, args.workdir, args.tpu)
+    elif args.command == 'generate':
+      from lvm.prompting import generate_command
+      result = generate_command(args.workdir, args.prompt, args.frames, args.out, mode=args.mode,
+                                tokenizer_dir=args.tokenizer, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, dtype=args.dtype, tpu_path=args.tpu)
+      result = {k: v for k, v in result.items() if k != 'tokens'}  # the file has them; the screen does not need them
     elif args.command == 'tokenize':
       from lvm.sentences import tokenize_command
       result = tokenize_command(args.tokenizer, args.source, args.kind, args.out, frames=args.frames,
                                 sentences=args.sentences, records_per_shard=args.records_per_shard,
-                                strict=args.strict, seed=args.seed, tpu_path=args.tpu)
+                                strict=args.strict, seed=args.seed, split=args.split, stride=args.stride,
+                                tpu_path=args.tpu)
     else:
       result = commands.export_hf_command(args.workdir, args.out, args.dtype)
   _print_result(result)

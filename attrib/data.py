@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from core.errors import ConfigError
+from core.workdir import save_npy_atomic
 
 import hashlib
 from pathlib import Path
@@ -44,7 +45,7 @@ class CaptionedImages:
                              for i in range(0, len(captions), 256)])
     if cache is not None:
       cache.parent.mkdir(parents=True, exist_ok=True)
-      np.save(cache, states)
+      save_npy_atomic(cache, states)
     return states
 
   def __len__(self) -> int:

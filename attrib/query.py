@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.workdir import versions, write_json_atomic
+from core.workdir import save_png_atomic, versions, write_json_atomic
 
 
 def _tile(image_hw: np.ndarray, scale: int):  # -> PIL.Image.Image
@@ -35,7 +35,7 @@ def draw_attribution(query_hw: np.ndarray, prompt: str, train_images: np.ndarray
     canvas.paste(_tile(train_images[int(i)][..., 0], scale), (x, 16))
     draw.text((x, 2), f'#{n + 1} id {int(i)}', fill=0)
     draw.text((x, 16 + size + 2), f'{s:.3f}', fill=0)
-  canvas.save(path)
+  save_png_atomic(path, np.asarray(canvas))
 
 
 def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None) -> dict:

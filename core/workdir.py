@@ -94,6 +94,13 @@ def save_npz_atomic(path: str | Path, **arrays) -> None:
   write_bytes_atomic(path, buffer.getvalue())
 
 
+def save_png_atomic(path: str | Path, pixels_hwc: np.ndarray) -> None:
+  """uint8 [h, w] or [h, w, 3] pixels as a PNG file."""
+  from PIL import Image
+  with atomic_path(path) as temp:
+    Image.fromarray(pixels_hwc).save(temp, format='PNG')
+
+
 def write_json_atomic(path: str | Path, data: dict) -> None:
   """A job's JSON file, written by process 0 only (the other hosts hold the same numbers)."""
   if jax.process_index() != 0:

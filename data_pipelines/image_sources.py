@@ -64,26 +64,40 @@ def builtin_images(name: str, size: int) -> np.ndarray:
   return np.concatenate(out)
 
 
+def to_rgb_square(image, size: int) -> np.ndarray:
+  """A PIL image of any mode -> float32 [size, size, 3] in [0, 1]: 16/32-bit grey scaled to 8 bits,
+  alpha composited on white, shorter side resized to `size` (bicubic), centre cropped."""
+  from PIL import Image
+  if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+    array = np.asarray(image, np.float64)
+    image = Image.fromarray((array / max(array.max(), 1) * 255).astype(np.uint8))
+  if image.mode in ('RGBA', 'LA', 'P', 'PA'):
+    image = Image.alpha_composite(Image.new('RGBA', image.size, (255, 255, 255, 255)), image.convert('RGBA'))
+  image = image.convert('RGB')
+  w, h = image.size
+  scale = size / min(w, h)
+  image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+  w, h = image.size
+  left, top = (w - size) // 2, (h - size) // 2
+  return np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255
+
+
+def array_to_rgb_square(array: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [h, w], [h, w, 1|3|4] (a tfds image) -> float32 [size, size, 3] in [0, 1]."""
+  from PIL import Image
+  array = np.asarray(array)
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  return to_rgb_square(Image.fromarray(array), size)
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
   """One file -> float32 [size, size, 3] in [0, 1]; raises ImageDataError naming the file."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(path) as image:
       image.load()
-      if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16/32-bit grey: scale to 8 bits
-        array = np.asarray(image, np.float64)
-        image = Image.fromarray((array / max(array.max(), 1) * 255).astype(np.uint8))
-      if image.mode in ('RGBA', 'LA', 'P', 'PA'):
-        image = image.convert('RGBA')
-        white = Image.new('RGBA', image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image)
-      image = image.convert('RGB')
-      w, h = image.size
-      scale = size / min(w, h)
-      image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-      w, h = image.size
-      left, top = (w - size) // 2, (h - size) // 2
-      return np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255
+      return to_rgb_square(image, size)
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
     raise ImageDataError(f'{path}: not a readable image ({type(e).__name__}: {e})') from None
 
@@ -128,7 +142,10 @@ def folder_images(root: str | Path, size: int, strict: bool = False) -> FolderIm
 
 
 def open_images(source: str, size: int, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """(images, labels) of a `builtin:...` name or an image folder."""
+  """(images, labels) of a `builtin:...` name, a `tfds:NAME:SPLIT` dataset or an image folder."""
+  if source.startswith('tfds:'):
+    from data_pipelines.tfds_images import tfds_images
+    return tfds_images(source, size)
   if source.startswith('builtin:'):
     if source == 'builtin:digits':
       return digit_images(size)
@@ -136,3 +153,19 @@ def open_images(source: str, size: int, strict: bool = False) -> tuple[np.ndarra
     return images, np.full(len(images), -1, np.int32)
   found = folder_images(source, size, strict)
   return found.images, found.labels
+
+
+def video_frames(root: str | Path, size: int, strict: bool = False) -> list[np.ndarray]:
+  """A folder of videos, one subfolder of frame images each (frames in name order) -> a list of
+  float32 [frames, size, size, 3]. Unreadable frames are skipped (counted) or, strict, an error."""
+  root = Path(root)
+  if not root.is_dir():
+    raise ImageDataError(f'{root}: no such folder of videos')
+  videos = []
+  for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    found = folder_images(folder, size, strict)
+    if len(found.images):
+      videos.append(found.images)
+  if not videos:
+    raise ImageDataError(f'{root}: no video folders (one subfolder of frame images per video)')
+  return videos

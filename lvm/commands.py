@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from core.sharding import activation_sharding
 from core.train_loop import init_state, restore_latest_params, train
 from core.workdir import RUN_CONFIG_FILE, make_workdir, read_run_config, versions, write_imported_run, write_json_atomic
 from data_pipelines.token_loader import token_batches
+from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
 from data_pipelines.token_sources import open_token_source, record_length
 from lvm import evaluate, hf_interop
 from lvm.config import LvmConfig
@@ -93,10 +95,18 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
     raise ConfigError(f'{data_path}: records of {seq_len} tokens are not a multiple of the model\'s '
                       f'attention_block {block}')
   source = open_token_source(data_path, seq_len=seq_len, vocab_size=config.model.vocab_size)
+  # Sentences from `lvm tokenize` say how long a frame is and which shards hold which task kind.
+  manifest_path = Path(data_path) / 'manifest.json'
+  manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
   graphdef, params, mesh, preset, step = restore_params(workdir, config, tpu_path or trained_tpu)
-  target = target_tokens or min(256, seq_len // 4)
-  scores = evaluate.perplexity(graphdef, params, source, mesh=mesh, rules=preset.logical_rules,
-                               target_tokens=target, batch_size=batch_size)
+  target = target_tokens or (manifest['tokens_per_image'] if manifest else min(256, seq_len // 4))
+  score = lambda records: evaluate.perplexity(graphdef, params, records, mesh=mesh, rules=preset.logical_rules,
+                                              target_tokens=target, batch_size=batch_size)
+  scores = score(source)
+  if manifest:  # LVM's eval: perplexity of the last frame given the frames before it, per task kind
+    scores['per_kind'] = {kind: score(TokenRecordSource(sorted(Path(data_path).glob(f'{kind}-*{SHARD_SUFFIX}')),
+                                                         seq_len=seq_len, vocab_size=config.model.vocab_size))
+                          for kind in manifest['kinds']}
   result = {'job': 'lvm eval', 'step': step, 'data': data_path, 'record_tokens': seq_len, **scores, 'versions': versions()}
   write_json_atomic(workdir / 'eval_result.json', result)
   return result

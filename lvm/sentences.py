@@ -1,7 +1,10 @@
 """Visual sentences (LVM §2): images -> sequences of frames -> tokens -> ArrayRecord shards.
 
 Kinds, each a fixed number of frames (`frames`, 4 by default; LVM uses 16 at 256 tokens each):
-  video        one image moving: rotated or shifted a little more in every frame
+  video        frames of a real clip at a stride (a `frames:DIR` source: one subfolder of frames
+               per video), or, from still images, one image moving: rotated and shifted a little
+               more in every frame
+  edges        annotated pairs [X, edges(X), Y, edges(Y), ...] (LVM's HED-edge pairs; Sobel here)
   groups       `frames` different images of one category (class folders, digit labels)
   analogy      [A, T(A), B, T(B), ...]: one transformation T (flip, rotate 90°, invert, shift) per sentence
   colorization [grey(X), X, grey(Y), Y, ...]
@@ -28,9 +31,19 @@ from core.workdir import atomic_path, make_workdir, versions, write_json_atomic
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_records import SHARD_SUFFIX, TOKEN_DTYPE
 
-KINDS = ('video', 'groups', 'analogy', 'colorization', 'inpainting')
+KINDS = ('video', 'groups', 'analogy', 'colorization', 'inpainting', 'edges')
 SPECIAL_TOKENS = 100
 STATE_FILE = 'tokenize_state.json'
+SPLITS = ('all', 'train', 'eval')  # eval = the last 10% of a source's images, train = the rest
+
+
+def split_images(images: np.ndarray, labels: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Held-out sentences are built from images no training sentence shows."""
+  if split not in SPLITS:
+    raise ConfigError(f'--split {split!r}: choose from {list(SPLITS)}')
+  cut = len(images) - max(1, len(images) // 10)
+  part = {'all': slice(None), 'train': slice(0, cut), 'eval': slice(cut, None)}[split]
+  return images[part], labels[part]
 
 
 def _rotate_shift(image: np.ndarray, degrees: float, dx: float, dy: float) -> np.ndarray:
@@ -44,6 +57,15 @@ def _grey(image):
   return np.repeat(image.mean(axis=-1, keepdims=True), 3, axis=-1)
 
 
+def _edges(image):
+  """Sobel gradient magnitude of the grey image, scaled to [0, 1], as an RGB annotation image."""
+  from scipy import ndimage
+  grey = image.mean(axis=-1)
+  magnitude = np.hypot(ndimage.sobel(grey, axis=0), ndimage.sobel(grey, axis=1))
+  magnitude = magnitude / max(float(magnitude.max()), 1e-6)
+  return np.repeat(magnitude[..., None], 3, axis=-1).astype(np.float32)
+
+
 ANALOGY_TRANSFORMS = {
     'flip': lambda x: x[:, ::-1],
     'rotate90': lambda x: np.rot90(x, 1, axes=(0, 1)),
@@ -53,10 +75,15 @@ ANALOGY_TRANSFORMS = {
 
 
 def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, frames: int,
-                    seed: int) -> np.ndarray:
+                    seed: int, videos: list[np.ndarray] | None = None, stride: int = 1) -> np.ndarray:
   """Frames [frames, s, s, 3] of sentence `n` of `kind`: the same for the same (seed, kind, n)."""
   rng = np.random.default_rng([seed, KINDS.index(kind), n])
   pick = lambda: images[rng.integers(len(images))]
+  if kind == 'video' and videos:
+    long_enough = [v for v in videos if len(v) >= (frames - 1) * stride + 1]
+    clip = long_enough[rng.integers(len(long_enough))]
+    start = rng.integers(len(clip) - (frames - 1) * stride)
+    return clip[start:start + (frames - 1) * stride + 1:stride]
   if kind == 'video':
     start, size = pick(), images.shape[1]
     turn, (sx, sy) = rng.uniform(-20, 20), rng.uniform(-size / 16, size / 16, 2)
@@ -73,6 +100,8 @@ def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, f
       pairs += [x, transform(x)]
     elif kind == 'colorization':
       pairs += [_grey(x), x]
+    elif kind == 'edges':
+      pairs += [x, _edges(x)]
     else:  # inpainting: a quarter-side square at a random place, filled grey
       side = images.shape[1] // 4 * 2
       top, left = rng.integers(0, images.shape[1] - side + 1, 2)
@@ -82,6 +111,16 @@ def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, f
   return np.stack(pairs)
 
 
+def split_videos(videos: list[np.ndarray], split: str) -> list[np.ndarray]:
+  """Whole clips go to one side: eval = the last 10% of the videos (at least one), train = the rest."""
+  if split not in SPLITS:
+    raise ConfigError(f'--split {split!r}: choose from {list(SPLITS)}')
+  if split == 'all' or len(videos) < 2:
+    return videos
+  cut = len(videos) - max(1, len(videos) // 10)
+  return videos[:cut] if split == 'train' else videos[cut:]
+
+
 def kinds_for(images: np.ndarray, source_labels: np.ndarray, requested: list[str] | None, frames: int) -> list[str]:
   kinds = list(requested or KINDS)
   if not requested and np.ptp(images[:64], axis=-1).max() < 1e-3:
@@ -89,8 +128,9 @@ def kinds_for(images: np.ndarray, source_labels: np.ndarray, requested: list[str
   unknown = [k for k in kinds if k not in KINDS]
   if unknown:
     raise ConfigError(f'--kind {unknown}: choose from {list(KINDS)}')
-  if frames % 2 and any(k in ('analogy', 'colorization', 'inpainting') for k in kinds):
-    raise ConfigError(f'--frames {frames}: analogy, colorization and inpainting sentences are pairs; use an even count')
+  if frames % 2 and any(k in ('analogy', 'colorization', 'inpainting', 'edges') for k in kinds):
+    raise ConfigError(f'--frames {frames}: analogy, colorization, inpainting and edges sentences are pairs; '
+                      'use an even count')
   if 'groups' in kinds and not (source_labels >= 0).any():
     if requested:
       raise ConfigError('--kind groups needs categories (class subfolders, or builtin:digits)')
@@ -109,16 +149,27 @@ def _write_shard(path: Path, records: np.ndarray) -> None:
 
 def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, *, frames: int = 4,
                      sentences: int = 2048, records_per_shard: int = 512, strict: bool = False, seed: int = 0,
-                     tpu_path: str | None = None) -> dict:
-  check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard)
+                     split: str = 'all', stride: int = 1, tpu_path: str | None = None) -> dict:
+  check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride)
   from lvm.tokenizer_commands import load_tokenizer
   started = time.time()
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
   tconfig = tokenizer.config.tokenizer
-  images, labels = open_images(source, tconfig.image_size, strict)
+  videos = None
+  if source.startswith('frames:'):  # real clips: still-image kinds use their frames as images
+    from data_pipelines.image_sources import video_frames
+    videos = video_frames(source[len('frames:'):], tconfig.image_size, strict)
+    videos = split_videos(videos, split)
+    if not any(len(v) >= (frames - 1) * stride + 1 for v in videos):
+      raise ConfigError(f'{source}: no video has {(frames - 1) * stride + 1} frames (--frames {frames}, '
+                        f'--stride {stride})')
+    images = np.concatenate(videos)
+    labels = np.full(len(images), -1, np.int32)
+  else:
+    images, labels = split_images(*open_images(source, tconfig.image_size, strict), split)
   kinds = kinds_for(images, labels, kinds, frames)
   out = make_workdir(out)
-  job = {'source': source, 'kinds': kinds, 'frames': frames, 'sentences': sentences,
+  job = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': sentences,
          'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum}
   state_path = out / STATE_FILE
   if state_path.is_file():
@@ -140,7 +191,7 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
       if path.exists():
         continue  # finished by an earlier run: the same records, by construction
       rows = range(shard * records_per_shard, min(sentences, (shard + 1) * records_per_shard))
-      frames_nf = np.stack([sentence_frames(kind, n, images, labels, frames, seed) for n in rows])
+      frames_nf = np.stack([sentence_frames(kind, n, images, labels, frames, seed, videos, stride) for n in rows])
       tokens = tokenizer.encode(frames_nf.reshape(-1, *frames_nf.shape[2:]))
       _write_shard(path, tokens.reshape(len(rows), seq_len))
       written += 1

@@ -114,3 +114,77 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
                       '--set', f'data.train_path={out}', '--set', 'model.vocab_size=612', '--set', 'train.steps=3',
                       '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false']) == 0
   assert np.isfinite(json.loads((lvm / 'train_result.json').read_text())['final_metrics']['loss'])
+
+  # Per-kind perplexity of the last frame (64 tokens), from the manifest.
+  assert launch_main(['lvm', 'eval', '--workdir', str(lvm), '--data', str(out)]) == 0
+  evaluation = json.loads((lvm / 'eval_result.json').read_text())
+  assert evaluation['target_tokens'] == 64 and sorted(evaluation['per_kind']) == ['analogy', 'groups', 'video']
+  assert all(v['examples'] == 40 for v in evaluation['per_kind'].values())
+
+  # Prompting with image files: an analogy A A' B -> B', through the tokenizer of the training data.
+  from PIL import Image
+  for i, frame in enumerate(frames[:3]):
+    Image.fromarray((frame * 255).round().astype(np.uint8)).save(tmp_path / f'p{i}.png')
+  prompt = [str(tmp_path / f'p{i}.png') for i in range(3)]
+  assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', *prompt, '--mode', 'analogy',
+                      '--out', str(tmp_path / 'grid.png'), '--temperature', '1.0', '--seed', '3']) == 0
+  generated = json.loads((lvm / 'generate_result.json').read_text())
+  tokens = np.asarray(generated['tokens'])
+  assert tokens.shape == (1, 64) and tokens.max() < 512  # image codes only, never a special id
+  assert Image.open(tmp_path / 'grid.png').size[0] > 4 * 32 * 4
+  assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', *prompt[:2], '--mode', 'analogy']) == 2
+
+  from lvm.prompting import next_frame_report
+  report = next_frame_report(lvm, out, kind='video', limit=8, png=tmp_path / 'next.png')
+  videos = np.stack([source[80 + i] for i in range(8)])
+  copy_accuracy = np.mean(videos[:, 128:192] == videos[:, 192:])
+  assert report['sentences'] == 8 and report['token_accuracy']['copy_last'] == pytest.approx(copy_accuracy)
+  assert 0 <= report['token_accuracy']['lvm'] <= 1 and np.isfinite(report['psnr_db']['lvm'])
+
+
+def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
+  """The tfds path for real: `bundled_digits` is prepared here from the bundled digits (no download)
+  and read back through tfds.data_source: the same images and labels, in tfds' own order."""
+  from data_pipelines.image_sources import digit_images, open_images
+  from data_pipelines.tfds_images import build_bundled_digits
+  import os
+  source = build_bundled_digits(str(tmp_path))
+  os.environ['TFDS_DATA_DIR'] = str(tmp_path)
+  try:
+    images, labels = open_images(source, 32)
+  finally:
+    del os.environ['TFDS_DATA_DIR']
+  expected, expected_labels = digit_images(32)
+  assert images.shape == expected.shape
+  by_bytes = {}
+  for image, label in zip(expected, expected_labels):
+    by_bytes.setdefault(image.tobytes(), set()).add(int(label))
+  assert all(int(label) in by_bytes.get(image.tobytes(), ()) for image, label in zip(images, labels))
+  from data_pipelines.image_sources import ImageDataError
+  with pytest.raises(ImageDataError, match='tfds:no_such_set'):
+    open_images('tfds:no_such_set:train', 32)
+
+
+def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path):
+  from PIL import Image
+  from lvm.sentences import sentence_frames
+  from data_pipelines.image_sources import video_frames
+  for video in range(2):
+    (tmp_path / 'videos' / f'clip{video}').mkdir(parents=True)
+    for t in range(9):  # a bright bar sliding right, one column per frame
+      frame = np.zeros((32, 32, 3), np.uint8)
+      frame[:, t * 3:t * 3 + 3] = 255 if video == 0 else 128
+      Image.fromarray(frame).save(tmp_path / 'videos' / f'clip{video}' / f'{t:03d}.png')
+  videos = video_frames(tmp_path / 'videos', 32)
+  assert [len(v) for v in videos] == [9, 9]
+  clip = sentence_frames('video', 0, np.concatenate(videos), np.full(18, -1), 4, seed=0, videos=videos, stride=2)
+  source = next(v for v in videos if np.any([np.array_equal(clip[0], f) for f in v]))
+  start = next(i for i, f in enumerate(source) if np.array_equal(clip[0], f))
+  for k in range(4):  # consecutive frames of one clip, two apart
+    np.testing.assert_array_equal(clip[k], source[start + 2 * k])
+  out = tmp_path / 'clips'
+  assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', f'frames:{tmp_path / "videos"}',
+                      '--kind', 'video', '--stride', '2', '--out', str(out), '--sentences', '8']) == 0
+  assert json.loads((out / 'manifest.json').read_text())['records_per_kind'] == {'video': 8}
+  assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', f'frames:{tmp_path / "videos"}',
+                      '--kind', 'video', '--stride', '4', '--out', str(tmp_path / 'x'), '--sentences', '8']) == 2

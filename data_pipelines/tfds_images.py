@@ -1,0 +1,77 @@
+"""Images from TensorFlow Datasets through `tfds.data_source` (random access over ArrayRecord, no
+TensorFlow needed), and `bundled_digits`: a tfds dataset built from scikit-learn's digits on this
+machine, with no download, so the tfds path can be used (and is tested) offline.
+
+  source 'tfds:NAME[:SPLIT]', read from $TFDS_DATA_DIR (default ~/tensorflow_datasets);
+  python -m data_pipelines.tfds_images --build-bundled-digits [--data-dir DIR]
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from data_pipelines.image_sources import ImageDataError, array_to_rgb_square
+
+IMAGE_KEYS = ('image', 'img', 'frame')
+LABEL_KEYS = ('label', 'labels', 'category')
+
+
+def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 [n, size, size, 3] in [0, 1], int32 labels or -1) of every example of a tfds split."""
+  import tensorflow_datasets as tfds
+  _, name, *rest = source.split(':')
+  split = rest[0] if rest else 'train'
+  data_dir = data_dir or os.environ.get('TFDS_DATA_DIR')
+  try:
+    records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # tfds raises several types for a missing or unprepared dataset
+    raise ImageDataError(f'{source}: not a prepared tfds dataset in {data_dir or "~/tensorflow_datasets"} '
+                         f'(prepare it first; nothing downloads at run time) ({type(e).__name__}: {e})') from None
+  if not len(records):
+    raise ImageDataError(f'{source}: the split is empty')
+  first = records[0]
+  image_key = next((k for k in IMAGE_KEYS if k in first), None)
+  if image_key is None:
+    raise ImageDataError(f'{source}: examples have no image field (one of {IMAGE_KEYS}); fields: {sorted(first)}')
+  label_key = next((k for k in LABEL_KEYS if k in first), None)
+  images, labels = [], []
+  for index in range(len(records)):
+    example = records[index]
+    images.append(array_to_rgb_square(example[image_key], size))
+    labels.append(int(example[label_key]) if label_key else -1)
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
+def build_bundled_digits(data_dir: str) -> str:
+  """Prepares `bundled_digits` (1,797 8x8 digits, labels 0-9) under `data_dir`; returns the source name."""
+  import tensorflow_datasets as tfds
+
+  class BundledDigits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's handwritten digits as a tfds dataset (ArrayRecord; uint8 tensors, so no TF)."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+          'label': tfds.features.ClassLabel(num_classes=10)}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      from sklearn.datasets import load_digits
+      digits = load_digits()
+      for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        yield i, {'image': (image / 16 * 255).round().astype(np.uint8)[..., None], 'label': int(label)}
+
+  BundledDigits(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  return 'tfds:bundled_digits:train'
+
+
+if __name__ == '__main__':
+  import argparse
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--build-bundled-digits', action='store_true', required=True)
+  parser.add_argument('--data-dir', default=os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets')))
+  print(build_bundled_digits(parser.parse_args().data_dir))

@@ -1,0 +1,154 @@
+"""Prompting the LVM with images (LVM §5): continue a sequence, complete an analogy, solve an
+in-context task. All three are "given frames, generate the next ones"; they differ in how the
+prompt is arranged and how many frames are asked for:
+
+  sequence    a b c ...          -> the next `frames` frames
+  analogy     A A' B             -> B'          (one frame)
+  in-context  x1 y1 x2 y2 ... xq  -> yq          (one frame)
+
+Frames are generated one at a time: only image codes (ids below the codebook size) are allowed
+inside a frame, and when context plus a new frame would pass the model's length, the oldest frames
+are dropped (LVM's sliding window keeps the last frames that fit).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from core.config import ConfigError, check_at_least
+from core.workdir import save_png_atomic, versions, write_json_atomic
+from lvm.sampling import generate
+
+MODES = ('sequence', 'analogy', 'in-context')
+
+
+def generate_frames(params, config, context_bt: np.ndarray, *, frames: int, tokens_per_image: int,
+                    codebook_size: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0, dtype: str = 'float32') -> np.ndarray:
+  """Continues whole-frame contexts [b, n·tokens_per_image] by `frames` frames: int32 [b, frames·tpi]."""
+  keep_frames = (config.max_seq_len - tokens_per_image) // tokens_per_image
+  if keep_frames < 1:
+    raise ConfigError(f'model.max_seq_len {config.max_seq_len} cannot hold a context frame plus a new one '
+                      f'of {tokens_per_image} tokens')
+  key, allowed = jax.random.key(seed), jnp.arange(codebook_size)
+  tokens = np.asarray(context_bt, np.int32)
+  for frame in range(frames):
+    context = tokens[:, -keep_frames * tokens_per_image:]
+    new = generate(params, config, jnp.asarray(context), jnp.full(len(context), context.shape[1], jnp.int32),
+                   new_tokens=tokens_per_image, key=jax.random.fold_in(key, frame), temperature=temperature,
+                   top_k=top_k, top_p=top_p, allowed_ids=allowed, dtype=dtype)
+    tokens = np.concatenate([tokens, np.asarray(new)], axis=1)
+  return tokens[:, context_bt.shape[1]:]
+
+
+def check_prompt(mode: str, count: int, frames: int) -> int:
+  """The frames to generate for `mode` with `count` prompt images (analogy / in-context: one)."""
+  if mode not in MODES:
+    raise ConfigError(f'--mode {mode!r}: choose from {list(MODES)}')
+  if mode == 'analogy' and count != 3:
+    raise ConfigError(f'--mode analogy takes three prompt images A A\' B (got {count})')
+  if mode == 'in-context' and (count < 3 or count % 2 == 0):
+    raise ConfigError(f'--mode in-context takes pairs and a query: x1 y1 ... xq, an odd count >= 3 (got {count})')
+  return frames if mode == 'sequence' else 1
+
+
+def grid_png(rows: list[np.ndarray], split_at: int, path: Path, scale: int = 4) -> None:
+  """One row per prompt: its frames, a gap, the generated frames (images [n, s, s, 3] in [0, 1])."""
+  side = rows[0].shape[1]
+  gap = np.ones((side, side // 4, 3), np.float32)
+  lines = []
+  for frames in rows:
+    cells = list(frames[:split_at]) + [gap] + list(frames[split_at:])
+    lines.append(np.concatenate(cells, axis=1))
+  picture = np.concatenate(lines, axis=0)
+  picture = np.repeat(np.repeat(picture, scale, axis=0), scale, axis=1)
+  save_png_atomic(path, (np.clip(picture, 0, 1) * 255).round().astype(np.uint8))
+
+
+def tokenizer_of(workdir: Path, config) -> str:
+  """The tokenizer an LVM workdir's tokens came from (the manifest of its training data)."""
+  manifest = Path(config.data.train_path) / 'manifest.json'
+  if not manifest.is_file():
+    raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which has no manifest.json naming a '
+                      'tokenizer (data from `lvm tokenize` has one); pass --tokenizer')
+  return json.loads(manifest.read_text())['tokenizer']
+
+
+def generate_command(workdir: str, prompts: list[str], frames: int, out: str | None, *, mode: str = 'sequence',
+                     tokenizer_dir: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int = 0, dtype: str = 'float32', tpu_path: str | None = None) -> dict:
+  from data_pipelines.image_sources import load_image
+  from lvm import commands
+  from lvm.tokenizer_commands import load_tokenizer
+  check_at_least(1, frames=frames)
+  frames = check_prompt(mode, len(prompts), frames)
+  started = time.time()
+  workdir = Path(workdir)
+  config, trained_tpu = commands.load_run_config(workdir)
+  tokenizer_dir = tokenizer_dir or tokenizer_of(workdir, config)
+  tokenizer = load_tokenizer(tokenizer_dir, tpu_path or trained_tpu)
+  t = tokenizer.config.tokenizer
+  if config.model.vocab_size < t.codebook_size:
+    raise ConfigError(f'{workdir}: vocabulary {config.model.vocab_size} is smaller than the tokenizer\'s '
+                      f'{t.codebook_size} codes ({tokenizer_dir}); not the tokenizer this model was trained with')
+  images = np.stack([load_image(Path(p), t.image_size) for p in prompts])  # every file checked first
+  _, params, _, _, step = commands.restore_params(workdir, config, tpu_path or trained_tpu)
+  context = tokenizer.encode(images).reshape(1, -1)
+  new = generate_frames(jax.device_get(params), config.model, context, frames=frames,
+                        tokens_per_image=t.tokens_per_image, codebook_size=t.codebook_size,
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, dtype=dtype)
+  generated = tokenizer.decode(new.reshape(frames, t.tokens_per_image))
+  out = Path(out) if out else workdir / 'generation.png'
+  grid_png([np.concatenate([images, generated])], len(images), out)
+  result = {'job': 'lvm generate', 'mode': mode, 'prompts': prompts, 'frames': frames, 'step': step,
+            'tokenizer': str(tokenizer_dir), 'temperature': temperature, 'top_k': top_k, 'top_p': top_p,
+            'seed': seed, 'png': str(out), 'tokens': new.tolist(), 'wall_s': time.time() - started,
+            'versions': versions()}
+  write_json_atomic(workdir / 'generate_result.json', result)
+  return result
+
+
+def next_frame_report(workdir: str | Path, sentences_dir: str | Path, *, kind: str = 'video', limit: int = 64,
+                      png: str | Path | None = None, tpu_path: str | None = None) -> dict:
+  """How well the LVM continues held-out sentences of `kind`: greedy next frame from the frames
+  before it, against copying the last context frame. Token accuracy against the true frame's
+  tokens, and PSNR (dB) of the decoded frames against the decoded true frame."""
+  from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
+  from lvm import commands
+  from lvm.tokenizer_commands import load_tokenizer
+  workdir, sentences_dir = Path(workdir), Path(sentences_dir)
+  manifest = json.loads((sentences_dir / 'manifest.json').read_text())
+  tpi = manifest['tokens_per_image']
+  source = TokenRecordSource(sorted(sentences_dir.glob(f'{kind}-*{SHARD_SUFFIX}')), seq_len=manifest['seq_len'],
+                             vocab_size=manifest['vocab_size'])
+  records = np.stack([source[i] for i in range(min(limit, len(source)))])
+  config, trained_tpu = commands.load_run_config(workdir)
+  _, params, _, _, step = commands.restore_params(workdir, config, tpu_path or trained_tpu)
+  tokenizer = load_tokenizer(manifest['tokenizer'], tpu_path or trained_tpu)
+  context, truth = records[:, :-tpi], records[:, -tpi:]
+  predicted = generate_frames(jax.device_get(params), config.model, context, frames=1, tokens_per_image=tpi,
+                              codebook_size=manifest['codebook_size'])
+  copy_last = context[:, -tpi:]
+  pictures = {name: tokenizer.decode(tokens) for name, tokens in
+              (('truth', truth), ('lvm', predicted), ('copy_last', copy_last))}
+
+  def psnr(a, b):
+    mse = np.mean(np.square(a - b), axis=(1, 2, 3))
+    return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10))))
+  report = {'kind': kind, 'sentences': int(len(records)), 'step': step,
+            'token_accuracy': {'lvm': float(np.mean(predicted == truth)), 'copy_last': float(np.mean(copy_last == truth))},
+            'psnr_db': {'lvm': psnr(pictures['lvm'], pictures['truth']),
+                        'copy_last': psnr(pictures['copy_last'], pictures['truth'])}}
+  if png:
+    rows = []
+    for r in range(min(4, len(records))):
+      frames = tokenizer.decode(records[r].reshape(-1, tpi))
+      rows.append(np.concatenate([frames, pictures['lvm'][r:r + 1], pictures['copy_last'][r:r + 1]]))
+    grid_png(rows, len(frames), Path(png))  # context + true frame | LVM's frame, copy-last
+    report['png'] = str(png)
+  return report
