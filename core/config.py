@@ -170,3 +170,14 @@ def check_at_least(minimum: int, **arguments: int | None) -> None:
   for name, value in arguments.items():
     if value is not None and value < minimum:
       raise ConfigError(f'--{name.replace("_", "-")} must be >= {minimum}, got {value}')
+
+
+def parse_counts(items: list[str], flag: str) -> dict[str, int]:
+  """['video=4096', 'edges=0'] -> {'video': 4096, 'edges': 0}, with the bad item named."""
+  out = {}
+  for item in items:
+    name, _, value = item.partition('=')
+    if not name or not value.strip().lstrip('-').isdigit():
+      raise ConfigError(f'{flag} {item!r}: expected NAME=COUNT')
+    out[name.strip()] = int(value)
+  return out

@@ -124,6 +124,11 @@ class TokenRecordSource(grain.sources.RandomAccessDataSource):
                            f'({self.seq_len * TOKEN_DTYPE.itemsize} bytes)')
     return check_tokens(np.frombuffer(raw, TOKEN_DTYPE), self.seq_len, self.vocab_size, where)
 
+  def __iter__(self):
+    """Each record once (indexing wraps around for the loader's epochs; iteration does not)."""
+    for index in range(len(self)):
+      yield self[index]
+
   def __getitem__(self, index: int) -> np.ndarray:
     index = int(index) % len(self)
     shard_index = bisect.bisect_right(self._starts, index) - 1

@@ -23,6 +23,11 @@ class InMemoryTokenSource:
   def __len__(self) -> int:
     return len(self.tokens_nt)
 
+  def __iter__(self):
+    """Each record once (indexing wraps around for the loader's epochs; iteration does not)."""
+    for index in range(len(self)):
+      yield self[index]
+
   def __getitem__(self, index: int) -> np.ndarray:
     return self.tokens_nt[int(index) % len(self)]
 

@@ -75,8 +75,9 @@ ANALOGY_TRANSFORMS = {
 
 
 def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, frames: int,
-                    seed: int, videos: list[np.ndarray] | None = None, stride: int = 1) -> np.ndarray:
-  """Frames [frames, s, s, 3] of sentence `n` of `kind`: the same for the same (seed, kind, n)."""
+                    seed: int, videos: list[np.ndarray] | None = None, stride: int = 1, step: int = 4) -> np.ndarray:
+  """Frames [frames, s, s, 3] of sentence `n` of `kind`: the same for the same (seed, kind, n).
+  `step`: pixels per frame of sliding still-image videos (the tokenizer's cell: one token per frame)."""
   rng = np.random.default_rng([seed, KINDS.index(kind), n])
   pick = lambda: images[rng.integers(len(images))]
   if kind == 'video' and videos:
@@ -85,9 +86,14 @@ def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, f
     start = rng.integers(len(clip) - (frames - 1) * stride)
     return clip[start:start + (frames - 1) * stride + 1:stride]
   if kind == 'video':
-    start, size = pick(), images.shape[1]
-    turn, (sx, sy) = rng.uniform(-20, 20), rng.uniform(-size / 16, size / 16, 2)
-    return np.stack([_rotate_shift(start, turn * i, sx * i, sy * i) for i in range(frames)])
+    # A still image in steady motion: half the clips slide by `step` pixels per frame in one of
+    # eight directions, half turn by a fixed angle per frame (5-15 degrees either way).
+    start = pick()
+    if rng.integers(2):
+      dx, dy = [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)][rng.integers(8)]
+      return np.stack([_rotate_shift(start, 0, dx * step * i, dy * step * i) for i in range(frames)])
+    turn = rng.uniform(5, 15) * rng.choice([-1, 1])
+    return np.stack([_rotate_shift(start, turn * i, 0, 0) for i in range(frames)])
   if kind == 'groups':
     classes = np.unique(labels[labels >= 0])
     members = np.flatnonzero(labels == classes[rng.integers(len(classes))])
@@ -149,8 +155,10 @@ def _write_shard(path: Path, records: np.ndarray) -> None:
 
 def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, *, frames: int = 4,
                      sentences: int = 2048, records_per_shard: int = 512, strict: bool = False, seed: int = 0,
+                     kind_sentences: dict[str, int] | None = None,
                      split: str = 'all', stride: int = 1, tpu_path: str | None = None) -> dict:
-  check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride)
+  check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride,
+                 **{f'kind_sentences {k}': v for k, v in (kind_sentences or {}).items()})
   from lvm.tokenizer_commands import load_tokenizer
   started = time.time()
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
@@ -168,8 +176,12 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   else:
     images, labels = split_images(*open_images(source, tconfig.image_size, strict), split)
   kinds = kinds_for(images, labels, kinds, frames)
+  unknown = sorted(set(kind_sentences or {}) - set(kinds))
+  if unknown:
+    raise ConfigError(f'--kind-sentences names kinds this job does not build: {unknown} (building {kinds})')
+  counts = {kind: (kind_sentences or {}).get(kind, sentences) for kind in kinds}
   out = make_workdir(out)
-  job = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': sentences,
+  job = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': counts,
          'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum}
   state_path = out / STATE_FILE
   if state_path.is_file():
@@ -182,16 +194,17 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
     stale.unlink()
 
   seq_len = frames * tconfig.tokens_per_image
-  shards_per_kind = -(-sentences // records_per_shard)
   shards, written = [], 0
   for kind in kinds:
+    shards_per_kind = -(-counts[kind] // records_per_shard)
     for shard in range(shards_per_kind):
       path = out / f'{kind}-{shard:05d}-of-{shards_per_kind:05d}{SHARD_SUFFIX}'
       shards.append(path.name)
       if path.exists():
         continue  # finished by an earlier run: the same records, by construction
-      rows = range(shard * records_per_shard, min(sentences, (shard + 1) * records_per_shard))
-      frames_nf = np.stack([sentence_frames(kind, n, images, labels, frames, seed, videos, stride) for n in rows])
+      rows = range(shard * records_per_shard, min(counts[kind], (shard + 1) * records_per_shard))
+      frames_nf = np.stack([sentence_frames(kind, n, images, labels, frames, seed, videos, stride,
+                                            step=tconfig.downsample_factor) for n in rows])
       tokens = tokenizer.encode(frames_nf.reshape(-1, *frames_nf.shape[2:]))
       _write_shard(path, tokens.reshape(len(rows), seq_len))
       written += 1
@@ -199,7 +212,7 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   manifest = {'job': 'lvm tokenize', **job, 'seq_len': seq_len, 'tokens_per_image': tconfig.tokens_per_image,
               'codebook_size': tconfig.codebook_size, 'vocab_size': tconfig.codebook_size + SPECIAL_TOKENS,
               'special_token_ids': [tconfig.codebook_size, tconfig.codebook_size + SPECIAL_TOKENS - 1],
-              'records_per_kind': {k: sentences for k in kinds}, 'shards': shards,
+              'records_per_kind': counts, 'shards': shards,
               'images': int(len(images)), 'tokenizer': str(tokenizer_dir)}
   write_json_atomic(out / 'manifest.json', manifest)
   result = dict(manifest, shards_written_this_run=written, wall_s=time.time() - started, versions=versions())

@@ -40,11 +40,12 @@ def test_quickstart_end_to_end(tmp_path, capsys):
                       '--set-tokenizer', 'train.progress_bar=false']) == 0
   result = json.loads((tmp_path / 'quickstart_result.json').read_text())['lvm']
   assert result['train']['step'] == 40 and result['tokenizer']['psnr_db'] > 12
-  assert result['sentences']['train'] == {'video': 1024, 'groups': 1024, 'analogy': 1024, 'inpainting': 1024}
-  assert len(list((tmp_path / 'data' / 'train').glob('*.arrayrecord'))) == 4
+  assert result['sentences']['train'] == {k: 1024 for k in ('video', 'groups', 'analogy', 'inpainting', 'edges')}
+  assert len(list((tmp_path / 'data' / 'train').glob('*.arrayrecord'))) == 5
   # The held-out sentences use digits no training sentence shows; 40 steps beat token frequencies.
   assert result['eval']['perplexity'] < result['baseline_unigram_perplexity']
   assert json.loads((tmp_path / 'lvm' / 'eval_result.json').read_text())['job'] == 'lvm eval'
+  assert (tmp_path / 'lvm' / 'next_frame.png').exists() and result['next_frame']['sentences'] == 64
   assert list((tmp_path / 'lvm' / 'tensorboard').glob('events.out.tfevents.*'))
 
 
