@@ -65,7 +65,7 @@ def main():
   from lvm.sampling import generate
 
   config = DecoderConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
-                         num_heads=HEADS, num_kv_heads=HEADS, max_seq_len=CONTEXT + args.new, attention_block=256)
+                         num_heads=HEADS, num_kv_heads=HEADS, max_seq_len=CONTEXT + args.new, attention_block=0)
   model = Decoder(config, nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   params = jax.device_get(nnx.to_pure_dict(state))
