@@ -105,3 +105,18 @@ def test_foreign_or_incomplete_weights_are_named():
     _ours({k: v for k, v in state.items() if not k.startswith('decoder.up_blocks.2')})
   with pytest.raises(WeightImportError, match="mid_block_add_attention=True is not supported"):
     config_from_diffusers(dict(DIFFUSERS_CONFIG, mid_block_add_attention=True), 'x')
+
+
+def test_import_tokenizer_command_from_a_diffusers_directory(tmp_path):
+  from launch import main as launch_main
+  from lvm.tokenizer_commands import load_tokenizer
+  reference = _diffusers_vq()
+  reference.save_pretrained(tmp_path / 'vqmodel')
+  assert launch_main(['lvm', 'import-tokenizer', '--weights', str(tmp_path / 'vqmodel'), '--workdir',
+                      str(tmp_path / 'work')]) == 0
+  images = np.random.default_rng(1).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    latents = reference.encode(torch.tensor(images.transpose(0, 3, 1, 2) * 2 - 1)).latents
+    expected = reference.quantize(latents)[2][2].numpy().reshape(2, 64)
+  np.testing.assert_array_equal(load_tokenizer(tmp_path / 'work').encode(images), expected)
+  assert launch_main(['lvm', 'import-tokenizer', '--weights', str(tmp_path), '--workdir', str(tmp_path / 'w2')]) == 2
