@@ -41,19 +41,16 @@ def _prepare_runtime(args) -> None:
   """Set up jax before its first import: forced CPU devices for cpu presets, multi-process init."""
   from core.mesh import load_preset
   tpu_path = getattr(args, 'tpu', None) or _trained_preset(getattr(args, 'workdir', None) or getattr(args, 'tokenizer', None))
-  if tpu_path:
-    preset = load_preset(tpu_path)
-    if preset.accelerator_type == 'cpu':
+  preset = load_preset(tpu_path) if tpu_path else None
+  if preset is not None:
+    if preset.platform == 'cpu':
+      # Without this, an installed libtpu (the `tpu` extra) would probe for a TPU first.
+      os.environ.setdefault('JAX_PLATFORMS', 'cpu')
       from core.xla_flags import cpu_xla_flags
       os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''), preset.devices_per_host)
-  import jax
-  if getattr(args, 'coordinator', None):
-    # Several processes on one machine (tests) or GPU/CPU clusters: explicit coordinator, gloo on CPU.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
-  elif os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
-    jax.distributed.initialize()  # multi-host TPU slice: every host runs this same command
+  from core import distributed
+  distributed.start(preset if tpu_path else None, getattr(args, 'coordinator', None),
+                    getattr(args, 'num_processes', 1), getattr(args, 'process_id', 0))
   from absl import flags as absl_flags
   absl_flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (google/grain#1355)
 
@@ -204,8 +201,10 @@ def _run(argv: list[str]) -> int:
   t = lvm.add_parser('train', help='train (or continue training) a decoder')
   t.add_argument('--config', required=True)
   t.add_argument('--tpu', required=True, help='slice preset file in tpu_configs/')
-  t.add_argument('--workdir', required=True)
+  t.add_argument('--workdir', help='run directory (local or gs://); not needed with --check')
   t.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  t.add_argument('--check', action='store_true',
+                 help='compile the step for the preset\'s TPU topology here and report per-device memory; no training')
   add_distributed(t)
   e = lvm.add_parser('eval', help='perplexity of a trained workdir on token data')
   e.add_argument('--workdir', required=True)
@@ -358,6 +357,16 @@ def _run(argv: list[str]) -> int:
   args.job = job
   if args.group == 'tpu':
     return gcloud.run(args)
+  if getattr(args, 'check', False):
+    # Compiles for a TPU that is not here: this machine's CPU runs the compiler, no TPU runtime starts.
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    from lvm.commands import fit_check_command
+    result = fit_check_command(args.config, args.tpu, args.set)
+    _print_result(result)
+    return 0 if result['fits'] else 3
+  if args.group == 'lvm' and args.command == 'train' and not args.workdir:
+    from core.errors import ConfigError
+    raise ConfigError('lvm train needs --workdir (or --check to only check that the job fits)')
   _prepare_runtime(args)
   if args.group == 'quickstart':
     result = quickstart(args)

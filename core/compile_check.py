@@ -19,28 +19,50 @@ ROOT = Path(__file__).resolve().parent.parent
 REMAT_WARNING = 'Involuntary full rematerialization'
 
 
-def compile_train_step(task, preset, optim, global_batch: int, example_shapes: dict):
-  """The compiled train step for `preset`'s mesh, from abstract parameters and an abstract batch."""
+def check_batch_splits(rows: int, mesh, batch_axes, preset_name: str) -> None:
+  """Each micro-step's rows are split over the mesh axes of the `batch` rule; say so if they cannot be."""
+  import math
+  from core.errors import ConfigError
+  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if rows % ways:
+    raise ConfigError(f'{preset_name}: a micro-step of {rows} rows (train.global_batch / optim.grad_accum) '
+                      f'cannot be split {ways} ways over mesh axes {axes}; make train.global_batch a '
+                      f'multiple of {ways} x optim.grad_accum')
+
+
+def lower_train_step(task, preset, optim, global_batch: int, example_shapes: dict, devices=None):
+  """The train step lowered for `preset`'s mesh from abstract parameters and an abstract batch.
+
+  `devices` defaults to this machine's; the fit check passes the devices of a TPU topology that is
+  not here. Returns (lowered, abstract inputs) where the inputs are (params, opt_state, batch)."""
   import jax
   from jax.sharding import NamedSharding
   from core.mesh import make_mesh
   from core.sharding import activation_sharding, logical_to_spec
-  from core.train_loop import init_state, make_train_step
-  mesh, rules = make_mesh(preset), preset.logical_rules
+  from core.train_loop import init_state, jit_train_step
+  mesh, rules = make_mesh(preset, devices), preset.logical_rules
+  check_batch_splits(global_batch // optim.grad_accum, mesh, logical_to_spec(('batch',), rules)[0], preset.name)
   with activation_sharding(mesh, rules):
     graphdef, tx, _, abstract_params, abstract_opt = init_state(task, mesh, rules, optim, 0)
     shardings = {name: NamedSharding(mesh, logical_to_spec(axes, rules))
                  for name, axes in task.batch_logical_axes().items()}
-    step = make_train_step(task, graphdef, tx, optim, shardings)
+    step = jit_train_step(task, graphdef, tx, optim, shardings, abstract_params, abstract_opt)
     batch = {name: jax.ShapeDtypeStruct((global_batch,) + shape, dtype, sharding=shardings[name])
              for name, (shape, dtype) in example_shapes.items()}
-    return jax.jit(step).lower(jax.numpy.int32(0), abstract_params, abstract_opt, batch).compile()
+    lowered = step.lower(jax.numpy.int32(0), abstract_params, abstract_opt, batch)
+  return lowered, (abstract_params, abstract_opt, batch)
 
 
-def _task_and_batch(kind: str, config_path: str):
+def compile_train_step(task, preset, optim, global_batch: int, example_shapes: dict):
+  """The compiled train step for `preset`'s mesh on this machine's devices."""
+  return lower_train_step(task, preset, optim, global_batch, example_shapes)[0].compile()
+
+
+def _task_and_batch(kind: str, config_path: str, overrides=()):
   import jax.numpy as jnp
-  from core.config import load_config_file
-  config = load_config_file(config_path)
+  from core.config import apply_overrides, load_config_file
+  config = apply_overrides(load_config_file(config_path), list(overrides))
   if kind == 'lvm':
     from lvm.task import NextTokenTask
     return (config, NextTokenTask(config.model, config.data.seq_len),

@@ -19,7 +19,13 @@ from typing import Any, Sequence
 
 def load_config_file(path: str | Path, *args, expect: type | None = None) -> Any:
   """Imports `path` and returns its `get_config(*args)`, checked to be an `expect` if given (so a
-  slice preset passed as a model config, or the reverse, is named at once)."""
+  slice preset passed as a model config, or the reverse, is named at once).
+
+  `file.py:arg` passes `arg` to get_config (ml_collections' convention), e.g.
+  `lvm/configs/vqlm_7b.py:vqlm_3b` for another size of the same recipe."""
+  if not Path(path).is_file() and ':' in str(path) and not args:
+    path, arg = str(path).rsplit(':', 1)
+    args = (arg,)
   path = Path(path)
   if not path.is_file():
     raise ConfigError(f'config file not found: {path}')
@@ -33,7 +39,12 @@ def load_config_file(path: str | Path, *args, expect: type | None = None) -> Any
     raise ConfigError(f'{path} line {e.lineno}: {e.msg}') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config()')
-  config = module.get_config(*args)
+  try:
+    config = module.get_config(*args)
+  except (KeyError, TypeError) as e:
+    if not args:
+      raise
+    raise ConfigError(f'{path}: get_config does not take {":".join(args)!r} ({type(e).__name__}: {e})') from None
   if expect is not None and not isinstance(config, expect):
     raise ConfigError(f'{path} holds a {type(config).__name__}, but this argument needs a {expect.__name__} '
                       f'file ({_EXPECTED_PLACE.get(expect.__name__, "see the README")})')

@@ -42,6 +42,11 @@ class SliceConfig:
   hbm_gib_per_device: float
   # Logical axis name -> mesh axes; the one sharding rules table of this preset.
   logical_rules: tuple[LogicalRule, ...]
+  # The slice's TPU topology as libtpu names it ('v5:4x4x4', 'v5e:4x4', ...), for the fit check
+  # (core/fit_check.py compiles the training step for it on any machine); '' = none (CPU, GPU).
+  topology: str = ''
+  # Zones that offer this accelerator, first = default for `launch.py tpu` (--zone overrides).
+  zones: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.peak_flops_per_device < 0:
@@ -57,6 +62,13 @@ class SliceConfig:
       unknown = [a for a in axes if a not in MESH_AXES]
       if unknown:
         raise ConfigError(f'{self.name}: rule for {logical!r} names unknown mesh axes {unknown}')
+
+  @property
+  def platform(self) -> str:
+    """The JAX platform this preset runs on: 'cpu', 'gpu' (accelerator_type 'gpu-...') or 'tpu'."""
+    if self.accelerator_type == 'cpu':
+      return 'cpu'
+    return 'gpu' if self.accelerator_type.startswith('gpu') else 'tpu'
 
   @property
   def num_devices(self) -> int:

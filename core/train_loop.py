@@ -54,9 +54,14 @@ class TrainConfig:
   progress_bar: bool = True
   # Write TensorBoard event files next to metrics.jsonl.
   tensorboard: bool = True
+  # With several hosts, agree on a SIGTERM (preemption) every this many updates: one small
+  # cross-host exchange per check, instead of a host sync after every step. A TPU VM gets ~30 s
+  # between SIGTERM and shutdown, so keep (check interval x step time) well under that.
+  preemption_check_every: int = 10
 
   def __post_init__(self):
-    for name in ('steps', 'global_batch', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    for name in ('steps', 'global_batch', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+                 'preemption_check_every'):
       if getattr(self, name) < 1:
         raise ConfigError(f'train.{name} must be >= 1, got {getattr(self, name)}')
 
@@ -73,10 +78,14 @@ class _Preemption:
   def _handle(self, signum, frame):
     self.requested = True
 
-  def agreed(self) -> bool:
-    # Every host must stop at the same step, or the collective save would hang.
+  def agreed(self, step: int, check_every: int) -> bool:
+    """Whether to save and stop after `step`. Every host must stop at the same step, or the
+    collective save would hang: hosts exchange their flags at the same steps (multiples of
+    `check_every`), so all of them see the same answer."""
     if jax.process_count() == 1:
       return self.requested
+    if step % check_every:
+      return False
     flags = multihost_utils.process_allgather(np.array([self.requested]))
     return bool(np.any(flags))
 
@@ -159,6 +168,15 @@ def make_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_sharding
   return train_step
 
 
+def jit_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_shardings, abstract_params, abstract_opt):
+  """The step exactly as the loop runs it (the fit check compiles this same program): parameters
+  and optimizer state are donated, so their buffers are reused for the updated ones."""
+  train_step = make_train_step(task, graphdef, tx, optim, batch_shardings)
+  param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+  opt_shardings = jax.tree.map(lambda a: a.sharding, abstract_opt)
+  return jax.jit(train_step, donate_argnums=(1, 2), out_shardings=(param_shardings, opt_shardings, None))
+
+
 def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: SliceConfig,
           workdir: str | Path, make_data_iterator: Callable[[int, int], Iterator],
           meta: dict | None = None, on_setup: Callable[[], None] | None = None) -> dict:
@@ -201,11 +219,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
     on_setup()
 
   # ---------------------------------------------------------------- the step
-  train_step = make_train_step(task, graphdef, tx, optim, batch_shardings)
-  param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
-  opt_shardings = jax.tree.map(lambda a: a.sharding, abstract_opt)
-  step_fn = jax.jit(train_step, donate_argnums=(1, 2),
-                    out_shardings=(param_shardings, opt_shardings, None))
+  step_fn = jit_train_step(task, graphdef, tx, optim, batch_shardings, abstract_params, abstract_opt)
 
   # ---------------------------------------------------------------- the loop
   logger = MetricsLogger(workdir, total_steps=train_config.steps, start_step=start_step,
@@ -236,7 +250,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
                               mfu=flops_per_step / step_time / peak_flops)
           logger.log(step, last_metrics)
           window_start, window_steps = time.perf_counter(), 0
-        if preemption.agreed():
+        if preemption.agreed(step, train_config.preemption_check_every):
           preempted = True
         if preempted or step % train_config.checkpoint_every == 0 or step == train_config.steps:
           checkpoint.save(manager, step, params=params, opt_state=opt_state,

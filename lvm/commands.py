@@ -44,6 +44,21 @@ def _check_same_model(workdir: Path, config: LvmConfig) -> None:
                         f'{ {k: f"{a} -> {b}" for k, (a, b) in changed.items()} }; use a new workdir')
 
 
+def fit_check_command(config_path: str, tpu_path: str, overrides: list[str]) -> dict:
+  """`lvm train --check`: compiles the real step for the preset's TPU topology on this machine and
+  reports per-device memory against its HBM (core/fit_check.py). Nothing is trained or written."""
+  from core.fit_check import lvm_fit_report
+  config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
+  preset = load_preset(tpu_path)
+  report = lvm_fit_report(config, preset)
+  from core import progress
+  progress.say(report.summary())
+  tokens_per_step = config.train.global_batch * config.data.seq_len
+  return {'job': 'lvm train --check', 'fits': report.fits, **dataclasses.asdict(report),
+          'model_params': config.model.num_params(), 'tokens_per_step': tokens_per_step,
+          'model_flops_per_step': config.model.flops_per_token(config.data.seq_len) * tokens_per_step}
+
+
 def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
   workdir = Path(workdir)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from core.errors import ConfigError
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from core.sharding import activation_sharding, logical_to_spec
 from lvm.task import next_token_nll
@@ -27,7 +28,9 @@ def perplexity(graphdef, params, source, *, mesh, rules, target_tokens: int, bat
   if batch_size % batch_ways:
     raise ConfigError(f'eval batch {batch_size} must be a multiple of data x fsdp = {batch_ways}')
 
-  @jax.jit
+  # Replicated output: every process can read all of it (a batch-sharded result would span
+  # devices that other hosts own, which device_get cannot fetch on a pod).
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
   def target_nll(params, tokens_bt):
     with activation_sharding(mesh, rules):
       nll = next_token_nll(nnx.merge(graphdef, params)(tokens_bt), tokens_bt)
@@ -45,7 +48,8 @@ def perplexity(graphdef, params, source, *, mesh, rules, target_tokens: int, bat
     pad = batch_size - len(rows)
     if pad:
       tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, axis=0)])
-    tokens = jax.device_put(tokens, batch_sharding)
+    # Every host holds the same rows; each places only its own devices' share of them.
+    tokens = jax.make_array_from_callback(tokens.shape, batch_sharding, lambda index: tokens[index])
     per_example.append(np.asarray(jax.device_get(target_nll(params, tokens)))[:len(rows)])
   nll = np.concatenate(per_example)
   return {'perplexity': float(np.mean(np.exp(nll))),  # LVM: mean over examples of exp(mean NLL)

@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / 'lvm/configs/tiny.py')
 CPU8 = str(ROOT / 'tpu_configs/cpu_8.py')
+CPU2X4 = str(ROOT / 'tpu_configs/cpu_2x4.py')  # two processes x four devices
 CPU1 = str(ROOT / 'tpu_configs/cpu_1.py')
 
 # A smaller-than-tiny model so each train test compiles and runs in seconds; f32 throughout.

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from attrib.precomputed import PrecomputedDataError
 from attrib.unet_config import UNetConfig
 from core.torch_layout import WeightImportError
-from tests.helpers import CPU1, CPU8, free_port, launch
+from tests.helpers import CPU1, CPU2X4, CPU8, free_port, launch
 from tests.tolerance import assert_network_close, network_bound, total_fan_in
 
 UNET = UNetConfig(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
@@ -146,7 +146,7 @@ def test_teacher_on_two_processes_matches_one(released, tmp_path):
   code, out = _run(['attrib', 'teacher', '--workdir', str(tmp_path / 'one'), '--tpu', CPU8] + args, devices=8)
   assert code == 0, out[-3000:]
   port = free_port()
-  procs = [launch(['attrib', 'teacher', '--workdir', str(tmp_path / 'two'), '--tpu', CPU8,
+  procs = [launch(['attrib', 'teacher', '--workdir', str(tmp_path / 'two'), '--tpu', CPU2X4,
                    '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)] + args,
                   devices=4) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]

@@ -10,7 +10,7 @@ import pytest
 from core.config import load_config_file
 from core.metrics import read_metrics
 from lvm import commands
-from tests.helpers import CPU1, CPU8, SMALL_MODEL, TINY, free_port, launch
+from tests.helpers import CPU1, CPU2X4, CPU8, SMALL_MODEL, TINY, free_port, launch
 from tests.tolerance import assert_network_close, total_fan_in
 
 
@@ -94,7 +94,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_two_processes_with_per_host_data_match_one(tmp_path):
   _train(tmp_path / 'single', CPU8, 4)
   port = free_port()
-  args = ['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', str(tmp_path / 'multi'),
+  args = ['lvm', 'train', '--config', TINY, '--tpu', CPU2X4, '--workdir', str(tmp_path / 'multi'),
           '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2']
   overrides = [a for o in SMALL_MODEL + ['train.steps=4', 'train.log_every=1'] for a in ('--set', o)]
   procs = [launch(args + ['--process-id', str(i)] + overrides, devices=4) for i in range(2)]
@@ -109,6 +109,22 @@ def test_two_processes_with_per_host_data_match_one(tmp_path):
   data_dir = tmp_path / 'multi' / 'checkpoints' / '4' / 'data'
   assert sorted(p.name for p in data_dir.iterdir() if p.suffix == '.json') == \
          ['process_0-of-2.json', 'process_1-of-2.json']
+  # Eval across the two hosts (a batch-sharded output that no single host holds) equals one process.
+  eval_args = ['lvm', 'eval', '--workdir', str(tmp_path / 'multi'), '--data', 'builtin:digits-eval',
+               '--target-tokens', '64']
+  one = launch(eval_args + ['--tpu', CPU8])
+  assert one.wait(timeout=600) == 0, one.communicate()[0][-3000:]
+  single_eval = json.loads((tmp_path / 'multi' / 'eval_result.json').read_text())
+  port = free_port()
+  procs = [launch(eval_args + ['--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2',
+                               '--process-id', str(i)], devices=4) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert 'perplexity' not in outputs[1]  # only process 0 prints the result
+  multi_eval = json.loads((tmp_path / 'multi' / 'eval_result.json').read_text())
+  assert multi_eval['examples'] == single_eval['examples'] > 0
+  assert multi_eval['mean_nll'] == pytest.approx(single_eval['mean_nll'], rel=1e-5)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

@@ -15,4 +15,6 @@ def get_config():
       peak_flops_per_device=197e12,  # bf16 dense peak per chip
       hbm_gib_per_device=16,
       logical_rules=FSDP_TENSOR_RULES,
+      topology='v5e:16x16',
+      zones=('us-west4-a', 'us-central1-a', 'us-south1-a', 'us-west1-c', 'europe-west4-b'),
   )

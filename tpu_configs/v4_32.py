@@ -15,4 +15,6 @@ def get_config():
       peak_flops_per_device=275e12,  # bf16 dense peak per chip
       hbm_gib_per_device=32,
       logical_rules=FSDP_TENSOR_RULES,
+      topology='v4:2x2x4',
+      zones=('us-central2-b',),
   )

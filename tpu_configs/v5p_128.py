@@ -15,4 +15,6 @@ def get_config():
       peak_flops_per_device=459e12,  # bf16 dense peak per chip
       hbm_gib_per_device=95,
       logical_rules=FSDP_TENSOR_RULES,
+      topology='v5:4x4x4',
+      zones=('us-east5-a', 'us-central1-a', 'europe-west4-b'),
   )

@@ -15,4 +15,6 @@ def get_config():
       peak_flops_per_device=918e12,  # bf16 dense peak per chip
       hbm_gib_per_device=32,
       logical_rules=FSDP_TENSOR_RULES,
+      topology='v6e:16x16',
+      zones=('us-east5-b', 'us-central1-b', 'us-east1-d', 'us-east5-a', 'europe-west4-a'),
   )

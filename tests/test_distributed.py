@@ -1,0 +1,98 @@
+"""Multi-host start-up and the fit check: the run must match its preset, hosts must agree on a
+SIGTERM, and a job is compiled for its TPU topology before anyone pays for the slice."""
+import json
+import signal
+import time
+
+import pytest
+
+from core.compile_check import check_batch_splits
+from core.distributed import check_hardware
+from core.errors import ConfigError
+from core.mesh import load_preset
+from core.metrics import read_metrics
+from tests.helpers import CPU2X4, ROOT, SMALL_MODEL, TINY, free_port, launch
+
+V4_32 = load_preset(ROOT / 'tpu_configs/v4_32.py')
+
+
+@pytest.mark.parametrize('processes, local, total, platform, message', [
+    (1, 4, 4, 'tpu', '4-host preset, but this run has 1 process'),
+    (4, 4, 16, 'cpu', 'TPU preset, but JAX runs on CPU'),
+    (4, 8, 32, 'tpu', 'expects 4 devices per host, this host has 8'),
+])
+def test_a_run_that_does_not_match_its_preset_is_named(processes, local, total, platform, message):
+  with pytest.raises(ConfigError, match=message):
+    check_hardware(V4_32, processes, local, total, platform)
+  check_hardware(V4_32, 4, 4, 16, 'tpu')  # the matching run passes
+
+
+def test_a_micro_batch_that_does_not_split_over_the_mesh_is_named():
+  import jax
+  from jax.sharding import Mesh
+  import numpy as np
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'))
+  check_batch_splits(32, mesh, ('data', 'fsdp'), 'p')
+  fake = type('FakeMesh', (), {'shape': {'data': 2, 'fsdp': 64, 'tensor': 4}})()
+  with pytest.raises(ConfigError, match=r'32 rows .* cannot be split 128 ways'):
+    check_batch_splits(32, fake, ('data', 'fsdp'), 'p')
+
+
+def test_a_multi_host_preset_without_a_cluster_says_how_to_start(tmp_path):
+  proc = launch(['lvm', 'train', '--config', TINY, '--tpu', CPU2X4, '--workdir', str(tmp_path / 'w')], devices=4)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 2, out[-2000:]
+  assert 'cpu-2x4 spans 2 hosts' in out and '--coordinator' in out and 'Traceback' not in out
+  assert not (tmp_path / 'w').exists()
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_checked_step(tmp_path):
+  """Hosts exchange their SIGTERM flags only every `preemption_check_every` updates, and all of
+  them stop and save at the first such step after the signal (a lone host stopping would hang the
+  others in the next collective)."""
+  workdir, every = tmp_path / 'run', 4
+  overrides = [a for o in SMALL_MODEL + ['train.steps=100000', 'train.log_every=1', 'train.checkpoint_every=100000',
+                                         f'train.preemption_check_every={every}'] for a in ('--set', o)]
+  port = free_port()
+  procs = [launch(['lvm', 'train', '--config', TINY, '--tpu', CPU2X4, '--workdir', str(workdir),
+                   '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)]
+                  + overrides, devices=4) for i in range(2)]
+  deadline = time.time() + 300
+  while time.time() < deadline and not ((workdir / 'metrics.jsonl').exists() and len(read_metrics(workdir)) >= 5):
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # only the second host is told
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  result = json.loads((workdir / 'train_result.json').read_text())
+  assert result['preempted'] is True and result['step'] % every == 0 and result['step'] >= 8
+  assert (workdir / 'checkpoints' / str(result['step'])).is_dir()
+  assert f"SIGTERM: saved step {result['step']}" in outputs[0]
+
+
+def _check(config: str, tpu: str):
+  proc = launch(['lvm', 'train', '--config', config, '--tpu', str(ROOT / 'tpu_configs' / tpu), '--check'], devices=1)
+  out = proc.communicate(timeout=900)[0]
+  return proc.returncode, out
+
+
+@pytest.mark.libtpu
+def test_fit_check_compiles_the_7b_step_for_v5p_128_and_reports_memory():
+  pytest.importorskip('libtpu')
+  code, out = _check('lvm/configs/vqlm_7b.py', 'v5p_128.py')
+  assert code == 0, out[-3000:]
+  report = json.loads(out[out.index('{'):])
+  assert report['fits'] and report['devices'] == 64 and report['topology'] == 'v5:4x4x4'
+  # f32 parameters: 6.74e9 x 4 bytes over 64 devices; Adam keeps two moments of each.
+  assert report['params_gib'] == pytest.approx(report['model_params'] * 4 / 64 / 2**30, rel=0.01)
+  assert report['optimizer_gib'] == pytest.approx(2 * report['params_gib'], rel=0.01)
+  assert report['params_gib'] + report['optimizer_gib'] < report['peak_gib'] < report['hbm_gib']
+
+
+@pytest.mark.libtpu
+def test_fit_check_fails_clearly_when_the_job_does_not_fit():
+  pytest.importorskip('libtpu')
+  code, out = _check('lvm/configs/vqlm_7b.py', 'v4_8.py')
+  assert code == 3, out[-3000:]
+  assert 'v4-8 (v4:2x2x1, 4 devices, 32 GiB HBM each): does NOT fit' in out
+  assert 'Ran out of memory' in out and 'Traceback' not in out
