@@ -14,7 +14,8 @@
   python launch.py attrib teacher --workdir DIR --queries N --candidates M|all [--query-dir D] [--neighbours F]
   python launch.py attrib counterfactual --workdir DIR --k K --queries Q --seeds S
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
-  python launch.py tpu create|setup|copy|run|ssh|delete --tpu tpu_configs/v4_32.py --name NAME [...]
+  python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check   # fits?
+  python launch.py tpu create|copy|setup|run|status|logs|stop|delete|ssh --tpu tpu_configs/v4_32.py --name NAME [...]
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 def _trained_preset(workdir: str | None) -> str | None:
   """The slice preset a workdir's run was started with (commands that default to it)."""
-  stored = Path(workdir) / 'config.json' if workdir else None
+  from core.paths import as_path
+  stored = as_path(workdir) / 'config.json' if workdir else None
   if stored is None or not stored.exists():
     return None
   preset = json.loads(stored.read_text()).get('tpu')

@@ -16,6 +16,7 @@ from attrib.data import CaptionDropout, CaptionedImages
 from attrib.task import DenoisingTask
 from attrib.text_encoder import shared_text_encoder
 from core import progress
+from core.paths import as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset
 from core.train_loop import restore_latest_params, train
@@ -81,7 +82,7 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
   if config is None:
     config = load_config_file(config_path, expect=DiffusionConfig)
   config = apply_overrides(config, overrides)
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   preset = load_preset(tpu_path)
   text_encoder = shared_text_encoder(config.data.text_len)
   if text_encoder.dim != config.unet.cross_attention_dim:

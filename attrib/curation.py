@@ -29,9 +29,11 @@ from attrib.released import training_set_dir
 from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import mean_pool_normalise, shared_text_encoder
 from core import progress
+from core.paths import as_path
 from core.config import ConfigError, apply_overrides, check_at_least
 from core.mesh import MESH_AXES
-from core.workdir import atomic_path, save_npy_atomic, save_npz_atomic, versions, write_json_atomic
+from core.workdir import (atomic_path, load_npy, load_npz, local_copy, save_npy_atomic, save_npz_atomic, versions,
+                          write_json_atomic)
 
 
 def base_features(images, text_embeddings) -> np.ndarray:
@@ -70,7 +72,7 @@ def make_queries(config: DiffusionConfig, graphdef, params, data: CaptionedImage
                  split: str = 'test'):
   """Query images of a split (see `query_plan`), generated once and read back on reruns."""
   if out.exists():
-    stored = np.load(out)
+    stored = load_npz(out)
     if len(stored['images']) >= count:
       return stored['images'][:count], [str(c) for c in stored['prompts'][:count]]
   prompts, seeds = query_plan(data.held_out_captions, split, count)
@@ -165,12 +167,12 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
                     overrides: list[str], query_dir: str | None = None, neighbours: str | None = None,
                     split: str = 'test') -> dict:
   check_at_least(1, queries=num_queries)
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   config, trained_tpu = load_run(workdir)
   teacher_config: TeacherConfig = apply_overrides(TeacherConfig(), overrides)
   if candidates != 'all' and not candidates.isdigit():
     raise ConfigError(f"--candidates must be a number or 'all', got {candidates!r}")
-  neighbour_ids = np.load(neighbours, mmap_mode='r') if neighbours else None
+  neighbour_ids = load_npy(neighbours, mmap=True) if neighbours else None
   if neighbour_ids is not None and (candidates == 'all' or neighbour_ids.ndim != 2
                                     or neighbour_ids.shape[0] < num_queries or neighbour_ids.shape[1] < int(candidates)):
     raise ConfigError(f'--neighbours {neighbours}: expected [queries >= {num_queries}, >= --candidates] training '
@@ -201,7 +203,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   fisher_path = cache / f'fisher_step{step}_s{c.fisher_samples_per_image}_n{c.fisher_images}.npz'
   base_path = cache / f'base_losses_step{step}_stride{c.score_timestep_stride}.npy'
   if fisher_path.exists():
-    fisher = dict(np.load(fisher_path))
+    fisher = load_npz(fisher_path)
     progress.say(f'teacher: Fisher read back from {fisher_path}')
   else:
     progress.say(f'teacher: diagonal Fisher over {min(train.num_images, teacher_config.fisher_images or train.num_images)} '
@@ -214,7 +216,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
     if jax.process_index() == 0:
       save_npz_atomic(fisher_path, **fisher)
   # θ₀ losses [F, N], filled in as candidates need them (NaN = not computed yet).
-  base_losses = (np.load(base_path).reshape(train.num_flips, train.num_images) if base_path.exists()
+  base_losses = (load_npy(base_path).reshape(train.num_flips, train.num_images) if base_path.exists()
                  else np.full((train.num_flips, train.num_images), np.nan))
   features = train_features() if candidates != 'all' and neighbour_ids is None else None
 
@@ -260,7 +262,7 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
             'scored_this_run': done, 'processes': jax.process_count(), 'teacher': dict(vars(teacher_config)),
             'wall_s': time.time() - started}
   if jax.process_index() == 0:
-    records = [dict(np.load(out / 'queries' / f'query_{q:05d}.npz')) for q in range(num_queries)]
+    records = [load_npz(out / 'queries' / f'query_{q:05d}.npz') for q in range(num_queries)]
     write_rank_records(records, out / 'ranks.arrayrecord')
     before = np.array([r['query_loss_before'] for r in records])
     after = np.array([r['query_loss_after'] for r in records])
@@ -285,10 +287,11 @@ def write_rank_records(records: list[dict], path: Path) -> None:
 
 def read_rank_records(path: Path) -> list[dict]:
   import grain
-  source = grain.sources.ArrayRecordDataSource([str(path)])
+  with local_copy(path) as local:
+    source = grain.sources.ArrayRecordDataSource([str(local)])
+    raws = [source[i] for i in range(len(source))]
   out = []
-  for i in range(len(source)):
-    raw = source[i]
+  for raw in raws:
     header, body = raw.split(b'\n', 1)
     meta = json.loads(header)
     m = meta['m']

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from core.errors import ConfigError
-from core.workdir import save_npy_atomic
+from core.workdir import load_npy, save_npy_atomic
 
 import hashlib
 from pathlib import Path
@@ -40,7 +40,7 @@ class CaptionedImages:
     digest = hashlib.sha1('\n'.join(captions).encode()).hexdigest()[:12]
     cache = cache_dir / f'text_states_{digest}.npy' if cache_dir else None
     if cache is not None and cache.exists():
-      return np.load(cache)
+      return load_npy(cache)
     states = np.concatenate([np.asarray(self.text_encoder(captions[i:i + 256])[0])
                              for i in range(0, len(captions), 256)])
     if cache is not None:

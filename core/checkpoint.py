@@ -6,6 +6,7 @@ Each host stores its own grain iterator state (grain's handler writes one file p
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,26 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from core.paths import as_path, is_remote
+
+
+def _absolute(path):
+  """orbax wants absolute paths; gs:// ones already are."""
+  return path if is_remote(path) else path.absolute()
+
 
 def make_manager(workdir: str | Path, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  directory = _absolute(as_path(workdir)) / 'checkpoints'
+  handlers = None
+  if is_remote(directory) and os.environ.get('STORAGE_EMULATOR_HOST'):
+    # A local GCS emulator (tests) does not implement the generation-conditional writes that
+    # OCDBT's manifest relies on (tensorstore: "Malformed StorageGeneration"); there, each array is
+    # written as its own zarr tree instead. Real Cloud Storage keeps orbax's default (OCDBT).
+    handlers = {'params': ocp.StandardCheckpointHandler(use_ocdbt=False),
+                'opt_state': ocp.StandardCheckpointHandler(use_ocdbt=False),
+                'meta': ocp.JsonCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(
-      Path(workdir).absolute() / 'checkpoints',
+      directory, item_handlers=handlers,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True))
 
@@ -33,7 +50,7 @@ def save(manager: ocp.CheckpointManager, step: int, *, params: Any, opt_state: A
 
 
 def item_names(manager: ocp.CheckpointManager, step: int) -> set[str]:
-  return {p.name for p in (Path(manager.directory) / str(step)).iterdir() if p.is_dir()}
+  return {p.name for p in (as_path(manager.directory) / str(step)).iterdir() if p.is_dir()}
 
 
 def restore(manager: ocp.CheckpointManager, step: int, *, abstract_params: Any,

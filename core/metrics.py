@@ -1,7 +1,8 @@
 """What a person watching a run sees: metrics.jsonl, TensorBoard scalars and a progress bar.
 
 Only process 0 writes. On resume, lines of metrics.jsonl past the restored step are dropped, so the
-file always describes one consistent history.
+file always describes one consistent history. On gs:// (objects cannot be appended to) the file is
+rewritten whole at each log; it is small (one line per logged step).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import jax
 
+from core.paths import as_path, is_remote
 from core.workdir import write_bytes_atomic
 
 
@@ -19,16 +21,18 @@ class MetricsLogger:
   def __init__(self, workdir: str | Path, *, total_steps: int, start_step: int,
                tensorboard: bool = True, progress_bar: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = Path(workdir) / 'metrics.jsonl'
+    self.path = as_path(workdir) / 'metrics.jsonl'
+    self._remote = is_remote(self.path)
+    self._lines: list[str] = []
     self._tb = None
     self._bar = None
     if not self.enabled:
       return
     self._truncate_after(start_step)
-    self._file = self.path.open('a')
+    self._file = None if self._remote else open(self.path, 'a')
     if tensorboard:
-      from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), purge_step=start_step + 1)
+      from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes (gs:// too)
+      self._tb = SummaryWriter(str(as_path(workdir) / 'tensorboard'), purge_step=start_step + 1)
     if progress_bar:
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
@@ -39,13 +43,19 @@ class MetricsLogger:
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)['step'] <= step]
     write_bytes_atomic(self.path, ''.join(line + '\n' for line in kept).encode())
+    self._lines = kept
 
   def log(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    line = json.dumps(record)
+    if self._remote:
+      self._lines.append(line)
+      write_bytes_atomic(self.path, ''.join(x + '\n' for x in self._lines).encode())
+    else:
+      self._file.write(line + '\n')
+      self._file.flush()
     if self._tb is not None:
       for key, value in metrics.items():
         if math.isfinite(float(value)):
@@ -61,7 +71,8 @@ class MetricsLogger:
   def close(self) -> None:
     if not self.enabled:
       return
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
     if self._bar is not None:
@@ -69,5 +80,5 @@ class MetricsLogger:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-  path = Path(workdir) / 'metrics.jsonl'
+  path = as_path(workdir) / 'metrics.jsonl'
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

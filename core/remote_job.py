@@ -51,8 +51,8 @@ def _copy_log(log: Path, workdir: str | None) -> None:
   if not workdir:
     return
   try:
-    from etils import epath
-    target = epath.Path(workdir) / 'logs' / log.name
+    from core.paths import as_path
+    target = as_path(workdir) / 'logs' / log.name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(log.read_bytes())
   except Exception as e:  # noqa: BLE001 (storage errors vary by backend; the local log stays)

@@ -6,6 +6,7 @@ checkpoint, data iterator included; SIGTERM saves a checkpoint and returns clean
 """
 from __future__ import annotations
 
+from core.paths import as_path
 from core.errors import ConfigError
 
 import dataclasses
@@ -186,7 +187,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   host-local batches (global_batch / process_count rows).
   """
   # ---------------------------------------------------------------- setup
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   make_workdir(workdir)
   mesh = make_mesh(preset)
   rules = preset.logical_rules

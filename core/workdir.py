@@ -2,7 +2,9 @@
 
 Every file a job writes goes through `atomic_path`: it is written under a temporary name next to its
 final place and renamed when complete, so a reader, a rerun or a resumed job never sees half a file,
-and a failing writer leaves nothing behind.
+and a failing writer leaves nothing behind. On gs:// (no rename there) the file is uploaded in one
+piece when complete: an object becomes visible only once its upload finishes, the same guarantee.
+Paths are `core.paths.as_path`: local or gs:// alike.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import io
 import json
 import os
 import platform
+import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from core.paths import as_path, is_remote
 
 RUN_CONFIG_FILE = 'config.json'  # the run's config and slice preset: state later jobs read
 
@@ -26,7 +31,7 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
   (an LVM run given to a diffusion command, or the reverse) is named as such."""
   from core.config import from_dict
   from core.errors import ConfigError
-  path = Path(workdir) / RUN_CONFIG_FILE
+  path = as_path(workdir) / RUN_CONFIG_FILE
   if not path.is_file():
     raise ConfigError(f'{path} not found: is {workdir} a workdir made by {made_by}?')
   try:
@@ -50,36 +55,85 @@ def write_imported_run(workdir: str | Path, config, tpu_path: str | Path, params
   manager.close()
 
 
-def make_workdir(path: str | Path) -> Path:
-  """Creates a job's workdir; a path that is (or runs through) a file is a clear error."""
+def make_workdir(path) -> Path:
+  """Creates a job's workdir (local or gs://); a local path that is (or runs through) a file is a
+  clear error."""
   from core.errors import UserError
-  path = Path(path)
-  for part in (path, *path.parents):
-    if part.exists() and not part.is_dir():
-      raise UserError(f'workdir {path}: {part} is a file, not a directory; choose another --workdir')
+  path = as_path(path)
+  if not is_remote(path):
+    for part in (path, *path.parents):
+      if part.exists() and not part.is_dir():
+        raise UserError(f'workdir {path}: {part} is a file, not a directory; choose another --workdir')
   path.mkdir(parents=True, exist_ok=True)
   return path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
-  """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds."""
-  path = Path(path)
+def atomic_path(path):
+  """Yields a local temporary path; it becomes `path` (a file or a folder) only if the block succeeds."""
+  path = as_path(path)
+  if is_remote(path):
+    with tempfile.TemporaryDirectory(prefix='lvm_attrib_upload_') as folder:
+      temp = Path(folder) / path.name
+      yield temp
+      _upload(temp, path)
+    return
+  path = Path(os.fspath(path))
   temp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
   try:
     yield temp
     os.replace(temp, path)
   finally:
     if temp.is_dir():
-      import shutil
       shutil.rmtree(temp, ignore_errors=True)
     else:
       temp.unlink(missing_ok=True)
 
 
+def _upload(local: Path, remote) -> None:
+  """A finished local file (or folder of files) to its object-store place, one object per file."""
+  if local.is_dir():
+    for file in sorted(p for p in local.rglob('*') if p.is_file()):
+      target = remote / file.relative_to(local).as_posix()
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(file.read_bytes())
+  else:
+    remote.write_bytes(local.read_bytes())
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
   with atomic_path(path) as temp:
     temp.write_bytes(data)
+
+
+def load_npy(path, mmap: bool = False) -> np.ndarray:
+  """An .npy file, local (memory-mapped if asked) or gs:// (read whole: objects cannot be mapped)."""
+  path = as_path(path)
+  if is_remote(path):
+    return np.load(io.BytesIO(path.read_bytes()))
+  return np.load(os.fspath(path), mmap_mode='r' if mmap else None)
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+  """Every array of an .npz file, local or gs://."""
+  path = as_path(path)
+  source = io.BytesIO(path.read_bytes()) if is_remote(path) else os.fspath(path)
+  with np.load(source) as stored:
+    return {name: stored[name] for name in stored.files}
+
+
+@contextlib.contextmanager
+def local_copy(path):
+  """A local file name for `path`, for libraries that take only those (ArrayRecord readers): the path
+  itself when local, a temporary download of a gs:// object otherwise."""
+  path = as_path(path)
+  if not is_remote(path):
+    yield Path(os.fspath(path))
+    return
+  with tempfile.TemporaryDirectory(prefix='lvm_attrib_download_') as folder:
+    local = Path(folder) / path.name
+    local.write_bytes(path.read_bytes())
+    yield local
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from core.paths import as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
@@ -61,7 +62,7 @@ def fit_check_command(config_path: str, tpu_path: str, overrides: list[str]) -> 
 
 def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   _check_same_model(workdir, config)
   preset = load_preset(tpu_path)
   # Validate the data before any compile or init work starts.
@@ -98,7 +99,7 @@ def restore_params(workdir: Path, config: LvmConfig, tpu_path: str):
 
 def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_tokens: int | None,
                  batch_size: int) -> dict:
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   config, trained_tpu = load_run_config(workdir)
   # Records of any length the model supports can be scored, not only the training length.
   seq_len = record_length(data_path) or config.data.seq_len
@@ -129,7 +130,7 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
 
 def import_hf_command(hf_dir: str, workdir: str, tpu_path: str | None, seq_len: int | None) -> dict:
   """Imported weights in a fresh workdir; records default to the longest the model supports."""
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   if (workdir / 'checkpoints').exists() and any((workdir / 'checkpoints').iterdir()):
     raise ConfigError(f'{workdir} already holds checkpoints; import into an empty workdir')
   model_config, tensors = hf_interop.read_hf_params(hf_dir)
@@ -168,7 +169,7 @@ def import_hf_command(hf_dir: str, workdir: str, tpu_path: str | None, seq_len: 
 
 
 def export_hf_command(workdir: str, out_dir: str, dtype: str) -> dict:
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   config, _ = load_run_config(workdir)
   _, params, _, _, step = restore_params(workdir, config, DEFAULT_TPU)
   host_params = jax.tree.map(np.asarray, jax.device_get(params))

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from core.paths import as_path
 from core.batching import map_batches
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset, make_mesh
@@ -94,7 +95,7 @@ def reconstruction_report(tokenizer: LoadedTokenizer, images: np.ndarray) -> dic
 
 def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   config: TokenizerRunConfig = apply_overrides(load_config_file(config_path, expect=TokenizerRunConfig), overrides)
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   if (workdir / RUN_CONFIG_FILE).is_file():
     previous, _ = read_run_config(workdir, TokenizerRunConfig, MADE_BY)
     if previous.tokenizer != config.tokenizer:
@@ -127,7 +128,7 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
 def import_tokenizer_command(weights: str, workdir: str, tpu_path: str | None) -> dict:
   """A released tokenizer (diffusers VQModel dir, or open-muse VQGANModel weights with the
   config.json beside them) -> a tokenizer workdir that `lvm tokenize` and `generate` use."""
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   if (workdir / 'checkpoints').exists() and any((workdir / 'checkpoints').iterdir()):
     raise ConfigError(f'{workdir} already holds checkpoints; import into an empty workdir')
   tokenizer_config, state, source = read_tokenizer_dir(weights)

@@ -96,3 +96,19 @@ def test_fit_check_fails_clearly_when_the_job_does_not_fit():
   assert code == 3, out[-3000:]
   assert 'v4-8 (v4:2x2x1, 4 devices, 32 GiB HBM each): does NOT fit' in out
   assert 'Ran out of memory' in out and 'Traceback' not in out
+
+
+def test_every_preset_describes_a_mesh_that_uses_all_its_devices():
+  import math
+  from core.mesh import resolve_sizes
+  presets = [load_preset(p) for p in sorted((ROOT / 'tpu_configs').glob('*.py'))
+             if p.stem not in ('__init__', 'rules', 'gcloud')]
+  assert {p.platform for p in presets} == {'cpu', 'gpu', 'tpu'}
+  for p in presets:
+    slices = math.prod(p.dcn_mesh)
+    assert math.prod(resolve_sizes(p.ici_mesh, p.num_devices // slices, p.name)) * slices == p.num_devices
+    if p.platform == 'tpu':
+      # One JAX device per chip (v4/v5p megacore included): the topology's chips are the devices.
+      chips = math.prod(int(n) for n in p.topology.split(':')[1].split('x'))
+      assert chips * slices == p.num_devices, p.name
+      assert p.zones and p.peak_flops_per_device > 0 and p.hbm_gib_per_device > 0

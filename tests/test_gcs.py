@@ -1,0 +1,116 @@
+"""gs:// workdirs for real, against a local Cloud Storage emulator: train -> resume -> eval, and the
+teacher, write every file into the bucket and nothing onto the local disk."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from tests.helpers import CPU1, CPU8, ROOT, SMALL_MODEL, TINY, free_port
+
+pytest.importorskip('gcsfs')
+EMULATOR = shutil.which('gcp-storage-emulator') or str(ROOT / '.venv' / 'bin' / 'gcp-storage-emulator')
+pytestmark = pytest.mark.skipif(not os.path.exists(EMULATOR), reason='gcp-storage-emulator not installed')
+BUCKET = 'runs'
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  """An in-memory emulator with one bucket; the environment every job of this module runs with."""
+  port = free_port()
+  server = subprocess.Popen([EMULATOR, 'start', '--port', str(port), '--in-memory', '--default-bucket', BUCKET,
+                             '--quiet'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.time() + 60
+  while True:
+    try:
+      urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}', timeout=2)
+      break
+    except OSError:
+      if time.time() > deadline:
+        server.kill()
+        raise
+      time.sleep(0.2)
+  # gcsfs, epath and tensorboardX's uploader read STORAGE_EMULATOR_HOST; orbax's array data goes
+  # through tensorstore, which reads TENSORSTORE_GCS_HTTP_URL (without it, it looks for credentials).
+  env = dict(os.environ, STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  yield url, env
+  server.kill()
+
+
+def _objects(url: str, prefix: str) -> dict[str, int]:
+  """name -> size of every object under `prefix`, from the emulator's JSON API."""
+  names, token = {}, ''
+  while True:
+    page = json.load(urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}/o?prefix={prefix}&pageToken={token}'))
+    names.update({item['name']: int(item['size']) for item in page.get('items', [])})
+    token = page.get('nextPageToken')
+    if not token:
+      return names
+
+
+def _read(url: str, name: str) -> bytes:
+  return urllib.request.urlopen(f'{url}/download/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe="")}?alt=media').read()
+
+
+def _run(env, cwd, *argv, timeout=900):
+  done = subprocess.run([sys.executable, str(ROOT / 'launch.py'), *argv], env=env, cwd=cwd, capture_output=True,
+                        text=True, timeout=timeout)
+  assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+  return done
+
+
+def _local_files(*folders) -> set:
+  return {p for folder in folders for p in folder.rglob('*')}
+
+
+def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path):
+  url, env = gcs
+  workdir = f'gs://{BUCKET}/lvm'
+  overrides = [a for o in SMALL_MODEL + ['train.log_every=1', 'train.checkpoint_every=2', 'train.tensorboard=true']
+               for a in ('--set', o)]
+  before = _local_files(tmp_path, ROOT)
+  _run(env, tmp_path, 'lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', workdir, '--set', 'train.steps=4',
+       *overrides)
+  resumed = _run(env, tmp_path, 'lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', workdir,
+                 '--set', 'train.steps=6', *overrides)
+  assert f'resuming {workdir} from step 4 of 6' in resumed.stderr
+  _run(env, tmp_path, 'lvm', 'eval', '--workdir', workdir, '--data', 'builtin:digits-eval', '--target-tokens', '32')
+  objects = _objects(url, 'lvm/')
+  for name in ('config.json', 'train_result.json', 'eval_result.json', 'metrics.jsonl'):
+    assert f'lvm/{name}' in objects, sorted(objects)[:20]
+  assert any(n.startswith('lvm/checkpoints/6/params/') for n in objects)
+  assert any(n.startswith('lvm/checkpoints/6/data/') for n in objects)  # the data iterator's position
+  assert any(n.startswith('lvm/tensorboard/events.out.tfevents') for n in objects)
+  # One consistent history across the resume, and the eval read the step-6 checkpoint.
+  assert [json.loads(line)['step'] for line in _read(url, 'lvm/metrics.jsonl').decode().splitlines()] == [1, 2, 3, 4, 5, 6]
+  assert json.loads(_read(url, 'lvm/eval_result.json'))['step'] == 6
+  # Nothing landed on the local disk: no 'gs:' folder, no stray files in the working or repo dirs.
+  assert _local_files(tmp_path, ROOT) - before == set()
+
+
+@pytest.mark.slow
+def test_diffusion_model_and_teacher_on_a_gs_workdir(gcs, tmp_path):
+  url, env = gcs
+  workdir = f'gs://{BUCKET}/digits'
+  before = _local_files(tmp_path, ROOT)
+  _run(env, tmp_path, 'attrib', 'train-model', '--config', str(ROOT / 'attrib/configs/digits.py'), '--tpu', CPU1,
+       '--workdir', workdir, '--set', 'train.steps=10', '--set', 'train.progress_bar=false', '--set', 'sample.num_steps=5')
+  teacher = ['attrib', 'teacher', '--workdir', workdir, '--queries', '2', '--candidates', '20',
+             '--set', 'score_timestep_stride=250', '--set', 'query_grad_samples=16', '--set', 'fisher_images=64',
+             '--set', 'fisher_samples_per_image=1']
+  _run(env, tmp_path, *teacher)
+  objects = _objects(url, 'digits/')
+  assert {'digits/teacher/ranks.arrayrecord', 'digits/teacher/queries/query_00000.npz',
+          'digits/teacher/queries/query_00001.npz', 'digits/teacher_result.json'} <= set(objects)
+  assert json.loads(_read(url, 'digits/teacher_result.json'))['scored_this_run'] == 2
+  # A rerun finds both queries ranked in the bucket and scores none again.
+  _run(env, tmp_path, *teacher)
+  assert json.loads(_read(url, 'digits/teacher_result.json'))['scored_this_run'] == 0
+  assert _local_files(tmp_path, ROOT) - before == set()
