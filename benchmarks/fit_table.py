@@ -47,7 +47,9 @@ def main() -> None:
   parser.add_argument('--presets', default=','.join(TPU_PRESETS))
   parser.add_argument('--out', default=str(ROOT / 'benchmarks/results_fit_table.json'))
   args = parser.parse_args()
-  rows = []
+  # Cells already measured (an earlier run) are kept unless measured again now.
+  out = Path(args.out)
+  rows = json.loads(out.read_text())['rows'] if out.exists() else []
   for preset_name in args.presets.split(','):
     preset = load_preset(ROOT / 'tpu_configs' / f'{preset_name}.py')
     for size in args.sizes.split(','):
@@ -58,16 +60,16 @@ def main() -> None:
       try:
         fit = lvm_fit_report(config, preset)
         report = {**dataclasses.asdict(fit), 'fits': fit.fits}
-      except ConfigError as e:
-        report = {'preset': preset.name, 'error': str(e), 'fits': False}
+      except (ConfigError, NotImplementedError) as e:  # a mesh that cannot be laid out on the topology
+        report = {'preset': preset.name, 'error': f'{type(e).__name__}: {e}', 'fits': False}
       row = {'size': size, 'params': config.model.num_params(), 'global_batch': config.train.global_batch,
              **report}
-      rows.append(row)
+      rows = [r for r in rows if (r['preset'], r['size']) != (preset.name, size)] + [row]
       verdict = 'fits' if row['fits'] else 'DOES NOT FIT'
       print(f"{preset.name:>12} {size:>10}  batch {row['global_batch']:>4}  {verdict:>12}  "
             f"peak {row.get('peak_gib', float('nan')):6.2f} / {row.get('hbm_gib', 0):g} GiB  "
             f"compile {row.get('compile_s', 0):4.0f} s {row['error'][:120]}", flush=True)
-      Path(args.out).write_text(json.dumps({'rows': rows}, indent=1))
+      out.write_text(json.dumps({'rows': rows}, indent=1))
 
 
 if __name__ == '__main__':

@@ -113,9 +113,12 @@ def make_mesh(preset: SliceConfig, devices: list | None = None):
   if num_slices > 1:
     # TPU multislice devices carry slice_index; on CPU or GPU each process stands in for a slice.
     by_process = not hasattr(devices[0], 'slice_index')
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
   elif devices[0].platform == 'tpu':
-    grid = mesh_utils.create_device_mesh(ici, devices)
+    # Splitting a physical torus axis (tensor=4 on v6e's 16x16) is allowed: it keeps each group of
+    # the split on neighbouring chips, which is all a mesh axis needs.
+    grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
   else:
     # CPU/GPU: no physical topology to respect; keep process-major order so per-host data lines up.
     grid = np.array(devices).reshape(ici)

@@ -1,4 +1,9 @@
-"""2x-v5e-2561"""
+"""Two v5e-256 slices (queued resource with --node-count 2): data parallel across the slices
+over the data-centre network, FSDP inside each slice (16x16, 16 GiB HBM per chip).
+
+Fits and per-device memory of each LVM size: `python launch.py lvm train --config lvm/configs/vqlm_7b.py:SIZE
+--tpu tpu_configs/multislice_2x_v5e_256.py --check` (README, "Run on a TPU pod").
+"""
 from core.mesh import SliceConfig
 from tpu_configs.rules import FSDP_TENSOR_RULES
 

@@ -1,4 +1,8 @@
-"""v4-321"""
+"""v4-32: 4 hosts x 4 v4 chips (2x2x4 torus), 32 GiB HBM each; FSDP over all 16.
+
+Fits and per-device memory of each LVM size: `python launch.py lvm train --config lvm/configs/vqlm_7b.py:SIZE
+--tpu tpu_configs/v4_32.py --check` (README, "Run on a TPU pod").
+"""
 from core.mesh import SliceConfig
 from tpu_configs.rules import FSDP_TENSOR_RULES
 

@@ -1,4 +1,8 @@
-"""v4-81"""
+"""v4-8: one host, 4 v4 chips (megacore: one JAX device per chip), 32 GiB HBM each; FSDP over all four.
+
+Fits and per-device memory of each LVM size: `python launch.py lvm train --config lvm/configs/vqlm_7b.py:SIZE
+--tpu tpu_configs/v4_8.py --check` (README, "Run on a TPU pod").
+"""
 from core.mesh import SliceConfig
 from tpu_configs.rules import FSDP_TENSOR_RULES
 

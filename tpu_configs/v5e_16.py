@@ -1,4 +1,8 @@
-"""v5e-161"""
+"""v5e-16 (v5litepod-16): 4 hosts x 4 chips (4x4), 16 GiB HBM each; FSDP over all 16.
+
+Fits and per-device memory of each LVM size: `python launch.py lvm train --config lvm/configs/vqlm_7b.py:SIZE
+--tpu tpu_configs/v5e_16.py --check` (README, "Run on a TPU pod").
+"""
 from core.mesh import SliceConfig
 from tpu_configs.rules import FSDP_TENSOR_RULES
 

@@ -1,4 +1,8 @@
-"""v5p-1281"""
+"""v5p-128: 16 hosts x 4 v5p chips (4x4x4 torus, megacore), 95 GiB HBM each; FSDP x tensor 4.
+
+Fits and per-device memory of each LVM size: `python launch.py lvm train --config lvm/configs/vqlm_7b.py:SIZE
+--tpu tpu_configs/v5p_128.py --check` (README, "Run on a TPU pod").
+"""
 from core.mesh import SliceConfig
 from tpu_configs.rules import FSDP_TENSOR_RULES
 

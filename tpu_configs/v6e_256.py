@@ -1,4 +1,8 @@
-"""v6e-2561"""
+"""v6e-256 (Trillium): 64 hosts x 4 chips (16x16), 32 GiB HBM each; FSDP x tensor 4.
+
+Fits and per-device memory of each LVM size: `python launch.py lvm train --config lvm/configs/vqlm_7b.py:SIZE
+--tpu tpu_configs/v6e_256.py --check` (README, "Run on a TPU pod").
+"""
 from core.mesh import SliceConfig
 from tpu_configs.rules import FSDP_TENSOR_RULES
 
