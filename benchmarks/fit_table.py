@@ -41,12 +41,38 @@ def batch_ways(preset) -> int:
   return math.prod(sizes[a] for a in axes)
 
 
+def markdown(rows: list[dict]) -> str:
+  """LVM sizes down, presets across; each cell: verdict and peak GiB per device (% of HBM)."""
+  presets = list(dict.fromkeys(r['preset'] for r in rows))
+  sizes = list(dict.fromkeys(r['size'] for r in rows))
+  cell = {(r['preset'], r['size']): r for r in rows}
+  lines = ['| LVM size | ' + ' | '.join(presets) + ' |', '|---|' + '---|' * len(presets)]
+  for size in sizes:
+    params = next(r['params'] for r in rows if r['size'] == size)
+    out = []
+    for preset in presets:
+      r = cell.get((preset, size))
+      if r is None:
+        out.append('')
+      elif 'peak_gib' not in r:
+        out.append('cannot lay out')
+      else:
+        verdict = 'fits' if r['fits'] else '**no**'
+        out.append(f"{verdict} {r['peak_gib']:.1f} / {r['hbm_gib']:g} GiB")
+    lines.append(f'| {size} ({params / 1e9:.2f}B) | ' + ' | '.join(out) + ' |')
+  return '\n'.join(lines)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--sizes', default=','.join(n for n in PRESETS if n.startswith('vqlm')))
   parser.add_argument('--presets', default=','.join(TPU_PRESETS))
   parser.add_argument('--out', default=str(ROOT / 'benchmarks/results_fit_table.json'))
+  parser.add_argument('--markdown', action='store_true', help='print the README table of --out and exit')
   args = parser.parse_args()
+  if args.markdown:
+    print(markdown(json.loads(Path(args.out).read_text())['rows']))
+    return
   # Cells already measured (an earlier run) are kept unless measured again now.
   out = Path(args.out)
   rows = json.loads(out.read_text())['rows'] if out.exists() else []
