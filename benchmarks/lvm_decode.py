@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.xla_flags import cpu_xla_flags  # noqa: E402
 
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # CPU benchmarks: never probe for a TPU (libtpu may be installed)
 os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''))
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, CONTEXT = 8292, 512, 1376, 8, 8, 1024

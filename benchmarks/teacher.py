@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.xla_flags import cpu_xla_flags  # noqa: E402
 
 # The CPU flags launch.py sets for cpu presets, so the numbers are those a user gets.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # CPU benchmarks: never probe for a TPU (libtpu may be installed)
 os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''))
 
 
