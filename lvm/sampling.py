@@ -1,14 +1,14 @@
 """Autoregressive decoding with a preallocated KV cache, as one compiled program per call.
 
 `generate(params, config, prompts_bt, prompt_lengths_b, new_tokens, ...)`: a prefill writes the keys
-and values of every prompt into the cache [l, b, kv_heads, S, e]; a `lax.fori_loop` then appends one
+and values of every prompt into the cache (per layer [b, kv_heads, S, e]); a `lax.fori_loop` then appends one
 token per step, attending over the cache with a mask. Prompts of different lengths share a batch by
 left padding: row b's tokens occupy cache slots [pad_b, ...), its RoPE positions start at 0 at its
 first real token, and slots before pad_b are masked out of every softmax.
 
 The functions work on the Decoder's parameter dict (the layer-stacked tree the engine checkpoints),
-so no module state is mutated; the cache carries the logical axes ('layers', 'batch', 'act_kv_heads',
-...) and is sharded over the mesh like the activations of training. `dtype='bfloat16'` casts the
+so no module state is mutated; the cache carries the logical axes ('batch', 'act_kv_heads', ...) and
+is sharded over the mesh like the activations of training. `dtype='bfloat16'` casts the
 weights once before the loop and keeps the cache in bf16 (decoding is memory-bound: half the bytes
 read per token).
 
@@ -34,22 +34,36 @@ def _rms(x, scale, eps):
   return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype) * scale.astype(x.dtype)
 
 
+def split_layers(params: dict) -> dict:
+  """The layer-stacked parameter tree with `blocks` as a list of per-layer trees, sliced once.
+
+  Decoding reads every weight once per token; slicing layer i out of the stacked arrays inside the
+  token loop would copy each layer's weights on every token (three passes over them instead of one).
+  """
+  num_layers = jax.tree.leaves(params['blocks'])[0].shape[0]
+  return {**params, 'blocks': [jax.tree.map(lambda p: p[i], params['blocks']) for i in range(num_layers)]}
+
+
 def init_cache(config: DecoderConfig, batch: int, length: int, dtype) -> dict:
-  shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
-  zeros = jnp.zeros(shape, dtype)
-  axes = ('layers', 'batch', 'act_kv_heads', None, None)
-  return {'k': constrain(zeros, axes), 'v': constrain(zeros, axes)}
+  """Per-layer key and value caches [b, kv_heads, S, e]: separate buffers, each updated in place."""
+  shape = (batch, config.num_kv_heads, length, config.head_dim)
+  axes = ('batch', 'act_kv_heads', None, None)
+  return {name: [constrain(jnp.zeros(shape, dtype), axes) for _ in range(config.num_layers)]
+          for name in ('k', 'v')}
 
 
 def forward_with_cache(params: dict, config: DecoderConfig, cache: dict, tokens_bt, slot_start, pad_b):
   """Runs `tokens_bt` (cache slots slot_start .. slot_start+t-1) through the decoder, writing their
-  keys/values into the cache. Returns (logits [b, t, v] float32, cache)."""
-  dtype = cache['k'].dtype
+  keys/values into the cache. `params` from `split_layers`. Returns (logits [b, t, v] float32, cache).
+
+  The layers are unrolled (a Python loop): each has its own weight and cache buffers, so a decode
+  step reads each weight once and writes only the new cache slots."""
+  dtype = cache['k'][0].dtype
   b, t = tokens_bt.shape
   slots_t = slot_start + jnp.arange(t)
   positions_bt = jnp.maximum(slots_t[None, :] - pad_b[:, None], 0)
   cos, sin = rope_tables(positions_bt, config.head_dim, config.rope_theta)
-  length = cache['k'].shape[3]
+  length = cache['k'][0].shape[2]
   key_slots = jnp.arange(length)
   # [b, 1, 1, t, S]: a query at slot i sees key slots pad_b <= j <= i. Padding queries see only
   # themselves, so their (unused) keys and values stay finite: a 0 weight times NaN would not be 0.
@@ -59,21 +73,19 @@ def forward_with_cache(params: dict, config: DecoderConfig, cache: dict, tokens_
   visible = (causal & (real | itself))[:, None, None]
   x = jnp.take(params['embed'].astype(dtype), tokens_bt, axis=0)  # [b, t, d]
   heads_per_kv = config.num_heads // config.num_kv_heads
-
-  def layer(carry, block):
-    # The whole cache rides in the carry and each layer writes only its new slots, in place; as
-    # scan inputs/outputs instead, every step would copy the entire cache into a fresh stack.
-    x, all_k, all_v, index = carry
-    cache_k, cache_v = all_k[index], all_v[index]
+  axes = ('batch', 'act_kv_heads', None, None)
+  new_k, new_v = [], []
+  for block, cache_k, cache_v in zip(params['blocks'], cache['k'], cache['v']):
     attn, mlp = block['attention'], block['mlp']
     h = _rms(x, block['attention_norm']['scale'], config.rms_eps)
     q = jnp.einsum('btd,dhe->bhte', h, attn['q_proj'].astype(dtype))
     k = jnp.einsum('btd,dke->bkte', h, attn['k_proj'].astype(dtype))
     v = jnp.einsum('btd,dke->bkte', h, attn['v_proj'].astype(dtype))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    all_k = jax.lax.dynamic_update_slice(all_k, k.astype(all_k.dtype)[None], (index, 0, 0, slot_start, 0))
-    all_v = jax.lax.dynamic_update_slice(all_v, v.astype(all_v.dtype)[None], (index, 0, 0, slot_start, 0))
-    cache_k, cache_v = all_k[index], all_v[index]
+    cache_k = constrain(jax.lax.dynamic_update_slice(cache_k, k.astype(dtype), (0, 0, slot_start, 0)), axes)
+    cache_v = constrain(jax.lax.dynamic_update_slice(cache_v, v.astype(dtype), (0, 0, slot_start, 0)), axes)
+    new_k.append(cache_k)
+    new_v.append(cache_v)
     q = q.reshape(b, config.num_kv_heads, heads_per_kv, t, config.head_dim) * jnp.asarray(
         config.head_dim ** -0.5, dtype)
     scores = jnp.einsum('bkgte,bkse->bkgts', q, cache_k, preferred_element_type=jnp.float32)
@@ -85,13 +97,9 @@ def forward_with_cache(params: dict, config: DecoderConfig, cache: dict, tokens_
     h = _rms(x, block['mlp_norm']['scale'], config.rms_eps)
     hidden = jax.nn.silu(h @ mlp['gate_proj'].astype(dtype)) * (h @ mlp['up_proj'].astype(dtype))
     x = x + hidden @ mlp['down_proj'].astype(dtype)
-    return (x, all_k, all_v, index + 1), None
-
-  (x, new_k, new_v, _), _ = jax.lax.scan(layer, (x, cache['k'], cache['v'], jnp.int32(0)), params['blocks'])
   x = _rms(x, params['final_norm']['scale'], config.rms_eps)
   logits = jnp.dot(x, params['lm_head'].astype(dtype), preferred_element_type=jnp.float32)
-  axes = ('layers', 'batch', 'act_kv_heads', None, None)
-  return logits, {'k': constrain(new_k, axes), 'v': constrain(new_v, axes)}
+  return logits, {'k': new_k, 'v': new_v}
 
 
 def sample_logits(logits_bv, key, temperature: float, top_k: int, top_p: float, allowed_mask_v):
@@ -125,7 +133,7 @@ def generate(params: dict, config: DecoderConfig, prompts_bt, prompt_lengths_b, 
   b, prompt_len = prompts_bt.shape
   length = cache_length or prompt_len + new_tokens
   dtype = jnp.dtype(dtype)
-  params = jax.tree.map(lambda p: p.astype(dtype), params)
+  params = split_layers(jax.tree.map(lambda p: p.astype(dtype), params))
   pad_b = (prompt_len - prompt_lengths_b).astype(jnp.int32)
   key = jax.random.key(0) if key is None else key
   allowed = (jnp.ones((config.vocab_size,), bool) if allowed_ids is None

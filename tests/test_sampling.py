@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from lvm import commands
-from lvm.sampling import forward_with_cache, generate, init_cache, left_pad
+from lvm.sampling import forward_with_cache, generate, init_cache, left_pad, split_layers
 from tests.helpers import CPU8
 from tests.test_hf_interop import CONFIGS, _hf_model
 
@@ -31,7 +31,7 @@ def test_cached_logits_equal_full_forward_and_greedy_equals_transformers(kind, t
   # Prefill 16 tokens, then feed the remaining 8 one at a time through the cache.
   cache = init_cache(config, 2, 24, jnp.float32)
   pad = jnp.zeros(2, jnp.int32)
-  step = jax.jit(lambda c, t, s: forward_with_cache(params, config, c, t, s, pad))
+  step = jax.jit(lambda c, t, s: forward_with_cache(split_layers(params), config, c, t, s, pad))
   logits, cache = step(cache, tokens[:, :16], 0)
   pieces = [np.asarray(logits)]
   for i in range(16, 24):
