@@ -39,7 +39,7 @@ def main():
     work = Path(args.workdir) / name.split()[0]
     settings = [f'data.train_path={data / "train"}', f'model.vocab_size={manifest["vocab_size"]}',
                 f'data.seq_len={manifest["seq_len"]}', f'model.hidden_size={hidden}', f'model.intermediate_size={ffn}',
-                f'model.num_layers={layers}', f'model.num_heads={heads}', f'model.num_kv_heads={heads}',
+                f'model.num_layers={layers}', f'model.num_kv_heads={heads}', f'model.num_heads={heads}',
                 f'train.steps={args.steps}', 'train.progress_bar=false', f'optim.decay_steps={args.steps - 20}']
     assert launch_main(['lvm', 'train', '--config', str(ROOT / 'lvm/configs/tiny.py'), '--tpu', args.tpu,
                         '--workdir', str(work)] + sum([['--set', s] for s in settings], [])) == 0

@@ -5,8 +5,14 @@ Loss = l1 · |x̂ - x| + l2 · (x̂ - x)² + codebook ||sg(z) - e||² + commitme
 entropy of the batch's code histogram) and the fraction of codes the batch used. Every
 `restart_every` steps, codebook rows no position of the batch chose are moved onto randomly chosen
 encoder outputs of that batch (the restart of Dhariwal et al., Jukebox), so codes do not stay dead.
-A perceptual loss and a patch discriminator are not part of this recipe (they need weights or a
-second optimizer); the tiny default reaches its PSNR without them.
+Optional patch discriminator (`loss.discriminator_weight > 0`, lvm/discriminator.py): hinge losses as
+taming-transformers' VQGAN. Both players train in the one engine step with one optimizer: the
+discriminator's loss sees the reconstruction through stop_gradient (it moves only the
+discriminator), and the generator's adversarial term sees the discriminator's parameters through
+stop_gradient (it moves only the tokenizer), so the summed loss has exactly each player's gradient
+(simultaneous updates). Its parameters live under `discriminator` in the checkpoint; encoding and
+decoding ignore them. A perceptual loss is not part of this recipe (it needs weights that are not
+bundled); the tiny default reaches its PSNR without either.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from flax import nnx
 from core.errors import ConfigError
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig
+from lvm.discriminator import PatchDiscriminator
 from lvm.tokenizer import TokenizerConfig, VQGAN
 
 
@@ -28,12 +35,20 @@ class TokenizerLoss:
   l2: float = 1.0
   # Restart dead codebook rows every this many steps (0 = never).
   restart_every: int = 50
+  # Weight of the generator's adversarial term (0 = no discriminator).
+  discriminator_weight: float = 0.0
+  # Patch discriminator: base width and number of strided layers.
+  discriminator_channels: int = 64
+  discriminator_layers: int = 3
 
   def __post_init__(self):
     if min(self.l1, self.l2) < 0 or self.l1 + self.l2 == 0:
       raise ConfigError(f'tokenizer loss weights l1={self.l1}, l2={self.l2}: both >= 0, not both 0')
     if self.restart_every < 0:
       raise ConfigError(f'loss.restart_every must be >= 0, got {self.restart_every}')
+    if self.discriminator_weight < 0 or self.discriminator_channels < 1 or self.discriminator_layers < 1:
+      raise ConfigError(f'loss.discriminator_weight must be >= 0 and its channels and layers >= 1, got '
+                        f'{self.discriminator_weight}, {self.discriminator_channels}, {self.discriminator_layers}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +72,28 @@ def psnr(reconstruction, target) -> jax.Array:
   return jnp.mean(10 * jnp.log10(1 / jnp.maximum(mse, 1e-10)))
 
 
+def adversarial_losses(discriminator, real, fake):
+  """(generator term, discriminator hinge loss, real logits, fake logits), each term moving only its
+  own player: see the module docstring."""
+  graphdef, state = nnx.split(discriminator)
+  frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+  generator_term = -jnp.mean(frozen(fake))
+  real_logits, fake_logits = discriminator(real), discriminator(jax.lax.stop_gradient(fake))
+  hinge = 0.5 * (jnp.mean(jax.nn.relu(1 - real_logits)) + jnp.mean(jax.nn.relu(1 + fake_logits)))
+  return generator_term, hinge, real_logits, fake_logits
+
+
 class TokenizerTask:
 
   def __init__(self, config: TokenizerConfig, loss: TokenizerLoss = TokenizerLoss(), seed: int = 0):
     self.config, self.weights, self.seed = config, loss, seed
 
   def make_model(self, rngs: nnx.Rngs) -> VQGAN:
-    return VQGAN(self.config, rngs)
+    model = VQGAN(self.config, rngs)
+    if self.weights.discriminator_weight > 0:
+      model.discriminator = PatchDiscriminator(self.config.in_channels, self.weights.discriminator_channels,
+                                               self.weights.discriminator_layers, rngs)
+    return model
 
   def batch_logical_axes(self):
     return {'images': ('batch', None, None, None)}
@@ -76,11 +106,19 @@ class TokenizerTask:
     l2 = jnp.mean(jnp.square(reconstruction - target))
     loss = (self.weights.l1 * l1 + self.weights.l2 * l2 + codebook_loss
             + self.config.commitment * commitment_loss)
+    adversarial = {}
+    if self.weights.discriminator_weight > 0:
+      generator_term, discriminator_loss, real_logits, fake_logits = adversarial_losses(
+          model.discriminator, target, reconstruction)
+      loss = loss + self.weights.discriminator_weight * generator_term + discriminator_loss
+      adversarial = {'generator_adversarial': generator_term, 'discriminator_loss': discriminator_loss,
+                     'discriminator_real_logit': jnp.mean(real_logits),
+                     'discriminator_fake_logit': jnp.mean(fake_logits)}
     usage = jnp.bincount(ids.reshape(-1), length=self.config.codebook_size) / ids.size
     entropy = -jnp.sum(jnp.where(usage > 0, usage * jnp.log(jnp.maximum(usage, 1e-12)), 0.0))
     return loss, {'l1': l1, 'l2': l2, 'codebook_loss': codebook_loss, 'commitment_loss': commitment_loss,
                   'psnr': psnr(jnp.clip((reconstruction + 1) / 2, 0, 1), images),
-                  'codebook_perplexity': jnp.exp(entropy), 'codes_used': jnp.mean(usage > 0)}
+                  'codebook_perplexity': jnp.exp(entropy), 'codes_used': jnp.mean(usage > 0), **adversarial}
 
   def after_update(self, graphdef, params, batch, step):
     every = self.weights.restart_every

@@ -12,6 +12,7 @@ from launch import main as launch_main
 from lvm.tokenizer import TokenizerConfig, VQGAN
 from lvm.tokenizer_task import TokenizerLoss, TokenizerTask
 from tests.helpers import CPU1, ROOT
+from tests.tolerance import assert_network_close, total_fan_in
 
 TINY_TOKENIZER = str(ROOT / 'lvm/configs/tokenizer_tiny.py')
 
@@ -188,3 +189,66 @@ def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path):
   assert json.loads((out / 'manifest.json').read_text())['records_per_kind'] == {'video': 8}
   assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', f'frames:{tmp_path / "videos"}',
                       '--kind', 'video', '--stride', '4', '--out', str(tmp_path / 'x'), '--sentences', '8']) == 2
+
+
+def test_each_adversarial_term_moves_only_its_own_player():
+  """One loss, one optimizer, two players: the tokenizer's gradient equals that of reconstruction +
+  w x generator term with the discriminator held fixed, and the discriminator's gradient equals that
+  of its hinge loss alone (the reconstruction a constant)."""
+  config = TokenizerConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, codebook_size=16,
+                           norm_num_groups=4, image_size=16)
+  weight = 0.3
+  task = TokenizerTask(config, TokenizerLoss(discriminator_weight=weight, discriminator_channels=8,
+                                             discriminator_layers=2))
+  graphdef, state = nnx.split(task.make_model(nnx.Rngs(0)))
+  params = nnx.to_pure_dict(state)
+  batch = {'images': jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)), jnp.float32)}
+  grads = jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), batch)[0])(params)
+  plain = TokenizerTask(config, TokenizerLoss())
+  tokenizer_params = {k: v for k, v in params.items() if k != 'discriminator'}
+  plain_graphdef = nnx.split(plain.make_model(nnx.Rngs(0)))[0]
+  disc_graphdef = nnx.split(task.make_model(nnx.Rngs(0)).discriminator)[0]
+  disc = lambda d, x: nnx.merge(disc_graphdef, d)(x)
+
+  def tokenizer_reference(tp):
+    model = nnx.merge(plain_graphdef, tp)
+    reconstruction = model.reconstruct(batch['images'])[0]
+    return plain.loss(model, batch)[0] - weight * jnp.mean(disc(params['discriminator'], reconstruction))
+
+  def discriminator_reference(dp):
+    reconstruction = nnx.merge(plain_graphdef, tokenizer_params).reconstruct(batch['images'])[0]
+    real, fake = disc(dp, batch['images'] * 2 - 1), disc(dp, reconstruction)
+    return 0.5 * (jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake)))
+
+  expected = {**jax.grad(tokenizer_reference)(tokenizer_params),
+              'discriminator': jax.grad(discriminator_reference)(params['discriminator'])}
+  # Same gradients up to float32 rounding of a different evaluation order: norm-wise within
+  # λ√N·u, N = the networks' fan-in plus the positions a weight gradient sums over. A term that
+  # leaked into the other player would be off by the size of that term's gradient, far above it.
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  length = total_fan_in(params, 'jax') + 2 * 16 * 16
+  for player in ('tokenizer', 'discriminator'):
+    pick = (lambda t: t['discriminator']) if player == 'discriminator' else (
+        lambda t: {k: v for k, v in t.items() if k != 'discriminator'})
+    assert_network_close(flat(pick(grads)), flat(pick(expected)), reduction_length=length, what=player)
+  assert float(jnp.abs(grads['discriminator']['last']['kernel']).max()) > 0
+  # The generator term really reaches the tokenizer (it differs from reconstruction alone).
+  alone = jax.grad(lambda tp: plain.loss(nnx.merge(plain_graphdef, tp), batch)[0])(tokenizer_params)
+  assert not np.allclose(grads['decoder']['conv_out']['kernel'], alone['decoder']['conv_out']['kernel'])
+
+
+def test_training_with_the_discriminator_logs_both_players_and_loads_for_encoding(tmp_path):
+  work = tmp_path / 'gan'
+  assert launch_main(['lvm', 'train-tokenizer', '--config', TINY_TOKENIZER, '--tpu', CPU1, '--workdir', str(work),
+                      '--set', 'train.steps=8', '--set', 'train.global_batch=8', '--set', 'train.log_every=4',
+                      '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false',
+                      '--set', 'loss.discriminator_weight=0.1', '--set', 'loss.discriminator_channels=16']) == 0
+  logged = [json.loads(line) for line in (work / 'metrics.jsonl').read_text().splitlines()]
+  assert all(np.isfinite(m['discriminator_loss']) and np.isfinite(m['generator_adversarial']) for m in logged)
+  # The discriminator learns to tell real from reconstructed patches.
+  assert logged[-1]['discriminator_real_logit'] > logged[-1]['discriminator_fake_logit']
+  from lvm.tokenizer_commands import load_tokenizer
+  tokenizer = load_tokenizer(work)
+  assert 'discriminator' in tokenizer.params
+  tokens = tokenizer.encode(np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype(np.float32))
+  assert tokens.shape == (4, 64) and tokens.max() < 128
