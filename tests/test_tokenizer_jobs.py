@@ -100,6 +100,31 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   assert json.loads((out / 'tokenize_result.json').read_text())['shards_written_this_run'] == 1
   assert {p.name: p.read_bytes() for p in out.glob('*.arrayrecord')} == original
 
+  # A real kill: SIGKILL the same job in another process once it has written some shards, rerun
+  # it, and get exactly the uninterrupted job's shards (no record lost, none written twice).
+  import signal
+  import time
+  from tests.helpers import launch
+  killed = tmp_path / 'killed'
+  killed_args = [a if a != str(out) else str(killed) for a in args]
+  for attempt in range(3):
+    proc = launch(killed_args, devices=1)
+    while proc.poll() is None and len(list(killed.glob('*.arrayrecord'))) < 2:
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(list(killed.glob('*.arrayrecord')))  # complete shards only (temporaries are dot-files)
+    if written < len(original) and not (killed / 'manifest.json').exists():
+      break
+    import shutil
+    shutil.rmtree(killed)  # it finished before the kill: try again
+  else:
+    pytest.fail('the tokenize job finished before it could be killed, 3 times')
+  assert launch_main(killed_args) == 0
+  assert json.loads((killed / 'tokenize_result.json').read_text())['shards_written_this_run'] == len(original) - written
+  assert {p.name: p.read_bytes() for p in killed.glob('*.arrayrecord')} == original
+  assert not list(killed.glob('.*.tmp*'))  # the rerun removed the killed writer's temporary file
+
   # Records hold the tokens of their frames, in order, all below the codebook size.
   source = TokenRecordSource(find_shards(out), seq_len=256, vocab_size=128)
   assert len(source) == 120
