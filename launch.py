@@ -51,7 +51,7 @@ def _prepare_runtime(args) -> None:
       from core.xla_flags import cpu_xla_flags
       os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''), preset.devices_per_host)
   from core import distributed
-  distributed.start(preset if tpu_path else None, getattr(args, 'coordinator', None),
+  distributed.start(preset, getattr(args, 'coordinator', None),
                     getattr(args, 'num_processes', 1), getattr(args, 'process_id', 0))
   from absl import flags as absl_flags
   absl_flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (google/grain#1355)

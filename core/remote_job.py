@@ -94,9 +94,10 @@ def start(name: str, job_args: list[str]) -> None:
     except ProcessLookupError:
       pass  # a stale state file from a machine that went down
   log.parent.mkdir(parents=True, exist_ok=True)
-  subprocess.Popen([sys.executable, '-m', 'core.remote_job', 'supervise', '--name', name, '--'] + job_args,
-                   cwd=ROOT, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=open(log.with_suffix('.supervisor.log'), 'ab'))
+  with open(log.with_suffix('.supervisor.log'), 'ab') as supervisor_log:
+    subprocess.Popen([sys.executable, '-m', 'core.remote_job', 'supervise', '--name', name, '--'] + job_args,
+                     cwd=ROOT, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=supervisor_log)
   print(f'{socket.gethostname()}: started {name!r}; log {log}')
 
 
