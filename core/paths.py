@@ -28,3 +28,28 @@ def as_path(path) -> epath.Path:
 def is_remote(path) -> bool:
   """True for object-store paths (no rename, no append, no local file name to hand to a library)."""
   return '://' in os.fspath(path) if not isinstance(path, epath.Path) else '://' in str(path)
+
+
+def local_data(path: str) -> str:
+  """Data given as gs://... (token shards, a .jsonl or .npy file) as a local path: copied once into
+  this host's cache (LVM_ATTRIB_DATA_CACHE, default ~/.cache/lvm_attrib/data) and reused while the
+  sizes match. Readers that open files by name (ArrayRecord's) need a local file; data larger than a
+  host's disk belongs on a gcsfuse mount instead, given as a local path. Local paths pass through."""
+  if not path or not is_remote(path):
+    return path
+  from pathlib import Path
+  source = as_path(path)
+  cache = Path(os.environ.get('LVM_ATTRIB_DATA_CACHE', Path.home() / '.cache' / 'lvm_attrib' / 'data'))
+  target = cache / str(source).split('://', 1)[1]
+  files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+  if not files:
+    raise ConfigError(f'{path}: no such object or folder')
+  for remote in files:
+    local = target / remote.name if len(files) > 1 or not source.is_file() else target
+    if local.exists() and local.stat().st_size == remote.stat().length:
+      continue
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(f'.{local.name}.partial{os.getpid()}')
+    partial.write_bytes(remote.read_bytes())
+    os.replace(partial, local)  # a killed copy never leaves a file that looks complete
+  return str(target)

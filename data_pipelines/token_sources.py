@@ -10,6 +10,7 @@ import numpy as np
 from data_pipelines import digit_sentences
 from data_pipelines.token_formats import read_token_file
 from data_pipelines.token_records import TokenDataError, TokenRecordSource, check_tokens, find_shards
+from core.paths import local_data
 
 BUILTIN_SIZES = {'digits': ('train', 4096), 'digits-eval': ('eval', 256)}
 
@@ -36,7 +37,8 @@ class InMemoryTokenSource:
 
 
 def open_token_source(path: str, *, seq_len: int, vocab_size: int):
-  """'builtin:digits' | 'builtin:digits-eval' | shard dir | .arrayrecord | .jsonl | .npy."""
+  """'builtin:digits' | 'builtin:digits-eval' | shard dir | .arrayrecord | .jsonl | .npy (local or gs://)."""
+  path = local_data(path)
   if path.startswith('builtin:'):
     name = path.split(':', 1)[1]
     if name not in BUILTIN_SIZES:
@@ -65,6 +67,7 @@ def record_length(path: str) -> int | None:
   if path.startswith('builtin:') or not path:
     return None
   try:
+    path = local_data(path)
     suffix = Path(path).suffix
     if suffix == '.npy':
       array = np.load(path, mmap_mode='r', allow_pickle=False)

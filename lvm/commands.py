@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from core.paths import as_path
+from core.paths import as_path, local_data
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
@@ -101,6 +101,7 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
                  batch_size: int) -> dict:
   workdir = as_path(workdir)
   config, trained_tpu = load_run_config(workdir)
+  data_path = local_data(data_path)  # gs:// data: staged to this host's disk once
   # Records of any length the model supports can be scored, not only the training length.
   seq_len = record_length(data_path) or config.data.seq_len
   if seq_len > config.model.max_seq_len:

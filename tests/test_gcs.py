@@ -70,11 +70,27 @@ def _local_files(*folders) -> set:
   return {p for folder in folders for p in folder.rglob('*')}
 
 
-def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path):
+def _upload(url: str, name: str, data: bytes) -> None:
+  request = urllib.request.Request(
+      f'{url}/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={urllib.parse.quote(name, safe="")}',
+      data=data, method='POST', headers={'Content-Type': 'application/octet-stream'})
+  urllib.request.urlopen(request).read()
+
+
+def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path, tmp_path_factory):
   url, env = gcs
   workdir = f'gs://{BUCKET}/lvm'
-  overrides = [a for o in SMALL_MODEL + ['train.log_every=1', 'train.checkpoint_every=2', 'train.tensorboard=true']
-               for a in ('--set', o)]
+  # Token shards in the bucket too: each host stages them once into its data cache.
+  from data_pipelines.digit_sentences import digit_sentences
+  from data_pipelines.token_records import write_token_shards
+  shards = tmp_path_factory.mktemp('shards')
+  for shard in write_token_shards(digit_sentences('train', seq_len=128, num_sentences=64), shards, seq_len=128,
+                                  vocab_size=8292, records_per_shard=32):
+    _upload(url, f'tokens/{shard.name}', shard.read_bytes())
+  cache = tmp_path_factory.mktemp('data_cache')
+  env = dict(env, LVM_ATTRIB_DATA_CACHE=str(cache))
+  overrides = [a for o in SMALL_MODEL + ['train.log_every=1', 'train.checkpoint_every=2', 'train.tensorboard=true',
+                                         f'data.train_path=gs://{BUCKET}/tokens'] for a in ('--set', o)]
   before = _local_files(tmp_path, ROOT)
   _run(env, tmp_path, 'lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', workdir, '--set', 'train.steps=4',
        *overrides)
@@ -91,6 +107,9 @@ def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path):
   # One consistent history across the resume, and the eval read the step-6 checkpoint.
   assert [json.loads(line)['step'] for line in _read(url, 'lvm/metrics.jsonl').decode().splitlines()] == [1, 2, 3, 4, 5, 6]
   assert json.loads(_read(url, 'lvm/eval_result.json'))['step'] == 6
+  staged = sorted(p.name for p in (cache / BUCKET / 'tokens').iterdir())
+  assert staged == ['tokens-00000-of-00002.arrayrecord', 'tokens-00001-of-00002.arrayrecord']
+  assert (cache / BUCKET / 'tokens' / staged[0]).read_bytes() == (shards / staged[0]).read_bytes()
   # Nothing landed on the local disk: no 'gs:' folder, no stray files in the working or repo dirs.
   assert _local_files(tmp_path, ROOT) - before == set()
 
