@@ -24,6 +24,7 @@ from flax import nnx
 from attrib.embedder import unit_rows
 from attrib.index import IndexFileError, load_any
 from core.errors import UserError
+from core.paths import as_path, is_remote
 
 
 class AttributionError(UserError):
@@ -40,7 +41,7 @@ class Attribution:
 
 class Attributor:
 
-  def __init__(self, workdir: Path, graphdef, params, index, featurizer, captions, images):
+  def __init__(self, workdir, graphdef, params, index, featurizer, captions, images):
     self.workdir, self.index, self.featurizer = workdir, index, featurizer
     self.captions, self.train_images = captions, images
     model = nnx.merge(graphdef, params)
@@ -58,7 +59,7 @@ class Attributor:
   @classmethod
   def load(cls, workdir: str | Path) -> 'Attributor':
     from attrib.distill import load_student_run, restore_embedder, student_dir
-    workdir = Path(workdir)
+    workdir = as_path(workdir)  # local or gs://
     run = load_student_run(workdir)
     index = load_any(student_dir(workdir) / 'index')
     graphdef, params, _, _, _ = restore_embedder(workdir, run)
@@ -77,8 +78,9 @@ class Attributor:
     from PIL import Image
     if isinstance(image, (str, Path)):
       try:
-        image = Image.open(image)
-        image.load()
+        with as_path(image).open('rb') if is_remote(image) else open(image, 'rb') as f:
+          image = Image.open(f)
+          image.load()
       except (OSError, ValueError) as e:
         raise AttributionError(f'{image}: not a readable image ({e})') from None
     if isinstance(image, Image.Image):

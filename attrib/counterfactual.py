@@ -20,7 +20,8 @@ from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import shared_text_encoder
 from core import progress
 from core.config import ConfigError, check_at_least
-from core.workdir import versions, write_json_atomic
+from core.paths import as_path
+from core.workdir import load_npz, versions, write_bytes_atomic, write_json_atomic
 
 
 def query_loss(workdir: Path, image, context, query: int, repeats: int = 4) -> float:
@@ -66,7 +67,7 @@ def ranking_top_k(workdir: Path, ranking: str, queries, records, k: int) -> list
 def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, steps: int,
                            tpu_path: str | None, rankings: tuple[str, ...] = ('teacher',)) -> dict:
   check_at_least(1, k=k, queries=num_queries, seeds=seeds, steps=steps)
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   config, trained_tpu = load_run(workdir)
   for name in rankings:
     if name not in ('teacher', 'student') and not (workdir / 'features' / name).is_dir():
@@ -80,7 +81,7 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
     raise ConfigError(f'{ranks_path} holds {len(records)} queries, fewer than --queries {num_queries}')
   if any(len(r['ranked_ids']) < k for r in records):
     raise ConfigError(f'--k {k} exceeds the candidates ranked per query')
-  queries = np.load(workdir / 'teacher' / 'queries.npz')
+  queries = load_npz(workdir / 'teacher' / 'queries.npz')
   text_encoder = shared_text_encoder(config.data.text_len)
   query_context = np.asarray(text_encoder([str(p) for p in queries['prompts'][:num_queries]])[0])
   # The training set's size from the data it was trained on (result files are reports, not state).
@@ -89,7 +90,7 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
     from data_pipelines.digit_captions import digit_captions
     training_size = len(digit_captions()[0]) - config.data.held_out
   out = workdir / 'counterfactual'
-  out.mkdir(exist_ok=True)
+  out.mkdir(parents=True, exist_ok=True)
   recipe = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps, progress_bar=False,
                                                                  checkpoint_every=steps),
                                optim=dataclasses.replace(config.optim, decay_steps=max(1, steps - config.optim.warmup_steps)))
@@ -101,7 +102,7 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
     overrides = [f'train.seed={seed}']
     if excluded is not None:
       run.mkdir(parents=True, exist_ok=True)
-      (run / 'excluded.txt').write_text(','.join(map(str, excluded)))
+      write_bytes_atomic(run / 'excluded.txt', ','.join(map(str, excluded)).encode())
       overrides.append(f'data.exclude_path={run / "excluded.txt"}')
     if not _finished(run, steps):
       progress.say(f'counterfactual: training {name} ({steps} steps)')

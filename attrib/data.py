@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from core.errors import ConfigError
+from core.paths import as_path
 from core.workdir import load_npy, save_npy_atomic
 
 import hashlib
@@ -57,7 +58,7 @@ class CaptionedImages:
 
 
 def read_index_file(path: str, size: int) -> np.ndarray:
-  text = Path(path).read_text().replace('\n', ',')
+  text = as_path(path).read_text().replace('\n', ',')  # local or gs://
   try:
     ids = np.array(sorted({int(x) for x in text.split(',') if x.strip()}), np.int64)
   except ValueError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -30,7 +29,8 @@ from core.mesh import load_preset
 from core.errors import ConfigError
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig, restore_latest_params, train
-from core.workdir import save_npy_atomic, versions, write_json_atomic
+from core.paths import absolute, as_path, is_remote
+from core.workdir import load_npy, save_npy_atomic, versions, write_json_atomic
 
 STUDENT_DIR = 'student'
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
@@ -45,8 +45,8 @@ class StudentRun:
   tpu: str
 
 
-def student_dir(workdir: str | Path) -> Path:
-  return Path(workdir) / STUDENT_DIR
+def student_dir(workdir):
+  return as_path(workdir) / STUDENT_DIR
 
 
 def load_student_run(workdir: str | Path) -> StudentRun:
@@ -95,10 +95,10 @@ def pair_losses(graphdef, params, query_feats, train_feats, ranks: np.ndarray) -
 
 def distill_command(workdir: str, config_path: str, tpu_path: str | None, overrides: list[str],
                     features_dir: str | None = None, ranks_path: str | None = None) -> dict:
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   config: FastGDAConfig = apply_overrides(load_config_file(config_path, expect=FastGDAConfig), overrides)
-  features_dir = Path(features_dir) if features_dir else workdir / 'features' / config.feature
-  ranks_path = Path(ranks_path) if ranks_path else workdir / 'teacher_train' / 'ranks.arrayrecord'
+  features_dir = as_path(features_dir) if features_dir else workdir / 'features' / config.feature
+  ranks_path = as_path(ranks_path) if ranks_path else workdir / 'teacher_train' / 'ranks.arrayrecord'
   tpu = str(Path(tpu_path or DEFAULT_TPU).resolve())
   preset = load_preset(tpu)
 
@@ -124,11 +124,11 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   stored_path = out / 'config.json'
   if stored_path.is_file():
     stored = load_student_run(workdir)
-    if stored.config.embedder != config.embedder or Path(stored.features) != features_dir.resolve():
+    if stored.config.embedder != config.embedder or stored.features != absolute(features_dir):
       raise ConfigError(f'{out} holds a student of {stored.features} with {stored.config.embedder}; '
                         f'use a new --workdir for {features_dir} with {config.embedder}')
   out.mkdir(parents=True, exist_ok=True)
-  run = StudentRun(config, str(features_dir.resolve()), str(ranks_path.resolve()), tpu)
+  run = StudentRun(config, absolute(features_dir), absolute(ranks_path), tpu)
   write_json_atomic(stored_path, {'config': to_dict(config), 'features': run.features, 'ranks': run.ranks,
                                   'tpu': tpu})
   progress.say(f'distill: {len(train_ranks)} queries x {train_ranks.shape[1]} candidates = {pairs} pairs, '
@@ -155,12 +155,12 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   return result
 
 
-def finish_student(workdir: Path, run: StudentRun, val_ranks: np.ndarray, val_query_feats: np.ndarray) -> dict:
+def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_feats: np.ndarray) -> dict:
   """Validation loss, the learned scale, the embedded training set and its index."""
   graphdef, params, mesh, preset, step = restore_embedder(workdir, run)
   scale = float(params['scale'])
-  progress.say(f'distill: embedding {len(load_features(run.features, "train"))} training images')
   train_feats = load_features(run.features, 'train')
+  progress.say(f'distill: embedding {len(train_feats)} training images')
   embeddings = embed(graphdef, params, train_feats, mesh, preset.logical_rules)
   out = student_dir(workdir)
   save_npy_atomic(out / 'embeddings.npy', embeddings)
@@ -178,20 +178,37 @@ def finish_student(workdir: Path, run: StudentRun, val_ranks: np.ndarray, val_qu
 def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
   """Rebuilds student/index from student/embeddings.npy (one ScaNN index, or `shards` merged ones)."""
   from attrib.index import ShardedIndex
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   run = load_student_run(workdir)
   path = student_dir(workdir) / 'embeddings.npy'
   if not path.is_file():
     raise ConfigError(f'{path} not found: the distill run in {workdir} has not finished')
   if shards < 1:
     raise ConfigError(f'--shards must be >= 1, got {shards}')
-  embeddings = np.load(path)
+  embeddings = load_npy(path)
   index = (Index.build(embeddings, None, run.config.index) if shards == 1
            else ShardedIndex.build(embeddings, None, shards, run.config.index))
-  index.save(student_dir(workdir) / 'index.new')
-  import shutil
-  shutil.rmtree(student_dir(workdir) / 'index', ignore_errors=True)
-  os.replace(student_dir(workdir) / 'index.new', student_dir(workdir) / 'index')
+  replace_index(index, student_dir(workdir) / 'index')
   result = {'job': 'attrib index', 'index': {k: v for k, v in index.meta.items() if k != 'config'}}
   write_json_atomic(workdir / 'index_result.json', result)
   return result
+
+
+def replace_index(index, target) -> None:
+  """`index` saved over the one at `target`. Locally it is written beside it and renamed into place
+  (a crash leaves the old index or the new one); gs:// has no rename, so the old index is removed
+  first and a crash leaves none: a clear "missing" error on load, never a mix of the two."""
+  target = as_path(target)
+  if is_remote(target):
+    if target.exists():
+      target.rmtree()
+    index.save(target)
+    return
+  import os
+  import shutil
+  staged = target.parent / f'{target.name}.new'
+  if staged.exists():
+    shutil.rmtree(staged)
+  index.save(staged)
+  shutil.rmtree(target, ignore_errors=True)
+  os.replace(staged, target)

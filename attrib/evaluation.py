@@ -8,13 +8,12 @@ score, most influential first), on test queries the student never trained on.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from core import progress
 from core.errors import ConfigError
-from core.workdir import versions, write_json_atomic
+from core.paths import as_path
+from core.workdir import load_npy, load_npz, versions, write_json_atomic
 
 
 def average_precision(predicted: np.ndarray, positives: np.ndarray) -> float:
@@ -59,11 +58,11 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
   from attrib.attributor import Attributor
   from attrib.distill import embed, load_student_run, restore_embedder
   from attrib.student_data import check_ranks, load_features, load_ranks
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   run = load_student_run(workdir)
   config = run.config
-  features_dir = Path(features_dir or run.features)
-  ranks_path = Path(ranks_path) if ranks_path else workdir / 'teacher' / 'ranks.arrayrecord'
+  features_dir = as_path(features_dir or run.features)
+  ranks_path = as_path(ranks_path) if ranks_path else workdir / 'teacher' / 'ranks.arrayrecord'
   train_feats = load_features(features_dir, 'train')
   test_feats = load_features(features_dir, 'test_queries')
   teacher = np.asarray(load_ranks(ranks_path))
@@ -86,7 +85,7 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
 
   graphdef, params, mesh, preset, _ = restore_embedder(workdir, run)
   query_emb = embed(graphdef, params, test_feats, mesh, preset.logical_rules)
-  train_emb = np.load(workdir / 'student' / 'embeddings.npy')
+  train_emb = load_npy(workdir / 'student' / 'embeddings.npy')
   sign = 1.0 if float(params['scale']) < 0 else -1.0  # most influential = lowest a·cos + b
   student = np.argsort(-(sign * query_emb @ train_emb.T), axis=1, kind='stable')
   table[f'FastGDA({config.feature})'] = map_table(student, teacher, config.map_at)
@@ -95,12 +94,12 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
   images = prompts = None
   queries_file = workdir / 'teacher' / 'queries.npz'
   if attributor.featurizer is not None and queries_file.exists():  # time attribute() from image + prompt
-    stored = np.load(queries_file)
+    stored = load_npz(queries_file)
     images, prompts = list(stored['images']), [str(p) for p in stored['prompts']]
   latency = attributor.measure_latency(test_feats, latency_queries, images, prompts)
   # The teacher's own time per test query (each query file records it), when this workdir ran it.
-  times = [float(np.load(p)['seconds']) for p in sorted((ranks_path.parent / 'queries').glob('query_*.npz'))
-           if 'seconds' in np.load(p)] if ranks_path.suffix == '.arrayrecord' else []
+  query_files = sorted((ranks_path.parent / 'queries').glob('query_*.npz')) if ranks_path.suffix == '.arrayrecord' else []
+  times = [float(stored['seconds']) for stored in map(load_npz, query_files) if 'seconds' in stored]
   teacher_s = float(np.median(times)) if times else None
   best_base = max((v for k, v in table.items() if not k.startswith('FastGDA')),
                   key=lambda v: v[next(iter(v))]['mean'], default=None)

@@ -27,7 +27,8 @@ from attrib.student_data import FEATURE_FILES
 from core import progress
 from core.batching import map_batches
 from core.errors import ConfigError
-from core.workdir import save_npy_atomic
+from core.paths import as_path, is_remote
+from core.workdir import load_npz, npy_shape, save_npy_atomic
 
 DIGIT_PARTS = ('pixels', 'unet', 'text')
 
@@ -49,7 +50,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 class DigitFeaturizer:
   """φ parts for images [b, 16, 16, 1] in [-1, 1] and their texts, from a diffusion workdir."""
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir):
     from attrib.commands import load_run, restore_unet
     from attrib.text_encoder import shared_text_encoder
     self.config, tpu = load_run(workdir)
@@ -78,11 +79,12 @@ class DigitFeaturizer:
     return np.concatenate([self.part(p, images, texts) for p in parts_of(name)], axis=1)
 
 
-def digit_feature_sets(workdir: Path) -> dict[str, tuple[np.ndarray, list[str]] | None]:
+def digit_feature_sets(workdir) -> dict[str, tuple[np.ndarray, list[str]] | None]:
   """(images, texts) of the training set and of each query split that the teacher has generated."""
   from attrib.commands import load_run
   from attrib.curation import SPLIT_DIRS
   from data_pipelines.digit_captions import digit_captions
+  workdir = as_path(workdir)
   config, _ = load_run(workdir)
   images, _, captions = digit_captions()
   cut = len(images) - config.data.held_out
@@ -90,7 +92,7 @@ def digit_feature_sets(workdir: Path) -> dict[str, tuple[np.ndarray, list[str]] 
   for split, which in (('train', 'train_queries'), ('test', 'test_queries')):
     path = workdir / SPLIT_DIRS[split] / 'queries.npz'
     if path.exists():
-      stored = np.load(path)
+      stored = load_npz(path)
       sets[which] = (stored['images'], [str(p) for p in stored['prompts']])
     else:
       sets[which] = None
@@ -99,7 +101,7 @@ def digit_feature_sets(workdir: Path) -> dict[str, tuple[np.ndarray, list[str]] 
 
 def features_command(workdir: str, names: list[str]) -> dict:
   """Writes every requested feature of the training set and of the queries generated so far."""
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   for name in names:
     parts_of(name)
   featurizer = DigitFeaturizer(workdir)
@@ -115,7 +117,7 @@ def features_command(workdir: str, names: list[str]) -> dict:
                        f'{"train" if which == "train_queries" else "test"})')
         continue
       images, texts = data
-      if path.exists() and np.load(path, mmap_mode='r').shape[0] == len(images):
+      if (npy_shape(path) or (None,))[0] == len(images):  # written by an earlier run
         continue
       progress.say(f'features: {name} of {len(images)} {which.replace("_", " ")}')
       save_npy_atomic(path, featurizer(name, images, texts))
@@ -174,6 +176,11 @@ def _open_image(image):
   if isinstance(image, Image.Image):
     return image
   try:
+    if is_remote(image):
+      with as_path(image).open('rb') as f:
+        opened = Image.open(f)
+        opened.load()
+      return opened
     opened = Image.open(image)
     opened.load()
     return opened
@@ -182,8 +189,9 @@ def _open_image(image):
 
 
 def read_image_list(path: str | Path) -> tuple[list[str], list[str]]:
-  """A TSV of `image path<TAB>caption` lines (relative paths are taken from the list's folder)."""
-  path = Path(path)
+  """A TSV of `image path<TAB>caption` lines (relative paths are taken from the list's folder); the
+  list and the images may be local or gs://."""
+  path = as_path(path)
   if not path.is_file():
     raise ConfigError(f'{path} not found (expected lines of: image path <TAB> caption)')
   images, captions = [], []
@@ -193,7 +201,7 @@ def read_image_list(path: str | Path) -> tuple[list[str], list[str]]:
     if '\t' not in line:
       raise ConfigError(f'{path}:{number}: expected `image path<TAB>caption`, got {line[:80]!r}')
     image, caption = line.split('\t', 1)
-    image_path = Path(image) if Path(image).is_absolute() else path.parent / image
+    image_path = as_path(image) if is_remote(image) or Path(image).is_absolute() else path.parent / image
     if not image_path.is_file():
       raise ConfigError(f'{path}:{number}: image {image_path} not found')
     images.append(str(image_path))
@@ -215,14 +223,14 @@ def tower_features_command(workdir: str, names: list[str], dino_dir: str | None,
   featurizer = TowerFeaturizer(dino_dir, clip_dir, make_mesh(preset), preset.logical_rules)
   written = []
   for name in names:
-    out = Path(workdir) / 'features' / name
+    out = as_path(workdir) / 'features' / name
     out.mkdir(parents=True, exist_ok=True)
     for which, (images, captions) in sets.items():
       path = out / FEATURE_FILES[which]
-      if path.exists() and np.load(path, mmap_mode='r').shape[0] == len(images):
+      if (npy_shape(path) or (None,))[0] == len(images):  # written by an earlier run
         continue
       progress.say(f'features: {name} of {len(images)} {which.replace("_", " ")}')
       save_npy_atomic(path, featurizer(name, images, captions))
       written.append(str(path))
   return {'job': 'attrib features', 'features': names, 'written': written,
-          'directory': str(Path(workdir) / 'features')}
+          'directory': str(as_path(workdir) / 'features')}

@@ -19,14 +19,16 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import shutil
+import os
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import ConfigError, UserError
-from core.workdir import atomic_path
+from core.paths import as_path, is_remote
+from core.workdir import atomic_path, write_bytes_atomic
 
 INDEX_FILE = 'index.json'
 FORMAT_VERSION = 1
@@ -106,7 +108,7 @@ def probe_vectors(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
 
 def _sha256(path: Path) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with path.open('rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
@@ -180,13 +182,14 @@ class Index:
     self.meta['rows'] = len(self.ids)
     self.meta['upserted'] = int(self.meta.get('upserted', 0)) + sum(r is None for r in rows)
 
-  def save(self, directory: str | Path) -> None:
-    """Written beside the target and renamed into place: a crash never leaves half an index."""
-    directory = Path(directory)
+  def save(self, directory) -> None:
+    """Written beside the target and renamed into place (on gs://: uploaded when complete), so a
+    crash never leaves half an index that loads: every file is checked against index.json on load."""
+    directory = as_path(directory)
     if directory.exists():
       # os.replace cannot put a directory over a non-empty one; the old index goes first, so a
       # crash in between leaves no index (a clear "missing" error), never a mixed one.
-      shutil.rmtree(directory)
+      directory.rmtree()
     with atomic_path(directory) as temp:
       (temp / 'scann').mkdir(parents=True)
       self.searcher.serialize(str(temp / 'scann'), relative_path=True)
@@ -196,22 +199,37 @@ class Index:
       (temp / INDEX_FILE).write_text(json.dumps(meta, indent=1))
 
   @classmethod
-  def load(cls, directory: str | Path) -> 'Index':
-    directory = Path(directory)
+  def load(cls, directory) -> 'Index':
+    directory = as_path(directory)
     meta = _read_meta(directory)
+    if not is_remote(directory):
+      return cls._load_files(Path(os.fspath(directory)), meta, directory)
+    # ScaNN's loader opens local files only: the index is downloaded, checked, and read into memory;
+    # the downloaded copy is not needed after that.
+    with tempfile.TemporaryDirectory(prefix='lvm_attrib_index_') as folder:
+      for name in meta['files']:
+        remote, local = directory / name, Path(folder) / name
+        if remote.is_file():
+          local.parent.mkdir(parents=True, exist_ok=True)
+          local.write_bytes(remote.read_bytes())
+      return cls._load_files(Path(folder), meta, directory)
+
+  @classmethod
+  def _load_files(cls, local: Path, meta: dict, shown) -> 'Index':
+    """Every file checked against its checksum before ScaNN's C++ reads it; errors name `shown`."""
     for name, digest in meta['files'].items():
-      path = directory / name
-      if not path.is_file():
-        raise IndexFileError(f'{path} is missing: the index in {directory} is incomplete; rebuild it '
+      if not (local / name).is_file():
+        raise IndexFileError(f'{shown / name} is missing: the index in {shown} is incomplete; rebuild it '
                              f'(launch.py attrib index)')
-      if _sha256(path) != digest:
-        raise IndexFileError(f'{path} is corrupt (checksum differs from {directory / INDEX_FILE}); rebuild the index')
+      if _sha256(local / name) != digest:
+        raise IndexFileError(f'{shown / name} is corrupt (checksum differs from {shown / INDEX_FILE}); '
+                             f'rebuild the index')
     import scann
-    searcher = scann.scann_ops_pybind.load_searcher(str(directory / 'scann'))
-    return cls(searcher, np.load(directory / 'ids.npy', allow_pickle=False), meta)
+    searcher = scann.scann_ops_pybind.load_searcher(str(local / 'scann'))
+    return cls(searcher, np.load(local / 'ids.npy', allow_pickle=False), meta)
 
 
-def _read_meta(directory: Path) -> dict:
+def _read_meta(directory) -> dict:
   path = directory / INDEX_FILE
   if not path.is_file():
     raise IndexFileError(f'{path} not found: {directory} holds no index (build one with launch.py attrib index)')
@@ -269,16 +287,16 @@ class ShardedIndex:
     order = np.argsort(-dots, axis=1, kind='stable')[:, :k]
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(dots, order, axis=1)
 
-  def save(self, directory: str | Path) -> None:
-    directory = Path(directory)
+  def save(self, directory) -> None:
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for s, shard in enumerate(self.shards):
       shard.save(directory / f'shard_{s:05d}')
-    (directory / 'shards.json').write_text(json.dumps({'shards': len(self.shards)}))
+    write_bytes_atomic(directory / 'shards.json', json.dumps({'shards': len(self.shards)}).encode())
 
   @classmethod
-  def load(cls, directory: str | Path) -> 'ShardedIndex':
-    directory = Path(directory)
+  def load(cls, directory) -> 'ShardedIndex':
+    directory = as_path(directory)
     try:
       count = json.loads((directory / 'shards.json').read_text())['shards']
     except (OSError, ValueError, KeyError) as e:
@@ -286,9 +304,9 @@ class ShardedIndex:
     return cls([Index.load(directory / f'shard_{s:05d}') for s in range(count)])
 
 
-def load_any(directory: str | Path):
-  """An `Index` or a `ShardedIndex`, whichever the directory holds."""
-  directory = Path(directory)
+def load_any(directory):
+  """An `Index` or a `ShardedIndex`, whichever the directory holds (local or gs://)."""
+  directory = as_path(directory)
   if (directory / 'shards.json').is_file():
     return ShardedIndex.load(directory)
   return Index.load(directory)

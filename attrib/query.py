@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.paths import as_path
 from core.workdir import save_png_atomic, versions, write_json_atomic
 
 
@@ -42,11 +43,11 @@ def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None
   from attrib.attributor import Attributor
   attributor = Attributor.load(workdir)
   result = attributor.attribute(image=image, prompt=prompt, k=k)
-  out_path = Path(out) if out else Path(workdir) / 'query.png'
+  out_path = as_path(out) if out else as_path(workdir) / 'query.png'
   if attributor.train_images is not None:
     draw_attribution(attributor._image(image)[..., 0], prompt, attributor.train_images, result, out_path)
   summary = {'job': 'attrib query', 'image': str(image), 'prompt': prompt, 'k': k,
              'ids': result.ids.tolist(), 'scores': result.scores.tolist(), 'captions': result.captions,
              'grid': str(out_path) if attributor.train_images is not None else None, 'versions': versions()}
-  write_json_atomic(Path(workdir) / 'query_result.json', summary)
+  write_json_atomic(as_path(workdir) / 'query_result.json', summary)
   return summary

@@ -26,6 +26,7 @@ from core.mesh import load_preset, make_mesh
 from core.sharding import activation_sharding
 from core.train_loop import init_state
 from core.optim import OptimConfig
+from core.paths import as_path, local_data
 from core.workdir import versions, write_imported_run, write_json_atomic
 
 LATENTS_PREFIX = 'latents:'
@@ -58,14 +59,15 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 def training_set_dir(config: DiffusionConfig) -> Path | None:
   path = config.data.train_path
-  return Path(path[len(LATENTS_PREFIX):]) if path.startswith(LATENTS_PREFIX) else None
+  # A gs:// training set is staged once into this host's data cache: its arrays are memory-mapped.
+  return Path(local_data(path[len(LATENTS_PREFIX):])) if path.startswith(LATENTS_PREFIX) else None
 
 
 def import_diffusers_command(weights: str, config_path: str, tpu_path: str, workdir: str,
                              overrides: list[str]) -> dict:
   started = time.time()
   config: DiffusionConfig = apply_overrides(load_config_file(config_path, expect=DiffusionConfig), overrides)
-  workdir = Path(workdir)
+  workdir = as_path(workdir)
   if (workdir / 'checkpoints').exists() and any((workdir / 'checkpoints').iterdir()):
     raise ConfigError(f'{workdir} already holds checkpoints; import into an empty workdir')
   preset = load_preset(tpu_path)

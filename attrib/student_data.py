@@ -29,6 +29,8 @@ import grain
 import numpy as np
 
 from core.errors import UserError
+from core.paths import as_path
+from core.workdir import load_npy
 
 FEATURE_FILES = {'train': 'data_feats.npy', 'train_queries': 'train_query_feats.npy',
                  'test_queries': 'test_query_feats.npy'}
@@ -57,7 +59,7 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 def load_rank_pickle(path: str | Path) -> np.ndarray:
   """FastGDA's `influence_*.pkl`: `['random']['rank']` or `['rank']`, an int array [queries, M]."""
-  path = Path(path)
+  path = as_path(path)
   if not path.is_file():
     raise StudentDataError(f'{path} not found (FastGDA ranks: influence_train.pkl / influence_test.pkl)')
   try:
@@ -73,15 +75,15 @@ def load_rank_pickle(path: str | Path) -> np.ndarray:
 
 
 def load_ranks(path: str | Path) -> np.ndarray:
-  """Ranks from a FastGDA pickle, a .npy [queries, M], or our teacher's ranks.arrayrecord."""
-  path = Path(path)
+  """Ranks from a FastGDA pickle, a .npy [queries, M], or our teacher's ranks.arrayrecord (local or gs://)."""
+  path = as_path(path)
   if path.suffix == '.pkl':
     return load_rank_pickle(path)
   if not path.is_file():
     raise StudentDataError(f'{path} not found')
   if path.suffix == '.npy':
     try:
-      ranks = np.load(path, mmap_mode='r', allow_pickle=False)
+      ranks = load_npy(path, mmap=True)
     except ValueError as e:
       raise StudentDataError(f'{path}: not a readable .npy ({e})') from None
     if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
@@ -98,12 +100,12 @@ def load_ranks(path: str | Path) -> np.ndarray:
 
 
 def load_features(directory: str | Path, which: str, mmap: bool = True) -> np.ndarray:
-  path = Path(directory) / FEATURE_FILES[which]
+  path = as_path(directory) / FEATURE_FILES[which]
   if not path.is_file():
     raise StudentDataError(f'{path} not found: run `attrib features` or pass --features with FastGDA\'s '
                            f'feats/<ftype> directory')
   try:
-    array = np.load(path, mmap_mode='r' if mmap else None, allow_pickle=False)
+    array = load_npy(path, mmap=mmap)  # memory-mapped when local; a gs:// object is read whole
   except ValueError as e:
     raise StudentDataError(f'{path}: not a readable .npy ({e})') from None
   if array.ndim != 2 or array.dtype.kind != 'f':

@@ -30,6 +30,13 @@ def is_remote(path) -> bool:
   return '://' in os.fspath(path) if not isinstance(path, epath.Path) else '://' in str(path)
 
 
+def absolute(path) -> str:
+  """`path` as the text a later job (maybe on another host or in another folder) can open again:
+  a local path resolved, a gs:// path as it is."""
+  path = as_path(path)
+  return str(path) if is_remote(path) else str(path.resolve())
+
+
 def local_data(path: str) -> str:
   """Data given as gs://... (token shards, a .jsonl or .npy file) as a local path: copied once into
   this host's cache (LVM_ATTRIB_DATA_CACHE, default ~/.cache/lvm_attrib/data) and reused while the

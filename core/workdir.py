@@ -114,6 +114,22 @@ def load_npy(path, mmap: bool = False) -> np.ndarray:
   return np.load(os.fspath(path), mmap_mode='r' if mmap else None)
 
 
+def npy_shape(path) -> tuple[int, ...] | None:
+  """The shape of an .npy file read from its header alone (a gs:// object is not downloaded whole);
+  None when the file is missing or is not an .npy file."""
+  path = as_path(path)
+  if not path.is_file():
+    return None
+  try:
+    with path.open('rb') as f:
+      version = np.lib.format.read_magic(f)
+      read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      shape, _, _ = read(f)
+  except (ValueError, OSError):
+    return None
+  return tuple(shape)
+
+
 def load_npz(path) -> dict[str, np.ndarray]:
   """Every array of an .npz file, local or gs://."""
   path = as_path(path)

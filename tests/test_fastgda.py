@@ -17,9 +17,13 @@ N, D, TRAIN_Q, TEST_Q, M = 600, 24, 200, 24, 100
 
 @pytest.fixture(scope='module')
 def release(tmp_path_factory):
-  """Influence = cosine after weighting φ's first 6 dims 4x; a query's candidates are its top M by raw
-  cosine (as FastGDA's DINO neighbours). A student that learns the weighting beats raw φ."""
-  root = tmp_path_factory.mktemp('fastgda')
+  return write_release(tmp_path_factory.mktemp('fastgda'))
+
+
+def write_release(root):
+  """A miniature FastGDA release in `root`. Influence = cosine after weighting φ's first 6 dims 4x; a
+  query's candidates are its top M by raw cosine (as FastGDA's DINO neighbours). A student that
+  learns the weighting beats raw φ."""
   rng = np.random.default_rng(0)
   weights = np.ones(D, np.float32)
   weights[:6] = 4.0

@@ -133,3 +133,45 @@ def test_diffusion_model_and_teacher_on_a_gs_workdir(gcs, tmp_path):
   _run(env, tmp_path, *teacher)
   assert json.loads(_read(url, 'digits/teacher_result.json'))['scored_this_run'] == 0
   assert _local_files(tmp_path, ROOT) - before == set()
+
+
+def test_student_on_gs_equals_the_local_one(gcs, tmp_path, tmp_path_factory):
+  """Released features and rankings in the bucket -> distill, sharded index, eval and the Attributor
+  with a gs:// workdir: the same student, bit for bit, as from local files, and nothing local."""
+  url, env = gcs
+  from tests.test_fastgda import CONFIG, TEST_Q, write_release
+  release = write_release(tmp_path_factory.mktemp('release'))
+  for path in sorted(p for p in release.rglob('*') if p.is_file()):
+    _upload(url, f'release/{path.relative_to(release).as_posix()}', path.read_bytes())
+  config = tmp_path_factory.mktemp('config') / 'student.py'
+  config.write_text(CONFIG)
+  local = tmp_path_factory.mktemp('local') / 'student'
+  common = ['--config', str(config), '--tpu', CPU1, '--set', 'distill.seed=1', '--set', 'distill.epochs=2']
+  from launch import main as launch_main
+  assert launch_main(['attrib', 'distill', '--workdir', str(local), '--features', str(release / 'feats' / 'toy'),
+                      '--ranks', str(release / 'influence_train.pkl'), *common]) == 0
+
+  workdir = f'gs://{BUCKET}/student'
+  before = _local_files(tmp_path, ROOT)
+  _run(env, tmp_path, 'attrib', 'distill', '--workdir', workdir, '--features', f'gs://{BUCKET}/release/feats/toy',
+       '--ranks', f'gs://{BUCKET}/release/influence_train.pkl', *common)
+  _run(env, tmp_path, 'attrib', 'index', '--workdir', workdir, '--shards', '2')
+  _run(env, tmp_path, 'attrib', 'eval', '--workdir', workdir, '--ranks', f'gs://{BUCKET}/release/influence_test.pkl')
+  objects = _objects(url, 'student/')
+  assert {'student/distill_result.json', 'student/index_result.json', 'student/eval_result.json',
+          'student/student/config.json', 'student/student/embeddings.npy', 'student/student/metrics.jsonl',
+          'student/student/index/shards.json', 'student/student/index/shard_00001/index.json'} <= set(objects)
+  assert _read(url, 'student/student/embeddings.npy') == (local / 'student' / 'embeddings.npy').read_bytes()
+  stored = json.loads(_read(url, 'student/student/config.json'))
+  assert stored['features'] == f'gs://{BUCKET}/release/feats/toy'  # not resolved into a local path
+  # The Python API reads the gs:// workdir: its answers are the local student's.
+  probe = ('import json, numpy as np, sys\nfrom attrib import Attributor\n'
+           'q = np.load(sys.argv[3])\n'
+           'print(json.dumps([[a.ids.tolist() for a in Attributor.load(w).attribute_batch(features=q, k=5)]'
+           ' for w in sys.argv[1:3]]))')
+  done = subprocess.run([sys.executable, '-c', probe, workdir, str(local), str(release / 'feats' / 'toy' /
+                         'test_query_feats.npy')], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  from_gs, from_local = json.loads(done.stdout.splitlines()[-1])
+  assert from_gs == from_local and len(from_gs) == TEST_Q
+  assert _local_files(tmp_path, ROOT) - before == set()
