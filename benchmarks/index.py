@@ -19,9 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine as this_machine  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+this_machine.prepare()  # --isa AVX2 holds numpy (and XLA) to AVX2; ScaNN picks its kernels itself
+import numpy as np  # noqa: E402
 
 K = 10
 TARGETS = (0.95, 0.99)
@@ -81,8 +83,7 @@ def sweep(name, settings, make_search, make_one, queries, truth, build_s):
 
 
 def machine() -> dict:
-  from core.xla_flags import cpu_isa_summary
-  return dict(cpu_isa_summary(), python=platform.python_version(), cores=os.cpu_count())
+  return dict(this_machine.describe(), python=platform.python_version())
 
 
 def main():
@@ -90,6 +91,7 @@ def main():
   parser.add_argument('--rows', type=int, default=118_287)
   parser.add_argument('--out', default=str(Path(__file__).with_name('results_index_cpu.json')))
   parser.add_argument('--skip-faiss', action='store_true')
+  this_machine.add_isa_argument(parser)
   args = parser.parse_args()
   import scann
   from attrib.index import Index, IndexConfig

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.xla_flags import cpu_xla_flags  # noqa: E402
-
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # CPU benchmarks: never probe for a TPU (libtpu may be installed)
-os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''))
+machine.prepare()  # launch.py's CPU flags; --isa AVX2 holds XLA, torch and numpy to AVX2
+import numpy as np  # noqa: E402
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, CONTEXT = 8292, 512, 1376, 8, 8, 1024
 
@@ -54,7 +51,9 @@ def main():
   parser.add_argument('--new', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out')
+  machine.add_isa_argument(parser)
   args = parser.parse_args()
+  machine.say(machine.describe())
 
   import jax
   import jax.numpy as jnp
@@ -118,8 +117,7 @@ def main():
     same = np.array_equal(theirs()[:, CONTEXT:].numpy(), outputs['float32'])
     rows[-1]['same_tokens_as_ours_f32'] = bool(same)
 
-  from core.xla_flags import cpu_isa_summary
-  result = {'machine': cpu_isa_summary(), 'config': dict(vocab=VOCAB, hidden=HIDDEN, ffn=FFN, layers=LAYERS, heads=HEADS,
+  result = {'machine': machine.describe(), 'config': dict(vocab=VOCAB, hidden=HIDDEN, ffn=FFN, layers=LAYERS, heads=HEADS,
                                                          context=CONTEXT, new_tokens=args.new),
             'copy_bandwidth_gb_s': bandwidth / 1e9, 'torch_threads': torch.get_num_threads(), 'rows': rows}
   for batch in (1, 8):

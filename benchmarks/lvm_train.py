@@ -4,49 +4,24 @@ Config: vocab 8292, hidden 512, intermediate 1376, 8 layers, 8 heads (33.8M para
 Both sides run the same step: forward, next-token cross-entropy, backward, AdamW with clipping.
 MFU counts 6·N matmul FLOPs per token plus causal attention, against a matmul peak measured here.
 
-  .venv/bin/python benchmarks/lvm_train.py [--steps 5] [--no-torch-compile]
+  .venv/bin/python benchmarks/lvm_train.py [--steps 5] [--no-torch-compile] [--isa AVX2]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.xla_flags import cpu_xla_flags  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
-# The CPU flags launch.py sets for cpu presets, so the numbers are those a user gets.
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # CPU benchmarks: never probe for a TPU (libtpu may be installed)
-os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''))
+machine.prepare()  # launch.py's CPU flags; --isa AVX2 holds XLA, torch and numpy to AVX2
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, BATCH, SEQ = 8292, 512, 1376, 8, 8, 4, 1024
 
 
-def time_it(fn, steps: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def matmul_peak(n: int = 2048) -> dict:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-  dot = jax.jit(jnp.dot)
-  jax_time = time_it(lambda: dot(a, a).block_until_ready(), 15)
-  an = np.asarray(a)
-  np_time = time_it(lambda: an @ an, 15)
-  return {'jax_f32_gflops': 2 * n ** 3 / jax_time / 1e9, 'numpy_f32_gflops': 2 * n ** 3 / np_time / 1e9}
+time_it = machine.median_seconds
 
 
 def ours(steps: int, attention_block: int, remat: str, scan_unroll: int) -> dict:
@@ -122,18 +97,21 @@ def main():
   parser.add_argument('--no-torch', action='store_true')
   parser.add_argument('--no-torch-compile', action='store_true')
   parser.add_argument('--out', help='write the results as JSON here')
+  machine.add_isa_argument(parser)
   args = parser.parse_args()
 
-  peak = matmul_peak()
-  result = {'config': dict(vocab=VOCAB, hidden=HIDDEN, ffn=FFN, layers=LAYERS, heads=HEADS, batch=BATCH, seq=SEQ),
-            'peak': peak}
+  result = {'machine': machine.describe(),
+            'config': dict(vocab=VOCAB, hidden=HIDDEN, ffn=FFN, layers=LAYERS, heads=HEADS, batch=BATCH, seq=SEQ)}
+  machine.say(result['machine'])
+  peak = result['peak'] = machine.matmul_peak()
   result['ours'] = ours(args.steps, args.attention_block, args.remat, args.scan_unroll)
-  peak_flops = max(peak.values()) * 1e9
-  result['ours']['mfu'] = result['ours']['flops_per_step'] / result['ours']['seconds_per_step'] / peak_flops
+  gflops = result['ours']['flops_per_step'] / result['ours']['seconds_per_step'] / 1e9
+  result['ours'].update(gflops=gflops, fraction_of_xla_peak=gflops / peak['jax_f32_gflops'],
+                        mfu=gflops / max(peak.values()))
   print(f"matmul peak: jax {peak['jax_f32_gflops']:.0f} GFLOP/s, numpy {peak['numpy_f32_gflops']:.0f} GFLOP/s")
-  print(f"ours:        {result['ours']['tokens_per_s']:.0f} tokens/s, "
-        f"{result['ours']['flops_per_step'] / result['ours']['seconds_per_step'] / 1e9:.0f} GFLOP/s, "
-        f"MFU {100 * result['ours']['mfu']:.1f}% of the measured peak")
+  print(f"ours:        {result['ours']['tokens_per_s']:.0f} tokens/s, {gflops:.0f} GFLOP/s = "
+        f"{100 * result['ours']['fraction_of_xla_peak']:.0f}% of XLA's GEMM peak "
+        f"(MFU {100 * result['ours']['mfu']:.1f}% of the higher of the two peaks)")
   if not args.no_torch:
     result['torch_eager'] = torch_peer(args.steps, False)
     print(f"torch eager: {result['torch_eager']['tokens_per_s']:.0f} tokens/s "

@@ -5,23 +5,23 @@ Per query (Fisher and the base losses are per model and cached, so not counted):
 the query's loss over `query_grad_samples` (noise, t) draws w.r.t. the cross-attention K/V weights,
 the Newton step, and the loss of every training image at 20 timesteps (stride 50).
 
-  .venv/bin/python benchmarks/teacher.py [--candidates 1600] [--queries 2]
+  .venv/bin/python benchmarks/teacher.py [--candidates 1600] [--queries 2] [--isa AVX2]
+
+The FLOP rate counts the U-Net forward's FLOPs as XLA's cost analysis gives them (a backward pass as
+two forwards), against XLA's f32 GEMM peak measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from core.xla_flags import cpu_xla_flags  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
-# The CPU flags launch.py sets for cpu presets, so the numbers are those a user gets.
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # CPU benchmarks: never probe for a TPU (libtpu may be installed)
-os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''))
+machine.prepare()  # launch.py's CPU flags; --isa AVX2 holds XLA, torch and numpy to AVX2
 
 
 def main():
@@ -29,8 +29,12 @@ def main():
   parser.add_argument('--candidates', type=int, default=1600)
   parser.add_argument('--queries', type=int, default=2)
   parser.add_argument('--out')
+  machine.add_isa_argument(parser)
   args = parser.parse_args()
+  described = machine.describe()
+  machine.say(described)
 
+  import jax
   import numpy as np
   import torch
   from diffusers import UNet2DConditionModel as TorchUNet
@@ -63,6 +67,15 @@ def main():
   def ours(q):
     kv = teacher.unlearn(fisher, images[q], context[q], q)
     return teacher.scores(kv, base, images, context, ids)
+
+  b = min(teacher_config.candidate_batch, m)
+  forward = jax.jit(lambda p, x, t, ctx: nnx.merge(graphdef, p)(x, t, ctx))
+  cost = forward.lower(params, images[:b], np.zeros(b, np.int32), context[:b]).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  forward_flops = float(cost['flops']) / b
+  score_steps = len(range(0, 1000, teacher_config.score_timestep_stride))
+  flops_per_query = forward_flops * (m * score_steps + 3 * teacher_config.query_grad_samples)
+  peak = machine.matmul_peak()
 
   ours(0)  # compile
   start = time.perf_counter()
@@ -118,10 +131,15 @@ def main():
   for q in range(1, 1 + args.queries):
     peer(q)
   peer_s = (time.perf_counter() - start) / args.queries
-  result = {'candidates': m, 'ours_s_per_query': ours_s, 'diffusers_torch_s_per_query': peer_s,
-            'speedup': peer_s / ours_s, 'torch_threads': torch.get_num_threads()}
+  gflops = flops_per_query / ours_s / 1e9
+  result = {'machine': described, 'candidates': m, 'ours_s_per_query': ours_s, 'diffusers_torch_s_per_query': peer_s,
+            'speedup': peer_s / ours_s, 'torch_threads': torch.get_num_threads(), 'peak': peak,
+            'unet_forward_flops_per_image': forward_flops, 'ours_gflops': gflops,
+            'fraction_of_xla_peak': gflops / peak['jax_f32_gflops']}
   print(f'teacher, {m} candidates x {len(timesteps)} timesteps: ours {ours_s:.1f} s/query, '
         f'diffusers+torch {peer_s:.1f} s/query -> {peer_s / ours_s:.2f}x')
+  print(f"ours: {gflops:.0f} GFLOP/s = {100 * result['fraction_of_xla_peak']:.0f}% of XLA's GEMM peak "
+        f"({peak['jax_f32_gflops']:.0f} GFLOP/s; numpy {peak['numpy_f32_gflops']:.0f})")
   if args.out:
     Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -18,9 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+machine.prepare()  # launch.py's CPU flags; --isa AVX2 holds XLA, torch and numpy to AVX2
+import numpy as np  # noqa: E402
 
 CONFIGS = {
     'amused': dict(block_out_channels=[128, 256, 256, 512, 768], layers_per_block=2, latent_channels=64,
@@ -111,9 +113,10 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--records', type=int, default=4096)
   parser.add_argument('--out')
+  machine.add_isa_argument(parser)
   args = parser.parse_args()
-  from core.xla_flags import cpu_isa_summary
-  result = {'machine': cpu_isa_summary(), 'encode': encode_benchmark(args.config, args.batch, args.repeats),
+  machine.say(machine.describe())
+  result = {'machine': machine.describe(), 'encode': encode_benchmark(args.config, args.batch, args.repeats),
             'loader': loader_benchmark(args.records, 4096, 8, args.repeats)}
   e, l = result['encode'], result['loader']
   print(f"encode {e['config']} batch {e['batch']}: ours {e['ours_images_per_s']:.2f} img/s, diffusers "
