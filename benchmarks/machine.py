@@ -6,8 +6,15 @@ command line, holds every library in the run to AVX2, so an AVX-512 machine show
 most cloud CPUs get:
 
   XLA    --xla_cpu_max_isa=AVX2
-  torch  ATEN_CPU_CAPABILITY=avx2
+  torch  ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2, ONEDNN_MAX_CPU_ISA=AVX2
   numpy  OPENBLAS_CORETYPE=Haswell (the OpenBLAS in numpy's wheels picks its kernels by this)
+
+What the hold does not reach (measured on the AVX-512 dev VM, jaxlib 0.10.2): XLA's library kernels.
+`--xla_cpu_max_isa` limits the code XLA emits itself (fusions, elementwise, reductions), but its
+dots run in YNNPACK or Eigen, which pick AVX-512 from the CPU anyway: a 2048² f32 `jnp.dot` ran at
+418–421 GFLOP/s held to AVX2, as fast as unheld (389–442) and twice what AVX2 FMAs can do on two
+cores at that clock (~211). TORCH_HOLD_MEASURED. So the numbers of a machine without AVX-512 must
+come from one; a held run shows what the emitted code loses, not what the GEMMs lose.
 
 `describe()` goes into each result's JSON (`machine`) and onto the screen: CPU model, cores, widest
 ISA the CPU has, the ISA the run was held to, and the XLA flags in effect.
@@ -44,6 +51,8 @@ def prepare(device_count: int | None = None) -> None:
   if isa == 'AVX2':
     os.environ['ATEN_CPU_CAPABILITY'] = 'avx2'
     os.environ['OPENBLAS_CORETYPE'] = 'Haswell'
+    os.environ['MKL_ENABLE_INSTRUCTIONS'] = 'AVX2'  # torch's GEMMs
+    os.environ['ONEDNN_MAX_CPU_ISA'] = 'AVX2'       # torch's convolutions
     if 'xla_cpu_max_isa' not in flags:
       flags += ' --xla_cpu_max_isa=AVX2'
   os.environ['XLA_FLAGS'] = cpu_xla_flags(flags.strip(), device_count)
@@ -68,6 +77,9 @@ def describe() -> dict:
 def say(machine: dict) -> None:
   print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['isa']} (run held to "
         f"{machine['held_to']}); XLA_FLAGS={machine['xla_flags']!r}", flush=True)
+  if machine['held_to'] == 'AVX2' and machine['isa'] == 'AVX-512':
+    print("note: XLA's dots (YNNPACK/Eigen) still use AVX-512 under --xla_cpu_max_isa=AVX2: a held run is "
+          "not a machine without AVX-512 (benchmarks/machine.py)", flush=True)
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
