@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from core import checkpoint
 from core.mesh import SliceConfig, make_mesh
-from core.peak_flops import peak_flops_per_device
+from core.peak_flops import mesh_peak_flops
 from core.metrics import MetricsLogger
 from core.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from core.sharding import activation_sharding, logical_to_spec, tree_shardings
@@ -228,7 +228,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   preemption = _Preemption()
   examples_per_step = train_config.global_batch
   flops_per_step = task.flops_per_example() * examples_per_step
-  peak_flops = peak_flops_per_device(preset) * mesh.devices.size
+  peak_flops = mesh_peak_flops(preset, mesh)
   step = start_step
   last_metrics: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
