@@ -112,11 +112,18 @@ def main():
   print(f"ours:        {result['ours']['tokens_per_s']:.0f} tokens/s, {gflops:.0f} GFLOP/s = "
         f"{100 * result['ours']['fraction_of_xla_peak']:.0f}% of XLA's GEMM peak "
         f"(MFU {100 * result['ours']['mfu']:.1f}% of the higher of the two peaks)")
+  def save():  # after every stage: a crash later (see torch.compile below) keeps what was measured
+    if args.out:
+      Path(args.out).write_text(json.dumps(result, indent=1))
+  save()
   if not args.no_torch:
     result['torch_eager'] = torch_peer(args.steps, False)
+    save()
     print(f"torch eager: {result['torch_eager']['tokens_per_s']:.0f} tokens/s "
           f"-> ours/torch = {result['ours']['tokens_per_s'] / result['torch_eager']['tokens_per_s']:.2f}x")
     if not args.no_torch_compile:
+      # Held to AVX2 on an AVX-512 machine, inductor's compiled step aborted the process (a C++
+      # "index out of bounds" in a generated kernel, torch 2.13): the stages above are saved first.
       try:
         result['torch_compile'] = torch_peer(args.steps, True)
         print(f"torch.compile: {result['torch_compile']['tokens_per_s']:.0f} tokens/s "
@@ -124,8 +131,7 @@ def main():
       except Exception as e:  # inductor needs a C++ toolchain; report instead of failing the run
         result['torch_compile'] = {'error': repr(e)[:300]}
         print(f'torch.compile failed: {e!r:.200}')
-  if args.out:
-    Path(args.out).write_text(json.dumps(result, indent=1))
+  save()
 
 
 if __name__ == '__main__':

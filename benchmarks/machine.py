@@ -13,7 +13,10 @@ What the hold does not reach (measured on the AVX-512 dev VM, jaxlib 0.10.2): XL
 `--xla_cpu_max_isa` limits the code XLA emits itself (fusions, elementwise, reductions), but its
 dots run in YNNPACK or Eigen, which pick AVX-512 from the CPU anyway: a 2048² f32 `jnp.dot` ran at
 418–421 GFLOP/s held to AVX2, as fast as unheld (389–442) and twice what AVX2 FMAs can do on two
-cores at that clock (~211). TORCH_HOLD_MEASURED. So the numbers of a machine without AVX-512 must
+cores at that clock (~211). torch is the other way round on this AMD CPU: its
+MKL GEMMs run AVX2 code with or without the hold (2048² f32: 208 GFLOP/s unheld, 202 held; MKL
+does not use AVX-512 on AMD), while its oneDNN convolutions are held (a 3x3 conv, 64x32x16x16:
+0.85 -> 1.47 ms). So the numbers of a machine without AVX-512 must
 come from one; a held run shows what the emitted code loses, not what the GEMMs lose.
 
 `describe()` goes into each result's JSON (`machine`) and onto the screen: CPU model, cores, widest

@@ -153,10 +153,24 @@ def test_student_on_gs_equals_the_local_one(gcs, tmp_path, tmp_path_factory):
 
   workdir = f'gs://{BUCKET}/student'
   before = _local_files(tmp_path, ROOT)
-  _run(env, tmp_path, 'attrib', 'distill', '--workdir', workdir, '--features', f'gs://{BUCKET}/release/feats/toy',
-       '--ranks', f'gs://{BUCKET}/release/influence_train.pkl', *common)
-  _run(env, tmp_path, 'attrib', 'index', '--workdir', workdir, '--shards', '2')
-  _run(env, tmp_path, 'attrib', 'eval', '--workdir', workdir, '--ranks', f'gs://{BUCKET}/release/influence_test.pkl')
+  # One process for the jobs and the Python API (a start-up each would double the test's time).
+  script = f'''
+import json, sys, numpy as np
+sys.path.insert(0, {str(ROOT)!r})
+from launch import main
+from attrib import Attributor
+w = {workdir!r}
+assert main(['attrib', 'distill', '--workdir', w, '--features', 'gs://{BUCKET}/release/feats/toy',
+             '--ranks', 'gs://{BUCKET}/release/influence_train.pkl', *{common!r}]) == 0
+assert main(['attrib', 'index', '--workdir', w, '--shards', '2']) == 0
+assert main(['attrib', 'eval', '--workdir', w, '--ranks', 'gs://{BUCKET}/release/influence_test.pkl']) == 0
+q = np.load({str(release / 'feats' / 'toy' / 'test_query_feats.npy')!r})
+print(json.dumps([[a.ids.tolist() for a in Attributor.load(x).attribute_batch(features=q, k=5)]
+                  for x in (w, {str(local)!r})]))
+'''
+  done = subprocess.run([sys.executable, '-c', script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
   objects = _objects(url, 'student/')
   assert {'student/distill_result.json', 'student/index_result.json', 'student/eval_result.json',
           'student/student/config.json', 'student/student/embeddings.npy', 'student/student/metrics.jsonl',
@@ -164,14 +178,7 @@ def test_student_on_gs_equals_the_local_one(gcs, tmp_path, tmp_path_factory):
   assert _read(url, 'student/student/embeddings.npy') == (local / 'student' / 'embeddings.npy').read_bytes()
   stored = json.loads(_read(url, 'student/student/config.json'))
   assert stored['features'] == f'gs://{BUCKET}/release/feats/toy'  # not resolved into a local path
-  # The Python API reads the gs:// workdir: its answers are the local student's.
-  probe = ('import json, numpy as np, sys\nfrom attrib import Attributor\n'
-           'q = np.load(sys.argv[3])\n'
-           'print(json.dumps([[a.ids.tolist() for a in Attributor.load(w).attribute_batch(features=q, k=5)]'
-           ' for w in sys.argv[1:3]]))')
-  done = subprocess.run([sys.executable, '-c', probe, workdir, str(local), str(release / 'feats' / 'toy' /
-                         'test_query_feats.npy')], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
+  # The Python API reads the gs:// workdir (sharded index): its answers are the local student's.
   from_gs, from_local = json.loads(done.stdout.splitlines()[-1])
   assert from_gs == from_local and len(from_gs) == TEST_Q
   assert _local_files(tmp_path, ROOT) - before == set()
