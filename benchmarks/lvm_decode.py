@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,13 +27,7 @@ VOCAB, HIDDEN, FFN, LAYERS, HEADS, CONTEXT = 8292, 512, 1376, 8, 8, 1024
 
 
 def median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
+  return machine.timed_runs(fn, repeats, warmup=1)
 
 
 def copy_bandwidth() -> float:

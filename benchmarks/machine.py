@@ -85,7 +85,8 @@ def say(machine: dict) -> None:
           "not a machine without AVX-512 (benchmarks/machine.py)", flush=True)
 
 
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+def timed_runs(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
+  """(median seconds, every run's seconds) of `repeats` calls after `warmup` untimed ones."""
   import statistics
   for _ in range(warmup):
     fn()
@@ -94,7 +95,11 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(times), times
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+  return timed_runs(fn, repeats, warmup)[0]
 
 
 def matmul_peak(n: int = 2048) -> dict:
