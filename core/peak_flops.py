@@ -37,7 +37,7 @@ def _machine_key() -> str:
   from core.xla_flags import cpu_isa_summary
   summary = cpu_isa_summary()
   return json.dumps([summary.get('cpu'), os.cpu_count(), os.environ.get('XLA_FLAGS', ''),
-                     metadata.version('jaxlib'), jax.local_device_count()])
+                     metadata.version('jaxlib'), jax.local_device_count(), MATMUL_SIZE])  # size: older caches were 1024
 
 
 def measure_host_flops() -> float:
