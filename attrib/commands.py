@@ -44,9 +44,10 @@ def _unet_apply(graphdef):
   return jax.jit(lambda params, x, t, context: nnx.merge(graphdef, params)(x, t, context))
 
 
-def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: int,
+def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: int | list[int],
              desc: str | None = None) -> np.ndarray:
-  """Images [b, h, w, c] for text states `context` [b, m, k] (CFG against `uncond` [m, k])."""
+  """Images [b, h, w, c] for text states `context` [b, m, k] (CFG against `uncond` [m, k]).
+  `seed`: one for the batch, or one per image (each image then equals its batch-of-one result)."""
   c = config.unet
   predict = functools.partial(_unet_apply(graphdef), params)
   uncond_b = jnp.broadcast_to(uncond, context.shape)
@@ -54,8 +55,12 @@ def generate(graphdef, params, config: DiffusionConfig, context, uncond, seed: i
                             shape=(context.shape[0], c.sample_size, c.sample_size, c.out_channels),
                             context=jnp.asarray(context), uncond_context=uncond_b,
                             guidance=config.sample.guidance, num_steps=config.sample.num_steps,
-                            method=config.sample.method, key=jax.random.key(seed), desc=desc)
+                            method=config.sample.method, key=_keys(seed), desc=desc)
   return np.clip(np.asarray(images), -1, 1)
+
+
+def _keys(seed: int | list[int]) -> jax.Array:
+  return jax.random.key(seed) if isinstance(seed, int) else jnp.stack([jax.random.key(s) for s in seed])
 
 
 def save_grid(images_bhwc: np.ndarray, rows: int, path: Path) -> None:

@@ -77,8 +77,11 @@ def make_queries(config: DiffusionConfig, graphdef, params, data: CaptionedImage
       return stored['images'][:count], [str(c) for c in stored['prompts'][:count]]
   prompts, seeds = query_plan(data.held_out_captions, split, count)
   context = np.asarray(data.text_encoder(prompts)[0])
-  images = np.concatenate([generate(graphdef, params, config, context[q:q + 1], data.uncond, seed=seeds[q],
-                                    desc=f'query {q + 1}/{count}') for q in range(count)])
+  # In batches (0.11 s per query at 8 against 0.18 alone on 2 cores); each query keeps its own seed.
+  batch = 16
+  images = np.concatenate([generate(graphdef, params, config, context[q:q + batch], data.uncond,
+                                    seed=seeds[q:q + batch], desc=f'queries {q + 1}-{min(q + batch, count)}/{count}')
+                           for q in range(0, count, batch)])
   if jax.process_index() == 0:
     save_npz_atomic(out, images=images, prompts=np.array(prompts))
   return images, prompts
@@ -225,6 +228,16 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   todo = [q for q in mine if not (out / 'queries' / f'query_{q:05d}.npz').exists()]
   if len(todo) < len(mine):
     progress.say(f'teacher: resuming {workdir}: {len(mine) - len(todo)} of {len(mine)} queries already ranked')
+  per_query = train.num_images if candidates == 'all' else int(candidates)
+  if len(todo) * per_query >= train.num_images and jax.process_count() == 1:
+    # The queries' candidates will cover most of the training set: its θ₀ losses in full-size
+    # batches now, instead of per query in sets of every size (each size a compile: 40 s of 190
+    # on the digits' 128 training queries).
+    missing = np.flatnonzero(np.isnan(base_losses).any(axis=0)).astype(np.int32)
+    if len(missing):
+      base_losses[:, missing] = candidate_losses(teacher, teacher.kv0, train, missing,
+                                                 desc=f'θ₀ losses of {len(missing)} training images')
+      save_npy_atomic(base_path, base_losses)
   clock = progress.Stopwatch()
   for q in todo:
     query_started = time.time()

@@ -90,15 +90,28 @@ def _guide(eps, guidance):
 def sample(predict_eps: Callable, schedule: NoiseSchedule, *, shape, context, uncond_context,
            guidance: float, num_steps: int, method: str, key: jax.Array, desc: str | None = None) -> jax.Array:
   """DDPM (ancestral) or DDIM sampling with classifier-free guidance:
-  ε = ε(∅) + guidance · (ε(text) − ε(∅)). Timesteps use diffusers' 'leading' spacing."""
+  ε = ε(∅) + guidance · (ε(text) − ε(∅)). Timesteps use diffusers' 'leading' spacing.
+
+  `key`: one key for the batch, or one per row ([b] keys): row i then draws exactly the noise it
+  would draw alone with key i, so images can be generated in batches and stay those of their seeds."""
   if method not in ('ddpm', 'ddim'):
     raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {method!r}")
   total = schedule.config.num_train_timesteps
   if not 1 <= num_steps <= total or total % num_steps:
     raise ConfigError(f'num_steps must divide {total}, got {num_steps}')
   step_size = total // num_steps
-  key, init_key = jax.random.split(key)
-  x = jax.random.normal(init_key, shape)
+  per_row = key.shape != ()
+  if per_row and key.shape != (shape[0],):
+    raise ValueError(f'{key.shape[0]} keys for a batch of {shape[0]}')
+
+  def split(key):
+    return tuple(jax.vmap(jax.random.split)(key).transpose(1, 0)) if per_row else tuple(jax.random.split(key))
+
+  def normal(key):
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:]))(key) if per_row else jax.random.normal(key, shape)
+
+  key, init_key = split(key)
+  x = normal(init_key)
   both_context = jnp.concatenate([uncond_context, context], axis=0)
 
   def guided_eps(x, t):
@@ -114,6 +127,6 @@ def sample(predict_eps: Callable, schedule: NoiseSchedule, *, shape, context, un
     if method == 'ddim':
       x = schedule.ddim_step(eps, t, x, step_size)
     else:
-      key, noise_key = jax.random.split(key)
-      x = schedule.ddpm_step(eps, t, x, jax.random.normal(noise_key, shape), step_size)
+      key, noise_key = split(key)
+      x = schedule.ddpm_step(eps, t, x, normal(noise_key), step_size)
   return x

@@ -109,3 +109,27 @@ def test_export_to_diffusers_round_trips():
   assert sorted(exported) == sorted(weights)
   for name, value in weights.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize('method', ['ddim', 'ddpm'])
+def test_sampling_with_one_key_per_row_equals_each_row_alone(method):
+  """Queries are generated in batches with one seed each (attrib/curation.make_queries): every row
+  must be the image its seed gives alone, for the deterministic and the ancestral sampler."""
+  from attrib.diffusion import sample
+  weights = jax.random.normal(jax.random.key(3), (4, 1))
+
+  def predict(x, t, context):  # a stand-in ε-model: depends on x, t and the text states
+    return jnp.tanh(x * (1 + t[:, None, None, None] / 1000) + context.mean(axis=(1, 2))[:, None, None, None]
+                    + x @ weights[:1])
+  schedule = NoiseSchedule(ScheduleConfig(clip_sample=True))
+  context = jax.random.normal(jax.random.key(4), (3, 5, 8))
+  run = lambda key, rows: sample(predict, schedule, shape=(len(rows), 6, 6, 1), context=context[rows],
+                                 uncond_context=jnp.zeros((len(rows), 5, 8)), guidance=2.0, num_steps=10,
+                                 method=method, key=key)
+  seeds = [11, 12, 13]
+  together = run(jnp.stack([jax.random.key(s) for s in seeds]), np.arange(3))
+  alone = jnp.concatenate([run(jax.random.key(s), np.array([i])) for i, s in enumerate(seeds)])
+  np.testing.assert_allclose(together, alone, rtol=0, atol=1e-6)
+  assert float(jnp.abs(together[0] - together[1]).max()) > 0.1  # the seeds differ
+  with pytest.raises(ValueError, match='2 keys for a batch of 3'):
+    run(jnp.stack([jax.random.key(s) for s in seeds[:2]]), np.arange(3))

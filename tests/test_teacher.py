@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from attrib.diffusion import NoiseSchedule, ScheduleConfig
-from attrib.teacher import Teacher, TeacherConfig, is_unlearned, split_params
+from attrib.teacher import Teacher, TeacherConfig, is_unlearned, padded_size, split_params
 from attrib.unet import UNet2DConditionModel
 from attrib.unet_config import UNetConfig
 from core.config import load_config_file
@@ -78,6 +78,22 @@ def test_unlearning_raises_query_loss_and_scores_are_reproducible(setup):
   # The same top 5, up to scores within that tolerance of each other.
   top5 = np.argsort(-scores8)[:5]
   assert np.all(scores[top5] >= np.sort(scores)[-5] - 2 * tolerance)
+
+
+def test_scoring_calls_pad_to_few_shapes_and_padding_changes_no_loss(setup):
+  # One query row stays one row; 96 candidates are one call of 96, 100 one of 128; never over `step`.
+  assert [padded_size(n, 128, 1) for n in (1, 3, 17, 20, 33, 40, 96, 100, 128)] == [1, 4, 32, 32, 64, 64, 96, 128, 128]
+  assert padded_size(200, 128, 1) == 128
+  assert padded_size(1, 128, 8) == 8 and padded_size(20, 128, 8) == 32 and padded_size(33, 64, 3) == 33
+  # Any subset, padded to its bucket, gives the losses of the same rows scored in the full set.
+  graphdef, params, images, context = setup
+  ids = np.arange(len(images), dtype=np.int32)
+  teacher = _teacher(CPU1, params, graphdef, len(images))
+  full = teacher.losses(teacher.kv0, images, context, ids)
+  for rows in (np.array([5]), np.arange(3, 20), np.arange(24)[::-2]):
+    length = total_fan_in(params, layout='jax') + 20 * images[0].size
+    assert_network_close(teacher.losses(teacher.kv0, images[rows], context[rows], ids[rows]), full[rows],
+                         reduction_length=length, what=f'{len(rows)} rows')
 
 
 @pytest.mark.slow
