@@ -1,7 +1,7 @@
 """FastGDA on the built-in digits (1600 training images): sizes for a CPU in minutes.
 
 Queries: 128 training queries x their top 96 candidates by pixels+text (12,288 ranks; 16 held out
-for validation), 12 test queries ranked over all 1600 images; teacher scoring over 10 timesteps.
+for validation), 10 test queries ranked over all 1600 images; teacher scoring over 10 timesteps.
 mAP(L) at L = 16, 48, 160 (1%, 3%, 10% of the training set; COCO's 500-4000 are 0.4-3.4%). The
 student sees only each training query's top 96, so it learns the order inside that range: L = 160
 is past what it was taught.
@@ -21,7 +21,7 @@ def get_config():
       feature='pixels+text',
       compare_features=('pixels', 'unet', 'text', 'unet+text'),
       map_at=(16, 48, 160),
-      teacher_data=TeacherDataConfig(train_queries=128, test_queries=12, candidates=96, test_candidates=0,
+      teacher_data=TeacherDataConfig(train_queries=128, test_queries=10, candidates=96, test_candidates=0,
                                      timestep_stride=100),
       embedder=EmbedderConfig(hidden=(256, 256, 256), output_dim=256, initial_scale=-1.0),
       distill=DistillConfig(batch=1024, epochs=60, val_queries=16, log_every=20),
