@@ -104,7 +104,7 @@ def _lvm_quickstart(args, workdir: Path, clock) -> dict:
   progress.say(f'quickstart: sentences ready ({clock.lap("sentences"):.1f} s)\nquickstart LVM 3/4: train the tiny LVM')
   train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu, str(workdir / 'lvm'),
                                         [f'data.train_path={workdir / "data" / "train"}', f'model.vocab_size={vocab}',
-                                         f'data.seq_len={seq_len}', 'train.steps=1700', 'optim.decay_steps=1680']
+                                         f'data.seq_len={seq_len}', 'train.steps=1500', 'optim.decay_steps=1480']
                                         + args.set)
   progress.say(f'quickstart: trained ({clock.lap("lvm train"):.1f} s)\nquickstart LVM 4/4: perplexity of the last frame')
   eval_result = commands.eval_command(str(workdir / 'lvm'), str(workdir / 'data' / 'eval'), args.tpu,
