@@ -1,8 +1,10 @@
 """Images for the tokenizer, as float32 [size, size, 3] in [0, 1]: bundled real images (no download)
 and image folders (nested class folders too), with every odd file converted or skipped by name.
 
-Bundled: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, upscaled) and crops of its
-two sample photographs (china.jpg, flower.jpg). Folders: any file PIL reads; grayscale, palette,
+Bundled: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, upscaled), crops of its
+two sample photographs (china.jpg, flower.jpg), and crops of the images scikit-image ships inside its
+package (`skimage/data`: astronaut, camera, coffee, coins, the Hubble deep field, ...; read straight
+from the package folder, so nothing is fetched). Folders: any file PIL reads; grayscale, palette,
 RGBA (composited on white) and 16-bit images are converted to RGB; the shorter side is resized to
 `size` (bicubic) and the centre cropped. A corrupt or truncated file is skipped with a warning that
 names it and is counted (`strict=True` raises instead).
@@ -51,29 +53,92 @@ def sample_photo_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
   return np.stack(crops)
 
 
+def skimage_files() -> list[Path]:
+  """The image files scikit-image bundles in its package (no download: its other images need pooch)."""
+  import importlib.util
+  spec = importlib.util.find_spec('skimage')
+  if spec is None or not spec.origin:
+    raise ImageDataError("builtin:skimage needs scikit-image: pip install -e '.[data]'")
+  folder = Path(spec.origin).parent / 'data'
+  return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def skimage_crops(size: int, count: int, seed: int = 0, min_side: int = 64) -> tuple[np.ndarray, list[str]]:
+  """(`count` random square crops of scikit-image's bundled images, resized to `size`, as float32
+  [count, size, size, 3] in [0, 1]; the files used). Crops take 64 px up to the image's shorter side
+  (at most 256), cycling through the images. Files PIL cannot read (a multi-page RGB TIFF) or smaller
+  than `min_side` are skipped with a warning that names them."""
+  from PIL import Image
+  photos, used, skipped = [], [], []
+  for path in skimage_files():
+    try:
+      with Image.open(path) as image:
+        image.load()
+        rgb = np.asarray(as_rgb(image))
+    except (OSError, ValueError, SyntaxError) as e:
+      skipped.append(f'{path.name} ({type(e).__name__})')
+      continue
+    if min(rgb.shape[:2]) < min_side:
+      skipped.append(f'{path.name} ({rgb.shape[1]}x{rgb.shape[0]} px)')
+      continue
+    photos.append(rgb)
+    used.append(path.name)
+  if skipped:
+    progress.say(f'builtin:skimage: skipped {len(skipped)} of {len(skipped) + len(used)} files: {", ".join(skipped)}')
+  if not photos:
+    raise ImageDataError('builtin:skimage: no readable image in scikit-image\'s data folder')
+  rng = np.random.default_rng(seed)
+  crops = []
+  for i in range(count):
+    photo = photos[i % len(photos)]
+    height, width = photo.shape[:2]
+    largest = min(256, height, width)
+    side = int(rng.integers(min(min_side, largest), largest + 1))
+    top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+    crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size), Image.BICUBIC)
+    crops.append(np.asarray(crop, np.float32) / 255)
+  return np.stack(crops), used
+
+
+BUILTIN_PARTS = ('digits', 'photos', 'skimage')
+
+
 def builtin_images(name: str, size: int) -> np.ndarray:
-  """'builtin:digits' | 'builtin:photos' | 'builtin:digits+photos' -> float32 [N, size, size, 3]."""
+  """'builtin:digits' | 'builtin:photos' | 'builtin:skimage', or several joined by '+'
+  (e.g. 'builtin:digits+photos') -> float32 [N, size, size, 3]."""
   parts = name.split(':', 1)[1].split('+')
-  unknown = [p for p in parts if p not in ('digits', 'photos')]
+  unknown = [p for p in parts if p not in BUILTIN_PARTS]
   if unknown:
-    raise ImageDataError(f'unknown built-in images {name!r}: choose builtin:digits, builtin:photos or both '
-                         "joined by '+'")
+    raise ImageDataError(f'unknown built-in images {name!r}: choose from '
+                         f'{", ".join("builtin:" + p for p in BUILTIN_PARTS)}, or several joined by \'+\'')
   out = []
   for part in parts:
-    out.append(digit_images(size)[0] if part == 'digits' else sample_photo_crops(size, 1024))
+    if part == 'digits':
+      out.append(digit_images(size)[0])
+    elif part == 'photos':
+      out.append(sample_photo_crops(size, 1024))
+    else:
+      out.append(skimage_crops(size, 1024)[0])
   return np.concatenate(out)
 
 
-def to_rgb_square(image, size: int) -> np.ndarray:
-  """A PIL image of any mode -> float32 [size, size, 3] in [0, 1]: 16/32-bit grey scaled to 8 bits,
-  alpha composited on white, shorter side resized to `size` (bicubic), centre cropped."""
+def as_rgb(image):
+  """A PIL image of any mode -> an 8-bit RGB PIL image: 16/32-bit grey scaled to 8 bits, alpha
+  composited on white."""
   from PIL import Image
   if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
     array = np.asarray(image, np.float64)
     image = Image.fromarray((array / max(array.max(), 1) * 255).astype(np.uint8))
   if image.mode in ('RGBA', 'LA', 'P', 'PA'):
     image = Image.alpha_composite(Image.new('RGBA', image.size, (255, 255, 255, 255)), image.convert('RGBA'))
-  image = image.convert('RGB')
+  return image.convert('RGB')
+
+
+def to_rgb_square(image, size: int) -> np.ndarray:
+  """A PIL image of any mode -> float32 [size, size, 3] in [0, 1]: converted by `as_rgb`, shorter
+  side resized to `size` (bicubic), centre cropped."""
+  from PIL import Image
+  image = as_rgb(image)
   w, h = image.size
   scale = size / min(w, h)
   image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)

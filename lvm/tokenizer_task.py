@@ -53,7 +53,7 @@ class TokenizerLoss:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerImages:
-  # 'builtin:digits', 'builtin:photos', 'builtin:digits+photos' or an image folder.
+  # 'builtin:digits', 'builtin:photos', 'builtin:skimage' (several joined by '+'), 'tfds:NAME:SPLIT' or an image folder.
   source: str = 'builtin:digits+photos'
 
 

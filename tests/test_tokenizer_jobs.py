@@ -79,6 +79,28 @@ def test_folder_images_convert_odd_files_and_skip_corrupt_ones(tmp_path, capsys)
     folder_images(tmp_path, 16, strict=True)
 
 
+def test_scikit_image_bundled_images_are_a_source(tokenizer_dir, tmp_path, capsys):
+  """builtin:skimage: crops of the images inside scikit-image's package (grey, RGB and RGBA files
+  converted; the unreadable multi-page TIFF and the tiny files skipped by name), tokenized end to end."""
+  from data_pipelines.image_sources import ImageDataError, builtin_images, skimage_crops
+  crops, used = skimage_crops(16, 64)
+  assert crops.shape == (64, 16, 16, 3) and crops.dtype == np.float32 and 0 <= crops.min() and crops.max() <= 1
+  assert {'astronaut.png', 'camera.png', 'horse.png', 'hubble_deep_field.jpg'} <= set(used)
+  assert 'multipage_rgb.tif' not in used and 'multipage_rgb.tif (UnidentifiedImageError)' in capsys.readouterr().err
+  grey = crops[used.index('camera.png')]  # crop i comes from image i (mod the count)
+  np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+  assert np.ptp(crops[used.index('astronaut.png')], axis=-1).max() > 0.1  # colour stays colour
+  np.testing.assert_array_equal(skimage_crops(16, 64)[0], crops)  # the same crops every time
+  assert len(builtin_images('builtin:digits+skimage', 16)) == 1797 + 1024
+  with pytest.raises(ImageDataError, match='builtin:skimage'):
+    builtin_images('builtin:nope', 16)
+  out = tmp_path / 'skimage_sentences'
+  assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', 'builtin:skimage',
+                      '--out', str(out), '--sentences', '8', '--kind', 'colorization', '--kind', 'inpainting']) == 0
+  manifest = json.loads((out / 'manifest.json').read_text())
+  assert manifest['records_per_kind'] == {'colorization': 8, 'inpainting': 8}
+
+
 def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir, tmp_path):
   from data_pipelines.token_records import TokenRecordSource, find_shards
   from lvm.sentences import sentence_frames
