@@ -254,6 +254,10 @@ def _run(argv: list[str]) -> int:
   tk.add_argument('--split', default='all', choices=['all', 'train', 'eval'],
                   help='images used: eval = the last 10%% of the source, train = the rest (no image in both)')
   tk.add_argument('--tpu')
+  tk.add_argument('--beam', action='store_true',
+                  help="run as an Apache Beam pipeline (the beam extra); shards are written by Beam's workers")
+  tk.add_argument('--beam-options', default='', metavar='"--runner=... ..."',
+                  help='Beam pipeline options, e.g. "--runner=DataflowRunner --project=P ..." (lvm/beam_tokenize.py)')
 
   g = lvm.add_parser('generate', help='prompt a trained LVM with images; writes a PNG grid (prompt | generation)')
   g.add_argument('--workdir', required=True)
@@ -445,11 +449,18 @@ def _run(argv: list[str]) -> int:
     elif args.command == 'tokenize':
       from lvm.sentences import tokenize_command
       from core.config import parse_counts
-      result = tokenize_command(args.tokenizer, args.source, args.kind, args.out, frames=args.frames,
-                                kind_sentences=parse_counts(args.kind_sentences, '--kind-sentences'),
-                                sentences=args.sentences, records_per_shard=args.records_per_shard,
-                                strict=args.strict, seed=args.seed, split=args.split, stride=args.stride,
-                                tpu_path=args.tpu)
+      options = dict(frames=args.frames, kind_sentences=parse_counts(args.kind_sentences, '--kind-sentences'),
+                     sentences=args.sentences, records_per_shard=args.records_per_shard, strict=args.strict,
+                     seed=args.seed, split=args.split, stride=args.stride, tpu_path=args.tpu)
+      if args.beam:
+        from lvm.beam_tokenize import beam_tokenize_command
+        result = beam_tokenize_command(args.tokenizer, args.source, args.kind, args.out,
+                                       beam_options=args.beam_options, **options)
+      elif args.beam_options:
+        from core.errors import ConfigError
+        raise ConfigError("--beam-options without --beam")
+      else:
+        result = tokenize_command(args.tokenizer, args.source, args.kind, args.out, **options)
     else:
       result = commands.export_hf_command(args.workdir, args.out, args.dtype)
   _print_result(result)

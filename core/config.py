@@ -122,8 +122,8 @@ def parse_value(text: str, annotation: Any) -> Any:
   raise TypeError(f'cannot parse overrides of type {annotation}')
 
 
-def apply_override(config: Any, dotted: str, text: str, _root: Any = None, _path: str = '') -> Any:
-  """Returns a copy of `config` with field `dotted` set to `text` parsed to the field's type."""
+def parse_override(config: Any, dotted: str, text: str, _root: Any = None, _path: str = '') -> Any:
+  """The value of field `dotted` of `config` parsed from `text` to the field's type (the key checked)."""
   root = _root if _root is not None else config
   head, _, rest = dotted.partition('.')
   names = {f.name: f for f in dataclasses.fields(config)}
@@ -133,26 +133,41 @@ def apply_override(config: Any, dotted: str, text: str, _root: Any = None, _path
   if rest:
     if not dataclasses.is_dataclass(current):
       raise ConfigError(f'{_path + head!r} is a leaf; valid keys: {", ".join(valid_keys(root))}')
-    return dataclasses.replace(config, **{head: apply_override(current, rest, text, root, f'{_path}{head}.')})
+    return parse_override(current, rest, text, root, f'{_path}{head}.')
   if dataclasses.is_dataclass(current):
     raise ConfigError(f'{_path + head!r} is a group, set one of its fields: '
                       f'{", ".join(valid_keys(current, _path + head + "."))}')
   hints = typing.get_type_hints(type(config))
   try:
-    value = parse_value(text, hints[head])
+    return parse_value(text, hints[head])
   except (ValueError, TypeError, json.JSONDecodeError) as e:
     raise ConfigError(f'bad value for {_path + head!r} (type {hints[head]}): {text!r}: {e}') from None
-  return dataclasses.replace(config, **{head: value})
+
+
+def _replace_nested(config: Any, changes: dict) -> Any:
+  """One dataclasses.replace per changed dataclass, children first: each __post_init__ validates
+  the final combination of its fields, never a half-applied one."""
+  updates = {name: _replace_nested(getattr(config, name), value) if isinstance(value, dict) else value
+             for name, value in changes.items()}
+  return dataclasses.replace(config, **updates)
 
 
 def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
-  """Applies `key=value` strings in order; later ones win. Dataclass __post_init__ re-validates."""
+  """Applies `key=value` strings; later ones win. Fields that depend on each other (a weight and
+  the file it needs) may come in any order: each dataclass validates once, with all its overrides."""
+  changes: dict = {}
   for item in overrides:
     if '=' not in item:
       raise ConfigError(f'override {item!r} is not of the form key=value')
     key, text = item.split('=', 1)
-    config = apply_override(config, key.strip(), text.strip())
-  return config
+    key = key.strip()
+    value = parse_override(config, key, text.strip())
+    *groups, leaf = key.split('.')
+    node = changes
+    for group in groups:
+      node = node.setdefault(group, {})
+    node[leaf] = value
+  return _replace_nested(config, changes) if changes else config
 
 
 def to_dict(config: Any) -> dict:

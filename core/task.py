@@ -27,3 +27,7 @@ class Task(Protocol):
   # Optional: `after_update(graphdef, params, batch, step) -> (params, metrics)` runs inside the
   # jitted step after the optimizer update, for changes that are not gradient steps. It must be a
   # pure function of its arguments (seed randomness from `step`) so resumed runs stay identical.
+  #
+  # Optional: `frozen_inputs() -> pytree of host arrays` (e.g. a pretrained perceptual network). The
+  # loop replicates them on the mesh once and calls `loss(model, batch, frozen)`; they get no
+  # gradient, no optimizer state and no place in checkpoints.

@@ -55,7 +55,7 @@ def params_from_diffusers(state_dict: Mapping[str, np.ndarray], abstract_params:
     filled[path] = value
   missing = sorted('.'.join(map(str, p)) for p in by_path if p not in filled)
   if missing:
-    raise WeightImportError(f'{model} parameters missing from the diffusers weights: {missing[:5]} ...')
+    raise WeightImportError(f'{model} parameters missing from the weights: {missing[:5]} ...')
   leaves = [filled[p] for p in by_path]
   return jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
 

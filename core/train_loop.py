@@ -133,14 +133,16 @@ def init_state(task: Task, mesh, rules, optim: OptimConfig, seed: int):
 def make_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_shardings):
   schedule = learning_rate_schedule(optim)
 
-  def loss_fn(params, batch):
-    return task.loss(nnx.merge(graphdef, params), batch)
+  def loss_fn(params, batch, frozen):
+    model = nnx.merge(graphdef, params)
+    return task.loss(model, batch) if frozen is None else task.loss(model, batch, frozen)
 
+  # Gradients of the parameters only: `frozen` (the task's frozen_inputs) is an input, not trained.
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(step, params, opt_state, batch):
+  def train_step(step, params, opt_state, batch, frozen=None):
     if optim.grad_accum == 1:
-      (loss, aux), grads = grad_fn(params, batch)
+      (loss, aux), grads = grad_fn(params, batch, frozen)
     else:
       # Micro-batch m takes rows m, m+A, m+2A, ...: every device keeps an equal share of each.
       def split(x):
@@ -150,7 +152,7 @@ def make_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_sharding
 
       def accumulate(grad_sum, micro_batch):
         micro_batch = jax.tree.map(jax.lax.with_sharding_constraint, micro_batch, batch_shardings)
-        (loss, aux), grads = grad_fn(params, micro_batch)
+        (loss, aux), grads = grad_fn(params, micro_batch, frozen)
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
 
       zeros = jax.tree.map(jnp.zeros_like, params)
@@ -176,6 +178,17 @@ def jit_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_shardings
   param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
   opt_shardings = jax.tree.map(lambda a: a.sharding, abstract_opt)
   return jax.jit(train_step, donate_argnums=(1, 2), out_shardings=(param_shardings, opt_shardings, None))
+
+
+def replicate_frozen_inputs(task: Task, mesh):
+  """The task's frozen arrays (e.g. a perceptual loss network), on every device of the mesh, or None.
+
+  Built from host arrays on every process, so this works on a multi-host mesh without a transfer."""
+  if not hasattr(task, 'frozen_inputs'):
+    return None
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda value: jax.make_array_from_callback(
+      np.shape(value), replicated, lambda index, v=value: np.asarray(v)[index]), task.frozen_inputs())
 
 
 def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: SliceConfig,
@@ -221,6 +234,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
 
   # ---------------------------------------------------------------- the step
   step_fn = jit_train_step(task, graphdef, tx, optim, batch_shardings, abstract_params, abstract_opt)
+  frozen = replicate_frozen_inputs(task, mesh)
 
   # ---------------------------------------------------------------- the loop
   logger = MetricsLogger(workdir, total_steps=train_config.steps, start_step=start_step,
@@ -237,7 +251,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
     with activation_sharding(mesh, rules):
       while step < train_config.steps:
         batch = _global_batch(next(data_iterator), batch_shardings, train_config.global_batch)
-        params, opt_state, metrics = step_fn(jnp.int32(step), params, opt_state, batch)
+        params, opt_state, metrics = step_fn(jnp.int32(step), params, opt_state, batch, frozen)
         step += 1
         window_steps += 1
         logger.advance()

@@ -19,6 +19,7 @@ the records per kind and the checksum of the tokenizer's parameters.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from core import progress
 from core.config import ConfigError, check_at_least
+from core.paths import as_path
 from core.workdir import atomic_path, make_workdir, versions, write_json_atomic
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_records import SHARD_SUFFIX, TOKEN_DTYPE
@@ -153,14 +155,43 @@ def _write_shard(path: Path, records: np.ndarray) -> None:
     writer.close()
 
 
-def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, *, frames: int = 4,
-                     sentences: int = 2048, records_per_shard: int = 512, strict: bool = False, seed: int = 0,
-                     kind_sentences: dict[str, int] | None = None,
-                     split: str = 'all', stride: int = 1, tpu_path: str | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+  """One output shard: sentences [start, stop) of `kind`, written to `name` under the job's out dir."""
+  kind: str
+  start: int
+  stop: int
+  name: str
+
+
+@dataclasses.dataclass
+class TokenizeJob:
+  """A checked tokenize job: its inputs (tokenizer, images) and its shards. `lvm tokenize` writes the
+  shards in a loop; the Beam pipeline (lvm/beam_tokenize.py) writes them on its workers."""
+  tokenizer_dir: str
+  out: Path
+  spec: dict
+  tokenizer: object
+  images: np.ndarray
+  labels: np.ndarray
+  videos: list | None
+  shards: list[ShardSpec]
+
+  @property
+  def seq_len(self) -> int:
+    return self.spec['frames'] * self.tokenizer.config.tokenizer.tokens_per_image
+
+
+def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, *, frames: int = 4,
+                      sentences: int = 2048, records_per_shard: int = 512, strict: bool = False, seed: int = 0,
+                      kind_sentences: dict[str, int] | None = None, split: str = 'all', stride: int = 1,
+                      tpu_path: str | None = None, claim: bool = True) -> TokenizeJob:
+  """Reads and checks every input before anything is written. `claim`: record the job in `out`
+  (refusing a directory that holds another job's shards) and remove half-written shards of an
+  interrupted run — the driver does this once; workers of a distributed run pass False."""
   check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride,
                  **{f'kind_sentences {k}': v for k, v in (kind_sentences or {}).items()})
   from lvm.tokenizer_commands import load_tokenizer
-  started = time.time()
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
   tconfig = tokenizer.config.tokenizer
   videos = None
@@ -180,41 +211,66 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   if unknown:
     raise ConfigError(f'--kind-sentences names kinds this job does not build: {unknown} (building {kinds})')
   counts = {kind: (kind_sentences or {}).get(kind, sentences) for kind in kinds}
-  out = make_workdir(out)
-  job = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': counts,
-         'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum}
-  state_path = out / STATE_FILE
-  if state_path.is_file():
-    previous = json.loads(state_path.read_text())
-    if previous != job:
-      changed = {k: (previous.get(k), v) for k, v in job.items() if previous.get(k) != v}
-      raise ConfigError(f'{out} holds shards of another tokenize job ({changed}); use a new --out')
-  write_json_atomic(state_path, job)
-  for stale in out.glob(f'.*{SHARD_SUFFIX}.tmp*'):  # a shard an interrupted run was writing
-    stale.unlink()
-
-  seq_len = frames * tconfig.tokens_per_image
-  shards, written = [], 0
+  spec = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': counts,
+          'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum}
+  out = make_workdir(out) if claim else as_path(out)
+  if claim:
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+      previous = json.loads(state_path.read_text())
+      if previous != spec:
+        changed = {k: (previous.get(k), v) for k, v in spec.items() if previous.get(k) != v}
+        raise ConfigError(f'{out} holds shards of another tokenize job ({changed}); use a new --out')
+    write_json_atomic(state_path, spec)
+    for stale in out.glob(f'.*{SHARD_SUFFIX}.tmp*'):  # a shard an interrupted run was writing
+      stale.unlink()
+  shards = []
   for kind in kinds:
     shards_per_kind = -(-counts[kind] // records_per_shard)
     for shard in range(shards_per_kind):
-      path = out / f'{kind}-{shard:05d}-of-{shards_per_kind:05d}{SHARD_SUFFIX}'
-      shards.append(path.name)
-      if path.exists():
-        continue  # finished by an earlier run: the same records, by construction
-      rows = range(shard * records_per_shard, min(counts[kind], (shard + 1) * records_per_shard))
-      frames_nf = np.stack([sentence_frames(kind, n, images, labels, frames, seed, videos, stride,
-                                            step=tconfig.downsample_factor) for n in rows])
-      tokens = tokenizer.encode(frames_nf.reshape(-1, *frames_nf.shape[2:]))
-      _write_shard(path, tokens.reshape(len(rows), seq_len))
-      written += 1
-      progress.say(f'tokenize: {kind} shard {shard + 1}/{shards_per_kind} ({len(rows)} sentences of {seq_len} tokens)')
-  manifest = {'job': 'lvm tokenize', **job, 'seq_len': seq_len, 'tokens_per_image': tconfig.tokens_per_image,
+      shards.append(ShardSpec(kind, shard * records_per_shard, min(counts[kind], (shard + 1) * records_per_shard),
+                              f'{kind}-{shard:05d}-of-{shards_per_kind:05d}{SHARD_SUFFIX}'))
+  return TokenizeJob(str(tokenizer_dir), out, spec, tokenizer, images, labels, videos, shards)
+
+
+def write_sentence_shard(job: TokenizeJob, shard: ShardSpec) -> None:
+  """Builds, encodes and writes one shard (whole, under a temporary name, then renamed)."""
+  tconfig = job.tokenizer.config.tokenizer
+  frames_nf = np.stack([sentence_frames(shard.kind, n, job.images, job.labels, job.spec['frames'], job.spec['seed'],
+                                        job.videos, job.spec['stride'], step=tconfig.downsample_factor)
+                        for n in range(shard.start, shard.stop)])
+  tokens = job.tokenizer.encode(frames_nf.reshape(-1, *frames_nf.shape[2:]))
+  _write_shard(job.out / shard.name, tokens.reshape(shard.stop - shard.start, job.seq_len))
+
+
+def finish_tokenize_job(job: TokenizeJob, written: int, started: float, runner: str = 'local') -> dict:
+  """manifest.json (written last, once every shard exists) and tokenize_result.json."""
+  missing = [s.name for s in job.shards if not (job.out / s.name).exists()]
+  if missing:
+    raise RuntimeError(f'{job.out}: {len(missing)} shards were not written (first: {missing[0]}); rerun the job')
+  tconfig = job.tokenizer.config.tokenizer
+  manifest = {'job': 'lvm tokenize', **job.spec, 'seq_len': job.seq_len, 'tokens_per_image': tconfig.tokens_per_image,
               'codebook_size': tconfig.codebook_size, 'vocab_size': tconfig.codebook_size + SPECIAL_TOKENS,
               'special_token_ids': [tconfig.codebook_size, tconfig.codebook_size + SPECIAL_TOKENS - 1],
-              'records_per_kind': counts, 'shards': shards,
-              'images': int(len(images)), 'tokenizer': str(tokenizer_dir)}
-  write_json_atomic(out / 'manifest.json', manifest)
-  result = dict(manifest, shards_written_this_run=written, wall_s=time.time() - started, versions=versions())
-  write_json_atomic(out / 'tokenize_result.json', result)
+              'records_per_kind': job.spec['sentences'], 'shards': [s.name for s in job.shards],
+              'images': int(len(job.images)), 'tokenizer': job.tokenizer_dir}
+  write_json_atomic(job.out / 'manifest.json', manifest)
+  result = dict(manifest, shards_written_this_run=written, runner=runner, wall_s=time.time() - started,
+                versions=versions())
+  write_json_atomic(job.out / 'tokenize_result.json', result)
   return result
+
+
+def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, **options) -> dict:
+  """`lvm tokenize`: every shard on this machine, batched and sharded over its devices (options: those
+  of `plan_tokenize_job`)."""
+  started = time.time()
+  job = plan_tokenize_job(tokenizer_dir, source, kinds, out, **options)
+  written = 0
+  for shard in job.shards:
+    if (job.out / shard.name).exists():
+      continue  # finished by an earlier run: the same records, by construction
+    write_sentence_shard(job, shard)
+    written += 1
+    progress.say(f'tokenize: {shard.name} ({shard.stop - shard.start} sentences of {job.seq_len} tokens)')
+  return finish_tokenize_job(job, written, started)

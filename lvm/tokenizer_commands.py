@@ -107,6 +107,8 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
   images, _ = open_images(config.data.source, size)  # read (and checked) before any model work
   source = _Images(images, config.data.source)
   task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
+  if hasattr(task, 'frozen_inputs'):
+    task.frozen_inputs()  # read and checked (files, keys, shapes) before the workdir is touched
   make_workdir(workdir)
   write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
 
@@ -123,6 +125,8 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
   result = {'job': 'lvm train-tokenizer', **summary, 'train_seconds': train_seconds,
             'tokens_per_image': config.tokenizer.tokens_per_image, 'data': repr(source),
             'reconstruction': report, 'versions': versions()}
+  if hasattr(task, 'lpips_checksum'):
+    result['perceptual_weights'] = {'files': config.loss.perceptual_weights, 'checksum': task.lpips_checksum}
   write_json_atomic(workdir / 'train_result.json', result)
   return result
 

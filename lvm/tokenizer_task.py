@@ -11,8 +11,9 @@ discriminator's loss sees the reconstruction through stop_gradient (it moves onl
 discriminator), and the generator's adversarial term sees the discriminator's parameters through
 stop_gradient (it moves only the tokenizer), so the summed loss has exactly each player's gradient
 (simultaneous updates). Its parameters live under `discriminator` in the checkpoint; encoding and
-decoding ignore them. A perceptual loss is not part of this recipe (it needs weights that are not
-bundled); the tiny default reaches its PSNR without either.
+decoding ignore them. Optional LPIPS perceptual loss (`loss.perceptual_weight > 0`, lvm/perceptual.py):
+only with weights the user gives (`loss.perceptual_weights`; VGG16's are not bundled), held frozen by
+the engine (an input of the step, not a parameter). The tiny default reaches its PSNR without either.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from core.errors import ConfigError
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig
 from lvm.discriminator import PatchDiscriminator
+from lvm.perceptual import LPIPS, read_lpips_weights
 from lvm.tokenizer import TokenizerConfig, VQGAN
 
 
@@ -40,6 +42,10 @@ class TokenizerLoss:
   # Patch discriminator: base width and number of strided layers.
   discriminator_channels: int = 64
   discriminator_layers: int = 3
+  # Weight of the LPIPS perceptual term (taming-transformers' VQGAN: 1.0; 0 = none).
+  perceptual_weight: float = 0.0
+  # LPIPS-on-VGG16 weights: a file, or files joined by '+' (lvm/perceptual.py lists the key layouts).
+  perceptual_weights: str = ''
 
   def __post_init__(self):
     if min(self.l1, self.l2) < 0 or self.l1 + self.l2 == 0:
@@ -49,6 +55,11 @@ class TokenizerLoss:
     if self.discriminator_weight < 0 or self.discriminator_channels < 1 or self.discriminator_layers < 1:
       raise ConfigError(f'loss.discriminator_weight must be >= 0 and its channels and layers >= 1, got '
                         f'{self.discriminator_weight}, {self.discriminator_channels}, {self.discriminator_layers}')
+    if self.perceptual_weight < 0:
+      raise ConfigError(f'loss.perceptual_weight must be >= 0, got {self.perceptual_weight}')
+    if self.perceptual_weight > 0 and not self.perceptual_weights:
+      raise ConfigError('loss.perceptual_weight > 0 needs loss.perceptual_weights: a file of LPIPS/VGG16 '
+                        'weights (none is bundled; lvm/perceptual.py says which layouts are read)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +98,19 @@ class TokenizerTask:
 
   def __init__(self, config: TokenizerConfig, loss: TokenizerLoss = TokenizerLoss(), seed: int = 0):
     self.config, self.weights, self.seed = config, loss, seed
+    if loss.perceptual_weight > 0:
+      if config.in_channels not in (1, 3):
+        raise ConfigError(f'the perceptual loss compares RGB (or grey) images; tokenizer.in_channels is '
+                          f'{config.in_channels}')
+      # Only the structure here: the weights are read when training starts (frozen_inputs), so
+      # loading a trained tokenizer for encoding never needs the file.
+      self.lpips_graphdef = nnx.split(nnx.eval_shape(lambda: LPIPS(nnx.Rngs(0))))[0]
+      self.frozen_inputs = self._read_lpips
+
+  def _read_lpips(self):
+    if not hasattr(self, '_lpips_state'):
+      _, self._lpips_state, self.lpips_checksum = read_lpips_weights(self.weights.perceptual_weights)
+    return {'lpips': self._lpips_state}
 
   def make_model(self, rngs: nnx.Rngs) -> VQGAN:
     model = VQGAN(self.config, rngs)
@@ -98,7 +122,7 @@ class TokenizerTask:
   def batch_logical_axes(self):
     return {'images': ('batch', None, None, None)}
 
-  def loss(self, model: VQGAN, batch):
+  def loss(self, model: VQGAN, batch, frozen=None):
     images = batch['images']
     reconstruction, ids, codebook_loss, commitment_loss = model.reconstruct(images)
     target = images * 2 - 1
@@ -106,19 +130,25 @@ class TokenizerTask:
     l2 = jnp.mean(jnp.square(reconstruction - target))
     loss = (self.weights.l1 * l1 + self.weights.l2 * l2 + codebook_loss
             + self.config.commitment * commitment_loss)
-    adversarial = {}
+    extra = {}
+    if self.weights.perceptual_weight > 0:
+      lpips = nnx.merge(self.lpips_graphdef, frozen['lpips'])
+      rgb = (lambda x: jnp.tile(x, (1, 1, 1, 3))) if self.config.in_channels == 1 else (lambda x: x)
+      perceptual = jnp.mean(lpips(rgb(reconstruction), rgb(target)))
+      loss = loss + self.weights.perceptual_weight * perceptual
+      extra['perceptual'] = perceptual
     if self.weights.discriminator_weight > 0:
       generator_term, discriminator_loss, real_logits, fake_logits = adversarial_losses(
           model.discriminator, target, reconstruction)
       loss = loss + self.weights.discriminator_weight * generator_term + discriminator_loss
-      adversarial = {'generator_adversarial': generator_term, 'discriminator_loss': discriminator_loss,
-                     'discriminator_real_logit': jnp.mean(real_logits),
-                     'discriminator_fake_logit': jnp.mean(fake_logits)}
+      extra |= {'generator_adversarial': generator_term, 'discriminator_loss': discriminator_loss,
+                'discriminator_real_logit': jnp.mean(real_logits),
+                'discriminator_fake_logit': jnp.mean(fake_logits)}
     usage = jnp.bincount(ids.reshape(-1), length=self.config.codebook_size) / ids.size
     entropy = -jnp.sum(jnp.where(usage > 0, usage * jnp.log(jnp.maximum(usage, 1e-12)), 0.0))
     return loss, {'l1': l1, 'l2': l2, 'codebook_loss': codebook_loss, 'commitment_loss': commitment_loss,
                   'psnr': psnr(jnp.clip((reconstruction + 1) / 2, 0, 1), images),
-                  'codebook_perplexity': jnp.exp(entropy), 'codes_used': jnp.mean(usage > 0), **adversarial}
+                  'codebook_perplexity': jnp.exp(entropy), 'codes_used': jnp.mean(usage > 0), **extra}
 
   def after_update(self, graphdef, params, batch, step):
     every = self.weights.restart_every

@@ -46,6 +46,22 @@ def test_validation_runs_after_override():
     apply_overrides(load_config_file(TINY), ['train.steps'])
 
 
+def test_fields_that_depend_on_each_other_validate_together():
+  # A perceptual weight needs its weights file: valid in either order, one check of the final pair.
+  from lvm.tokenizer_task import TokenizerRunConfig
+  config = load_config_file('lvm/configs/tokenizer_tiny.py', expect=TokenizerRunConfig)
+  pair = ['loss.perceptual_weight=1.0', 'loss.perceptual_weights=/w/lpips.pth']
+  for overrides in (pair, pair[::-1]):
+    loss = apply_overrides(config, overrides + ['train.steps=7']).loss
+    assert (loss.perceptual_weight, loss.perceptual_weights) == (1.0, '/w/lpips.pth')
+  with pytest.raises(ConfigError, match='needs loss.perceptual_weights'):
+    apply_overrides(config, pair[:1])
+  # Later overrides still win, and every key is checked even when a later one replaces it.
+  assert apply_overrides(config, ['train.steps=3', 'train.steps=5']).train.steps == 5
+  with pytest.raises(ConfigError, match='unknown config key'):
+    apply_overrides(config, ['loss.perceptual=1', 'train.steps=5'])
+
+
 def test_tuple_override_on_preset():
   preset = apply_overrides(load_config_file(CPU8), ['ici_mesh=(1,4,2)'])
   assert preset.ici_mesh == (1, 4, 2)
