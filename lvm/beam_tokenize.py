@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from pathlib import Path
 
 from lvm.sentences import ShardSpec, finish_tokenize_job, plan_tokenize_job, write_sentence_shard
 
@@ -39,13 +40,33 @@ def _beam():
   return beam, PipelineOptions
 
 
+def worker_preset(tokenizer_dir: str, tpu_path: str | None) -> str | None:
+  """The slice preset a worker encodes with. A tokenizer's run config names the preset it trained
+  with by its path on the training machine; a remote worker may not have that path, so it takes
+  the preset of the same name from its own installed copy of tpu_configs (the same settings, so
+  the same tokens), or cpu_1 if there is none."""
+  if tpu_path is not None:
+    return tpu_path
+  import tpu_configs
+  from core.workdir import read_run_config
+  from lvm.tokenizer_commands import MADE_BY
+  from lvm.tokenizer_task import TokenizerRunConfig
+  _, trained = read_run_config(tokenizer_dir, TokenizerRunConfig, MADE_BY)
+  if Path(trained).is_file():
+    return None  # the run's own preset file is here: load_tokenizer uses it
+  installed = Path(tpu_configs.__file__).parent
+  same_name = installed / Path(trained).name
+  return str(same_name if same_name.is_file() else installed / 'cpu_1.py')
+
+
 def _shard_writer(beam, job_args: dict):
 
   class WriteShards(beam.DoFn):
     """Writes the shards it is given; loads the tokenizer and the images once per worker."""
 
     def setup(self):
-      self.job = plan_tokenize_job(**job_args, claim=False)
+      args = dict(job_args, tpu_path=worker_preset(job_args['tokenizer_dir'], job_args.get('tpu_path')))
+      self.job = plan_tokenize_job(**args, claim=False)
 
     def process(self, shard: ShardSpec):
       if not (self.job.out / shard.name).exists():  # a retried bundle may find it done

@@ -324,3 +324,21 @@ def test_beam_pipeline_writes_the_same_shards_and_resumes(tokenizer_dir, tmp_pat
   assert json.loads((beam_out / 'tokenize_result.json').read_text())['shards_written_this_run'] == 1
   assert {p.name: p.read_bytes() for p in beam_out.glob('*.arrayrecord')} == plain
   assert (beam_out / 'manifest.json').is_file()
+
+
+def test_beam_workers_find_the_tokenizer_preset_without_the_training_machine(tokenizer_dir, tmp_path):
+  """A Dataflow worker lacks the absolute preset path a tokenizer's run config names: it takes the
+  installed preset of the same name (cpu_1 when there is none); a path that exists is kept."""
+  import shutil
+  from lvm.beam_tokenize import worker_preset
+  from tests.helpers import CPU8
+  assert worker_preset(str(tokenizer_dir), CPU8) == CPU8  # --tpu given: used as is
+  assert worker_preset(str(tokenizer_dir), None) is None  # the trained preset exists here
+  moved = tmp_path / 'moved'
+  shutil.copytree(tokenizer_dir, moved)
+  run = json.loads((moved / 'config.json').read_text())
+  for name, expected in (('cpu_8.py', 'cpu_8.py'), ('my_own_slice.py', 'cpu_1.py')):
+    run['tpu'] = f'/training/machine/tpu_configs/{name}'
+    (moved / 'config.json').write_text(json.dumps(run))
+    found = worker_preset(str(moved), None)
+    assert found == str(ROOT / 'tpu_configs' / expected)
