@@ -7,7 +7,8 @@
    reads them) against LVM's JSONL read the way EasyLM does (json.loads + base64 decode per line,
    batched in numpy), the same 4096-token sentences.
 
-  .venv/bin/python benchmarks/tokenizer.py [--config amused|tiny] [--batch 4] [--repeats 5] [--out F.json]
+  .venv/bin/python benchmarks/tokenizer.py [--config amused|tiny] [--batch 4] [--repeats 5]
+      [--records 16384] [--only encode|loader] [--out F.json]
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def loader_benchmark(records: int, seq_len: int, batch: int, repeats: int) -> di
   tokens = np.random.default_rng(0).integers(0, 8192, (records, seq_len)).astype(np.int32)
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
-    write_token_shards(tokens, tmp / 'shards', seq_len=seq_len, vocab_size=8292, records_per_shard=1024)
+    shards = write_token_shards(tokens, tmp / 'shards', seq_len=seq_len, vocab_size=8292, records_per_shard=1024)
+    bytes_per_record = sum(p.stat().st_size for p in shards) / records
     (tmp / 'sentences.jsonl').write_text(''.join(encode_lvm_jsonl_line(t) + '\n' for t in tokens))
     steps = records // batch
 
@@ -102,7 +104,8 @@ def loader_benchmark(records: int, seq_len: int, batch: int, repeats: int) -> di
             rows = []
     n = steps * batch * seq_len
     a, b = median_rate(ours, n, repeats), median_rate(easylm, n, repeats)
-  return {'records': records, 'seq_len': seq_len, 'batch': batch, 'ours_tokens_per_s': a[0],
+  return {'records': records, 'seq_len': seq_len, 'batch': batch, 'bytes_per_record': bytes_per_record,
+          'ours_tokens_per_s': a[0],
           'jsonl_tokens_per_s': b[0], 'ratio': a[0] / b[0], 'runs_ours': a[1], 'runs_jsonl': b[1]}
 
 
@@ -111,18 +114,24 @@ def main():
   parser.add_argument('--config', default='amused', choices=sorted(CONFIGS))
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--records', type=int, default=4096)
+  # Enough records for a realistic shuffle: grain's index_shuffle costs ~30 us per record over
+  # 1,024 records but ~4 us over 16K or more (its permutation is built for large data sets).
+  parser.add_argument('--records', type=int, default=16384)
+  parser.add_argument('--only', choices=['encode', 'loader'], help='run one of the two benchmarks')
   parser.add_argument('--out')
   machine.add_isa_argument(parser)
   args = parser.parse_args()
   machine.say(machine.describe())
-  result = {'machine': machine.describe(), 'encode': encode_benchmark(args.config, args.batch, args.repeats),
-            'loader': loader_benchmark(args.records, 4096, 8, args.repeats)}
-  e, l = result['encode'], result['loader']
-  print(f"encode {e['config']} batch {e['batch']}: ours {e['ours_images_per_s']:.2f} img/s, diffusers "
-        f"{e['diffusers_images_per_s']:.2f} img/s, ratio {e['ratio']:.2f} (identical tokens: {e['identical_tokens']})")
-  print(f"loader: ours {l['ours_tokens_per_s'] / 1e6:.1f} M tokens/s, EasyLM-style JSONL "
-        f"{l['jsonl_tokens_per_s'] / 1e6:.1f} M tokens/s, ratio {l['ratio']:.2f}")
+  result = {'machine': machine.describe()}
+  if args.only in (None, 'encode'):
+    e = result['encode'] = encode_benchmark(args.config, args.batch, args.repeats)
+    print(f"encode {e['config']} batch {e['batch']}: ours {e['ours_images_per_s']:.2f} img/s, diffusers "
+          f"{e['diffusers_images_per_s']:.2f} img/s, ratio {e['ratio']:.2f} (identical tokens: {e['identical_tokens']})")
+  if args.only in (None, 'loader'):
+    l = result['loader'] = loader_benchmark(args.records, 4096, 8, args.repeats)
+    print(f"loader ({l['records']} records, {l['bytes_per_record'] / 1024:.1f} KB each on disk): ours "
+          f"{l['ours_tokens_per_s'] / 1e6:.1f} M tokens/s, EasyLM-style JSONL {l['jsonl_tokens_per_s'] / 1e6:.1f} "
+          f"M tokens/s, ratio {l['ratio']:.2f}")
   if args.out:
     Path(args.out).write_text(json.dumps(result, indent=1))
 

@@ -31,7 +31,7 @@ from core.config import ConfigError, check_at_least
 from core.paths import as_path
 from core.workdir import atomic_path, make_workdir, versions, write_json_atomic
 from data_pipelines.image_sources import open_images
-from data_pipelines.token_records import SHARD_SUFFIX, TOKEN_DTYPE
+from data_pipelines.token_records import SHARD_SUFFIX, SHARD_WRITER_OPTIONS, TOKEN_DTYPE
 
 KINDS = ('video', 'groups', 'analogy', 'colorization', 'inpainting', 'edges')
 SPECIAL_TOKENS = 100
@@ -149,7 +149,7 @@ def kinds_for(images: np.ndarray, source_labels: np.ndarray, requested: list[str
 def _write_shard(path: Path, records: np.ndarray) -> None:
   from array_record.python.array_record_module import ArrayRecordWriter
   with atomic_path(path) as temp:
-    writer = ArrayRecordWriter(str(temp), 'group_size:1')
+    writer = ArrayRecordWriter(str(temp), SHARD_WRITER_OPTIONS)
     for record in records:
       writer.write(record.astype(TOKEN_DTYPE).tobytes())
     writer.close()

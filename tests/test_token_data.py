@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from data_pipelines.token_formats import encode_lvm_jsonl_line, read_lvm_jsonl, read_npy_tokens
 from data_pipelines.token_loader import token_batches
@@ -105,6 +105,35 @@ def test_loader_resumes_exactly_and_hosts_partition_the_global_batch(tmp_path):
   hosts = [token_batches(source, global_batch=8, seed=3, process_index=h, process_count=2) for h in (0, 1)]
   for k in range(6):
     np.testing.assert_array_equal(np.concatenate([next(h)['tokens'] for h in hosts]), batches[k])
+
+
+def test_batched_reads_keep_grains_order_and_name_a_bad_record(tmp_path):
+  """The loader reads whole batches by index; it must give exactly the batches of grain's own
+  record pipeline (so runs and checkpoints from before keep their data order), from brotli shards
+  written by older versions as from today's zstd ones, and a bad record met mid-stream is named."""
+  import grain
+  records = _records(40)
+  new_shards = write_token_shards(records[:24], tmp_path / 'mixed', seq_len=T, vocab_size=V, records_per_shard=12)
+  for path in new_shards:
+    reader = ArrayRecordReader(str(path))
+    assert 'zstd:1' in reader.writer_options_string(), reader.writer_options_string()
+    reader.close()
+  _raw_shard(tmp_path / 'mixed' / 'tokens-old-brotli.arrayrecord', [r.tobytes() for r in records[24:]])
+  source = TokenRecordSource(find_shards(tmp_path / 'mixed'), seq_len=T, vocab_size=V)
+  reference = (grain.MapDataset.source(source).shuffle(seed=5).repeat(None)
+               .batch(8, drop_remainder=True, batch_fn=np.stack))
+  ours = token_batches(source, global_batch=8, seed=5)
+  for k in range(12):  # two and a half epochs
+    np.testing.assert_array_equal(next(ours)['tokens'], reference[k])
+  np.testing.assert_array_equal(source.read_batch([39, 0, 30]), records[[39, 0, 30]])
+
+  bad = records[:3].copy()
+  bad[2, 7] = V
+  _raw_shard(tmp_path / 'late.arrayrecord', [r.tobytes() for r in bad])  # record 0 passes the up-front check
+  source = TokenRecordSource([tmp_path / 'late.arrayrecord'], seq_len=T, vocab_size=V)
+  loader = token_batches(source, global_batch=3, seed=0, shuffle=False)
+  with pytest.raises(TokenDataError, match=rf'late.arrayrecord record 2: token id {V} at position 7'):
+    next(loader)
 
 
 def test_train_rejects_bad_data_before_any_work(tmp_path):
