@@ -152,9 +152,9 @@ class TokenRecordSource(grain.sources.RandomAccessDataSource):
     locations = [self._locate(index) for index in indices]
     raw = [self._shards[shard][record] for shard, record in locations]
     record_bytes = self.seq_len * TOKEN_DTYPE.itemsize
-    batch = None
     if all(len(r) == record_bytes for r in raw):
-      batch = np.frombuffer(b''.join(raw), TOKEN_DTYPE).reshape(len(raw), self.seq_len)
+      # bytearray: one copy, and the batch is writable like the np.stack of records it replaces.
+      batch = np.frombuffer(bytearray().join(raw), TOKEN_DTYPE).reshape(len(raw), self.seq_len)
       if not batch.size or (batch.min() >= 0 and batch.max() < self.vocab_size):
         return batch.astype(np.int32, copy=False)
     for shard, record in locations:  # something is wrong: find it and name it
