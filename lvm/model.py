@@ -86,23 +86,27 @@ def causal_attention(q_bhte: jax.Array, k_bkse: jax.Array, v_bkse: jax.Array, bl
   def weighted_values(p, v):
     return jnp.einsum('bkgqs,bkse->bkgqe', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
+  # Blocks come from one split per operand, and the keys before block i are the concatenation of
+  # blocks < i: in the backward a split is one concatenate and a concatenate is slices. Slicing the
+  # prefixes k[:, :, :start] instead made every slice's gradient a zero-padded full-length copy
+  # (7 of them per operand at 4 blocks) that XLA:CPU then summed.
+  q_blocks = jnp.split(q_bkgte, t // block, axis=3)
+  k_blocks, v_blocks = jnp.split(k_bkse, t // block, axis=2), jnp.split(v_bkse, t // block, axis=2)
   outputs = []
-  for start in range(0, t, block):
-    end = start + block
-    q_blk = q_bkgte[:, :, :, start:end]
-    diagonal = jnp.where(visible, scores(q_blk, k_bkse[:, :, start:end]), -1e30)
+  for i, q_blk in enumerate(q_blocks):
+    diagonal = jnp.where(visible, scores(q_blk, k_blocks[i]), -1e30)
     row_max = diagonal.max(axis=-1, keepdims=True)
-    if start:
-      before = scores(q_blk, k_bkse[:, :, :start])
+    if i:
+      before = scores(q_blk, jnp.concatenate(k_blocks[:i], axis=2))
       row_max = jnp.maximum(row_max, before.max(axis=-1, keepdims=True))
     # The max only keeps exp() in range; softmax is shift-invariant, so it needs no gradient.
     row_max = jax.lax.stop_gradient(row_max)
     p_diagonal = jnp.exp(diagonal - row_max)
-    numerator = weighted_values(p_diagonal, v_bkse[:, :, start:end])
+    numerator = weighted_values(p_diagonal, v_blocks[i])
     denominator = p_diagonal.sum(axis=-1, keepdims=True)
-    if start:
+    if i:
       p_before = jnp.exp(before - row_max)
-      numerator = numerator + weighted_values(p_before, v_bkse[:, :, :start])
+      numerator = numerator + weighted_values(p_before, jnp.concatenate(v_blocks[:i], axis=2))
       denominator = denominator + p_before.sum(axis=-1, keepdims=True)
     outputs.append((numerator / denominator).astype(q_bhte.dtype))
   out = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
