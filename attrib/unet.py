@@ -38,8 +38,9 @@ class TimestepEmbedding(nnx.Module):
 
 def pointwise(conv: nnx.Conv, x_bhwc: jax.Array) -> jax.Array:
   """A 1x1 convolution as one [pixels, cin] x [cin, cout] matmul (same kernel, same result to
-  float32 rounding): XLA:CPU runs the backward of a 1x1 convolution, and of any dense layer whose
-  input keeps [b, h, w] or [b, n] as separate axes, several times slower than the 2-D matmul's."""
+  float32 rounding). XLA:CPU's backward of a dense layer is slower when its input keeps [b, h, w] or
+  [b, n] as separate axes than on the 2-D matrix; with this and the 2-D token stream below, the
+  digits U-Net's train-step gradient took 381 instead of 404 ms at batch 64 (754 vs 835 at 128)."""
   b, h, w, c = x_bhwc.shape
   y = x_bhwc.reshape(b * h * w, c) @ conv.kernel[0, 0]
   return (y + conv.bias[...]).reshape(b, h, w, -1)
@@ -104,8 +105,8 @@ class BasicTransformerBlock(nnx.Module):
     self.ff_out = _linear(rngs, dim * 4, dim)
 
   def __call__(self, x_td, batch: int, context_bmc):
-    """x_td: the residual stream as [b·n, d] (2-D: its feed-forward backward ran 3.6x faster than
-    with [b, n, d] at 64 tokens, measured on the digits U-Net)."""
+    """x_td: the residual stream as [b·n, d], so every dense layer's backward is a 2-D matmul
+    (see `pointwise`)."""
     x_td = x_td + self.attn1(self.norm1(x_td), batch)
     x_td = x_td + self.attn2(self.norm2(x_td), batch, context_bmc)
     value, gate = jnp.split(self.ff_in(self.norm3(x_td)), 2, axis=-1)
