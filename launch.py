@@ -71,7 +71,7 @@ class _counted:
 
 def _print_result(result: dict) -> None:
   import jax
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and not os.environ.get(_CHILD_ENV):
     print(json.dumps(result, indent=1, default=str))
 
 
@@ -84,13 +84,8 @@ def _lvm_quickstart(args, workdir: Path, clock) -> dict:
   from data_pipelines.token_records import TokenRecordSource, find_shards
   from lvm import commands
   from lvm.sentences import tokenize_command
-  from lvm.tokenizer_commands import train_tokenizer_command
   progress.say('quickstart LVM 1/4: train the tiny VQGAN tokenizer (32-px images -> 64 tokens, 128 codes)')
-  # One CPU device: on 2 cores the tokenizer's convolutions run 1.8x faster unsplit than over 8
-  # forced devices (0.45 vs 0.83 s per step, measured).
-  tokenizer_tpu = str(ROOT / 'tpu_configs/cpu_1.py') if 'cpu' in Path(args.tpu).name else args.tpu
-  tokenizer = train_tokenizer_command(str(ROOT / 'lvm/configs/tokenizer_tiny.py'), tokenizer_tpu,
-                                      str(workdir / 'tokenizer'), args.set_tokenizer)
+  tokenizer = _train_quickstart_tokenizer(args, workdir)
   progress.say(f'quickstart: tokenizer PSNR {tokenizer["reconstruction"]["psnr_db"]:.1f} dB '
                f'({clock.lap("tokenizer"):.1f} s)\nquickstart LVM 2/4: digit images -> visual sentences')
   manifests = {}
@@ -126,28 +121,105 @@ def _lvm_quickstart(args, workdir: Path, clock) -> dict:
                                                             manifests['train']['tokens_per_image'])}
 
 
+# Set for the quickstart's child processes: the parent prints the results.
+_CHILD_ENV = 'LVM_ATTRIB_QUICKSTART_CHILD'
+
+
+def _wants_one_device_child() -> bool:
+  """The quickstart's one-device jobs (tokenizer, the attribution half) run in a child process when
+  this one has several forced CPU devices (the LVM's `cpu_8` preset, whose data-parallel step is the
+  faster one on 2 cores): with 8 devices present the same one-device jobs ran slower (2-core EPYC:
+  teacher 1.44-1.84 instead of 1.26 ms per U-Net forward, 150 diffusion steps 154 instead of 126 s,
+  the tokenizer 126 instead of 107 s)."""
+  import jax
+  return jax.default_backend() == 'cpu' and jax.device_count() > 1 and jax.process_count() == 1
+
+
+def _run_one_device_child(argv: list[str]) -> None:
+  """`launch.py argv` in a child process with one CPU device; its output goes to ours."""
+  import signal
+  import subprocess
+  env = dict(os.environ, **{_CHILD_ENV: '1'})
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                              if not f.startswith('--xla_force_host_platform_device_count'))
+  sys.stdout.flush()
+  child = subprocess.Popen([sys.executable, str(ROOT / 'launch.py'), *argv], env=env)
+  # A SIGTERM for this process goes on to the child, whose jobs stop at a saved state; Ctrl-C reaches
+  # both (one process group), so only wait for the child to finish stopping.
+  forward = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+  try:
+    try:
+      code = child.wait()
+    except KeyboardInterrupt:
+      child.wait()
+      raise
+  finally:
+    signal.signal(signal.SIGTERM, forward)
+  if code != 0:
+    raise ChildFailed(code)
+
+
+class ChildFailed(Exception):
+  """A child process of this command failed and has said why; exit with its code (2 bad input, 130 Ctrl-C)."""
+
+  def __init__(self, code: int):
+    super().__init__(f'child process exited with {code}')
+    self.code = code
+
+
+def _train_quickstart_tokenizer(args, workdir: Path) -> dict:
+  config, out = str(ROOT / 'lvm/configs/tokenizer_tiny.py'), workdir / 'tokenizer'
+  # One CPU device: on 2 cores the tokenizer's convolutions run 1.8x faster unsplit than over 8
+  # forced devices (0.45 vs 0.83 s per step, measured).
+  tpu = str(ROOT / 'tpu_configs/cpu_1.py') if 'cpu' in Path(args.tpu).name else args.tpu
+  if 'cpu' in Path(args.tpu).name and _wants_one_device_child():
+    _run_one_device_child(['lvm', 'train-tokenizer', '--config', config, '--tpu', tpu, '--workdir', str(out),
+                           *[a for value in args.set_tokenizer for a in ('--set', value)]])
+    return json.loads((out / 'train_result.json').read_text())
+  from lvm.tokenizer_commands import train_tokenizer_command
+  return train_tokenizer_command(config, tpu, str(out), args.set_tokenizer)
+
+
+def _attribution_quickstart(args, workdir: Path) -> dict:
+  """The attribution half; its jobs (U-Net training, teacher, features, distillation) use one device."""
+  if not _wants_one_device_child():
+    from attrib import quickstart as attribution_quickstart
+    return attribution_quickstart.run(workdir, full=args.full)
+  _run_one_device_child(['quickstart', '--attribution-only', '--workdir', str(workdir),
+                         '--tpu', str(ROOT / 'tpu_configs/cpu_1.py')] + (['--full'] if args.full else []))
+  return json.loads((workdir / 'quickstart_result.json').read_text())['attribution']
+
+
 def quickstart(args) -> dict:
   """Both halves end to end on CPU: the LVM (tokenizer -> visual sentences -> train -> eval) and
   attribution (diffusion model -> teacher -> features -> distilled embedder + index -> eval -> PNGs)."""
   from core import progress
+  from core.errors import ConfigError
+  if args.lvm_only and args.attribution_only:
+    raise ConfigError('--lvm-only and --attribution-only exclude each other')
   workdir = Path(args.workdir)
   clock = progress.Stopwatch()
-  lvm = _lvm_quickstart(args, workdir, clock)
+  lvm = None if args.attribution_only else _lvm_quickstart(args, workdir, clock)
   attribution = None
   if not args.lvm_only:
-    from attrib import quickstart as attribution_quickstart
-    attribution = attribution_quickstart.run(workdir, full=args.full)
+    attribution = _attribution_quickstart(args, workdir)
     clock.stages.update({f'attribution {k}': v for k, v in attribution['stage_seconds'].items()})
   summary = {'job': 'quickstart', 'lvm': lvm, 'attribution': attribution, 'stage_seconds': clock.stages,
              'wall_s': clock.elapsed()}
-  print(f"\nquickstart: tokenizer PSNR {lvm['tokenizer']['psnr_db']:.1f} dB on the bundled images; "
-        f"LVM perplexity of the last frame {lvm['eval']['perplexity']:.1f} on held-out digits "
-        f"(token-frequency baseline {lvm['baseline_unigram_perplexity']:.1f})")
-  nf = lvm['next_frame']
-  print(f"quickstart: next frame of held-out digit videos: token accuracy {nf['token_accuracy']['lvm']:.2f} "
-        f"(copy-last {nf['token_accuracy']['copy_last']:.2f}), PSNR {nf['psnr_db']['lvm']:.1f} dB "
-        f"(copy-last {nf['psnr_db']['copy_last']:.1f} dB); {nf['png']}")
+  if os.environ.get(_CHILD_ENV):
+    from core.workdir import write_json_atomic
+    write_json_atomic(workdir / 'quickstart_result.json', summary)
+    return summary
+  if lvm is not None:
+    print(f"\nquickstart: tokenizer PSNR {lvm['tokenizer']['psnr_db']:.1f} dB on the bundled images; "
+          f"LVM perplexity of the last frame {lvm['eval']['perplexity']:.1f} on held-out digits "
+          f"(token-frequency baseline {lvm['baseline_unigram_perplexity']:.1f})")
+    nf = lvm['next_frame']
+    print(f"quickstart: next frame of held-out digit videos: token accuracy {nf['token_accuracy']['lvm']:.2f} "
+          f"(copy-last {nf['token_accuracy']['copy_last']:.2f}), PSNR {nf['psnr_db']['lvm']:.1f} dB "
+          f"(copy-last {nf['psnr_db']['copy_last']:.1f} dB); {nf['png']}")
   if attribution is not None:
+    from attrib import quickstart as attribution_quickstart
     attribution_quickstart.print_summary(attribution)
   print(f"quickstart: {clock.elapsed():.0f} s in all (" + ', '.join(f'{k} {v:.1f} s' for k, v in clock.stages.items()) + ')')
   from core.workdir import write_json_atomic
@@ -178,6 +250,8 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print('interrupted: rerun the same command to continue from the last saved state', file=sys.stderr)
     return 130
+  except ChildFailed as e:
+    return e.code
 
 
 def _run(argv: list[str]) -> int:
@@ -197,6 +271,7 @@ def _run(argv: list[str]) -> int:
   q.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='LVM config fields')
   q.add_argument('--set-tokenizer', action='append', default=[], metavar='KEY=VALUE', help='tokenizer config fields')
   q.add_argument('--lvm-only', action='store_true', help='skip the attribution half')
+  q.add_argument('--attribution-only', action='store_true', help='skip the LVM half')
   q.add_argument('--full', action='store_true', help='the full 2000-step diffusion model (slower)')
 
   lvm = sub.add_parser('lvm', help='Large Vision Model jobs').add_subparsers(dest='command', required=True)

@@ -1,6 +1,9 @@
 """LVM perplexity against a torch computation, the quickstart end to end, gcloud command building."""
+import argparse
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +52,50 @@ def test_quickstart_end_to_end(tmp_path, capsys):
   assert list((tmp_path / 'lvm' / 'tensorboard').glob('events.out.tfevents.*'))
 
 
+
+class _FakeChild:
+  """Stands in for a quickstart child process: records how it was started, writes a result."""
+  started = []
+
+  def __init__(self, command, env, code=0):
+    self.command, self.env, self.code = command, env, code
+    _FakeChild.started.append(self)
+    workdir = Path(command[command.index('--workdir') + 1])
+    if code == 0 and 'train-tokenizer' in command:
+      (workdir / 'train_result.json').write_text(json.dumps({'reconstruction': {'psnr_db': 30.0}}))
+    elif code == 0:
+      (workdir / 'quickstart_result.json').write_text(json.dumps({'attribution': {'stage_seconds': {'teacher': 1.0}}}))
+
+  def wait(self):
+    return self.code
+
+
+def test_quickstart_runs_one_device_jobs_in_a_child(tmp_path, monkeypatch):
+  """With 8 forced CPU devices (the LVM's preset), the tokenizer and the attribution half run in child
+  processes with one device: no forced device count in their XLA_FLAGS, the cpu_1 preset, the user's
+  settings passed on, and a child's exit code becomes the command's."""
+  import subprocess
+  import launch
+  monkeypatch.setattr(subprocess, 'Popen', _FakeChild)
+  _FakeChild.started.clear()
+  (tmp_path / 'tokenizer').mkdir()
+  args = argparse.Namespace(full=True, tpu=str(Path(launch.__file__).parent / 'tpu_configs/cpu_8.py'),
+                            set_tokenizer=['train.steps=3', 'model.codebook_size=64'])
+  assert launch._train_quickstart_tokenizer(args, tmp_path) == {'reconstruction': {'psnr_db': 30.0}}
+  assert launch._attribution_quickstart(args, tmp_path) == {'stage_seconds': {'teacher': 1.0}}
+  tokenizer, attribution = _FakeChild.started
+  assert tokenizer.command[2:4] == ['lvm', 'train-tokenizer']
+  assert tokenizer.command[-4:] == ['--set', 'train.steps=3', '--set', 'model.codebook_size=64']
+  assert attribution.command[1:5] == [str(Path(launch.__file__).resolve()), 'quickstart', '--attribution-only', '--workdir']
+  assert '--full' in attribution.command
+  for child in (tokenizer, attribution):
+    assert child.command[child.command.index('--tpu') + 1].endswith('tpu_configs/cpu_1.py')
+    assert 'xla_force_host_platform_device_count' not in child.env['XLA_FLAGS']
+    assert child.env['LVM_ATTRIB_QUICKSTART_CHILD'] == '1'
+  assert 'xla_force_host_platform_device_count=8' in os.environ['XLA_FLAGS']  # this process keeps its 8
+  monkeypatch.setattr(subprocess, 'Popen', lambda command, env: _FakeChild(command, env, code=2))
+  assert launch_main(['quickstart', '--attribution-only', '--workdir', str(tmp_path / 'bad')]) == 2
+  assert launch_main(['quickstart', '--attribution-only', '--lvm-only', '--workdir', str(tmp_path)]) == 2
 
 
 def test_digit_captions_describe_the_images():
