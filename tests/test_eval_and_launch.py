@@ -52,7 +52,6 @@ def test_quickstart_end_to_end(tmp_path, capsys):
   assert list((tmp_path / 'lvm' / 'tensorboard').glob('events.out.tfevents.*'))
 
 
-
 class _FakeChild:
   """Stands in for a quickstart child process: records how it was started, writes a result."""
   started = []
