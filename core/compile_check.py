@@ -83,6 +83,8 @@ def remat_warnings(kind: str, config_path: str, tpu_path: str, timeout: int = 60
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=cpu_xla_flags(' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
                                               if 'device_count' not in f), preset.num_devices))
+  # The warnings come from compiling: an executable served from a persistent cache would print none.
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
   done = subprocess.run([sys.executable, '-m', 'core.compile_check', '--task', kind, '--config', config_path,
                          '--tpu', tpu_path], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   if done.returncode != 0:

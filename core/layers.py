@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core import tracing_fix  # noqa: F401  (linear-time tracing of model construction)
+
 
 def linear(rngs, din, dout, bias=True):
   return nnx.Linear(din, dout, use_bias=bias, rngs=rngs,

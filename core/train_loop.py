@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from core import checkpoint
+from core import checkpoint, tracing_fix  # noqa: F401  (tracing_fix: linear-time model init)
 from core.mesh import SliceConfig, make_mesh
 from core.peak_flops import mesh_peak_flops
 from core.metrics import MetricsLogger

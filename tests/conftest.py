@@ -1,6 +1,9 @@
 """Every test runs on CPU with 8 forced host devices (set before jax is first imported)."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -9,6 +12,14 @@ from core.xla_flags import cpu_xla_flags  # noqa: E402
 
 os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''), 8)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Many tests build the same model and step more than once (a run, then its resume; one retraining
+# per counterfactual ranking; two processes against one): a compilation cache private to this test
+# session serves the repeats. Each executable is still compiled for real once per session, the cache
+# starts empty, and the child processes that tests start share it through the environment.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix='jax-compile-cache-')
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _COMPILE_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
 
 from absl import flags  # noqa: E402
 

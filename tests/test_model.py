@@ -93,3 +93,22 @@ def test_remat_and_bf16_compute_keep_the_function():
   # bf16 has 8 mantissa bits: logits of size ~0.3 agree to a few 1e-2, not to float32 precision.
   assert float(jnp.max(jnp.abs(out - reference))) < 5e-2
   assert float(jnp.max(jnp.abs(out - reference))) > 0  # it really computed in bf16
+
+
+def test_building_a_model_under_a_trace_never_walks_the_trace(monkeypatch):
+  """NNX probes `.sharding` of every value it assigns (each rng draw); with jax 0.10.2's eager error
+  text each probe walked all equations traced so far, so model init was quadratic (core/tracing_fix)."""
+  from jax._src.interpreters import partial_eval
+  import core.layers  # noqa: F401  (installs the fix, as every model module does)
+  walks = []
+  original = partial_eval.JaxprStackFrame.find_progenitors
+  monkeypatch.setattr(partial_eval.JaxprStackFrame, 'find_progenitors',
+                      lambda self, tracer: walks.append(1) or original(self, tracer))
+  config = PRESETS['tiny']
+  shapes = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(params=0)))
+  assert walks == []
+  assert shapes.embed.shape == (config.vocab_size, config.hidden_size)
+  # The probe still fails the way getattr/hasattr expect.
+  probed = []
+  jax.make_jaxpr(lambda x: probed.append((hasattr(x, 'sharding'), hasattr(x, 'device'))) or x)(jnp.ones(2))
+  assert probed == [(False, False)]
