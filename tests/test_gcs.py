@@ -135,6 +135,7 @@ def test_diffusion_model_and_teacher_on_a_gs_workdir(gcs, tmp_path):
   assert _local_files(tmp_path, ROOT) - before == set()
 
 
+@pytest.mark.slow  # ~45 s on 2 cores (gs:// training, resume and eval stay in the default suite)
 def test_student_on_gs_equals_the_local_one(gcs, tmp_path, tmp_path_factory):
   """Released features and rankings in the bucket -> distill, sharded index, eval and the Attributor
   with a gs:// workdir: the same student, bit for bit, as from local files, and nothing local."""

@@ -138,6 +138,7 @@ def test_import_matches_diffusers_and_teacher_ranks_released_data(released, tmp_
     assert abs(score - max(per_flip)) <= 2 * network_bound(length) * largest_loss, (i, score, per_flip)
 
 
+@pytest.mark.slow  # ~75 s on 2 cores (multi-host training is in the default suite: test_train)
 def test_teacher_on_two_processes_matches_one(released, tmp_path):
   root, torch_model = released
   assert _import(released, tmp_path / 'one')[0] == 0
