@@ -13,6 +13,7 @@ from core.errors import ConfigError
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from core.sharding import constrain
@@ -50,6 +51,20 @@ def rope_tables(positions_bt: jax.Array, head_dim: int, theta: float) -> tuple[j
   angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [b, t, e/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, None, :, :]
   return jnp.cos(angles), jnp.sin(angles)
+
+
+def constant_rope_tables(batch: int, seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """`rope_tables` of positions 0..t-1 in every row, computed here in float32 numpy, so that the
+  compiled step holds them as constants. Traced, XLA:CPU fused the cos and sin into every op that
+  reads them (RoPE on q and k of every layer, forward and backward) and evaluated them again for
+  every head. As constants: the 33.8M benchmark step 9.1 -> 8.1 core-s, 836 -> 893 tokens/s (Intel
+  Xeon, 2 cores, median of 3 alternating runs)."""
+  inv_freq = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                                      / np.float32(head_dim)))
+  angles = np.arange(seq_len, dtype=np.float32)[:, None] * inv_freq  # [t, e/2]
+  angles = np.concatenate([angles, angles], axis=-1)[None, None]  # [1, 1, t, e]
+  shape = (batch, 1, seq_len, head_dim)
+  return jnp.broadcast_to(np.cos(angles), shape), jnp.broadcast_to(np.sin(angles), shape)
 
 
 def apply_rope(x_bhte: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -198,8 +213,9 @@ class Decoder(nnx.Module):
     config = self.config
     dtype = jnp.dtype(config.compute_dtype)
     if positions_bt is None:
-      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-    cos, sin = rope_tables(positions_bt, config.head_dim, config.rope_theta)
+      cos, sin = constant_rope_tables(*tokens_bt.shape, config.head_dim, config.rope_theta)
+    else:
+      cos, sin = rope_tables(positions_bt, config.head_dim, config.rope_theta)
     b, t = tokens_bt.shape
     # FSDP gathers the table's `embed` shards before the lookup (as for any weight): a gather whose
     # output is split over `embed` cannot be moved to batch rows without replicating it in full.

@@ -10,7 +10,7 @@ from flax import nnx
 from core.config import load_config_file
 from core.mesh import make_mesh
 from core.sharding import tree_shardings
-from lvm.model import Decoder, causal_attention
+from lvm.model import Decoder, causal_attention, constant_rope_tables, rope_tables
 from lvm.model_config import PRESETS
 from tests.helpers import CPU8
 from tests.tolerance import assert_network_close
@@ -77,6 +77,26 @@ def test_blockwise_attention_equals_textbook(block, kv_heads):
   reference = jax.grad(loss(_naive_attention), argnums=(0, 1, 2))(q, k, v)
   for a, b, name in zip(ours, reference, 'qkv'):
     assert_network_close(a, b, reduction_length=2 * length, what=f'd/d{name}')
+
+
+def test_constant_rope_tables_are_the_traced_ones():
+  # The training forward (no positions given) reads numpy-computed tables as constants; prompting and
+  # decoding pass positions and compute them traced. Both must give the same model.
+  positions = jnp.broadcast_to(jnp.arange(512), (3, 512))
+  for head_dim, theta in ((8, 10_000.0), (64, 10_000.0), (128, 500_000.0)):
+    constant = constant_rope_tables(3, 512, head_dim, theta)
+    traced = jax.jit(rope_tables, static_argnums=(1, 2))(positions, head_dim, theta)
+    for c, t, name in zip(constant, traced, ('cos', 'sin')):
+      assert c.shape == t.shape == (3, 1, 512, head_dim)
+      # Angles reach 511 rad: one float32 ulp of the angle (3e-5) bounds the difference.
+      np.testing.assert_allclose(np.asarray(c), np.asarray(t), rtol=0, atol=1e-4, err_msg=f'{name} e={head_dim}')
+  config = dataclasses.replace(PRESETS['tiny'], num_layers=2)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 8292, (2, 128)))
+  model = Decoder(config, nnx.Rngs(0))
+  explicit = model(tokens, jnp.broadcast_to(jnp.arange(128), tokens.shape))
+  # Sums along the depth: per layer the q/k/v and output projections, attention over 128 keys, the MLP.
+  depth = config.num_layers * (3 * config.hidden_size + 128 + config.intermediate_size) + config.hidden_size
+  assert_network_close(model(tokens), explicit, reduction_length=depth, what='logits')
 
 
 def test_remat_and_bf16_compute_keep_the_function():
