@@ -156,6 +156,18 @@ class Teacher:
     squares = jax.vmap(one)(images, context, seeds)
     return jax.tree.map(lambda s: s.sum(axis=0), squares)
 
+  def _ways(self) -> int:
+    return self.mesh.shape['data'] * self.mesh.shape['fsdp']
+
+  def _shard_rows(self, x):
+    """x split by rows over the mesh's batch axes when they divide it (else replicated): the Fisher's
+    and the query gradient's samples, which every device would otherwise compute in full."""
+    if x.shape[0] % self._ways():
+      return x
+    if isinstance(x, np.ndarray):
+      return jax.device_put(x, self._batch_sharding)
+    return jax.lax.with_sharding_constraint(x, self._batch_sharding)
+
   def fisher(self, images, context, batch: int = 64) -> dict:
     """Diagonal Fisher: mean over (training image, noise, t) samples of the squared gradient."""
     total, count = jax.tree.map(jnp.zeros_like, self.kv0), 0
@@ -163,8 +175,11 @@ class Teacher:
       for start in range(0, len(images), batch):
         rows = np.arange(start, min(start + batch, len(images)))
         seeds = rows + repeat * len(images)
-        part = self._fisher_batch(self.kv0, np.asarray(images[rows]), np.asarray(context[rows]), seeds)
-        total = jax.tree.map(jnp.add, total, part)
+        part = self._fisher_batch(self.kv0, self._shard_rows(np.asarray(images[rows])),
+                                  self._shard_rows(np.asarray(context[rows])), self._shard_rows(seeds))
+        # Wait for each call: on CPU devices that share a thread pool, two queued calls with an
+        # all-reduce each can hold both threads and never meet (XLA aborts after 40 s).
+        total = jax.block_until_ready(jax.tree.map(jnp.add, total, part))
         count += len(rows)
     return jax.tree.map(lambda s: s / count, total)
 
@@ -174,8 +189,9 @@ class Teacher:
     key = jax.random.fold_in(jax.random.key(7), seed)
     noise = jax.random.normal(jax.random.fold_in(key, 0), (n,) + image.shape)
     t = jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, self.schedule.config.num_train_timesteps)
-    images = jnp.broadcast_to(image, (n,) + image.shape)
-    contexts = jnp.broadcast_to(context, (n,) + context.shape)
+    noise, t = self._shard_rows(noise), self._shard_rows(t)
+    images = self._shard_rows(jnp.broadcast_to(image, (n,) + image.shape))
+    contexts = self._shard_rows(jnp.broadcast_to(context, (n,) + context.shape))
     return jax.grad(lambda kv: self._loss_fn(kv, images, contexts, noise, t).mean())(kv)
 
   def unlearn(self, fisher: dict, image, context, query_seed: int) -> dict:
@@ -183,7 +199,7 @@ class Teacher:
     damping = self.config.fisher_damping * float(np.mean([np.mean(np.asarray(f)) for f in fisher.values()]))
     kv = self.kv0
     for step in range(self.config.unlearn_steps):
-      grad = self._query_grad(kv, image, context, query_seed * 1000 + step)
+      grad = jax.block_until_ready(self._query_grad(kv, image, context, query_seed * 1000 + step))
       kv = jax.tree.map(lambda p, g, f: p + self.config.step_size / self.n * g / (f + damping), kv, grad, fisher)
     return kv
 

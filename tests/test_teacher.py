@@ -64,7 +64,18 @@ def test_unlearning_raises_query_loss_and_scores_are_reproducible(setup):
   np.testing.assert_array_equal(again.scores(kv2, base, images, context, ids), scores)
   # ... and across device layouts (candidates sharded over a (2, 2, 2) mesh).
   sharded = _teacher(CPU8, params, graphdef, len(images))
-  kv8 = sharded.unlearn(sharded.fisher(images, context), images[query], context[query], query_seed=query)
+  fisher8 = sharded.fisher(images, context)
+  kv8 = sharded.unlearn(fisher8, images[query], context[query], query_seed=query)
+  # The Fisher's and the query gradient's samples are split over the devices, not computed whole on
+  # each: their sums meet in an all-reduce, and they equal the one-device values to float rounding
+  # (a mean of squared gradients, each through the network and a mean over 64 pixels).
+  grad_length = total_fan_in(params, layout='jax') + images[0].size
+  for name in fisher:
+    assert_network_close(np.asarray(fisher8[name]), np.asarray(fisher[name]), reduction_length=grad_length,
+                         what=f'Fisher {name}')
+  for t in (teacher, sharded):
+    hlo = t._query_grad.lower(t.kv0, images[query], context[query], query).compile().as_text()
+    assert ('all-reduce' in hlo) == (t is sharded)
   base8 = sharded.losses(sharded.kv0, images, context, ids)
   after8 = sharded.losses(kv8, images, context, ids)
   # A loss is the U-Net's output through a mean over 20 timesteps x 64 pixels.
