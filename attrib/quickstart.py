@@ -66,6 +66,7 @@ def run(workdir: Path, full: bool = False, stage_prefix: str = 'attribution') ->
           'student': evaluation['map'][student][first]['mean'], 'latency_ms': evaluation['latency_ms'],
           'teacher_s_per_query': evaluation['teacher_s_per_query'],
           'speedup_vs_teacher': evaluation['speedup_vs_teacher'], 'scale_a': distilled.get('scale_a'),
+          'student_vs_best_base': evaluation.get('student_vs_best_base'),
           'pictures': pictures, 'stage_seconds': clock.stages}
 
 
@@ -87,9 +88,13 @@ def print_summary(summary: dict) -> None:
   lines = [f"\nattribution on the digits ({summary['map_at']} against the AbU teacher, test queries):"]
   for name, value in sorted(summary['base_features'].items(), key=lambda kv: -kv[1]):
     lines.append(f'  base feature {name:<14} {value:.3f}')
-  lines.append(f"  distilled (FastGDA)         {summary['student']:.3f}   "
-               f"(+{summary['student'] - summary['base_features'][summary['best_base_feature']]:.3f} over "
-               f"{summary['best_base_feature']})")
+  best = summary['best_base_feature']
+  line = (f"  distilled (FastGDA)         {summary['student']:.3f}   "
+          f"({summary['student'] - summary['base_features'][best]:+.3f} over {best}")
+  paired = (summary.get('student_vs_best_base') or {}).get(summary['map_at'])
+  if paired and summary['student_vs_best_base']['feature'] == best:
+    line += f"; per query {paired['difference']:+.3f} ± {paired['stderr']:.3f}, ahead on {paired['wins']}/{paired['queries']}"
+  lines.append(line + ')')
   lat = summary['latency_ms']
   teacher = summary['teacher_s_per_query']
   lines.append(f"  attribute(): p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms (features included)"

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from attrib.evaluation import average_precision, mean_average_precision
+from attrib.evaluation import average_precision, mean_average_precision, paired_comparison
 from attrib.student_data import StudentDataError, load_rank_pickle
 from launch import main as launch_main
 from tests.helpers import CPU1, CPU8
@@ -79,6 +79,10 @@ def test_distilled_student_beats_its_base_feature_and_ranks_the_teacher_way(rele
   evaluation = json.loads((tmp_path / 'w' / 'eval_result.json').read_text())
   base, student = evaluation['map']['toy'], evaluation['map']['FastGDA(toy)']
   assert student['mAP(10)']['mean'] > base['mAP(10)']['mean'] + 0.15, evaluation['map']
+  paired = evaluation['student_vs_best_base']  # the same difference, query by query
+  assert paired['feature'] == 'toy'
+  assert abs(paired['mAP(10)']['difference'] - (student['mAP(10)']['mean'] - base['mAP(10)']['mean'])) < 1e-9
+  assert paired['mAP(10)']['wins'] + paired['mAP(10)']['ties'] + paired['mAP(10)']['losses'] == evaluation['test_queries']
   # The Attributor answers in the teacher's order: its top-1 is the teacher's top-1 far above chance.
   from attrib import Attributor
   attributor = Attributor.load(tmp_path / 'w')
@@ -153,6 +157,23 @@ def test_map_equals_scikit_learn():
       assert abs(average_precision(predicted, teacher[:top_l]) - expected) < 1e-12
   perfect = rng.permutation(50)
   assert mean_average_precision(perfect[None], perfect[None], 10) == (1.0, 0.0)
+
+
+def test_paired_comparison_by_hand():
+  # Teacher order 0, 1, 2, 3; L = 2. The teacher's own order has AP 1, the reversed order 3, 2, 1, 0
+  # finds the two positives at ranks 3 and 4: AP = (1/3 + 2/4) / 2 = 5/12.
+  teacher = np.tile(np.arange(4), (3, 1))
+  ahead, behind = np.arange(4), np.arange(4)[::-1]
+  predicted = np.stack([ahead, ahead, behind])
+  reference = np.stack([behind, behind, ahead])
+  result = paired_comparison(predicted, reference, teacher, (2, 9))
+  assert set(result) == {'mAP(2)'}  # L beyond the teacher's ranking is left out
+  diffs = np.array([7 / 12, 7 / 12, -7 / 12])
+  got = result['mAP(2)']
+  assert abs(got['difference'] - 7 / 36) < 1e-12
+  assert abs(got['stderr'] - diffs.std(ddof=1) / np.sqrt(3)) < 1e-12
+  assert abs(got['stderr'] - np.sqrt(((14 / 36) ** 2 * 2 + (28 / 36) ** 2) / 2 / 3)) < 1e-12
+  assert (got['wins'], got['ties'], got['losses'], got['queries']) == (2, 0, 1, 3)
 
 
 def test_code_in_a_rank_pickle_is_refused(tmp_path):
