@@ -6,7 +6,8 @@
   result.ids, result.scores, result.captions      # most influential first
 
 Inside: the base feature φ of (image, prompt), the distilled embedding g(φ) (jitted), and a ScaNN
-search over the embedded training set. Scores are the student's predicted rank fraction
+search over the embedded training set, or, with `rerank_candidates` M in the student's config, a
+ScaNN search over φ for its top M, which the student then orders. Scores are the student's predicted rank fraction
 sigmoid(a·cos + b) ∈ (0, 1): 0 = the teacher's most influential image, 1 = its least. Thread-safe:
 the jitted functions, the ScaNN searcher and the tokenizer are only read after `load`.
 """
@@ -25,6 +26,16 @@ from attrib.embedder import unit_rows
 from attrib.index import IndexFileError, load_any
 from core.errors import UserError
 from core.paths import as_path, is_remote
+from core.workdir import load_npy
+
+
+def rerank_by_student(ids_qk: np.ndarray, student_key_qk: np.ndarray, m: int) -> np.ndarray:
+  """Column order per row: the first `m` columns (the base feature's top m) sorted by descending
+  student key (stable: ties keep φ's order), then the remaining columns as they were."""
+  m = min(m, ids_qk.shape[1])
+  head = np.argsort(-student_key_qk[:, :m], axis=1, kind='stable')
+  tail = np.broadcast_to(np.arange(m, ids_qk.shape[1]), (len(ids_qk), ids_qk.shape[1] - m))
+  return np.concatenate([head, tail], axis=1)
 
 
 class AttributionError(UserError):
@@ -41,8 +52,10 @@ class Attribution:
 
 class Attributor:
 
-  def __init__(self, workdir, graphdef, params, index, featurizer, captions, images):
+  def __init__(self, workdir, graphdef, params, index, featurizer, captions, images, rerank=None):
     self.workdir, self.index, self.featurizer = workdir, index, featurizer
+    # (index over unit φ, unit student embeddings of the training set, M) or None.
+    self.rerank = rerank
     self.captions, self.train_images = captions, images
     model = nnx.merge(graphdef, params)
     self.scale, self.offset = float(params['scale']), float(params['offset'])
@@ -55,6 +68,12 @@ class Attributor:
     if index.dim != output_dim:
       raise IndexFileError(f'{workdir}/student/index holds {index.dim}-d rows but the embedder outputs '
                            f'{output_dim}-d: the index was built for another model; rebuild it')
+    if rerank is not None:
+      base_index, embeddings, _ = rerank
+      if base_index.dim != self.input_dim or not len(base_index) == len(embeddings) == len(index):
+        raise IndexFileError(f'{workdir}/student/base_index holds {len(base_index)} rows of {base_index.dim}-d, '
+                             f'for {len(embeddings)} embedded training images of {self.input_dim}-d features: '
+                             'it was built for another training set; rerun distill')
 
   @classmethod
   def load(cls, workdir: str | Path) -> 'Attributor':
@@ -70,7 +89,14 @@ class Attributor:
       from attrib.features import DigitFeaturizer, digit_feature_sets
       featurizer = (DigitFeaturizer(workdir), run.config.feature)
       images, captions = digit_feature_sets(workdir)['train']
-    return cls(workdir, graphdef, params, index, featurizer, captions, images)
+    rerank = None
+    if run.config.rerank_candidates:
+      from attrib.distill import BASE_INDEX
+      embeddings_path = student_dir(workdir) / 'embeddings.npy'
+      if not embeddings_path.is_file():
+        raise IndexFileError(f'{embeddings_path} not found: rerun `launch.py attrib distill --workdir {workdir}`')
+      rerank = (load_any(student_dir(workdir) / BASE_INDEX), load_npy(embeddings_path), run.config.rerank_candidates)
+    return cls(workdir, graphdef, params, index, featurizer, captions, images, rerank)
 
   # ------------------------------------------------------------------ inputs
   def _image(self, image) -> np.ndarray:
@@ -131,8 +157,16 @@ class Attributor:
     if features.ndim != 2 or features.shape[1] != self.input_dim:
       raise AttributionError(f'features of shape {features.shape}: the embedder takes [b, {self.input_dim}]')
     query = np.asarray(self._embed(features))
-    ids, dots = self.index.search(self.sign * query, k)
-    cosine = self.sign * dots
+    if self.rerank is None:
+      ids, dots = self.index.search(self.sign * query, k)
+      cosine = self.sign * dots
+    else:
+      base_index, embeddings, m = self.rerank
+      m = min(m, len(base_index))
+      ids, _ = base_index.search(np.asarray(unit_rows(features)), max(m, k))
+      cosine = np.einsum('qd,qkd->qk', query, embeddings[ids])
+      order = rerank_by_student(ids, self.sign * cosine, m)[:, :k]
+      ids, cosine = np.take_along_axis(ids, order, axis=1), np.take_along_axis(cosine, order, axis=1)
     scores = 1 / (1 + np.exp(-(self.scale * cosine + self.offset)))
     return [Attribution(ids=i, scores=s, cosine=c,
                         captions=None if self.captions is None else [self.captions[j] for j in i])

@@ -33,6 +33,7 @@ from core.paths import absolute, as_path, is_remote
 from core.workdir import load_npy, save_npy_atomic, versions, write_json_atomic
 
 STUDENT_DIR = 'student'
+BASE_INDEX = 'base_index'  # index over unit φ, for FastGDAConfig.rerank_candidates
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
 
 
@@ -167,12 +168,22 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
   progress.say(f'distill: building the ScaNN index over {len(embeddings)} rows')
   index = Index.build(embeddings, None, run.config.index)
   index.save(out / 'index')
+  indexes = {'index': index}
+  if run.config.rerank_candidates:
+    progress.say(f'distill: building the ScaNN index over the base feature (top {run.config.rerank_candidates} '
+                 'reranked by the student)')
+    indexes['base_index'] = Index.build(np.asarray(unit_rows(np.asarray(train_feats, np.float32))), None,
+                                        run.config.index)
+    indexes['base_index'].save(out / BASE_INDEX)
   val_loss = pair_losses(graphdef, params, val_query_feats, train_feats, val_ranks) if len(val_ranks) else None
-  k = index.meta['k']
+
+  def summary(built):
+    k = built.meta['k']
+    return ({key: built.meta[key] for key in ('kind', 'rows', 'dim', 'k', 'build_s')}
+            | {f'recall_at_{k}': built.meta[f'recall_at_{k}']})
   return {'student_step': step, 'scale_a': scale, 'offset_b': float(params['offset']),
           'most_influential_is': 'highest cosine' if scale < 0 else 'lowest cosine',
-          'val_loss': val_loss, 'index': {key: index.meta[key] for key in ('kind', 'rows', 'dim', 'k', 'build_s')}
-          | {f'recall_at_{k}': index.meta[f'recall_at_{k}']}}
+          'val_loss': val_loss, **{name: summary(built) for name, built in indexes.items()}}
 
 
 def rebuild_index_command(workdir: str, shards: int = 1) -> dict:

@@ -64,3 +64,12 @@ class FastGDAConfig:
   embedder: EmbedderConfig = EmbedderConfig()
   distill: DistillConfig = DistillConfig()
   index: IndexConfig = IndexConfig()
+  # 0 (FastGDA): search the index of student embeddings over the whole training set. M > 0: take the
+  # base feature's top M (an index over unit φ), order them by the student, and let the rest follow in
+  # φ's order. Meant for teacher data whose candidates were φ's own top M (the digits): the student
+  # then orders exactly the kind of set it was trained on, and φ keeps the tail it was not taught.
+  rerank_candidates: int = 0
+
+  def __post_init__(self):
+    if self.rerank_candidates < 0:
+      raise ConfigError(f'rerank_candidates must be >= 0 (0 = no reranking), got {self.rerank_candidates}')

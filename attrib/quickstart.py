@@ -60,7 +60,7 @@ def run(workdir: Path, full: bool = False, stage_prefix: str = 'attribution') ->
   clock.lap('pictures')
   student = f'FastGDA({config.feature})'
   first = f'mAP({config.map_at[0]})'
-  base = {k: v[first]['mean'] for k, v in evaluation['map'].items() if k != student}
+  base = {k: v[first]['mean'] for k, v in evaluation['map'].items() if not k.startswith('FastGDA')}
   return {'model_samples_class_agreement': model.get('samples', {}).get('nearest_neighbour_class_agreement'),
           'map_at': first, 'base_features': base, 'best_base_feature': max(base, key=base.get),
           'student': evaluation['map'][student][first]['mean'], 'latency_ms': evaluation['latency_ms'],

@@ -75,6 +75,39 @@ def test_features_distill_and_eval_results(pipeline):
   assert evaluation['latency_ms']['with_features'] is True and evaluation['teacher_s_per_query'] > 0
 
 
+def test_attributor_reranks_the_base_features_top_m_as_eval_does(pipeline, tmp_path):
+  import shutil
+  from attrib import Attributor
+  from attrib.attributor import rerank_by_student
+  from attrib.evaluation import rank_by_cosine
+  from attrib.index import IndexFileError
+  from attrib.student_data import load_features
+  distilled = json.loads((pipeline / 'distill_result.json').read_text())
+  assert distilled['base_index']['rows'] == 1600 and distilled['base_index']['dim'] == 256 + 384
+  evaluation = json.loads((pipeline / 'eval_result.json').read_text())
+  assert {'FastGDA(pixels+text)', 'FastGDA(pixels+text) no rerank'} <= set(evaluation['map'])
+  attributor = Attributor.load(pipeline)
+  assert attributor.rerank[2] == 96
+  features = pipeline / 'features' / 'pixels+text'
+  train, test = np.asarray(load_features(features, 'train')), np.asarray(load_features(features, 'test_queries'))
+  answers = attributor.attribute_batch(features=test, k=120)
+  # The same ranking built by hand: φ's exact top 96 by cosine, ordered by the student's cosine.
+  student = np.asarray(attributor._embed(test)) @ np.load(pipeline / 'student' / 'embeddings.npy').T
+  base = rank_by_cosine(test, train)
+  for answer, row_base, row_student in zip(answers, base, attributor.sign * student):
+    head = row_base[:96][np.argsort(-row_student[row_base[:96]], kind='stable')]
+    np.testing.assert_array_equal(answer.ids, np.concatenate([head, row_base[96:120]]))
+    assert set(answer.ids[:96]) == set(row_base[:96])
+    assert np.all(np.diff(answer.scores[:96]) >= -1e-6)  # most influential (lowest) first within the M
+  order = rerank_by_student(base[:, :120], np.take_along_axis(attributor.sign * student, base[:, :120], axis=1), 96)
+  np.testing.assert_array_equal(np.stack([a.ids for a in answers]), np.take_along_axis(base[:, :120], order, axis=1))
+  copy = tmp_path / 'work'
+  shutil.copytree(pipeline, copy)
+  shutil.rmtree(copy / 'student' / 'base_index')
+  with pytest.raises(IndexFileError, match='base_index'):
+    Attributor.load(copy)
+
+
 def test_attributor_from_image_and_prompt(pipeline, tmp_path):
   from attrib import Attributor, AttributionError
   attributor = Attributor.load(pipeline)

@@ -9,6 +9,7 @@ import pytest
 
 from attrib.evaluation import average_precision, mean_average_precision, paired_comparison
 from attrib.student_data import StudentDataError, load_rank_pickle
+from core.errors import ConfigError
 from launch import main as launch_main
 from tests.helpers import CPU1, CPU8
 
@@ -174,6 +175,20 @@ def test_paired_comparison_by_hand():
   assert abs(got['stderr'] - diffs.std(ddof=1) / np.sqrt(3)) < 1e-12
   assert abs(got['stderr'] - np.sqrt(((14 / 36) ** 2 * 2 + (28 / 36) ** 2) / 2 / 3)) < 1e-12
   assert (got['wins'], got['ties'], got['losses'], got['queries']) == (2, 0, 1, 3)
+
+
+def test_rerank_by_student_by_hand():
+  from attrib.attributor import rerank_by_student
+  from attrib.fastgda_config import FastGDAConfig
+  ids = np.array([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
+  key = np.array([[0.1, 0.9, 0.5, 5.0, 6.0], [0.3, 0.3, 0.7, -1.0, 9.0]])
+  order = rerank_by_student(ids, key, 3)
+  # Row 0: the first three by descending key (11, 12, 10), then 13, 14 untouched whatever their key.
+  # Row 1: 22 first, then the tie 20 / 21 kept in φ's order.
+  np.testing.assert_array_equal(np.take_along_axis(ids, order, axis=1), [[11, 12, 10, 13, 14], [22, 20, 21, 23, 24]])
+  np.testing.assert_array_equal(rerank_by_student(ids, key, 9)[0], [4, 3, 1, 2, 0])  # m past the row: all sorted
+  with pytest.raises(ConfigError, match='rerank_candidates'):
+    FastGDAConfig(rerank_candidates=-1)
 
 
 def test_code_in_a_rank_pickle_is_refused(tmp_path):
