@@ -7,8 +7,9 @@
 
 Inside: the base feature φ of (image, prompt), the distilled embedding g(φ) (jitted), and a ScaNN
 search over the embedded training set, or, with `rerank_candidates` M in the student's config, a
-ScaNN search over φ for its top M, which the student then orders. Scores are the student's predicted rank fraction
-sigmoid(a·cos + b) ∈ (0, 1): 0 = the teacher's most influential image, 1 = its least. Thread-safe:
+ScaNN search over φ for its top M, which the student then orders. Scores are the student's
+predicted rank fraction sigmoid(a·cos + b) ∈ (0, 1): 0 = the teacher's most influential image, 1 =
+its least (ascending within the M when reranking; past them φ's order rules). Thread-safe:
 the jitted functions, the ScaNN searcher and the tokenizer are only read after `load`.
 """
 from __future__ import annotations
