@@ -147,7 +147,9 @@ def test_student_on_gs_equals_the_local_one(gcs, tmp_path, tmp_path_factory):
   config = tmp_path_factory.mktemp('config') / 'student.py'
   config.write_text(CONFIG)
   local = tmp_path_factory.mktemp('local') / 'student'
-  common = ['--config', str(config), '--tpu', CPU1, '--set', 'distill.seed=1', '--set', 'distill.epochs=2']
+  # With a reranked search, so that the base feature's index goes to the bucket and back too.
+  common = ['--config', str(config), '--tpu', CPU1, '--set', 'distill.seed=1', '--set', 'distill.epochs=2',
+            '--set', 'rerank_candidates=30']
   from launch import main as launch_main
   assert launch_main(['attrib', 'distill', '--workdir', str(local), '--features', str(release / 'feats' / 'toy'),
                       '--ranks', str(release / 'influence_train.pkl'), *common]) == 0
@@ -175,7 +177,8 @@ print(json.dumps([[a.ids.tolist() for a in Attributor.load(x).attribute_batch(fe
   objects = _objects(url, 'student/')
   assert {'student/distill_result.json', 'student/index_result.json', 'student/eval_result.json',
           'student/student/config.json', 'student/student/embeddings.npy', 'student/student/metrics.jsonl',
-          'student/student/index/shards.json', 'student/student/index/shard_00001/index.json'} <= set(objects)
+          'student/student/index/shards.json', 'student/student/index/shard_00001/index.json',
+          'student/student/base_index/index.json'} <= set(objects)
   assert _read(url, 'student/student/embeddings.npy') == (local / 'student' / 'embeddings.npy').read_bytes()
   stored = json.loads(_read(url, 'student/student/config.json'))
   assert stored['features'] == f'gs://{BUCKET}/release/feats/toy'  # not resolved into a local path
