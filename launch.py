@@ -1,6 +1,6 @@
 """The one CLI. Parses a command line and dispatches to a job; holds no logic of its own.
 
-  python launch.py quickstart                       # tiny LVM on built-in digits: shards, train, eval
+  python launch.py quickstart                       # both halves on the built-in digits: tiny LVM, then attribution
   python launch.py lvm train --config lvm/configs/tiny.py --tpu tpu_configs/cpu_8.py --workdir DIR [--set k=v ...]
   python launch.py lvm eval --workdir DIR --data PATH
   python launch.py lvm import-hf --hf-dir HF_DIR --workdir DIR
@@ -13,6 +13,11 @@
   python launch.py attrib import-diffusers --weights model.bin --workdir DIR [--set data.train_path=latents:D]
   python launch.py attrib teacher --workdir DIR --queries N --candidates M|all [--query-dir D] [--neighbours F]
   python launch.py attrib counterfactual --workdir DIR --k K --queries Q --seeds S
+  python launch.py attrib features --workdir DIR [--feature pixels+text] [--dino D --clip C --train-list TSV ...]
+  python launch.py attrib distill --workdir DIR [--features FEATS_DIR --ranks influence_train.pkl]
+  python launch.py attrib index --workdir DIR [--shards S]
+  python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]
+  python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png]
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
   python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check   # fits?
   python launch.py tpu create|copy|setup|run|status|logs|stop|delete|ssh --tpu tpu_configs/v4_32.py --name NAME [...]
