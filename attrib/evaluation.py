@@ -135,22 +135,27 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
     result['student_minus_best_base'] = table[f'FastGDA({config.feature})'][first]['mean'] - table[best_base][first]['mean']
     result['student_vs_best_base'] = {'feature': best_base,
                                       **paired_comparison(student, rankings[best_base], teacher, config.map_at)}
+  if config.feature in rankings and config.feature != best_base:  # what distillation added to its own input
+    result['student_vs_own_base'] = {'feature': config.feature,
+                                     **paired_comparison(student, rankings[config.feature], teacher, config.map_at)}
   write_json_atomic(workdir / 'eval_result.json', result)
   _print_table(result, config.map_at)
   return result
 
 
 def _print_table(result: dict, map_at) -> None:
-  lines = ['', f'{"ranking":<32}' + ''.join(f'{f"mAP({l})":>18}' for l in map_at)]
+  width = max(32, *(len(name) + 2 for name in result['map']))  # long feature names keep the columns
+  lines = ['', f'{"ranking":<{width}}' + ''.join(f'{f"mAP({l})":>18}' for l in map_at)]
   for name, row in result['map'].items():
     cells = ''.join(f'{row[k]["mean"]:>10.3f} ± {row[k]["stderr"]:.3f}' if k in row else f'{"-":>18}'
                     for k in (f'mAP({l})' for l in map_at))
-    lines.append(f'{name:<32}{cells}')
-  paired = result.get('student_vs_best_base')
-  if paired:
-    cells = '; '.join(f'{k} {v["difference"]:+.3f} ± {v["stderr"]:.3f}, ahead on {v["wins"]}/{v["queries"]}'
-                      for k, v in paired.items() if k.startswith('mAP'))
-    lines.append(f'student − {paired["feature"]}, per query: {cells}')
+    lines.append(f'{name:<{width}}{cells}')
+  for key in ('student_vs_best_base', 'student_vs_own_base'):
+    paired = result.get(key)
+    if paired:
+      cells = '; '.join(f'{k} {v["difference"]:+.3f} ± {v["stderr"]:.3f}, ahead on {v["wins"]}/{v["queries"]}'
+                        for k, v in paired.items() if k.startswith('mAP'))
+      lines.append(f'student − {paired["feature"]}, per query: {cells}')
   lat = result['latency_ms']
   lines.append(f'attribute(): p50 {lat["p50"]:.2f} ms, p95 {lat["p95"]:.2f} ms'
                + (f'; teacher {result["teacher_s_per_query"]:.1f} s per query, '

@@ -67,6 +67,7 @@ def run(workdir: Path, full: bool = False, stage_prefix: str = 'attribution') ->
           'teacher_s_per_query': evaluation['teacher_s_per_query'],
           'speedup_vs_teacher': evaluation['speedup_vs_teacher'], 'scale_a': distilled.get('scale_a'),
           'student_vs_best_base': evaluation.get('student_vs_best_base'),
+          'student_vs_own_base': evaluation.get('student_vs_own_base'),
           'pictures': pictures, 'stage_seconds': clock.stages}
 
 
@@ -95,6 +96,11 @@ def print_summary(summary: dict) -> None:
   if paired and summary['student_vs_best_base']['feature'] == best:
     line += f"; per query {paired['difference']:+.3f} ± {paired['stderr']:.3f}, ahead on {paired['wins']}/{paired['queries']}"
   lines.append(line + ')')
+  own = summary.get('student_vs_own_base')
+  if own and own.get(summary['map_at']):
+    paired = own[summary['map_at']]
+    lines.append(f"  distilled against its own input {own['feature']}: per query {paired['difference']:+.3f} ± "
+                 f"{paired['stderr']:.3f}, ahead on {paired['wins']}/{paired['queries']}")
   lat = summary['latency_ms']
   teacher = summary['teacher_s_per_query']
   lines.append(f"  attribute(): p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms (features included)"

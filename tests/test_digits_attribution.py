@@ -73,6 +73,17 @@ def test_features_distill_and_eval_results(pipeline):
   evaluation = json.loads((pipeline / 'eval_result.json').read_text())
   assert set(evaluation['map']) >= {'pixels+text', 'pixels', 'text', 'FastGDA(pixels+text)'}
   assert evaluation['latency_ms']['with_features'] is True and evaluation['teacher_s_per_query'] > 0
+  # The student is compared query by query with the best base feature and, when that is another
+  # one, with its own input φ: each difference is the table's difference of means.
+  table, first = evaluation['map'], 'mAP(8)'
+  comparisons = [evaluation['student_vs_best_base']] + (
+      [evaluation['student_vs_own_base']] if evaluation['student_vs_best_base']['feature'] != 'pixels+text' else [])
+  assert 'student_vs_own_base' in evaluation or comparisons[0]['feature'] == 'pixels+text'
+  for paired in comparisons:
+    expected = table['FastGDA(pixels+text)'][first]['mean'] - table[paired['feature']][first]['mean']
+    assert abs(paired[first]['difference'] - expected) < 1e-9
+  if len(comparisons) == 2:
+    assert comparisons[1]['feature'] == 'pixels+text'
 
 
 def test_attributor_reranks_the_base_features_top_m_as_eval_does(pipeline, tmp_path):

@@ -130,3 +130,37 @@ def test_curation_job_resumes_per_query(tmp_path):
   records = read_rank_records(work / 'teacher' / 'ranks.arrayrecord')
   assert [r['query'] for r in records] == [0, 1] and all(len(r['ranked_ids']) == 20 for r in records)
   np.testing.assert_array_equal(records[0]['ranked_ids'], kept['ranked_ids'])
+
+
+def test_more_queries_keep_the_stored_ones_bit_for_bit(tmp_path, monkeypatch):
+  """Extending a split (`attrib teacher --queries 50` after 10) generates only the new queries: the
+  stored images, which earlier rankings were computed on, must not be regenerated in other batches."""
+  import types
+
+  from attrib import curation
+  calls = []
+
+  def fake_generate(graphdef, params, config, context, uncond, seed, desc):
+    calls.append(list(seed))
+    # Depends on the batch size, as a real batched sampler's rounding may: regenerating would show.
+    return np.stack([np.full((2, 2, 1), s + 0.001 * len(seed), np.float32) for s in seed])
+
+  monkeypatch.setattr(curation, 'generate', fake_generate)
+  captions = [f'a handwritten {d}' for d in ('zero', 'one', 'two', 'three', 'four', 'five')] * 8
+  data = types.SimpleNamespace(held_out_captions=captions, uncond=None,
+                               text_encoder=lambda prompts: (np.zeros((len(prompts), 3, 4), np.float32),))
+  out = tmp_path / 'queries.npz'
+  first, prompts3 = curation.make_queries(None, None, None, data, 3, out, 'test')
+  assert calls == [[0, 1, 2]]
+  images, prompts = curation.make_queries(None, None, None, data, 20, out, 'test')
+  assert calls[1:] == [list(range(3, 19)), [19]]  # only the new ones, in batches of 16
+  np.testing.assert_array_equal(images[:3], first)
+  np.testing.assert_array_equal(images[3:, 0, 0, 0], np.r_[np.arange(3, 19) + 0.016, 19.001].astype(np.float32))
+  assert prompts[:3] == prompts3 and len(prompts) == 20
+  again, _ = curation.make_queries(None, None, None, data, 5, out, 'test')  # fewer: read back
+  np.testing.assert_array_equal(again, images[:5])
+  assert len(calls) == 3
+
+  data.held_out_captions = ['a thick handwritten nine'] * 48  # another model's prompts: refused
+  with pytest.raises(curation.ConfigError, match=r"queries.npz: query 0 was made from the prompt 'a handwritten zero'"):
+    curation.make_queries(None, None, None, data, 25, out, 'test')
