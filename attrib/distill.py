@@ -9,6 +9,7 @@ WORKDIR/distill_result.json.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -123,15 +124,28 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
 
   out = student_dir(workdir)
   stored_path = out / 'config.json'
+  trained_on = training_inputs(ranks, query_feats, train_feats, config)
+  run_ranks = absolute(ranks_path)
   if stored_path.is_file():
     stored = load_student_run(workdir)
     if stored.config.embedder != config.embedder or stored.features != absolute(features_dir):
       raise ConfigError(f'{out} holds a student of {stored.features} with {stored.config.embedder}; '
                         f'use a new --workdir for {features_dir} with {config.embedder}')
+    # A rerun resumes from the student's checkpoint (and more distill.epochs continue it): only with
+    # the same rankings and settings, or the resumed student would mix two trainings silently.
+    recorded = json.loads(stored_path.read_text()).get('trained_on')
+    # A student from before the inputs were recorded: its settings and its rankings' path.
+    before = recorded or {**training_inputs(None, None, None, stored.config), 'ranks': stored.ranks}
+    now = {**trained_on, 'ranks': run_ranks}
+    changed = sorted(k for k in before if before[k] != now.get(k))
+    if changed:
+      raise ConfigError(f'{out} holds a student trained on other inputs ({", ".join(changed)} changed: '
+                        f'{ {k: before[k] for k in changed} } then, { {k: now.get(k) for k in changed} } now); '
+                        f'move {out} away or use a new --workdir to train a new one')
   out.mkdir(parents=True, exist_ok=True)
   run = StudentRun(config, absolute(features_dir), absolute(ranks_path), tpu)
   write_json_atomic(stored_path, {'config': to_dict(config), 'features': run.features, 'ranks': run.ranks,
-                                  'tpu': tpu})
+                                  'tpu': tpu, 'trained_on': trained_on})
   progress.say(f'distill: {len(train_ranks)} queries x {train_ranks.shape[1]} candidates = {pairs} pairs, '
                f'{d.epochs} epochs of batch {d.batch} ({steps} updates); {d.val_queries} queries held out')
 
@@ -154,6 +168,18 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   result.update(stage_seconds=clock.stages, wall_s=clock.elapsed(), versions=versions())
   write_json_atomic(workdir / 'distill_result.json', result)
   return result
+
+
+def training_inputs(ranks: np.ndarray, query_feats, train_feats, config: FastGDAConfig) -> dict:
+  """What a student's training depends on, apart from the epoch count: the rankings' content, the
+  feature rows, and the distillation settings (a checkpoint may only be resumed under the same)."""
+  settings = {f'distill.{k}': v for k, v in dataclasses.asdict(config.distill).items()
+              if k not in ('epochs', 'log_every')}
+  if ranks is None:  # the settings alone (a student from before the inputs were recorded)
+    return settings
+  digest = hashlib.sha256(np.ascontiguousarray(ranks).tobytes()).hexdigest()[:16]
+  return {'ranks_sha256': digest, 'ranks_shape': list(ranks.shape), 'query_rows': len(query_feats),
+          'train_rows': len(train_feats), **settings}
 
 
 def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_feats: np.ndarray) -> dict:

@@ -132,7 +132,7 @@ def test_sharded_training_matches_one_device(release, tmp_path):
   assert_network_close(eight, one, reduction_length=(24 + 64 + 64 + 32 + 512) * 30, what='distill losses')
 
 
-def test_resumed_distillation_equals_uninterrupted(release, tmp_path):
+def test_resumed_distillation_equals_uninterrupted(release, tmp_path, capsys):
   assert _distill(release, tmp_path / 'straight', CPU1, ['--set', 'distill.epochs=2']) == 0
   assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=1']) == 0
   # Same workdir and features: a longer run continues from the checkpoint, pairs and outliers included.
@@ -144,6 +144,35 @@ def test_resumed_distillation_equals_uninterrupted(release, tmp_path):
   assert len(common) >= 7 and common[-1] == 74 and [a[s] for s in common] == [b[s] for s in common]
   np.testing.assert_array_equal(np.load(tmp_path / 'straight' / 'student' / 'embeddings.npy'),
                                 np.load(tmp_path / 'resumed' / 'student' / 'embeddings.npy'))
+
+  # Other rankings or settings must not resume this student (it would mix two trainings): refused,
+  # naming what changed, before anything is written.
+  student = tmp_path / 'resumed' / 'student'
+  stored = (student / 'config.json').read_text()
+  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=2', '--set', 'distill.seed=2']) == 2
+  err = capsys.readouterr().err
+  assert str(student) in err and 'distill.seed' in err and 'ranks_sha256' not in err
+  ranks = load_rank_pickle(release / 'influence_train.pkl').copy()
+  ranks[0, [0, 1]] = ranks[0, [1, 0]]  # one query's top two swapped
+  other = tmp_path / 'other'
+  other.mkdir()
+  with open(other / 'influence_train.pkl', 'wb') as f:
+    pickle.dump({'random': {'rank': ranks}}, f)
+  code = launch_main(['attrib', 'distill', '--config', str(release / 'config.py'), '--workdir', str(tmp_path / 'resumed'),
+                      '--tpu', CPU1, '--features', str(release / 'feats' / 'toy'), '--ranks', str(other / 'influence_train.pkl'),
+                      '--set', 'distill.seed=1', '--set', 'distill.epochs=2'])
+  assert code == 2 and 'ranks_sha256' in capsys.readouterr().err
+  assert (student / 'config.json').read_text() == stored
+  np.testing.assert_array_equal(np.load(tmp_path / 'straight' / 'student' / 'embeddings.npy'),
+                                np.load(student / 'embeddings.npy'))
+  # A student from before the inputs were recorded is held to its stored settings and rankings' path.
+  legacy = json.loads(stored)
+  legacy.pop('trained_on')
+  (student / 'config.json').write_text(json.dumps(legacy))
+  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=2', '--set', 'distill.seed=2']) == 2
+  assert 'distill.seed' in capsys.readouterr().err
+  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=2']) == 0  # the same: resumes
+  assert 'trained_on' in json.loads((student / 'config.json').read_text())
 
 
 def test_map_equals_scikit_learn():
