@@ -144,7 +144,7 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
 
 
 def _print_table(result: dict, map_at) -> None:
-  width = max(32, *(len(name) + 2 for name in result['map']))  # long feature names keep the columns
+  width = max([32] + [len(name) + 2 for name in result['map']])  # long feature names keep the columns
   lines = ['', f'{"ranking":<{width}}' + ''.join(f'{f"mAP({l})":>18}' for l in map_at)]
   for name, row in result['map'].items():
     cells = ''.join(f'{row[k]["mean"]:>10.3f} ± {row[k]["stderr"]:.3f}' if k in row else f'{"-":>18}'
