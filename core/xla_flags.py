@@ -7,10 +7,19 @@
   convolutions 5.5 -> 3.5 ms, whole forward 0.32 -> 0.22 s; the LVM train step is unchanged
   (1007 -> 1025 tokens/s). The flag is experimental, and an XLA that does not know a flag aborts at
   start-up, so it is only added for the jaxlib series it was measured on.
+
+`launch.py`, the tests and the benchmarks set these before jax starts. A script that imports the
+package instead (`from attrib import Attributor`, or the jobs themselves) gets the same flags from
+`apply_library_defaults()`, which `core/__init__.py` runs: XLA reads XLA_FLAGS when its first backend
+starts, not when jax is imported, so this works whatever the import order, as long as nothing has
+run on a device yet.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import os
+import sys
 
 _TESTED_JAXLIB_SERIES = '0.10.'
 _YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
@@ -30,9 +39,47 @@ def cpu_xla_flags(existing: str, device_count: int | None = None) -> str:
   return ' '.join(flags)
 
 
+def _accelerator_runtime_installed() -> bool:
+  """libtpu or a CUDA/ROCm plugin: their XLA parses XLA_FLAGS too and may not know the CPU flag."""
+  if importlib.util.find_spec('libtpu') is not None:
+    return True
+  try:
+    plugins = importlib.util.find_spec('jax_plugins')
+  except (ImportError, ValueError):
+    plugins = None
+  return plugins is not None
+
+
+def _backends_started() -> bool:
+  if 'jax' not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    return True  # cannot tell: leave XLA_FLAGS alone rather than report flags that are not in effect
+
+
+def apply_library_defaults() -> bool:
+  """Add the CPU flags for a process that did not come through launch.py; True if XLA_FLAGS changed.
+
+  No forced device count (that is the preset's choice). Nothing happens once a backend has started,
+  or where an accelerator runtime is installed unless JAX_PLATFORMS=cpu. A flag the user set wins.
+  """
+  if _accelerator_runtime_installed() and os.environ.get('JAX_PLATFORMS', '').strip() != 'cpu':
+    return False
+  if _backends_started():
+    return False
+  existing = os.environ.get('XLA_FLAGS', '')
+  updated = cpu_xla_flags(existing)
+  if updated == existing:
+    return False
+  os.environ['XLA_FLAGS'] = updated
+  return True
+
+
 def cpu_isa_summary() -> dict:
   """The machine a number was measured on: CPU model, cores, widest vector ISA, XLA flags in effect."""
-  import os
   model, flags = 'unknown', set()
   try:
     for line in open('/proc/cpuinfo'):
