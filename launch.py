@@ -195,6 +195,12 @@ def _attribution_quickstart(args, workdir: Path) -> dict:
   return json.loads((workdir / 'quickstart_result.json').read_text())['attribution']
 
 
+def quickstart_workdir(args) -> Path:
+  # --full gets its own workdir: in the quick one it would continue the 400-step model (on another
+  # schedule) under rankings made with it, which the teacher refuses to mix.
+  return Path(args.workdir or ('runs/quickstart_full' if args.full else 'runs/quickstart'))
+
+
 def quickstart(args) -> dict:
   """Both halves end to end on CPU: the LVM (tokenizer -> visual sentences -> train -> eval) and
   attribution (diffusion model -> teacher -> features -> distilled embedder + index -> eval -> PNGs)."""
@@ -202,7 +208,7 @@ def quickstart(args) -> dict:
   from core.errors import ConfigError
   if args.lvm_only and args.attribution_only:
     raise ConfigError('--lvm-only and --attribution-only exclude each other')
-  workdir = Path(args.workdir)
+  workdir = quickstart_workdir(args)
   clock = progress.Stopwatch()
   lvm = None if args.attribution_only else _lvm_quickstart(args, workdir, clock)
   attribution = None
@@ -271,7 +277,7 @@ def _run(argv: list[str]) -> int:
     p.add_argument('--process-id', type=int, default=0)
 
   q = sub.add_parser('quickstart', help='both halves on the built-in digits: the tiny LVM, then attribution')
-  q.add_argument('--workdir', default='runs/quickstart')
+  q.add_argument('--workdir', help='default runs/quickstart (runs/quickstart_full with --full)')
   q.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_8.py'))
   q.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='LVM config fields')
   q.add_argument('--set-tokenizer', action='append', default=[], metavar='KEY=VALUE', help='tokenizer config fields')

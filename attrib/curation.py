@@ -178,6 +178,43 @@ def _local_teacher_mesh(mesh, params):
   return Mesh(np.array(jax.local_devices()).reshape(-1, 1, 1), MESH_AXES), full
 
 
+SETTINGS_FILE = 'settings.json'
+
+
+def check_same_ranking_settings(workdir: Path, split: str, now: dict) -> None:
+  """A rerun only adds queries ranked the way the stored ones were: same teacher settings, candidates,
+  model step, neighbours and query source. Otherwise one split would hold rankings of two kinds, which
+  the student and the evaluation would mix without a word. Refused before anything is computed.
+
+  Splits ranked before this file existed are held to the settings in their last `*_result.json`."""
+  out = workdir / SPLIT_DIRS[split]
+  stored_queries = (out / 'queries').exists() and any((out / 'queries').glob('query_*.npz'))
+  if not stored_queries:
+    return
+  settings_path = out / SETTINGS_FILE
+  if settings_path.exists():
+    before, source = json.loads(settings_path.read_text()), settings_path
+  else:
+    result_path = workdir / f'{SPLIT_DIRS[split]}_result.json'
+    if not result_path.exists():
+      return  # nothing records how the stored queries were ranked
+    result = json.loads(result_path.read_text())
+    before = {'teacher': result.get('teacher'), 'candidates': result.get('candidates'),
+              'model_step': result.get('model_step')}
+    source = result_path
+  changed = []
+  for key, then in before.items():
+    if key == 'teacher':
+      changed += [f'{name}: {then.get(name)!r} then, {value!r} now' for name, value in now['teacher'].items()
+                  if name in then and then[name] != value]
+    elif then != now.get(key):
+      changed.append(f'{key}: {then!r} then, {now.get(key)!r} now')
+  if changed:
+    raise ConfigError(f'{out}: its stored queries were ranked with other settings ({"; ".join(changed)}; '
+                      f'recorded in {source}). Rerun with the same settings to add queries, or rank into '
+                      f'another workdir (or move {out} away) to start over.')
+
+
 def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: str | None,
                     overrides: list[str], query_dir: str | None = None, neighbours: str | None = None,
                     split: str = 'test') -> dict:
@@ -198,6 +235,11 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   (out / 'queries').mkdir(parents=True, exist_ok=True)
   started = time.time()
   graphdef, params, mesh, preset, step = restore_unet(workdir, config, tpu_path or trained_tpu)
+  # candidate_batch only sizes the scoring calls (padding changes no loss), so it may change between runs.
+  ranked_under = {'teacher': {k: v for k, v in vars(teacher_config).items() if k != 'candidate_batch'},
+                  'candidates': candidates, 'model_step': step,
+                  'neighbours': neighbours, 'query_dir': query_dir}
+  check_same_ranking_settings(workdir, split, ranked_under)
   data_dir = training_set_dir(config)
   if data_dir is None:
     train, queries, train_features = _digits_setup(workdir, config, graphdef, params, num_queries, out, split)
@@ -235,6 +277,8 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
                  else np.full((train.num_flips, train.num_images), np.nan))
   features = train_features() if candidates != 'all' and neighbour_ids is None else None
 
+  if jax.process_index() == 0:
+    write_json_atomic(out / SETTINGS_FILE, ranked_under)
   done = 0
   mine = list(range(jax.process_index(), num_queries, jax.process_count()))
   todo = [q for q in mine if not (out / 'queries' / f'query_{q:05d}.npz').exists()]

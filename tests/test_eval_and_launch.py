@@ -109,3 +109,14 @@ def test_digit_captions_describe_the_images():
   assert len(both) >= 8
   for digit in both:  # within a class, 'thick' images carry more ink than 'thin' ones
     assert ink[thick & (labels == digit)].mean() > ink[thin & (labels == digit)].mean()
+
+
+def test_the_full_quickstart_defaults_to_its_own_workdir():
+  """In the quick run's workdir --full would continue the 400-step model under its rankings."""
+  import types
+  from pathlib import Path
+
+  from launch import quickstart_workdir
+  assert quickstart_workdir(types.SimpleNamespace(workdir=None, full=False)) == Path('runs/quickstart')
+  assert quickstart_workdir(types.SimpleNamespace(workdir=None, full=True)) == Path('runs/quickstart_full')
+  assert quickstart_workdir(types.SimpleNamespace(workdir='runs/mine', full=True)) == Path('runs/mine')

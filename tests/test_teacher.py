@@ -131,6 +131,25 @@ def test_curation_job_resumes_per_query(tmp_path):
   assert [r['query'] for r in records] == [0, 1] and all(len(r['ranked_ids']) == 20 for r in records)
   np.testing.assert_array_equal(records[0]['ranked_ids'], kept['ranked_ids'])
 
+  # More queries under other settings would mix two kinds of rankings in one split: refused, before
+  # anything is computed or written, naming what changed (`--debug` raises instead of printing).
+  from core.errors import ConfigError
+  written = {p.name: p.stat().st_mtime_ns for p in (work / 'teacher').rglob('*')}
+  with pytest.raises(ConfigError, match=r'teacher: its stored queries were ranked with other settings '
+                                        r'\(query_grad_samples: 8 then, 16 now;.*settings.json'):
+    main(['--debug', *args, '--queries', '3', '--set', 'query_grad_samples=16'])
+  with pytest.raises(ConfigError, match=r"candidates: '20' then, '30' now"):
+    main(['--debug', *args, '--queries', '3', '--candidates', '30'])
+  # A split ranked before settings.json existed is held to its last result file.
+  (work / 'teacher' / 'settings.json').unlink()
+  with pytest.raises(ConfigError, match=r'step_size: 0.01 then, 0.02 now;.*teacher_result.json'):
+    main(['--debug', *args, '--queries', '3', '--set', 'step_size=0.02'])
+  assert {p.name: p.stat().st_mtime_ns for p in (work / 'teacher').rglob('*')} == \
+      {name: t for name, t in written.items() if name != 'settings.json'}
+  # The scoring calls' batch size may change: it changes no score.
+  assert main([*args, '--queries', '3', '--set', 'candidate_batch=64']) == 0
+  assert json.loads((work / 'teacher_result.json').read_text())['scored_this_run'] == 1
+
 
 def test_more_queries_keep_the_stored_ones_bit_for_bit(tmp_path, monkeypatch):
   """Extending a split (`attrib teacher --queries 50` after 10) generates only the new queries: the
@@ -164,3 +183,26 @@ def test_more_queries_keep_the_stored_ones_bit_for_bit(tmp_path, monkeypatch):
   data.held_out_captions = ['a thick handwritten nine'] * 48  # another model's prompts: refused
   with pytest.raises(curation.ConfigError, match=r"queries.npz: query 0 was made from the prompt 'a handwritten zero'"):
     curation.make_queries(None, None, None, data, 25, out, 'test')
+
+
+def test_a_split_only_grows_under_the_settings_its_queries_were_ranked_with(tmp_path):
+  """The fast half of the check the slow job test above runs end to end."""
+  from attrib.curation import check_same_ranking_settings
+  from core.errors import ConfigError
+  settings = {'teacher': {'query_grad_samples': 64, 'score_timestep_stride': 100}, 'candidates': '96',
+              'model_step': 400, 'neighbours': None, 'query_dir': None}
+  check_same_ranking_settings(tmp_path, 'train', settings)  # nothing stored yet
+  queries = tmp_path / 'teacher_train' / 'queries'
+  queries.mkdir(parents=True)
+  (queries / 'query_00000.npz').write_bytes(b'')
+  check_same_ranking_settings(tmp_path, 'train', settings)  # stored, but nothing says how: accepted
+  (tmp_path / 'teacher_train_result.json').write_text(json.dumps(
+      {'teacher': {'query_grad_samples': 64, 'score_timestep_stride': 50, 'candidate_batch': 128},
+       'candidates': '96', 'model_step': 400}))
+  with pytest.raises(ConfigError, match=r'score_timestep_stride: 50 then, 100 now;.*teacher_train_result.json'):
+    check_same_ranking_settings(tmp_path, 'train', settings)
+  (tmp_path / 'teacher_train' / 'settings.json').write_text(json.dumps(settings))  # the file wins
+  check_same_ranking_settings(tmp_path, 'train', settings)
+  check_same_ranking_settings(tmp_path, 'test', dict(settings, model_step=2000))  # another split
+  with pytest.raises(ConfigError, match=r"candidates: '96' then, 'all' now; model_step: 400 then, 2000 now"):
+    check_same_ranking_settings(tmp_path, 'train', dict(settings, model_step=2000, candidates='all'))
