@@ -8,7 +8,7 @@
 Inside: the base feature φ of (image, prompt), the distilled embedding g(φ) (jitted), and a ScaNN
 search over the embedded training set, or, with `rerank_candidates` M in the student's config, a
 ScaNN search over φ for its top M, which the student then orders. Scores are the student's
-predicted rank fraction sigmoid(a·cos + b) ∈ (0, 1): 0 = the teacher's most influential image, 1 =
+predicted rank fraction sigmoid(a·cos + b [+ c(z)]) ∈ (0, 1): 0 = the teacher's most influential image, 1 =
 its least (ascending within the M when reranking; past them φ's order rules). Thread-safe:
 the jitted functions, the ScaNN searcher and the tokenizer are only read after `load`.
 """
@@ -39,6 +39,14 @@ def rerank_by_student(ids_qk: np.ndarray, student_key_qk: np.ndarray, m: int) ->
   return np.concatenate([head, tail], axis=1)
 
 
+def student_key(scale: float, cosine: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+  """Higher = more influential: −(a·cos + c(z)), the student's logit without its constant b. Without
+  a per-image prior, sign(−a)·cos orders the same and is what students before the prior used."""
+  if prior is None:
+    return (1.0 if scale < 0 else -1.0) * cosine
+  return -(scale * cosine + prior)
+
+
 class AttributionError(UserError):
   """A query the attributor cannot take (wrong image shape or type, missing prompt, bad features)."""
 
@@ -53,10 +61,11 @@ class Attribution:
 
 class Attributor:
 
-  def __init__(self, workdir, graphdef, params, index, featurizer, captions, images, rerank=None):
+  def __init__(self, workdir, graphdef, params, index, featurizer, captions, images, rerank=None, prior=None):
     self.workdir, self.index, self.featurizer = workdir, index, featurizer
     # (index over unit φ, unit student embeddings of the training set, M) or None.
     self.rerank = rerank
+    self.prior = prior  # c(z) per training image (EmbedderConfig.image_prior) or None
     self.captions, self.train_images = captions, images
     model = nnx.merge(graphdef, params)
     self.scale, self.offset = float(params['scale']), float(params['offset'])
@@ -75,6 +84,9 @@ class Attributor:
         raise IndexFileError(f'{workdir}/student/base_index holds {len(base_index)} rows of {base_index.dim}-d, '
                              f'for {len(embeddings)} embedded training images of {self.input_dim}-d features: '
                              'it was built for another training set; rerun distill')
+    if prior is not None and (prior.ndim != 1 or len(prior) != len(index)):
+      raise IndexFileError(f'{workdir}/student/image_prior.npy holds {prior.shape} values for {len(index)} '
+                           'training images: it was written for another training set; rerun distill')
 
   @classmethod
   def load(cls, workdir: str | Path) -> 'Attributor':
@@ -97,7 +109,14 @@ class Attributor:
       if not embeddings_path.is_file():
         raise IndexFileError(f'{embeddings_path} not found: rerun `launch.py attrib distill --workdir {workdir}`')
       rerank = (load_any(student_dir(workdir) / BASE_INDEX), load_npy(embeddings_path), run.config.rerank_candidates)
-    return cls(workdir, graphdef, params, index, featurizer, captions, images, rerank)
+    prior = None
+    if run.config.embedder.image_prior:
+      from attrib.distill import IMAGE_PRIOR
+      prior_path = student_dir(workdir) / IMAGE_PRIOR
+      if not prior_path.is_file():
+        raise IndexFileError(f'{prior_path} not found: rerun `launch.py attrib distill --workdir {workdir}`')
+      prior = np.asarray(load_npy(prior_path), np.float32)
+    return cls(workdir, graphdef, params, index, featurizer, captions, images, rerank, prior)
 
   # ------------------------------------------------------------------ inputs
   def _image(self, image) -> np.ndarray:
@@ -166,9 +185,11 @@ class Attributor:
       m = min(m, len(base_index))
       ids, _ = base_index.search(np.asarray(unit_rows(features)), max(m, k))
       cosine = np.einsum('qd,qkd->qk', query, embeddings[ids])
-      order = rerank_by_student(ids, self.sign * cosine, m)[:, :k]
+      prior = None if self.prior is None else self.prior[ids]
+      order = rerank_by_student(ids, student_key(self.scale, cosine, prior), m)[:, :k]
       ids, cosine = np.take_along_axis(ids, order, axis=1), np.take_along_axis(cosine, order, axis=1)
-    scores = 1 / (1 + np.exp(-(self.scale * cosine + self.offset)))
+    logits = self.scale * cosine + self.offset + (0.0 if self.prior is None else self.prior[ids])
+    scores = 1 / (1 + np.exp(-logits))
     return [Attribution(ids=i, scores=s, cosine=c,
                         captions=None if self.captions is None else [self.captions[j] for j in i])
             for i, s, c in zip(ids, scores, cosine)]

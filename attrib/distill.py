@@ -35,6 +35,7 @@ from core.workdir import load_npy, save_npy_atomic, versions, write_json_atomic
 
 STUDENT_DIR = 'student'
 BASE_INDEX = 'base_index'  # index over unit φ, for FastGDAConfig.rerank_candidates
+IMAGE_PRIOR = 'image_prior.npy'  # c(z) per training image, for EmbedderConfig.image_prior
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
 
 
@@ -80,16 +81,23 @@ def embed(graphdef, params, features: np.ndarray, mesh, rules, batch: int = 1024
   return map_batches(apply, features, mesh, rules, batch).astype(np.float32)
 
 
+def image_priors(graphdef, params, features: np.ndarray, mesh, rules, batch: int = 1024) -> np.ndarray:
+  """c(z) of training-image feature rows (EmbedderConfig.image_prior; zeros without it)."""
+  apply = jax.jit(lambda x: nnx.merge(graphdef, params).embed_and_prior(x)[1][:, None])
+  return map_batches(apply, features, mesh, rules, batch)[:, 0].astype(np.float32)
+
+
 def pair_losses(graphdef, params, query_feats, train_feats, ranks: np.ndarray) -> float:
   """Mean BCE of the student on every (query, candidate) pair of `ranks` (validation: no outliers)."""
   model = nnx.merge(graphdef, params)
   scale, offset = float(model.scale[...]), float(model.offset[...])
   apply = jax.jit(lambda x: unit_rows(model(x)))
+  with_prior = jax.jit(lambda x: (lambda e, c: (unit_rows(e), c))(*model.embed_and_prior(x)))
   q = np.asarray(apply(np.asarray(query_feats, np.float32)))
   total = 0.0
   for row, ids in enumerate(ranks):
-    t = np.asarray(apply(np.asarray(train_feats[np.asarray(ids)], np.float32)))
-    logits = scale * (t @ q[row]) + offset
+    t, prior = map(np.asarray, with_prior(np.asarray(train_feats[np.asarray(ids)], np.float32)))
+    logits = scale * (t @ q[row]) + offset + prior
     targets = np.arange(len(ids), dtype=np.float32) / len(ids)
     total += float(np.mean(optax.sigmoid_binary_cross_entropy(logits, targets)))
   return total / max(1, len(ranks))
@@ -191,6 +199,8 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
   embeddings = embed(graphdef, params, train_feats, mesh, preset.logical_rules)
   out = student_dir(workdir)
   save_npy_atomic(out / 'embeddings.npy', embeddings)
+  if run.config.embedder.image_prior:
+    save_npy_atomic(out / IMAGE_PRIOR, image_priors(graphdef, params, train_feats, mesh, preset.logical_rules))
   progress.say(f'distill: building the ScaNN index over {len(embeddings)} rows')
   index = Index.build(embeddings, None, run.config.index)
   index.save(out / 'index')

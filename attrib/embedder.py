@@ -1,6 +1,7 @@
 """FastGDA's student: one MLP g shared by queries and training images, scored by a scaled cosine.
 
     s(ẑ, z) = a · cos(g(φ(ẑ)), g(φ(z))) + b          (b = 0 and a = `initial_scale` at init)
+                [+ c(z), a learned per-training-image term, with `image_prior`]
 
 trained with BCE-with-logits against the teacher's normalised rank position j/K (0 = most
 influential). So the most influential training image gets the *lowest* s; with a learned a < 0 that
@@ -36,6 +37,12 @@ class EmbedderConfig:
   # from -1, BCE 0.51 and the teacher's order; from +1, BCE 0.64 and mAP below the base feature's.
   # The COCO preset keeps the paper's 1.
   initial_scale: float = 1.0
+  # Adds a learned term c(z) of the training image alone to the score: s = a·cos + b + c(z), with c a
+  # linear head on the last hidden layer (zero at init, so training starts from FastGDA's model).
+  # Why: AbU's score is a loss change L(z, θ₋ẑ) − L(z, θ₀), and how much an image's loss moves under
+  # any unlearning step is partly a property of the image; a cosine cannot hold a per-image offset.
+  # Search then needs the student's full score, so it is used with `rerank_candidates` > 0.
+  image_prior: bool = False
 
   def __post_init__(self):
     if self.input_dim < 1 or self.output_dim < 1 or any(h < 1 for h in self.hidden):
@@ -71,16 +78,28 @@ class Embedder(nnx.Module):
     self.dropout_rate = config.dropout
     self.scale = nnx.Param(jnp.full((), config.initial_scale, jnp.float32), out_sharding=())   # a
     self.offset = nnx.Param(jnp.zeros(()), out_sharding=())  # b
+    self.has_prior = config.image_prior
+    if config.image_prior:  # c(z)
+      self.prior_head = _Dense(jnp.zeros((widths[-2], 1)), ('mlp', None))
 
-  def __call__(self, features_bd: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-    """Dropout only with a `dropout_key` (training); the key is data, so the module holds no RNG state."""
+  def _hidden(self, features_bd: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
     x = features_bd
     for depth, layer in enumerate(self.layers[:-1]):
       x = jax.nn.relu(layer(x))
       if dropout_key is not None and self.dropout_rate > 0:
         keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, depth), 1 - self.dropout_rate, x.shape)
         x = jnp.where(keep, x / (1 - self.dropout_rate), 0.0)
-    return self.layers[-1](x)
+    return x
+
+  def __call__(self, features_bd: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Dropout only with a `dropout_key` (training); the key is data, so the module holds no RNG state."""
+    return self.layers[-1](self._hidden(features_bd, dropout_key))
+
+  def embed_and_prior(self, features_bd: jax.Array, dropout_key: jax.Array | None = None):
+    """(g(φ) [b, output_dim], c [b]) for training images; c = 0 without `image_prior`."""
+    hidden = self._hidden(features_bd, dropout_key)
+    prior = self.prior_head(hidden)[:, 0] if self.has_prior else jnp.zeros(hidden.shape[:1], hidden.dtype)
+    return self.layers[-1](hidden), prior
 
   def score(self, query_embedding_bd: jax.Array, train_embedding_bd: jax.Array) -> jax.Array:
     """s = a·cos + b per pair [b] (a logit: sigmoid(s) predicts the rank fraction j/K)."""
@@ -115,8 +134,8 @@ class DistillTask:
   def loss(self, model: Embedder, batch):
     # Dropout masks from the batch's own seed: the same on any device layout and on resume.
     key = jax.random.key(batch['seed'][0])
-    logits = model.score(model(batch['query'], jax.random.fold_in(key, 0)),
-                         model(batch['train'], jax.random.fold_in(key, 1)))
+    train_embedding, prior = model.embed_and_prior(batch['train'], jax.random.fold_in(key, 1))
+    logits = model.score(model(batch['query'], jax.random.fold_in(key, 0)), train_embedding) + prior
     loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch['target']))
     return loss, {'scale_a': model.scale[...], 'offset_b': model.offset[...]}
 

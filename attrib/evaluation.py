@@ -72,8 +72,8 @@ def map_table(predicted: np.ndarray, teacher: np.ndarray, map_at) -> dict:
 
 def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str | None = None,
                  latency_queries: int = 50) -> dict:
-  from attrib.attributor import Attributor, rerank_by_student
-  from attrib.distill import embed, load_student_run, restore_embedder
+  from attrib.attributor import Attributor, rerank_by_student, student_key
+  from attrib.distill import IMAGE_PRIOR, embed, load_student_run, restore_embedder
   from attrib.student_data import check_ranks, load_features, load_ranks
   workdir = as_path(workdir)
   run = load_student_run(workdir)
@@ -104,13 +104,13 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
   graphdef, params, mesh, preset, _ = restore_embedder(workdir, run)
   query_emb = embed(graphdef, params, test_feats, mesh, preset.logical_rules)
   train_emb = load_npy(workdir / 'student' / 'embeddings.npy')
-  sign = 1.0 if float(params['scale']) < 0 else -1.0  # most influential = lowest a·cos + b
-  student_key = sign * query_emb @ train_emb.T
-  student = np.argsort(-student_key, axis=1, kind='stable')
+  prior = load_npy(workdir / 'student' / IMAGE_PRIOR)[None, :] if config.embedder.image_prior else None
+  key = student_key(float(params['scale']), query_emb @ train_emb.T, prior)  # most influential = lowest logit
+  student = np.argsort(-key, axis=1, kind='stable')
   if config.rerank_candidates:  # what the Attributor answers: φ's top M, ordered by the student
     table[f'FastGDA({config.feature}) no rerank'] = map_table(student, teacher, config.map_at)
     base_rank = rank_by_cosine(np.asarray(test_feats), np.asarray(train_feats))
-    order = rerank_by_student(base_rank, np.take_along_axis(student_key, base_rank, axis=1), config.rerank_candidates)
+    order = rerank_by_student(base_rank, np.take_along_axis(key, base_rank, axis=1), config.rerank_candidates)
     student = np.take_along_axis(base_rank, order, axis=1)
   table[f'FastGDA({config.feature})'] = map_table(student, teacher, config.map_at)
 

@@ -102,15 +102,18 @@ def test_attributor_reranks_the_base_features_top_m_as_eval_does(pipeline, tmp_p
   features = pipeline / 'features' / 'pixels+text'
   train, test = np.asarray(load_features(features, 'train')), np.asarray(load_features(features, 'test_queries'))
   answers = attributor.attribute_batch(features=test, k=120)
-  # The same ranking built by hand: φ's exact top 96 by cosine, ordered by the student's cosine.
-  student = np.asarray(attributor._embed(test)) @ np.load(pipeline / 'student' / 'embeddings.npy').T
+  # The same ranking built by hand: φ's exact top 96 by cosine, ordered by the student's logit
+  # a·cos + c(z) (the preset learns the per-image term c), lowest first.
+  cosine = np.asarray(attributor._embed(test)) @ np.load(pipeline / 'student' / 'embeddings.npy').T
+  prior = np.load(pipeline / 'student' / 'image_prior.npy')
+  student = -(attributor.scale * cosine + prior[None, :])
   base = rank_by_cosine(test, train)
-  for answer, row_base, row_student in zip(answers, base, attributor.sign * student):
+  for answer, row_base, row_student in zip(answers, base, student):
     head = row_base[:96][np.argsort(-row_student[row_base[:96]], kind='stable')]
     np.testing.assert_array_equal(answer.ids, np.concatenate([head, row_base[96:120]]))
     assert set(answer.ids[:96]) == set(row_base[:96])
     assert np.all(np.diff(answer.scores[:96]) >= -1e-6)  # most influential (lowest) first within the M
-  order = rerank_by_student(base[:, :120], np.take_along_axis(attributor.sign * student, base[:, :120], axis=1), 96)
+  order = rerank_by_student(base[:, :120], np.take_along_axis(student, base[:, :120], axis=1), 96)
   np.testing.assert_array_equal(np.stack([a.ids for a in answers]), np.take_along_axis(base[:, :120], order, axis=1))
   copy = tmp_path / 'work'
   shutil.copytree(pipeline, copy)
