@@ -6,7 +6,8 @@
   result.ids, result.scores, result.captions      # most influential first
 
 Inside: the base feature φ of (image, prompt), the distilled embedding g(φ) (jitted), and a ScaNN
-search over the embedded training set, or, with `rerank_candidates` M in the student's config, a
+search over the embedded training set (each row with its per-image term c(z) as one more coordinate,
+when the student has one), or, with `rerank_candidates` M in the student's config, a
 ScaNN search over φ for its top M, which the student then orders. Scores are the student's
 predicted rank fraction sigmoid(a·cos + b [+ c(z)]) ∈ (0, 1): 0 = the teacher's most influential image, 1 =
 its least (ascending within the M when reranking; past them φ's order rules). Thread-safe:
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from attrib.embedder import unit_rows
+from attrib.embedder import cosine_from_dots, index_queries, unit_rows
 from attrib.index import IndexFileError, load_any
 from core.errors import UserError
 from core.paths import as_path, is_remote
@@ -69,15 +70,15 @@ class Attributor:
     self.captions, self.train_images = captions, images
     model = nnx.merge(graphdef, params)
     self.scale, self.offset = float(params['scale']), float(params['offset'])
-    # Maximum inner product finds the highest cosine; the most influential image has the lowest
-    # a·cos + b, which is the highest cosine only when a < 0 (otherwise search with −q).
-    self.sign = 1.0 if self.scale < 0 else -1.0
+    # The most influential image has the lowest logit a·cos + b (+ c(z)): embedder.index_queries turns
+    # that into a maximum inner product whatever the sign of a.
     self._embed = jax.jit(lambda x: unit_rows(model(x)))
     self.input_dim = int(params['layers'][0]['kernel'].shape[0])
     output_dim = int(params['layers'][len(params['layers']) - 1]['kernel'].shape[1])
-    if index.dim != output_dim:
-      raise IndexFileError(f'{workdir}/student/index holds {index.dim}-d rows but the embedder outputs '
-                           f'{output_dim}-d: the index was built for another model; rebuild it')
+    row_dim = output_dim + (prior is not None)  # with a per-image term, −c(z) is one more coordinate
+    if index.dim != row_dim:
+      raise IndexFileError(f'{workdir}/student/index holds {index.dim}-d rows but this student needs '
+                           f'{row_dim}-d: the index was built for another model; rebuild it')
     if rerank is not None:
       base_index, embeddings, _ = rerank
       if base_index.dim != self.input_dim or not len(base_index) == len(embeddings) == len(index):
@@ -178,8 +179,8 @@ class Attributor:
       raise AttributionError(f'features of shape {features.shape}: the embedder takes [b, {self.input_dim}]')
     query = np.asarray(self._embed(features))
     if self.rerank is None:
-      ids, dots = self.index.search(self.sign * query, k)
-      cosine = self.sign * dots
+      ids, dots = self.index.search(index_queries(query, self.scale, self.prior is not None), k)
+      cosine = cosine_from_dots(dots, self.scale, None if self.prior is None else self.prior[ids])
     else:
       base_index, embeddings, m = self.rerank
       m = min(m, len(base_index))

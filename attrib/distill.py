@@ -18,9 +18,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from attrib.embedder import DistillTask, unit_rows
+from attrib.embedder import DistillTask, index_queries, index_rows, unit_rows
 from attrib.fastgda_config import FastGDAConfig
-from attrib.index import Index
+from attrib.index import Index, probe_vectors
 from attrib.student_data import (PairBatches, check_ranks, load_features, load_ranks, pair_iterator,
                                  StudentDataError)
 from core import progress
@@ -87,12 +87,23 @@ def image_priors(graphdef, params, features: np.ndarray, mesh, rules, batch: int
   return map_batches(apply, features, mesh, rules, batch)[:, 0].astype(np.float32)
 
 
+def student_probes(unit_embeddings: np.ndarray, scale: float, prior: np.ndarray | None, config) -> np.ndarray | None:
+  """Recall probes in the form the Attributor queries the index (None: the index's own default)."""
+  if prior is None:
+    return None
+  return index_queries(probe_vectors(unit_embeddings, config.recall_probes), scale, with_prior=True)
+
+
 def pair_losses(graphdef, params, query_feats, train_feats, ranks: np.ndarray) -> float:
   """Mean BCE of the student on every (query, candidate) pair of `ranks` (validation: no outliers)."""
   model = nnx.merge(graphdef, params)
   scale, offset = float(model.scale[...]), float(model.offset[...])
   apply = jax.jit(lambda x: unit_rows(model(x)))
-  with_prior = jax.jit(lambda x: (lambda e, c: (unit_rows(e), c))(*model.embed_and_prior(x)))
+
+  def train_side(x):
+    embedding, prior = model.embed_and_prior(x)
+    return unit_rows(embedding), prior
+  with_prior = jax.jit(train_side)
   q = np.asarray(apply(np.asarray(query_feats, np.float32)))
   total = 0.0
   for row, ids in enumerate(ranks):
@@ -199,10 +210,14 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
   embeddings = embed(graphdef, params, train_feats, mesh, preset.logical_rules)
   out = student_dir(workdir)
   save_npy_atomic(out / 'embeddings.npy', embeddings)
+  prior, prior_summary = None, {}
   if run.config.embedder.image_prior:
-    save_npy_atomic(out / IMAGE_PRIOR, image_priors(graphdef, params, train_feats, mesh, preset.logical_rules))
+    prior = image_priors(graphdef, params, train_feats, mesh, preset.logical_rules)
+    save_npy_atomic(out / IMAGE_PRIOR, prior)
+    prior_summary = {'image_prior': {'mean': float(prior.mean()), 'std': float(prior.std())}}
   progress.say(f'distill: building the ScaNN index over {len(embeddings)} rows')
-  index = Index.build(embeddings, None, run.config.index)
+  index = Index.build(index_rows(embeddings, prior), None, run.config.index,
+                      student_probes(embeddings, scale, prior, run.config.index))
   index.save(out / 'index')
   indexes = {'index': index}
   if run.config.rerank_candidates:
@@ -219,7 +234,7 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
             | {f'recall_at_{k}': built.meta[f'recall_at_{k}']})
   return {'student_step': step, 'scale_a': scale, 'offset_b': float(params['offset']),
           'most_influential_is': 'highest cosine' if scale < 0 else 'lowest cosine',
-          'val_loss': val_loss, **{name: summary(built) for name, built in indexes.items()}}
+          'val_loss': val_loss, **prior_summary, **{name: summary(built) for name, built in indexes.items()}}
 
 
 def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
@@ -233,8 +248,17 @@ def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
   if shards < 1:
     raise ConfigError(f'--shards must be >= 1, got {shards}')
   embeddings = load_npy(path)
-  index = (Index.build(embeddings, None, run.config.index) if shards == 1
-           else ShardedIndex.build(embeddings, None, shards, run.config.index))
+  prior, probes = None, None
+  if run.config.embedder.image_prior:
+    prior_path = student_dir(workdir) / IMAGE_PRIOR
+    if not prior_path.is_file():
+      raise ConfigError(f'{prior_path} not found: the distill run in {workdir} has not finished')
+    prior = load_npy(prior_path)
+    _, params, _, _, _ = restore_embedder(workdir, run)  # the learned a shapes the queries
+    probes = student_probes(embeddings, float(params['scale']), prior, run.config.index)
+  rows = index_rows(embeddings, prior)
+  index = (Index.build(rows, None, run.config.index, probes) if shards == 1
+           else ShardedIndex.build(rows, None, shards, run.config.index, probes))
   replace_index(index, student_dir(workdir) / 'index')
   result = {'job': 'attrib index', 'index': {k: v for k, v in index.meta.items() if k != 'config'}}
   write_json_atomic(workdir / 'index_result.json', result)

@@ -14,6 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -41,7 +42,7 @@ class EmbedderConfig:
   # linear head on the last hidden layer (zero at init, so training starts from FastGDA's model).
   # Why: AbU's score is a loss change L(z, θ₋ẑ) − L(z, θ₀), and how much an image's loss moves under
   # any unlearning step is partly a property of the image; a cosine cannot hold a per-image offset.
-  # Search then needs the student's full score, so it is used with `rerank_candidates` > 0.
+  # The student's index then carries −c(z) as one more coordinate (`index_rows`).
   image_prior: bool = False
 
   def __post_init__(self):
@@ -120,6 +121,30 @@ def unit_rows(x: jax.Array) -> jax.Array:
 def search_sign(scale: float) -> float:
   """+1 if the most influential image has the highest cosine (a < 0), else -1 (search with −q)."""
   return 1.0 if scale < 0 else -1.0
+
+
+# A maximum-inner-product index finds the most influential training images, lowest logit first:
+# without a per-image term the rows are the unit embeddings and the query is ±q (`search_sign`); with
+# one, each row carries −c(z) as one more coordinate and the query [−a·q, 1], so that the inner product
+# is −(a·cos + c(z)), the logit without its constant b, negated.
+def index_rows(unit_embeddings: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+  if prior is None:
+    return np.asarray(unit_embeddings, np.float32)
+  return np.concatenate([unit_embeddings, -np.asarray(prior, np.float32)[:, None]], axis=1).astype(np.float32)
+
+
+def index_queries(unit_queries: np.ndarray, scale: float, with_prior: bool) -> np.ndarray:
+  unit_queries = np.asarray(unit_queries, np.float32)
+  if not with_prior:
+    return search_sign(scale) * unit_queries
+  return np.concatenate([-scale * unit_queries, np.ones((len(unit_queries), 1), np.float32)], axis=1)
+
+
+def cosine_from_dots(dots: np.ndarray, scale: float, prior_of_found: np.ndarray | None) -> np.ndarray:
+  """The cosines behind `index_queries` · `index_rows` inner products."""
+  if prior_of_found is None:
+    return search_sign(scale) * dots
+  return -(dots + prior_of_found) / scale
 
 
 class DistillTask:

@@ -73,6 +73,3 @@ class FastGDAConfig:
   def __post_init__(self):
     if self.rerank_candidates < 0:
       raise ConfigError(f'rerank_candidates must be >= 0 (0 = no reranking), got {self.rerank_candidates}')
-    if self.embedder.image_prior and not self.rerank_candidates:
-      raise ConfigError('embedder.image_prior needs rerank_candidates > 0: the index searches cosines, and the '
-                        "per-image term c(z) enters only where the student's full score orders φ's top M")

@@ -271,12 +271,12 @@ class ShardedIndex:
 
   @classmethod
   def build(cls, vectors: np.ndarray, ids: np.ndarray | None, num_shards: int,
-            config: IndexConfig = IndexConfig()) -> 'ShardedIndex':
+            config: IndexConfig = IndexConfig(), probes: np.ndarray | None = None) -> 'ShardedIndex':
     ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     bounds = np.linspace(0, len(vectors), num_shards + 1).astype(int)
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_shards) as pool:  # ScaNN builds release the GIL
       shards = list(pool.map(lambda s: Index.build(vectors[bounds[s]:bounds[s + 1]], ids[bounds[s]:bounds[s + 1]],
-                                                   config), range(num_shards)))
+                                                   config, probes), range(num_shards)))
     return cls(shards)
 
   def search(self, queries: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:

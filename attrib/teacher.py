@@ -39,6 +39,10 @@ class TeacherConfig:
   fisher_damping: float = 1e-3
   # Timestep stride of the scoring loss (the paper: 50, i.e. 20 timesteps).
   score_timestep_stride: int = 50
+  # Added to each query's seed for the noise and timesteps of its gradient: another value ranks the
+  # same queries with another draw, which measures how far the teacher agrees with itself
+  # (benchmarks/teacher_agreement.py).
+  query_seed_offset: int = 0
   # Candidates per jitted scoring call (per host). Measured on the digits' U-Net (2-core EPYC, 10
   # timesteps per call): 0.90-0.92 ms per candidate-timestep at 64-128, 1.05-1.17 at 256, 1.0 at 512
   # (a batch of 128 keeps the activations in cache); on COCO's 64x64 latents 128 is plenty to fill a chip.
@@ -199,7 +203,8 @@ class Teacher:
     damping = self.config.fisher_damping * float(np.mean([np.mean(np.asarray(f)) for f in fisher.values()]))
     kv = self.kv0
     for step in range(self.config.unlearn_steps):
-      grad = jax.block_until_ready(self._query_grad(kv, image, context, query_seed * 1000 + step))
+      seed = (query_seed + self.config.query_seed_offset) * 1000 + step
+      grad = jax.block_until_ready(self._query_grad(kv, image, context, seed))
       kv = jax.tree.map(lambda p, g, f: p + self.config.step_size / self.n * g / (f + damping), kv, grad, fisher)
     return kv
 

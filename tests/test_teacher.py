@@ -2,6 +2,7 @@
 the curation job resumes per query and writes its rankings as records."""
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -62,6 +63,16 @@ def test_unlearning_raises_query_loss_and_scores_are_reproducible(setup):
   again = _teacher(CPU1, params, graphdef, len(images))
   kv2 = again.unlearn(again.fisher(images, context), images[query], context[query], query_seed=query)
   np.testing.assert_array_equal(again.scores(kv2, base, images, context, ids), scores)
+  # query_seed_offset draws the query gradient's noise from another seed: another ranking of the same
+  # query, what benchmarks/teacher_agreement.py compares.
+  redraw = Teacher(graphdef, params, NoiseSchedule(ScheduleConfig()),
+                   TeacherConfig(query_grad_samples=128, step_size=0.005, query_seed_offset=5),
+                   mesh=again.mesh, rules=again.rules, num_training_images=len(images))
+  kv3 = redraw.unlearn(fisher, images[query], context[query], query_seed=query)
+  kv4 = teacher.unlearn(fisher, images[query], context[query], query_seed=query + 5)
+  leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+  assert all(np.array_equal(a, b) for a, b in zip(leaves(kv3), leaves(kv4)))
+  assert not all(np.array_equal(a, b) for a, b in zip(leaves(kv3), leaves(kv)))
   # ... and across device layouts (candidates sharded over a (2, 2, 2) mesh).
   sharded = _teacher(CPU8, params, graphdef, len(images))
   fisher8 = sharded.fisher(images, context)
