@@ -31,6 +31,16 @@ from core.paths import as_path, is_remote
 from core.workdir import load_npy
 
 
+def _square_16(image):
+  """A PIL image -> 16x16: the centred square of its short side, resized (bilinear). As the paper's
+  resize-and-centre-crop, a wide or tall image is cropped, not squashed."""
+  from PIL import Image
+  w, h = image.size
+  side = min(w, h)
+  left, top = (w - side) // 2, (h - side) // 2
+  return image.crop((left, top, left + side, top + side)).resize((16, 16), Image.BILINEAR)
+
+
 def rerank_by_student(ids_qk: np.ndarray, student_key_qk: np.ndarray, m: int) -> np.ndarray:
   """Column order per row: the first `m` columns (the base feature's top m) sorted by descending
   student key (stable: ties keep φ's order), then the remaining columns as they were."""
@@ -130,8 +140,10 @@ class Attributor:
           image.load()
       except (OSError, ValueError) as e:
         raise AttributionError(f'{image}: not a readable image ({e})') from None
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+      image = Image.fromarray(image)  # to grey as a PNG file of it would be (PIL's luma weights)
     if isinstance(image, Image.Image):
-      image = np.asarray(image.convert('L').resize((16, 16), Image.BILINEAR), np.uint8)
+      image = np.asarray(_square_16(image.convert('L')), np.uint8)
     if not isinstance(image, np.ndarray):
       raise AttributionError(f'image must be a numpy array, a PIL image or a path, got {type(image).__name__}')
     if image.ndim == 3 and image.shape[-1] in (1, 3):
@@ -140,7 +152,7 @@ class Attributor:
       raise AttributionError(f'image of shape {image.shape}: expected [H, W], [H, W, 1] or [H, W, 3]')
     if image.dtype == np.uint8:
       if image.shape != (16, 16):
-        image = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR))
+        image = np.asarray(_square_16(Image.fromarray(image)))
       image = image.astype(np.float32) / 127.5 - 1
     elif np.issubdtype(image.dtype, np.floating):
       if image.shape != (16, 16):

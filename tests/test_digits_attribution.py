@@ -134,6 +134,16 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
   Image.fromarray(((image[..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / 'q.png')
   from_png = attributor.attribute(image=str(tmp_path / 'q.png'), prompt=prompt, k=5)
   assert len(np.intersect1d(from_png.ids, result.ids)) >= 3
+  # A wide RGB image: grey as its PNG would be, and the centred square, not the whole image squashed.
+  grey = ((image[..., 0] + 1) * 127.5).round().astype(np.uint8)
+  wide = np.random.default_rng(0).integers(0, 256, (16, 32, 3), np.uint8)
+  wide[:, 8:24] = grey[..., None]
+  Image.fromarray(wide).save(tmp_path / 'wide.png')
+  from_wide = attributor.attribute(image=wide, prompt=prompt, k=5)
+  np.testing.assert_array_equal(from_wide.ids, from_png.ids)
+  np.testing.assert_allclose(from_wide.scores, from_png.scores, rtol=1e-6)
+  np.testing.assert_array_equal(attributor.attribute(image=str(tmp_path / 'wide.png'), prompt=prompt, k=5).ids,
+                                from_png.ids)
   # 16 threads give what serial calls give.
   serial = [attributor.attribute(image=queries['images'][q % 3], prompt=str(queries['prompts'][q % 3]), k=5)
             for q in range(3)]
