@@ -144,6 +144,11 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
   np.testing.assert_allclose(from_wide.scores, from_png.scores, rtol=1e-6)
   np.testing.assert_array_equal(attributor.attribute(image=str(tmp_path / 'wide.png'), prompt=prompt, k=5).ids,
                                 from_png.ids)
+  # A colour image as an array and as its PNG file: the same grey pixels, so the same features exactly.
+  colour = np.random.default_rng(1).integers(0, 256, (20, 12, 3), np.uint8)
+  Image.fromarray(colour).save(tmp_path / 'colour.png')
+  np.testing.assert_array_equal(attributor.features([colour], [prompt]),
+                                attributor.features([str(tmp_path / 'colour.png')], [prompt]))
   # 16 threads give what serial calls give.
   serial = [attributor.attribute(image=queries['images'][q % 3], prompt=str(queries['prompts'][q % 3]), k=5)
             for q in range(3)]
