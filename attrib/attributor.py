@@ -136,10 +136,11 @@ class Attributor:
     if isinstance(image, (str, Path)):
       try:
         with as_path(image).open('rb') if is_remote(image) else open(image, 'rb') as f:
-          image = Image.open(f)
-          image.load()
+          opened = Image.open(f)
+          opened.load()
       except (OSError, ValueError) as e:
         raise AttributionError(f'{image}: not a readable image ({e})') from None
+      image = opened
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
       image = Image.fromarray(image)  # to grey as a PNG file of it would be (PIL's luma weights)
     if isinstance(image, Image.Image):

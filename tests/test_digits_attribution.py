@@ -170,6 +170,13 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
   (tmp_path / 'bad.png').write_bytes(b'not a png')
   with pytest.raises(AttributionError, match='bad.png'):
     attributor.attribute(image=str(tmp_path / 'bad.png'), prompt=prompt)
+  # A PNG cut after its header opens but fails to load: the error still names the file, not PIL's object.
+  from PIL import Image
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # incompressible: ~4 KB
+  Image.fromarray(noise).save(tmp_path / 'whole.png')
+  (tmp_path / 'cut.png').write_bytes((tmp_path / 'whole.png').read_bytes()[:2000])
+  with pytest.raises(AttributionError, match=r'cut\.png: not a readable image \(image file is truncated'):
+    attributor.attribute(image=str(tmp_path / 'cut.png'), prompt=prompt)
 
 
 def test_query_command_writes_grid_and_result(pipeline, tmp_path):
