@@ -173,6 +173,7 @@ class Index:
     ids = np.asarray(ids, np.int64).reshape(-1)
     if vectors.shape != (len(ids), self.dim):
       raise IndexFileError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
+    _check_unique(ids)
     position = {int(i): row for row, i in enumerate(self.ids)}
     rows = [position.get(int(i)) for i in ids]
     new_rows = self.searcher.searcher.upsert(rows, vectors, 1)
@@ -227,6 +228,13 @@ class Index:
     import scann
     searcher = scann.scann_ops_pybind.load_searcher(str(local / 'scann'))
     return cls(searcher, np.load(local / 'ids.npy', allow_pickle=False), meta)
+
+
+def _check_unique(ids: np.ndarray) -> None:
+  # Two rows under one id would both be found; which one the caller meant is unknowable.
+  values, counts = np.unique(ids, return_counts=True)
+  if np.any(counts > 1):
+    raise IndexFileError(f'upsert ids must be unique; repeated: {values[counts > 1][:5].tolist()}')
 
 
 def _read_meta(directory) -> dict:
@@ -286,6 +294,27 @@ class ShardedIndex:
     k = min(k or self.shards[0].meta['k'], ids.shape[1])
     order = np.argsort(-dots, axis=1, kind='stable')[:, :k]
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(dots, order, axis=1)
+
+  def upsert(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """An id already present is replaced in its own shard; new ids go to the shard with the fewest
+    rows, so shards stay balanced and a merged search never sees one id twice."""
+    vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if vectors.shape != (len(ids), self.dim):
+      raise IndexFileError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
+    _check_unique(ids)
+    owner = {int(i): s for s, shard in enumerate(self.shards) for i in shard.ids}
+    sizes = [len(shard) for shard in self.shards]
+    target = []
+    for i in ids:
+      s = owner.get(int(i))
+      if s is None:
+        s = int(np.argmin(sizes))
+        sizes[s] += 1
+      target.append(s)
+    target = np.asarray(target)
+    for s in np.unique(target):
+      self.shards[s].upsert(vectors[target == s], ids[target == s])
 
   def save(self, directory) -> None:
     directory = as_path(directory)

@@ -50,3 +50,23 @@ def test_sharded_index_equals_exact_search(tmp_path):
   np.testing.assert_array_equal(sharded.search(queries, 10)[0], exact_top_k(data, queries, 10))
   sharded.save(tmp_path / 'sharded')
   np.testing.assert_array_equal(load_any(tmp_path / 'sharded').search(queries, 10)[0], sharded.search(queries, 10)[0])
+
+
+def test_sharded_upsert_equals_exact_search_over_the_updated_rows(tmp_path):
+  data = _clustered(3000)
+  sharded = ShardedIndex.build(data, None, 4, IndexConfig(kind='brute_force', recall_probes=100))
+  # Three new training images and a replaced one (id 5): new rows go to the smallest shard, the
+  # replaced row stays in its own, so no id is held twice.
+  new = _clustered(4, seed=4)
+  sharded.upsert(new, np.array([3000, 3001, 3002, 5]))
+  assert len(sharded) == 3003 and sorted(len(s) for s in sharded.shards) == [750, 751, 751, 751]
+  updated = np.concatenate([data, new[:3]])
+  updated[5] = new[3]
+  queries = np.concatenate([_clustered(20, seed=3), new])
+  np.testing.assert_array_equal(sharded.search(queries, 10)[0], exact_top_k(updated, queries, 10))
+  sharded.save(tmp_path / 'sharded')
+  np.testing.assert_array_equal(load_any(tmp_path / 'sharded').search(queries, 10)[0], sharded.search(queries, 10)[0])
+  with pytest.raises(IndexFileError, match=r'repeated: \[7\]'):
+    sharded.upsert(new[:2], np.array([7, 7]))
+  with pytest.raises(IndexFileError, match=r'upsert needs \[2, 32\]'):
+    sharded.upsert(new[:2, :16], np.array([8, 9]))
