@@ -448,6 +448,7 @@ def _run(argv: list[str]) -> int:
   args = parser.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
   args.job = job
   if args.group == 'tpu':
+    args.parse_job = parser.parse_args  # `tpu run` checks its job here before any worker starts
     return gcloud.run(args)
   if getattr(args, 'check', False):
     # Compiles for a TPU that is not here: this machine's CPU runs the compiler, no TPU runtime starts.

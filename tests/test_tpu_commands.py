@@ -139,3 +139,31 @@ def test_stop_makes_the_detached_job_save_and_exit(fake_gcloud, tmp_path):
   assert info['exit_code'] == 0
   result = json.loads((workdir / 'train_result.json').read_text())
   assert result['preempted'] is True and (workdir / 'checkpoints' / str(result['step'])).is_dir()
+
+
+@pytest.mark.parametrize('job, message', [
+    (['lvm', 'train', '--config', 'lvm/configs/vqlm_7b.py', '--workdir', 'gs://b/x'], 'not a launch.py command'),
+    (['lvm', 'train', '--config', 'lvm/configs/vqlm_7b.py', '--workdir', 'gs://b/x', '--tpu', 'tpu_configs/v5p_128.py'],
+     r'is 1 x v5p-128 \(16 hosts\), but tpu_configs/v4_32.py is 1 x v4-32 \(4 hosts\)'),
+    (['attrib', 'teacher', '--workdir', '/home/me/coco', '--queries', '8', '--candidates', 'all',
+      '--tpu', 'tpu_configs/v4_32.py'], r'--workdir /home/me/coco is a local path, and tpu_configs/v4_32.py has 4 hosts'),
+    (['lvm', 'tokenize', '--tokenizer', 'gs://b/tok', '--source', 'builtin:digits', '--kind', 'video',
+      '--out', 'shards'], '--out shards is a local path'),
+    (['tpu', 'delete', '--tpu', 'tpu_configs/v4_32.py', '--name', 'x'], 'cannot be another `tpu` command'),
+])
+def test_run_refuses_a_job_that_would_fail_on_the_slice_before_any_worker_starts(capsys, job, message):
+  import re
+  assert launch_main(['tpu', 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'abu', '--', *job]) == 2
+  captured = capsys.readouterr()
+  assert re.search(message, captured.err) and 'Traceback' not in captured.err
+  assert 'gcloud' not in captured.out  # no command was printed, let alone run
+
+
+def test_run_takes_a_local_workdir_on_one_host_or_a_shared_filesystem(capsys):
+  job = ['--', 'lvm', 'train', '--config', 'lvm/configs/vqlm_7b.py', '--workdir', '/mnt/shared/run',
+         '--tpu', 'tpu_configs/v4_32.py']
+  [run] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'lvm', '--shared-fs', *job)
+  assert run[-1].endswith('--workdir /mnt/shared/run --tpu tpu_configs/v4_32.py')
+  [one_host] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_8.py', '--name', 'lvm', '--', 'attrib', 'teacher',
+                        '--workdir', 'runs/coco', '--queries', '8', '--candidates', 'all')
+  assert one_host[-1].endswith('attrib teacher --workdir runs/coco --queries 8 --candidates all')

@@ -110,6 +110,8 @@ def build_commands(args) -> list[list[str]]:
   if args.verb == 'run':
     if not args.job:
       raise ConfigError('tpu run needs the launch.py arguments after --, e.g. -- lvm train ...')
+    if getattr(args, 'parse_job', None):
+      check_job(args.parse_job, args.job, args)
     return _on_every_worker(args, preset, f'{_job_command("start", args)} -- {shlex.join(args.job)}')
   if args.verb == 'stop':
     return _on_every_worker(args, preset, _job_command('stop', args))
@@ -139,6 +141,41 @@ def add_parser(sub) -> None:
   p.add_argument('--lines', type=int, default=100, help='log lines to show')
   p.add_argument('--follow', action='store_true', help='keep following the log')
   p.add_argument('--execute', action='store_true', help='run the commands instead of printing them')
+  p.add_argument('--shared-fs', action='store_true',
+                 help="run: the job's local --workdir/--out is a filesystem every worker mounts (NFS, Filestore)")
+
+
+def check_job(parse, job: list[str], args) -> None:
+  """`tpu run`'s job, checked here before any worker starts (a mistake found on the slice costs a
+  start-up of every host): it parses as a launch.py command; a TPU preset it names is this slice's
+  hardware; and on a slice of several hosts its outputs go to a place they all share, since each
+  host would otherwise write its own half of every checkpoint to its own disk."""
+  if job and job[0] == 'tpu':
+    raise ConfigError('tpu run: the job after -- is run on the slice; it cannot be another `tpu` command')
+  try:
+    parsed = parse(job)
+  except SystemExit as e:
+    if e.code:  # argparse has printed the job's usage and what is wrong with it
+      raise ConfigError(f'tpu run: the job after -- is not a launch.py command ({shlex.join(job)}); '
+                        'nothing was started') from None
+    raise
+  preset = load_preset(args.tpu)
+  job_tpu = getattr(parsed, 'tpu', None)
+  if job_tpu:
+    wanted = load_preset(job_tpu)
+    if wanted.platform == 'tpu' and (wanted.accelerator_type, wanted.num_hosts, _slices(wanted)) != (
+        preset.accelerator_type, preset.num_hosts, _slices(preset)):
+      raise ConfigError(f"tpu run: the job's --tpu {job_tpu} is {_slices(wanted)} x {wanted.accelerator_type} "
+                        f'({wanted.num_hosts} hosts), but {args.tpu} is {_slices(preset)} x '
+                        f'{preset.accelerator_type} ({preset.num_hosts} hosts)')
+  if preset.num_hosts > 1 and not args.shared_fs:
+    from core.paths import is_remote
+    for field in ('workdir', 'out'):
+      value = getattr(parsed, field, None)
+      if value and not is_remote(value):
+        raise ConfigError(f'tpu run: --{field} {value} is a local path, and {args.tpu} has {preset.num_hosts} '
+                          'hosts: each would write its own part of the run to its own disk. Use '
+                          'gs://BUCKET/..., or --shared-fs if every worker mounts that path')
 
 
 def run(args) -> int:
