@@ -397,6 +397,8 @@ def _run(argv: list[str]) -> int:
   af.add_argument('--train-queries-list', help='TSV `image<TAB>prompt` of the training queries')
   af.add_argument('--test-queries-list', help='TSV `image<TAB>prompt` of the test queries')
   af.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_1.py'))
+  af.add_argument('--rows-per-part', type=int, default=8192,
+                  help='full scale: rows written per resumable part (a failure loses at most one part)')
 
   ad = a.add_parser('distill', help='train the FastGDA embedder on the teacher rankings; embed and index')
   ad.add_argument('--workdir', required=True)
@@ -487,10 +489,11 @@ def _run(argv: list[str]) -> int:
       from core.config import load_config_file
       names = args.feature or [load_config_file(args.config).feature, *load_config_file(args.config).compare_features]
       if args.dino or args.clip:
-        from attrib.features import tower_features_command
+        from attrib.tower_features import tower_features_command
         lists = {'train': args.train_list, 'train_queries': args.train_queries_list,
                  'test_queries': args.test_queries_list}
-        result = tower_features_command(args.workdir, list(dict.fromkeys(names)), args.dino, args.clip, lists, args.tpu)
+        result = tower_features_command(args.workdir, list(dict.fromkeys(names)), args.dino, args.clip, lists, args.tpu,
+                                        args.rows_per_part)
       else:
         result = features_command(args.workdir, list(dict.fromkeys(names)))
     elif args.command == 'distill':

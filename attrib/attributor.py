@@ -138,7 +138,7 @@ class Attributor:
         with as_path(image).open('rb') if is_remote(image) else open(image, 'rb') as f:
           opened = Image.open(f)
           opened.load()
-      except (OSError, ValueError) as e:
+      except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise AttributionError(f'{image}: not a readable image ({e})') from None
       image = opened
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:

@@ -163,7 +163,8 @@ def load_image(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as image:
       image.load()
       return to_rgb_square(image, size)
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+  # DecompressionBombError: over twice PIL's pixel limit (Image.MAX_IMAGE_PIXELS), not an OSError.
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise ImageDataError(f'{path}: not a readable image ({type(e).__name__}: {e})') from None
 
 

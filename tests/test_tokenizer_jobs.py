@@ -79,6 +79,21 @@ def test_folder_images_convert_odd_files_and_skip_corrupt_ones(tmp_path, capsys)
     folder_images(tmp_path, 16, strict=True)
 
 
+def test_an_image_over_pils_pixel_limit_is_skipped_by_name(tmp_path, monkeypatch, capsys):
+  # PIL refuses images over twice Image.MAX_IMAGE_PIXELS (a decompression bomb) with an error that is
+  # not an OSError; a real one is 180 M pixels, so the limit is lowered instead of writing one.
+  from PIL import Image
+  from data_pipelines.image_sources import ImageDataError, folder_images
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'small.png')
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / 'huge.png')
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+  found = folder_images(tmp_path, 16)
+  assert found.images.shape == (1, 16, 16, 3) and found.skipped == [str(tmp_path / 'huge.png')]
+  assert 'huge.png: not a readable image (DecompressionBombError' in capsys.readouterr().err
+  with pytest.raises(ImageDataError, match='huge.png'):
+    folder_images(tmp_path, 16, strict=True)
+
+
 def test_scikit_image_bundled_images_are_a_source(tokenizer_dir, tmp_path, capsys):
   """builtin:skimage: crops of the images inside scikit-image's package (grey, RGB and RGBA files
   converted; the unreadable multi-page TIFF and the tiny files skipped by name), tokenized end to end."""

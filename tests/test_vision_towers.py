@@ -121,7 +121,7 @@ def test_clip_tokenisation_matches_transformers(tmp_path):
   assert slow(captions[0])['input_ids'] == expected['input_ids'][0][:len(slow(captions[0])['input_ids'])]
 
 
-def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path):
+def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path, capsys):
   """`attrib features --dino --clip` over real bundled photos: dino+clip_text = the towers' outputs
   concatenated raw, one row per listed image, in FastGDA's feats/<ftype> layout; reruns resume."""
   from PIL import Image
@@ -156,3 +156,29 @@ def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path):
                        reduction_length=total_fan_in(dino.parameters()) + 2 * 2 * 197)
   mtime = (out / 'clip' / 'data_feats.npy').stat().st_mtime_ns
   assert launch_main(args) == 0 and (out / 'clip' / 'data_feats.npy').stat().st_mtime_ns == mtime  # resumed
+  # Resume inside a file: parts of --rows-per-part rows are written as they are done. A truncated image
+  # (its header reads, its pixels do not) stops the job after part 0; the rerun keeps that part (made
+  # recognisable here) and computes the rest; another list starts over.
+  whole = (tmp_path / 'photo1.png').read_bytes()
+  (tmp_path / 'cut.png').write_bytes(whole[:len(whole) // 2])
+  (tmp_path / 'five.tsv').write_text(''.join(f'{f}\t{c}\n' for f, c in [
+      ('photo0.png', 'a'), ('photo1.png', 'b'), ('photo0.png', 'c'), ('cut.png', 'd'), ('photo1.png', 'e')]))
+  five = ['attrib', 'features', '--workdir', str(tmp_path / 'w5'), '--feature', 'clip', '--clip', str(clip_path),
+          '--train-list', str(tmp_path / 'five.tsv'), '--rows-per-part', '2']
+  assert launch_main(five) == 2
+  parts = tmp_path / 'w5' / 'features' / 'clip' / 'data_feats.npy.parts'
+  assert sorted(p.name for p in parts.glob('*.npy')) == ['00000000000.npy']
+  np.save(parts / '00000000000.npy', np.load(parts / '00000000000.npy') + 1000)
+  (tmp_path / 'cut.png').write_bytes(whole)
+  assert launch_main(five) == 0 and not parts.exists()
+  resumed = np.load(tmp_path / 'w5' / 'features' / 'clip' / 'data_feats.npy')
+  assert resumed.shape == (5, 32) and np.all(resumed[:2] > 500) and np.all(np.abs(resumed[2:]) < 500)
+  uninterrupted = tmp_path / 'w5b'
+  assert launch_main([*five[:3], str(uninterrupted), *five[4:]]) == 0
+  np.testing.assert_array_equal(resumed[2:], np.load(uninterrupted / 'features' / 'clip' / 'data_feats.npy')[2:])
+  # Not an image at all: refused by its line before any tower runs.
+  (tmp_path / 'page.png').write_text('<html>403 Forbidden</html>')
+  (tmp_path / 'bad.tsv').write_text('photo0.png\ta\npage.png\tb\n')
+  assert launch_main([*five[:3], str(tmp_path / 'w6'), *five[4:9], str(tmp_path / 'bad.tsv')]) == 2
+  assert not (tmp_path / 'w6').exists()
+  assert f"{tmp_path / 'bad.tsv'}:2: {tmp_path / 'page.png'} is not a readable image" in capsys.readouterr().err

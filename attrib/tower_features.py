@@ -1,0 +1,191 @@
+"""Full-scale base features φ (FastGDA, fastgda.md §3): DINO ViT-B/16 CLS ⊕ CLIP ViT-B/32 text (and
+image), concatenated raw, for image lists (TSV of `image<TAB>caption`), in FastGDA's layout:
+WORKDIR/features/<name>/{data_feats, train_query_feats, test_query_feats}.npy.
+
+Every listed image is checked (it exists, its header reads) before a tower runs; each file is
+computed in parts of `rows_per_part` rows written as they are done, so that a failure costs one part.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from attrib.student_data import FEATURE_FILES
+from core import progress
+from core.batching import map_batches
+from core.errors import ConfigError
+from core.paths import as_path, is_remote
+from core.workdir import load_npy, npy_shape, save_npy_atomic, write_json_atomic
+
+TOWER_PARTS = ('dino', 'clip', 'clip_text')
+
+
+class TowerFeaturizer:
+  """FastGDA's φ parts from imported checkpoints: 'dino' (ViT-B/16 CLS, 768), 'clip' (image, 512) and
+  'clip_text' (512); a name like 'dino+clip_text' concatenates them raw, as the paper does."""
+
+  def __init__(self, dino_dir: str | None, clip_dir: str | None, mesh, rules, batch: int = 64):
+    from attrib.vision_towers import ClipTokenizer, load_tower
+    self.mesh, self.rules, self.batch = mesh, rules, batch
+    self.dino = load_tower(dino_dir, 'dino') if dino_dir else None
+    self.clip_vision = load_tower(clip_dir, 'clip_vision') if clip_dir else None
+    self.clip_text = load_tower(clip_dir, 'clip_text') if clip_dir else None
+    self.tokenizer = ClipTokenizer(clip_dir) if clip_dir else None
+
+  def part(self, name: str, images: list, texts: list[str]) -> np.ndarray:
+    from attrib.vision_towers import preprocess_clip, preprocess_dino
+    tower = {'dino': self.dino, 'clip': self.clip_vision, 'clip_text': self.clip_text}[name]
+    if tower is None:
+      raise ConfigError(f"feature part {name!r} needs the {'--dino' if name == 'dino' else '--clip'} checkpoint")
+    apply, params, _ = tower
+    if name == 'clip_text':
+      ids, mask = self.tokenizer(texts)
+      rows = np.concatenate([ids, mask], axis=1)
+      t = ids.shape[1]
+      return map_batches(lambda r: apply(params, r[:, :t], r[:, t:]), rows, self.mesh, self.rules, self.batch)
+    prepare = preprocess_dino if name == 'dino' else preprocess_clip
+    out = []
+    for start in range(0, len(images), self.batch):  # decode and preprocess one batch at a time
+      pixels = np.stack([prepare(_open_image(i)) for i in images[start:start + self.batch]])
+      out.append(map_batches(lambda x: apply(params, x), pixels, self.mesh, self.rules, self.batch))
+    return np.concatenate(out).astype(np.float32)
+
+  def __call__(self, name: str, images: list, texts: list[str]) -> np.ndarray:
+    parts = name.split('+')
+    unknown = [p for p in parts if p not in TOWER_PARTS]
+    if unknown:
+      raise ConfigError(f'feature {name!r}: unknown part(s) {unknown}; full-scale parts are {TOWER_PARTS}')
+    return np.concatenate([self.part(p, images, texts) for p in parts], axis=1)
+
+
+def _open_image(image):
+  from PIL import Image
+  if isinstance(image, Image.Image):
+    return image
+  try:
+    if is_remote(image):
+      with as_path(image).open('rb') as f:
+        opened = Image.open(f)
+        opened.load()
+      return opened
+    opened = Image.open(image)
+    opened.load()
+    return opened
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ConfigError(f'{image}: not a readable image ({e})') from None
+
+
+def read_image_list(path: str | Path) -> tuple[list[str], list[str]]:
+  """A TSV of `image path<TAB>caption` lines (relative paths are taken from the list's folder); the
+  list and the images may be local or gs://. Every image must exist and open as an image (its
+  header only: no pixels are decoded) before any tower runs."""
+  path = as_path(path)
+  if not path.is_file():
+    raise ConfigError(f'{path} not found (expected lines of: image path <TAB> caption)')
+  images, captions, lines = [], [], []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    if '\t' not in line:
+      raise ConfigError(f'{path}:{number}: expected `image path<TAB>caption`, got {line[:80]!r}')
+    image, caption = line.split('\t', 1)
+    image_path = as_path(image) if is_remote(image) or Path(image).is_absolute() else path.parent / image
+    images.append(str(image_path))
+    captions.append(caption)
+    lines.append(number)
+  if not images:
+    raise ConfigError(f'{path}: no images listed')
+  _check_headers(images, lines, path)
+  return images, captions
+
+
+def _header_problem(image: str) -> str | None:
+  from PIL import Image
+  image = as_path(image)
+  if not image.is_file():
+    return f'image {image} not found'
+  try:
+    with image.open('rb') as f, Image.open(f):
+      return None
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    return f'{image} is not a readable image ({e})'
+
+
+def _check_headers(images: list[str], lines: list[int], listing) -> None:
+  """Each listed file exists and is an image (a saved error page or an empty download is not),
+  checked in threads: on gs:// or a gcsfuse mount every check is a round trip."""
+  import concurrent.futures
+  with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
+    for number, problem in zip(lines, pool.map(_header_problem, images)):
+      if problem:
+        raise ConfigError(f'{listing}:{number}: {problem}')
+
+
+def _list_fingerprint(images: list[str], captions: list[str], *sources) -> str:
+  import hashlib
+  digest = hashlib.sha256()
+  for value in (*images, *captions, *map(str, sources)):
+    digest.update(value.encode() + b'\0')
+  return digest.hexdigest()
+
+
+def features_in_parts(featurizer, name: str, images: list[str], captions: list[str], path, rows_per_part: int,
+                      fingerprint: str) -> np.ndarray:
+  """φ of a long list, `rows_per_part` rows at a time, each part written as it is done
+  (`<file>.parts/`), so that a failure (a truncated image, a preempted host) loses one part: the rerun
+  keeps the parts of the same list and towers (`fingerprint`) and computes the rest. The parts are
+  removed once the whole file is written."""
+  import json
+  parts = path.parent / f'{path.name}.parts'
+  stamp = parts / 'list.json'
+  if parts.exists() and not (stamp.is_file() and json.loads(stamp.read_text()) ==
+                             {'fingerprint': fingerprint, 'rows_per_part': rows_per_part}):
+    parts.rmtree()  # another list, other towers or another part size: nothing in it is ours
+  parts.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(stamp, {'fingerprint': fingerprint, 'rows_per_part': rows_per_part})
+  starts = range(0, len(images), rows_per_part)
+  out = []
+  for n, start in enumerate(starts):
+    part, rows = parts / f'{start:011d}.npy', min(rows_per_part, len(images) - start)
+    if (npy_shape(part) or (None,))[0] == rows:
+      out.append(load_npy(part))
+      continue
+    if len(starts) > 1:
+      progress.say(f'features: {name} part {n + 1}/{len(starts)} (rows {start}-{start + rows - 1})')
+    values = featurizer(name, images[start:start + rows], captions[start:start + rows])
+    save_npy_atomic(part, values)
+    out.append(values)
+  values = np.concatenate(out)
+  save_npy_atomic(path, values)
+  parts.rmtree()
+  return values
+
+
+def tower_features_command(workdir: str, names: list[str], dino_dir: str | None, clip_dir: str | None,
+                           lists: dict[str, str], tpu_path: str, rows_per_part: int = 8192) -> dict:
+  """Full-scale φ for image lists (training set, training queries, test queries) into
+  WORKDIR/features/<name>/ in FastGDA's layout; files already written are kept, and a file cut short
+  resumes from its last written part of `rows_per_part` rows."""
+  from core.mesh import load_preset, make_mesh
+  if rows_per_part < 1:
+    raise ConfigError(f'--rows-per-part must be >= 1, got {rows_per_part}')
+  if 'train' not in lists or not lists['train']:
+    raise ConfigError('--train-list is required (the training images and their first captions)')
+  sets = {which: read_image_list(path) for which, path in lists.items() if path}  # all lists checked first
+  preset = load_preset(tpu_path)
+  featurizer = TowerFeaturizer(dino_dir, clip_dir, make_mesh(preset), preset.logical_rules)
+  written = []
+  for name in names:
+    out = as_path(workdir) / 'features' / name
+    out.mkdir(parents=True, exist_ok=True)
+    for which, (images, captions) in sets.items():
+      path = out / FEATURE_FILES[which]
+      if (npy_shape(path) or (None,))[0] == len(images):  # written by an earlier run
+        continue
+      progress.say(f'features: {name} of {len(images)} {which.replace("_", " ")}')
+      fingerprint = _list_fingerprint(images, captions, name, dino_dir, clip_dir)
+      features_in_parts(featurizer, name, images, captions, path, rows_per_part, fingerprint)
+      written.append(str(path))
+  return {'job': 'attrib features', 'features': names, 'written': written,
+          'directory': str(as_path(workdir) / 'features')}
