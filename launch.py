@@ -17,7 +17,7 @@
   python launch.py attrib distill --workdir DIR [--features FEATS_DIR --ranks influence_train.pkl]
   python launch.py attrib index --workdir DIR [--shards S]
   python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]
-  python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png]
+  python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png] [--dino D --clip C]
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
   python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check   # fits?
   python launch.py tpu create|copy|setup|run|status|logs|stop|delete|ssh --tpu tpu_configs/v4_32.py --name NAME [...]
@@ -424,6 +424,9 @@ def _run(argv: list[str]) -> int:
   aq.add_argument('--prompt', required=True)
   aq.add_argument('-k', type=int, default=10)
   aq.add_argument('--out', help='PNG path (default WORKDIR/query.png)')
+  aq.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
+  aq.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
+  aq.add_argument('--train-list', help='full scale: the training TSV (image<TAB>caption) for captions and the grid')
 
   ac = a.add_parser('counterfactual', help='retrain without the teacher top-K vs random K; compare query loss')
   ac.add_argument('--workdir', required=True)
@@ -507,7 +510,8 @@ def _run(argv: list[str]) -> int:
       result = eval_command(args.workdir, args.features, args.ranks)
     elif args.command == 'query':
       from attrib.query import query_command
-      result = query_command(args.workdir, args.image, args.prompt, args.k, args.out)
+      result = query_command(args.workdir, args.image, args.prompt, args.k, args.out, args.dino, args.clip,
+                             args.train_list)
     elif args.command == 'counterfactual':
       from attrib.counterfactual import counterfactual_command
       result = counterfactual_command(args.workdir, args.k, args.queries, args.seeds, args.steps, args.tpu,

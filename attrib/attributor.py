@@ -26,6 +26,7 @@ from flax import nnx
 
 from attrib.embedder import cosine_from_dots, index_queries, unit_rows
 from attrib.index import IndexFileError, load_any
+from attrib.tower_features import TowerFeaturizer
 from core.errors import UserError
 from core.paths import as_path, is_remote
 from core.workdir import load_npy
@@ -95,12 +96,20 @@ class Attributor:
         raise IndexFileError(f'{workdir}/student/base_index holds {len(base_index)} rows of {base_index.dim}-d, '
                              f'for {len(embeddings)} embedded training images of {self.input_dim}-d features: '
                              'it was built for another training set; rerun distill')
+    if featurizer is not None and isinstance(featurizer[0], TowerFeaturizer) and \
+        featurizer[0].dim(featurizer[1]) != self.input_dim:
+      raise AttributionError(f'the towers give {featurizer[0].dim(featurizer[1])}-d {featurizer[1]} features, the '
+                             f'student in {workdir} takes {self.input_dim}-d: not the checkpoints its features came from')
     if prior is not None and (prior.ndim != 1 or len(prior) != len(index)):
       raise IndexFileError(f'{workdir}/student/image_prior.npy holds {prior.shape} values for {len(index)} '
                            'training images: it was written for another training set; rerun distill')
 
   @classmethod
-  def load(cls, workdir: str | Path) -> 'Attributor':
+  def load(cls, workdir: str | Path, dino: str | None = None, clip: str | None = None,
+           train_list: str | None = None) -> 'Attributor':
+    """`dino` / `clip`: the Hugging Face checkpoints that a full-scale student's features came from
+    (e.g. FastGDA's dino+clip_text); φ of (image, prompt) is then computed here. `train_list`: the
+    training set's TSV (`image<TAB>caption`, in index order), for captions and the query grid."""
     from attrib.distill import load_student_run, restore_embedder, student_dir
     workdir = as_path(workdir)  # local or gs://
     run = load_student_run(workdir)
@@ -108,7 +117,15 @@ class Attributor:
     graphdef, params, _, _, _ = restore_embedder(workdir, run)
     params = jax.tree.map(np.asarray, jax.device_get(params))
     featurizer, captions, images = None, None, None
-    if (workdir / 'config.json').is_file() and (workdir / 'features').is_dir():
+    if dino or clip:
+      from attrib.tower_features import query_featurizer, read_image_list
+      featurizer = (query_featurizer(dino, clip), run.config.feature)
+      if train_list:
+        images, captions = read_image_list(train_list, check_images=False)
+        if len(images) != len(index):
+          raise IndexFileError(f'{train_list} lists {len(images)} training images, the index in {workdir} holds '
+                               f'{len(index)}: another training set')
+    elif (workdir / 'config.json').is_file() and (workdir / 'features').is_dir():
       # A student of the built-in digits model in this workdir: φ is computed here from image + prompt.
       from attrib.features import DigitFeaturizer, digit_feature_sets
       featurizer = (DigitFeaturizer(workdir), run.config.feature)
@@ -130,17 +147,36 @@ class Attributor:
     return cls(workdir, graphdef, params, index, featurizer, captions, images, rerank, prior)
 
   # ------------------------------------------------------------------ inputs
+  @staticmethod
+  def _read(path):  # -> PIL.Image.Image
+    from PIL import Image
+    try:
+      with as_path(path).open('rb') if is_remote(path) else open(path, 'rb') as f:
+        opened = Image.open(f)
+        opened.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      raise AttributionError(f'{path}: not a readable image ({e})') from None
+    return opened
+
+  def _rgb(self, image):  # -> PIL.Image.Image
+    """One query image for the full-scale towers (they resize and crop it themselves): a path, a PIL
+    image, or uint8 [H, W, 3] / [H, W]."""
+    from PIL import Image
+    if isinstance(image, (str, Path)):
+      return self._read(image)
+    if isinstance(image, Image.Image):
+      return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
+      return Image.fromarray(image)
+    what = f'array of {image.dtype} {image.shape}' if isinstance(image, np.ndarray) else type(image).__name__
+    raise AttributionError(f'image: expected a path, a PIL image or uint8 [H, W, 3], got {what}')
+
   def _image(self, image) -> np.ndarray:
     """One query image -> [16, 16, 1] float32 in [-1, 1] (the digits model's input)."""
     from PIL import Image
     if isinstance(image, (str, Path)):
-      try:
-        with as_path(image).open('rb') if is_remote(image) else open(image, 'rb') as f:
-          opened = Image.open(f)
-          opened.load()
-      except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise AttributionError(f'{image}: not a readable image ({e})') from None
-      image = opened
+      image = self._read(image)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
       image = Image.fromarray(image)  # to grey as a PNG file of it would be (PIL's luma weights)
     if isinstance(image, Image.Image):
@@ -172,6 +208,8 @@ class Attributor:
     if len(images) != len(prompts) or any(not isinstance(p, str) for p in prompts):
       raise AttributionError('every image needs its prompt (a string)')
     featurizer, name = self.featurizer
+    if isinstance(featurizer, TowerFeaturizer):
+      return featurizer(name, [self._rgb(i) for i in images], list(prompts))
     return featurizer(name, np.stack([self._image(i) for i in images]), list(prompts))
 
   # ------------------------------------------------------------------ search

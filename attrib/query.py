@@ -39,12 +39,43 @@ def draw_attribution(query_hw: np.ndarray, prompt: str, train_images: np.ndarray
   save_png_atomic(path, np.asarray(canvas))
 
 
-def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None) -> dict:
+def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, path: Path, side: int = 112) -> None:
+  """Full scale: the query photo, then its top-k training photos (centre squares), each with its score
+  and the start of its caption."""
+  from PIL import Image, ImageDraw
+
+  def tile(image):
+    image = image.convert('RGB')
+    w, h = image.size
+    s = min(w, h)
+    return image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((side, side))
+
+  cell, k = side + 8, len(result.ids)
+  canvas = Image.new('RGB', (cell * (k + 1) + 12, cell + 44), (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  canvas.paste(tile(query), (4, 16))
+  draw.text((4, 2), 'query', fill=(0, 0, 0))
+  draw.text((4, 16 + side + 2), prompt[:18], fill=(0, 0, 0))
+  for n, (i, s) in enumerate(zip(result.ids, result.scores)):
+    x = 16 + cell * (n + 1)
+    with as_path(train_paths[int(i)]).open('rb') as f:
+      canvas.paste(tile(Image.open(f)), (x, 16))
+    draw.text((x, 2), f'#{n + 1} id {int(i)}', fill=(0, 0, 0))
+    draw.text((x, 16 + side + 2), f'{s:.3f}', fill=(0, 0, 0))
+    if result.captions:
+      draw.text((x, 16 + side + 16), result.captions[n][:18], fill=(0, 0, 0))
+  save_png_atomic(path, np.asarray(canvas))
+
+
+def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None, dino: str | None = None,
+                  clip: str | None = None, train_list: str | None = None) -> dict:
   from attrib.attributor import Attributor
-  attributor = Attributor.load(workdir)
+  attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
   result = attributor.attribute(image=image, prompt=prompt, k=k)
   out_path = as_path(out) if out else as_path(workdir) / 'query.png'
-  if attributor.train_images is not None:
+  if attributor.train_images is not None and (dino or clip):
+    draw_photo_attribution(attributor._rgb(image), prompt, attributor.train_images, result, out_path)
+  elif attributor.train_images is not None:
     draw_attribution(attributor._image(image)[..., 0], prompt, attributor.train_images, result, out_path)
   summary = {'job': 'attrib query', 'image': str(image), 'prompt': prompt, 'k': k,
              'ids': result.ids.tolist(), 'scores': result.scores.tolist(), 'captions': result.captions,

@@ -35,10 +35,7 @@ class TowerFeaturizer:
 
   def part(self, name: str, images: list, texts: list[str]) -> np.ndarray:
     from attrib.vision_towers import preprocess_clip, preprocess_dino
-    tower = {'dino': self.dino, 'clip': self.clip_vision, 'clip_text': self.clip_text}[name]
-    if tower is None:
-      raise ConfigError(f"feature part {name!r} needs the {'--dino' if name == 'dino' else '--clip'} checkpoint")
-    apply, params, _ = tower
+    apply, params, _ = self._tower(name)
     if name == 'clip_text':
       ids, mask = self.tokenizer(texts)
       rows = np.concatenate([ids, mask], axis=1)
@@ -51,12 +48,35 @@ class TowerFeaturizer:
       out.append(map_batches(lambda x: apply(params, x), pixels, self.mesh, self.rules, self.batch))
     return np.concatenate(out).astype(np.float32)
 
-  def __call__(self, name: str, images: list, texts: list[str]) -> np.ndarray:
+  def _tower(self, name: str):
+    tower = {'dino': self.dino, 'clip': self.clip_vision, 'clip_text': self.clip_text}[name]
+    if tower is None:
+      raise ConfigError(f"feature part {name!r} needs the {'--dino' if name == 'dino' else '--clip'} checkpoint")
+    return tower
+
+  @staticmethod
+  def parts(name: str) -> list[str]:
     parts = name.split('+')
     unknown = [p for p in parts if p not in TOWER_PARTS]
     if unknown:
       raise ConfigError(f'feature {name!r}: unknown part(s) {unknown}; full-scale parts are {TOWER_PARTS}')
-    return np.concatenate([self.part(p, images, texts) for p in parts], axis=1)
+    return parts
+
+  def dim(self, name: str) -> int:
+    """Width of feature `name`: each part's projection (CLIP) or hidden size (DINO's CLS), summed."""
+    return sum(self._tower(p)[2].projection_dim or self._tower(p)[2].hidden for p in self.parts(name))
+
+  def __call__(self, name: str, images: list, texts: list[str]) -> np.ndarray:
+    return np.concatenate([self.part(p, images, texts) for p in self.parts(name)], axis=1)
+
+
+def query_featurizer(dino_dir: str | None, clip_dir: str | None) -> TowerFeaturizer:
+  """The towers on this process's first device, for the Attributor: queries come a few at a time."""
+  import jax
+  from core.mesh import load_preset, make_mesh
+  preset = load_preset(str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py'))
+  return TowerFeaturizer(dino_dir, clip_dir, make_mesh(preset, jax.local_devices()[:1]), preset.logical_rules,
+                         batch=16)
 
 
 def _open_image(image):
@@ -76,10 +96,10 @@ def _open_image(image):
     raise ConfigError(f'{image}: not a readable image ({e})') from None
 
 
-def read_image_list(path: str | Path) -> tuple[list[str], list[str]]:
+def read_image_list(path: str | Path, check_images: bool = True) -> tuple[list[str], list[str]]:
   """A TSV of `image path<TAB>caption` lines (relative paths are taken from the list's folder); the
-  list and the images may be local or gs://. Every image must exist and open as an image (its
-  header only: no pixels are decoded) before any tower runs."""
+  list and the images may be local or gs://. With `check_images`, every image must exist and open as
+  an image (its header only: no pixels are decoded) before any tower runs."""
   path = as_path(path)
   if not path.is_file():
     raise ConfigError(f'{path} not found (expected lines of: image path <TAB> caption)')
@@ -96,7 +116,8 @@ def read_image_list(path: str | Path) -> tuple[list[str], list[str]]:
     lines.append(number)
   if not images:
     raise ConfigError(f'{path}: no images listed')
-  _check_headers(images, lines, path)
+  if check_images:
+    _check_headers(images, lines, path)
   return images, captions
 
 

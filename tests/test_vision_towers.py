@@ -121,13 +121,9 @@ def test_clip_tokenisation_matches_transformers(tmp_path):
   assert slow(captions[0])['input_ids'] == expected['input_ids'][0][:len(slow(captions[0])['input_ids'])]
 
 
-def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path, capsys):
-  """`attrib features --dino --clip` over real bundled photos: dino+clip_text = the towers' outputs
-  concatenated raw, one row per listed image, in FastGDA's feats/<ftype> layout; reruns resume."""
-  from PIL import Image
-  from sklearn.datasets import load_sample_images
-  from launch import main as launch_main
-  clip_path, _ = clip_dir
+def _full_scale_checkpoints(tmp_path, clip_path):
+  """A DINO checkpoint at 224 px in tmp_path/dino, and a byte-level CLIP tokenizer (no merges) saved
+  beside the CLIP weights in `clip_path`; returns the DINO model."""
   torch.manual_seed(0)
   dino = _perturb(transformers.ViTModel(transformers.ViTConfig(**dict(VIT, image_size=224)), add_pooling_layer=False))
   dino.save_pretrained(tmp_path / 'dino', safe_serialization=True)
@@ -138,6 +134,17 @@ def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path, capsys
   (tmp_path / 'merges.txt').write_text('#version: 0.2\n')
   transformers.CLIPTokenizerFast(vocab_file=str(tmp_path / 'vocab.json'),
                                  merges_file=str(tmp_path / 'merges.txt')).save_pretrained(clip_path)
+  return dino
+
+
+def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path, capsys):
+  """`attrib features --dino --clip` over real bundled photos: dino+clip_text = the towers' outputs
+  concatenated raw, one row per listed image, in FastGDA's feats/<ftype> layout; reruns resume."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  from launch import main as launch_main
+  clip_path, _ = clip_dir
+  dino = _full_scale_checkpoints(tmp_path, clip_path)
   photos = load_sample_images().images
   for n, photo in enumerate(photos):
     Image.fromarray(photo).save(tmp_path / f'photo{n}.png')
@@ -182,3 +189,83 @@ def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path, capsys
   assert launch_main([*five[:3], str(tmp_path / 'w6'), *five[4:9], str(tmp_path / 'bad.tsv')]) == 2
   assert not (tmp_path / 'w6').exists()
   assert f"{tmp_path / 'bad.tsv'}:2: {tmp_path / 'page.png'} is not a readable image" in capsys.readouterr().err
+
+
+STUDENT = '''
+from attrib.embedder import EmbedderConfig
+from attrib.fastgda_config import DistillConfig, FastGDAConfig
+from attrib.index import IndexConfig
+
+def get_config():
+  return FastGDAConfig(feature='dino+clip_text', map_at=(3,),
+                       embedder=EmbedderConfig(hidden=(32,), output_dim=16, initial_scale=-1.0),
+                       distill=DistillConfig(batch=32, epochs=2, val_queries=2, log_every=1),
+                       index=IndexConfig(recall_probes=10))
+'''
+
+
+def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir, tmp_path, capsys):
+  """A student distilled on DINO ⊕ CLIP-text features (random-weight towers, crops of the bundled
+  photos): `Attributor.load(dino=, clip=)` computes φ of (image, prompt) itself and answers exactly
+  as it does for φ from the feature job; `attrib query` draws the photos."""
+  import pickle
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  from attrib import AttributionError, Attributor
+  from core.errors import ConfigError
+  from launch import main as launch_main
+  clip_path, _ = clip_dir
+  _full_scale_checkpoints(tmp_path, clip_path)
+  photos, rng = load_sample_images().images, np.random.default_rng(0)
+  for n in range(12):
+    y, x = rng.integers(0, 200, 2)
+    Image.fromarray(photos[n % 2][y:y + 220, x:x + 260]).save(tmp_path / f'photo{n}.png')
+  (tmp_path / 'train.tsv').write_text(''.join(f'photo{n}.png\tphoto number {n}\n' for n in range(12)))
+  (tmp_path / 'train_queries.tsv').write_text(''.join(f'photo{n}.png\ta query {n}\n' for n in range(8)))
+  (tmp_path / 'test_queries.tsv').write_text('photo3.png\ta temple\nphoto8.png\ta flower in bloom\n')
+  features = tmp_path / 'features' / 'dino+clip_text'
+  assert launch_main(['attrib', 'features', '--workdir', str(tmp_path), '--feature', 'dino+clip_text',
+                      '--dino', str(tmp_path / 'dino'), '--clip', str(clip_path),
+                      '--train-list', str(tmp_path / 'train.tsv'),
+                      '--train-queries-list', str(tmp_path / 'train_queries.tsv'),
+                      '--test-queries-list', str(tmp_path / 'test_queries.tsv')]) == 0
+  ranks = np.stack([rng.permutation(12)[:6] for _ in range(8)])  # the teacher's order over 6 candidates
+  with open(tmp_path / 'influence_train.pkl', 'wb') as f:
+    pickle.dump({'random': {'rank': ranks}}, f)
+  (tmp_path / 'student.py').write_text(STUDENT)
+  student = tmp_path / 'student'
+  assert launch_main(['attrib', 'distill', '--config', str(tmp_path / 'student.py'), '--workdir', str(student),
+                      '--features', str(features), '--ranks', str(tmp_path / 'influence_train.pkl')]) == 0
+
+  attributor = Attributor.load(student, dino=str(tmp_path / 'dino'), clip=str(clip_path),
+                               train_list=str(tmp_path / 'train.tsv'))
+  phi = np.load(features / 'test_query_feats.npy')
+  for q, (image, prompt) in enumerate([('photo3.png', 'a temple'), ('photo8.png', 'a flower in bloom')]):
+    from_features = attributor.attribute(features=phi[q], k=5)
+    for given in (str(tmp_path / image), np.asarray(Image.open(tmp_path / image))):  # a path, or uint8 pixels
+      from_image = attributor.attribute(image=given, prompt=prompt, k=5)
+      np.testing.assert_array_equal(from_image.ids, from_features.ids)
+      np.testing.assert_allclose(from_image.scores, from_features.scores, atol=1e-5)
+    assert from_image.captions == [f'photo number {i}' for i in from_image.ids]
+  with pytest.raises(AttributionError, match=r'uint8 \[H, W, 3\], got array of float32 \(8, 8, 3\)'):
+    attributor.attribute(image=np.zeros((8, 8, 3), np.float32), prompt='x')
+  with pytest.raises(AttributionError, match='nowhere.png: not a readable image'):
+    attributor.attribute(image=str(tmp_path / 'nowhere.png'), prompt='x')
+  # Checkpoints other than the features' (a DINO of another width), or one missing: said at load.
+  narrow = transformers.ViTModel(transformers.ViTConfig(**dict(VIT, image_size=224, hidden_size=48)),
+                                 add_pooling_layer=False)
+  narrow.save_pretrained(tmp_path / 'narrow', safe_serialization=True)
+  with pytest.raises(AttributionError, match='the towers give 80-d dino\\+clip_text features, the student in .* '
+                                             'takes 96-d'):
+    Attributor.load(student, dino=str(tmp_path / 'narrow'), clip=str(clip_path))
+  with pytest.raises(ConfigError, match="feature part 'dino' needs the --dino checkpoint"):
+    Attributor.load(student, clip=str(clip_path))
+
+  assert launch_main(['attrib', 'query', '--workdir', str(student), '--image', str(tmp_path / 'photo3.png'),
+                      '--prompt', 'a temple', '-k', '4', '--out', str(tmp_path / 'grid.png'),
+                      '--dino', str(tmp_path / 'dino'), '--clip', str(clip_path),
+                      '--train-list', str(tmp_path / 'train.tsv')]) == 0
+  result = json.loads((student / 'query_result.json').read_text())
+  assert result['ids'] == attributor.attribute(features=phi[0], k=4).ids.tolist()
+  grid = Image.open(tmp_path / 'grid.png')
+  assert grid.mode == 'RGB' and grid.size[0] > 5 * 112
