@@ -193,7 +193,9 @@ class MiniLMTextEncoder:
     self.tokenizer.enable_truncation(max_len)
     self.tokenizer.enable_padding(length=max_len, pad_id=0, pad_token='[PAD]')
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: BertModel(self.config, nnx.Rngs(0))))
-    self.params = load_bert_params(model_dir / 'model.safetensors', nnx.to_pure_dict(abstract))
+    # On the default device once: numpy weights would be copied in again on every call (37 ms of a
+    # one-caption call against 4 ms placed, same result).
+    self.params = jax.device_put(load_bert_params(model_dir / 'model.safetensors', nnx.to_pure_dict(abstract)))
     self._apply = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p)(ids, mask))
 
   @property
