@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from core.paths import as_path
-from core.workdir import save_png_atomic, versions, write_json_atomic
+from core.workdir import prepare_output_file, save_png_atomic, versions, write_json_atomic
 
 
 def _tile(image_hw: np.ndarray, scale: int):  # -> PIL.Image.Image
@@ -71,8 +71,8 @@ def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None
                   clip: str | None = None, train_list: str | None = None) -> dict:
   from attrib.attributor import Attributor
   attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
+  out_path = prepare_output_file(out if out else as_path(workdir) / 'query.png')
   result = attributor.attribute(image=image, prompt=prompt, k=k)
-  out_path = as_path(out) if out else as_path(workdir) / 'query.png'
   if attributor.train_images is not None and (dino or clip):
     draw_photo_attribution(attributor._rgb(image), prompt, attributor.train_images, result, out_path)
   elif attributor.train_images is not None:

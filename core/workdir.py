@@ -68,6 +68,27 @@ def make_workdir(path) -> Path:
   return path
 
 
+def prepare_output_file(path, flag: str = '--out'):
+  """The file a job will write at its end, checked (and its folder made) before any work starts, so
+  a typo in `--out` does not throw away minutes of generation. Returns the path."""
+  from core.errors import UserError
+  path = as_path(path)
+  if is_remote(path):
+    return path
+  if path.is_dir():
+    raise UserError(f'{flag} {path} is a directory; give a file name (e.g. {path / "grid.png"})')
+  for part in path.parents:
+    if part.exists() and not part.is_dir():
+      raise UserError(f'{flag} {path}: {part} is a file, not a directory')
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise UserError(f'{flag} {path}: cannot create its folder ({error.strerror})') from None
+  if not os.access(path.parent, os.W_OK):
+    raise UserError(f'{flag} {path}: its folder {path.parent} is not writable')
+  return path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
   """Yields a local temporary path; it becomes `path` (a file or a folder) only if the block succeeds."""

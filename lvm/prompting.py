@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from core.config import ConfigError, check_at_least
-from core.workdir import save_png_atomic, versions, write_json_atomic
-from lvm.sampling import generate
+from core.workdir import prepare_output_file, save_png_atomic, versions, write_json_atomic
+from lvm.sampling import check_sampling, generate
 
 MODES = ('sequence', 'analogy', 'in-context')
 
@@ -90,6 +90,8 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   started = time.time()
   workdir = Path(workdir)
   config, trained_tpu = commands.load_run_config(workdir)
+  check_sampling(temperature, top_k, top_p, config.model.vocab_size)
+  out = prepare_output_file(out if out else workdir / 'generation.png')
   tokenizer_dir = tokenizer_dir or tokenizer_of(workdir, config)
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path or trained_tpu)
   t = tokenizer.config.tokenizer
@@ -103,7 +105,6 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
                         tokens_per_image=t.tokens_per_image, codebook_size=t.codebook_size,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, dtype=dtype)
   generated = tokenizer.decode(new.reshape(frames, t.tokens_per_image))
-  out = Path(out) if out else workdir / 'generation.png'
   grid_png([np.concatenate([images, generated])], len(images), out)
   result = {'job': 'lvm generate', 'mode': mode, 'prompts': prompts, 'frames': frames, 'step': step,
             'tokenizer': str(tokenizer_dir), 'temperature': temperature, 'top_k': top_k, 'top_p': top_p,

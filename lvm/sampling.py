@@ -102,6 +102,19 @@ def forward_with_cache(params: dict, config: DecoderConfig, cache: dict, tokens_
   return logits, {'k': new_k, 'v': new_v}
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int) -> None:
+  """Sampling settings checked by name before anything compiles: a negative temperature would flip
+  the distribution (and turn a frame into NaN pixels), a top-p above 1 or top-k above the vocabulary
+  would silently mean "no filter"."""
+  from core.errors import ConfigError
+  if not temperature >= 0:  # also refuses NaN
+    raise ConfigError(f'temperature must be >= 0 (0 is greedy), got {temperature}')
+  if not 0 <= top_k <= vocab_size:
+    raise ConfigError(f'top_k must be in [0, {vocab_size}] (0 keeps every id), got {top_k}')
+  if not 0 < top_p <= 1:
+    raise ConfigError(f'top_p must be in (0, 1] (1 keeps every id), got {top_p}')
+
+
 def sample_logits(logits_bv, key, temperature: float, top_k: int, top_p: float, allowed_mask_v):
   """One id per row: greedy at temperature 0, else temperature / top-k / top-p sampling."""
   logits_bv = jnp.where(allowed_mask_v[None, :], logits_bv, -jnp.inf)
@@ -130,6 +143,7 @@ def generate(params: dict, config: DecoderConfig, prompts_bt, prompt_lengths_b, 
 
   Returns int32 [b, new_tokens]. One jitted program: prefill, then a fori_loop of decode steps.
   """
+  check_sampling(temperature, top_k, top_p, config.vocab_size)  # static: runs once, at trace time
   b, prompt_len = prompts_bt.shape
   length = cache_length or prompt_len + new_tokens
   dtype = jnp.dtype(dtype)

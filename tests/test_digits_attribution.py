@@ -187,6 +187,13 @@ def test_query_command_writes_grid_and_result(pipeline, tmp_path):
                       '--prompt', str(queries['prompts'][1]), '-k', '6', '--out', str(tmp_path / 'grid.png')]) == 0
   result = json.loads((pipeline / 'query_result.json').read_text())
   assert len(result['ids']) == 6 and Image.open(tmp_path / 'grid.png').size[0] > 6 * 96
+  # An --out in a missing folder is made; one under a file or naming a folder is refused by name.
+  assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
+                      '--prompt', 'p', '--out', str(tmp_path / 'new' / 'grid.png')]) == 0
+  assert (tmp_path / 'new' / 'grid.png').is_file()
+  for out in (tmp_path / 'q.png' / 'grid.png', tmp_path):
+    assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
+                        '--prompt', 'p', '--out', str(out)]) == 2
 
 
 def test_index_errors_are_named(pipeline, tmp_path, capsys):

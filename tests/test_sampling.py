@@ -73,3 +73,19 @@ def test_sampling_is_seeded_and_stays_in_the_allowed_ids(tmp_path):
   # top-k 1 is greedy whatever the temperature.
   greedy = np.asarray(generate(params, config, prompt, lengths, new_tokens=32))
   np.testing.assert_array_equal(draw(7, top_k=1), greedy)
+
+
+@pytest.mark.parametrize('setting, named', [(dict(temperature=-1.0), 'temperature'),
+                                            (dict(temperature=float('nan')), 'temperature'),
+                                            (dict(temperature=1.0, top_p=0.0), 'top_p'),
+                                            (dict(temperature=1.0, top_p=1.5), 'top_p'),
+                                            (dict(temperature=1.0, top_k=-1), 'top_k'),
+                                            (dict(temperature=1.0, top_k=301), 'top_k')])
+def test_bad_sampling_settings_are_refused_by_name_before_compiling(setting, named):
+  from core.errors import ConfigError
+  from lvm.model_config import DecoderConfig
+  config = DecoderConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                         num_kv_heads=2, max_seq_len=32)
+  prompt = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ConfigError, match=named):
+    generate({}, config, prompt, jnp.full(1, 4, jnp.int32), new_tokens=2, **setting)

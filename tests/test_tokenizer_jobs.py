@@ -196,6 +196,11 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   assert tokens.shape == (1, 64) and tokens.max() < 128  # image codes only, never a special id
   assert Image.open(tmp_path / 'grid.png').size[0] > 4 * 32 * 4
   assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', *prompt[:2], '--mode', 'analogy']) == 2
+  # Bad sampling settings and an --out that cannot be written are refused before any decoding.
+  (tmp_path / 'a_file').write_text('x')
+  for bad in (['--temperature', '-1'], ['--top-p', '1.5'], ['--out', str(tmp_path / 'a_file' / 'g.png')],
+              ['--out', str(tmp_path)]):
+    assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', *prompt, '--mode', 'analogy', *bad]) == 2
 
   from lvm.prompting import next_frame_report
   report = next_frame_report(lvm, out, kind='video', limit=8, png=tmp_path / 'next.png')
