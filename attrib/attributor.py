@@ -225,9 +225,15 @@ class Attributor:
       if images is None or prompts is None:
         raise AttributionError('pass image and prompt (or features=φ)')
       features = self.features(images, prompts)
+    elif images is not None or prompts is not None:
+      # Which one would be attributed is a guess either way; say so instead of ignoring one.
+      raise AttributionError('pass either image and prompt or features=φ, not both')
     features = np.asarray(features, np.float32)
     if features.ndim != 2 or features.shape[1] != self.input_dim:
       raise AttributionError(f'features of shape {features.shape}: the embedder takes [b, {self.input_dim}]')
+    if not np.all(np.isfinite(features)):
+      rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+      raise AttributionError(f'features rows {rows[:5].tolist()} hold NaN or infinity')
     query = np.asarray(self._embed(features))
     if self.rerank is None:
       ids, dots = self.index.search(index_queries(query, self.scale, self.prior is not None), k)

@@ -119,6 +119,12 @@ def test_attributor_is_thread_safe_and_rejects_bad_queries(release, tmp_path):
     attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x')
   with pytest.raises(AttributionError, match='k must be'):
     attributor.attribute(features=test_q[0], k=0)
+  bad = test_q[:3].copy()
+  bad[1, 4] = np.nan
+  with pytest.raises(AttributionError, match=r'rows \[1\] hold NaN'):
+    attributor.attribute_batch(features=bad, k=5)
+  with pytest.raises(AttributionError, match='not both'):
+    attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x', features=test_q[0])
 
 
 def test_sharded_training_matches_one_device(release, tmp_path):
