@@ -40,9 +40,12 @@ def _write_state(path: Path, **state) -> None:
 
 
 def _workdir_of(job_args: list[str]) -> str | None:
-  for i, arg in enumerate(job_args[:-1]):
-    if arg == '--workdir':
+  """The job's --workdir, in either of argparse's spellings (`--workdir X`, `--workdir=X`)."""
+  for i, arg in enumerate(job_args):
+    if arg == '--workdir' and i + 1 < len(job_args):
       return job_args[i + 1]
+    if arg.startswith('--workdir='):
+      return arg.partition('=')[2]
   return None
 
 
@@ -127,7 +130,11 @@ def stop(name: str) -> int:
   if info['state'] != 'running':
     print(f"{socket.gethostname()}: {name} already {info['state']}")
     return 0
-  os.kill(info['supervisor_pid'], signal.SIGTERM)
+  try:
+    os.kill(info['supervisor_pid'], signal.SIGTERM)
+  except ProcessLookupError:  # the worker restarted, or the supervisor was killed: nothing to stop
+    print(f'{socket.gethostname()}: {name} was lost (its supervisor is gone); nothing to stop')
+    return 1
   print(f'{socket.gethostname()}: sent SIGTERM to {name} (it saves a checkpoint, then exits)')
   return 0
 
