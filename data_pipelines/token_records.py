@@ -51,9 +51,18 @@ def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, se
 
   Every record is validated before anything is written to its final name: shards are written to
   temporary names and renamed only when all records passed, so a bad record never leaves a
-  half-written data set behind (and never clobbers an existing one).
+  half-written data set behind. A folder that already holds shards is refused before any record is
+  read (the new set would replace or mix with the old one).
   """
   out_dir = Path(out_dir)
+  if out_dir.is_file():
+    raise TokenDataError(f'--out {out_dir} is a file; give a directory for the shards')
+  existing = sorted(out_dir.glob(f'{prefix}-*{SHARD_SUFFIX}')) if out_dir.is_dir() else []
+  if existing:
+    # Shards of another count would stay beside the new ones, and a reader of the folder would
+    # take both data sets as one; same-named ones would be replaced. Neither is what a user meant.
+    raise TokenDataError(f'{out_dir} already holds {len(existing)} token shard(s) ({existing[0].name}'
+                         f'{", ..." if len(existing) > 1 else ""}); choose a new --out, or delete them first')
   out_dir.mkdir(parents=True, exist_ok=True)
   temp_paths: list[Path] = []
   writer = None

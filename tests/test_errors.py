@@ -24,6 +24,8 @@ def _bad_inputs(tmp):
   (tmp / 'truncated.npy').write_bytes((tmp / 'short.npy').read_bytes()[:100])
   (tmp / 'bad.jsonl').write_text('{"tokens": "not base64!"}\n')
   (tmp / 'a_file').write_text('x')
+  (tmp / 'shards').mkdir()
+  (tmp / 'shards' / 'tokens-00000-of-00002.arrayrecord').write_bytes(b'an earlier data set')
   np.save(tmp / 'out_of_vocab.npy', np.full((2, 256), 9000, np.int32))
   (tmp / 'hf').mkdir()
   (tmp / 'hf' / 'config.json').write_text(json.dumps(dict(
@@ -66,6 +68,8 @@ def _bad_inputs(tmp):
       'newline in a workdir': (['lvm', 'eval', '--workdir', str(tmp / 'a\nb'), '--data', 'builtin:digits-eval'],
                                'a\\nb'),
       'out-of-vocab tokens': (tokens + [str(tmp / 'out_of_vocab.npy')], 'out_of_vocab.npy'),
+      'data tokens into a folder of shards': (['data', 'tokens', '--out', str(tmp / 'shards'), '--seq-len', '64',
+                                               '--input', str(tmp / 'short.npy')], 'already holds 1 token shard'),
       'zero record length': (tokens[:-2] + ['0', '--input', str(tmp / 'short.npy')], '--seq-len'),
       'workdir is a file': (train[:-1] + [str(tmp / 'a_file')], 'a_file'),
       'model config as the preset': (['lvm', 'train', '--config', TINY, '--tpu', digits, '--workdir',
@@ -103,7 +107,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'short records', 'float records', 'truncated npy', 'corrupt jsonl', 'eval of no workdir',
          'teacher on no workdir', 'shell text in a string', 'sampler typo (checked before training)',
          'distill without features', 'attribute with no student', 'quotes and a newline in a string',
-         'newline in a workdir', 'out-of-vocab tokens', 'zero record length', 'workdir is a file',
+         'newline in a workdir', 'out-of-vocab tokens', 'data tokens into a folder of shards', 'zero record length',
+         'workdir is a file',
          'model config as the preset', 'preset as the model config', 'import-hf without config.json',
          'import-hf of corrupt safetensors', 'export-hf of no workdir', 'import-diffusers of a corrupt file',
          'import-diffusers of foreign weights', 'teacher with no queries', 'features on no workdir',

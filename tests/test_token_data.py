@@ -56,15 +56,22 @@ def test_bad_shard_records_name_shard_and_record(tmp_path):
 
 
 def test_writer_validates_everything_and_never_clobbers(tmp_path):
-  first = write_token_shards(_records(5), tmp_path, seq_len=T, vocab_size=V)
-  before = first[0].read_bytes()
   records = list(_records(5, seed=1))
   records[3] = records[3].copy()
   records[3][0] = -1
   with pytest.raises(TokenDataError, match='input record 3: token id -1 at position 0'):
-    write_token_shards(records, tmp_path, seq_len=T, vocab_size=V)
-  assert first[0].read_bytes() == before
-  assert sorted(p.name for p in tmp_path.iterdir()) == [first[0].name]  # no temp files left
+    write_token_shards(records, tmp_path / 'bad', seq_len=T, vocab_size=V)
+  assert list((tmp_path / 'bad').iterdir()) == []  # no temp files left, no shard
+  first = write_token_shards(_records(9), tmp_path / 'good', seq_len=T, vocab_size=V, records_per_shard=4)
+  before = [p.read_bytes() for p in first]
+  # A second data set into the same folder (here 1 shard beside 3) would mix with the first.
+  def untouched():
+    yield from ()
+    raise AssertionError('records were read before the folder was checked')
+  with pytest.raises(TokenDataError, match=r'good already holds 3 token shard\(s\) \(tokens-00000-of-00003'):
+    write_token_shards(untouched(), tmp_path / 'good', seq_len=T, vocab_size=V)
+  assert [p.read_bytes() for p in first] == before
+  assert sorted(p.name for p in (tmp_path / 'good').iterdir()) == [p.name for p in first]
 
 
 def test_jsonl_and_npy_errors_name_line_and_shape(tmp_path):
