@@ -20,7 +20,8 @@ from core.paths import as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset
 from core.train_loop import restore_latest_params, train
-from core.workdir import RUN_CONFIG_FILE, make_workdir, read_run_config, save_png_atomic, versions, write_json_atomic
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, refuse_changed_run, save_png_atomic, versions,
+                          write_json_atomic)
 from data_pipelines.token_loader import record_batches
 
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
@@ -92,6 +93,10 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
   text_encoder = shared_text_encoder(config.data.text_len)
   if text_encoder.dim != config.unet.cross_attention_dim:
     raise ConfigError(f'unet.cross_attention_dim {config.unet.cross_attention_dim} != text encoder width {text_encoder.dim}')
+  if (workdir / RUN_CONFIG_FILE).is_file():
+    # A rerun continues the run in `workdir`: only the same model on the same images (a workdir of
+    # another kind is named by load_run, before its config.json would be overwritten).
+    refuse_changed_run(workdir, load_run(workdir)[0], config, ('unet', 'schedule', 'data'))
   data = CaptionedImages(config.data, text_encoder, cache_dir=cache_dir or workdir / 'cache')
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
   make_workdir(workdir)

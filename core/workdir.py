@@ -42,6 +42,20 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
                       f'{workdir} was not made by {made_by}') from None
 
 
+def refuse_changed_run(workdir, previous, config, groups: tuple[str, ...], ignore=frozenset()) -> None:
+  """Rerunning a training job into its workdir continues the run there; if the stored run's
+  `groups` of settings (model shapes, data) differ from the new config, its checkpoints would not
+  fit, or the run would go on with other data. Refused, naming every changed field; `ignore` holds
+  (group, field) pairs that only change speed or memory."""
+  from core.config import to_dict
+  from core.errors import ConfigError
+  for group in groups:
+    old, new = to_dict(getattr(previous, group)), to_dict(getattr(config, group))
+    changed = {k: f'{old.get(k)} -> {new[k]}' for k in new if old.get(k) != new[k] and (group, k) not in ignore}
+    if changed:
+      raise ConfigError(f'{workdir} holds a run with different {group} settings {changed}; use a new workdir')
+
+
 def write_imported_run(workdir: str | Path, config, tpu_path: str | Path, params, source: str) -> None:
   """A workdir holding imported weights as step 0 of a run, as if training had produced them: its
   config and preset, then one checkpoint (written last, so a failure leaves no checkpoint to trust)."""

@@ -15,7 +15,8 @@ from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import init_state, restore_latest_params, train
-from core.workdir import RUN_CONFIG_FILE, make_workdir, read_run_config, versions, write_imported_run, write_json_atomic
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, refuse_changed_run, versions,
+                          write_imported_run, write_json_atomic)
 from data_pipelines.token_loader import token_batches
 from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
 from data_pipelines.token_sources import open_token_source, record_length
@@ -35,14 +36,10 @@ def _check_same_model(workdir: Path, config: LvmConfig) -> None:
   if not (workdir / RUN_CONFIG_FILE).is_file():
     return
   previous, _ = load_run_config(workdir)
-  for group in ('model', 'data'):
-    old, new = to_dict(getattr(previous, group)), to_dict(getattr(config, group))
-    changed = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]
-               and (group, k) not in {('data', 'read_threads'), ('model', 'remat_policy'),
-                                      ('model', 'attention_block'), ('model', 'compute_dtype')}}
-    if changed and not (group == 'data' and previous.data.train_path == ''):
-      raise ConfigError(f'{workdir} holds a run with different {group} settings '
-                        f'{ {k: f"{a} -> {b}" for k, (a, b) in changed.items()} }; use a new workdir')
+  # An imported run (no training data yet) may be continued on any data.
+  groups = ('model',) if previous.data.train_path == '' else ('model', 'data')
+  refuse_changed_run(workdir, previous, config, groups, ignore={
+      ('data', 'read_threads'), ('model', 'remat_policy'), ('model', 'attention_block'), ('model', 'compute_dtype')})
 
 
 def fit_check_command(config_path: str, tpu_path: str, overrides: list[str]) -> dict:

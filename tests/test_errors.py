@@ -98,6 +98,14 @@ def _bad_inputs(tmp):
                                         '--k must be >= 1'),
       'teacher on an LVM workdir': (['attrib', 'teacher', '--workdir', str(tmp / 'lvm_run'), '--queries', '1'],
                                     'not made by `attrib train-model`'),
+      'train-model into an LVM workdir': (['attrib', 'train-model', '--config', digits, '--workdir',
+                                           str(tmp / 'lvm_run')], 'not made by `attrib train-model`'),
+      'train-model of another U-Net into a run': (['attrib', 'train-model', '--config', digits, '--workdir',
+                                                   str(tmp / 'diffusion_run'), '--set', 'unet.layers_per_block=2'],
+                                                  "different unet settings {'layers_per_block': '1 -> 2'}"),
+      'lvm train of another model into a run': (['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir',
+                                                 str(tmp / 'lvm_run'), '--set', 'model.hidden_size=64'],
+                                                "different model settings {'hidden_size': '128 -> 64'}"),
       'lvm eval on a diffusion workdir': (['lvm', 'eval', '--workdir', str(tmp / 'diffusion_run'), '--data',
                                            'builtin:digits-eval'], 'not made by `lvm train`'),
   }
@@ -113,7 +121,9 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'import-hf of corrupt safetensors', 'export-hf of no workdir', 'import-diffusers of a corrupt file',
          'import-diffusers of foreign weights', 'teacher with no queries', 'features on no workdir',
          'index with no student', 'attrib eval with no student', 'counterfactual on no workdir',
-         'counterfactual of zero images', 'teacher on an LVM workdir', 'lvm eval on a diffusion workdir']
+         'counterfactual of zero images', 'teacher on an LVM workdir', 'lvm eval on a diffusion workdir',
+         'train-model into an LVM workdir', 'train-model of another U-Net into a run',
+         'lvm train of another model into a run']
 
 
 @pytest.mark.parametrize('case', CASES)
