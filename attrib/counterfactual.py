@@ -19,6 +19,7 @@ from attrib.diffusion import NoiseSchedule
 from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import shared_text_encoder
 from core import progress
+from core.compile_cache import reuse_compilations
 from core.config import ConfigError, check_at_least
 from core.paths import as_path
 from core.workdir import load_npz, versions, write_bytes_atomic, write_json_atomic
@@ -68,6 +69,13 @@ def counterfactual_command(workdir: str, k: int, num_queries: int, seeds: int, s
                            tpu_path: str | None, rankings: tuple[str, ...] = ('teacher',)) -> dict:
   check_at_least(1, k=k, queries=num_queries, seeds=seeds, steps=steps)
   workdir = as_path(workdir)
+  # Every retraining runs the same init, step and loss programs: compile them once per job.
+  with reuse_compilations(workdir / 'cache' / 'xla'):
+    return _counterfactual(workdir, k, num_queries, seeds, steps, tpu_path, rankings)
+
+
+def _counterfactual(workdir: Path, k: int, num_queries: int, seeds: int, steps: int, tpu_path: str | None,
+                    rankings: tuple[str, ...]) -> dict:
   config, trained_tpu = load_run(workdir)
   for name in rankings:
     if name not in ('teacher', 'student') and not (workdir / 'features' / name).is_dir():

@@ -101,18 +101,24 @@ class Teacher:
 
   def __init__(self, graphdef, params, schedule: NoiseSchedule, config: TeacherConfig, *, mesh, rules,
                num_training_images: int):
+    # Host arrays (a multi-host teacher's all-gathered θ₀) go to the devices once, not on every call.
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, replicated), params)
     self.graphdef, self.params, self.schedule, self.config = graphdef, params, schedule, config
     self.mesh, self.rules, self.n = mesh, rules, num_training_images
     self.kv0, _ = split_params(params)
     self.score_timesteps = jnp.arange(0, schedule.config.num_train_timesteps, config.score_timestep_stride)
     self._batch_sharding = NamedSharding(mesh, logical_to_spec(('batch',), rules))
+    # θ₀ is an argument of every jitted call, not a closure constant: constants are embedded in the
+    # program (a 6 MB executable per digits model, gigabytes for a latent-diffusion U-Net) and make
+    # every model's program a different one, so nothing compiled for one model served another.
     self._per_example_loss = jax.jit(self._losses)
     self._fisher_batch = jax.jit(self._fisher_sum)
     self._query_grad = jax.jit(self._grad_of_query)
 
   # ---------------------------------------------------------------- losses
-  def _loss_fn(self, kv, images, context, noise, timesteps):
-    model = nnx.merge(self.graphdef, merge_params(self.params, kv))
+  def _loss_fn(self, params, kv, images, context, noise, timesteps):
+    model = nnx.merge(self.graphdef, merge_params(params, kv))
     return epsilon_loss(model, self.schedule, images, context, noise, timesteps)
 
   def _scoring_noise(self, ids_m, shape):
@@ -123,12 +129,12 @@ class Teacher:
       return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
     return jax.vmap(one)(ids_m)  # [m, T, h, w, c]
 
-  def _losses(self, kv, images_m, context_m, ids_m):
+  def _losses(self, params, kv, images_m, context_m, ids_m):
     """Mean ε-MSE over the scoring timesteps, per candidate: [m]."""
     noise = self._scoring_noise(ids_m, images_m.shape[1:])
     def at_timestep(j):
       t = jnp.full((images_m.shape[0],), self.score_timesteps[j])
-      return self._loss_fn(kv, images_m, context_m, noise[:, j], t)
+      return self._loss_fn(params, kv, images_m, context_m, noise[:, j], t)
     per_t = jax.lax.map(at_timestep, jnp.arange(len(self.score_timesteps)))  # [T, m]
     return per_t.mean(axis=0)
 
@@ -145,17 +151,17 @@ class Teacher:
       rows_padded = np.concatenate([rows, np.repeat(rows[-1:], pad)])
       # `images`/`context` may be lazy row views (memory-mapped data sets): only this batch is read.
       put = lambda x: jax.device_put(np.asarray(x[rows_padded]), self._batch_sharding)
-      values = self._per_example_loss(kv, put(images), put(context), put(ids))
+      values = self._per_example_loss(self.params, kv, put(images), put(context), put(ids))
       out.append(np.asarray(values)[:len(rows)])
     return np.concatenate(out)
 
   # ---------------------------------------------------------------- Fisher
-  def _fisher_sum(self, kv, images, context, seeds):
+  def _fisher_sum(self, params, kv, images, context, seeds):
     def one(image, ctx, seed):
       key = jax.random.fold_in(jax.random.key(99), seed)
       noise = jax.random.normal(jax.random.fold_in(key, 0), image.shape)
       t = jax.random.randint(jax.random.fold_in(key, 1), (1,), 0, self.schedule.config.num_train_timesteps)
-      grad = jax.grad(lambda kv: self._loss_fn(kv, image[None], ctx[None], noise[None], t)[0])(kv)
+      grad = jax.grad(lambda kv: self._loss_fn(params, kv, image[None], ctx[None], noise[None], t)[0])(kv)
       return jax.tree.map(jnp.square, grad)
     squares = jax.vmap(one)(images, context, seeds)
     return jax.tree.map(lambda s: s.sum(axis=0), squares)
@@ -179,7 +185,7 @@ class Teacher:
       for start in range(0, len(images), batch):
         rows = np.arange(start, min(start + batch, len(images)))
         seeds = rows + repeat * len(images)
-        part = self._fisher_batch(self.kv0, self._shard_rows(np.asarray(images[rows])),
+        part = self._fisher_batch(self.params, self.kv0, self._shard_rows(np.asarray(images[rows])),
                                   self._shard_rows(np.asarray(context[rows])), self._shard_rows(seeds))
         # Wait for each call: on CPU devices that share a thread pool, two queued calls with an
         # all-reduce each can hold both threads and never meet (XLA aborts after 40 s).
@@ -188,7 +194,7 @@ class Teacher:
     return jax.tree.map(lambda s: s / count, total)
 
   # ---------------------------------------------------------------- unlearning
-  def _grad_of_query(self, kv, image, context, seed):
+  def _grad_of_query(self, params, kv, image, context, seed):
     n = self.config.query_grad_samples
     key = jax.random.fold_in(jax.random.key(7), seed)
     noise = jax.random.normal(jax.random.fold_in(key, 0), (n,) + image.shape)
@@ -196,7 +202,7 @@ class Teacher:
     noise, t = self._shard_rows(noise), self._shard_rows(t)
     images = self._shard_rows(jnp.broadcast_to(image, (n,) + image.shape))
     contexts = self._shard_rows(jnp.broadcast_to(context, (n,) + context.shape))
-    return jax.grad(lambda kv: self._loss_fn(kv, images, contexts, noise, t).mean())(kv)
+    return jax.grad(lambda kv: self._loss_fn(params, kv, images, contexts, noise, t).mean())(kv)
 
   def unlearn(self, fisher: dict, image, context, query_seed: int) -> dict:
     """θ_kv after `unlearn_steps` EWC Newton steps of gradient ascent on the query's loss."""
@@ -204,7 +210,7 @@ class Teacher:
     kv = self.kv0
     for step in range(self.config.unlearn_steps):
       seed = (query_seed + self.config.query_seed_offset) * 1000 + step
-      grad = jax.block_until_ready(self._query_grad(kv, image, context, seed))
+      grad = jax.block_until_ready(self._query_grad(self.params, kv, image, context, seed))
       kv = jax.tree.map(lambda p, g, f: p + self.config.step_size / self.n * g / (f + damping), kv, grad, fisher)
     return kv
 

@@ -85,7 +85,7 @@ def test_unlearning_raises_query_loss_and_scores_are_reproducible(setup):
     assert_network_close(np.asarray(fisher8[name]), np.asarray(fisher[name]), reduction_length=grad_length,
                          what=f'Fisher {name}')
   for t in (teacher, sharded):
-    hlo = t._query_grad.lower(t.kv0, images[query], context[query], query).compile().as_text()
+    hlo = t._query_grad.lower(t.params, t.kv0, images[query], context[query], query).compile().as_text()
     assert ('all-reduce' in hlo) == (t is sharded)
   base8 = sharded.losses(sharded.kv0, images, context, ids)
   after8 = sharded.losses(kv8, images, context, ids)

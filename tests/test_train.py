@@ -153,3 +153,43 @@ def test_changed_model_in_existing_workdir_is_refused(tmp_path):
   _train(tmp_path / 'w', CPU8, 1)
   with pytest.raises(ValueError, match='hidden_size'):
     _train(tmp_path / 'w', CPU8, 2, ['model.hidden_size=128'])
+
+
+_COMPILE_CACHE_PROBE = '''
+import json, os, sys
+import jax, jax.numpy as jnp, numpy as np
+from core.compile_cache import reuse_compilations
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+f = lambda x: jnp.sin(x) @ x.T
+with reuse_compilations(sys.argv[1]):
+  jax.jit(f)(np.ones((8, 8), np.float32)).block_until_ready()
+  jax.jit(lambda x: f(x))(np.ones((8, 8), np.float32)).block_until_ready()  # a new closure, the same program
+inside = sorted(os.listdir(sys.argv[1])) if os.path.isdir(sys.argv[1]) else []
+jax.jit(lambda x: jnp.cos(x) + 1)(np.ones((8, 8), np.float32)).block_until_ready()  # after the block
+print(json.dumps({'inside': inside, 'after': sorted(os.listdir(sys.argv[1])) if inside else [],
+                  'cache_dir': jax.config.jax_compilation_cache_dir}))
+'''
+
+
+@pytest.mark.parametrize('own_cache', [False, True])
+def test_reuse_compilations_keeps_programs_only_inside_the_block(tmp_path, own_cache):
+  """`attrib counterfactual` trains many models with the same programs: they are compiled once into
+  WORKDIR/cache/xla (one entry for two closures of one program), nothing after the job writes there,
+  and a cache the process already has (JAX_COMPILATION_CACHE_DIR) is used instead."""
+  import os
+  import subprocess
+  import sys
+  from tests.helpers import ROOT
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
+  env['JAX_PLATFORMS'] = 'cpu'
+  if own_cache:
+    env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'users')
+  out = subprocess.run([sys.executable, '-c', _COMPILE_CACHE_PROBE, str(tmp_path / 'job')], env=env, cwd=ROOT,
+                       capture_output=True, text=True, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  if own_cache:
+    assert result['inside'] == [] and result['cache_dir'] == str(tmp_path / 'users')
+    assert len(os.listdir(tmp_path / 'users')) == 2  # the user's cache took both programs
+  else:
+    assert len(result['inside']) == 1 and result['inside'][0].startswith('jit_')
+    assert result['after'] == result['inside'] and result['cache_dir'] is None
