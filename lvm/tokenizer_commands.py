@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -54,16 +55,21 @@ class LoadedTokenizer:
   step: int
   checksum: str
 
+  def __post_init__(self):
+    # One jitted encoder and decoder per tokenizer, the parameters an argument: compiled once per
+    # batch shape, not on every call (the tokenize job encodes shard by shard, which compiled the
+    # encoder again for each shard), and the weights are not embedded in the program as constants.
+    self._encode = jax.jit(lambda params, x: nnx.merge(self.graphdef, params).encode(x))
+    self._decode = jax.jit(lambda params, t: nnx.merge(self.graphdef, params).decode(t))
+
   def encode(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """float [n, s, s, 3] in [0, 1] -> int32 tokens [n, tokens_per_image], sharded over the mesh."""
-    fn = jax.jit(lambda x: nnx.merge(self.graphdef, self.params).encode(x))
     with activation_sharding(self.mesh, self.rules):
-      return map_batches(fn, images, self.mesh, self.rules, batch)
+      return map_batches(functools.partial(self._encode, self.params), images, self.mesh, self.rules, batch)
 
   def decode(self, tokens: np.ndarray, batch: int = 256) -> np.ndarray:
-    fn = jax.jit(lambda t: nnx.merge(self.graphdef, self.params).decode(t))
     with activation_sharding(self.mesh, self.rules):
-      return map_batches(fn, tokens, self.mesh, self.rules, batch)
+      return map_batches(functools.partial(self._decode, self.params), tokens, self.mesh, self.rules, batch)
 
 
 def params_checksum(params) -> str:
