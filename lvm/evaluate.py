@@ -17,6 +17,20 @@ from core.sharding import activation_sharding, logical_to_spec
 from lvm.task import next_token_nll
 
 
+@functools.lru_cache(maxsize=8)
+def _target_nll_fn(graphdef, mesh, rules, target_tokens: int):
+  """One jitted scorer per model and mesh: `lvm eval` scores all records and then each task kind,
+  which compiled the same forward once per call before."""
+  # Replicated output: every process can read all of it (a batch-sharded result would span
+  # devices that other hosts own, which device_get cannot fetch on a pod).
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+  def target_nll(params, tokens_bt):
+    with activation_sharding(mesh, rules):
+      nll = next_token_nll(nnx.merge(graphdef, params)(tokens_bt), tokens_bt)
+    return jnp.mean(nll[:, -target_tokens:], axis=-1)  # [b]: mean NLL of the target tokens
+  return target_nll
+
+
 def perplexity(graphdef, params, source, *, mesh, rules, target_tokens: int, batch_size: int,
                progress: bool = True) -> dict:
   """Scores every record of `source` in order; the last batch is padded and its padding ignored."""
@@ -28,14 +42,7 @@ def perplexity(graphdef, params, source, *, mesh, rules, target_tokens: int, bat
   if batch_size % batch_ways:
     raise ConfigError(f'eval batch {batch_size} must be a multiple of data x fsdp = {batch_ways}')
 
-  # Replicated output: every process can read all of it (a batch-sharded result would span
-  # devices that other hosts own, which device_get cannot fetch on a pod).
-  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
-  def target_nll(params, tokens_bt):
-    with activation_sharding(mesh, rules):
-      nll = next_token_nll(nnx.merge(graphdef, params)(tokens_bt), tokens_bt)
-    return jnp.mean(nll[:, -target_tokens:], axis=-1)  # [b]: mean NLL of the target tokens
-
+  target_nll = _target_nll_fn(graphdef, mesh, tuple(rules), target_tokens)
   per_example = []
   indices = np.arange(len(source))
   batches = range(0, len(source), batch_size)
