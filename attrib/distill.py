@@ -248,6 +248,8 @@ def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
   if shards < 1:
     raise ConfigError(f'--shards must be >= 1, got {shards}')
   embeddings = load_npy(path)
+  if shards > len(embeddings):
+    raise ConfigError(f'--shards {shards}: more shards than the {len(embeddings)} training rows in {path}')
   prior, probes = None, None
   if run.config.embedder.image_prior:
     prior_path = student_dir(workdir) / IMAGE_PRIOR

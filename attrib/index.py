@@ -250,6 +250,11 @@ def _read_meta(directory) -> dict:
   return meta
 
 
+def _threads(num_shards: int) -> int:
+  """Threads that build or search shards side by side: one per shard, at most one per core."""
+  return max(1, min(num_shards, os.cpu_count() or 1))
+
+
 class ShardedIndex:
   """S indexes over disjoint row ranges; built and searched in parallel, per-shard top-k merged.
 
@@ -260,7 +265,7 @@ class ShardedIndex:
 
   def __init__(self, shards: list[Index]):
     self.shards = shards
-    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(shards)))
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=_threads(len(shards)))
 
   @property
   def dim(self) -> int:
@@ -280,9 +285,11 @@ class ShardedIndex:
   @classmethod
   def build(cls, vectors: np.ndarray, ids: np.ndarray | None, num_shards: int,
             config: IndexConfig = IndexConfig(), probes: np.ndarray | None = None) -> 'ShardedIndex':
+    if not 1 <= num_shards <= len(vectors):
+      raise ConfigError(f'{num_shards} shards for {len(vectors)} rows: each shard needs at least one row')
     ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     bounds = np.linspace(0, len(vectors), num_shards + 1).astype(int)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=num_shards) as pool:  # ScaNN builds release the GIL
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_threads(num_shards)) as pool:  # ScaNN builds release the GIL
       shards = list(pool.map(lambda s: Index.build(vectors[bounds[s]:bounds[s + 1]], ids[bounds[s]:bounds[s + 1]],
                                                    config, probes), range(num_shards)))
     return cls(shards)

@@ -210,6 +210,11 @@ def test_index_errors_are_named(pipeline, tmp_path, capsys):
     load_any(copy)
   with pytest.raises(IndexFileError, match='index.json not found'):
     load_any(tmp_path)
+  # More shards than training rows: refused by name, and the index in place is left as it was.
+  before = {p.name: p.read_bytes() for p in (pipeline / 'student' / 'index').rglob('*') if p.is_file()}
+  assert launch_main(['attrib', 'index', '--workdir', str(pipeline), '--shards', '1601']) == 2
+  assert '--shards 1601: more shards than the 1600 training rows' in capsys.readouterr().err
+  assert {p.name: p.read_bytes() for p in (pipeline / 'student' / 'index').rglob('*') if p.is_file()} == before
 
 
 @pytest.mark.slow

@@ -52,6 +52,12 @@ def test_sharded_index_equals_exact_search(tmp_path):
   np.testing.assert_array_equal(load_any(tmp_path / 'sharded').search(queries, 10)[0], sharded.search(queries, 10)[0])
 
 
+def test_more_shards_than_rows_is_refused():
+  from core.errors import ConfigError
+  with pytest.raises(ConfigError, match='5 shards for 4 rows'):
+    ShardedIndex.build(_clustered(4), None, 5, IndexConfig(kind='brute_force'))
+
+
 def test_sharded_upsert_equals_exact_search_over_the_updated_rows(tmp_path):
   data = _clustered(3000)
   sharded = ShardedIndex.build(data, None, 4, IndexConfig(kind='brute_force', recall_probes=100))
