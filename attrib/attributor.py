@@ -30,6 +30,7 @@ from attrib.tower_features import TowerFeaturizer
 from core.errors import UserError
 from core.paths import as_path, is_remote
 from core.workdir import load_npy
+from data_pipelines.image_sources import as_rgb
 
 
 def _square_16(image):
@@ -180,7 +181,8 @@ class Attributor:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
       image = Image.fromarray(image)  # to grey as a PNG file of it would be (PIL's luma weights)
     if isinstance(image, Image.Image):
-      image = np.asarray(_square_16(image.convert('L')), np.uint8)
+      # Any mode as the data pipelines read it (16-bit grey scaled, alpha on white), then PIL's grey.
+      image = np.asarray(_square_16(as_rgb(image).convert('L')), np.uint8)
     if not isinstance(image, np.ndarray):
       raise AttributionError(f'image must be a numpy array, a PIL image or a path, got {type(image).__name__}')
     if image.ndim == 3 and image.shape[-1] in (1, 3):

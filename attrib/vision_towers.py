@@ -281,7 +281,8 @@ def load_tower(hf_dir: str | Path, kind: str):
 # ---------------------------------------------------------------- preprocessing
 
 def _resize_crop(image, shortest: int, crop: int, resample) -> np.ndarray:
-  image = image.convert('RGB')
+  from data_pipelines.image_sources import as_8bit
+  image = as_8bit(image).convert('RGB')  # as the paper's `.convert('RGB')`, but 16-bit grey scaled, not clipped
   w, h = image.size
   scale = shortest / min(w, h)
   size = (max(shortest, int(w * scale)) if w >= h else shortest, shortest if w >= h else max(shortest, int(h * scale)))

@@ -122,13 +122,21 @@ def builtin_images(name: str, size: int) -> np.ndarray:
   return np.concatenate(out)
 
 
-def as_rgb(image):
-  """A PIL image of any mode -> an 8-bit RGB PIL image: 16/32-bit grey scaled to 8 bits, alpha
-  composited on white."""
+def as_8bit(image):
+  """16/32-bit grey PIL images scaled to 8 bits by their maximum (PIL's own conversion clips them at
+  255: a 16-bit scan would come out almost all white); other modes are returned as they are."""
   from PIL import Image
   if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
     array = np.asarray(image, np.float64)
     image = Image.fromarray((array / max(array.max(), 1) * 255).astype(np.uint8))
+  return image
+
+
+def as_rgb(image):
+  """A PIL image of any mode -> an 8-bit RGB PIL image: 16/32-bit grey scaled to 8 bits, alpha
+  composited on white."""
+  from PIL import Image
+  image = as_8bit(image)
   if image.mode in ('RGBA', 'LA', 'P', 'PA'):
     image = Image.alpha_composite(Image.new('RGBA', image.size, (255, 255, 255, 255)), image.convert('RGBA'))
   return image.convert('RGB')

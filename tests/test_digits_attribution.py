@@ -149,6 +149,16 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
   Image.fromarray(colour).save(tmp_path / 'colour.png')
   np.testing.assert_array_equal(attributor.features([colour], [prompt]),
                                 attributor.features([str(tmp_path / 'colour.png')], [prompt]))
+  # The same grey as a 16-bit PNG (x257, its maximum 255*257) and as RGBA with an opaque alpha: the
+  # same features exactly. (PIL's own 16-bit -> 8-bit conversion clips at 255: all but black was white.)
+  grey[0, 0] = 255  # the 16-bit image is scaled by its maximum
+  Image.fromarray(grey).save(tmp_path / 'grey8.png')
+  Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'grey16.png')
+  Image.fromarray(np.dstack([grey] * 3 + [np.full_like(grey, 255)]), 'RGBA').save(tmp_path / 'grey_rgba.png')
+  assert Image.open(tmp_path / 'grey16.png').mode.startswith('I')
+  eight_bit = attributor.features([str(tmp_path / 'grey8.png')], [prompt])
+  for other in ('grey16.png', 'grey_rgba.png'):
+    np.testing.assert_array_equal(attributor.features([str(tmp_path / other)], [prompt]), eight_bit)
   # 16 threads give what serial calls give.
   serial = [attributor.attribute(image=queries['images'][q % 3], prompt=str(queries['prompts'][q % 3]), k=5)
             for q in range(3)]

@@ -100,6 +100,12 @@ def test_dino_preprocessing_matches_the_transformers_processor():
   assert ours.shape == (224, 224, 3)
   # Both resize with PIL's bicubic on uint8 and crop the same window: equal to float32 rounding.
   np.testing.assert_array_equal(ours, expected.astype(np.float32))
+  # A 16-bit grey scan is scaled to 8 bits by its maximum, not clipped at 255 by PIL's conversion.
+  grey = np.asarray(image.convert('L')).copy()
+  grey[0, 0] = 255
+  sixteen = Image.fromarray(grey.astype(np.uint16) * 257)
+  assert sixteen.mode.startswith('I')
+  np.testing.assert_array_equal(preprocess_dino(sixteen), preprocess_dino(Image.fromarray(grey)))
 
 
 def test_clip_tokenisation_matches_transformers(tmp_path):
