@@ -46,8 +46,11 @@ class DistillConfig:
   log_every: int = 50
 
   def __post_init__(self):
-    if self.batch < 1 or self.epochs < 1 or self.lr <= 0 or self.log_every < 1 or self.val_queries < 0:
-      raise ConfigError('distill: batch, epochs, log_every must be >= 1, lr > 0, val_queries >= 0')
+    for name, ok, rule in (('batch', self.batch >= 1, '>= 1'), ('epochs', self.epochs >= 1, '>= 1'),
+                           ('log_every', self.log_every >= 1, '>= 1'), ('lr', self.lr > 0, '> 0'),
+                           ('val_queries', self.val_queries >= 0, '>= 0')):
+      if not ok:
+        raise ConfigError(f'distill.{name} must be {rule}, got {getattr(self, name)!r}')
     if not 0 <= self.outlier_probability < 1:
       raise ConfigError(f'distill.outlier_probability must be in [0, 1), got {self.outlier_probability}')
 
