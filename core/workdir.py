@@ -103,6 +103,25 @@ def prepare_output_file(path, flag: str = '--out'):
   return path
 
 
+def prepare_output_dir(path, flag: str = '--out'):
+  """The folder a job will write its files into, checked and made before any work starts: a path
+  that is, or runs through, a file is a clear error, not a traceback after the work. Returns it."""
+  from core.errors import UserError
+  path = as_path(path)
+  if is_remote(path):
+    return path
+  for part in (path, *path.parents):
+    if part.exists() and not part.is_dir():
+      raise UserError(f'{flag} {path}: {part} is a file, not a directory')
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise UserError(f'{flag} {path}: cannot create it ({error.strerror})') from None
+  if not os.access(path, os.W_OK):
+    raise UserError(f'{flag} {path}: not writable')
+  return path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
   """Yields a local temporary path; it becomes `path` (a file or a folder) only if the block succeeds."""

@@ -55,8 +55,9 @@ def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, se
   read (the new set would replace or mix with the old one).
   """
   out_dir = Path(out_dir)
-  if out_dir.is_file():
-    raise TokenDataError(f'--out {out_dir} is a file; give a directory for the shards')
+  for part in (out_dir, *out_dir.parents):
+    if part.exists() and not part.is_dir():
+      raise TokenDataError(f'--out {out_dir}: {part} is a file; give a directory for the shards')
   existing = sorted(out_dir.glob(f'{prefix}-*{SHARD_SUFFIX}')) if out_dir.is_dir() else []
   if existing:
     # Shards of another count would stay beside the new ones, and a reader of the folder would

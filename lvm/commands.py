@@ -15,8 +15,8 @@ from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import init_state, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, refuse_changed_run, versions,
-                          write_imported_run, write_json_atomic)
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, prepare_output_dir, read_run_config, refuse_changed_run,
+                          versions, write_imported_run, write_json_atomic)
 from data_pipelines.token_loader import token_batches
 from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
 from data_pipelines.token_sources import open_token_source, record_length
@@ -169,6 +169,7 @@ def import_hf_command(hf_dir: str, workdir: str, tpu_path: str | None, seq_len: 
 def export_hf_command(workdir: str, out_dir: str, dtype: str) -> dict:
   workdir = as_path(workdir)
   config, _ = load_run_config(workdir)
+  prepare_output_dir(out_dir)
   _, params, _, _, step = restore_params(workdir, config, DEFAULT_TPU)
   host_params = jax.tree.map(np.asarray, jax.device_get(params))
   files = hf_interop.write_hf_dir(host_params, config.model, out_dir, dtype=dtype)
