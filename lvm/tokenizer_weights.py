@@ -84,6 +84,8 @@ def read_tokenizer_dir(path: str | Path) -> tuple[TokenizerConfig, dict[str, np.
   one weights file with a config.json beside it. Returns (config, state dict, weights path)."""
   from attrib.released import read_state_dict
   path = Path(path)
+  if not path.exists():
+    raise WeightImportError(f'{path} not found: give a diffusers VQModel directory or its weights file')
   directory = path if path.is_dir() else path.parent
   config_file = directory / 'config.json'
   if not config_file.is_file():

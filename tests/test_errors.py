@@ -112,6 +112,10 @@ def _bad_inputs(tmp):
       'lvm train of another model into a run': (['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir',
                                                  str(tmp / 'lvm_run'), '--set', 'model.hidden_size=64'],
                                                 "different model settings {'hidden_size': '128 -> 64'}"),
+      'import-tokenizer of a missing path': (['lvm', 'import-tokenizer', '--weights', str(tmp / 'vq'), '--workdir',
+                                              str(tmp / 'w')], 'vq not found'),
+      'import-tokenizer of a folder without config': (['lvm', 'import-tokenizer', '--weights', str(tmp / 'shards'),
+                                                       '--workdir', str(tmp / 'w')], 'shards/config.json not found'),
       'lvm eval on a diffusion workdir': (['lvm', 'eval', '--workdir', str(tmp / 'diffusion_run'), '--data',
                                            'builtin:digits-eval'], 'not made by `lvm train`'),
   }
@@ -129,7 +133,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'index with no student', 'attrib eval with no student', 'counterfactual on no workdir',
          'counterfactual of zero images', 'teacher on an LVM workdir', 'lvm eval on a diffusion workdir',
          'train-model into an LVM workdir', 'train-model of another U-Net into a run',
-         'lvm train of another model into a run']
+         'lvm train of another model into a run', 'import-tokenizer of a missing path',
+         'import-tokenizer of a folder without config']
 
 
 @pytest.mark.parametrize('case', CASES)
