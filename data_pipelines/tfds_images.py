@@ -21,13 +21,17 @@ def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np
   """(float32 [n, size, size, 3] in [0, 1], int32 labels or -1) of every example of a tfds split."""
   import tensorflow_datasets as tfds
   _, name, *rest = source.split(':')
+  if not name or len(rest) > 1 or (rest and not rest[0]):
+    raise ImageDataError(f'{source}: expected tfds:NAME or tfds:NAME:SPLIT (e.g. tfds:mnist:test)')
   split = rest[0] if rest else 'train'
   data_dir = data_dir or os.environ.get('TFDS_DATA_DIR')
   try:
     records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for a missing or unprepared dataset
+    # Only the first line of tfds' message: the rest lists every dataset tfds knows (~250 names).
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise ImageDataError(f'{source}: not a prepared tfds dataset in {data_dir or "~/tensorflow_datasets"} '
-                         f'(prepare it first; nothing downloads at run time) ({type(e).__name__}: {e})') from None
+                         f'(prepare it first; nothing downloads at run time) ({type(e).__name__}: {reason})') from None
   if not len(records):
     raise ImageDataError(f'{source}: the split is empty')
   first = records[0]

@@ -229,8 +229,18 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
     by_bytes.setdefault(image.tobytes(), set()).add(int(label))
   assert all(int(label) in by_bytes.get(image.tobytes(), ()) for image, label in zip(images, labels))
   from data_pipelines.image_sources import ImageDataError
-  with pytest.raises(ImageDataError, match='tfds:no_such_set'):
+  with pytest.raises(ImageDataError, match='tfds:no_such_set') as refused:
     open_images('tfds:no_such_set:train', 32)
+  assert '\n' not in str(refused.value) and len(str(refused.value)) < 400  # not tfds' list of every dataset
+  os.environ['TFDS_DATA_DIR'] = str(tmp_path)
+  try:  # a prepared dataset, a split it lacks
+    with pytest.raises(ImageDataError, match="tfds:bundled_digits:test: .*Unknown split 'test'"):
+      open_images('tfds:bundled_digits:test', 32)
+    for malformed in (f'{source}:test', 'tfds:', 'tfds:bundled_digits:'):
+      with pytest.raises(ImageDataError, match='expected tfds:NAME or tfds:NAME:SPLIT'):
+        open_images(malformed, 32)
+  finally:
+    del os.environ['TFDS_DATA_DIR']
 
 
 def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path):
