@@ -328,7 +328,8 @@ def _run(argv: list[str]) -> int:
                   help='builtin:digits|photos|skimage (joined by +), tfds:NAME[:SPLIT], frames:DIR (one subfolder of frames per video) '
                        'or an image folder (class subfolders give categories)')
   tk.add_argument('--stride', type=int, default=1, help='frame stride of video clips')
-  tk.add_argument('--kind', action='append', help='sentence kind(s); default: every kind the source supports')
+  tk.add_argument('--kind', action='append', help='sentence kind(s), repeated or comma-separated; default: '
+                  'every kind the source supports')
   tk.add_argument('--out', required=True)
   tk.add_argument('--frames', type=int, default=4, help='images per visual sentence')
   tk.add_argument('--sentences', type=int, default=2048, help='sentences per kind')
@@ -543,18 +544,20 @@ def _run(argv: list[str]) -> int:
     elif args.command == 'tokenize':
       from lvm.sentences import tokenize_command
       from core.config import parse_counts
+      # --kind a,b as --kind a --kind b; a kind named twice is built once
+      kinds = list(dict.fromkeys(k.strip() for item in args.kind for k in item.split(','))) if args.kind else None
       options = dict(frames=args.frames, kind_sentences=parse_counts(args.kind_sentences, '--kind-sentences'),
                      sentences=args.sentences, records_per_shard=args.records_per_shard, strict=args.strict,
                      seed=args.seed, split=args.split, stride=args.stride, tpu_path=args.tpu)
       if args.beam:
         from lvm.beam_tokenize import beam_tokenize_command
-        result = beam_tokenize_command(args.tokenizer, args.source, args.kind, args.out,
+        result = beam_tokenize_command(args.tokenizer, args.source, kinds, args.out,
                                        beam_options=args.beam_options, **options)
       elif args.beam_options:
         from core.errors import ConfigError
         raise ConfigError("--beam-options without --beam")
       else:
-        result = tokenize_command(args.tokenizer, args.source, args.kind, args.out, **options)
+        result = tokenize_command(args.tokenizer, args.source, kinds, args.out, **options)
     else:
       result = commands.export_hf_command(args.workdir, args.out, args.dtype)
   _print_result(result)

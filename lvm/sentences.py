@@ -191,6 +191,7 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
   interrupted run — the driver does this once; workers of a distributed run pass False."""
   check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride,
                  **{f'kind_sentences {k}': v for k, v in (kind_sentences or {}).items()})
+  check_at_least(0, seed=seed)  # numpy's generator takes no negative seed
   from lvm.tokenizer_commands import load_tokenizer
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
   tconfig = tokenizer.config.tokenizer

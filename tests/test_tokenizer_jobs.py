@@ -114,6 +114,16 @@ def test_scikit_image_bundled_images_are_a_source(tokenizer_dir, tmp_path, capsy
                       '--out', str(out), '--sentences', '8', '--kind', 'colorization', '--kind', 'inpainting']) == 0
   manifest = json.loads((out / 'manifest.json').read_text())
   assert manifest['records_per_kind'] == {'colorization': 8, 'inpainting': 8}
+  # The same kinds comma-separated (one named twice) write the same shards; a negative seed is refused.
+  again = tmp_path / 'comma_separated'
+  assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', 'builtin:skimage',
+                      '--out', str(again), '--sentences', '8', '--kind', 'colorization,inpainting',
+                      '--kind', 'inpainting']) == 0
+  assert {p.name: p.read_bytes() for p in again.glob('*.arrayrecord')} == \
+         {p.name: p.read_bytes() for p in out.glob('*.arrayrecord')}
+  assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', 'builtin:skimage',
+                      '--out', str(tmp_path / 'negative_seed'), '--seed', '-1']) == 2
+  assert '--seed must be >= 0, got -1' in capsys.readouterr().err and not (tmp_path / 'negative_seed').exists()
 
 
 def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir, tmp_path):
