@@ -238,6 +238,9 @@ def quickstart(args) -> dict:
   return summary
 
 
+MAX_ERROR_CHARS = 2000
+
+
 def main(argv=None) -> int:
   """Runs one command. Bad input (any `core.errors.UserError`) prints one line `error: ...` and
   returns 2; `--debug` or LVM_ATTRIB_DEBUG=1 shows its traceback instead. Ctrl-C returns 130: every
@@ -256,6 +259,8 @@ def main(argv=None) -> int:
     # One line: control characters a user typed (a newline in a path) are shown escaped, so the
     # line says exactly what was given and cannot be mistaken for two messages.
     message = str(e).strip().translate({ord('\n'): '\\n', ord('\r'): '\\r', ord('\t'): '\\t'})
+    if len(message) > MAX_ERROR_CHARS:  # a library's message quoted whole can run to pages
+      message = f'{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS} more characters: --debug shows all)'
     print(f'error: {message}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -153,3 +153,15 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
 def test_debug_shows_the_traceback(tmp_path):
   with pytest.raises(UserError, match='CPU preset'):
     launch_main(['--debug', 'tpu', 'create', '--tpu', CPU8, '--name', 'x'])
+
+
+def test_a_long_message_stays_one_readable_line(monkeypatch, capsys):
+  """A library's error quoted whole (tfds once listed ~250 datasets) is cut, on one line, pointing to --debug."""
+  import launch
+  def fail(argv):
+    raise UserError('data/x.npy: ' + 'every name tfds knows\n' * 500)
+  monkeypatch.setattr(launch, '_run', fail)
+  assert launch_main(['lvm', 'eval']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: data/x.npy: every name') and len(err[0]) < 2100
+  assert err[0].endswith('more characters: --debug shows all)')
