@@ -1,4 +1,5 @@
-"""The one CLI. Parses a command line and dispatches to a job; holds no logic of its own.
+"""The one CLI. Parses a command line and dispatches to a job; the only logic it holds is the
+quickstart's running order of the two halves (the attribution half's steps are in attrib/quickstart.py).
 
   python launch.py quickstart                       # both halves on the built-in digits: tiny LVM, then attribution
   python launch.py lvm train --config lvm/configs/tiny.py --tpu tpu_configs/cpu_8.py --workdir DIR [--set k=v ...]

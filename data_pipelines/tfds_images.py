@@ -2,7 +2,8 @@
 TensorFlow needed), and `bundled_digits`: a tfds dataset built from scikit-learn's digits on this
 machine, with no download, so the tfds path can be used (and is tested) offline.
 
-  source 'tfds:NAME[:SPLIT]', read from $TFDS_DATA_DIR (default ~/tensorflow_datasets);
+  source 'tfds:NAME[:SPLIT]' (SPLIT as tfds writes it, slices too: train[:10%]),
+  read from $TFDS_DATA_DIR (default ~/tensorflow_datasets);
   python -m data_pipelines.tfds_images --build-bundled-digits [--data-dir DIR]
 """
 from __future__ import annotations
@@ -20,9 +21,9 @@ LABEL_KEYS = ('label', 'labels', 'category')
 def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(float32 [n, size, size, 3] in [0, 1], int32 labels or -1) of every example of a tfds split."""
   import tensorflow_datasets as tfds
-  _, name, *rest = source.split(':')
-  if not name or len(rest) > 1 or (rest and not rest[0]):
-    raise ImageDataError(f'{source}: expected tfds:NAME or tfds:NAME:SPLIT (e.g. tfds:mnist:test)')
+  _, name, *rest = source.split(':', 2)  # the split may hold ':' itself: train[:1000]
+  if not name or (rest and not rest[0]):
+    raise ImageDataError(f'{source}: expected tfds:NAME or tfds:NAME:SPLIT (e.g. tfds:mnist:test, tfds:mnist:train[:10%])')
   split = rest[0] if rest else 'train'
   data_dir = data_dir or os.environ.get('TFDS_DATA_DIR')
   try:

@@ -246,9 +246,13 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
   try:  # a prepared dataset, a split it lacks
     with pytest.raises(ImageDataError, match="tfds:bundled_digits:test: .*Unknown split 'test'"):
       open_images('tfds:bundled_digits:test', 32)
-    for malformed in (f'{source}:test', 'tfds:', 'tfds:bundled_digits:'):
+    with pytest.raises(ImageDataError, match=f"{source}:test: .*Error parsing split 'train:test'"):
+      open_images(f'{source}:test', 32)  # read as train once: the extra part was dropped
+    for malformed in ('tfds:', 'tfds:bundled_digits:'):
       with pytest.raises(ImageDataError, match='expected tfds:NAME or tfds:NAME:SPLIT'):
         open_images(malformed, 32)
+    sliced, _ = open_images('tfds:bundled_digits:train[:10]', 32)  # tfds' split syntax, ':' and all
+    np.testing.assert_array_equal(sliced, images[:10])
   finally:
     del os.environ['TFDS_DATA_DIR']
 
