@@ -52,6 +52,23 @@ def test_every_verb_reaches_every_slice_of_a_multislice(capsys):
   assert '--lines must be >= 1' in capsys.readouterr().err
 
 
+def test_worker_must_be_a_host_of_the_slice(capsys):
+  """`--worker` names a host of the first slice: v4-32 has 4, each slice of 2 x v5e-256 has 64."""
+  v4_32 = ['--tpu', 'tpu_configs/v4_32.py', '--name', 'ok']
+  [ssh] = _printed(capsys, 'ssh', *v4_32, '--worker', '3')
+  assert '--worker=3' in ssh
+  [logs] = _printed(capsys, 'logs', *v4_32, '--worker', 'all')
+  assert '--worker=all' in logs
+  multislice = ['--tpu', 'tpu_configs/multislice_2x_v5e_256.py', '--name', 'ms']
+  [ssh] = _printed(capsys, 'ssh', *multislice, '--worker', '63')
+  assert ssh[5:7] == ['ms-0', '--worker=63']
+  for verb, preset, worker, choices in (('ssh', v4_32, '4', 'choose 0-3'), ('logs', v4_32, '4', 'choose 0-3 or all'),
+                                        ('ssh', v4_32, 'all', 'choose 0-3'), ('ssh', multislice, '64', 'choose 0-63')):
+    assert launch_main(['tpu', verb, *preset, '--worker', worker]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --worker '{worker}': ") and choices in err, err
+
+
 @pytest.mark.parametrize('flag, value', [
     ('--name', 'x; rm -rf ~'), ('--name', 'Upper'), ('--zone', '$(touch /tmp/pwned)'),
     ('--project', "a'b"), ('--job', 'a b'), ('--job', '../../etc'), ('--worker', '0;ls'),

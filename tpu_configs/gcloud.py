@@ -53,6 +53,17 @@ def _nodes(args, preset) -> list[str]:
   return [args.name] if count == 1 else [f'{args.name}-{i}' for i in range(count)]
 
 
+def _worker(args, preset, allow_all: bool) -> str:
+  """--worker for ssh/logs on the first TPU VM: a host index of that slice (or `all` for logs)."""
+  hosts = preset.num_hosts // _slices(preset)
+  if allow_all and args.worker == 'all':
+    return 'all'
+  if not re.fullmatch(r'[0-9]+', args.worker or '') or int(args.worker) >= hosts:
+    choices = f'0-{hosts - 1}' + (' or all' if allow_all else '')
+    raise ConfigError(f'--worker {args.worker!r}: {args.tpu} has {hosts} host(s) per slice; choose {choices}')
+  return str(int(args.worker))
+
+
 def _where(args) -> list[str]:
   return [f'--zone={args.zone}'] + ([f'--project={args.project}'] if args.project else [])
 
@@ -120,10 +131,10 @@ def build_commands(args) -> list[list[str]]:
       raise ConfigError(f'--lines must be >= 1, got {args.lines}')
     node = _nodes(args, preset)[0]
     log = f'~/lvm_attrib_jobs/{shlex.quote(args.job_name)}/worker-*.log'
-    return [_ssh(args, node, _checked(args.worker, re.compile(r'[0-9]+|all'), 'worker', '0'),
+    return [_ssh(args, node, _worker(args, preset, allow_all=True),
                  f'tail -n {int(args.lines)} {"-f " if args.follow else ""}{log}')]
   if args.verb == 'ssh':
-    return [_ssh(args, _nodes(args, preset)[0], _checked(args.worker, re.compile(r'[0-9]+'), 'worker', '0'), None)]
+    return [_ssh(args, _nodes(args, preset)[0], _worker(args, preset, allow_all=False), None)]
   raise ConfigError(f'unknown tpu verb {args.verb!r}')
 
 
