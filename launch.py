@@ -483,7 +483,7 @@ def _run(argv: list[str]) -> int:
     check_at_least(1, seq_len=args.seq_len, vocab_size=args.vocab_size, records_per_shard=args.records_per_shard)
     counted = _counted(read_token_file(args.input, seq_len=args.seq_len, vocab_size=args.vocab_size))
     paths = write_token_shards(counted, args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
-                               records_per_shard=args.records_per_shard)
+                               records_per_shard=args.records_per_shard, source=args.input)
     progress.say(f'data tokens: wrote {counted.count} records of {args.seq_len} tokens into {len(paths)} '
                  f'shard(s) in {args.out}')
     result = {'job': 'data tokens', 'records': counted.count, 'shards': [str(p) for p in paths]}

@@ -46,8 +46,9 @@ def check_tokens(tokens: np.ndarray, seq_len: int, vocab_size: int, where: str) 
 
 def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, seq_len: int,
                        vocab_size: int, records_per_shard: int = 4096,
-                       prefix: str = 'tokens') -> list[Path]:
+                       prefix: str = 'tokens', source: str = 'the input') -> list[Path]:
   """Writes records to `out_dir/{prefix}-00000-of-000NN.arrayrecord`; returns the shard paths.
+  `source` names where the records come from, in errors.
 
   Every record is validated before anything is written to its final name: shards are written to
   temporary names and renamed only when all records passed, so a bad record never leaves a
@@ -88,7 +89,7 @@ def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, se
       path.unlink(missing_ok=True)
     raise
   if count == 0:
-    raise TokenDataError('no records to write')
+    raise TokenDataError(f'{source}: no records to write (it holds no rows); nothing was written to {out_dir}')
   final_paths = []
   for shard, temp in enumerate(temp_paths):
     final = out_dir / f'{prefix}-{shard:05d}-of-{len(temp_paths):05d}{SHARD_SUFFIX}'

@@ -23,6 +23,7 @@ def _bad_inputs(tmp):
   np.save(tmp / 'floats.npy', np.zeros((6, 256), np.float32))
   (tmp / 'truncated.npy').write_bytes((tmp / 'short.npy').read_bytes()[:100])
   (tmp / 'bad.jsonl').write_text('{"tokens": "not base64!"}\n')
+  (tmp / 'empty.jsonl').write_text('\n')
   (tmp / 'a_file').write_text('x')
   (tmp / 'shards').mkdir()
   (tmp / 'shards' / 'tokens-00000-of-00002.arrayrecord').write_bytes(b'an earlier data set')
@@ -54,6 +55,7 @@ def _bad_inputs(tmp):
       'float records': (tokens + [str(tmp / 'floats.npy')], 'floats.npy'),
       'truncated npy': (tokens + [str(tmp / 'truncated.npy')], 'truncated.npy'),
       'corrupt jsonl': (tokens + [str(tmp / 'bad.jsonl')], 'bad.jsonl'),
+      'jsonl of no records': (tokens + [str(tmp / 'empty.jsonl')], 'empty.jsonl: no records to write'),
       'eval of no workdir': (['lvm', 'eval', '--workdir', str(tmp / 'none'), '--data', 'builtin:digits-eval'], 'none'),
       'teacher on no workdir': (['attrib', 'teacher', '--workdir', str(tmp / 'none'), '--queries', '1'], 'none'),
       'sampler typo (checked before training)': (['attrib', 'train-model', '--config', str(ROOT / 'attrib/configs/digits.py'),
@@ -134,7 +136,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'counterfactual of zero images', 'teacher on an LVM workdir', 'lvm eval on a diffusion workdir',
          'train-model into an LVM workdir', 'train-model of another U-Net into a run',
          'lvm train of another model into a run', 'import-tokenizer of a missing path',
-         'import-tokenizer of a folder without config']
+         'import-tokenizer of a folder without config', 'jsonl of no records']
 
 
 @pytest.mark.parametrize('case', CASES)
