@@ -77,6 +77,26 @@ def _parse_bool(text: str) -> bool:
   raise ConfigError(f'not a boolean: {text!r}')
 
 
+def _sequence_items(text: str) -> list:
+  """'(32, 64)', '[32,64]', '(32,)', '32,64' or '[video, analogy]' -> the items (numbers as JSON
+  values, bare words as strings). An unclosed bracket is an error, not a silently shorter list."""
+  stripped = text.strip()
+  closing = {'(': ')', '[': ']'}.get(stripped[:1])
+  if closing is None:
+    inner = stripped
+  elif not stripped.endswith(closing):
+    raise ValueError(f'{stripped[0]!r} is not closed by {closing!r}')
+  else:
+    inner = stripped[1:-1].strip()
+    if inner.endswith(','):  # Python's one-item tuple, (32,)
+      inner = inner[:-1]
+    try:
+      return json.loads('[' + inner + ']')
+    except json.JSONDecodeError:
+      pass  # bare words, as without brackets
+  return [part.strip() for part in inner.split(',') if part.strip()]
+
+
 def parse_value(text: str, annotation: Any) -> Any:
   """Parses an override string to `annotation` (int, float, bool, str, Optional, tuple, Literal)."""
   origin = typing.get_origin(annotation)
@@ -99,11 +119,7 @@ def parse_value(text: str, annotation: Any) -> Any:
         return option
     raise ConfigError(f'{text!r} is not one of {list(args)}')
   if origin in (tuple, list):
-    stripped = text.strip()
-    if stripped.startswith(('[', '(')):
-      items = json.loads('[' + stripped[1:-1] + ']')
-    else:
-      items = [part.strip() for part in stripped.split(',') if part.strip()]
+    items = _sequence_items(text)
     item_type = args[0] if args else Any
     if item_type is Ellipsis or (len(args) == 2 and args[1] is Ellipsis):
       item_type = args[0]

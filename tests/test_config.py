@@ -67,3 +67,34 @@ def test_tuple_override_on_preset():
   assert preset.ici_mesh == (1, 4, 2)
   with pytest.raises(ValueError, match='at most one -1'):
     apply_overrides(load_config_file(CPU8), ['ici_mesh=-1,-1,2'])
+
+
+@pytest.mark.parametrize('text, expected', [('(1,4,2)', (1, 4, 2)), ('[1, 4, 2]', (1, 4, 2)), ('1,4,2', (1, 4, 2))])
+def test_tuple_override_forms(text, expected):
+  assert apply_overrides(load_config_file(CPU8), [f'ici_mesh={text}']).ici_mesh == expected
+
+
+def _fastgda_digits():
+  from attrib.fastgda_config import FastGDAConfig
+  return load_config_file('attrib/configs/fastgda_digits.py', expect=FastGDAConfig)
+
+
+@pytest.mark.parametrize('text', ['(16,)', '[16,]', '16', '(16)'])
+def test_one_item_tuple_override(text):
+  # Python's one-item tuple '(16,)' was a JSON error.
+  assert apply_overrides(_fastgda_digits(), [f'map_at={text}']).map_at == (16,)
+
+
+@pytest.mark.parametrize('text', ['(1,4,2', '[1,4,2)', '(1,4.5,2)'])
+def test_malformed_tuple_override_is_refused_by_name(text):
+  with pytest.raises(ConfigError, match="'ici_mesh'"):
+    apply_overrides(load_config_file(CPU8), [f'ici_mesh={text}'])
+  # The brackets were once dropped without checking that they matched: 'map_at=(16' read as (1,).
+  with pytest.raises(ConfigError, match="'map_at'.*not closed"):
+    apply_overrides(_fastgda_digits(), ['map_at=(16'])
+
+
+def test_string_tuple_override_takes_bare_words_in_brackets():
+  config = _fastgda_digits()
+  for text in ('[pixels, text]', '(pixels,text)', 'pixels,text', '["pixels", "text"]'):
+    assert apply_overrides(config, [f'compare_features={text}']).compare_features == ('pixels', 'text')
