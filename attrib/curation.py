@@ -139,9 +139,19 @@ def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarra
   return out
 
 
-def _digits_setup(workdir: Path, config, graphdef, params, num_queries: int, out: Path, split: str):
+def _check_candidates(candidates: str, num_images: int) -> None:
+  """Before the queries are made: a count above the training set would quietly rank every image
+  while the stored settings record the larger count."""
+  if candidates != 'all' and int(candidates) > num_images:
+    raise ConfigError(f"--candidates {candidates} exceeds the {num_images} training images; "
+                      f"use --candidates all to rank every one")
+
+
+def _digits_setup(workdir: Path, config, graphdef, params, num_queries: int, out: Path, split: str,
+                  candidates: str):
   text_encoder = shared_text_encoder(config.data.text_len)
   data = CaptionedImages(config.data, text_encoder, cache_dir=workdir / 'cache')
+  _check_candidates(candidates, len(data))
   progress.say(f'teacher: generating {num_queries} queries from held-out prompts (or reading them back)')
   query_images, prompts = make_queries(config, graphdef, params, data, num_queries, out / 'queries.npz', split)
   query_context = np.asarray(text_encoder(prompts)[0])
@@ -152,11 +162,12 @@ def _digits_setup(workdir: Path, config, graphdef, params, num_queries: int, out
   return train, queries, lambda: base_features(data.images, train_text)
 
 
-def _precomputed_setup(config, data_dir: Path, query_dir: str | None, num_queries: int):
+def _precomputed_setup(config, data_dir: Path, query_dir: str | None, num_queries: int, candidates: str):
   if not query_dir:
     raise ConfigError('this model trained on precomputed latents: pass --query-dir with the queries\' '
                       'latents.npy and text_embeddings.npy')
   data = PrecomputedLatents(data_dir, config.unet, flipped_copies=True)
+  _check_candidates(candidates, data.num_images)
   query_set = PrecomputedLatents(query_dir, config.unet, flipped_copies=False)
   if num_queries > query_set.num_images:
     raise ConfigError(f'--queries {num_queries}: {query_dir} holds {query_set.num_images} queries')
@@ -222,8 +233,8 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   workdir = as_path(workdir)
   config, trained_tpu = load_run(workdir)
   teacher_config: TeacherConfig = apply_overrides(TeacherConfig(), overrides)
-  if candidates != 'all' and not candidates.isdigit():
-    raise ConfigError(f"--candidates must be a number or 'all', got {candidates!r}")
+  if candidates != 'all' and not (candidates.isdigit() and int(candidates) >= 1):
+    raise ConfigError(f"--candidates must be 'all' or a count >= 1, got {candidates!r}")
   neighbour_ids = load_npy(neighbours, mmap=True) if neighbours else None
   if neighbour_ids is not None and (candidates == 'all' or neighbour_ids.ndim != 2
                                     or neighbour_ids.shape[0] < num_queries or neighbour_ids.shape[1] < int(candidates)):
@@ -242,9 +253,10 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   check_same_ranking_settings(workdir, split, ranked_under)
   data_dir = training_set_dir(config)
   if data_dir is None:
-    train, queries, train_features = _digits_setup(workdir, config, graphdef, params, num_queries, out, split)
+    train, queries, train_features = _digits_setup(workdir, config, graphdef, params, num_queries, out, split,
+                                                   candidates)
   else:
-    train, queries, train_features = _precomputed_setup(config, data_dir, query_dir, num_queries)
+    train, queries, train_features = _precomputed_setup(config, data_dir, query_dir, num_queries, candidates)
   if neighbour_ids is not None and (neighbour_ids.min() < 0 or neighbour_ids.max() >= train.num_images):
     raise ConfigError(f'--neighbours {neighbours}: ids must be in [0, {train.num_images})')
   teacher_mesh, teacher_params = _local_teacher_mesh(mesh, params)

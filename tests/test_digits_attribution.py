@@ -64,6 +64,17 @@ def test_teacher_resumes_where_it_stopped(pipeline, tmp_path):
     np.testing.assert_array_equal(a['scores'], b['scores'])
 
 
+def test_teacher_refuses_more_candidates_than_training_images(pipeline, tmp_path, capsys):
+  """Slicing once ranked all 1,600 images for --candidates 5000 and recorded 5000 in the settings."""
+  import shutil
+  work = tmp_path / 'copy'
+  shutil.copytree(pipeline, work, ignore=shutil.ignore_patterns('counterfactual', 'student', 'features', 'teacher*'))
+  assert launch_main(['attrib', 'teacher', '--workdir', str(work), '--queries', '1', '--candidates', '1601',
+                      *TEACHER_SETTINGS]) == 2
+  assert '--candidates 1601 exceeds the 1600 training images' in capsys.readouterr().err
+  assert not (work / 'teacher' / 'queries.npz').exists()  # refused before any query was made
+
+
 def test_features_distill_and_eval_results(pipeline):
   phi = np.load(pipeline / 'features' / 'pixels+text' / 'data_feats.npy')
   assert phi.shape == (1600, 256 + 384)

@@ -97,6 +97,8 @@ def _bad_inputs(tmp):
                                               'foreign.safetensors'),
       'teacher with no queries': (['attrib', 'teacher', '--workdir', str(tmp / 'w'), '--queries', '0'],
                                   '--queries'),
+      'teacher of zero candidates': (['attrib', 'teacher', '--workdir', str(tmp / 'diffusion_run'), '--queries', '1',
+                                      '--candidates', '0'], "--candidates must be 'all' or a count >= 1, got '0'"),
       'features on no workdir': (['attrib', 'features', '--workdir', str(tmp / 'none')], 'none'),
       'index with no student': (['attrib', 'index', '--workdir', str(tmp / 'w')], 'attrib distill'),
       'attrib eval with no student': (['attrib', 'eval', '--workdir', str(tmp / 'w')], 'attrib distill'),
@@ -136,7 +138,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'counterfactual of zero images', 'teacher on an LVM workdir', 'lvm eval on a diffusion workdir',
          'train-model into an LVM workdir', 'train-model of another U-Net into a run',
          'lvm train of another model into a run', 'import-tokenizer of a missing path',
-         'import-tokenizer of a folder without config', 'jsonl of no records']
+         'import-tokenizer of a folder without config', 'jsonl of no records',
+         'teacher of zero candidates']
 
 
 @pytest.mark.parametrize('case', CASES)
