@@ -207,8 +207,13 @@ class Attributor:
     if self.featurizer is None:
       raise AttributionError(f'{self.workdir}: this student was distilled on precomputed features; pass '
                              'features=φ (the same base feature as its training set) instead of image/prompt')
-    if len(images) != len(prompts) or any(not isinstance(p, str) for p in prompts):
-      raise AttributionError('every image needs its prompt (a string)')
+    if isinstance(prompts, str):  # its characters would pass for one prompt each
+      raise AttributionError('prompts must be a list of strings, one per image, not one string')
+    if len(images) != len(prompts):
+      raise AttributionError(f'every image needs its prompt: {len(images)} images, {len(prompts)} prompts')
+    for i, p in enumerate(prompts):
+      if not isinstance(p, str):
+        raise AttributionError(f'prompt {i} is of type {type(p).__name__}, not a string')
     featurizer, name = self.featurizer
     if isinstance(featurizer, TowerFeaturizer):
       return featurizer(name, [self._rgb(i) for i in images], list(prompts))
@@ -221,12 +226,12 @@ class Attributor:
                                 features=batch)[0]
 
   def attribute_batch(self, images=None, prompts=None, k: int = 10, features=None) -> list[Attribution]:
-    if not isinstance(k, (int, np.integer)) or not 1 <= k <= len(self.index):
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(self.index):
       raise AttributionError(f'k must be an integer in [1, {len(self.index)}], got {k!r}')
     if features is None:
       if images is None or prompts is None:
         raise AttributionError('pass image and prompt (or features=φ)')
-      features = self.features(images, prompts)
+      features = self.features(images, prompts) if len(images) or len(prompts) else np.zeros((0, self.input_dim))
     elif images is not None or prompts is not None:
       # Which one would be attributed is a guess either way; say so instead of ignoring one.
       raise AttributionError('pass either image and prompt or features=φ, not both')
@@ -236,6 +241,8 @@ class Attributor:
     if not np.all(np.isfinite(features)):
       rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
       raise AttributionError(f'features rows {rows[:5].tolist()} hold NaN or infinity')
+    if not len(features):
+      return []  # an empty batch, as map over no queries
     query = np.asarray(self._embed(features))
     if self.rerank is None:
       ids, dots = self.index.search(index_queries(query, self.scale, self.prior is not None), k)

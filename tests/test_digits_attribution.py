@@ -184,6 +184,14 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
     np.testing.assert_array_equal(r.ids, serial[n % 3].ids)
   with pytest.raises(AttributionError, match=r'shape \(8, 8\)'):
     attributor.attribute(image=np.zeros((8, 8), np.float32), prompt=prompt)
+  images = list(queries['images'][:3])
+  with pytest.raises(AttributionError, match='one string'):  # 'abc' once passed as prompts 'a', 'b', 'c'
+    attributor.attribute_batch(images=images, prompts='abc')
+  with pytest.raises(AttributionError, match='3 images, 2 prompts'):
+    attributor.attribute_batch(images=images, prompts=[prompt, prompt])
+  with pytest.raises(AttributionError, match='prompt 1 is of type int'):
+    attributor.attribute_batch(images=images, prompts=[prompt, 7, prompt])
+  assert attributor.attribute_batch(images=[], prompts=[]) == []  # was numpy's 'need at least one array'
   with pytest.raises(AttributionError, match='dtype int64'):
     attributor.attribute(image=np.zeros((16, 16), np.int64), prompt=prompt)
   with pytest.raises(AttributionError, match=r'\[-1, 1\]'):

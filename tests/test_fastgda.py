@@ -119,6 +119,9 @@ def test_attributor_is_thread_safe_and_rejects_bad_queries(release, tmp_path):
     attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x')
   with pytest.raises(AttributionError, match='k must be'):
     attributor.attribute(features=test_q[0], k=0)
+  with pytest.raises(AttributionError, match='k must be an integer .* got True'):  # bool is an int to Python
+    attributor.attribute(features=test_q[0], k=True)
+  assert attributor.attribute_batch(features=np.zeros((0, 24), np.float32), k=5) == []  # was a ScaNN error
   bad = test_q[:3].copy()
   bad[1, 4] = np.nan
   with pytest.raises(AttributionError, match=r'rows \[1\] hold NaN'):
