@@ -38,6 +38,17 @@ class IndexFileError(UserError):
   """An index directory that is missing, incomplete, corrupt, or does not fit its model."""
 
 
+class IndexInputError(UserError, ValueError):
+  """Vectors, ids or k that an index cannot take: wrong shape, NaN or infinity, k < 1."""
+
+
+def _check_finite(vectors: np.ndarray, what: str) -> None:
+  # ScaNN refuses NaN queries with a bare RuntimeError, and builds an index over NaN rows without a word.
+  bad = ~np.isfinite(vectors).all(axis=1)
+  if bad.any():
+    raise IndexInputError(f'{what} rows {np.flatnonzero(bad)[:5].tolist()} hold NaN or infinity')
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexConfig:
   # 'auto' (by size, as ScaNN advises), 'brute_force', 'ah' (hashing + re-scoring) or 'tree_ah'.
@@ -132,10 +143,11 @@ class Index:
             probes: np.ndarray | None = None) -> 'Index':
     vectors = np.ascontiguousarray(vectors, np.float32)
     if vectors.ndim != 2 or len(vectors) == 0:
-      raise IndexFileError(f'index rows must be a non-empty [N, d] array, got {vectors.shape}')
+      raise IndexInputError(f'index rows must be a non-empty [N, d] array, got {vectors.shape}')
+    _check_finite(vectors, 'index')
     ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if len(ids) != len(vectors):
-      raise IndexFileError(f'{len(ids)} ids for {len(vectors)} rows')
+      raise IndexInputError(f'{len(ids)} ids for {len(vectors)} rows')
     kind = choose_kind(config, len(vectors))
     k = min(config.k, len(vectors))
     started = time.perf_counter()
@@ -151,12 +163,16 @@ class Index:
 
   def search(self, queries: np.ndarray, k: int | None = None, *, leaves: int | None = None,
              reorder: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(training ids [b, k], inner products [b, k]) of unit `queries` [b, d], best first.
-    `leaves` / `reorder` override the build settings (tree leaves searched, candidates re-scored)."""
+    """(training ids [b, k], inner products [b, k]) of unit `queries` [b, d], best first; k defaults
+    to the build's k and is at most the row count. `leaves` / `reorder` override the build settings
+    (tree leaves searched, candidates re-scored)."""
     queries = np.ascontiguousarray(np.atleast_2d(queries), np.float32)
-    if queries.shape[1] != self.dim:
-      raise IndexFileError(f'query dimension {queries.shape[1]} does not match the index ({self.dim})')
-    k = min(k or self.meta['k'], len(self.ids))
+    if queries.ndim != 2 or queries.shape[1] != self.dim:
+      raise IndexInputError(f'query dimension {queries.shape[-1]} does not match the index ({self.dim})')
+    k = min(check_k(k, self.meta['k']), len(self.ids))
+    if not len(queries):
+      return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    _check_finite(queries, 'query')
     settings = self.meta['config']
     pre = max(k, reorder or settings['reorder'])
     leaves = leaves or settings['leaves_to_search'] if self.meta['kind'] == 'tree_ah' else -1
@@ -172,7 +188,8 @@ class Index:
     vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
     ids = np.asarray(ids, np.int64).reshape(-1)
     if vectors.shape != (len(ids), self.dim):
-      raise IndexFileError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
+      raise IndexInputError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
+    _check_finite(vectors, 'upsert')
     _check_unique(ids)
     position = {int(i): row for row, i in enumerate(self.ids)}
     rows = [position.get(int(i)) for i in ids]
@@ -234,7 +251,16 @@ def _check_unique(ids: np.ndarray) -> None:
   # Two rows under one id would both be found; which one the caller meant is unknowable.
   values, counts = np.unique(ids, return_counts=True)
   if np.any(counts > 1):
-    raise IndexFileError(f'upsert ids must be unique; repeated: {values[counts > 1][:5].tolist()}')
+    raise IndexInputError(f'upsert ids must be unique; repeated: {values[counts > 1][:5].tolist()}')
+
+
+def check_k(k, default: int) -> int:
+  """k of a search: None means `default`; 0 once meant the default too, silently."""
+  if k is None:
+    return default
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    raise IndexInputError(f'k must be an integer >= 1, got {k!r}')
+  return int(k)
 
 
 def _read_meta(directory) -> dict:
@@ -287,6 +313,7 @@ class ShardedIndex:
             config: IndexConfig = IndexConfig(), probes: np.ndarray | None = None) -> 'ShardedIndex':
     if not 1 <= num_shards <= len(vectors):
       raise ConfigError(f'{num_shards} shards for {len(vectors)} rows: each shard needs at least one row')
+    _check_finite(np.atleast_2d(vectors), 'index')  # here, so that the rows named are global, not a shard's
     ids = np.arange(len(vectors), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     bounds = np.linspace(0, len(vectors), num_shards + 1).astype(int)
     with concurrent.futures.ThreadPoolExecutor(max_workers=_threads(num_shards)) as pool:  # ScaNN builds release the GIL
@@ -298,7 +325,7 @@ class ShardedIndex:
     parts = list(self._pool.map(lambda shard: shard.search(queries, k), self.shards))
     ids = np.concatenate([p[0] for p in parts], axis=1)
     dots = np.concatenate([p[1] for p in parts], axis=1)
-    k = min(k or self.shards[0].meta['k'], ids.shape[1])
+    k = min(check_k(k, self.shards[0].meta['k']), ids.shape[1])
     order = np.argsort(-dots, axis=1, kind='stable')[:, :k]
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(dots, order, axis=1)
 
@@ -308,7 +335,8 @@ class ShardedIndex:
     vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
     ids = np.asarray(ids, np.int64).reshape(-1)
     if vectors.shape != (len(ids), self.dim):
-      raise IndexFileError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
+      raise IndexInputError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
+    _check_finite(vectors, 'upsert')
     _check_unique(ids)
     owner = {int(i): s for s, shard in enumerate(self.shards) for i in shard.ids}
     sizes = [len(shard) for shard in self.shards]

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from attrib.index import Index, IndexConfig, IndexFileError, ShardedIndex, choose_kind, exact_top_k, load_any
+from attrib.index import (Index, IndexConfig, IndexFileError, IndexInputError, ShardedIndex, choose_kind, exact_top_k,
+                          load_any)
 
 
 def _clustered(n, d=32, seed=0):
@@ -39,7 +40,7 @@ def test_search_recall_save_load_and_upsert(kind, tmp_path):
   # ranks leaves by dot product with their centres and, over 20 of 60 leaves, missed a new row's own
   # leaf in about 1 of 6 processes (ScaNN's k-means differs from process to process).
   np.testing.assert_array_equal(loaded.search(new, 1, leaves=60)[0][:, 0], [10**6, 10**6 + 1, 10**6 + 2])
-  with pytest.raises(IndexFileError, match='query dimension 31'):
+  with pytest.raises(IndexInputError, match='query dimension 31'):
     loaded.search(queries[:, :31])
 
 
@@ -72,7 +73,32 @@ def test_sharded_upsert_equals_exact_search_over_the_updated_rows(tmp_path):
   np.testing.assert_array_equal(sharded.search(queries, 10)[0], exact_top_k(updated, queries, 10))
   sharded.save(tmp_path / 'sharded')
   np.testing.assert_array_equal(load_any(tmp_path / 'sharded').search(queries, 10)[0], sharded.search(queries, 10)[0])
-  with pytest.raises(IndexFileError, match=r'repeated: \[7\]'):
+  with pytest.raises(IndexInputError, match=r'repeated: \[7\]'):
     sharded.upsert(new[:2], np.array([7, 7]))
-  with pytest.raises(IndexFileError, match=r'upsert needs \[2, 32\]'):
+  with pytest.raises(IndexInputError, match=r'upsert needs \[2, 32\]'):
     sharded.upsert(new[:2, :16], np.array([8, 9]))
+
+
+@pytest.mark.parametrize('sharded', [False, True])
+def test_bad_vectors_and_k_are_refused_before_scann(sharded):
+  """ScaNN built an index over NaN rows without a word, answered NaN queries and empty batches with a
+  bare RuntimeError, and k=0 meant the build's k."""
+  data = _clustered(400)
+  build = (lambda v: ShardedIndex.build(v, None, 2, IndexConfig(kind='brute_force', recall_probes=50))) if sharded \
+      else (lambda v: Index.build(v, None, IndexConfig(kind='brute_force', recall_probes=50)))
+  broken = data.copy()
+  broken[[3, 250], 1] = np.nan
+  with pytest.raises(IndexInputError, match=r'index rows \[3, 250\] hold NaN'):
+    build(broken)
+  index = build(data)
+  with pytest.raises(IndexInputError, match=r'query rows \[1\] hold NaN or infinity'):
+    index.search(np.stack([data[0], broken[3]]), 5)
+  for k in (0, -1, True, 2.5):
+    with pytest.raises(IndexInputError, match='k must be an integer >= 1'):
+      index.search(data[:2], k)
+  ids, dots = index.search(data[:0], 5)
+  assert ids.shape == (0, 5) and dots.shape == (0, 5)
+  with pytest.raises(IndexInputError, match=r'upsert rows \[0\]'):
+    index.upsert(broken[3:4], np.array([10**6]))
+  assert len(index) == 400  # nothing was added
+  assert isinstance(IndexInputError('x'), ValueError)
