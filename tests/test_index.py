@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from attrib.index import (Index, IndexConfig, IndexFileError, IndexInputError, ShardedIndex, choose_kind, exact_top_k,
+from attrib.index import (Index, IndexConfig, IndexInputError, ShardedIndex, choose_kind, exact_top_k,
                           load_any)
 
 
