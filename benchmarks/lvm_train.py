@@ -32,7 +32,7 @@ def ours(steps: int, attention_block: int, remat: str, scan_unroll: int) -> dict
   from core.mesh import make_mesh
   from core.optim import OptimConfig
   from core.sharding import activation_sharding, logical_to_spec
-  from core.train_loop import init_state, make_train_step
+  from core.train_loop import init_state, jit_train_step
   from jax.sharding import NamedSharding
   from lvm.model_config import DecoderConfig
   from lvm.task import NextTokenTask
@@ -45,10 +45,11 @@ def ours(steps: int, attention_block: int, remat: str, scan_unroll: int) -> dict
   task = NextTokenTask(config, SEQ)
   optim = OptimConfig(lr=1e-4, warmup_steps=10, decay_steps=1000)
   with activation_sharding(mesh, rules):
-    graphdef, tx, init_fn, _, _ = init_state(task, mesh, rules, optim, 0)
+    graphdef, tx, init_fn, abstract_params, abstract_opt = init_state(task, mesh, rules, optim, 0)
     params, opt_state = init_fn()
     batch_sharding = {'tokens': NamedSharding(mesh, logical_to_spec(('batch', 'act_seq'), rules))}
-    step_fn = jax.jit(make_train_step(task, graphdef, tx, optim, batch_sharding), donate_argnums=(1, 2))
+    # The program the training loop runs (with its per-program CPU options).
+    step_fn = jit_train_step(task, graphdef, tx, optim, batch_sharding, abstract_params, abstract_opt)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
     state = {'params': params, 'opt': opt_state, 'step': 0}
 

@@ -32,6 +32,7 @@ from core.metrics import MetricsLogger
 from core.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from core.sharding import activation_sharding, logical_to_spec, tree_shardings
 from core.task import Task
+from core.xla_flags import program_options
 from core.workdir import make_workdir
 
 
@@ -177,7 +178,12 @@ def jit_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_shardings
   train_step = make_train_step(task, graphdef, tx, optim, batch_shardings)
   param_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
   opt_shardings = jax.tree.map(lambda a: a.sharding, abstract_opt)
-  return jax.jit(train_step, donate_argnums=(1, 2), out_shardings=(param_shardings, opt_shardings, None))
+  # A task without convolutions may compile with other CPU dot fusions (core/xla_flags.py); the
+  # platform is the mesh's, not this process's default (the fit check compiles for a TPU here).
+  platform = next(iter(jax.tree.leaves(param_shardings)[0].device_set)).platform
+  options = program_options(getattr(task, 'program_kind', 'convolutional'), backend=platform)
+  return jax.jit(train_step, donate_argnums=(1, 2), out_shardings=(param_shardings, opt_shardings, None),
+                 compiler_options=options or None)
 
 
 def replicate_frozen_inputs(task: Task, mesh):

@@ -8,6 +8,14 @@
   (1007 -> 1025 tokens/s). The flag is experimental, and an XLA that does not know a flag aborts at
   start-up, so it is only added for the jaxlib series it was measured on.
 
+One setting is per program, not per process (`program_options`): on a CPU without AVX-512 the LVM
+decoder's training step (dots and elementwise work, no convolutions) compiles with YNNPACK's `DOT`
+fusion, elementwise producers and consumers fused into the dot calls. Measured on a 2-core AMD EPYC
+without AVX-512 (XLA's GEMM 137-171 GFLOP/s), `benchmarks/lvm_train.py`, alternating runs: 478, 494,
+494 tokens/s against 439, 434, 441 with `INDIVIDUAL_DOT` (+12%). The same fusion for the whole
+process slowed the AbU teacher's U-Net there from 1.25x diffusers to 0.96x (61.6 -> 103.8 s per
+query), so the convolutional programs keep the process flags.
+
 `launch.py`, the tests and the benchmarks set these before jax starts. A script that imports the
 package instead (`from attrib import Attributor`, or the jobs themselves) gets the same flags from
 `apply_library_defaults()`, which `core/__init__.py` runs: XLA reads XLA_FLAGS when its first backend
@@ -37,6 +45,44 @@ def cpu_xla_flags(existing: str, device_count: int | None = None) -> str:
   if jaxlib_version.startswith(_TESTED_JAXLIB_SERIES) and not any(_YNN_FLAG in f for f in flags):
     flags.append(f'{_YNN_FLAG}=INDIVIDUAL_DOT,REDUCE')
   return ' '.join(flags)
+
+
+def cpu_flags() -> set[str]:
+  """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+  try:
+    with open('/proc/cpuinfo') as info:
+      for line in info:
+        if line.startswith('flags'):
+          return set(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+# Program kinds: 'matmul' (no convolutions: the LVM decoder) or 'convolutional' (U-Net, VQGAN).
+_DOT_FUSION = 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'
+
+
+def program_options(kind: str, has_avx512: bool | None = None, xla_flags: str | None = None,
+                    backend: str | None = None) -> dict:
+  """XLA compiler options for one jitted program of `kind`, on top of the process's XLA_FLAGS.
+
+  Empty unless this is our CPU default on a CPU without AVX-512 and `kind` is 'matmul': a ynn flag
+  the user set in XLA_FLAGS, an accelerator, or another jaxlib series keep their own settings.
+  """
+  if kind != 'matmul':
+    return {}
+  if backend is None:
+    import jax
+    backend = jax.default_backend()
+  if backend != 'cpu':
+    return {}
+  flags = (os.environ.get('XLA_FLAGS', '') if xla_flags is None else xla_flags).split()
+  if f'{_YNN_FLAG}=INDIVIDUAL_DOT,REDUCE' not in flags:  # not our default: the user's choice, or no YNN flag
+    return {}
+  if has_avx512 is None:
+    has_avx512 = 'avx512f' in cpu_flags()
+  return {} if has_avx512 else {_YNN_FLAG.lstrip('-'): _DOT_FUSION}
 
 
 def _accelerator_runtime_installed() -> bool:
@@ -80,13 +126,10 @@ def apply_library_defaults() -> bool:
 
 def cpu_isa_summary() -> dict:
   """The machine a number was measured on: CPU model, cores, widest vector ISA, XLA flags in effect."""
-  model, flags = 'unknown', set()
+  model, flags = 'unknown', cpu_flags()
   try:
-    for line in open('/proc/cpuinfo'):
-      if line.startswith('model name') and model == 'unknown':
-        model = line.split(':', 1)[1].strip()
-      elif line.startswith('flags') and not flags:
-        flags = set(line.split(':', 1)[1].split())
+    with open('/proc/cpuinfo') as info:
+      model = next((line.split(':', 1)[1].strip() for line in info if line.startswith('model name')), model)
   except OSError:
     pass
   isa = 'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'older than AVX2'

@@ -23,6 +23,8 @@ def next_token_nll(logits_btv: jax.Array, tokens_bt: jax.Array) -> jax.Array:
 class NextTokenTask:
   """LVM training: every position predicts the next token; the loss mask is all ones, as in LVM."""
 
+  program_kind = 'matmul'  # no convolutions: its step may take other CPU dot fusions (core/xla_flags.py)
+
   def __init__(self, model_config: DecoderConfig, seq_len: int):
     if seq_len > model_config.max_seq_len:
       raise ConfigError(f'data.seq_len {seq_len} exceeds model.max_seq_len {model_config.max_seq_len}')

@@ -66,3 +66,29 @@ def test_not_set_where_an_accelerator_runtime_is_installed_unless_jax_is_held_to
   assert _probe(extra_path=str(tmp_path))['xla_flags'] is None
   held = _probe(extra_path=str(tmp_path), JAX_PLATFORMS='cpu')
   assert held['xla_flags'] == '--xla_cpu_experimental_ynn_fusion_type=INDIVIDUAL_DOT,REDUCE'
+
+
+def test_matmul_programs_take_dot_fusion_on_avx2_only():
+  """The LVM step (no convolutions) compiles with YNNPACK's DOT fusion on a CPU without AVX-512
+  (+12% there); convolutional programs, AVX-512 CPUs, accelerators and a user's own flag are left alone."""
+  from core.xla_flags import program_options
+  ours = '--xla_cpu_experimental_ynn_fusion_type=INDIVIDUAL_DOT,REDUCE'
+  dot = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+  assert program_options('matmul', has_avx512=False, xla_flags=ours, backend='cpu') == dot
+  assert program_options('matmul', has_avx512=True, xla_flags=ours, backend='cpu') == {}
+  assert program_options('convolutional', has_avx512=False, xla_flags=ours, backend='cpu') == {}
+  assert program_options('matmul', has_avx512=False, xla_flags=ours, backend='tpu') == {}  # the fit check
+  assert program_options('matmul', has_avx512=False, backend='cpu',
+                         xla_flags='--xla_cpu_experimental_ynn_fusion_type=REDUCE') == {}
+
+
+def test_the_dot_fusion_option_takes_effect_per_program():
+  # The per-program option compiles the same program as the process-wide flag would: fewer fusions.
+  import jax
+  import jax.numpy as jnp
+  f = jax.jit(lambda x, w, b: jax.nn.gelu(x @ w + b) @ w.T)
+  lowered = f.lower(jnp.ones((256, 128)), jnp.ones((128, 128)), jnp.ones(128))
+  option = 'xla_cpu_experimental_ynn_fusion_type'
+  fused = lowered.compile({option: 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'}).as_text()
+  individual = lowered.compile({option: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}).as_text()
+  assert fused.count(' fusion(') < individual.count(' fusion(')
