@@ -9,6 +9,7 @@ from __future__ import annotations
 from core.paths import as_path
 from core.errors import ConfigError
 
+import contextvars
 import dataclasses
 import signal
 import sys
@@ -186,6 +187,36 @@ def jit_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_shardings
                  compiler_options=options or None)
 
 
+class compile_in_background:
+  """`jitted.lower(*args).compile()` on its own thread; the jitted function's next call with arguments
+  of the same shapes and shardings reuses that executable (JAX caches lowering and compilation).
+
+  The thread runs in a copy of this thread's context, so `activation_sharding` is in effect there too
+  and the program traced is the one the caller's own call would trace.
+  """
+
+  def __init__(self, jitted, *args):
+    self._error: BaseException | None = None
+    context = contextvars.copy_context()
+    self._thread = threading.Thread(target=context.run, args=(self._compile, jitted, args),
+                                    name='compile-ahead')
+    self._thread.start()
+
+  def _compile(self, jitted, args):
+    try:
+      jitted.lower(*args).compile()
+    except BaseException as error:  # handed to the caller's thread by result()
+      self._error = error
+
+  def wait(self):
+    self._thread.join()
+
+  def result(self):
+    self.wait()
+    if self._error is not None:
+      raise self._error
+
+
 def replicate_frozen_inputs(task: Task, mesh):
   """The task's frozen arrays (e.g. a perceptual loss network), on every device of the mesh, or None.
 
@@ -223,9 +254,21 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
                                                                        train_config.seed)
   manager = checkpoint.make_manager(workdir, keep=train_config.keep_checkpoints,
                                     async_save=train_config.async_checkpoints)
+  step_fn = jit_train_step(task, graphdef, tx, optim, batch_shardings, abstract_params, abstract_opt)
+  frozen = replicate_frozen_inputs(task, mesh)
   start_step = manager.latest_step()
+  first_batch, step_compiled = None, None
   if start_step is None:
-    params, opt_state = init_fn()
+    # A fresh run compiles its step on a second thread while the init program compiles and runs:
+    # neither XLA compilation keeps every core busy (digits U-Net on 2 cores: 73 -> 55 s for both).
+    first_batch = _global_batch(next(data_iterator), batch_shardings, train_config.global_batch)
+    with activation_sharding(mesh, rules):  # as the loop traces it
+      step_compiled = compile_in_background(step_fn, jnp.int32(0), abstract_params, abstract_opt,
+                                            first_batch, frozen)
+    try:
+      params, opt_state = init_fn()
+    finally:
+      step_compiled.wait()
     start_step = 0
   else:
     restored = checkpoint.restore(manager, start_step, abstract_params=abstract_params,
@@ -238,9 +281,8 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   if on_setup is not None:
     on_setup()
 
-  # ---------------------------------------------------------------- the step
-  step_fn = jit_train_step(task, graphdef, tx, optim, batch_shardings, abstract_params, abstract_opt)
-  frozen = replicate_frozen_inputs(task, mesh)
+  if step_compiled is not None:
+    step_compiled.result()  # a compile error surfaces here, before the loop
 
   # ---------------------------------------------------------------- the loop
   logger = MetricsLogger(workdir, total_steps=train_config.steps, start_step=start_step,
@@ -256,7 +298,10 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   try:
     with activation_sharding(mesh, rules):
       while step < train_config.steps:
-        batch = _global_batch(next(data_iterator), batch_shardings, train_config.global_batch)
+        if first_batch is not None:  # drawn before init, so that the step could compile meanwhile
+          batch, first_batch = first_batch, None
+        else:
+          batch = _global_batch(next(data_iterator), batch_shardings, train_config.global_batch)
         params, opt_state, metrics = step_fn(jnp.int32(step), params, opt_state, batch, frozen)
         step += 1
         window_steps += 1

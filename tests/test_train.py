@@ -81,6 +81,58 @@ def test_resume_equals_uninterrupted(tmp_path, capfd):
   assert len(read_metrics(tmp_path / 'resumed')) == 20
 
 
+def test_fresh_run_compiles_its_step_once_beside_the_init(tmp_path):
+  """The loop compiles a fresh run's step on a second thread while the init runs; the loop's own
+  calls must then find that executable, not trace and compile the step a second time (they would if
+  the thread traced it without the loop's activation shardings)."""
+  import logging
+  messages = []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      messages.append((record.threadName, record.getMessage()))
+
+  handler = Collect()
+  logging.getLogger('jax').addHandler(handler)
+  jax.config.update('jax_log_compiles', True)  # process-wide: `jax.log_compiles()` is per thread
+  try:
+    _train(tmp_path / 'w', CPU8, 2)
+  finally:
+    jax.config.update('jax_log_compiles', False)
+    logging.getLogger('jax').removeHandler(handler)
+  compiles = [(thread, m.split(' with ')[0]) for thread, m in messages if m.startswith('Compiling jit(')]
+  assert [thread for thread, m in compiles if m == 'Compiling jit(train_step)'] == ['compile-ahead'], compiles
+  assert [thread for thread, m in compiles if m == 'Compiling jit(init_fn)'] == ['MainThread'], compiles
+  assert len(_losses(tmp_path / 'w')) == 2
+
+
+def test_compile_in_background_traces_as_the_calling_thread_would():
+  """The background compile sees the caller's activation shardings (a ContextVar, which a new thread
+  would not inherit by itself), and the next call reuses its trace and executable."""
+  from core import sharding
+  from core.mesh import make_mesh
+  from core.train_loop import compile_in_background
+  preset = load_config_file(CPU8)
+  traced_with_rules = []
+
+  @jax.jit
+  def step(x):
+    traced_with_rules.append(sharding._ACTIVE.get() is not None)
+    return x * 2
+
+  x = np.arange(8, dtype=np.float32)
+  with sharding.activation_sharding(make_mesh(preset), preset.logical_rules):
+    compile_in_background(step, x).result()
+    np.testing.assert_array_equal(step(x), 2 * x)
+  assert traced_with_rules == [True]
+
+  @jax.jit
+  def broken(x):
+    raise ValueError('bad shapes')
+  with pytest.raises(ValueError, match='bad shapes'):  # the thread's error reaches the caller
+    compile_in_background(broken, x).result()
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   _train(tmp_path / 'big', CPU8, 3)
   _train(tmp_path / 'accum', CPU8, 3, ['optim.grad_accum=2'])
