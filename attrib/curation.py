@@ -121,11 +121,12 @@ def _gather(view, rows: np.ndarray) -> LazyRows:
   return LazyRows(lambda idx: view[rows[idx]], len(rows))
 
 
-def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarray, desc: str | None = None) -> np.ndarray:
+def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarray, desc: str | None = None,
+                     shaped_like: int = 0) -> np.ndarray:
   """[F, m]: each candidate's loss per flip, averaged over its captions (AbU's scoring loss).
 
   The noise of (row, caption) is seeded by `row·K + caption`, so it is the same before and after
-  unlearning and for any candidate subset.
+  unlearning and for any candidate subset. `shaped_like`: see `Teacher.losses`.
   """
   out = np.zeros((train.num_flips, len(cand)), np.float64)
   for flip in range(train.num_flips):
@@ -135,7 +136,7 @@ def candidate_losses(teacher: Teacher, kv, train: TrainingViews, cand: np.ndarra
       part = f'{desc} (flip {flip + 1}/{train.num_flips}, caption {caption + 1}/{train.num_captions})' \
           if desc and train.num_flips * train.num_captions > 1 else desc
       out[flip] += teacher.losses(kv, _gather(train.latent_rows, rows), _gather(train.text_rows(caption), cand),
-                                  ids, desc=part) / train.num_captions
+                                  ids, desc=part, shaped_like=shaped_like) / train.num_captions
   return out
 
 
@@ -319,8 +320,10 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
       cand = np.argsort(-(features @ queries.features[q]), kind='stable')[:int(candidates)].astype(np.int32)
     missing = cand[np.isnan(base_losses[:, cand]).any(axis=0)]
     if len(missing):
+      # In the scoring call's batch shape (below), so that any count of missing ones compiles nothing.
       base_losses[:, missing] = candidate_losses(teacher, teacher.kv0, train, missing,
-                                                 desc=f'query {q + 1}/{num_queries}: θ₀ losses')
+                                                 desc=f'query {q + 1}/{num_queries}: θ₀ losses',
+                                                 shaped_like=len(cand))
       if jax.process_count() == 1:  # hosts fill different entries; only a lone process may cache them
         save_npy_atomic(base_path, base_losses)
     kv = teacher.unlearn(fisher, queries.images[q], queries.context[q], q)

@@ -116,6 +116,16 @@ def test_scoring_calls_pad_to_few_shapes_and_padding_changes_no_loss(setup):
     length = total_fan_in(params, layout='jax') + 20 * images[0].size
     assert_network_close(teacher.losses(teacher.kv0, images[rows], context[rows], ids[rows]), full[rows],
                          reduction_length=length, what=f'{len(rows)} rows')
+  # `shaped_like`: a few rows run in the program of the larger call they stand in for (one compiled
+  # shape for any count of a query's uncached candidates), with the same losses.
+  shapes = []
+  real_call = teacher._per_example_loss
+  teacher._per_example_loss = lambda params, kv, images_b, *rest: (shapes.append(len(images_b)),
+                                                                  real_call(params, kv, images_b, *rest))[1]
+  for rows in (np.array([5]), np.arange(3, 6), np.arange(3, 20)):
+    assert_network_close(teacher.losses(teacher.kv0, images[rows], context[rows], ids[rows], shaped_like=20),
+                         full[rows], reduction_length=length, what=f'{len(rows)} rows shaped like 20')
+  assert shapes == [32, 32, 32]  # padded_size(20): without shaped_like 1, 4 and 32
 
 
 @pytest.mark.slow
