@@ -187,7 +187,7 @@ def jit_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_shardings
                  compiler_options=options or None)
 
 
-class compile_in_background:
+class BackgroundCompile:
   """`jitted.lower(*args).compile()` on its own thread; the jitted function's next call with arguments
   of the same shapes and shardings reuses that executable (JAX caches lowering and compilation).
 
@@ -263,8 +263,8 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
     # neither XLA compilation keeps every core busy (digits U-Net on 2 cores: 73 -> 55 s for both).
     first_batch = _global_batch(next(data_iterator), batch_shardings, train_config.global_batch)
     with activation_sharding(mesh, rules):  # as the loop traces it
-      step_compiled = compile_in_background(step_fn, jnp.int32(0), abstract_params, abstract_opt,
-                                            first_batch, frozen)
+      step_compiled = BackgroundCompile(step_fn, jnp.int32(0), abstract_params, abstract_opt,
+                                        first_batch, frozen)
     try:
       params, opt_state = init_fn()
     finally:

@@ -111,7 +111,7 @@ def test_compile_in_background_traces_as_the_calling_thread_would():
   would not inherit by itself), and the next call reuses its trace and executable."""
   from core import sharding
   from core.mesh import make_mesh
-  from core.train_loop import compile_in_background
+  from core.train_loop import BackgroundCompile
   preset = load_config_file(CPU8)
   traced_with_rules = []
 
@@ -122,7 +122,7 @@ def test_compile_in_background_traces_as_the_calling_thread_would():
 
   x = np.arange(8, dtype=np.float32)
   with sharding.activation_sharding(make_mesh(preset), preset.logical_rules):
-    compile_in_background(step, x).result()
+    BackgroundCompile(step, x).result()
     np.testing.assert_array_equal(step(x), 2 * x)
   assert traced_with_rules == [True]
 
@@ -130,7 +130,7 @@ def test_compile_in_background_traces_as_the_calling_thread_would():
   def broken(x):
     raise ValueError('bad shapes')
   with pytest.raises(ValueError, match='bad shapes'):  # the thread's error reaches the caller
-    compile_in_background(broken, x).result()
+    BackgroundCompile(broken, x).result()
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
