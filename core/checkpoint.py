@@ -13,6 +13,8 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store  # orbax's own default, pinned version
+
 
 from core.paths import as_path, is_remote
 
@@ -22,7 +24,26 @@ def _absolute(path):
   return path if is_remote(path) else path.absolute()
 
 
+def _save_replicas_whole_on_cpu() -> None:
+  """On CPU, save each replicated array from one replica instead of a slice from every replica.
+
+  orbax's replica-parallel save splits a replicated array's write among its replicas, which pays off
+  when replicas sit on different hosts or accelerators. CPU devices (forced host devices, one
+  process) share one memory, so the split buys nothing there and costs a jitted slice program per
+  array shape at the first save: 28 of them, ~3 s, in a 20-step tiny LVM run on `cpu_8` (29.5-31.9 s
+  per job, 26.5-28.9 s without). The files written are the same either way (this is a save-side
+  choice only), so checkpoints move freely between CPU and accelerator runs."""
+  if jax.default_backend() != 'cpu':
+    return
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if isinstance(current, ocp.type_handlers.ArrayHandler) and getattr(current, '_use_replica_parallel', False):
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                                  use_replica_parallel=False), override=True)
+
+
 def make_manager(workdir: str | Path, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  _save_replicas_whole_on_cpu()
   directory = _absolute(as_path(workdir)) / 'checkpoints'
   handlers = None
   if is_remote(directory) and os.environ.get('STORAGE_EMULATOR_HOST'):
