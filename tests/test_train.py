@@ -291,3 +291,39 @@ def test_reuse_compilations_keeps_programs_only_inside_the_block(tmp_path, own_c
   else:
     assert len(result['inside']) == 1 and result['inside'][0].startswith('jit_')
     assert result['after'] == result['inside'] and result['cache_dir'] is None
+
+
+_TENSORBOARD_PROBE = '''
+import json, struct, sys
+from pathlib import Path
+from core.metrics import MetricsLogger
+logger = MetricsLogger(sys.argv[1], total_steps=2, start_step=0, tensorboard=True, progress_bar=False)
+logger.log(1, {'loss': 2.5})
+logger.log(2, {'loss': 1.25})
+logger.close()
+torch_loaded = 'torch' in sys.modules
+import torch  # importable as usual afterwards
+from tensorboardX.proto import event_pb2
+scalars = []
+for path in sorted(Path(sys.argv[1], 'tensorboard').glob('events.out.tfevents.*')):
+  data, offset = path.read_bytes(), 0
+  while offset < len(data):  # TFRecord framing: length, its crc, the event, its crc
+    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+    offset += 16 + length
+    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+print(json.dumps({'torch_loaded_by_logger': torch_loaded, 'torch': torch.__name__, 'scalars': scalars}))
+'''
+
+
+def test_tensorboard_logging_does_not_load_torch_and_writes_the_scalars(tmp_path):
+  """tensorboardX imports torch when it is installed (~2 s of a job's start-up); the logger loads it
+  without torch, torch stays importable, and the event file holds the logged scalars."""
+  import subprocess
+  import sys
+  from tests.helpers import ROOT
+  out = subprocess.run([sys.executable, '-c', _TENSORBOARD_PROBE, str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['torch_loaded_by_logger'] is False and result['torch'] == 'torch'
+  assert [(step, value) for step, tag, value in result['scalars'] if tag.endswith('loss')] == [(1, 2.5), (2, 1.25)]
