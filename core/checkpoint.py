@@ -15,7 +15,6 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # orbax's own default, pinned version
 
-
 from core.paths import as_path, is_remote
 
 
@@ -31,8 +30,8 @@ def _save_replicas_whole_on_cpu() -> None:
   when replicas sit on different hosts or accelerators. CPU devices (forced host devices, one
   process) share one memory, so the split buys nothing there and costs a jitted slice program per
   array shape at the first save: 28 of them, ~3 s, in a 20-step tiny LVM run on `cpu_8` (29.5-31.9 s
-  per job, 26.5-28.9 s without). The files written are the same either way (this is a save-side
-  choice only), so checkpoints move freely between CPU and accelerator runs."""
+  per job, 26.5-28.9 s without). It is a save-side choice only: a checkpoint written either way
+  reads back the same (tested), so checkpoints move freely between CPU and accelerator runs."""
   if jax.default_backend() != 'cpu':
     return
   current = ocp.type_handlers.get_type_handler(jax.Array)

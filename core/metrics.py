@@ -25,6 +25,8 @@ def _summary_writer_class():
   ~2 s of every job's start-up (a tiny `cpu_8` LVM job: 23.1-23.6 s against 25.5-26.7). We log
   Python and numpy numbers, so torch is hidden while tensorboardX loads (`sys.modules[name] = None`
   makes `import name` raise ImportError, which it handles) and is importable as usual afterwards.
+  Only for the moment of that import, and only if nothing has loaded torch yet: the job's other
+  thread (the step's background compile) never imports it.
   """
   if 'tensorboardX.writer' in sys.modules or 'torch' in sys.modules:
     from tensorboardX import SummaryWriter
