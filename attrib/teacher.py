@@ -10,6 +10,7 @@ Everything is batched (vmap + jit) and the candidate axis is sharded over the me
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -96,27 +97,33 @@ def padded_size(rows: int, step: int, ways: int) -> int:
   return min(step, -(-bucket // ways) * ways)
 
 
-class Teacher:
-  """Holds one model (graphdef + θ₀); computes the Fisher, unlearns queries, scores candidates."""
+@functools.lru_cache(maxsize=4)
+def _programs(graphdef, schedule_config, score_timestep_stride: int, query_grad_samples: int, mesh, batch_spec):
+  """The teacher's jitted programs for one model structure and teacher setting, shared by every Teacher
+  in the process: the quickstart's and a user's test split after the train split, or a second model
+  of the same shape, reuse what the first compiled (the digits' test split compiled four programs
+  again, ~21 s on a 2-core EPYC without AVX-512). Nothing here holds parameters: θ₀ is an argument."""
+  return _TeacherPrograms(graphdef, NoiseSchedule(schedule_config), score_timestep_stride, query_grad_samples,
+                          NamedSharding(mesh, batch_spec))
 
-  def __init__(self, graphdef, params, schedule: NoiseSchedule, config: TeacherConfig, *, mesh, rules,
-               num_training_images: int):
-    # Host arrays (a multi-host teacher's all-gathered θ₀) go to the devices once, not on every call.
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, replicated), params)
-    self.graphdef, self.params, self.schedule, self.config = graphdef, params, schedule, config
-    self.mesh, self.rules, self.n = mesh, rules, num_training_images
-    self.kv0, _ = split_params(params)
-    self.score_timesteps = jnp.arange(0, schedule.config.num_train_timesteps, config.score_timestep_stride)
-    self._batch_sharding = NamedSharding(mesh, logical_to_spec(('batch',), rules))
+
+class _TeacherPrograms:
+  """Per-candidate losses, the Fisher's squared gradients and the query gradient, jitted."""
+
+  def __init__(self, graphdef, schedule: NoiseSchedule, score_timestep_stride: int, query_grad_samples: int,
+               batch_sharding: NamedSharding):
+    self.graphdef, self.schedule, self.query_grad_samples = graphdef, schedule, query_grad_samples
+    self.batch_sharding = batch_sharding
+    mesh = batch_sharding.mesh
+    self.ways = mesh.shape['data'] * mesh.shape['fsdp']
+    self.score_timesteps = jnp.arange(0, schedule.config.num_train_timesteps, score_timestep_stride)
     # θ₀ is an argument of every jitted call, not a closure constant: constants are embedded in the
     # program (a 6 MB executable per digits model, gigabytes for a latent-diffusion U-Net) and make
     # every model's program a different one, so nothing compiled for one model served another.
-    self._per_example_loss = jax.jit(self._losses)
-    self._fisher_batch = jax.jit(self._fisher_sum)
-    self._query_grad = jax.jit(self._grad_of_query)
+    self.losses = jax.jit(self._losses)
+    self.fisher_sum = jax.jit(self._fisher_sum)
+    self.grad_of_query = jax.jit(self._grad_of_query)
 
-  # ---------------------------------------------------------------- losses
   def _loss_fn(self, params, kv, images, context, noise, timesteps):
     model = nnx.merge(self.graphdef, merge_params(params, kv))
     return epsilon_loss(model, self.schedule, images, context, noise, timesteps)
@@ -137,6 +144,56 @@ class Teacher:
       return self._loss_fn(params, kv, images_m, context_m, noise[:, j], t)
     per_t = jax.lax.map(at_timestep, jnp.arange(len(self.score_timesteps)))  # [T, m]
     return per_t.mean(axis=0)
+
+  def _fisher_sum(self, params, kv, images, context, seeds):
+    def one(image, ctx, seed):
+      key = jax.random.fold_in(jax.random.key(99), seed)
+      noise = jax.random.normal(jax.random.fold_in(key, 0), image.shape)
+      t = jax.random.randint(jax.random.fold_in(key, 1), (1,), 0, self.schedule.config.num_train_timesteps)
+      grad = jax.grad(lambda kv: self._loss_fn(params, kv, image[None], ctx[None], noise[None], t)[0])(kv)
+      return jax.tree.map(jnp.square, grad)
+    squares = jax.vmap(one)(images, context, seeds)
+    return jax.tree.map(lambda s: s.sum(axis=0), squares)
+
+  def shard_rows(self, x):
+    """x split by rows over the mesh's batch axes when they divide it (else replicated): the Fisher's
+    and the query gradient's samples, which every device would otherwise compute in full."""
+    if x.shape[0] % self.ways:
+      return x
+    if isinstance(x, np.ndarray):
+      return jax.device_put(x, self.batch_sharding)
+    return jax.lax.with_sharding_constraint(x, self.batch_sharding)
+
+  def _grad_of_query(self, params, kv, image, context, seed):
+    n = self.query_grad_samples
+    key = jax.random.fold_in(jax.random.key(7), seed)
+    noise = jax.random.normal(jax.random.fold_in(key, 0), (n,) + image.shape)
+    t = jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, self.schedule.config.num_train_timesteps)
+    noise, t = self.shard_rows(noise), self.shard_rows(t)
+    images = self.shard_rows(jnp.broadcast_to(image, (n,) + image.shape))
+    contexts = self.shard_rows(jnp.broadcast_to(context, (n,) + context.shape))
+    return jax.grad(lambda kv: self._loss_fn(params, kv, images, contexts, noise, t).mean())(kv)
+
+
+class Teacher:
+  """Holds one model (graphdef + θ₀); computes the Fisher, unlearns queries, scores candidates."""
+
+  def __init__(self, graphdef, params, schedule: NoiseSchedule, config: TeacherConfig, *, mesh, rules,
+               num_training_images: int):
+    # Host arrays (a multi-host teacher's all-gathered θ₀) go to the devices once, not on every call.
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, replicated), params)
+    self.graphdef, self.params, self.schedule, self.config = graphdef, params, schedule, config
+    self.mesh, self.rules, self.n = mesh, rules, num_training_images
+    self.kv0, _ = split_params(params)
+    programs = _programs(graphdef, schedule.config, config.score_timestep_stride, config.query_grad_samples,
+                         mesh, logical_to_spec(('batch',), rules))
+    self.score_timesteps = programs.score_timesteps
+    self._batch_sharding = programs.batch_sharding
+    self._shard_rows = programs.shard_rows
+    self._per_example_loss = programs.losses
+    self._fisher_batch = programs.fisher_sum
+    self._query_grad = programs.grad_of_query
 
   def losses(self, kv, images, context, ids, desc: str | None = None, shaped_like: int = 0) -> np.ndarray:
     """Per-candidate losses, batched and sharded over the mesh's batch axes (`desc`: show a bar).
@@ -165,28 +222,6 @@ class Teacher:
     return np.concatenate(out)
 
   # ---------------------------------------------------------------- Fisher
-  def _fisher_sum(self, params, kv, images, context, seeds):
-    def one(image, ctx, seed):
-      key = jax.random.fold_in(jax.random.key(99), seed)
-      noise = jax.random.normal(jax.random.fold_in(key, 0), image.shape)
-      t = jax.random.randint(jax.random.fold_in(key, 1), (1,), 0, self.schedule.config.num_train_timesteps)
-      grad = jax.grad(lambda kv: self._loss_fn(params, kv, image[None], ctx[None], noise[None], t)[0])(kv)
-      return jax.tree.map(jnp.square, grad)
-    squares = jax.vmap(one)(images, context, seeds)
-    return jax.tree.map(lambda s: s.sum(axis=0), squares)
-
-  def _ways(self) -> int:
-    return self.mesh.shape['data'] * self.mesh.shape['fsdp']
-
-  def _shard_rows(self, x):
-    """x split by rows over the mesh's batch axes when they divide it (else replicated): the Fisher's
-    and the query gradient's samples, which every device would otherwise compute in full."""
-    if x.shape[0] % self._ways():
-      return x
-    if isinstance(x, np.ndarray):
-      return jax.device_put(x, self._batch_sharding)
-    return jax.lax.with_sharding_constraint(x, self._batch_sharding)
-
   def fisher(self, images, context, batch: int = 64) -> dict:
     """Diagonal Fisher: mean over (training image, noise, t) samples of the squared gradient."""
     total, count = jax.tree.map(jnp.zeros_like, self.kv0), 0
@@ -203,16 +238,6 @@ class Teacher:
     return jax.tree.map(lambda s: s / count, total)
 
   # ---------------------------------------------------------------- unlearning
-  def _grad_of_query(self, params, kv, image, context, seed):
-    n = self.config.query_grad_samples
-    key = jax.random.fold_in(jax.random.key(7), seed)
-    noise = jax.random.normal(jax.random.fold_in(key, 0), (n,) + image.shape)
-    t = jax.random.randint(jax.random.fold_in(key, 1), (n,), 0, self.schedule.config.num_train_timesteps)
-    noise, t = self._shard_rows(noise), self._shard_rows(t)
-    images = self._shard_rows(jnp.broadcast_to(image, (n,) + image.shape))
-    contexts = self._shard_rows(jnp.broadcast_to(context, (n,) + context.shape))
-    return jax.grad(lambda kv: self._loss_fn(params, kv, images, contexts, noise, t).mean())(kv)
-
   def unlearn(self, fisher: dict, image, context, query_seed: int) -> dict:
     """θ_kv after `unlearn_steps` EWC Newton steps of gradient ascent on the query's loss."""
     damping = self.config.fisher_damping * float(np.mean([np.mean(np.asarray(f)) for f in fisher.values()]))

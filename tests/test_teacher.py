@@ -128,6 +128,33 @@ def test_scoring_calls_pad_to_few_shapes_and_padding_changes_no_loss(setup):
   assert shapes == [32, 32, 32]  # padded_size(20): without shaped_like 1, 4 and 32
 
 
+def test_teachers_of_one_model_structure_share_compiled_programs(setup):
+  # The quickstart ranks the train split, then the test split, in one process: the second Teacher
+  # (a model restored again, same structure) must run what the first compiled, with its own θ₀.
+  from attrib import teacher as teacher_module
+  graphdef, params, images, context = setup
+  ids = np.arange(8, dtype=np.int32)
+  first = _teacher(CPU1, params, graphdef, len(images))
+  first_losses = first.losses(first.kv0, images[:8], context[:8], ids)
+  compiled = first._per_example_loss._cache_size()
+  other_graphdef, other_state = nnx.split(UNet2DConditionModel(UNET, nnx.Rngs(1)))
+  other_params = nnx.to_pure_dict(other_state)
+  second = _teacher(CPU1, other_params, other_graphdef, len(images))
+  second_losses = second.losses(second.kv0, images[:8], context[:8], ids)
+  assert second._per_example_loss is first._per_example_loss
+  assert first._per_example_loss._cache_size() == compiled  # nothing compiled again
+  assert not np.allclose(second_losses, first_losses)  # θ₀ is an argument, not a baked-in constant
+  teacher_module._programs.cache_clear()
+  fresh = _teacher(CPU1, other_params, other_graphdef, len(images))
+  assert fresh._per_example_loss is not first._per_example_loss
+  np.testing.assert_array_equal(fresh.losses(fresh.kv0, images[:8], context[:8], ids), second_losses)
+  # Another scoring setting is another program.
+  preset = load_config_file(CPU1)
+  strided = Teacher(graphdef, params, NoiseSchedule(ScheduleConfig()), TeacherConfig(score_timestep_stride=100),
+                    mesh=make_mesh(preset), rules=preset.logical_rules, num_training_images=len(images))
+  assert strided._per_example_loss is not fresh._per_example_loss and len(strided.score_timesteps) == 10
+
+
 @pytest.mark.slow
 def test_curation_job_resumes_per_query(tmp_path):
   from launch import main
