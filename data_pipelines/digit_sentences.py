@@ -11,18 +11,16 @@ from typing import Callable
 
 import numpy as np
 
+from data_pipelines import bundled
+
 # Held out for evaluation: the last digits of the set (by index), never seen in training sentences.
 EVAL_FRACTION = 0.15
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
   """(images [n, 8, 8] uint8 in 0..16, labels [n]) from scikit-learn's bundled copy."""
-  try:
-    from sklearn.datasets import load_digits as sklearn_load_digits
-  except ImportError as e:
-    raise ImportError("the built-in digits need scikit-learn: pip install -e '.[data]'") from e
-  digits = sklearn_load_digits()
-  return digits.images.astype(np.uint8), digits.target.astype(np.int64)
+  images, labels = bundled.load_digits()
+  return images.astype(np.uint8), labels
 
 
 def pixel_tokenizer(image_hw: np.ndarray) -> np.ndarray:

@@ -29,19 +29,19 @@ class ImageDataError(UserError):
 def digit_images(size: int) -> tuple[np.ndarray, np.ndarray]:
   """(images [1797, size, size, 3] in [0, 1], labels 0-9): the digits, smoothly upscaled, grey as RGB."""
   from PIL import Image
-  from sklearn.datasets import load_digits
-  digits = load_digits()
-  grey = (digits.images / 16.0 * 255).round().astype(np.uint8)
+  from data_pipelines.bundled import load_digits
+  digit_grey, labels = load_digits()
+  grey = (digit_grey / 16.0 * 255).round().astype(np.uint8)
   images = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BICUBIC)) for g in grey])
   images = np.repeat(images[..., None], 3, axis=-1).astype(np.float32) / 255
-  return images, digits.target.astype(np.int32)
+  return images, labels.astype(np.int32)
 
 
 def sample_photo_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
   """`count` random square crops (64 to 256 px, resized to `size`) of scikit-learn's two photos."""
   from PIL import Image
-  from sklearn.datasets import load_sample_images
-  photos = load_sample_images().images
+  from data_pipelines.bundled import load_sample_photos
+  photos = load_sample_photos()
   rng = np.random.default_rng(seed)
   crops = []
   for i in range(count):

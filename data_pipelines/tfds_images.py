@@ -65,9 +65,8 @@ def build_bundled_digits(data_dir: str) -> str:
       return {'train': self._generate_examples()}
 
     def _generate_examples(self):
-      from sklearn.datasets import load_digits
-      digits = load_digits()
-      for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+      from data_pipelines.bundled import load_digits
+      for i, (image, label) in enumerate(zip(*load_digits())):
         yield i, {'image': (image / 16 * 255).round().astype(np.uint8)[..., None], 'label': int(label)}
 
   BundledDigits(data_dir=data_dir, file_format='array_record').download_and_prepare()
