@@ -33,7 +33,7 @@ from core.metrics import MetricsLogger
 from core.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from core.sharding import activation_sharding, logical_to_spec, tree_shardings
 from core.task import Task
-from core.xla_flags import program_options
+from core.xla_flags import init_program_options, program_options
 from core.workdir import make_workdir
 
 
@@ -128,7 +128,9 @@ def init_state(task: Task, mesh, rules, optim: OptimConfig, seed: int):
     params = nnx.to_pure_dict(nnx.split(task.make_model(nnx.Rngs(params=seed)))[1])
     return params, tx.init(params)
 
-  init_fn = jax.jit(init_fn, out_shardings=(param_shardings, opt_shardings))
+  platform = next(iter(jax.tree.leaves(param_shardings)[0].device_set)).platform
+  init_fn = jax.jit(init_fn, out_shardings=(param_shardings, opt_shardings),
+                    compiler_options=init_program_options(platform) or None)
   return graphdef, tx, init_fn, abstract_params, abstract_opt
 
 

@@ -327,3 +327,51 @@ def test_tensorboard_logging_does_not_load_torch_and_writes_the_scalars(tmp_path
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['torch_loaded_by_logger'] is False and result['torch'] == 'torch'
   assert [(step, value) for step, tag, value in result['scalars'] if tag.endswith('loss')] == [(1, 2.5), (2, 1.25)]
+
+
+
+def _small_training_task(kind: str):
+  if kind == 'denoising':
+    from attrib.diffusion import ScheduleConfig
+    from attrib.task import DenoisingTask
+    from attrib.unet_config import UNetConfig
+    return DenoisingTask(UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                                    cross_attention_levels=(True, True), layers_per_block=1, num_attention_heads=2,
+                                    cross_attention_dim=24, norm_num_groups=8), ScheduleConfig(), 5)
+  if kind == 'tokenizer':
+    from lvm.tokenizer import TokenizerConfig
+    from lvm.tokenizer_task import TokenizerTask
+    return TokenizerTask(TokenizerConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                                         codebook_size=16, norm_num_groups=4, image_size=16))
+  from core.config import apply_overrides
+  from lvm.config import LvmConfig
+  from lvm.task import NextTokenTask
+  lvm = apply_overrides(load_config_file(TINY, expect=LvmConfig), SMALL_MODEL)
+  return NextTokenTask(lvm.model, lvm.data.seq_len)
+
+
+# The U-Net's two init compiles take ~30 s on 2 cores (some 300 parameters, one loop each), so it
+# runs with the slow tests; the quickstart's full-size U-Net, tokenizer, LVM and embedder were
+# checked the same way when the option was set (docs/fresh_clones.md).
+@pytest.mark.parametrize('kind', ['tokenizer', 'next token', pytest.param('denoising', marks=pytest.mark.slow)])
+def test_cpu_init_program_compiles_at_o1_with_bit_identical_parameters(kind, monkeypatch):
+  """The init program compiles at LLVM O1 on CPU (core/xla_flags.init_program_options): cheaper to
+  compile, and a training task's initial parameters and optimizer state stay the same bits."""
+  from core import train_loop, xla_flags
+  from core.mesh import make_mesh
+  from core.optim import OptimConfig
+  from core.sharding import activation_sharding
+  assert xla_flags.init_program_options('cpu') == {'xla_backend_optimization_level': 1}
+  assert xla_flags.init_program_options('tpu') == {} and xla_flags.init_program_options('gpu') == {}
+  task = _small_training_task(kind)
+  preset = load_config_file(CPU1)
+  mesh = make_mesh(preset)
+  values = []
+  for options in (xla_flags.init_program_options, lambda backend: {}):
+    monkeypatch.setattr(train_loop, 'init_program_options', options)
+    with activation_sharding(mesh, preset.logical_rules):
+      init_fn = train_loop.init_state(task, mesh, preset.logical_rules, OptimConfig(), seed=3)[2]
+    values.append([np.asarray(x) for x in jax.tree.leaves(init_fn())])
+  o1, default = values
+  assert len(o1) == len(default) > 10
+  assert all(a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(o1, default))
