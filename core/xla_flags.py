@@ -92,7 +92,8 @@ def init_program_options(backend: str) -> dict:
   compiling it costs far more than running it, and LLVM's O2 passes buy nothing measurable. Digits
   U-Net (324 parameters, 1,593 fusions; 2-core EPYC without AVX-512): the init and the training step,
   compiled side by side as the loop does, took 28.2 s (both runs) at the default, 22.4 and 23.5 s
-  with this, with bit-identical parameters (tests/test_train.py checks them on every training task).
+  with this, with bit-identical parameters (tests/test_train.py checks the tokenizer's, the LVM's and,
+  with the slow tests, the U-Net's).
   O0 would compile faster still but changes the initial values. Accelerators keep their defaults.
   """
   return {'xla_backend_optimization_level': 1} if backend == 'cpu' else {}
