@@ -25,15 +25,19 @@ from core.paths import as_path
 from core.workdir import load_npz, versions, write_bytes_atomic, write_json_atomic
 
 
-def query_loss(workdir: Path, image, context, query: int, repeats: int = 4) -> float:
+def query_losses(workdir: Path, images, contexts, queries, repeats: int = 4) -> list[float]:
+  """The teacher's fixed-noise loss of each query under the model in `workdir` (restored once)."""
   config, tpu = load_run(workdir)
   graphdef, params, mesh, preset, _ = restore_unet(workdir, config, tpu)
   teacher = Teacher(graphdef, params, NoiseSchedule(config.schedule), TeacherConfig(), mesh=mesh,
                     rules=preset.logical_rules, num_training_images=1)
-  # Several fixed noise draws (ids) of the same image: less variance, same noise for every model.
-  ids = np.array([10**6 + query * 100 + r for r in range(repeats)], np.int32)
-  return float(np.mean(teacher.losses(teacher.kv0, np.repeat(image[None], repeats, 0),
-                                      np.repeat(context[None], repeats, 0), ids)))
+  losses = []
+  for image, context, query in zip(images, contexts, queries):
+    # Several fixed noise draws (ids) of the same image: less variance, same noise for every model.
+    ids = np.array([10**6 + query * 100 + r for r in range(repeats)], np.int32)
+    losses.append(float(np.mean(teacher.losses(teacher.kv0, np.repeat(image[None], repeats, 0),
+                                               np.repeat(context[None], repeats, 0), ids))))
+  return losses
 
 
 def _finished(run: Path, steps: int) -> bool:
@@ -130,18 +134,21 @@ def _counterfactual(workdir: Path, k: int, num_queries: int, seeds: int, steps: 
     progress.say(f'counterfactual: model {runs_done}/{total_runs} ({name}) ready, '
                  f'{progress.format_seconds(clock.elapsed())} so far, about {clock.eta(runs_done, total_runs)} left')
 
+  def query_loss(run: Path, q: int) -> float:
+    return query_losses(run, [queries['images'][q]], [query_context[q]], [q])[0]
+
   for seed in range(seeds):
     base_model = trained(f'full_seed{seed}', seed, None)
+    base_losses = query_losses(base_model, queries['images'][:num_queries], query_context, range(num_queries))
     for q, record in enumerate(records):
-      image, context = queries['images'][q], query_context[q]
-      base = query_loss(base_model, image, context, q)
+      base = base_losses[q]
       rng = np.random.default_rng(1000 * seed + q)
       random = rng.choice(training_size or int(record['ranked_ids'].max()) + 1, size=k, replace=False)
       row = {'query': q, 'seed': seed, 'loss_full': base}
       for name in rankings:
         run_name = f'q{q}_top{k}_seed{seed}' if name == 'teacher' else f'q{q}_{name}{k}_seed{seed}'
-        row[f'delta_{name}_top_k'] = query_loss(trained(run_name, seed, tops[name][q]), image, context, q) - base
-      row['delta_random_k'] = query_loss(trained(f'q{q}_random{k}_seed{seed}', seed, random), image, context, q) - base
+        row[f'delta_{name}_top_k'] = query_loss(trained(run_name, seed, tops[name][q]), q) - base
+      row['delta_random_k'] = query_loss(trained(f'q{q}_random{k}_seed{seed}', seed, random), q) - base
       rows.append(row)
   delta_random = np.array([r['delta_random_k'] for r in rows])
   result = {'job': 'attrib counterfactual', 'k': k, 'queries': num_queries, 'seeds': seeds, 'steps': steps,

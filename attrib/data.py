@@ -28,13 +28,14 @@ class CaptionedImages:
     self.held_out_images, self.held_out_labels = images[cut:], labels[cut:]
     self.held_out_captions = captions[cut:]
     self.index = np.arange(cut)  # training-set ids, stable across exclusions
-    if config.exclude_path:
-      excluded = read_index_file(config.exclude_path, cut)
-      keep = np.setdiff1d(self.index, excluded)
-      self.images, self.labels, self.index = self.images[keep], self.labels[keep], self.index[keep]
-      self.captions = [self.captions[i] for i in keep]
+    keep = np.setdiff1d(self.index, read_index_file(config.exclude_path, cut)) if config.exclude_path else None
     self.text_encoder = text_encoder
+    # The whole training set's states, then the kept rows: a run without some images (the
+    # counterfactual's retrainings) conditions on exactly its parent's states and shares their cache.
     self.context = self._encode(self.captions, cache_dir)
+    if keep is not None:
+      self.images, self.labels, self.index = self.images[keep], self.labels[keep], self.index[keep]
+      self.captions, self.context = [self.captions[i] for i in keep], self.context[keep]
     self.uncond = np.asarray(text_encoder([''])[0][0])
 
   def _encode(self, captions, cache_dir):

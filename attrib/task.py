@@ -29,6 +29,10 @@ class DenoisingTask:
   def make_model(self, rngs: nnx.Rngs) -> UNet2DConditionModel:
     return UNet2DConditionModel(self.unet_config, rngs)
 
+  def program_key(self):
+    # The model and the loss are these configs' alone (the images and captions are batch inputs).
+    return self.unet_config, self.schedule.config, self.text_len
+
   def loss(self, model, batch):
     images = batch['images']
     noise, timesteps = example_noise(batch['seed'], images.shape[1:], self.schedule.config.num_train_timesteps)

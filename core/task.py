@@ -31,3 +31,8 @@ class Task(Protocol):
   # Optional: `frozen_inputs() -> pytree of host arrays` (e.g. a pretrained perceptual network). The
   # loop replicates them on the mesh once and calls `loss(model, batch, frozen)`; they get no
   # gradient, no optimizer state and no place in checkpoints.
+  #
+  # Optional: `program_key() -> hashable` names everything the model and the loss are built from
+  # (configs, not data). Two runs in one process whose tasks return equal keys, with the same
+  # optimizer, seed, mesh and rules, share their compiled init and step programs (core.train_loop):
+  # a job that retrains one recipe on many subsets traces and compiles once. Return None to opt out.

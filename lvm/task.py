@@ -34,6 +34,9 @@ class NextTokenTask:
   def make_model(self, rngs: nnx.Rngs) -> Decoder:
     return Decoder(self.model_config, rngs)
 
+  def program_key(self):
+    return self.model_config, self.seq_len
+
   def loss(self, model: Decoder, batch):
     tokens_bt = batch['tokens']
     if self.model_config.loss_chunk <= 0:

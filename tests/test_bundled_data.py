@@ -46,3 +46,31 @@ def test_a_missing_bundled_file_names_it(tmp_path, monkeypatch):
       bundled.load_sample_photos()
   finally:
     bundled._digits_table.cache_clear()
+
+
+def test_a_run_without_some_images_conditions_on_its_parents_text_states(tmp_path):
+  """`data.exclude_path` (the counterfactual's retrainings) drops images, not text states: the kept
+  rows are the parent run's states to the bit, read from the parent's cache without encoding again."""
+  import dataclasses
+  from attrib.config import ImageDataConfig
+  from attrib.data import CaptionedImages
+  encoded = []
+
+  def text_encoder(captions):  # states that depend on the caption alone; counts what it encodes
+    encoded.extend(captions)
+    codes = np.array([[sum(map(ord, c)) % 997, len(c)] for c in captions], np.float32)
+    return (np.repeat(codes[:, None, :], 3, axis=1),)
+
+  config = ImageDataConfig()
+  parent = CaptionedImages(config, text_encoder, cache_dir=tmp_path)
+  (tmp_path / 'excluded.txt').write_text('0,5,7')
+  encoded.clear()
+  child = CaptionedImages(dataclasses.replace(config, exclude_path=str(tmp_path / 'excluded.txt')), text_encoder,
+                          cache_dir=tmp_path)
+  assert encoded == ['']  # the unconditional caption only
+  kept = np.setdiff1d(parent.index, [0, 5, 7])
+  np.testing.assert_array_equal(child.index, kept)
+  np.testing.assert_array_equal(child.context, parent.context[kept])
+  np.testing.assert_array_equal(child.images, parent.images[kept])
+  assert child.captions == [parent.captions[i] for i in kept]
+  assert len(list(tmp_path.glob('text_states_*.npy'))) == 1
