@@ -232,7 +232,10 @@ def _program_key(task: Task, mesh, rules, optim: OptimConfig, seed: int, batch_s
   if key is None:
     return None
   key = (type(task), key, mesh, tuple(rules), optim, seed, tuple(sorted(batch_shardings.items())))
-  hash(key)  # an unhashable key is the task's bug: say so here, not as a silent cache miss
+  try:
+    hash(key)
+  except TypeError:  # e.g. a config field given as a list: only the reuse is lost, not the run
+    return None
   return key
 
 

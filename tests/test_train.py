@@ -398,3 +398,22 @@ def test_cpu_init_program_compiles_at_o1_with_bit_identical_parameters(kind, mon
   o1, default = values
   assert len(o1) == len(default) > 10
   assert all(a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(o1, default))
+
+
+def test_an_unhashable_task_config_trains_without_program_reuse():
+  """A config field given as a list cannot key the shared programs: the run loses the reuse, not its
+  training (a TypeError here would stop it)."""
+  from core.mesh import make_mesh
+  from core.optim import OptimConfig
+  from core.train_loop import _program_key
+  from lvm.model_config import DecoderConfig
+  from lvm.task import NextTokenTask
+  preset = load_config_file(CPU1)
+  mesh, model = make_mesh(preset), DecoderConfig()
+
+  class ListConfigTask(NextTokenTask):
+    def program_key(self):
+      return (self.model_config, [self.seq_len])
+
+  assert _program_key(NextTokenTask(model, 16), mesh, preset.logical_rules, OptimConfig(), 0, {}) is not None
+  assert _program_key(ListConfigTask(model, 16), mesh, preset.logical_rules, OptimConfig(), 0, {}) is None
