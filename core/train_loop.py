@@ -221,7 +221,8 @@ class BackgroundCompile:
 
 
 # The init and step programs of the latest runs in this process, keyed by everything they are traced
-# from. Retraining one recipe many times (`attrib counterfactual`: 1 + 3 models per query and seed)
+# from. Retraining one recipe many times (`attrib counterfactual`: a model per seed, and per query one
+# per ranking plus one without random images)
 # otherwise traces, lowers and loads both programs per model: ~6 of a digits retraining's 15 s.
 _RECENT_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 _RECENT_PROGRAMS_KEPT = 2
