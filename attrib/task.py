@@ -10,6 +10,7 @@ from flax import nnx
 from attrib.diffusion import NoiseSchedule, ScheduleConfig, epsilon_loss
 from attrib.unet import UNet2DConditionModel
 from attrib.unet_config import UNetConfig
+from core.peak_flops import program_flops
 
 
 def example_noise(seed_b: jax.Array, shape, num_timesteps: int):
@@ -53,12 +54,10 @@ class DenoisingTask:
 
 @functools.lru_cache(maxsize=8)
 def _forward_flops(c: UNetConfig, text_len: int) -> float:
-  """Training FLOPs of one example: XLA's count of one forward, x3 for forward + backward (one
-  compile per U-Net config and process, however many models a job trains)."""
+  """Training FLOPs of one example: XLA's count of one forward, x3 for forward + backward (once per
+  U-Net config and process, however many models a job trains; counted without a compile)."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(c, nnx.Rngs(0))))
   x = jax.ShapeDtypeStruct((1, c.sample_size, c.sample_size, c.in_channels), jnp.float32)
   ctx = jax.ShapeDtypeStruct((1, text_len, c.cross_attention_dim), jnp.float32)
-  cost = jax.jit(lambda s, x, ctx: nnx.merge(graphdef, s)(x, jnp.zeros((1,), jnp.int32), ctx)).lower(
-      nnx.to_pure_dict(state), x, ctx).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return 3 * float(cost.get('flops', 0.0))
+  forward = lambda s, x, ctx: nnx.merge(graphdef, s)(x, jnp.zeros((1,), jnp.int32), ctx)
+  return 3 * program_flops(forward, nnx.to_pure_dict(state), x, ctx)

@@ -88,3 +88,16 @@ def peak_flops_per_device(preset) -> float:
   if preset.peak_flops_per_device > 0:
     return float(preset.peak_flops_per_device)
   return host_peak_flops() / jax.local_device_count()
+
+
+def program_flops(fn, *abstract_args) -> float:
+  """XLA's FLOP count of `jax.jit(fn)` on these shapes, from the lowered (unoptimised) program.
+
+  The count behind a task's MFU (`Task.flops_per_example`). Compiling the program only to read the
+  count cost ~2.3-4.6 s on a 2-core CPU for the digits U-Net's forward, paid at the start of every
+  diffusion training process; the lowered program's count differs from the compiled one's by 0.2%
+  there (169.9 against 170.3 MFLOP: the dots and convolutions are the same, fusion only reorders the
+  element-wise work), and the count needs no backend compile."""
+  cost = jax.jit(fn).lower(*abstract_args).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get('flops', 0.0))

@@ -33,3 +33,29 @@ def launch(args: list[str], *, devices: int = 8, timeout: int = 600, **popen_kwa
              JAX_PLATFORMS='cpu')
   return subprocess.Popen([sys.executable, str(ROOT / 'launch.py')] + args, env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+
+
+def compiles_during(run, backend: bool = False) -> list[tuple[str, str]]:
+  """(thread, 'Compiling jit(name)') of every program JAX lowers for compilation while `run()` runs
+  (JAX logs that line when it lowers, before XLA compiles); with `backend`, (thread, 'Finished XLA
+  compilation of jit(name)') of every XLA backend compile instead."""
+  import logging
+
+  import jax
+  messages = []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      messages.append((record.threadName, record.getMessage()))
+
+  handler = Collect()
+  logging.getLogger('jax').addHandler(handler)
+  jax.config.update('jax_log_compiles', True)  # process-wide: `jax.log_compiles()` is per thread
+  try:
+    run()
+  finally:
+    jax.config.update('jax_log_compiles', False)
+    logging.getLogger('jax').removeHandler(handler)
+  if backend:
+    return [(thread, m.split(' in ')[0]) for thread, m in messages if m.startswith('Finished XLA compilation of')]
+  return [(thread, m.split(' with ')[0]) for thread, m in messages if m.startswith('Compiling jit(')]

@@ -11,7 +11,7 @@ from core.config import load_config_file
 from core.metrics import read_metrics
 from core.train_loop import forget_programs
 from lvm import commands
-from tests.helpers import CPU1, CPU2X4, CPU8, SMALL_MODEL, TINY, free_port, launch
+from tests.helpers import CPU1, CPU2X4, CPU8, SMALL_MODEL, TINY, compiles_during, free_port, launch
 from tests.tolerance import assert_network_close, total_fan_in
 
 
@@ -82,32 +82,12 @@ def test_resume_equals_uninterrupted(tmp_path, capfd):
   assert len(read_metrics(tmp_path / 'resumed')) == 20
 
 
-def _compiles_during(run) -> list[tuple[str, str]]:
-  """(thread, 'Compiling jit(name)') of every XLA compile while `run()` runs."""
-  import logging
-  messages = []
-
-  class Collect(logging.Handler):
-    def emit(self, record):
-      messages.append((record.threadName, record.getMessage()))
-
-  handler = Collect()
-  logging.getLogger('jax').addHandler(handler)
-  jax.config.update('jax_log_compiles', True)  # process-wide: `jax.log_compiles()` is per thread
-  try:
-    run()
-  finally:
-    jax.config.update('jax_log_compiles', False)
-    logging.getLogger('jax').removeHandler(handler)
-  return [(thread, m.split(' with ')[0]) for thread, m in messages if m.startswith('Compiling jit(')]
-
-
 def test_fresh_run_compiles_its_step_once_beside_the_init(tmp_path):
   """The loop compiles a fresh run's step on a second thread while the init runs; the loop's own
   calls must then find that executable, not trace and compile the step a second time (they would if
   the thread traced it without the loop's activation shardings)."""
   forget_programs()  # an earlier test's run of this recipe would lend its programs
-  compiles = _compiles_during(lambda: _train(tmp_path / 'w', CPU8, 2))
+  compiles = compiles_during(lambda: _train(tmp_path / 'w', CPU8, 2))
   assert [thread for thread, m in compiles if m == 'Compiling jit(train_step)'] == ['compile-ahead'], compiles
   assert [thread for thread, m in compiles if m == 'Compiling jit(init_fn)'] == ['MainThread'], compiles
   # The checkpoint at the end writes each replicated array whole: no per-replica slice programs.
@@ -121,13 +101,13 @@ def test_runs_of_one_recipe_share_compiled_programs(tmp_path):
   compiled them afresh; another seed is another init program."""
   forget_programs()
   _train(tmp_path / 'first', CPU8, 2)
-  compiles = _compiles_during(lambda: _train(tmp_path / 'reused', CPU8, 3))
+  compiles = compiles_during(lambda: _train(tmp_path / 'reused', CPU8, 3))
   assert not [m for _, m in compiles if m in ('Compiling jit(init_fn)', 'Compiling jit(train_step)')], compiles
   forget_programs()
   _train(tmp_path / 'fresh', CPU8, 3)
   np.testing.assert_array_equal(_losses(tmp_path / 'reused'), _losses(tmp_path / 'fresh'))
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / 'reused'), _params(tmp_path / 'fresh'))
-  compiles = _compiles_during(lambda: _train(tmp_path / 'seed1', CPU8, 1, extra=['train.seed=1']))
+  compiles = compiles_during(lambda: _train(tmp_path / 'seed1', CPU8, 1, extra=['train.seed=1']))
   assert [m for _, m in compiles if m == 'Compiling jit(init_fn)'] == ['Compiling jit(init_fn)'], compiles
 
 
