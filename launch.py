@@ -90,8 +90,10 @@ def _lvm_quickstart(args, workdir: Path, clock) -> dict:
   from data_pipelines.token_records import TokenRecordSource, find_shards
   from lvm import commands
   from lvm.sentences import tokenize_command
+  from core.errors import stop_if_preempted
   progress.say('quickstart LVM 1/4: train the tiny VQGAN tokenizer (32-px images -> 64 tokens, 128 codes)')
   tokenizer = _train_quickstart_tokenizer(args, workdir)
+  stop_if_preempted(tokenizer, 'quickstart: the tokenizer')
   progress.say(f'quickstart: tokenizer PSNR {tokenizer["reconstruction"]["psnr_db"]:.1f} dB '
                f'({clock.lap("tokenizer"):.1f} s)\nquickstart LVM 2/4: digit images -> visual sentences')
   manifests = {}
@@ -107,6 +109,7 @@ def _lvm_quickstart(args, workdir: Path, clock) -> dict:
                                         [f'data.train_path={workdir / "data" / "train"}', f'model.vocab_size={vocab}',
                                          f'data.seq_len={seq_len}', 'train.steps=1500', 'optim.decay_steps=1480']
                                         + args.set)
+  stop_if_preempted(train_result, 'quickstart: the LVM')
   progress.say(f'quickstart: trained ({clock.lap("lvm train"):.1f} s)\nquickstart LVM 4/4: perplexity of the last frame')
   eval_result = commands.eval_command(str(workdir / 'lvm'), str(workdir / 'data' / 'eval'), args.tpu,
                                       manifests['train']['tokens_per_image'], 32)
@@ -162,7 +165,7 @@ def _run_one_device_child(argv: list[str]) -> None:
   finally:
     signal.signal(signal.SIGTERM, forward)
   if code != 0:
-    raise ChildFailed(code)
+    raise ChildFailed(code if code > 0 else 128 - code)  # killed by signal N: the shell's 128 + N
 
 
 class ChildFailed(Exception):
@@ -240,13 +243,14 @@ def quickstart(args) -> dict:
 
 
 MAX_ERROR_CHARS = 2000
+STOPPED_EXIT_CODE = 128 + 15  # a job of several stages stopped by SIGTERM at a saved state (core.errors.Stopped)
 
 
 def main(argv=None) -> int:
   """Runs one command. Bad input (any `core.errors.UserError`) prints one line `error: ...` and
   returns 2; `--debug` or LVM_ATTRIB_DEBUG=1 shows its traceback instead. Ctrl-C returns 130: every
   job keeps resumable state (checkpoints, per-query files), so the same command continues."""
-  from core.errors import UserError
+  from core.errors import Stopped, UserError
   argv = list(sys.argv[1:] if argv is None else argv)
   job_args = argv.index('--') if '--' in argv else len(argv)
   debug = '--debug' in argv[:job_args] or os.environ.get('LVM_ATTRIB_DEBUG', '') not in ('', '0')
@@ -267,6 +271,9 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print('interrupted: rerun the same command to continue from the last saved state', file=sys.stderr)
     return 130
+  except Stopped as e:
+    print(f'stopped: {e}', file=sys.stderr)
+    return STOPPED_EXIT_CODE
   except ChildFailed as e:
     return e.code
 

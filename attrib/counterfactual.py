@@ -21,6 +21,7 @@ from attrib.text_encoder import shared_text_encoder
 from core import progress
 from core.compile_cache import reuse_compilations
 from core.config import ConfigError, check_at_least
+from core.errors import stop_if_preempted
 from core.paths import as_path
 from core.workdir import load_npz, versions, write_bytes_atomic, write_json_atomic
 
@@ -119,7 +120,9 @@ def _counterfactual(workdir: Path, k: int, num_queries: int, seeds: int, steps: 
     if not _finished(run, steps):
       progress.say(f'counterfactual: training {name} ({steps} steps)')
       # The captions' text states are the parent model's (same captions): encode them once.
-      train_model_command('', tpu, str(run), overrides, evaluate=False, config=recipe, cache_dir=workdir / 'cache')
+      trained_run = train_model_command('', tpu, str(run), overrides, evaluate=False, config=recipe,
+                                        cache_dir=workdir / 'cache')
+      stop_if_preempted(trained_run, f'counterfactual: the retraining {name}')
     announce(name)
     return run
 

@@ -25,6 +25,7 @@ def run(workdir: Path, full: bool = False, stage_prefix: str = 'attribution') ->
   from attrib.evaluation import eval_command
   from attrib.features import features_command
   from attrib.query import draw_attribution
+  from core.errors import stop_if_preempted
   config = load_config_file(FASTGDA_CONFIG)
   td = config.teacher_data
   clock = progress.Stopwatch()
@@ -39,6 +40,7 @@ def run(workdir: Path, full: bool = False, stage_prefix: str = 'attribution') ->
   stage(1, 'text-to-image diffusion model on the captioned digits')
   steps = [] if full else ['train.steps=400', 'optim.decay_steps=300']
   model = train_model_command(str(ROOT / 'attrib/configs/digits.py'), cpu1, str(model_dir), steps)
+  stop_if_preempted(model, 'quickstart: the diffusion model')
   clock.lap('diffusion model')
   stage(2, f'AbU teacher: {td.train_queries} training queries x top {td.candidates}, '
            f'{td.test_queries} test queries x all images')
@@ -51,6 +53,7 @@ def run(workdir: Path, full: bool = False, stage_prefix: str = 'attribution') ->
   clock.lap('features')
   stage(4, 'distil the embedder, embed and index the training set')
   distilled = distill_command(str(model_dir), FASTGDA_CONFIG, None, [])
+  stop_if_preempted(distilled, 'quickstart: the distillation')
   clock.lap('distill')
   stage(5, 'evaluate against the teacher')
   evaluation = eval_command(str(model_dir))

@@ -13,3 +13,19 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
   """A config field, preset or command-line value that is out of range or inconsistent."""
+
+
+class Stopped(Exception):
+  """A job of several stages stopped at a saved state before its end: one of its trainings got
+  SIGTERM (a preemption, `tpu stop`, a user's kill) and saved a checkpoint. Its later stages did not
+  run, because they would have used the half-trained model (and recorded it: the teacher's rankings
+  name the model step, a token shard its tokenizer's checksum), so that the rerun, which continues
+  the training, could not reuse them. `launch.py` prints the message and exits 143 (128 + SIGTERM);
+  the same command continues. Not a UserError: nothing the user gave was wrong."""
+
+
+def stop_if_preempted(result: dict, what: str) -> None:
+  """Raises Stopped when `result` (a training job's result) says the training was preempted."""
+  if result.get('preempted'):
+    raise Stopped(f"{what} stopped by SIGTERM at step {result.get('step')} (saved); the later stages did not run: "
+                  'rerun the same command to continue')

@@ -127,7 +127,8 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
                   make_data_iterator=make_iterator, meta={'tokenizer': to_dict(config.tokenizer)})
   summary.pop('trained_params')
   train_seconds = time.time() - started
-  report = reconstruction_report(load_tokenizer(workdir, tpu_path), images)
+  # A run stopped by SIGTERM exits now; its rerun reports on the finished tokenizer.
+  report = None if summary['preempted'] else reconstruction_report(load_tokenizer(workdir, tpu_path), images)
   result = {'job': 'lvm train-tokenizer', **summary, 'train_seconds': train_seconds,
             'tokens_per_image': config.tokenizer.tokens_per_image, 'data': repr(source),
             'reconstruction': report, 'versions': versions()}

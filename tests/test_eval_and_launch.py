@@ -52,6 +52,44 @@ def test_quickstart_end_to_end(tmp_path, capsys):
   assert list((tmp_path / 'lvm' / 'tensorboard').glob('events.out.tfevents.*'))
 
 
+def test_sigterm_stops_the_quickstart_after_the_stage_it_interrupts(tmp_path):
+  """SIGTERM while the quickstart's tokenizer trains (in its one-device child): the child saves a
+  checkpoint and exits, and the quickstart stops there with exit code 143 instead of building visual
+  sentences from the half-trained tokenizer (the rerun, which finishes the tokenizer, could not use
+  them: a token shard records its tokenizer's checksum)."""
+  import signal
+  import time
+  from tests.helpers import launch
+  small = ['train.steps=100000', 'train.log_every=1', 'train.progress_bar=false', 'train.tensorboard=false',
+           'train.global_batch=8', 'tokenizer.block_out_channels=(8,8,8)', 'tokenizer.norm_num_groups=4']
+  proc = launch(['quickstart', '--lvm-only', '--workdir', str(tmp_path), *[a for o in small for a in ('--set-tokenizer', o)]])
+  metrics = tmp_path / 'tokenizer' / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 143, out[-3000:]
+  step = json.loads((tmp_path / 'tokenizer' / 'train_result.json').read_text())['step']
+  assert f'stopped: quickstart: the tokenizer stopped by SIGTERM at step {step} (saved)' in out
+  assert 'rerun the same command to continue' in out
+  assert (tmp_path / 'tokenizer' / 'checkpoints' / str(step)).is_dir()
+  assert not (tmp_path / 'data').exists() and not (tmp_path / 'quickstart_result.json').exists()
+
+
+def test_the_attribution_quickstart_stops_when_a_training_was_preempted(tmp_path, monkeypatch):
+  """A preempted diffusion training ends the attribution half before the teacher ranks anything with
+  the half-trained model (its rankings name the model step, so the rerun's teacher would refuse them)."""
+  import pytest
+  from attrib import commands, curation
+  from attrib import quickstart as attribution_quickstart
+  from core.errors import Stopped
+  monkeypatch.setattr(commands, 'train_model_command', lambda *a, **k: {'preempted': True, 'step': 7})
+  monkeypatch.setattr(curation, 'teacher_command', lambda *a, **k: pytest.fail('the teacher ran after a preemption'))
+  with pytest.raises(Stopped, match='the diffusion model stopped by SIGTERM at step 7'):
+    attribution_quickstart.run(tmp_path)
+
+
 class _FakeChild:
   """Stands in for a quickstart child process: records how it was started, writes a result."""
   started = []
