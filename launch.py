@@ -578,4 +578,7 @@ def _run(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
+  # Huge pages for XLA:CPU's per-step buffers (core/host_memory.py): glibc reads them at start-up.
+  from core.host_memory import restart_with_huge_pages
+  restart_with_huge_pages()
   sys.exit(main())

@@ -8,7 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from core.host_memory import huge_page_env  # noqa: E402
 from core.xla_flags import cpu_xla_flags  # noqa: E402
+
+# The pytest-xdist workers and the launch.py children that tests start run as launch.py's job
+# processes do, with huge pages for malloc's large blocks (core/host_memory.py).
+os.environ.update(huge_page_env(os.environ) or {})
 
 os.environ['XLA_FLAGS'] = cpu_xla_flags(os.environ.get('XLA_FLAGS', ''), 8)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
