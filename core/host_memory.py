@@ -43,4 +43,7 @@ def restart_with_huge_pages() -> None:
   if env is not None:
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+      os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # no interpreter path to start again (an embedded Python): run without it
+      pass
