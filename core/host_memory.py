@@ -6,8 +6,8 @@ XLA:CPU allocates an executable's temporary buffer afresh on every call and free
 time: 95,000 faults and ~0.2 core-s of kernel time per U-Net step on a 2-core EPYC, a fifth of the
 step's CPU time. With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` malloc asks for transparent huge pages
 on those blocks (`madvise`; the kernel's THP mode is often `madvise`, which otherwise leaves them at
-4 KB), and a step faults ~500 times instead: the digits U-Net's training steps ran 0.42-0.48 s
-instead of 0.51-0.57 s, kernel time halved (docs/benchmarks_cpu.md, "Page faults").
+4 KB): a 100-step run of the digits U-Net faulted 0.49M times instead of 10.4M, its steps ran
+0.42-0.48 s instead of 0.51-0.57 s, kernel time halved (docs/benchmarks_cpu.md, "Page faults").
 
 Not kept, from the same measurements: freed memory kept in glibc's main heap instead (no faults at all)
 made the loop's steps slower, 0.60-0.65 s, with malloc's free-list search at 15% of the profile.
