@@ -136,8 +136,8 @@ _CHILD_ENV = 'LVM_ATTRIB_QUICKSTART_CHILD'
 
 def _wants_one_device_child() -> bool:
   """The quickstart's one-device jobs (tokenizer, the attribution half) run in a child process when
-  this one has several forced CPU devices (the LVM's `cpu_8` preset, whose data-parallel step is the
-  faster one on 2 cores): with 8 devices present the same one-device jobs ran slower (2-core EPYC:
+  this one has several forced CPU devices (the LVM's `cpu_8_data` preset, whose data-parallel step is
+  the faster one on 2 cores): with 8 devices present the same one-device jobs ran slower (2-core EPYC:
   teacher 1.44-1.84 instead of 1.26 ms per U-Net forward, 150 diffusion steps 154 instead of 126 s,
   the tokenizer 126 instead of 107 s)."""
   import jax
@@ -291,7 +291,9 @@ def _run(argv: list[str]) -> int:
 
   q = sub.add_parser('quickstart', help='both halves on the built-in digits: the tiny LVM, then attribution')
   q.add_argument('--workdir', help='default runs/quickstart (runs/quickstart_full with --full)')
-  q.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_8.py'))
+  # The LVM half's preset: data parallel over 8 forced devices, the fastest layout for the tiny LVM on
+  # a small CPU (tpu_configs/cpu_8_data.py); the tokenizer and the attribution half use one device.
+  q.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_8_data.py'))
   q.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='LVM config fields')
   q.add_argument('--set-tokenizer', action='append', default=[], metavar='KEY=VALUE', help='tokenizer config fields')
   q.add_argument('--lvm-only', action='store_true', help='skip the attribution half')

@@ -43,6 +43,8 @@ def test_quickstart_end_to_end(tmp_path, capsys):
                       '--set-tokenizer', 'train.progress_bar=false']) == 0
   result = json.loads((tmp_path / 'quickstart_result.json').read_text())['lvm']
   assert result['train']['step'] == 40 and result['tokenizer']['psnr_db'] > 12
+  # Data parallel over 8 devices by default (tpu_configs/cpu_8_data.py): every parameter replicated.
+  assert result['train']['mesh'] == {'data': 8, 'fsdp': 1, 'tensor': 1}
   assert result['sentences']['train'] == {'video': 4096, **{k: 256 for k in ('groups', 'analogy', 'inpainting', 'edges')}}
   assert len(list((tmp_path / 'data' / 'train').glob('*.arrayrecord'))) == 4 + 4  # videos: 4 shards of 1024
   # The held-out sentences use digits no training sentence shows; 40 steps beat token frequencies.

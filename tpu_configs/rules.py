@@ -21,3 +21,8 @@ FSDP_TENSOR_RULES = (
     ('head_dim', None),
     ('norm', None),
 )
+
+# Data parallel only: every parameter replicated, the batch split over `data`. On a small CPU the
+# fastest layout for small models (the quickstart's LVM): sharded parameters cost gathers and
+# scatters between devices that share the same two cores and buy no memory the model needs.
+DATA_PARALLEL_RULES = tuple((name, 'data' if name == 'batch' else None) for name, _ in FSDP_TENSOR_RULES)
