@@ -178,17 +178,21 @@ class Attributor:
     from PIL import Image
     if isinstance(image, (str, Path)):
       image = self._read(image)
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
-      image = Image.fromarray(image)  # to grey as a PNG file of it would be (PIL's luma weights)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] in (3, 4):
+      image = Image.fromarray(image)  # to grey as a PNG file of it would be (PIL's luma weights, alpha on white)
     if isinstance(image, Image.Image):
       # Any mode as the data pipelines read it (16-bit grey scaled, alpha on white), then PIL's grey.
       image = np.asarray(_square_16(as_rgb(image).convert('L')), np.uint8)
     if not isinstance(image, np.ndarray):
       raise AttributionError(f'image must be a numpy array, a PIL image or a path, got {type(image).__name__}')
+    if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+      raise AttributionError(f'image dtype {image.dtype}: expected uint8 or float arrays (PIL images and '
+                             'files of any bit depth are converted)')
     if image.ndim == 3 and image.shape[-1] in (1, 3):
       image = image.mean(axis=-1) if image.shape[-1] == 3 else image[..., 0]
     if image.ndim != 2:
-      raise AttributionError(f'image of shape {image.shape}: expected [H, W], [H, W, 1] or [H, W, 3]')
+      raise AttributionError(f'image of shape {image.shape}: expected [H, W], [H, W, 1], [H, W, 3] '
+                             '(or uint8 [H, W, 4])')
     if image.dtype == np.uint8:
       if image.shape != (16, 16):
         image = np.asarray(_square_16(Image.fromarray(image)))
@@ -199,8 +203,6 @@ class Attributor:
                                f'(pass uint8 or a PIL image to have it resized)')
       if not np.all(np.isfinite(image)) or image.min() < -1.0001 or image.max() > 1.0001:
         raise AttributionError('float image values must be finite and in [-1, 1] (the model\'s pixel range)')
-    else:
-      raise AttributionError(f'image dtype {image.dtype}: expected uint8 or float')
     return np.asarray(image, np.float32)[..., None]
 
   def features(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:

@@ -6,6 +6,7 @@ Each host stores its own grain iterator state (grain's handler writes one file p
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,27 @@ def _save_replicas_whole_on_cpu() -> None:
     return
   current = ocp.type_handlers.get_type_handler(jax.Array)
   if isinstance(current, ocp.type_handlers.ArrayHandler) and getattr(current, '_use_replica_parallel', False):
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
-                                                  use_replica_parallel=False), override=True)
+    # The override is deliberate; without the filter orbax logs it as a warning on every command.
+    absl_logger = logging.getLogger('absl')
+    quiet = _DropMessage('Type handler registry')
+    absl_logger.addFilter(quiet)
+    try:
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                                    use_replica_parallel=False), override=True)
+    finally:
+      absl_logger.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+  """Drops log records whose message starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self.prefix)
 
 
 def make_manager(workdir: str | Path, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:

@@ -73,6 +73,9 @@ def grid_png(rows: list[np.ndarray], split_at: int, path: Path, scale: int = 4) 
 def tokenizer_of(workdir: Path, config) -> str:
   """The tokenizer an LVM workdir's tokens came from (the manifest of its training data)."""
   manifest = Path(config.data.train_path) / 'manifest.json'
+  if not manifest.parent.is_dir():
+    raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which is not there from {Path.cwd()} '
+                      '(a relative path counts from where training ran: run from there, or pass --tokenizer)')
   if not manifest.is_file():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which has no manifest.json naming a '
                       'tokenizer (data from `lvm tokenize` has one); pass --tokenizer')

@@ -170,6 +170,12 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
   eight_bit = attributor.features([str(tmp_path / 'grey8.png')], [prompt])
   for other in ('grey16.png', 'grey_rgba.png'):
     np.testing.assert_array_equal(attributor.features([str(tmp_path / other)], [prompt]), eight_bit)
+  # The RGBA array itself reads as its file does; a 16-bit colour array is refused by its dtype (it once
+  # fell through the channel mean and was reported as a float image of the wrong size).
+  rgba = np.dstack([grey] * 3 + [np.full_like(grey, 255)])
+  np.testing.assert_array_equal(attributor.features([rgba], [prompt]), eight_bit)
+  with pytest.raises(AttributionError, match='dtype uint16'):
+    attributor.attribute(image=np.zeros((20, 20, 3), np.uint16), prompt=prompt)
   # 16 threads give what serial calls give.
   serial = [attributor.attribute(image=queries['images'][q % 3], prompt=str(queries['prompts'][q % 3]), k=5)
             for q in range(3)]

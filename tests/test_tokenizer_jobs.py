@@ -220,6 +220,23 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   assert 0 <= report['token_accuracy']['lvm'] <= 1 and np.isfinite(report['psnr_db']['lvm'])
 
 
+def test_generate_says_when_the_training_data_path_is_not_there(tmp_path, monkeypatch):
+  """`lvm generate` finds the tokenizer through the training data's manifest; a relative data path
+  from another directory once read as 'has no manifest.json', which sent users to the wrong fix."""
+  from types import SimpleNamespace
+  from core.config import ConfigError
+  from lvm.prompting import tokenizer_of
+  config = SimpleNamespace(data=SimpleNamespace(train_path='runs/quickstart/data/train'))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError, match=r"'runs/quickstart/data/train', which is not there from .*relative path"):
+    tokenizer_of(tmp_path / 'lvm', config)
+  (tmp_path / 'runs/quickstart/data/train').mkdir(parents=True)
+  with pytest.raises(ConfigError, match='no manifest.json naming a tokenizer'):
+    tokenizer_of(tmp_path / 'lvm', config)
+  (tmp_path / 'runs/quickstart/data/train/manifest.json').write_text(json.dumps({'tokenizer': 'runs/tok'}))
+  assert tokenizer_of(tmp_path / 'lvm', config) == 'runs/tok'
+
+
 def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
   """The tfds path for real: `bundled_digits` is prepared here from the bundled digits (no download)
   and read back through tfds.data_source: the same images and labels, in tfds' own order."""
