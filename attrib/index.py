@@ -28,7 +28,7 @@ import numpy as np
 
 from core.errors import ConfigError, UserError
 from core.paths import as_path, is_remote
-from core.workdir import atomic_path, write_bytes_atomic
+from core.workdir import atomic_path
 
 INDEX_FILE = 'index.json'
 FORMAT_VERSION = 1
@@ -352,11 +352,16 @@ class ShardedIndex:
       self.shards[s].upsert(vectors[target == s], ids[target == s])
 
   def save(self, directory) -> None:
+    """All shards or none, as `Index.save`: shards written over an index of another shard count
+    one by one would, after a crash, load as new shards beside old ones over other row ranges."""
     directory = as_path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for s, shard in enumerate(self.shards):
-      shard.save(directory / f'shard_{s:05d}')
-    write_bytes_atomic(directory / 'shards.json', json.dumps({'shards': len(self.shards)}).encode())
+    if directory.exists():
+      directory.rmtree()
+    with atomic_path(directory) as temp:
+      temp.mkdir(parents=True)
+      for s, shard in enumerate(self.shards):
+        shard.save(temp / f'shard_{s:05d}')
+      (temp / 'shards.json').write_text(json.dumps({'shards': len(self.shards)}))
 
   @classmethod
   def load(cls, directory) -> 'ShardedIndex':

@@ -53,6 +53,33 @@ def test_sharded_index_equals_exact_search(tmp_path):
   np.testing.assert_array_equal(load_any(tmp_path / 'sharded').search(queries, 10)[0], sharded.search(queries, 10)[0])
 
 
+def test_an_interrupted_sharded_save_never_loads_as_a_mix(tmp_path, monkeypatch):
+  """A save over a 2-shard index that fails at the third of 4 new shards: once, new shards 0-1 loaded
+  beside old shard 1 (shards.json still said 2), so rows 1500-2249 were silently missing."""
+  from attrib.index import IndexFileError
+  data, queries = _clustered(3000), _clustered(20, seed=3)
+  config = IndexConfig(kind='brute_force', recall_probes=50)
+  ShardedIndex.build(data, None, 2, config).save(tmp_path / 'sharded')
+  four = ShardedIndex.build(data, None, 4, config)
+  real_save, saved = Index.save, []
+  def failing_save(index, directory):
+    if len(saved) == 2:
+      raise OSError('disk full')
+    real_save(index, directory)
+    saved.append(directory)
+  monkeypatch.setattr(Index, 'save', failing_save)
+  with pytest.raises(OSError, match='disk full'):
+    four.save(tmp_path / 'sharded')
+  with pytest.raises(IndexFileError, match='not found'):
+    load_any(tmp_path / 'sharded')
+  assert [p.name for p in tmp_path.iterdir()] == []  # no temporary left behind
+  monkeypatch.setattr(Index, 'save', real_save)
+  four.save(tmp_path / 'sharded')
+  loaded = load_any(tmp_path / 'sharded')
+  assert len(loaded.shards) == 4
+  np.testing.assert_array_equal(loaded.search(queries, 10)[0], exact_top_k(data, queries, 10))
+
+
 def test_more_shards_than_rows_is_refused():
   from core.errors import ConfigError
   with pytest.raises(ConfigError, match='5 shards for 4 rows'):
