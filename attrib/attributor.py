@@ -70,6 +70,7 @@ class Attribution:
   scores: np.ndarray            # predicted rank fraction in (0, 1), ascending
   cosine: np.ndarray            # cosine of query and training embeddings
   captions: list[str] | None    # captions of those training images, when the training set has them
+  paths: list[str] | None = None  # their image files, when the training set is a list of files (train_list)
 
 
 class Attributor:
@@ -259,8 +260,10 @@ class Attributor:
       ids, cosine = np.take_along_axis(ids, order, axis=1), np.take_along_axis(cosine, order, axis=1)
     logits = self.scale * cosine + self.offset + (0.0 if self.prior is None else self.prior[ids])
     scores = 1 / (1 + np.exp(-logits))
+    files = self.train_images if isinstance(self.train_images, list) else None  # the digits are arrays, not files
     return [Attribution(ids=i, scores=s, cosine=c,
-                        captions=None if self.captions is None else [self.captions[j] for j in i])
+                        captions=None if self.captions is None else [self.captions[j] for j in i],
+                        paths=None if files is None else [files[j] for j in i])
             for i, s, c in zip(ids, scores, cosine)]
 
   def measure_latency(self, features: np.ndarray, count: int = 50, images=None, prompts=None) -> dict:

@@ -79,6 +79,7 @@ def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None
     draw_attribution(attributor._image(image)[..., 0], prompt, attributor.train_images, result, out_path)
   summary = {'job': 'attrib query', 'image': str(image), 'prompt': prompt, 'k': k,
              'ids': result.ids.tolist(), 'scores': result.scores.tolist(), 'captions': result.captions,
+             'paths': result.paths,
              'grid': str(out_path) if attributor.train_images is not None else None, 'versions': versions()}
   write_json_atomic(as_path(workdir) / 'query_result.json', summary)
   return summary

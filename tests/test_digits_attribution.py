@@ -140,6 +140,7 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
   image, prompt = queries['images'][0], str(queries['prompts'][0])
   result = attributor.attribute(image=image, prompt=prompt, k=5)
   assert len(result.ids) == 5 and len(result.captions) == 5 and np.all(np.diff(result.scores) >= -1e-6)
+  assert result.paths is None  # the digits ship as arrays, not files
   # The same image as uint8 PNG: same features up to 8-bit quantisation, so the same answer set mostly.
   from PIL import Image
   Image.fromarray(((image[..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / 'q.png')

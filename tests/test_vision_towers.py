@@ -253,6 +253,7 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
       np.testing.assert_array_equal(from_image.ids, from_features.ids)
       np.testing.assert_allclose(from_image.scores, from_features.scores, atol=1e-5)
     assert from_image.captions == [f'photo number {i}' for i in from_image.ids]
+    assert from_image.paths == [str(tmp_path / f'photo{i}.png') for i in from_image.ids]
   with pytest.raises(AttributionError, match=r'uint8 \[H, W, 3\], got array of float32 \(8, 8, 3\)'):
     attributor.attribute(image=np.zeros((8, 8, 3), np.float32), prompt='x')
   with pytest.raises(AttributionError, match='nowhere.png: not a readable image'):
@@ -273,5 +274,6 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
                       '--train-list', str(tmp_path / 'train.tsv')]) == 0
   result = json.loads((student / 'query_result.json').read_text())
   assert result['ids'] == attributor.attribute(features=phi[0], k=4).ids.tolist()
+  assert result['paths'] == [str(tmp_path / f'photo{i}.png') for i in result['ids']]
   grid = Image.open(tmp_path / 'grid.png')
   assert grid.mode == 'RGB' and grid.size[0] > 5 * 112
