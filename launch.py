@@ -102,7 +102,7 @@ def _lvm_quickstart(args, workdir: Path, clock) -> dict:
     manifests[split] = tokenize_command(str(workdir / 'tokenizer'), 'builtin:digits', None,
                                         str(workdir / 'data' / split), frames=4, sentences=count,
                                         kind_sentences={'video': videos}, records_per_shard=1024, seed=seed,
-                                        split=split)
+                                        split=split, note_coverage=False)  # sizes chosen for its time budget
   vocab, seq_len = manifests['train']['vocab_size'], manifests['train']['seq_len']
   progress.say(f'quickstart: sentences ready ({clock.lap("sentences"):.1f} s)\nquickstart LVM 3/4: train the tiny LVM')
   train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu, str(workdir / 'lvm'),
@@ -347,7 +347,8 @@ def _run(argv: list[str]) -> int:
                   'every kind the source supports')
   tk.add_argument('--out', required=True)
   tk.add_argument('--frames', type=int, default=4, help='images per visual sentence')
-  tk.add_argument('--sentences', type=int, default=2048, help='sentences per kind')
+  tk.add_argument('--sentences', type=int, default=2048,
+                  help='sentences per kind (each draws its images at random: size it to the source)')
   tk.add_argument('--kind-sentences', action='append', default=[], metavar='KIND=N',
                   help='sentences of one kind, overriding --sentences (e.g. video=4096)')
   tk.add_argument('--records-per-shard', type=int, default=512)

@@ -52,6 +52,8 @@ def test_quickstart_end_to_end(tmp_path, capsys):
   assert json.loads((tmp_path / 'lvm' / 'eval_result.json').read_text())['job'] == 'lvm eval'
   assert (tmp_path / 'lvm' / 'next_frame.png').exists() and result['next_frame']['sentences'] == 64
   assert list((tmp_path / 'lvm' / 'tensorboard').glob('events.out.tfevents.*'))
+  said = capsys.readouterr()
+  assert 'note: ' not in said.out + said.err  # its sentence counts are chosen for its time budget
 
 
 def test_sigterm_stops_the_quickstart_after_the_stage_it_interrupts(tmp_path):

@@ -114,6 +114,10 @@ def test_scikit_image_bundled_images_are_a_source(tokenizer_dir, tmp_path, capsy
                       '--out', str(out), '--sentences', '8', '--kind', 'colorization', '--kind', 'inpainting']) == 0
   manifest = json.loads((out / 'manifest.json').read_text())
   assert manifest['records_per_kind'] == {'colorization': 8, 'inpainting': 8}
+  # 8 sentences of 2 drawn images each leave most of the 1,024 crops unseen: the job says so.
+  said = capsys.readouterr()
+  assert 'note: 8 inpainting sentences draw 16 images from a source of 1,024: about 2% of them appear' in \
+      said.out + said.err
   # The same kinds comma-separated (one named twice) write the same shards; a negative seed is refused.
   again = tmp_path / 'comma_separated'
   assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', 'builtin:skimage',
@@ -235,6 +239,18 @@ def test_generate_says_when_the_training_data_path_is_not_there(tmp_path, monkey
     tokenizer_of(tmp_path / 'lvm', config)
   (tmp_path / 'runs/quickstart/data/train/manifest.json').write_text(json.dumps({'tokenizer': 'runs/tok'}))
   assert tokenizer_of(tmp_path / 'lvm', config) == 'runs/tok'
+
+
+def test_coverage_notes_name_kinds_that_leave_most_of_the_source_unseen():
+  from lvm.sentences import coverage_notes
+  # 2048 groups of 4 from 100k images: 1 - exp(-8192 / 100000) = 7.9% seen.
+  notes = coverage_notes({'groups': 2048, 'video': 2048, 'analogy': 60_000}, 100_000, 4, from_videos=False)
+  assert notes == ['note: 2048 groups sentences draw 8,192 images from a source of 100,000: about 8% of them '
+                   'appear; --sentences (or --kind-sentences groups=N) to use more of it',
+                   'note: 2048 video sentences draw 2,048 images from a source of 100,000: about 2% of them '
+                   'appear; --sentences (or --kind-sentences video=N) to use more of it']
+  assert coverage_notes({'groups': 2048, 'video': 2048}, 1797, 4, from_videos=False) == []  # the digits: covered
+  assert len(coverage_notes({'video': 2048}, 100_000, 4, from_videos=True)) == 1  # clips: 4 frames per sentence
 
 
 def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
