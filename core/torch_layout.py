@@ -53,25 +53,32 @@ def params_from_diffusers(state_dict: Mapping[str, np.ndarray], abstract_params:
     if tuple(value.shape) != tuple(by_path[path].shape):
       raise WeightImportError(f'diffusers weight {name!r}: shape {value.shape} != expected {by_path[path].shape}')
     filled[path] = value
-  missing = sorted('.'.join(map(str, p)) for p in by_path if p not in filled)
-  if missing:
-    raise WeightImportError(f'{model} parameters missing from the weights: {missing[:5]} ...')
+  missing = sorted(_diffusers_name(p) for p in by_path if p not in filled)
+  if missing:  # named as in the file the user holds, not as in our tree
+    more = f' and {len(missing) - 5} more' if len(missing) > 5 else ''
+    raise WeightImportError(f'{model} weights missing from the file ({len(missing)} of {len(by_path)}): '
+                            f'{", ".join(missing[:5])}{more}')
   leaves = [filled[p] for p in by_path]
   return jax.tree.unflatten(jax.tree.structure(abstract_params), leaves)
+
+
+def _diffusers_name(path: tuple) -> str:
+  """Our parameter path -> its diffusers state dict name (inverse of `_our_path`'s renaming)."""
+  *modules, leaf = map(str, path)
+  name = '.'.join(modules + ['weight' if leaf in ('kernel', 'scale', 'embedding') else leaf])
+  name = f'.{name}.'
+  for old, new in RENAMES:
+    name = name.replace(new, old)
+  return name.strip('.')
 
 
 def params_to_diffusers(params: dict) -> dict[str, np.ndarray]:
   """Our tree -> diffusers state dict names and layouts (inverse of `params_from_diffusers`)."""
   out = {}
   for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = [str(getattr(k, 'key', getattr(k, 'idx', None))) for k in keys]
+    path = tuple(getattr(k, 'key', getattr(k, 'idx', None)) for k in keys)
     value = np.asarray(leaf)
-    leaf_name = path[-1]
-    if leaf_name == 'kernel':
+    if path[-1] == 'kernel':
       value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-    name = '.'.join(path[:-1] + ['weight' if leaf_name in ('kernel', 'scale', 'embedding') else leaf_name])
-    name = f'.{name}.'
-    for old, new in RENAMES:
-      name = name.replace(new, old)
-    out[name.strip('.')] = np.ascontiguousarray(value)
+    out[_diffusers_name(path)] = np.ascontiguousarray(value)
   return out

@@ -71,12 +71,15 @@ def muse_to_diffusers_names(state: dict[str, np.ndarray], levels: int) -> dict[s
 def tokenizer_params(state: dict[str, np.ndarray], abstract_params: dict, config: TokenizerConfig,
                      source: str) -> dict:
   """Either layout -> our parameter tree (every tensor matched, every shape checked)."""
-  if any(k.startswith(('encoder.down.', 'decoder.up.')) for k in state):
+  muse_layout = any(k.startswith(('encoder.down.', 'decoder.up.')) for k in state)
+  if muse_layout:
     state = muse_to_diffusers_names(state, len(config.block_out_channels))
   try:
     return params_from_diffusers(state, abstract_params, model='VQGAN')
   except WeightImportError as e:
-    raise WeightImportError(f'{source}: {e}') from None
+    # Tensors are named as diffusers' VQModel names them; say so when the file uses open-muse's names.
+    names = " (diffusers' VQModel names; the file is in open-muse's VQGANModel layout)" if muse_layout else ''
+    raise WeightImportError(f'{source}: {e}{names}') from None
 
 
 def read_tokenizer_dir(path: str | Path) -> tuple[TokenizerConfig, dict[str, np.ndarray], str]:

@@ -54,7 +54,11 @@ def test_weight_import_names_the_bad_tensor():
   abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(TINY_UNET, nnx.Rngs(0))))[1])
   weights = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   del weights['mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight']
-  with pytest.raises(WeightImportError, match='missing'):
+  del weights['mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0.weight']
+  # Named as in the user's file (diffusers names, wrappers such as to_out.0 restored), not our tree.
+  with pytest.raises(WeightImportError, match=r'missing from the file \(2 of \d+\): '
+                     r'mid_block\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight, '
+                     r'mid_block\.attentions\.0\.transformer_blocks\.0\.attn2\.to_out\.0\.weight$'):
     params_from_diffusers(weights, abstract)
   weights['conv_in.weight'] = np.zeros((32, 3, 3, 3), np.float32)
   with pytest.raises(WeightImportError, match='conv_in.weight'):

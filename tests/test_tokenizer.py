@@ -101,8 +101,16 @@ def test_open_muse_layout_loads_the_same_parameters():
 
 def test_foreign_or_incomplete_weights_are_named():
   state = {k: v.numpy() for k, v in _diffusers_vq().state_dict().items()}
-  with pytest.raises(WeightImportError, match='test weights.*missing.*decoder'):
-    _ours({k: v for k, v in state.items() if not k.startswith('decoder.up_blocks.2')})
+  without_last_up_block = {k: v for k, v in state.items() if not k.startswith('decoder.up_blocks.2')}
+  missing = len(state) - len(without_last_up_block)
+  with pytest.raises(WeightImportError, match=rf'test weights: VQGAN weights missing from the file \({missing} of {len(state)}\): '
+                     rf'decoder\.up_blocks\.2\.resnets\.0\.conv1\.bias, .* and {missing - 5} more$'):
+    _ours(without_last_up_block)
+  muse = _to_muse_names(state, levels=3)
+  del muse['encoder.mid.block_1.norm1.weight']
+  with pytest.raises(WeightImportError, match=r"\(1 of 181\): encoder\.mid_block\.resnets\.0\.norm1\.weight "
+                     r"\(diffusers' VQModel names; the file is in open-muse's VQGANModel layout\)$"):
+    _ours(muse)
   with pytest.raises(WeightImportError, match="mid_block_add_attention=True is not supported"):
     config_from_diffusers(dict(DIFFUSERS_CONFIG, mid_block_add_attention=True), 'x')
 
