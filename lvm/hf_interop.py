@@ -32,9 +32,22 @@ def decoder_config_from_hf(hf_config: dict, where: str) -> DecoderConfig:
       'mlp_bias': bool,
       'rope_scaling': lambda v: v not in (None, {}),
   }
+  if not isinstance(hf_config, dict):
+    raise HFImportError(f'{where}: expected a JSON object, got {type(hf_config).__name__}')
+  if hf_config.get('model_type', 'llama') != 'llama':
+    raise HFImportError(f"{where}: model_type={hf_config['model_type']!r}; this decoder imports LlamaForCausalLM "
+                        "checkpoints (model_type 'llama')")
   for key, is_bad in unsupported.items():
     if key in hf_config and is_bad(hf_config[key]):
       raise HFImportError(f'{where}: {key}={hf_config[key]!r} is not supported by this decoder')
+  sizes = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+  missing = [key for key in sizes if key not in hf_config]
+  if missing:
+    raise HFImportError(f'{where}: missing {", ".join(missing)} (a LlamaForCausalLM config.json has them)')
+  for key in sizes + ('num_key_value_heads', 'head_dim', 'max_position_embeddings'):
+    value = hf_config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise HFImportError(f'{where}: {key}={value!r} is not a positive integer')
   heads = hf_config['num_attention_heads']
   head_dim = hf_config.get('head_dim') or hf_config['hidden_size'] // heads
   if head_dim * heads != hf_config['hidden_size']:
@@ -129,7 +142,11 @@ def read_hf_params(hf_dir: str | Path, param_dtype: str = 'float32') -> tuple[De
   config_path = hf_dir / 'config.json'
   if not config_path.is_file():
     raise HFImportError(f'{hf_dir}: config.json is missing')
-  config = decoder_config_from_hf(json.loads(config_path.read_text()), str(config_path))
+  try:
+    hf_config = json.loads(config_path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise HFImportError(f'{config_path}: not valid JSON ({e})') from None
+  config = decoder_config_from_hf(hf_config, str(config_path))
   get = _open_hf_tensors(hf_dir)
 
   def tensors():

@@ -34,6 +34,12 @@ def _bad_inputs(tmp):
       intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
       max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)))
   (tmp / 'hf' / 'model.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"not": "tensors"}')
+  (tmp / 'hf_partial').mkdir()
+  (tmp / 'hf_partial' / 'config.json').write_text('{"model_type": "llama", "hidden_size": 64}')
+  (tmp / 'hf_mistral').mkdir()
+  (tmp / 'hf_mistral' / 'config.json').write_text('{"model_type": "mistral", "hidden_size": 64}')
+  (tmp / 'hf_truncated').mkdir()
+  (tmp / 'hf_truncated' / 'config.json').write_text('{"model_type": "llama", "hidden_')
   (tmp / 'garbage.bin').write_bytes(b'PK\x03\x04 this is not a torch checkpoint')
   from safetensors.numpy import save_file
   save_file({'foreign.weight': np.zeros((2, 2), np.float32)}, str(tmp / 'foreign.safetensors'))
@@ -88,6 +94,13 @@ def _bad_inputs(tmp):
                                         'config.json'),
       'import-hf of corrupt safetensors': (['lvm', 'import-hf', '--hf-dir', str(tmp / 'hf'), '--workdir',
                                             str(tmp / 'w')], 'model.safetensors'),
+      'import-hf of a partial config': (['lvm', 'import-hf', '--hf-dir', str(tmp / 'hf_partial'), '--workdir',
+                                         str(tmp / 'w')], 'hf_partial/config.json: missing vocab_size, '
+                                        'intermediate_size, num_hidden_layers, num_attention_heads'),
+      'import-hf of another architecture': (['lvm', 'import-hf', '--hf-dir', str(tmp / 'hf_mistral'), '--workdir',
+                                             str(tmp / 'w')], "hf_mistral/config.json: model_type='mistral'"),
+      'import-hf of a truncated config': (['lvm', 'import-hf', '--hf-dir', str(tmp / 'hf_truncated'), '--workdir',
+                                           str(tmp / 'w')], 'hf_truncated/config.json: not valid JSON'),
       'export-hf of no workdir': (['lvm', 'export-hf', '--workdir', str(tmp / 'none'), '--out', str(tmp / 'x')],
                                   'none'),
       'import-diffusers of a corrupt file': (['attrib', 'import-diffusers', '--weights', str(tmp / 'garbage.bin'),
@@ -132,7 +145,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'newline in a workdir', 'out-of-vocab tokens', 'data tokens into a folder of shards', 'zero record length',
          'workdir is a file', 'export-hf under a file', 'data tokens under a file',
          'model config as the preset', 'preset as the model config', 'import-hf without config.json',
-         'import-hf of corrupt safetensors', 'export-hf of no workdir', 'import-diffusers of a corrupt file',
+         'import-hf of corrupt safetensors', 'import-hf of a partial config', 'import-hf of another architecture',
+         'import-hf of a truncated config', 'export-hf of no workdir', 'import-diffusers of a corrupt file',
          'import-diffusers of foreign weights', 'teacher with no queries', 'features on no workdir',
          'index with no student', 'attrib eval with no student', 'counterfactual on no workdir',
          'counterfactual of zero images', 'teacher on an LVM workdir', 'lvm eval on a diffusion workdir',
