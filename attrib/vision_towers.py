@@ -59,26 +59,46 @@ def config_from_hf(hf_dir: str | Path, kind: str) -> TowerConfig:
   path = Path(hf_dir) / 'config.json'
   if not path.is_file():
     raise TowerWeightError(f'{path} not found (a Hugging Face checkpoint directory has config.json)')
-  c = json.loads(path.read_text())
+  try:
+    c = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise TowerWeightError(f'{path}: not valid JSON ({e})') from None
+  if not isinstance(c, dict):
+    raise TowerWeightError(f'{path}: expected a JSON object, got {type(c).__name__}')
   wanted = {'dino': 'vit', 'clip_vision': 'clip', 'clip_text': 'clip'}[kind]
   if c.get('model_type') != wanted:
     raise TowerWeightError(f"{path}: model_type {c.get('model_type')!r}, a {kind} tower needs a {wanted!r} "
                            f"checkpoint (facebook/dino-vitb16 or openai/clip-vit-base-patch32)")
+  # A key the file leaves out takes transformers' default, as transformers itself would load it.
   if kind == 'dino':
+    c = {**dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072), **c}
+    _check_sizes(c, path, ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
+                           'image_size', 'patch_size'))
     return TowerConfig('dino', c['hidden_size'], c['num_hidden_layers'], c['num_attention_heads'],
                        c['intermediate_size'], c.get('layer_norm_eps', 1e-12), c.get('hidden_act', 'gelu'),
                        c.get('image_size', 224), c.get('patch_size', 16))
-  sub = c['vision_config' if kind == 'clip_vision' else 'text_config']
+  sub_key = 'vision_config' if kind == 'clip_vision' else 'text_config'
+  sub = c.get(sub_key) or {}
+  if not isinstance(sub, dict):
+    raise TowerWeightError(f'{path}: {sub_key} should be a JSON object, got {sub!r}')
   defaults = {'clip_vision': dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                                   image_size=224, patch_size=32),
               'clip_text': dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048,
                                 vocab_size=49408, max_position_embeddings=77)}[kind]
   sub = {**defaults, **sub}
+  _check_sizes(sub, f'{path} ({sub_key})', tuple(defaults))
   return TowerConfig(kind, sub['hidden_size'], sub['num_hidden_layers'], sub['num_attention_heads'],
                      sub['intermediate_size'], sub.get('layer_norm_eps', 1e-5), sub.get('hidden_act', 'quick_gelu'),
                      sub.get('image_size', 224), sub.get('patch_size', 32), sub.get('vocab_size', 49408),
                      sub.get('max_position_embeddings', 77), c.get('projection_dim', 512),
                      sub.get('eos_token_id') or 49407)  # transformers' CLIPTextConfig default
+
+
+def _check_sizes(config: dict, where, keys: tuple[str, ...]) -> None:
+  for key in keys:
+    value = config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise TowerWeightError(f'{where}: {key}={value!r} is not a positive integer')
 
 
 def _act(name: str):

@@ -81,6 +81,13 @@ def test_wrong_checkpoint_is_named(clip_dir):
   (path / 'config.json').write_text(json.dumps(config))
   with pytest.raises(TowerWeightError, match=r'text_model.encoder.layers.0.mlp.fc1.weight has shape \(96, 48\)'):
     load_tower(path, 'clip_text')
+  config['text_config']['num_attention_heads'] = '4'
+  (path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(TowerWeightError, match=r"config.json \(text_config\): num_attention_heads='4' is not a positive"):
+    load_tower(path, 'clip_text')
+  (path / 'config.json').write_text(json.dumps(config)[:40])
+  with pytest.raises(TowerWeightError, match=r'config.json: not valid JSON'):
+    load_tower(path, 'clip_vision')
 
 
 def test_dino_preprocessing_matches_the_transformers_processor():
