@@ -162,17 +162,18 @@ class Attributor:
 
   def _rgb(self, image):  # -> PIL.Image.Image
     """One query image for the full-scale towers (they resize and crop it themselves): a path, a PIL
-    image, or uint8 [H, W, 3] / [H, W]."""
+    image, or uint8 [H, W, 3] / [H, W, 4] / [H, W] (RGBA as a PNG file of it: the paper's .convert('RGB'))."""
     from PIL import Image
     if isinstance(image, (str, Path)):
       return self._read(image)
     if isinstance(image, Image.Image):
       return image
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
-        image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
+        image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
       return Image.fromarray(image)
     what = f'array of {image.dtype} {image.shape}' if isinstance(image, np.ndarray) else type(image).__name__
-    raise AttributionError(f'image: expected a path, a PIL image or uint8 [H, W, 3], got {what}')
+    raise AttributionError(f'image: expected a path, a PIL image or uint8 [H, W, 3] (or [H, W, 4], [H, W]), '
+                           f'got {what}')
 
   def _image(self, image) -> np.ndarray:
     """One query image -> [16, 16, 1] float32 in [-1, 1] (the digits model's input)."""
@@ -225,6 +226,10 @@ class Attributor:
   # ------------------------------------------------------------------ search
   def attribute(self, image=None, prompt: str | None = None, k: int = 10, features=None) -> Attribution:
     batch = None if features is None else np.atleast_2d(np.asarray(features))
+    if batch is not None and batch.ndim == 2 and len(batch) != 1:
+      # Answering the first row alone would drop the others without a word.
+      raise AttributionError(f'attribute takes one query; features of shape {batch.shape} hold {len(batch)}: '
+                             'use attribute_batch')
     return self.attribute_batch(None if image is None else [image], None if prompt is None else [prompt], k,
                                 features=batch)[0]
 

@@ -126,6 +126,10 @@ def test_attributor_is_thread_safe_and_rejects_bad_queries(release, tmp_path):
   bad[1, 4] = np.nan
   with pytest.raises(AttributionError, match=r'rows \[1\] hold NaN'):
     attributor.attribute_batch(features=bad, k=5)
+  with pytest.raises(AttributionError, match=r'attribute takes one query; features of shape \(3, 24\) hold 3: '
+                                             'use attribute_batch'):
+    attributor.attribute(features=test_q[:3])
+  assert attributor.attribute(features=test_q[:1], k=5).ids.tolist() == serial[0].ids.tolist()
   with pytest.raises(AttributionError, match='not both'):
     attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x', features=test_q[0])
 

@@ -261,7 +261,16 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
       np.testing.assert_allclose(from_image.scores, from_features.scores, atol=1e-5)
     assert from_image.captions == [f'photo number {i}' for i in from_image.ids]
     assert from_image.paths == [str(tmp_path / f'photo{i}.png') for i in from_image.ids]
-  with pytest.raises(AttributionError, match=r'uint8 \[H, W, 3\], got array of float32 \(8, 8, 3\)'):
+    # uint8 RGBA pixels read as their PNG file does (the towers' .convert('RGB')).
+    pixels = np.asarray(Image.open(tmp_path / image))
+    rgba = np.dstack([pixels, np.full(pixels.shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba, 'RGBA').save(tmp_path / 'rgba.png')
+    from_rgba_file = attributor.attribute(image=str(tmp_path / 'rgba.png'), prompt=prompt, k=5)
+    from_rgba = attributor.attribute(image=rgba, prompt=prompt, k=5)
+    np.testing.assert_array_equal(from_rgba.ids, from_rgba_file.ids)
+    np.testing.assert_array_equal(from_rgba.scores, from_rgba_file.scores)
+  with pytest.raises(AttributionError, match=r'uint8 \[H, W, 3\] \(or \[H, W, 4\], \[H, W\]\), got array of float32 '
+                                             r'\(8, 8, 3\)'):
     attributor.attribute(image=np.zeros((8, 8, 3), np.float32), prompt='x')
   with pytest.raises(AttributionError, match='nowhere.png: not a readable image'):
     attributor.attribute(image=str(tmp_path / 'nowhere.png'), prompt='x')
