@@ -5,6 +5,7 @@ and caption) and WORKDIR/query_result.json.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,11 @@ def draw_attribution(query_hw: np.ndarray, prompt: str, train_images: np.ndarray
   save_png_atomic(path, np.asarray(canvas))
 
 
-def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, path: Path, side: int = 112) -> None:
+def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, path: Path,
+                           side: int = 112) -> list[str]:
   """Full scale: the query photo, then its top-k training photos (centre squares), each with its score
-  and the start of its caption."""
+  and the start of its caption. Returns the training image files that could not be read: each is drawn
+  as a grey tile saying so (the answer stands; a moved or deleted file should not lose it)."""
   from PIL import Image, ImageDraw
 
   def tile(image):
@@ -56,15 +59,22 @@ def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, p
   canvas.paste(tile(query), (4, 16))
   draw.text((4, 2), 'query', fill=(0, 0, 0))
   draw.text((4, 16 + side + 2), prompt[:18], fill=(0, 0, 0))
+  unreadable = []
   for n, (i, s) in enumerate(zip(result.ids, result.scores)):
     x = 16 + cell * (n + 1)
-    with as_path(train_paths[int(i)]).open('rb') as f:
-      canvas.paste(tile(Image.open(f)), (x, 16))
+    try:
+      with as_path(train_paths[int(i)]).open('rb') as f:
+        canvas.paste(tile(Image.open(f)), (x, 16))
+    except (OSError, ValueError, Image.DecompressionBombError):
+      unreadable.append(train_paths[int(i)])
+      draw.rectangle((x, 16, x + side - 1, 16 + side - 1), fill=(200, 200, 200))
+      draw.text((x + 4, 16 + side // 2 - 6), 'unreadable file', fill=(0, 0, 0))
     draw.text((x, 2), f'#{n + 1} id {int(i)}', fill=(0, 0, 0))
     draw.text((x, 16 + side + 2), f'{s:.3f}', fill=(0, 0, 0))
     if result.captions:
       draw.text((x, 16 + side + 16), result.captions[n][:18], fill=(0, 0, 0))
   save_png_atomic(path, np.asarray(canvas))
+  return unreadable
 
 
 def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None, dino: str | None = None,
@@ -73,13 +83,17 @@ def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None
   attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
   out_path = prepare_output_file(out if out else as_path(workdir) / 'query.png')
   result = attributor.attribute(image=image, prompt=prompt, k=k)
+  unreadable = []
   if attributor.train_images is not None and (dino or clip):
-    draw_photo_attribution(attributor._rgb(image), prompt, attributor.train_images, result, out_path)
+    unreadable = draw_photo_attribution(attributor._rgb(image), prompt, attributor.train_images, result, out_path)
+    for file in unreadable:
+      print(f'warning: {file}: training image not readable; drawn as a grey tile in {out_path}', file=sys.stderr)
   elif attributor.train_images is not None:
     draw_attribution(attributor._image(image)[..., 0], prompt, attributor.train_images, result, out_path)
   summary = {'job': 'attrib query', 'image': str(image), 'prompt': prompt, 'k': k,
              'ids': result.ids.tolist(), 'scores': result.scores.tolist(), 'captions': result.captions,
              'paths': result.paths,
-             'grid': str(out_path) if attributor.train_images is not None else None, 'versions': versions()}
+             'grid': str(out_path) if attributor.train_images is not None else None,
+             'unreadable_train_images': unreadable, 'versions': versions()}
   write_json_atomic(as_path(workdir) / 'query_result.json', summary)
   return summary

@@ -1,6 +1,7 @@
 """DINO ViT-B/16 and CLIP ViT-B/32 towers (scaled down, random weights) against transformers on
 torch CPU, through the Hugging Face checkpoint import; preprocessing and CLIP tokenisation too."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +294,16 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
   assert result['paths'] == [str(tmp_path / f'photo{i}.png') for i in result['ids']]
   grid = Image.open(tmp_path / 'grid.png')
   assert grid.mode == 'RGB' and grid.size[0] > 5 * 112
+  assert result['unreadable_train_images'] == []
+  # A training file moved away since: the answer stands, its tile says so, the file is named.
+  gone = result['paths'][1]
+  Path(gone).unlink()
+  capsys.readouterr()
+  assert launch_main(['attrib', 'query', '--workdir', str(student), '--image', str(tmp_path / 'photo3.png'),
+                      '--prompt', 'a temple', '-k', '4', '--out', str(tmp_path / 'grid2.png'),
+                      '--dino', str(tmp_path / 'dino'), '--clip', str(clip_path),
+                      '--train-list', str(tmp_path / 'train.tsv')]) == 0
+  assert f'warning: {gone}: training image not readable' in capsys.readouterr().err
+  again = json.loads((student / 'query_result.json').read_text())
+  assert again['ids'] == result['ids'] and again['unreadable_train_images'] == [gone]
+  assert Image.open(tmp_path / 'grid2.png').size == grid.size
