@@ -110,6 +110,13 @@ def load_features(directory: str | Path, which: str, mmap: bool = True) -> np.nd
     raise StudentDataError(f'{path}: not a readable .npy ({e})') from None
   if array.ndim != 2 or array.dtype.kind != 'f':
     raise StudentDataError(f'{path}: expected float features [rows, dim], got {array.dtype} {array.shape}')
+  # A NaN row would train a NaN embedder and index NaN rows without any other sign; checked in
+  # chunks so a memory-mapped file is never read whole (~1 s per GB).
+  for start in range(0, len(array), 1 << 16):
+    finite = np.isfinite(array[start:start + (1 << 16)]).all(axis=1)
+    if not finite.all():
+      rows = start + np.flatnonzero(~finite)
+      raise StudentDataError(f'{path}: rows {rows[:5].tolist()} hold NaN or infinity')
   return array
 
 

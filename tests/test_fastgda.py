@@ -2,6 +2,7 @@
 distill with the core loop, search with ScaNN, rank the teacher's way, evaluate by mAP."""
 import json
 import pickle
+import shutil
 import threading
 
 import numpy as np
@@ -260,6 +261,15 @@ def test_bad_student_inputs_are_named_before_work(release, tmp_path, capsys):
   code = launch_main(['attrib', 'distill', '--config', str(release / 'config.py'), '--workdir', str(tmp_path / 'w'),
                       '--features', str(bad), '--ranks', str(release / 'influence_train.pkl')])
   assert code == 2 and 'data_feats.npy' in capsys.readouterr().err
+  nan = tmp_path / 'nan'
+  shutil.copytree(release / 'feats' / 'toy', nan)
+  feats = np.load(nan / 'data_feats.npy')
+  feats[[7, 70001 % len(feats)], 3] = [np.nan, np.inf]
+  np.save(nan / 'data_feats.npy', feats)
+  code = launch_main(['attrib', 'distill', '--config', str(release / 'config.py'), '--workdir', str(tmp_path / 'w'),
+                      '--features', str(nan), '--ranks', str(release / 'influence_train.pkl')])
+  assert code == 2 and f'data_feats.npy: rows {sorted({7, 70001 % len(feats)})} hold NaN or infinity' in \
+      capsys.readouterr().err
   assert not (tmp_path / 'w').exists()
 
 
@@ -345,3 +355,14 @@ def test_image_prior_learns_a_per_image_term_the_cosine_cannot_hold(tmp_path):
     np.testing.assert_allclose(np.stack([a.cosine for a in answers]), np.take_along_axis(cosine, expected, axis=1),
                                atol=1e-5)
     assert all(np.all(np.diff(a.scores) >= -1e-6) for a in answers)
+
+
+def test_non_finite_features_are_found_past_the_first_chunk(tmp_path):
+  from attrib.student_data import load_features
+  feats = np.zeros((70_000, 2), np.float32)  # checked 65,536 rows at a time
+  np.save(tmp_path / 'data_feats.npy', feats)
+  assert load_features(tmp_path, 'train').shape == (70_000, 2)
+  feats[[69_998, 69_999], 1] = [np.nan, -np.inf]
+  np.save(tmp_path / 'data_feats.npy', feats)
+  with pytest.raises(StudentDataError, match=r'data_feats.npy: rows \[69998, 69999\] hold NaN'):
+    load_features(tmp_path, 'train')
