@@ -15,6 +15,12 @@ class ConfigError(UserError):
   """A config field, preset or command-line value that is out of range or inconsistent."""
 
 
+class TrainingDiverged(UserError):
+  """The loss or the gradient norm became NaN or infinite: usually a learning rate too high for the
+  model or data (or non-finite inputs). The loop stops before saving the non-finite state, so every
+  checkpoint on disk is finite."""
+
+
 class Stopped(Exception):
   """A job of several stages stopped at a saved state before its end: one of its trainings got
   SIGTERM (a preemption, `tpu stop`, a user's kill) and saved a checkpoint. Its later stages did not

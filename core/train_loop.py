@@ -7,7 +7,7 @@ checkpoint, data iterator included; SIGTERM saves a checkpoint and returns clean
 from __future__ import annotations
 
 from core.paths import as_path
-from core.errors import ConfigError
+from core.errors import ConfigError, TrainingDiverged
 
 import collections
 import contextvars
@@ -339,6 +339,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   flops_per_step = task.flops_per_example() * examples_per_step
   peak_flops = mesh_peak_flops(preset, mesh)
   step = start_step
+  last_finite_step = start_step
   last_metrics: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   preempted = False
@@ -353,8 +354,11 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
         step += 1
         window_steps += 1
         logger.advance()
+        saving = step % train_config.checkpoint_every == 0 or step == train_config.steps
         if step % train_config.log_every == 0 or step == train_config.steps:
           metrics = jax.device_get(metrics)  # the only host sync of a logging window
+          _stop_if_not_finite(metrics, step, last_finite_step, manager, workdir)
+          last_finite_step = step
           elapsed = time.perf_counter() - window_start
           step_time = elapsed / window_steps
           last_metrics = {k: float(v) for k, v in metrics.items()}
@@ -365,7 +369,10 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
           window_start, window_steps = time.perf_counter(), 0
         if preemption.agreed(step, train_config.preemption_check_every):
           preempted = True
-        if preempted or step % train_config.checkpoint_every == 0 or step == train_config.steps:
+        if preempted or saving:
+          # Never save a non-finite state: finite loss and gradient at this step mean finite updates.
+          _stop_if_not_finite(jax.device_get(metrics), step, last_finite_step, manager, workdir)
+          last_finite_step = step
           checkpoint.save(manager, step, params=params, opt_state=opt_state,
                           data_iterator=data_iterator, meta=meta, force=True)
         if preempted:
@@ -383,6 +390,21 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
           'num_devices': int(mesh.devices.size), 'mesh': dict(mesh.shape),
           'params': int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params))),
           'trained_params': params}
+
+
+def _stop_if_not_finite(metrics: dict, step: int, last_finite_step: int, manager, workdir) -> None:
+  """Raises TrainingDiverged when this step's loss or gradient norm is NaN or infinite."""
+  bad = {name: float(metrics[name]) for name in ('loss', 'grad_norm')
+         if name in metrics and not np.isfinite(metrics[name])}
+  if not bad:
+    return
+  manager.wait_until_finished()  # a save in flight is finished (it holds an earlier, finite step)
+  saved = manager.latest_step()
+  kept = f'the last checkpoint, step {saved}, is kept' if saved is not None else 'no checkpoint was saved'
+  values = ', '.join(f'{name} {value}' for name, value in bad.items())
+  raise TrainingDiverged(f'training diverged: {values} at step {step} (finite at step {last_finite_step}); '
+                         f'{kept} in {workdir}. Lower optim.lr, lengthen optim.warmup_steps or set '
+                         'optim.clip_norm, and check the data for NaN or infinity')
 
 
 def restore_latest_params(task: Task, workdir: str | Path, preset: SliceConfig):

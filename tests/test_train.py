@@ -397,3 +397,17 @@ def test_an_unhashable_task_config_trains_without_program_reuse():
 
   assert _program_key(NextTokenTask(model, 16), mesh, preset.logical_rules, OptimConfig(), 0, {}) is not None
   assert _program_key(ListConfigTask(model, 16), mesh, preset.logical_rules, OptimConfig(), 0, {}) is None
+
+
+def test_diverged_training_stops_before_saving_a_non_finite_state(tmp_path):
+  from core.errors import TrainingDiverged
+  _train(tmp_path, CPU1, 4, ['train.checkpoint_every=4'])
+  finite = _params(tmp_path)
+  # Resumed with a learning rate that blows up within two updates (the gradient norm turns NaN at
+  # step 6): stopped there, checkpoint 4 untouched, nothing non-finite saved over it.
+  with pytest.raises(TrainingDiverged, match=r'training diverged: .*nan at step 6 \(finite at step 4\); the last '
+                                             r'checkpoint, step 4, is kept in .*optim\.lr'):
+    _train(tmp_path, CPU1, 12, ['train.checkpoint_every=4', 'optim.lr=1e9', 'optim.warmup_steps=0',
+                                'train.log_every=3'])
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['4']
+  jax.tree.map(np.testing.assert_array_equal, _params(tmp_path), finite)
