@@ -54,6 +54,9 @@ def test_quickstart_end_to_end(tmp_path, capsys):
   assert list((tmp_path / 'lvm' / 'tensorboard').glob('events.out.tfevents.*'))
   said = capsys.readouterr()
   assert 'note: ' not in said.out + said.err  # its sentence counts are chosen for its time budget
+  # It ends on its summary, not on a page of JSON (that is in the file it names).
+  assert said.out.rstrip().endswith(f'quickstart: every number above, and more, in {tmp_path / "quickstart_result.json"}')
+  assert '"job"' not in said.out
 
 
 def test_sigterm_stops_the_quickstart_after_the_stage_it_interrupts(tmp_path):
