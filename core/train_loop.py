@@ -356,7 +356,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
         logger.advance()
         saving = step % train_config.checkpoint_every == 0 or step == train_config.steps
         if step % train_config.log_every == 0 or step == train_config.steps:
-          metrics = jax.device_get(metrics)  # the only host sync of a logging window
+          metrics = jax.device_get(metrics)  # the host sync of a logging window (a save syncs too)
           _stop_if_not_finite(metrics, step, last_finite_step, manager, workdir)
           last_finite_step = step
           elapsed = time.perf_counter() - window_start
