@@ -17,6 +17,7 @@ quickstart's running order of the two halves (the attribution half's steps are i
   python launch.py attrib features --workdir DIR [--feature pixels+text] [--dino D --clip C --train-list TSV ...]
   python launch.py attrib distill --workdir DIR [--features FEATS_DIR --ranks influence_train.pkl]
   python launch.py attrib index --workdir DIR [--shards S]
+  python launch.py attrib add --workdir DIR --images new.tsv | --features new.npy [--dino D --clip C --train-list TSV]
   python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]
   python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png] [--dino D --clip C]
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
@@ -431,6 +432,14 @@ def _run(argv: list[str]) -> int:
   ax.add_argument('--workdir', required=True)
   ax.add_argument('--shards', type=int, default=1)
 
+  aa = a.add_parser('add', help='add training images to a distilled student\'s index, without distilling again')
+  aa.add_argument('--workdir', required=True)
+  aa.add_argument('--images', help='TSV of image path<TAB>caption lines (relative paths: from the TSV\'s folder)')
+  aa.add_argument('--features', help='.npy of φ rows [n, d], for a student distilled on precomputed features')
+  aa.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
+  aa.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
+  aa.add_argument('--train-list', help='full scale: the training TSV the student was distilled over')
+
   ae = a.add_parser('eval', help='mAP of base features and the student against the teacher; latency')
   ae.add_argument('--workdir', required=True)
   ae.add_argument('--features', help='features directory (default: the one the student trained on)')
@@ -523,6 +532,9 @@ def _run(argv: list[str]) -> int:
     elif args.command == 'index':
       from attrib.distill import rebuild_index_command
       result = rebuild_index_command(args.workdir, args.shards)
+    elif args.command == 'add':
+      from attrib.additions import add_command
+      result = add_command(args.workdir, args.images, args.features, args.dino, args.clip, args.train_list)
     elif args.command == 'eval':
       from attrib.evaluation import eval_command
       result = eval_command(args.workdir, args.features, args.ranks)

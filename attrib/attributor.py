@@ -10,8 +10,11 @@ search over the embedded training set (each row with its per-image term c(z) as 
 when the student has one), or, with `rerank_candidates` M in the student's config, a
 ScaNN search over φ for its top M, which the student then orders. Scores are the student's
 predicted rank fraction sigmoid(a·cos + b [+ c(z)]) ∈ (0, 1): 0 = the teacher's most influential image, 1 =
-its least (ascending within the M when reranking; past them φ's order rules). Thread-safe:
-the jitted functions, the ScaNN searcher and the tokenizer are only read after `load`.
+its least (ascending within the M when reranking; past them φ's order rules).
+
+New training images join with `add_training_images` (and `save_additions` to keep them; see
+attrib/additions.py). Thread-safe: queries share a readers-writer lock's read side, an addition
+takes its write side, so a query never sees half an addition.
 """
 from __future__ import annotations
 
@@ -24,11 +27,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from attrib.embedder import cosine_from_dots, index_queries, unit_rows
+from attrib.additions import Additions, empty_additions, new_training_images
+from attrib.embedder import cosine_from_dots, index_queries, index_rows, unit_rows
 from attrib.index import IndexFileError, load_any
 from attrib.tower_features import TowerFeaturizer
 from core.errors import UserError
 from core.paths import as_path, is_remote
+from core.readers_writer import ReadersWriterLock
 from core.workdir import load_npy
 from data_pipelines.image_sources import as_rgb
 
@@ -89,6 +94,11 @@ class Attributor:
     self.input_dim = int(params['layers'][0]['kernel'].shape[0])
     output_dim = int(params['layers'][len(params['layers']) - 1]['kernel'].shape[1])
     row_dim = output_dim + (prior is not None)  # with a per-image term, −c(z) is one more coordinate
+    self._prior_of = jax.jit(lambda x: model.embed_and_prior(x)[1])  # c(z) of new training images
+    self._lock = ReadersWriterLock()
+    self.distilled_rows = len(index)  # the training set's N; `load` sets it and the additions after it
+    self.additions: Additions = empty_additions(self.input_dim, isinstance(images, np.ndarray), isinstance(images, list))
+    self._unsaved_embeddings = np.zeros((0, output_dim), np.float32)
     if index.dim != row_dim:
       raise IndexFileError(f'{workdir}/student/index holds {index.dim}-d rows but this student needs '
                            f'{row_dim}-d: the index was built for another model; rebuild it')
@@ -112,41 +122,59 @@ class Attributor:
     """`dino` / `clip`: the Hugging Face checkpoints that a full-scale student's features came from
     (e.g. FastGDA's dino+clip_text); φ of (image, prompt) is then computed here. `train_list`: the
     training set's TSV (`image<TAB>caption`, in index order), for captions and the query grid."""
+    from attrib.additions import distilled_rows, leave_out_unfinished_add, read_additions
     from attrib.distill import load_student_run, restore_embedder, student_dir
     workdir = as_path(workdir)  # local or gs://
     run = load_student_run(workdir)
-    index = load_any(student_dir(workdir) / 'index')
+    student = student_dir(workdir)
+    index = load_any(student / 'index')
     graphdef, params, _, _, _ = restore_embedder(workdir, run)
     params = jax.tree.map(np.asarray, jax.device_get(params))
+    additions = read_additions(student)
+    n_train = distilled_rows(student, len(index))
     featurizer, captions, images = None, None, None
     if dino or clip:
       from attrib.tower_features import query_featurizer, read_image_list
       featurizer = (query_featurizer(dino, clip), run.config.feature)
       if train_list:
         images, captions = read_image_list(train_list, check_images=False)
-        if len(images) != len(index):
-          raise IndexFileError(f'{train_list} lists {len(images)} training images, the index in {workdir} holds '
-                               f'{len(index)}: another training set')
+        if len(images) != n_train:
+          raise IndexFileError(f'{train_list} lists {len(images)} training images, the student in {workdir} was '
+                               f'distilled over {n_train}: another training set')
     elif (workdir / 'config.json').is_file() and (workdir / 'features').is_dir():
       # A student of the built-in digits model in this workdir: φ is computed here from image + prompt.
       from attrib.features import DigitFeaturizer, digit_feature_sets
       featurizer = (DigitFeaturizer(workdir), run.config.feature)
       images, captions = digit_feature_sets(workdir)['train']
-    rerank = None
+    if additions is None:
+      additions = empty_additions(int(params['layers'][0]['kernel'].shape[0]), isinstance(images, np.ndarray),
+                                  isinstance(images, list))
+    if captions is not None:
+      captions = captions + additions.captions
+    if isinstance(images, np.ndarray) and additions.images is not None:
+      images = np.concatenate([images, additions.images])
+    elif isinstance(images, list) and additions.paths is not None:
+      images = images + additions.paths
+    base_index, embeddings = None, None
     if run.config.rerank_candidates:
       from attrib.distill import BASE_INDEX
-      embeddings_path = student_dir(workdir) / 'embeddings.npy'
+      embeddings_path = student / 'embeddings.npy'
       if not embeddings_path.is_file():
         raise IndexFileError(f'{embeddings_path} not found: rerun `launch.py attrib distill --workdir {workdir}`')
-      rerank = (load_any(student_dir(workdir) / BASE_INDEX), load_npy(embeddings_path), run.config.rerank_candidates)
+      base_index, embeddings = load_any(student / BASE_INDEX), load_npy(embeddings_path)
     prior = None
     if run.config.embedder.image_prior:
       from attrib.distill import IMAGE_PRIOR
-      prior_path = student_dir(workdir) / IMAGE_PRIOR
+      prior_path = student / IMAGE_PRIOR
       if not prior_path.is_file():
         raise IndexFileError(f'{prior_path} not found: rerun `launch.py attrib distill --workdir {workdir}`')
       prior = np.asarray(load_npy(prior_path), np.float32)
-    return cls(workdir, graphdef, params, index, featurizer, captions, images, rerank, prior)
+    embeddings, prior = leave_out_unfinished_add(student, n_train, len(additions), index, base_index, embeddings,
+                                                 prior)
+    rerank = None if base_index is None else (base_index, embeddings, run.config.rerank_candidates)
+    attributor = cls(workdir, graphdef, params, index, featurizer, captions, images, rerank, prior)
+    attributor.distilled_rows, attributor.additions = n_train, additions
+    return attributor
 
   # ------------------------------------------------------------------ inputs
   @staticmethod
@@ -252,6 +280,10 @@ class Attributor:
     if not len(features):
       return []  # an empty batch, as map over no queries
     query = np.asarray(self._embed(features))
+    with self._lock.reading():  # an addition changes the indexes, embeddings and prior together
+      return self._search(query, features, k)
+
+  def _search(self, query: np.ndarray, features: np.ndarray, k: int) -> list[Attribution]:
     if self.rerank is None:
       ids, dots = self.index.search(index_queries(query, self.scale, self.prior is not None), k)
       cosine = cosine_from_dots(dots, self.scale, None if self.prior is None else self.prior[ids])
@@ -270,6 +302,58 @@ class Attributor:
                         captions=None if self.captions is None else [self.captions[j] for j in i],
                         paths=None if files is None else [files[j] for j in i])
             for i, s, c in zip(ids, scores, cosine)]
+
+  # ------------------------------------------------------------------ new training images
+  def add_training_images(self, images=None, captions=None, features=None) -> np.ndarray:
+    """New training images (and their captions), searchable at once; returns their training ids
+    (after the training set's and earlier additions'). A student that computes φ itself takes images
+    and captions, as `attribute` does (full scale: image files, which grids and results name); one
+    distilled on precomputed features takes their φ rows (`features`). In memory until `save_additions`."""
+    new = new_training_images(self, images, captions, features)
+    embedded = np.asarray(self._embed(new.features), np.float32)
+    prior = None if self.prior is None else np.asarray(self._prior_of(new.features), np.float32)
+    with self._lock.writing():
+      start = self.distilled_rows + len(self.additions)
+      ids = np.arange(start, start + len(new), dtype=np.int64)
+      self.index.upsert(index_rows(embedded, prior), ids)
+      if self.rerank is not None:
+        base_index, embeddings, m = self.rerank
+        base_index.upsert(np.asarray(unit_rows(new.features)), ids)
+        self.rerank = (base_index, np.concatenate([embeddings, embedded]), m)
+      if prior is not None:
+        self.prior = np.concatenate([self.prior, prior])
+      if self.captions is not None:
+        self.captions = self.captions + new.captions
+      if isinstance(self.train_images, np.ndarray):
+        self.train_images = np.concatenate([self.train_images, new.images])
+      elif isinstance(self.train_images, list):
+        self.train_images = self.train_images + new.paths
+      self.additions = self.additions.extended(new)
+      self._unsaved_embeddings = np.concatenate([self._unsaved_embeddings, embedded])
+    return ids
+
+  def save_additions(self) -> None:
+    """The added training images written into the student's files (additions.py says in what order,
+    and why a save cut short loses no earlier addition)."""
+    from attrib.additions import write_additions
+    from attrib.distill import BASE_INDEX, IMAGE_PRIOR, replace_index, student_dir
+    from core.workdir import save_npy_atomic
+    student = student_dir(self.workdir)
+    with self._lock.writing():
+      total = self.distilled_rows + len(self.additions)
+      if self.rerank is not None:
+        embeddings = self.rerank[1]
+      else:
+        saved = load_npy(student / 'embeddings.npy', mmap=True)[:total - len(self._unsaved_embeddings)]
+        embeddings = np.concatenate([saved, self._unsaved_embeddings])
+      save_npy_atomic(student / 'embeddings.npy', embeddings)
+      if self.prior is not None:
+        save_npy_atomic(student / IMAGE_PRIOR, self.prior)
+      replace_index(self.index, student / 'index')
+      if self.rerank is not None:
+        replace_index(self.rerank[0], student / BASE_INDEX)
+      write_additions(student, self.additions)  # last: what makes the additions count on the next load
+      self._unsaved_embeddings = self._unsaved_embeddings[:0]
 
   def measure_latency(self, features: np.ndarray, count: int = 50, images=None, prompts=None) -> dict:
     """p50 / p95 / mean ms of single-query attribute() (from image + prompt when given), after warm-up."""

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from attrib.additions import distilled_rows, read_additions
 from attrib.embedder import DistillTask, index_queries, index_rows, unit_rows
 from attrib.fastgda_config import FastGDAConfig
 from attrib.index import Index, probe_vectors
@@ -206,6 +207,11 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
   graphdef, params, mesh, preset, step = restore_embedder(workdir, run)
   scale = float(params['scale'])
   train_feats = load_features(run.features, 'train')
+  val_loss = pair_losses(graphdef, params, val_query_feats, train_feats, val_ranks) if len(val_ranks) else None
+  additions = read_additions(student_dir(workdir))
+  if additions is not None and len(additions):  # training images added since (attrib add) keep their ids
+    progress.say(f'distill: with the {len(additions)} training images added to this student')
+    train_feats = np.concatenate([np.asarray(train_feats, np.float32), additions.features])
   progress.say(f'distill: embedding {len(train_feats)} training images')
   embeddings = embed(graphdef, params, train_feats, mesh, preset.logical_rules)
   out = student_dir(workdir)
@@ -226,7 +232,6 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
     indexes['base_index'] = Index.build(np.asarray(unit_rows(np.asarray(train_feats, np.float32))), None,
                                         run.config.index)
     indexes['base_index'].save(out / BASE_INDEX)
-  val_loss = pair_losses(graphdef, params, val_query_feats, train_feats, val_ranks) if len(val_ranks) else None
 
   def summary(built):
     k = built.meta['k']
@@ -247,7 +252,10 @@ def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
     raise ConfigError(f'{path} not found: the distill run in {workdir} has not finished')
   if shards < 1:
     raise ConfigError(f'--shards must be >= 1, got {shards}')
-  embeddings = load_npy(path)
+  additions = read_additions(student_dir(workdir))
+  # Rows past the distilled and added images are from an addition whose save did not finish.
+  rows_that_count = distilled_rows(student_dir(workdir), len(load_npy(path, mmap=True))) + len(additions or ())
+  embeddings = load_npy(path)[:rows_that_count]
   if shards > len(embeddings):
     raise ConfigError(f'--shards {shards}: more shards than the {len(embeddings)} training rows in {path}')
   prior, probes = None, None
@@ -255,7 +263,7 @@ def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
     prior_path = student_dir(workdir) / IMAGE_PRIOR
     if not prior_path.is_file():
       raise ConfigError(f'{prior_path} not found: the distill run in {workdir} has not finished')
-    prior = load_npy(prior_path)
+    prior = load_npy(prior_path)[:rows_that_count]
     _, params, _, _, _ = restore_embedder(workdir, run)  # the learned a shapes the queries
     probes = student_probes(embeddings, float(params['scale']), prior, run.config.index)
   rows = index_rows(embeddings, prior)

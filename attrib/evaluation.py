@@ -103,8 +103,9 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
 
   graphdef, params, mesh, preset, _ = restore_embedder(workdir, run)
   query_emb = embed(graphdef, params, test_feats, mesh, preset.logical_rules)
-  train_emb = load_npy(workdir / 'student' / 'embeddings.npy')
-  prior = load_npy(workdir / 'student' / IMAGE_PRIOR)[None, :] if config.embedder.image_prior else None
+  # The training set the teacher ranked: rows past it are images added since (attrib add).
+  train_emb = load_npy(workdir / 'student' / 'embeddings.npy')[:len(train_feats)]
+  prior = load_npy(workdir / 'student' / IMAGE_PRIOR)[None, :len(train_feats)] if config.embedder.image_prior else None
   key = student_key(float(params['scale']), query_emb @ train_emb.T, prior)  # most influential = lowest logit
   student = np.argsort(-key, axis=1, kind='stable')
   if config.rerank_candidates:  # what the Attributor answers: φ's top M, ordered by the student

@@ -200,6 +200,29 @@ class Index:
     self.meta['rows'] = len(self.ids)
     self.meta['upserted'] = int(self.meta.get('upserted', 0)) + sum(r is None for r in rows)
 
+  def delete(self, ids: np.ndarray) -> None:
+    """Removes rows by training id (a takedown, or the rows of an `attrib add` that did not finish).
+    ScaNN moves the last row into each freed slot, one id after another; the row -> id map follows."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    _check_unique(ids, 'delete')
+    position = {int(i): row for row, i in enumerate(self.ids)}
+    missing = [int(i) for i in ids if int(i) not in position]
+    if missing:
+      raise IndexInputError(f'delete: ids not in the index: {missing[:5]}')
+    if len(ids) >= len(self.ids):
+      raise IndexInputError(f'delete of all {len(self.ids)} rows: an index keeps at least one (build a new one)')
+    kept, rows = [int(i) for i in self.ids], []
+    for i in ids:
+      row, last = position.pop(int(i)), len(kept) - 1
+      if row != last:
+        kept[row] = kept[last]
+        position[kept[row]] = row
+      kept.pop()
+      rows.append(row)
+    self.searcher.searcher.delete(rows)
+    self.ids = np.asarray(kept, np.int64)
+    self.meta['rows'] = len(self.ids)
+
   def save(self, directory) -> None:
     """Written beside the target and renamed into place (on gs://: uploaded when complete), so a
     crash never leaves half an index that loads: every file is checked against index.json on load."""
@@ -247,11 +270,11 @@ class Index:
     return cls(searcher, np.load(local / 'ids.npy', allow_pickle=False), meta)
 
 
-def _check_unique(ids: np.ndarray) -> None:
+def _check_unique(ids: np.ndarray, what: str = 'upsert') -> None:
   # Two rows under one id would both be found; which one the caller meant is unknowable.
   values, counts = np.unique(ids, return_counts=True)
   if np.any(counts > 1):
-    raise IndexInputError(f'upsert ids must be unique; repeated: {values[counts > 1][:5].tolist()}')
+    raise IndexInputError(f'{what} ids must be unique; repeated: {values[counts > 1][:5].tolist()}')
 
 
 def check_k(k, default: int) -> int:
@@ -350,6 +373,18 @@ class ShardedIndex:
     target = np.asarray(target)
     for s in np.unique(target):
       self.shards[s].upsert(vectors[target == s], ids[target == s])
+
+  def delete(self, ids: np.ndarray) -> None:
+    """Each id removed from the shard that holds it (`Index.delete`)."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    _check_unique(ids, 'delete')
+    owner = {int(i): s for s, shard in enumerate(self.shards) for i in shard.ids}
+    missing = [int(i) for i in ids if int(i) not in owner]
+    if missing:
+      raise IndexInputError(f'delete: ids not in the index: {missing[:5]}')
+    target = np.asarray([owner[int(i)] for i in ids])
+    for s in np.unique(target):
+      self.shards[s].delete(ids[target == s])
 
   def save(self, directory) -> None:
     """All shards or none, as `Index.save`: shards written over an index of another shard count

@@ -215,6 +215,103 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
     attributor.attribute(image=str(tmp_path / 'cut.png'), prompt=prompt)
 
 
+def _same_ranking(a, b):
+  """Equal up to float order: scores within 1e-5, and the same id wherever its score is apart from its
+  neighbours' (embedded in batches of another size, two nearly tied images may swap)."""
+  np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+  gaps = np.abs(np.diff(a.scores))
+  apart = np.minimum(np.append(gaps, np.inf), np.insert(gaps, 0, np.inf)) > 1e-4
+  np.testing.assert_array_equal(a.ids[apart], b.ids[apart])
+
+
+def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline, tmp_path, monkeypatch, capsys):
+  import shutil
+  from attrib import Attributor, AttributionError
+  work = tmp_path / 'w'
+  shutil.copytree(pipeline, work)
+  tests = np.load(work / 'teacher' / 'queries.npz')
+  images, prompts = list(tests['images']), [str(p) for p in tests['prompts']]
+  new = np.load(work / 'teacher_train' / 'queries.npz')  # generated images, as if the model trained on them too
+  attributor = Attributor.load(work)
+  train_images, train_captions = attributor.train_images.copy(), list(attributor.captions)
+  ids = attributor.add_training_images(images=list(new['images'][:4]) + [train_images[5]],
+                                       captions=[str(p) for p in new['prompts'][:4]] + [train_captions[5]])
+  assert ids.tolist() == [1600, 1601, 1602, 1603, 1604] and len(attributor.index) == 1605
+  # A copy of training image 5 is embedded as the training set was: same row, same c(z).
+  embeddings = attributor.rerank[1]
+  np.testing.assert_allclose(embeddings[1604], embeddings[5], atol=1e-5)
+  np.testing.assert_allclose(attributor.prior[1604], attributor.prior[5], atol=1e-5)
+  # Searchable at once: an added image queried with its prompt is among φ's top M (its own row).
+  assert 1600 in attributor.attribute(image=new['images'][0], prompt=str(new['prompts'][0]), k=96).ids
+  assert attributor.attribute(image=new['images'][0], prompt='a', k=1605).captions[-1] is not None
+  after = attributor.attribute_batch(images=images, prompts=prompts, k=20)
+  attributor.save_additions()
+  for a, b in zip(Attributor.load(work).attribute_batch(images=images, prompts=prompts, k=20), after):
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+  # The same answers as the student's files rebuilt with them: distill, rerun, finds its last
+  # checkpoint and embeds and indexes the training set and the added images from scratch.
+  # (The copy's student names the features it was distilled on: the pipeline's.)
+  assert launch_main(['attrib', 'distill', '--workdir', str(work), '--config', FASTGDA, '--set', 'distill.epochs=3',
+                      '--set', 'distill.batch=128', '--set', 'distill.val_queries=2', '--set', 'map_at=(8,16)',
+                      '--features', str(pipeline / 'features' / 'pixels+text')]) == 0
+  assert json.loads((work / 'distill_result.json').read_text())['base_index']['rows'] == 1605
+  rebuilt = Attributor.load(work)
+  for a, b in zip(rebuilt.attribute_batch(images=images, prompts=prompts, k=20), after):
+    _same_ranking(a, b)
+  # The student's own numbers are measured on the training set the teacher ranked, as before.
+  assert launch_main(['attrib', 'eval', '--workdir', str(work)]) == 0
+  assert json.loads((work / 'eval_result.json').read_text())['map'] == \
+      json.loads((pipeline / 'eval_result.json').read_text())['map']
+  # A save cut short before added_images.npz (the last file written): the next load leaves the
+  # unfinished row out, with a warning, and answers as before it; adding the image again finishes it.
+  interrupted = Attributor.load(work)
+  interrupted.add_training_images(images=[new['images'][5]], captions=[str(new['prompts'][5])])
+  def cut_short(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr('attrib.additions.write_additions', cut_short)
+  with pytest.raises(KeyboardInterrupt):
+    interrupted.save_additions()
+  monkeypatch.undo()
+  assert len(np.load(work / 'student' / 'embeddings.npy')) == 1606
+  capsys.readouterr()
+  reloaded = Attributor.load(work)
+  assert '1 rows past the 1605 training images are from an addition whose save did not finish' in capsys.readouterr().err
+  assert len(reloaded.index) == len(reloaded.rerank[0]) == len(reloaded.prior) == 1605
+  for a, b in zip(reloaded.attribute_batch(images=images, prompts=prompts, k=20), after):
+    _same_ranking(a, b)
+  assert reloaded.add_training_images(images=[new['images'][5]], captions=[str(new['prompts'][5])]).tolist() == [1605]
+  reloaded.save_additions()
+  assert len(Attributor.load(work).index) == 1606 and 'warning' not in capsys.readouterr().err
+  # The command: a TSV of PNG files; a missing file is named before anything is written.
+  from PIL import Image
+  for n in (6, 7):
+    Image.fromarray(((new['images'][n][..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / f'new{n}.png')
+  (tmp_path / 'new.tsv').write_text(f'new6.png\t{new["prompts"][6]}\nnew7.png\t{new["prompts"][7]}\n')
+  (tmp_path / 'bad.tsv').write_text('new6.png\ta\nmissing.png\tb\n')
+  saved = (work / 'student' / 'added_images.npz').read_bytes()
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--images', str(tmp_path / 'bad.tsv')]) == 2
+  assert 'missing.png not found' in capsys.readouterr().err
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--features', str(tmp_path / 'new.tsv')]) == 2
+  assert 'new.tsv: not an .npy file of φ rows' in capsys.readouterr().err
+  np.save(tmp_path / 'phi.npy', np.zeros((2, 640), np.float32))
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--features', str(tmp_path / 'phi.npy')]) == 2
+  assert 'computes φ itself' in capsys.readouterr().err
+  assert (work / 'student' / 'added_images.npz').read_bytes() == saved
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--images', str(tmp_path / 'new.tsv')]) == 0
+  added = json.loads((work / 'add_result.json').read_text())
+  assert (added['first_id'], added['last_id'], added['added_training_images'], added['index_rows']) == \
+      (1606, 1607, 8, 1608)
+  assert launch_main(['attrib', 'query', '--workdir', str(work), '--image', str(tmp_path / 'new6.png'),
+                      '--prompt', str(new['prompts'][6]), '-k', '96', '--out', str(tmp_path / 'grid.png')]) == 0
+  assert 1606 in json.loads((work / 'query_result.json').read_text())['ids']
+  # `attrib index` rebuilds over the added images too.
+  assert launch_main(['attrib', 'index', '--workdir', str(work)]) == 0
+  assert json.loads((work / 'index_result.json').read_text())['index']['rows'] == 1608
+  with pytest.raises(AttributionError, match='captions: one string per new training image'):
+    Attributor.load(work).add_training_images(images=[new['images'][8]], captions=['a', 'b'])
+
+
 def test_query_command_writes_grid_and_result(pipeline, tmp_path):
   from PIL import Image
   queries = np.load(pipeline / 'teacher' / 'queries.npz')

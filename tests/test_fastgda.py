@@ -135,6 +135,56 @@ def test_attributor_is_thread_safe_and_rejects_bad_queries(release, tmp_path):
     attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x', features=test_q[0])
 
 
+def test_training_images_added_by_features_while_queries_run(release, tmp_path, capsys):
+  """A student of precomputed features takes new training images as φ rows; queries from 8 threads
+  run while they are added (one at a time) and never see half an addition."""
+  assert _distill(release, tmp_path / 'w', CPU1, ['--set', 'distill.epochs=2']) == 0
+  from attrib import Attributor, AttributionError
+  attributor = Attributor.load(tmp_path / 'w')
+  data = np.load(release / 'feats' / 'toy' / 'data_feats.npy')
+  test_q = np.load(release / 'feats' / 'toy' / 'test_query_feats.npy')
+  copies = data[np.arange(20) * 7]  # copies of training rows 0, 7, ..., 133: ids 600..619
+  failures, stop = [], threading.Event()
+  def query(t):
+    while not stop.is_set():
+      try:
+        for answer in attributor.attribute_batch(features=test_q[t::8], k=N):
+          # Every id answered is held whole: rows, prior and scores of the same addition.
+          assert len(answer.ids) == N and answer.ids.max() < len(attributor.index) and np.all(np.isfinite(answer.scores))
+      except Exception as e:  # noqa: BLE001 (reported below, with the thread's query)
+        failures.append(repr(e))
+  threads = [threading.Thread(target=query, args=(t,)) for t in range(8)]
+  [t.start() for t in threads]
+  added = [attributor.add_training_images(features=row) for row in copies]
+  stop.set()
+  [t.join() for t in threads]
+  assert not failures, failures[:3]
+  assert np.concatenate(added).tolist() == list(range(600, 620))
+  # A copy scores as its original in every answer over all rows.
+  for answer in attributor.attribute_batch(features=test_q, k=620):
+    score = dict(zip(answer.ids.tolist(), answer.scores.tolist()))
+    for n in range(20):
+      assert abs(score[600 + n] - score[7 * n]) < 1e-5
+  attributor.save_additions()
+  assert launch_main(['attrib', 'add', '--workdir', str(tmp_path / 'w'), '--features', str(release / 'feats' / 'toy' /
+                                                                                         'data_feats.npy')]) == 0
+  assert json.loads((tmp_path / 'w' / 'add_result.json').read_text())['index_rows'] == 1220
+  reloaded = Attributor.load(tmp_path / 'w')
+  assert len(reloaded.index) == 1220 and reloaded.captions is None
+  assert len(np.load(tmp_path / 'w' / 'student' / 'embeddings.npy')) == 1220
+  with pytest.raises(AttributionError, match='precomputed features'):
+    reloaded.add_training_images(images=[np.zeros((16, 16), np.float32)], captions=['x'])
+  with pytest.raises(AttributionError, match=r'\[n >= 1, 24\]'):
+    reloaded.add_training_images(features=np.zeros((2, 23), np.float32))
+  bad = data[:2].copy()
+  bad[1, 0] = np.inf
+  with pytest.raises(AttributionError, match=r'rows \[1\] hold NaN'):
+    reloaded.add_training_images(features=bad)
+  with pytest.raises(AttributionError, match='no new training images'):
+    reloaded.add_training_images(features=np.zeros((0, 24), np.float32))
+  assert len(reloaded.index) == 1220  # nothing was added by the refused calls
+
+
 def test_sharded_training_matches_one_device(release, tmp_path):
   assert _distill(release, tmp_path / 'one', CPU1, ['--set', 'distill.epochs=2']) == 0
   assert _distill(release, tmp_path / 'eight', CPU8, ['--set', 'distill.epochs=2']) == 0

@@ -129,3 +129,26 @@ def test_bad_vectors_and_k_are_refused_before_scann(sharded):
     index.upsert(broken[3:4], np.array([10**6]))
   assert len(index) == 400  # nothing was added
   assert isinstance(IndexInputError('x'), ValueError)
+
+
+@pytest.mark.parametrize('sharded', [False, True])
+def test_delete_equals_exact_search_over_the_rows_kept(sharded, tmp_path):
+  """ScaNN moves the last row into each freed slot; the row -> id map must follow it, id after id."""
+  data = _clustered(600)
+  ids = np.arange(600) * 2 + 1
+  config = IndexConfig(kind='brute_force', recall_probes=50)
+  index = ShardedIndex.build(data, ids, 3, config) if sharded else Index.build(data, ids, config)
+  # The last row, a row freed before the last row moved, and rows of every shard.
+  gone = np.array([1199, 7, 599, 401, 1, 1001])
+  index.delete(gone)
+  kept = ~np.isin(ids, gone)
+  assert len(index) == 594
+  queries = np.concatenate([_clustered(20, seed=5), data[[3, 599, 299]]])
+  np.testing.assert_array_equal(index.search(queries, 10)[0], ids[kept][exact_top_k(data[kept], queries, 10)])
+  index.save(tmp_path / 'ix')
+  np.testing.assert_array_equal(load_any(tmp_path / 'ix').search(queries, 10)[0], index.search(queries, 10)[0])
+  with pytest.raises(IndexInputError, match=r'not in the index: \[7\]'):
+    index.delete(np.array([7]))
+  with pytest.raises(IndexInputError, match=r'delete ids must be unique; repeated: \[3\]'):
+    index.delete(np.array([3, 3]))
+  assert len(index) == 594  # nothing was removed by the refused calls

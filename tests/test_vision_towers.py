@@ -307,3 +307,19 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
   again = json.loads((student / 'query_result.json').read_text())
   assert again['ids'] == result['ids'] and again['unreadable_train_images'] == [gone]
   assert Image.open(tmp_path / 'grid2.png').size == grid.size
+  # New training photos join the index with `attrib add` (files named in the list): a copy of
+  # training photo 5 under its caption is embedded as photo 5 was, and answers carry its file.
+  import shutil
+  shutil.copy(tmp_path / 'photo5.png', tmp_path / 'new5.png')
+  shutil.copy(tmp_path / 'photo9.png', tmp_path / 'new9.png')
+  (tmp_path / 'new.tsv').write_text('new5.png\tphoto number 5\nnew9.png\ta new photo\n')
+  towers = ['--dino', str(tmp_path / 'dino'), '--clip', str(clip_path), '--train-list', str(tmp_path / 'train.tsv')]
+  assert launch_main(['attrib', 'add', '--workdir', str(student), '--images', str(tmp_path / 'new.tsv'), *towers]) == 0
+  grown = Attributor.load(student, dino=str(tmp_path / 'dino'), clip=str(clip_path), train_list=str(tmp_path / 'train.tsv'))
+  answer = grown.attribute(image=str(tmp_path / 'photo5.png'), prompt='a temple', k=14)
+  score = dict(zip(answer.ids.tolist(), answer.scores.tolist()))
+  assert sorted(score) == list(range(14)) and abs(score[12] - score[5]) < 1e-5
+  assert answer.paths[answer.ids.tolist().index(12)] == str(tmp_path / 'new5.png')
+  assert answer.captions[answer.ids.tolist().index(13)] == 'a new photo'
+  with pytest.raises(AttributionError, match='image files'):  # full scale: added images are files, to be named
+    grown.add_training_images(images=[np.zeros((20, 20, 3), np.uint8)], captions=['x'])

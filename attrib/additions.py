@@ -1,0 +1,164 @@
+"""Training images added to a distilled student's index after distillation (`Attributor.add_training_images`,
+`launch.py attrib add`): a model retrained or fine-tuned with more images needs them attributable
+without embedding the whole training set again.
+
+Every addition is kept in `student/added_images.npz`: φ rows (`features`), `captions`, and the
+digits' 16x16 arrays (`images`) or the full-scale image files (`paths`). The added images take the
+training ids after the training set's: N, N+1, … in the order added. Their embedded rows, c(z) and
+index rows are appended to the distill outputs (embeddings.npy, image_prior.npy, index, base_index),
+which are written first; added_images.npz is written last and is what makes an addition count.
+A save cut short leaves rows past N + (images in added_images.npz) in those files: `load` leaves
+them out (removed from the indexes) and says so, and the next addition writes over them. A rerun of
+`attrib distill` embeds the added images with the training set (distill.finish_student).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from core.paths import as_path
+from core.workdir import load_npz, save_npz_atomic
+
+ADDED_IMAGES = 'added_images.npz'
+
+
+@dataclasses.dataclass
+class Additions:
+  features: np.ndarray            # [n, d] φ
+  captions: list[str]
+  images: np.ndarray | None       # [n, 16, 16, 1] in [-1, 1] (the digits), or None
+  paths: list[str] | None         # image files (full scale), or None
+
+  def __len__(self) -> int:
+    return len(self.features)
+
+  def extended(self, other: 'Additions') -> 'Additions':
+    join = lambda a, b: None if a is None else (np.concatenate([a, b]) if isinstance(a, np.ndarray) else a + b)
+    return Additions(np.concatenate([self.features, other.features]), self.captions + other.captions,
+                     join(self.images, other.images), join(self.paths, other.paths))
+
+
+def empty_additions(dim: int, digits: bool, files: bool) -> Additions:
+  return Additions(np.zeros((0, dim), np.float32), [], np.zeros((0, 16, 16, 1), np.float32) if digits else None,
+                   [] if files else None)
+
+
+def read_additions(student) -> Additions | None:
+  path = as_path(student) / ADDED_IMAGES
+  if not path.is_file():
+    return None
+  stored = load_npz(path)
+  return Additions(np.asarray(stored['features'], np.float32), [str(c) for c in stored['captions']],
+                   stored['images'] if 'images' in stored else None,
+                   [str(p) for p in stored['paths']] if 'paths' in stored else None)
+
+
+def write_additions(student, additions: Additions) -> None:
+  arrays = {'features': additions.features, 'captions': np.asarray(additions.captions, dtype=str)}
+  if additions.images is not None:
+    arrays['images'] = additions.images
+  if additions.paths is not None:
+    arrays['paths'] = np.asarray(additions.paths, dtype=str)
+  save_npz_atomic(as_path(student) / ADDED_IMAGES, **arrays)
+
+
+def distilled_rows(student, fallback: int) -> int:
+  """N: the training images the student was distilled over (recorded in student/config.json), or
+  `fallback` for a student from before that was recorded (it then has no additions either)."""
+  stored = json.loads((as_path(student) / 'config.json').read_text())
+  return int(stored.get('trained_on', {}).get('train_rows', fallback))
+
+
+def new_training_images(attributor, images, captions, features) -> Additions:
+  """Checked inputs of `Attributor.add_training_images`, with their φ (computed as for a query)."""
+  from attrib.attributor import AttributionError
+  from attrib.tower_features import TowerFeaturizer
+  if attributor.featurizer is None:
+    if features is None or images is not None:
+      raise AttributionError(f'{attributor.workdir}: this student was distilled on precomputed features; add '
+                             'training images as features=φ rows (the same base feature as its training set)')
+    features = np.atleast_2d(np.asarray(features, np.float32))
+    captions = [''] * len(features) if captions is None else captions
+  elif features is not None or images is None or captions is None:
+    raise AttributionError('this student computes φ itself: add training images as images= and captions=, '
+                           'not features=')
+  if isinstance(captions, str) or len(captions) != (len(images) if features is None else len(features)):
+    raise AttributionError('captions: one string per new training image')
+  if not len(captions):
+    raise AttributionError('no new training images given')
+  if features is None:
+    tower = isinstance(attributor.featurizer[0], TowerFeaturizer)
+    if tower and not all(isinstance(i, (str, Path)) for i in images):
+      raise AttributionError('training images added to a full-scale student are image files (paths), which '
+                             'query grids and results name')
+    features = attributor.features(images, captions)
+    pixels = None if tower else np.stack([attributor._image(i) for i in images])
+    paths = [str(i) for i in images] if tower else None
+  else:
+    pixels, paths = None, None
+  if features.ndim != 2 or features.shape[1] != attributor.input_dim or not len(features):
+    raise AttributionError(f'features of shape {features.shape}: new training images need [n >= 1, {attributor.input_dim}]')
+  if not np.all(np.isfinite(features)):
+    rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    raise AttributionError(f'features rows {rows[:5].tolist()} hold NaN or infinity')
+  return Additions(np.asarray(features, np.float32), [str(c) for c in captions], pixels, paths)
+
+
+def leave_out_unfinished_add(student, n_train: int, n_added: int, index, base_index, embeddings, prior):
+  """(embeddings, prior) cut to the N + n rows that count; rows past them (from an addition whose
+  save did not finish) are removed from the loaded indexes, with a warning. Fewer rows than that:
+  the files are not of this student's training set."""
+  import sys
+  from attrib.index import IndexFileError
+  kept = n_train + n_added
+  held = {'index': index, 'base_index': base_index, 'embeddings.npy': embeddings, 'image_prior.npy': prior}
+  rows = {name: len(value) for name, value in held.items() if value is not None}
+  short = [f'{name} holds {count} rows' for name, count in rows.items() if count < kept]
+  if short:
+    raise IndexFileError(f'{student}: {", ".join(short)} for {n_train} distilled + {n_added} added training images '
+                         f'({ADDED_IMAGES}): files of another training set; rerun `launch.py attrib distill`')
+  extra = max(rows.values()) - kept
+  if extra:
+    print(f'warning: {student}: {extra} rows past the {kept} training images are from an addition whose save did '
+          'not finish; they are left out (add those images again)', file=sys.stderr)
+    for searcher in (index, base_index):
+      if searcher is not None and len(searcher) > kept:
+        ids = searcher.ids if hasattr(searcher, 'ids') else np.concatenate([s.ids for s in searcher.shards])
+        searcher.delete(ids[ids >= kept])
+  return (None if embeddings is None else embeddings[:kept]), (None if prior is None else prior[:kept])
+
+
+def add_command(workdir: str, images_list: str | None, features_path: str | None, dino: str | None = None,
+                clip: str | None = None, train_list: str | None = None) -> dict:
+  """`launch.py attrib add`: the images of a TSV (image<TAB>caption), or φ rows of an .npy for a
+  student distilled on precomputed features, added to the student's index and saved."""
+  from attrib.attributor import Attributor
+  from attrib.tower_features import read_image_list
+  from core.errors import ConfigError
+  from core.workdir import load_npy, versions, write_json_atomic
+  if (images_list is None) == (features_path is None):
+    raise ConfigError('attrib add takes --images LIST.tsv (lines of image path<TAB>caption) or --features F.npy '
+                      '(φ rows, for a student distilled on precomputed features)')
+  # The inputs are read (every image's header opened) before the student is loaded or anything written.
+  paths, captions, features = None, None, None
+  if images_list is not None:
+    paths, captions = read_image_list(images_list)
+  else:
+    if not as_path(features_path).is_file():
+      raise ConfigError(f'{features_path} not found (expected an .npy of φ rows [n, d])')
+    try:
+      features = np.asarray(load_npy(features_path), np.float32)
+    except (OSError, ValueError, EOFError) as e:
+      raise ConfigError(f'{features_path}: not an .npy file of φ rows [n, d] ({e})') from None
+  attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
+  ids = attributor.add_training_images(images=paths, captions=captions, features=features)
+  attributor.save_additions()
+  result = {'job': 'attrib add', 'added': len(ids), 'first_id': int(ids[0]), 'last_id': int(ids[-1]),
+            'distilled_training_images': attributor.distilled_rows,
+            'added_training_images': len(attributor.additions), 'index_rows': len(attributor.index),
+            'source': images_list or features_path, 'versions': versions()}
+  write_json_atomic(as_path(workdir) / 'add_result.json', result)
+  return result
