@@ -67,14 +67,14 @@ def write_additions(student, additions: Additions) -> None:
 
 def distilled_rows(student, fallback: int) -> int:
   """N: the training images the student was distilled over (recorded in student/config.json), or
-  `fallback` for a student from before that was recorded (it then has no additions either)."""
+  `fallback` (rows held less those added) for a student from before that was recorded."""
   stored = json.loads((as_path(student) / 'config.json').read_text())
   return int(stored.get('trained_on', {}).get('train_rows', fallback))
 
 
 def new_training_images(attributor, images, captions, features) -> Additions:
   """Checked inputs of `Attributor.add_training_images`, with their φ (computed as for a query)."""
-  from attrib.attributor import AttributionError
+  from attrib.attributor import AttributionError, refuse_non_finite
   from attrib.tower_features import TowerFeaturizer
   if attributor.featurizer is None:
     if features is None or images is not None:
@@ -101,9 +101,7 @@ def new_training_images(attributor, images, captions, features) -> Additions:
     pixels, paths = None, None
   if features.ndim != 2 or features.shape[1] != attributor.input_dim or not len(features):
     raise AttributionError(f'features of shape {features.shape}: new training images need [n >= 1, {attributor.input_dim}]')
-  if not np.all(np.isfinite(features)):
-    rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
-    raise AttributionError(f'features rows {rows[:5].tolist()} hold NaN or infinity')
+  refuse_non_finite(features)
   return Additions(np.asarray(features, np.float32), [str(c) for c in captions], pixels, paths)
 
 

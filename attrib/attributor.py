@@ -69,6 +69,12 @@ class AttributionError(UserError):
   """A query the attributor cannot take (wrong image shape or type, missing prompt, bad features)."""
 
 
+def refuse_non_finite(features: np.ndarray) -> None:
+  if not np.all(np.isfinite(features)):
+    rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    raise AttributionError(f'features rows {rows[:5].tolist()} hold NaN or infinity')
+
+
 @dataclasses.dataclass(frozen=True)
 class Attribution:
   ids: np.ndarray               # training ids, most influential first
@@ -131,7 +137,7 @@ class Attributor:
     graphdef, params, _, _, _ = restore_embedder(workdir, run)
     params = jax.tree.map(np.asarray, jax.device_get(params))
     additions = read_additions(student)
-    n_train = distilled_rows(student, len(index))
+    n_train = distilled_rows(student, len(index) - len(additions or ()))
     featurizer, captions, images = None, None, None
     if dino or clip:
       from attrib.tower_features import query_featurizer, read_image_list
@@ -274,9 +280,7 @@ class Attributor:
     features = np.asarray(features, np.float32)
     if features.ndim != 2 or features.shape[1] != self.input_dim:
       raise AttributionError(f'features of shape {features.shape}: the embedder takes [b, {self.input_dim}]')
-    if not np.all(np.isfinite(features)):
-      rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
-      raise AttributionError(f'features rows {rows[:5].tolist()} hold NaN or infinity')
+    refuse_non_finite(features)
     if not len(features):
       return []  # an empty batch, as map over no queries
     query = np.asarray(self._embed(features))

@@ -254,7 +254,8 @@ def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
     raise ConfigError(f'--shards must be >= 1, got {shards}')
   additions = read_additions(student_dir(workdir))
   # Rows past the distilled and added images are from an addition whose save did not finish.
-  rows_that_count = distilled_rows(student_dir(workdir), len(load_npy(path, mmap=True))) + len(additions or ())
+  added = len(additions or ())
+  rows_that_count = distilled_rows(student_dir(workdir), len(load_npy(path, mmap=True)) - added) + added
   embeddings = load_npy(path)[:rows_that_count]
   if shards > len(embeddings):
     raise ConfigError(f'--shards {shards}: more shards than the {len(embeddings)} training rows in {path}')
