@@ -97,6 +97,10 @@ def restore_params(workdir: Path, config: LvmConfig, tpu_path: str):
 def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_tokens: int | None,
                  batch_size: int) -> dict:
   workdir = as_path(workdir)
+  if batch_size < 1:
+    raise ConfigError(f'--batch-size must be >= 1, got {batch_size}')
+  if target_tokens is not None and target_tokens < 1:  # 0 once meant the default, silently
+    raise ConfigError(f'--target-tokens must be >= 1 (default: the last image), got {target_tokens}')
   config, trained_tpu = load_run_config(workdir)
   data_path = local_data(data_path)  # gs:// data: staged to this host's disk once
   # Records of any length the model supports can be scored, not only the training length.
@@ -112,8 +116,14 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
   # Sentences from `lvm tokenize` say how long a frame is and which shards hold which task kind.
   manifest_path = Path(data_path) / 'manifest.json'
   manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+  target = target_tokens or (manifest['tokens_per_image'] if manifest else max(1, min(256, seq_len // 4)))
+  if seq_len < 2:
+    raise ConfigError(f'{data_path}: records of {seq_len} token: perplexity needs at least 2 (a token is scored '
+                      'given the ones before it)')
+  if not 1 <= target < seq_len:  # before the checkpoint is restored
+    raise ConfigError(f'{data_path}: records of {seq_len} tokens leave no context for {target} target tokens '
+                      f'(scored: 1 to {seq_len - 1}{", --target-tokens" if target_tokens else ""})')
   graphdef, params, mesh, preset, step = restore_params(workdir, config, tpu_path or trained_tpu)
-  target = target_tokens or (manifest['tokens_per_image'] if manifest else min(256, seq_len // 4))
   score = lambda records: evaluate.perplexity(graphdef, params, records, mesh=mesh, rules=preset.logical_rules,
                                               target_tokens=target, batch_size=batch_size)
   scores = score(source)

@@ -28,6 +28,7 @@ def _bad_inputs(tmp):
   (tmp / 'shards').mkdir()
   (tmp / 'shards' / 'tokens-00000-of-00002.arrayrecord').write_bytes(b'an earlier data set')
   np.save(tmp / 'out_of_vocab.npy', np.full((2, 256), 9000, np.int32))
+  np.save(tmp / 'one_token.npy', np.zeros((2, 1), np.int32))
   (tmp / 'hf').mkdir()
   (tmp / 'hf' / 'config.json').write_text(json.dumps(dict(
       architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=300, hidden_size=64,
@@ -50,6 +51,7 @@ def _bad_inputs(tmp):
     (tmp / kind / 'config.json').write_text(json.dumps({'config': to_dict(load_config_file(config)), 'tpu': CPU8}))
   train = ['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', str(tmp / 'w')]
   tokens = ['data', 'tokens', '--out', str(tmp / 'out'), '--seq-len', '256', '--input']
+  lvm_eval = ['lvm', 'eval', '--workdir', str(tmp / 'lvm_run'), '--data']
   return {
       'cpu preset for a TPU': (['tpu', 'create', '--tpu', CPU8, '--name', 'x'], 'CPU preset'),
       'unknown --set key': (train + ['--set', 'train.stepz=3'], "unknown config key 'train.stepz'"),
@@ -135,6 +137,14 @@ def _bad_inputs(tmp):
                                                        '--workdir', str(tmp / 'w')], 'shards/config.json not found'),
       'lvm eval on a diffusion workdir': (['lvm', 'eval', '--workdir', str(tmp / 'diffusion_run'), '--data',
                                            'builtin:digits-eval'], 'not made by `lvm train`'),
+      'lvm eval of batch 0': (lvm_eval + ['builtin:digits-eval', '--batch-size', '0'], '--batch-size must be >= 1'),
+      'lvm eval of 0 target tokens': (lvm_eval + ['builtin:digits-eval', '--target-tokens', '0'],
+                                      '--target-tokens must be >= 1'),
+      'lvm eval of one-token records': (lvm_eval + [str(tmp / 'one_token.npy')],
+                                        'one_token.npy: records of 1 token: perplexity needs at least 2'),
+      'attrib add with no student': (['attrib', 'add', '--workdir', str(tmp / 'w'), '--features',
+                                      str(tmp / 'short.npy')], 'attrib distill'),
+      'attrib add of nothing': (['attrib', 'add', '--workdir', str(tmp / 'w')], 'takes --images'),
   }
 
 
@@ -153,7 +163,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-model into an LVM workdir', 'train-model of another U-Net into a run',
          'lvm train of another model into a run', 'import-tokenizer of a missing path',
          'import-tokenizer of a folder without config', 'jsonl of no records',
-         'teacher of zero candidates']
+         'teacher of zero candidates', 'lvm eval of batch 0', 'lvm eval of 0 target tokens',
+         'lvm eval of one-token records', 'attrib add with no student', 'attrib add of nothing']
 
 
 @pytest.mark.parametrize('case', CASES)
