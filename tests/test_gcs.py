@@ -168,8 +168,13 @@ assert main(['attrib', 'distill', '--workdir', w, '--features', 'gs://{BUCKET}/r
 assert main(['attrib', 'index', '--workdir', w, '--shards', '2']) == 0
 assert main(['attrib', 'eval', '--workdir', w, '--ranks', 'gs://{BUCKET}/release/influence_test.pkl']) == 0
 q = np.load({str(release / 'feats' / 'toy' / 'test_query_feats.npy')!r})
-print(json.dumps([[a.ids.tolist() for a in Attributor.load(x).attribute_batch(features=q, k=5)]
-                  for x in (w, {str(local)!r})]))
+answers = [[a.ids.tolist() for a in Attributor.load(x).attribute_batch(features=q, k=5)] for x in (w, {str(local)!r})]
+# Training images added to the gs:// student (into its sharded index) and saved there.
+grown = Attributor.load(w)
+grown.add_training_images(features=q[:2])
+grown.save_additions()
+print(json.dumps([len(Attributor.load(w).index), len(grown.index)]))
+print(json.dumps(answers))
 '''
   done = subprocess.run([sys.executable, '-c', script], env=env, cwd=tmp_path, capture_output=True, text=True,
                         timeout=600)
@@ -179,10 +184,17 @@ print(json.dumps([[a.ids.tolist() for a in Attributor.load(x).attribute_batch(fe
           'student/student/config.json', 'student/student/embeddings.npy', 'student/student/metrics.jsonl',
           'student/student/index/shards.json', 'student/student/index/shard_00001/index.json',
           'student/student/base_index/index.json'} <= set(objects)
-  assert _read(url, 'student/student/embeddings.npy') == (local / 'student' / 'embeddings.npy').read_bytes()
+  # The same rows bit for bit, and after them the two training images added in the bucket.
+  import io
+  import numpy as np
+  in_bucket = np.load(io.BytesIO(_read(url, 'student/student/embeddings.npy')))
+  assert in_bucket.shape == (602, 32)
+  assert in_bucket[:600].tobytes() == np.load(local / 'student' / 'embeddings.npy').tobytes()
   stored = json.loads(_read(url, 'student/student/config.json'))
   assert stored['features'] == f'gs://{BUCKET}/release/feats/toy'  # not resolved into a local path
   # The Python API reads the gs:// workdir (sharded index): its answers are the local student's.
   from_gs, from_local = json.loads(done.stdout.splitlines()[-1])
   assert from_gs == from_local and len(from_gs) == TEST_Q
+  assert json.loads(done.stdout.splitlines()[-2]) == [602, 602]
+  assert 'student/student/added_images.npz' in _objects(url, 'student/')
   assert _local_files(tmp_path, ROOT) - before == set()
