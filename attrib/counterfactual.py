@@ -92,8 +92,9 @@ def _counterfactual(workdir: Path, k: int, num_queries: int, seeds: int, steps: 
   records = read_rank_records(ranks_path)[:num_queries]
   if len(records) < num_queries:
     raise ConfigError(f'{ranks_path} holds {len(records)} queries, fewer than --queries {num_queries}')
-  if any(len(r['ranked_ids']) < k for r in records):
-    raise ConfigError(f'--k {k} exceeds the candidates ranked per query')
+  fewest = min(len(r['ranked_ids']) for r in records)
+  if fewest < k:
+    raise ConfigError(f'--k {k} exceeds the {fewest} candidates the teacher ranked for a query in {ranks_path}')
   queries = load_npz(workdir / 'teacher' / 'queries.npz')
   text_encoder = shared_text_encoder(config.data.text_len)
   query_context = np.asarray(text_encoder([str(p) for p in queries['prompts'][:num_queries]])[0])

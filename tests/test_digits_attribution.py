@@ -359,9 +359,12 @@ def test_quickstart_runs_both_halves(tmp_path):
   assert all((tmp_path / 'attrib' / f'attribution_query{q}.png').exists() for q in range(4))
 
 
-def test_counterfactual_removes_each_rankings_top_k(pipeline):
+def test_counterfactual_removes_each_rankings_top_k(pipeline, capsys):
   """Retraining without the student's top K and without K random images (tiny: 3 steps per model);
   each ranking gets its own models and its own ΔL. (Teacher and base-feature rankings run the same way.)"""
+  assert launch_main(['attrib', 'counterfactual', '--workdir', str(pipeline), '--k', '301', '--queries', '1',
+                      '--seeds', '1']) == 2  # the test split ranked 300 candidates
+  assert '--k 301 exceeds the 300 candidates the teacher ranked for a query' in capsys.readouterr().err
   assert launch_main(['attrib', 'counterfactual', '--workdir', str(pipeline), '--k', '10', '--queries', '1',
                       '--seeds', '1', '--steps', '3', '--ranking', 'student']) == 0
   result = json.loads((pipeline / 'counterfactual_result.json').read_text())
