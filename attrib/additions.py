@@ -30,15 +30,18 @@ class Additions:
   features: np.ndarray            # [n, d] φ
   captions: list[str]
   images: np.ndarray | None       # [n, 16, 16, 1] in [-1, 1] (the digits), or None
-  paths: list[str] | None         # image files (full scale), or None
+  paths: list[str | None] | None  # image files (full scale; None: added as φ rows), or None
 
   def __len__(self) -> int:
     return len(self.features)
 
   def extended(self, other: 'Additions') -> 'Additions':
-    join = lambda a, b: None if a is None else (np.concatenate([a, b]) if isinstance(a, np.ndarray) else a + b)
-    return Additions(np.concatenate([self.features, other.features]), self.captions + other.captions,
-                     join(self.images, other.images), join(self.paths, other.paths))
+    images = None if self.images is None else np.concatenate([self.images, other.images])
+    # Files of images added from files; None for those added as φ rows (features=), which have none.
+    paths = None
+    if self.paths is not None or other.paths is not None:
+      paths = [*(self.paths or [None] * len(self)), *(other.paths or [None] * len(other))]
+    return Additions(np.concatenate([self.features, other.features]), self.captions + other.captions, images, paths)
 
 
 def empty_additions(dim: int, digits: bool, files: bool) -> Additions:
@@ -53,7 +56,7 @@ def read_additions(student) -> Additions | None:
   stored = load_npz(path)
   return Additions(np.asarray(stored['features'], np.float32), [str(c) for c in stored['captions']],
                    stored['images'] if 'images' in stored else None,
-                   [str(p) for p in stored['paths']] if 'paths' in stored else None)
+                   [str(p) or None for p in stored['paths']] if 'paths' in stored else None)
 
 
 def write_additions(student, additions: Additions) -> None:
@@ -61,7 +64,7 @@ def write_additions(student, additions: Additions) -> None:
   if additions.images is not None:
     arrays['images'] = additions.images
   if additions.paths is not None:
-    arrays['paths'] = np.asarray(additions.paths, dtype=str)
+    arrays['paths'] = np.asarray(['' if p is None else p for p in additions.paths], dtype=str)
   save_npz_atomic(as_path(student) / ADDED_IMAGES, **arrays)
 
 

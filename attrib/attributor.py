@@ -159,8 +159,8 @@ class Attributor:
       captions = captions + additions.captions
     if isinstance(images, np.ndarray) and additions.images is not None:
       images = np.concatenate([images, additions.images])
-    elif isinstance(images, list) and additions.paths is not None:
-      images = images + additions.paths
+    elif isinstance(images, list):  # images added as φ rows (features=) have no file: None
+      images = images + (additions.paths if additions.paths is not None else [None] * len(additions))
     base_index, embeddings = None, None
     if run.config.rerank_candidates:
       from attrib.distill import BASE_INDEX
@@ -331,7 +331,7 @@ class Attributor:
       if isinstance(self.train_images, np.ndarray):
         self.train_images = np.concatenate([self.train_images, new.images])
       elif isinstance(self.train_images, list):
-        self.train_images = self.train_images + new.paths
+        self.train_images = self.train_images + (new.paths if new.paths is not None else [None] * len(new))
       self.additions = self.additions.extended(new)
       self._unsaved_embeddings = np.concatenate([self._unsaved_embeddings, embedded])
     return ids

@@ -62,13 +62,19 @@ def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, p
   unreadable = []
   for n, (i, s) in enumerate(zip(result.ids, result.scores)):
     x = 16 + cell * (n + 1)
-    try:
-      with as_path(train_paths[int(i)]).open('rb') as f:
-        canvas.paste(tile(Image.open(f)), (x, 16))
-    except (OSError, ValueError, Image.DecompressionBombError):
-      unreadable.append(train_paths[int(i)])
+    train_path, missing = train_paths[int(i)], None
+    if train_path is None:  # a training image added as φ rows (features=): there is no file to draw
+      missing = 'no file'
+    else:
+      try:
+        with as_path(train_path).open('rb') as f:
+          canvas.paste(tile(Image.open(f)), (x, 16))
+      except (OSError, ValueError, Image.DecompressionBombError):
+        unreadable.append(train_path)
+        missing = 'unreadable file'
+    if missing:
       draw.rectangle((x, 16, x + side - 1, 16 + side - 1), fill=(200, 200, 200))
-      draw.text((x + 4, 16 + side // 2 - 6), 'unreadable file', fill=(0, 0, 0))
+      draw.text((x + 4, 16 + side // 2 - 6), missing, fill=(0, 0, 0))
     draw.text((x, 2), f'#{n + 1} id {int(i)}', fill=(0, 0, 0))
     draw.text((x, 16 + side + 2), f'{s:.3f}', fill=(0, 0, 0))
     if result.captions:

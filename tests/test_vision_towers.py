@@ -323,3 +323,13 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
   assert answer.captions[answer.ids.tolist().index(13)] == 'a new photo'
   with pytest.raises(AttributionError, match='image files'):  # full scale: added images are files, to be named
     grown.add_training_images(images=[np.zeros((20, 20, 3), np.uint8)], captions=['x'])
+  # Added as φ rows by an Attributor loaded without the towers: no file, so paths say None, and the
+  # query grid draws it without a file (it once ran past the end of the paths list).
+  plain = Attributor.load(student)
+  assert plain.add_training_images(features=phi[1:2]).tolist() == [14]
+  plain.save_additions()
+  assert launch_main(['attrib', 'query', '--workdir', str(student), '--image', str(tmp_path / 'photo8.png'),
+                      '--prompt', 'a flower in bloom', '-k', '15', '--out', str(tmp_path / 'grid3.png'), *towers]) == 0
+  answer = json.loads((student / 'query_result.json').read_text())
+  assert answer['paths'][answer['ids'].index(14)] is None and answer['captions'][answer['ids'].index(14)] == ''
+  assert answer['unreadable_train_images'] == [gone]
