@@ -19,7 +19,7 @@ from core import progress
 from core.paths import as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset
-from core.train_loop import restore_latest_params, train
+from core.train_loop import check_batch_layout, restore_latest_params, train
 from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, refuse_changed_run, save_png_atomic, versions,
                           write_json_atomic)
 from data_pipelines.token_loader import record_batches
@@ -90,6 +90,7 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
   config = apply_overrides(config, overrides)
   workdir = as_path(workdir)
   preset = load_preset(tpu_path)
+  check_batch_layout(config.train, config.optim, preset)  # before the captions' cache is written
   text_encoder = shared_text_encoder(config.data.text_len)
   if text_encoder.dim != config.unet.cross_attention_dim:
     raise ConfigError(f'unet.cross_attention_dim {config.unet.cross_attention_dim} != text encoder width {text_encoder.dim}')

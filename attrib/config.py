@@ -23,6 +23,14 @@ class ImageDataConfig:
   # Text tokens the encoder sees (captions are padded/truncated to this).
   text_len: int = 16
 
+  def __post_init__(self):
+    if not 0.0 <= self.caption_dropout <= 1.0:
+      raise ConfigError(f'data.caption_dropout is a probability, in [0, 1]; got {self.caption_dropout}')
+    # [CLS] and [SEP] take two; MiniLM has 512 positions (a length of 1 is not truncated at all).
+    if not 2 <= self.text_len <= 512:
+      raise ConfigError(f'data.text_len must be in [2, 512] (the text encoder\'s [CLS] and [SEP] and its 512 '
+                        f'positions), got {self.text_len}')
+
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:

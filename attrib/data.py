@@ -59,7 +59,10 @@ class CaptionedImages:
 
 
 def read_index_file(path: str, size: int) -> np.ndarray:
-  text = as_path(path).read_text().replace('\n', ',')  # local or gs://
+  source = as_path(path)  # local or gs://
+  if not source.is_file():
+    raise ConfigError(f'data.exclude_path {path}: no such file (expected comma/newline-separated training image ids)')
+  text = source.read_text().replace('\n', ',')
   try:
     ids = np.array(sorted({int(x) for x in text.split(',') if x.strip()}), np.int64)
   except ValueError as e:

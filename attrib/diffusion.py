@@ -29,6 +29,16 @@ class ScheduleConfig:
   # Clip predicted x0 to [-1, 1] while sampling (pixel-space models; off for latents).
   clip_sample: bool = False
 
+  def __post_init__(self):
+    # Checked when the config is loaded: a bad schedule would otherwise surface as NaN losses.
+    if self.beta_schedule not in ('scaled_linear', 'linear'):
+      raise ConfigError(f"schedule.beta_schedule {self.beta_schedule!r}: expected 'scaled_linear' or 'linear'")
+    if self.num_train_timesteps < 1:
+      raise ConfigError(f'schedule.num_train_timesteps must be >= 1, got {self.num_train_timesteps}')
+    if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+      raise ConfigError(f'schedule betas need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, '
+                        f'beta_end={self.beta_end}')
+
 
 class NoiseSchedule:
 

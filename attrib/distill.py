@@ -30,7 +30,7 @@ from core.config import apply_overrides, from_dict, load_config_file, to_dict
 from core.mesh import load_preset
 from core.errors import ConfigError
 from core.optim import OptimConfig
-from core.train_loop import TrainConfig, restore_latest_params, train
+from core.train_loop import TrainConfig, check_batch_layout, restore_latest_params, train
 from core.paths import absolute, as_path, is_remote
 from core.workdir import load_npy, save_npy_atomic, versions, write_json_atomic
 
@@ -141,6 +141,9 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   if d.batch > pairs:
     raise ConfigError(f'distill.batch {d.batch} exceeds the {pairs} training pairs in {ranks_path}')
   steps = d.epochs * (pairs // d.batch)
+  train_config = TrainConfig(steps=steps, global_batch=d.batch, log_every=min(d.log_every, steps),
+                             checkpoint_every=max(1, steps // 4), seed=d.seed, tensorboard=True)
+  check_batch_layout(train_config, optim_config(config), preset)
 
   out = student_dir(workdir)
   stored_path = out / 'config.json'
@@ -175,8 +178,6 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
                                      process_index=process_index, process_count=process_count))
 
   clock = progress.Stopwatch()
-  train_config = TrainConfig(steps=steps, global_batch=d.batch, log_every=min(d.log_every, steps),
-                             checkpoint_every=max(1, steps // 4), seed=d.seed, tensorboard=True)
   summary = train(DistillTask(config.embedder), train_config=train_config, optim=optim_config(config),
                   preset=preset, workdir=out, make_data_iterator=make_iterator)
   summary.pop('trained_params')

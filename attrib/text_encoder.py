@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from core.errors import ConfigError
 from core.layers import logical_sharding_only
 
 
@@ -188,6 +189,9 @@ class MiniLMTextEncoder:
     from tokenizers import Tokenizer
     model_dir = Path(model_dir) if model_dir else minilm_dir()
     self.config = BertConfig.from_json(model_dir / 'config.json')
+    if not 2 <= max_len <= self.config.max_position_embeddings:  # 1 would not truncate at all
+      raise ConfigError(f'text length {max_len}: must be in [2, {self.config.max_position_embeddings}] '
+                        f'([CLS], [SEP] and the positions of {model_dir})')
     self.max_len = max_len
     self.tokenizer = Tokenizer.from_file(str(model_dir / 'tokenizer.json'))
     self.tokenizer.enable_truncation(max_len)

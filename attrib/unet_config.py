@@ -30,6 +30,19 @@ class UNetConfig:
   norm_eps: float = 1e-5
 
   def __post_init__(self):
+    for name in ('sample_size', 'in_channels', 'out_channels', 'layers_per_block', 'num_attention_heads',
+                 'cross_attention_dim', 'norm_num_groups'):
+      if getattr(self, name) < 1:
+        raise ConfigError(f'unet.{name} must be >= 1, got {getattr(self, name)}')
+    if not self.block_out_channels or min(self.block_out_channels) < 1:
+      raise ConfigError(f'unet.block_out_channels needs one or more positive widths, got {self.block_out_channels}')
+    if self.norm_eps <= 0:
+      raise ConfigError(f'unet.norm_eps must be > 0, got {self.norm_eps}')
+    # Every level but the last halves the image, and the up path must meet each skip at its size.
+    halvings = 2 ** (len(self.block_out_channels) - 1)
+    if self.sample_size % halvings:
+      raise ConfigError(f'unet.sample_size {self.sample_size} must divide by {halvings} '
+                        f'({len(self.block_out_channels)} levels halve it {len(self.block_out_channels) - 1} times)')
     if len(self.cross_attention_levels) != len(self.block_out_channels):
       raise ConfigError('unet.cross_attention_levels needs one flag per block_out_channels level')
     for channels in self.block_out_channels:

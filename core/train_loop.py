@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from core import checkpoint, tracing_fix  # noqa: F401  (tracing_fix: linear-time model init)
+from core.compile_check import check_batch_splits
 from core.mesh import SliceConfig, make_mesh
 from core.peak_flops import mesh_peak_flops
 from core.metrics import MetricsLogger
@@ -275,6 +276,18 @@ def replicate_frozen_inputs(task: Task, mesh):
       np.shape(value), replicated, lambda index, v=value: np.asarray(v)[index]), task.frozen_inputs())
 
 
+def check_batch_layout(train_config: TrainConfig, optim: OptimConfig, preset: SliceConfig, mesh=None) -> None:
+  """Raises ConfigError unless train.global_batch splits into optim.grad_accum micro-batches, over the
+  hosts, and over the mesh axes that shard the batch. Cheap (no compile): commands call it before they
+  write anything, else jax raises IndivisibleError from inside the first batch's transfer."""
+  if train_config.global_batch % (optim.grad_accum * jax.process_count()):
+    raise ConfigError(f'train.global_batch {train_config.global_batch} must split into '
+                      f'optim.grad_accum={optim.grad_accum} micro-batches on {jax.process_count()} hosts')
+  mesh = mesh if mesh is not None else make_mesh(preset)
+  check_batch_splits(train_config.global_batch // optim.grad_accum, mesh,
+                     logical_to_spec(('batch',), preset.logical_rules)[0], preset.name)
+
+
 def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: SliceConfig,
           workdir: str | Path, make_data_iterator: Callable[[int, int], Iterator],
           meta: dict | None = None, on_setup: Callable[[], None] | None = None) -> dict:
@@ -288,9 +301,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   make_workdir(workdir)
   mesh = make_mesh(preset)
   rules = preset.logical_rules
-  if train_config.global_batch % (optim.grad_accum * jax.process_count()):
-    raise ConfigError(f'train.global_batch {train_config.global_batch} must split into '
-                     f'optim.grad_accum={optim.grad_accum} micro-batches on {jax.process_count()} hosts')
+  check_batch_layout(train_config, optim, preset, mesh)
   batch_shardings = {name: NamedSharding(mesh, logical_to_spec(axes, rules))
                      for name, axes in task.batch_logical_axes().items()}
   data_iterator = make_data_iterator(jax.process_index(), jax.process_count())

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from core.errors import ConfigError
 from data_pipelines import bundled
 
 # Held out for evaluation: the last digits of the set (by index), never seen in training sentences.
@@ -45,12 +46,13 @@ def digit_sentences(split: str, *, seq_len: int, num_sentences: int, seed: int =
   """Sentences for `split` ('train' or 'eval', from disjoint digits) of exactly `seq_len` tokens."""
   images, labels = load_digits()
   tokens_per_image = images.shape[1] * images.shape[2]
-  if seq_len % tokens_per_image:
-    raise ValueError(f'data.seq_len {seq_len} must be a multiple of {tokens_per_image} (one 8x8 digit)')
-  cut = int(len(images) * (1 - EVAL_FRACTION))
-  part = slice(0, cut) if split == 'train' else slice(cut, None)
   if split not in ('train', 'eval'):
     raise ValueError(f'unknown digits split {split!r}')
+  if seq_len % tokens_per_image:
+    raise ConfigError(f'data.seq_len {seq_len} must be a multiple of {tokens_per_image} (one 8x8 digit) '
+                      'for the built-in digit sentences')
+  cut = int(len(images) * (1 - EVAL_FRACTION))
+  part = slice(0, cut) if split == 'train' else slice(cut, None)
   return category_sentences(images[part], labels[part], num_sentences=num_sentences,
                             images_per_sentence=seq_len // tokens_per_image,
                             seed=seed + (0 if split == 'train' else 1))

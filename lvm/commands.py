@@ -14,7 +14,7 @@ from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
-from core.train_loop import init_state, restore_latest_params, train
+from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
 from core.workdir import (RUN_CONFIG_FILE, make_workdir, prepare_output_dir, read_run_config, refuse_changed_run,
                           versions, write_imported_run, write_json_atomic)
 from data_pipelines.token_loader import token_batches
@@ -66,6 +66,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
   source = open_token_source(config.data.train_path, seq_len=config.data.seq_len,
                              vocab_size=config.model.vocab_size)
   task = NextTokenTask(config.model, config.data.seq_len)
+  check_batch_layout(config.train, config.optim, preset)
   make_workdir(workdir)
   write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
 

@@ -17,7 +17,7 @@ from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
-from core.train_loop import init_state, restore_latest_params, train
+from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
 from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, versions, write_imported_run,
                           write_json_atomic)
 from data_pipelines.image_sources import open_images
@@ -115,6 +115,7 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
   task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
   if hasattr(task, 'frozen_inputs'):
     task.frozen_inputs()  # read and checked (files, keys, shapes) before the workdir is touched
+  check_batch_layout(config.train, config.optim, preset)
   make_workdir(workdir)
   write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
 

@@ -52,6 +52,7 @@ def _bad_inputs(tmp):
   train = ['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', str(tmp / 'w')]
   tokens = ['data', 'tokens', '--out', str(tmp / 'out'), '--seq-len', '256', '--input']
   lvm_eval = ['lvm', 'eval', '--workdir', str(tmp / 'lvm_run'), '--data']
+  train_model = ['attrib', 'train-model', '--config', digits, '--workdir', str(tmp / 'w')]
   return {
       'cpu preset for a TPU': (['tpu', 'create', '--tpu', CPU8, '--name', 'x'], 'CPU preset'),
       'unknown --set key': (train + ['--set', 'train.stepz=3'], "unknown config key 'train.stepz'"),
@@ -145,6 +146,25 @@ def _bad_inputs(tmp):
       'attrib add with no student': (['attrib', 'add', '--workdir', str(tmp / 'w'), '--features',
                                       str(tmp / 'short.npy')], 'attrib distill'),
       'attrib add of nothing': (['attrib', 'add', '--workdir', str(tmp / 'w')], 'takes --images'),
+      'batch that the mesh cannot split': (train + ['--set', 'train.global_batch=6'],
+                                           'a micro-step of 6 rows (train.global_batch / optim.grad_accum) '
+                                           "cannot be split 4 ways over mesh axes ('data', 'fsdp')"),
+      'digit sentences of a partial digit': (train + ['--set', 'data.seq_len=100'],
+                                             'data.seq_len 100 must be a multiple of 64'),
+      'train-model of a batch the mesh cannot split': (train_model + ['--set', 'train.global_batch=5'],
+                                                       'a micro-step of 5 rows'),
+      'train-model of caption dropout above 1': (train_model + ['--set', 'data.caption_dropout=1.5'],
+                                                 'data.caption_dropout is a probability, in [0, 1]; got 1.5'),
+      'train-model of empty captions': (train_model + ['--set', 'data.text_len=0'],
+                                        'data.text_len must be in [2, 512]'),
+      'train-model of an odd image size': (train_model + ['--set', 'unet.sample_size=10'],
+                                           'unet.sample_size 10 must divide by 4'),
+      'train-model of zero heads': (train_model + ['--set', 'unet.num_attention_heads=0'],
+                                    'unet.num_attention_heads must be >= 1, got 0'),
+      'train-model of inverted betas': (train_model + ['--set', 'schedule.beta_start=0.5'],
+                                        'beta_start=0.5, beta_end=0.012'),
+      'train-model without its exclude file': (train_model + ['--set', f'data.exclude_path={tmp / "gone.txt"}'],
+                                               'data.exclude_path ' + str(tmp / 'gone.txt') + ': no such file'),
   }
 
 
@@ -164,7 +184,11 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'lvm train of another model into a run', 'import-tokenizer of a missing path',
          'import-tokenizer of a folder without config', 'jsonl of no records',
          'teacher of zero candidates', 'lvm eval of batch 0', 'lvm eval of 0 target tokens',
-         'lvm eval of one-token records', 'attrib add with no student', 'attrib add of nothing']
+         'lvm eval of one-token records', 'attrib add with no student', 'attrib add of nothing',
+         'batch that the mesh cannot split', 'digit sentences of a partial digit',
+         'train-model of a batch the mesh cannot split', 'train-model of caption dropout above 1',
+         'train-model of empty captions', 'train-model of an odd image size', 'train-model of zero heads',
+         'train-model of inverted betas', 'train-model without its exclude file']
 
 
 @pytest.mark.parametrize('case', CASES)
