@@ -42,7 +42,8 @@ def _trained_preset(workdir: str | None) -> str | None:
   stored = as_path(workdir) / 'config.json' if workdir else None
   if stored is None or not stored.exists():
     return None
-  preset = json.loads(stored.read_text()).get('tpu')
+  from core.mesh import recorded_preset
+  preset = recorded_preset(json.loads(stored.read_text()).get('tpu'))
   return preset if preset and Path(preset).exists() else None
 
 

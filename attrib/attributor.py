@@ -129,12 +129,14 @@ class Attributor:
     (e.g. FastGDA's dino+clip_text); φ of (image, prompt) is then computed here. `train_list`: the
     training set's TSV (`image<TAB>caption`, in index order), for captions and the query grid."""
     from attrib.additions import distilled_rows, leave_out_unfinished_add, read_additions
-    from attrib.distill import load_student_run, restore_embedder, student_dir
+    from attrib.distill import DEFAULT_TPU, load_student_run, restore_embedder, student_dir
     workdir = as_path(workdir)  # local or gs://
     run = load_student_run(workdir)
     student = student_dir(workdir)
     index = load_any(student / 'index')
-    graphdef, params, _, _, _ = restore_embedder(workdir, run)
+    # On one device, whatever slice distilled it: the student serves where it is loaded (a laptop, a
+    # CPU server), its parameters held as numpy below.
+    graphdef, params, _, _, _ = restore_embedder(workdir, run, tpu_path=DEFAULT_TPU)
     params = jax.tree.map(np.asarray, jax.device_get(params))
     additions = read_additions(student)
     n_train = distilled_rows(student, len(index) - len(additions or ()))

@@ -27,11 +27,11 @@ from attrib.student_data import (PairBatches, check_ranks, load_features, load_r
 from core import progress
 from core.batching import map_batches
 from core.config import apply_overrides, from_dict, load_config_file, to_dict
-from core.mesh import load_preset
+from core.mesh import load_preset, recorded_preset
 from core.errors import ConfigError
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig, check_batch_layout, restore_latest_params, train
-from core.paths import absolute, as_path, is_remote
+from core.paths import absolute, as_path, is_remote, resolve_within, within
 from core.workdir import load_npy, save_npy_atomic, versions, write_json_atomic
 
 STUDENT_DIR = 'student'
@@ -58,7 +58,8 @@ def load_student_run(workdir: str | Path) -> StudentRun:
   if not path.is_file():
     raise ConfigError(f'{path} not found: run `launch.py attrib distill --workdir {workdir}` first')
   stored = json.loads(path.read_text())
-  return StudentRun(from_dict(FastGDAConfig, stored['config']), stored['features'], stored['ranks'], stored['tpu'])
+  return StudentRun(from_dict(FastGDAConfig, stored['config']), resolve_within(stored['features'], workdir),
+                    resolve_within(stored['ranks'], workdir), recorded_preset(stored['tpu']))
 
 
 def optim_config(config: FastGDAConfig) -> OptimConfig:
@@ -68,10 +69,11 @@ def optim_config(config: FastGDAConfig) -> OptimConfig:
                      weight_decay=d.weight_decay, clip_norm=0.0)
 
 
-def restore_embedder(workdir: str | Path, run: StudentRun | None = None):
-  """(graphdef, params, mesh, preset, step) of the student's latest checkpoint."""
+def restore_embedder(workdir: str | Path, run: StudentRun | None = None, tpu_path: str | None = None):
+  """(graphdef, params, mesh, preset, step) of the student's latest checkpoint, sharded for `tpu_path`'s
+  mesh (default: the preset it was distilled with)."""
   run = run or load_student_run(workdir)
-  preset = load_preset(run.tpu)
+  preset = load_preset(tpu_path or run.tpu)
   graphdef, params, mesh, step = restore_latest_params(DistillTask(run.config.embedder), student_dir(workdir), preset)
   return graphdef, params, mesh, preset, step
 
@@ -151,9 +153,12 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   run_ranks = absolute(ranks_path)
   if stored_path.is_file():
     stored = load_student_run(workdir)
-    if stored.config.embedder != config.embedder or stored.features != absolute(features_dir):
-      raise ConfigError(f'{out} holds a student of {stored.features} with {stored.config.embedder}; '
-                        f'use a new --workdir for {features_dir} with {config.embedder}')
+    if stored.config.embedder != config.embedder:
+      raise ConfigError(f'{out} holds a student of another embedder ({stored.config.embedder}, now '
+                        f'{config.embedder}); use a new --workdir to train a new one')
+    if stored.features != absolute(features_dir):
+      raise ConfigError(f'{out} holds a student of the features in {stored.features}, not {features_dir}; '
+                        'use a new --workdir to train one on these')
     # A rerun resumes from the student's checkpoint (and more distill.epochs continue it): only with
     # the same rankings and settings, or the resumed student would mix two trainings silently.
     recorded = json.loads(stored_path.read_text()).get('trained_on')
@@ -167,8 +172,9 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
                         f'move {out} away or use a new --workdir to train a new one')
   out.mkdir(parents=True, exist_ok=True)
   run = StudentRun(config, absolute(features_dir), absolute(ranks_path), tpu)
-  write_json_atomic(stored_path, {'config': to_dict(config), 'features': run.features, 'ranks': run.ranks,
-                                  'tpu': tpu, 'trained_on': trained_on})
+  # Inputs inside the workdir are recorded relative to it: a copied or moved workdir still finds them.
+  write_json_atomic(stored_path, {'config': to_dict(config), 'features': within(run.features, workdir),
+                                  'ranks': within(run.ranks, workdir), 'tpu': tpu, 'trained_on': trained_on})
   progress.say(f'distill: {len(train_ranks)} queries x {train_ranks.shape[1]} candidates = {pairs} pairs, '
                f'{d.epochs} epochs of batch {d.batch} ({steps} updates); {d.val_queries} queries held out')
 

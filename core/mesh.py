@@ -10,6 +10,7 @@ from core.errors import ConfigError
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -125,7 +126,26 @@ def make_mesh(preset: SliceConfig, devices: list | None = None):
   return Mesh(grid, MESH_AXES)
 
 
+PRESET_DIR = Path(__file__).resolve().parent.parent / 'tpu_configs'
+
+
 def load_preset(path) -> SliceConfig:
   """A slice preset file (tpu_configs/*.py), rejected clearly if the file holds something else."""
   from core.config import load_config_file
+  if path and not Path(path).exists():
+    raise ConfigError(f'slice preset {path} not found: pass --tpu with a preset file on this machine '
+                      '(tpu_configs/*.py; a workdir records where its preset was on the machine that trained it)')
   return load_config_file(path, expect=SliceConfig)
+
+
+def recorded_preset(path: str) -> str:
+  """The preset a workdir recorded, as a path on this machine.
+
+  Workdirs record the absolute path of their preset; a workdir copied from the machine that trained
+  it (a TPU VM, a gs:// bucket read from a laptop) or a checkout moved elsewhere records a path that
+  is not here. The preset of the same name in this checkout's tpu_configs/ is the same preset. A path
+  found nowhere is returned as is, so that loading it names it."""
+  if not path or Path(path).exists():
+    return path
+  here = PRESET_DIR / Path(path).name
+  return str(here) if Path(path).parent.name == PRESET_DIR.name and here.is_file() else path

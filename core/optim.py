@@ -44,6 +44,11 @@ class OptimConfig:
       raise ConfigError(f'optim.clip_norm must be >= 0 (0 = no clipping), got {self.clip_norm}')
     if self.grad_accum < 1:
       raise ConfigError(f'optim.grad_accum must be >= 1, got {self.grad_accum}')
+    # Adam's moment decays: 1 or more never forgets (and its bias correction divides by zero).
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ConfigError(f'optim.b1 and optim.b2 must be in [0, 1), got {self.b1}, {self.b2}')
+    if self.eps < 0 or self.weight_decay < 0:
+      raise ConfigError(f'optim.eps and optim.weight_decay must be >= 0, got {self.eps}, {self.weight_decay}')
 
 
 def learning_rate_schedule(config: OptimConfig) -> optax.Schedule:

@@ -37,6 +37,20 @@ def absolute(path) -> str:
   return str(path) if is_remote(path) else str(path.resolve())
 
 
+def within(path, workdir) -> str:
+  """`path` as a later job records it: relative to `workdir` when inside it (so that the workdir can
+  be copied or moved, to another machine or bucket, and still be read), else absolute."""
+  path, root = absolute(path), absolute(workdir).rstrip('/') + '/'
+  return path[len(root):] if path.startswith(root) else path
+
+
+def resolve_within(recorded: str, workdir) -> str:
+  """The inverse of `within`: an absolute path (or gs:// URL) of what `workdir` recorded."""
+  if is_remote(recorded) or os.path.isabs(recorded):
+    return recorded
+  return absolute(as_path(workdir) / recorded)
+
+
 def local_data(path: str) -> str:
   """Data given as gs://... (token shards, a .jsonl or .npy file) as a local path: copied once into
   this host's cache (LVM_ATTRIB_DATA_CACHE, default ~/.cache/lvm_attrib/data) and reused while the

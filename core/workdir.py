@@ -36,10 +36,12 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
     raise ConfigError(f'{path} not found: is {workdir} a workdir made by {made_by}?')
   try:
     stored = json.loads(path.read_text())
-    return from_dict(config_type, stored['config']), stored['tpu']
+    config, tpu = from_dict(config_type, stored['config']), stored['tpu']
   except (ValueError, KeyError, TypeError) as e:
     raise ConfigError(f'{path} does not describe a {config_type.__name__} run ({type(e).__name__}: {e}); '
                       f'{workdir} was not made by {made_by}') from None
+  from core.mesh import recorded_preset
+  return config, recorded_preset(tpu)
 
 
 def refuse_changed_run(workdir, previous, config, groups: tuple[str, ...], ignore=frozenset()) -> None:

@@ -40,23 +40,19 @@ def _beam():
   return beam, PipelineOptions
 
 
-def worker_preset(tokenizer_dir: str, tpu_path: str | None) -> str | None:
+def worker_preset(tokenizer_dir: str, tpu_path: str | None) -> str:
   """The slice preset a worker encodes with. A tokenizer's run config names the preset it trained
   with by its path on the training machine; a remote worker may not have that path, so it takes
   the preset of the same name from its own installed copy of tpu_configs (the same settings, so
-  the same tokens), or cpu_1 if there is none."""
+  the same tokens: core.mesh.recorded_preset), or cpu_1 if there is none."""
   if tpu_path is not None:
     return tpu_path
-  import tpu_configs
+  from core.mesh import PRESET_DIR
   from core.workdir import read_run_config
   from lvm.tokenizer_commands import MADE_BY
   from lvm.tokenizer_task import TokenizerRunConfig
   _, trained = read_run_config(tokenizer_dir, TokenizerRunConfig, MADE_BY)
-  if Path(trained).is_file():
-    return None  # the run's own preset file is here: load_tokenizer uses it
-  installed = Path(tpu_configs.__file__).parent
-  same_name = installed / Path(trained).name
-  return str(same_name if same_name.is_file() else installed / 'cpu_1.py')
+  return trained if Path(trained).is_file() else str(PRESET_DIR / 'cpu_1.py')
 
 
 def _shard_writer(beam, job_args: dict):

@@ -25,6 +25,8 @@ class DataConfig:
   def __post_init__(self):
     if self.seq_len < 2:
       raise ConfigError(f'data.seq_len must be >= 2, got {self.seq_len}')
+    if self.read_threads < 0:
+      raise ConfigError(f'data.read_threads must be >= 0 (0 reads in the main thread), got {self.read_threads}')
 
 
 @dataclasses.dataclass(frozen=True)

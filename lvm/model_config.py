@@ -59,6 +59,10 @@ class DecoderConfig:
       raise ConfigError(f'model.scan_unroll must be in [1, num_layers={self.num_layers}]')
     if self.attention_block < 0:
       raise ConfigError('model.attention_block must be >= 0')
+    # Each would train to NaN (or divide by zero in the rotary frequencies) rather than fail here.
+    for name in ('rms_eps', 'rope_theta', 'init_std'):
+      if not getattr(self, name) > 0:
+        raise ConfigError(f'model.{name} must be > 0, got {getattr(self, name)}')
 
   @property
   def head_dim(self) -> int:

@@ -225,6 +225,7 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
     labels = np.full(len(images), -1, np.int32)
   else:
     images, labels = split_images(*open_images(source, tconfig.image_size, strict), split)
+  tconfig.check_images(images, source)
   kinds = kinds_for(images, labels, kinds, frames)
   unknown = sorted(set(kind_sentences or {}) - set(kinds))
   if unknown:

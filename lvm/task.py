@@ -28,6 +28,10 @@ class NextTokenTask:
   def __init__(self, model_config: DecoderConfig, seq_len: int):
     if seq_len > model_config.max_seq_len:
       raise ConfigError(f'data.seq_len {seq_len} exceeds model.max_seq_len {model_config.max_seq_len}')
+    block = model_config.attention_block
+    if 0 < block < seq_len and seq_len % block:  # else the attention raises it while tracing the step
+      raise ConfigError(f'data.seq_len {seq_len} is not a multiple of model.attention_block {block} '
+                        '(0 attends in one block)')
     self.model_config = model_config
     self.seq_len = seq_len
 

@@ -43,13 +43,23 @@ class TokenizerConfig:
     for name in ('latent_channels', 'codebook_size', 'image_size', 'layers_per_block', 'norm_num_groups'):
       if getattr(self, name) < 1:
         raise ConfigError(f'tokenizer.{name} must be >= 1, got {getattr(self, name)}')
+    if not self.block_out_channels:
+      raise ConfigError('tokenizer.block_out_channels needs one or more levels, got ()')
+    if self.commitment < 0:
+      raise ConfigError(f'tokenizer.commitment must be >= 0, got {self.commitment}')
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-    if not self.block_out_channels or bad:
+    if bad:
       raise ConfigError(f'tokenizer.block_out_channels {self.block_out_channels} must all be multiples of '
                         f'norm_num_groups {self.norm_num_groups}')
     if self.image_size % self.downsample_factor:
       raise ConfigError(f'tokenizer.image_size {self.image_size} is not a multiple of the downsampling '
                         f'factor {self.downsample_factor}')
+
+  def check_images(self, images, source: str) -> None:
+    """Every image source is read as RGB [n, h, w, 3]: a tokenizer of other channels cannot take it."""
+    if images.shape[-1] != self.in_channels:
+      raise ConfigError(f'tokenizer.in_channels is {self.in_channels}, but the images of {source} have '
+                        f'{images.shape[-1]} channels (every image source is read as RGB)')
 
   @property
   def downsample_factor(self) -> int:

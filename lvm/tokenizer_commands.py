@@ -111,6 +111,7 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
   preset = load_preset(tpu_path)
   size = config.tokenizer.image_size
   images, _ = open_images(config.data.source, size)  # read (and checked) before any model work
+  config.tokenizer.check_images(images, config.data.source)
   source = _Images(images, config.data.source)
   task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
   if hasattr(task, 'frozen_inputs'):

@@ -98,3 +98,46 @@ def test_string_tuple_override_takes_bare_words_in_brackets():
   config = _fastgda_digits()
   for text in ('[pixels, text]', '(pixels,text)', 'pixels,text', '["pixels", "text"]'):
     assert apply_overrides(config, [f'compare_features={text}']).compare_features == ('pixels', 'text')
+
+
+TOKENIZER_TINY, DIGITS = 'lvm/configs/tokenizer_tiny.py', 'attrib/configs/digits.py'
+
+
+@pytest.mark.parametrize('path, override, message', [
+    (TINY, 'model.rms_eps=0', 'model.rms_eps must be > 0, got 0.0'),
+    (TINY, 'model.rope_theta=0', 'model.rope_theta must be > 0'),  # a division by zero, then NaN, before
+    (TINY, 'optim.b1=1.5', r'optim.b1 and optim.b2 must be in \[0, 1\), got 1.5'),  # diverged at step 230
+    (TINY, 'optim.weight_decay=-0.1', 'optim.eps and optim.weight_decay must be >= 0'),
+    (TINY, 'data.read_threads=-1', 'data.read_threads must be >= 0'),  # grain's ValueError, after writing
+    (TOKENIZER_TINY, 'tokenizer.commitment=-1', 'tokenizer.commitment must be >= 0'),
+    (TOKENIZER_TINY, 'tokenizer.block_out_channels=()', 'needs one or more levels'),
+    (DIGITS, 'schedule.num_train_timesteps=0', 'schedule.num_train_timesteps must be >= 1'),
+    (DIGITS, 'schedule.beta_schedule=cosine', "schedule.beta_schedule 'cosine'"),
+    (DIGITS, 'unet.norm_eps=0', 'unet.norm_eps must be > 0'),
+    (DIGITS, 'unet.block_out_channels=()', 'unet.block_out_channels needs one or more'),
+    (DIGITS, 'data.text_len=1', r'data.text_len must be in \[2, 512\]'),  # 1 was not truncated at all
+])
+def test_out_of_range_values_are_refused_when_the_config_loads(path, override, message):
+  with pytest.raises(ConfigError, match=message):
+    apply_overrides(load_config_file(path), [override])
+
+
+def test_attention_blocks_must_tile_the_records():
+  from lvm.task import NextTokenTask
+  model = load_config_file(TINY).model  # attention_block 128
+  NextTokenTask(model, 256)
+  NextTokenTask(model, 64)  # shorter than one block: one block
+  with pytest.raises(ConfigError, match='data.seq_len 192 is not a multiple of model.attention_block 128'):
+    NextTokenTask(model, 192)
+
+
+def test_a_recorded_preset_is_found_on_another_machine(tmp_path):
+  """Workdirs record their preset's absolute path on the machine that trained them: elsewhere the
+  preset of that name in this checkout's tpu_configs/ stands in; an unknown one is named on load."""
+  from core.mesh import PRESET_DIR, load_preset, recorded_preset
+  assert recorded_preset(CPU8) == CPU8
+  assert recorded_preset('/home/someone/checkout/tpu_configs/v4_32.py') == str(PRESET_DIR / 'v4_32.py')
+  for foreign in ('/home/someone/checkout/tpu_configs/my_slice.py', '/home/someone/presets/cpu_8.py'):
+    assert recorded_preset(foreign) == foreign
+    with pytest.raises(ConfigError, match=f'slice preset {foreign} not found: pass --tpu'):
+      load_preset(foreign)

@@ -34,6 +34,12 @@ def test_eval_perplexity_matches_lvm_formula_in_torch(tmp_path):
   assert_network_close(result['corpus_perplexity'], math.exp(nll.mean().item()), reduction_length=length,
                        what='corpus perplexity')
   assert json.loads((tmp_path / 'work' / 'eval_result.json').read_text())['job'] == 'lvm eval'
+  # The workdir on another machine, where the checkout that made it is not: it recorded its preset by
+  # that checkout's path, and this checkout's preset of the same name stands in (was 'not found').
+  run = json.loads((tmp_path / 'work' / 'config.json').read_text())
+  (tmp_path / 'work' / 'config.json').write_text(json.dumps({**run, 'tpu': '/home/someone/lvm/tpu_configs/cpu_8.py'}))
+  assert commands.eval_command(str(tmp_path / 'work'), str(tmp_path / 'eval.npy'), None, 32, 8)['perplexity'] == \
+      result['perplexity']
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):

@@ -12,7 +12,7 @@ from attrib.evaluation import average_precision, mean_average_precision, paired_
 from attrib.student_data import StudentDataError, load_rank_pickle
 from core.errors import ConfigError
 from launch import main as launch_main
-from tests.helpers import CPU1, CPU8
+from tests.helpers import CPU1, CPU8, ROOT
 
 N, D, TRAIN_Q, TEST_Q, M = 600, 24, 200, 24, 100
 
@@ -133,6 +133,40 @@ def test_attributor_is_thread_safe_and_rejects_bad_queries(release, tmp_path):
   assert attributor.attribute(features=test_q[:1], k=5).ids.tolist() == serial[0].ids.tolist()
   with pytest.raises(AttributionError, match='not both'):
     attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x', features=test_q[0])
+
+
+def test_a_workdir_moved_to_another_machine_serves_evaluates_and_resumes(release, tmp_path, capsys):
+  """A student's workdir copied elsewhere (another machine: neither the old folder nor the checkout's
+  path is there) finds the inputs it holds, serves on one device whatever slice distilled it, and
+  distills on (before: its preset 'not found', and distill refused the same features at a new path)."""
+  trained = tmp_path / 'trained'
+  shutil.copytree(release / 'feats', trained / 'feats')  # the inputs inside the workdir
+  shutil.copy(release / 'influence_train.pkl', trained)
+  (release / 'config.py').write_text(CONFIG)
+  def distill(workdir, epochs):
+    return launch_main(['attrib', 'distill', '--config', str(release / 'config.py'), '--workdir', str(workdir),
+                        '--tpu', CPU8, '--features', str(workdir / 'feats' / 'toy'), '--ranks',
+                        str(workdir / 'influence_train.pkl'), '--set', 'distill.seed=1', '--set', f'distill.epochs={epochs}'])
+  assert distill(trained, 2) == 0
+  stored = json.loads((trained / 'student' / 'config.json').read_text())
+  assert (stored['features'], stored['ranks']) == ('feats/toy', 'influence_train.pkl')
+  from attrib import Attributor
+  test_q = np.load(release / 'feats' / 'toy' / 'test_query_feats.npy')
+  before = [a.ids.tolist() for a in Attributor.load(trained).attribute_batch(features=test_q, k=5)]
+  moved = tmp_path / 'elsewhere' / 'run'
+  shutil.copytree(trained, moved)
+  shutil.rmtree(trained)
+  for preset in ('/home/someone/checkout/tpu_configs/cpu_8.py', str(ROOT / 'tpu_configs' / 'v4_32.py')):
+    (moved / 'student' / 'config.json').write_text(json.dumps({**stored, 'tpu': preset}))
+    # v4-32 (32 chips) cannot be built here: the Attributor restores onto one device anyway.
+    assert [a.ids.tolist() for a in Attributor.load(moved).attribute_batch(features=test_q, k=5)] == before
+  (moved / 'student' / 'config.json').write_text(json.dumps({**stored, 'tpu': '/home/someone/checkout/tpu_configs/cpu_8.py'}))
+  assert launch_main(['attrib', 'eval', '--workdir', str(moved), '--ranks', str(release / 'influence_test.pkl')]) == 0
+  capsys.readouterr()
+  assert distill(moved, 3) == 0
+  per_epoch = (TRAIN_Q - 10) * M // 512
+  assert f'resuming {moved / "student"} from step {2 * per_epoch} of {3 * per_epoch}' in capsys.readouterr().err
+  assert json.loads((moved / 'distill_result.json').read_text())['step'] == 3 * per_epoch
 
 
 def test_training_images_added_by_features_while_queries_run(release, tmp_path, capsys):

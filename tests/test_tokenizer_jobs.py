@@ -410,7 +410,8 @@ def test_beam_workers_find_the_tokenizer_preset_without_the_training_machine(tok
   from lvm.beam_tokenize import worker_preset
   from tests.helpers import CPU8
   assert worker_preset(str(tokenizer_dir), CPU8) == CPU8  # --tpu given: used as is
-  assert worker_preset(str(tokenizer_dir), None) is None  # the trained preset exists here
+  trained = json.loads((tokenizer_dir / 'config.json').read_text())['tpu']
+  assert worker_preset(str(tokenizer_dir), None) == trained  # the trained preset exists here
   moved = tmp_path / 'moved'
   shutil.copytree(tokenizer_dir, moved)
   run = json.loads((moved / 'config.json').read_text())
