@@ -18,6 +18,7 @@ quickstart's running order of the two halves (the attribution half's steps are i
   python launch.py attrib distill --workdir DIR [--features FEATS_DIR --ranks influence_train.pkl]
   python launch.py attrib index --workdir DIR [--shards S]
   python launch.py attrib add --workdir DIR --images new.tsv | --features new.npy [--dino D --clip C --train-list TSV]
+  python launch.py attrib remove --workdir DIR --ids 3,17,250 | --ids-file F   # out of every answer (a takedown)
   python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]
   python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png] [--dino D --clip C]
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
@@ -440,6 +441,13 @@ def _run(argv: list[str]) -> int:
   aa.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
   aa.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
   aa.add_argument('--train-list', help='full scale: the training TSV the student was distilled over')
+  ar = a.add_parser('remove', help='take training images out of every answer of a distilled student (a takedown)')
+  ar.add_argument('--workdir', required=True)
+  ar.add_argument('--ids', help='training ids, comma-separated: 3,17,250')
+  ar.add_argument('--ids-file', help='a file of training ids, comma or newline separated')
+  ar.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
+  ar.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
+  ar.add_argument('--train-list', help='full scale: the training TSV the student was distilled over')
 
   ae = a.add_parser('eval', help='mAP of base features and the student against the teacher; latency')
   ae.add_argument('--workdir', required=True)
@@ -536,6 +544,9 @@ def _run(argv: list[str]) -> int:
     elif args.command == 'add':
       from attrib.additions import add_command
       result = add_command(args.workdir, args.images, args.features, args.dino, args.clip, args.train_list)
+    elif args.command == 'remove':
+      from attrib.removals import remove_command
+      result = remove_command(args.workdir, args.ids, args.ids_file, args.dino, args.clip, args.train_list)
     elif args.command == 'eval':
       from attrib.evaluation import eval_command
       result = eval_command(args.workdir, args.features, args.ranks)

@@ -156,7 +156,7 @@ def add_command(workdir: str, images_list: str | None, features_path: str | None
       raise ConfigError(f'{features_path}: not an .npy file of φ rows [n, d] ({e})') from None
   attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
   ids = attributor.add_training_images(images=paths, captions=captions, features=features)
-  attributor.save_additions()
+  attributor.save()
   result = {'job': 'attrib add', 'added': len(ids), 'first_id': int(ids[0]), 'last_id': int(ids[-1]),
             'distilled_training_images': attributor.distilled_rows,
             'added_training_images': len(attributor.additions), 'index_rows': len(attributor.index),

@@ -12,9 +12,10 @@ ScaNN search over φ for its top M, which the student then orders. Scores are th
 predicted rank fraction sigmoid(a·cos + b [+ c(z)]) ∈ (0, 1): 0 = the teacher's most influential image, 1 =
 its least (ascending within the M when reranking; past them φ's order rules).
 
-New training images join with `add_training_images` (and `save_additions` to keep them; see
-attrib/additions.py). Thread-safe: queries share a readers-writer lock's read side, an addition
-takes its write side, so a query never sees half an addition.
+New training images join with `add_training_images`, and `remove_training_images` takes images out
+of every answer (a takedown); `save` keeps both in the workdir (attrib/additions.py, attrib/removals.py).
+Thread-safe: queries share a readers-writer lock's read side, a change takes its write side, so a
+query never sees half of one.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from attrib.additions import Additions, empty_additions, new_training_images
+from attrib.removals import checked_ids, first_kept, read_removed, write_removed
 from attrib.embedder import cosine_from_dots, index_queries, index_rows, unit_rows
 from attrib.index import IndexFileError, load_any
 from attrib.tower_features import TowerFeaturizer
@@ -105,6 +107,8 @@ class Attributor:
     self.distilled_rows = len(index)  # the training set's N; `load` sets it and the additions after it
     self.additions: Additions = empty_additions(self.input_dim, isinstance(images, np.ndarray), isinstance(images, list))
     self._unsaved_embeddings = np.zeros((0, output_dim), np.float32)
+    self.removed = np.zeros(0, np.int64)  # training ids never answered (sorted); `load` reads the saved ones
+    self._removals_unsaved = False
     if index.dim != row_dim:
       raise IndexFileError(f'{workdir}/student/index holds {index.dim}-d rows but this student needs '
                            f'{row_dim}-d: the index was built for another model; rebuild it')
@@ -182,6 +186,7 @@ class Attributor:
     rerank = None if base_index is None else (base_index, embeddings, run.config.rerank_candidates)
     attributor = cls(workdir, graphdef, params, index, featurizer, captions, images, rerank, prior)
     attributor.distilled_rows, attributor.additions = n_train, additions
+    attributor.removed = read_removed(student, n_train + len(additions))
     return attributor
 
   # ------------------------------------------------------------------ inputs
@@ -270,8 +275,10 @@ class Attributor:
                                 features=batch)[0]
 
   def attribute_batch(self, images=None, prompts=None, k: int = 10, features=None) -> list[Attribution]:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(self.index):
-      raise AttributionError(f'k must be an integer in [1, {len(self.index)}], got {k!r}')
+    answerable = len(self.index) - len(self.removed)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= answerable:
+      raise AttributionError(f'k must be an integer in [1, {answerable}], got {k!r}'
+                             + (f' ({len(self.removed)} training images removed)' if len(self.removed) else ''))
     if features is None:
       if images is None or prompts is None:
         raise AttributionError('pass image and prompt (or features=φ)')
@@ -290,13 +297,16 @@ class Attributor:
       return self._search(query, features, k)
 
   def _search(self, query: np.ndarray, features: np.ndarray, k: int) -> list[Attribution]:
+    removed = self.removed  # each in the index once: fetch that many more, then drop them (removals.py)
     if self.rerank is None:
-      ids, dots = self.index.search(index_queries(query, self.scale, self.prior is not None), k)
+      ids, dots = self.index.search(index_queries(query, self.scale, self.prior is not None), k + len(removed))
+      ids, dots = first_kept(ids, removed, k, dots)
       cosine = cosine_from_dots(dots, self.scale, None if self.prior is None else self.prior[ids])
     else:
       base_index, embeddings, m = self.rerank
-      m = min(m, len(base_index))
-      ids, _ = base_index.search(np.asarray(unit_rows(features)), max(m, k))
+      m = min(m, len(base_index) - len(removed))
+      ids, _ = base_index.search(np.asarray(unit_rows(features)), max(m, k) + len(removed))
+      ids, = first_kept(ids, removed, max(m, k))
       cosine = np.einsum('qd,qkd->qk', query, embeddings[ids])
       prior = None if self.prior is None else self.prior[ids]
       order = rerank_by_student(ids, student_key(self.scale, cosine, prior), m)[:, :k]
@@ -314,7 +324,7 @@ class Attributor:
     """New training images (and their captions), searchable at once; returns their training ids
     (after the training set's and earlier additions'). A student that computes φ itself takes images
     and captions, as `attribute` does (full scale: image files, which grids and results name); one
-    distilled on precomputed features takes their φ rows (`features`). In memory until `save_additions`."""
+    distilled on precomputed features takes their φ rows (`features`). In memory until `save`."""
     new = new_training_images(self, images, captions, features)
     embedded = np.asarray(self._embed(new.features), np.float32)
     prior = None if self.prior is None else np.asarray(self._prior_of(new.features), np.float32)
@@ -338,28 +348,50 @@ class Attributor:
       self._unsaved_embeddings = np.concatenate([self._unsaved_embeddings, embedded])
     return ids
 
-  def save_additions(self) -> None:
-    """The added training images written into the student's files (additions.py says in what order,
-    and why a save cut short loses no earlier addition)."""
+  def remove_training_images(self, ids) -> np.ndarray:
+    """Training ids (distilled or added) that no answer names from now on; returns those newly removed
+    (an id removed before is left as it is). Ids stay stable (removals.py). In memory until `save`."""
+    with self._lock.writing():
+      ids = checked_ids(ids, self.distilled_rows + len(self.additions))
+      new = np.setdiff1d(ids, self.removed)
+      if len(self.index) - len(self.removed) - len(new) < 1:
+        raise AttributionError(f'removing {len(new)} more of the {len(self.index) - len(self.removed)} training images '
+                               'left would leave none to answer with')
+      self.removed = np.union1d(self.removed, new)
+      self._removals_unsaved = self._removals_unsaved or bool(len(new))
+    return new
+
+  def save(self) -> None:
+    """Added and removed training images written into the student's files: additions first (additions.py
+    says in what order, and why a save cut short loses no earlier one), then the removed ids, so a
+    saved removal never names an image whose addition was not saved."""
+    from attrib.distill import student_dir
+    with self._lock.writing():
+      if len(self._unsaved_embeddings):
+        self._save_additions()
+      if self._removals_unsaved:
+        write_removed(student_dir(self.workdir), self.removed)
+        self._removals_unsaved = False
+
+  def _save_additions(self) -> None:
     from attrib.additions import write_additions
     from attrib.distill import BASE_INDEX, IMAGE_PRIOR, replace_index, student_dir
     from core.workdir import save_npy_atomic
     student = student_dir(self.workdir)
-    with self._lock.writing():
-      total = self.distilled_rows + len(self.additions)
-      if self.rerank is not None:
-        embeddings = self.rerank[1]
-      else:
-        saved = load_npy(student / 'embeddings.npy', mmap=True)[:total - len(self._unsaved_embeddings)]
-        embeddings = np.concatenate([saved, self._unsaved_embeddings])
-      save_npy_atomic(student / 'embeddings.npy', embeddings)
-      if self.prior is not None:
-        save_npy_atomic(student / IMAGE_PRIOR, self.prior)
-      replace_index(self.index, student / 'index')
-      if self.rerank is not None:
-        replace_index(self.rerank[0], student / BASE_INDEX)
-      write_additions(student, self.additions)  # last: what makes the additions count on the next load
-      self._unsaved_embeddings = self._unsaved_embeddings[:0]
+    total = self.distilled_rows + len(self.additions)
+    if self.rerank is not None:
+      embeddings = self.rerank[1]
+    else:
+      saved = load_npy(student / 'embeddings.npy', mmap=True)[:total - len(self._unsaved_embeddings)]
+      embeddings = np.concatenate([saved, self._unsaved_embeddings])
+    save_npy_atomic(student / 'embeddings.npy', embeddings)
+    if self.prior is not None:
+      save_npy_atomic(student / IMAGE_PRIOR, self.prior)
+    replace_index(self.index, student / 'index')
+    if self.rerank is not None:
+      replace_index(self.rerank[0], student / BASE_INDEX)
+    write_additions(student, self.additions)  # last: what makes the additions count on the next load
+    self._unsaved_embeddings = self._unsaved_embeddings[:0]
 
   def measure_latency(self, features: np.ndarray, count: int = 50, images=None, prompts=None) -> dict:
     """p50 / p95 / mean ms of single-query attribute() (from image + prompt when given), after warm-up."""

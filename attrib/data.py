@@ -58,16 +58,17 @@ class CaptionedImages:
     return {'images': self.images[i], 'context': self.context[i]}
 
 
-def read_index_file(path: str, size: int) -> np.ndarray:
+def read_index_file(path: str, size: int | None, what: str = 'data.exclude_path') -> np.ndarray:
+  """Sorted distinct training ids of a file (comma or newline separated), each in [0, size) unless size is None."""
   source = as_path(path)  # local or gs://
   if not source.is_file():
-    raise ConfigError(f'data.exclude_path {path}: no such file (expected comma/newline-separated training image ids)')
+    raise ConfigError(f'{what} {path}: no such file (expected comma/newline-separated training image ids)')
   text = source.read_text().replace('\n', ',')
   try:
     ids = np.array(sorted({int(x) for x in text.split(',') if x.strip()}), np.int64)
   except ValueError as e:
     raise ConfigError(f'{path}: expected comma/newline-separated training image ids ({e})') from None
-  if len(ids) and (ids.min() < 0 or ids.max() >= size):
+  if size is not None and len(ids) and (ids.min() < 0 or ids.max() >= size):
     raise ConfigError(f'{path}: ids must be in [0, {size}), got {ids.min()}..{ids.max()}')
   return ids
 

@@ -74,5 +74,7 @@ class FastGDAConfig:
   rerank_candidates: int = 0
 
   def __post_init__(self):
+    if not self.map_at or min(self.map_at) < 1:
+      raise ConfigError(f'map_at needs one or more L >= 1 (mAP against the teacher\'s top L), got {self.map_at}')
     if self.rerank_candidates < 0:
       raise ConfigError(f'rerank_candidates must be >= 0 (0 = no reranking), got {self.rerank_candidates}')

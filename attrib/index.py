@@ -71,6 +71,11 @@ class IndexConfig:
       raise ConfigError(f"index.kind {self.kind!r}: expected 'auto', 'brute_force', 'ah' or 'tree_ah'")
     if self.k < 1 or self.reorder < 1 or self.leaves_to_search < 1 or self.recall_probes < 1:
       raise ConfigError('index.k, index.reorder, index.leaves_to_search and index.recall_probes must be >= 1')
+    if self.num_leaves < 0:
+      raise ConfigError(f'index.num_leaves must be >= 0 (0 = the square root of the rows), got {self.num_leaves}')
+    if not 0 <= self.brute_force_below <= self.tree_above:
+      raise ConfigError(f"index.brute_force_below ({self.brute_force_below}) and index.tree_above "
+                        f"({self.tree_above}) bound 'auto''s middle size: 0 <= brute_force_below <= tree_above")
 
 
 def choose_kind(config: IndexConfig, rows: int) -> str:

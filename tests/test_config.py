@@ -101,6 +101,7 @@ def test_string_tuple_override_takes_bare_words_in_brackets():
 
 
 TOKENIZER_TINY, DIGITS = 'lvm/configs/tokenizer_tiny.py', 'attrib/configs/digits.py'
+FASTGDA_DIGITS = 'attrib/configs/fastgda_digits.py'
 
 
 @pytest.mark.parametrize('path, override, message', [
@@ -116,6 +117,9 @@ TOKENIZER_TINY, DIGITS = 'lvm/configs/tokenizer_tiny.py', 'attrib/configs/digits
     (DIGITS, 'unet.norm_eps=0', 'unet.norm_eps must be > 0'),
     (DIGITS, 'unet.block_out_channels=()', 'unet.block_out_channels needs one or more'),
     (DIGITS, 'data.text_len=1', r'data.text_len must be in \[2, 512\]'),  # 1 was not truncated at all
+    (FASTGDA_DIGITS, 'map_at=(0,)', 'map_at needs one or more L >= 1'),
+    (FASTGDA_DIGITS, 'index.num_leaves=-1', 'index.num_leaves must be >= 0'),
+    (FASTGDA_DIGITS, 'index.tree_above=10', r"index.brute_force_below \(20000\) and index.tree_above \(10\)"),
 ])
 def test_out_of_range_values_are_refused_when_the_config_loads(path, override, message):
   with pytest.raises(ConfigError, match=message):

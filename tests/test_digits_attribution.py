@@ -245,7 +245,7 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
   assert 1600 in attributor.attribute(image=new['images'][0], prompt=str(new['prompts'][0]), k=96).ids
   assert attributor.attribute(image=new['images'][0], prompt='a', k=1605).captions[-1] is not None
   after = attributor.attribute_batch(images=images, prompts=prompts, k=20)
-  attributor.save_additions()
+  attributor.save()
   for a, b in zip(Attributor.load(work).attribute_batch(images=images, prompts=prompts, k=20), after):
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
@@ -270,7 +270,7 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
     raise KeyboardInterrupt
   monkeypatch.setattr('attrib.additions.write_additions', cut_short)
   with pytest.raises(KeyboardInterrupt):
-    interrupted.save_additions()
+    interrupted.save()
   monkeypatch.undo()
   assert len(np.load(work / 'student' / 'embeddings.npy')) == 1606
   capsys.readouterr()
@@ -280,7 +280,7 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
   for a, b in zip(reloaded.attribute_batch(images=images, prompts=prompts, k=20), after):
     _same_ranking(a, b)
   assert reloaded.add_training_images(images=[new['images'][5]], captions=[str(new['prompts'][5])]).tolist() == [1605]
-  reloaded.save_additions()
+  reloaded.save()
   assert len(Attributor.load(work).index) == 1606 and 'warning' not in capsys.readouterr().err
   # The command: a TSV of PNG files; a missing file is named before anything is written.
   from PIL import Image
@@ -375,3 +375,30 @@ def test_counterfactual_removes_each_rankings_top_k(pipeline, capsys):
   top = Attributor.load(pipeline).attribute(image=queries['images'][0], prompt=str(queries['prompts'][0]), k=10).ids
   excluded = (pipeline / 'counterfactual' / 'q0_student10_seed0' / 'excluded.txt').read_text()
   assert sorted(map(int, excluded.split(','))) == sorted(top.tolist())  # exactly the student's top 10 removed
+
+
+def test_removed_training_images_answer_as_indexes_that_never_held_them(pipeline, tmp_path):
+  """The digits student reranks φ's top M: with images removed, that M is the top M of those left,
+  ordered by the student, exactly as indexes from which the images were deleted would answer."""
+  import shutil
+  from attrib import Attributor
+  work = tmp_path / 'w'
+  shutil.copytree(pipeline, work)
+  tests = np.load(work / 'teacher' / 'queries.npz')
+  images, prompts = list(tests['images']), [str(p) for p in tests['prompts']]
+  attributor = Attributor.load(work)
+  assert attributor.rerank is not None and attributor.prior is not None  # the path this test is about
+  before = attributor.attribute_batch(images=images, prompts=prompts, k=20)
+  removed = sorted({int(b.ids[0]) for b in before} | {int(before[0].ids[5])})
+  attributor.remove_training_images(removed)
+  after = attributor.attribute_batch(images=images, prompts=prompts, k=20)
+  never_held = Attributor.load(work)
+  for index in (never_held.index, never_held.rerank[0]):
+    index.delete(np.asarray(removed))
+  for a, r in zip(after, never_held.attribute_batch(images=images, prompts=prompts, k=20)):
+    assert not np.isin(a.ids, removed).any()
+    np.testing.assert_array_equal(a.ids, r.ids)
+    np.testing.assert_allclose(a.scores, r.scores, rtol=1e-6)
+  attributor.save()
+  for a, r in zip(after, Attributor.load(work).attribute_batch(images=images, prompts=prompts, k=20)):
+    np.testing.assert_array_equal(a.ids, r.ids)

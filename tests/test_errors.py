@@ -146,6 +146,10 @@ def _bad_inputs(tmp):
       'attrib add with no student': (['attrib', 'add', '--workdir', str(tmp / 'w'), '--features',
                                       str(tmp / 'short.npy')], 'attrib distill'),
       'attrib add of nothing': (['attrib', 'add', '--workdir', str(tmp / 'w')], 'takes --images'),
+      'attrib remove with no student': (['attrib', 'remove', '--workdir', str(tmp / 'w'), '--ids', '3'], 'attrib distill'),
+      'attrib remove of nothing': (['attrib', 'remove', '--workdir', str(tmp / 'w')], 'takes --ids'),
+      'attrib remove of words': (['attrib', 'remove', '--workdir', str(tmp / 'w'), '--ids', '3,seven'],
+                                 "--ids '3,seven': expected comma-separated training ids"),
       'batch that the mesh cannot split': (train + ['--set', 'train.global_batch=6'],
                                            'a micro-step of 6 rows (train.global_batch / optim.grad_accum) '
                                            "cannot be split 4 ways over mesh axes ('data', 'fsdp')"),
@@ -188,7 +192,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'batch that the mesh cannot split', 'digit sentences of a partial digit',
          'train-model of a batch the mesh cannot split', 'train-model of caption dropout above 1',
          'train-model of empty captions', 'train-model of an odd image size', 'train-model of zero heads',
-         'train-model of inverted betas', 'train-model without its exclude file']
+         'train-model of inverted betas', 'train-model without its exclude file', 'attrib remove with no student',
+         'attrib remove of nothing', 'attrib remove of words']
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from attrib.evaluation import average_precision, mean_average_precision, paired_comparison
+from attrib.index import IndexFileError
 from attrib.student_data import StudentDataError, load_rank_pickle
 from core.errors import ConfigError
 from launch import main as launch_main
@@ -169,6 +170,69 @@ def test_a_workdir_moved_to_another_machine_serves_evaluates_and_resumes(release
   assert json.loads((moved / 'distill_result.json').read_text())['step'] == 3 * per_epoch
 
 
+def test_removed_training_images_leave_every_answer_and_stay_removed(release, tmp_path, capsys):
+  """A takedown: removed ids never appear again, every answer is the index's top k of the rest (as an
+  index that never held them), the list is saved and read back, and ids stay stable around it."""
+  assert _distill(release, tmp_path / 'w', CPU1, ['--set', 'distill.epochs=2']) == 0
+  from attrib import Attributor, AttributionError
+  attributor = Attributor.load(tmp_path / 'w')
+  test_q = np.load(release / 'feats' / 'toy' / 'test_query_feats.npy')
+  before = attributor.attribute_batch(features=test_q, k=40)
+  removed = sorted({int(b.ids[0]) for b in before[:5]} | {int(before[0].ids[3])})
+  assert attributor.remove_training_images(removed).tolist() == removed
+  assert attributor.remove_training_images(removed[:2]).tolist() == []  # removed before: left as they are
+  after = attributor.attribute_batch(features=test_q, k=10)
+  for b, a in zip(before, after):
+    kept = ~np.isin(b.ids, removed)
+    np.testing.assert_array_equal(a.ids, b.ids[kept][:10])
+    np.testing.assert_array_equal(a.scores, b.scores[kept][:10])
+  never_held = Attributor.load(tmp_path / 'w')
+  never_held.index.delete(np.asarray(removed))
+  for a, r in zip(after, never_held.attribute_batch(features=test_q, k=10)):
+    np.testing.assert_array_equal(a.ids, r.ids)
+  rest = N - len(removed)
+  with pytest.raises(AttributionError, match=rf'k must be an integer in \[1, {rest}\], got {N} '
+                                             rf'\({len(removed)} training images removed\)'):
+    attributor.attribute(features=test_q[0], k=N)
+  everything = attributor.attribute(features=test_q[0], k=rest).ids
+  assert len(set(everything.tolist())) == rest and not np.isin(everything, removed).any()
+  with pytest.raises(AttributionError, match=r'training ids \[600\] are not in \[0, 600\)'):
+    attributor.remove_training_images([3, 600])
+  with pytest.raises(AttributionError, match='must be integers'):
+    attributor.remove_training_images([1.5])
+  with pytest.raises(AttributionError, match='each id once'):
+    attributor.remove_training_images([7, 7])
+  with pytest.raises(AttributionError, match='would leave none'):
+    attributor.remove_training_images(np.arange(N))
+  attributor.save()
+  stored = tmp_path / 'w' / 'student' / 'removed_images.json'
+  assert json.loads(stored.read_text()) == {'removed_ids': removed}
+  reloaded = Attributor.load(tmp_path / 'w')
+  for a, r in zip(after, reloaded.attribute_batch(features=test_q, k=10)):
+    np.testing.assert_array_equal(a.ids, r.ids)
+  # An image added after a removal takes the id after the training set's, and can be removed in turn.
+  assert reloaded.add_training_images(features=test_q[:1]).tolist() == [N]
+  assert N in reloaded.attribute(features=test_q[0], k=rest + 1).ids
+  assert reloaded.remove_training_images([N]).tolist() == [N]
+  reloaded.save()
+  assert json.loads(stored.read_text()) == {'removed_ids': removed + [N]}
+  assert N not in Attributor.load(tmp_path / 'w').attribute(features=test_q[0], k=rest).ids
+  # The command: inline or from a file; what it did in remove_result.json.
+  (tmp_path / 'ids.txt').write_text('5\n17\n')
+  assert launch_main(['attrib', 'remove', '--workdir', str(tmp_path / 'w'), '--ids-file', str(tmp_path / 'ids.txt')]) == 0
+  assert launch_main(['attrib', 'remove', '--workdir', str(tmp_path / 'w'), '--ids', f'17,{removed[0]},40']) == 0
+  result = json.loads((tmp_path / 'w' / 'remove_result.json').read_text())
+  assert (result['removed'], result['already_removed'], result['removed_training_images']) == (1, 2, len(removed) + 4)
+  assert json.loads(stored.read_text())['removed_ids'] == sorted(removed + [N, 5, 17, 40])
+  capsys.readouterr()
+  assert launch_main(['attrib', 'remove', '--workdir', str(tmp_path / 'w'), '--ids', '3,9999']) == 2
+  assert 'training ids [9999] are not in [0, 601)' in capsys.readouterr().err
+  # A list that is not this student's (hand-edited, or from another training set) is named on load.
+  stored.write_text(json.dumps({'removed_ids': [3, 5000]}))
+  with pytest.raises(IndexFileError, match='removed_images.json: ids must be distinct and in \\[0, 601\\)'):
+    Attributor.load(tmp_path / 'w')
+
+
 def test_training_images_added_by_features_while_queries_run(release, tmp_path, capsys):
   """A student of precomputed features takes new training images as φ rows; queries from 8 threads
   run while they are added (one at a time) and never see half an addition."""
@@ -199,7 +263,7 @@ def test_training_images_added_by_features_while_queries_run(release, tmp_path, 
     score = dict(zip(answer.ids.tolist(), answer.scores.tolist()))
     for n in range(20):
       assert abs(score[600 + n] - score[7 * n]) < 1e-5
-  attributor.save_additions()
+  attributor.save()
   assert launch_main(['attrib', 'add', '--workdir', str(tmp_path / 'w'), '--features', str(release / 'feats' / 'toy' /
                                                                                          'data_feats.npy')]) == 0
   assert json.loads((tmp_path / 'w' / 'add_result.json').read_text())['index_rows'] == 1220

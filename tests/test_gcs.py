@@ -172,7 +172,7 @@ answers = [[a.ids.tolist() for a in Attributor.load(x).attribute_batch(features=
 # Training images added to the gs:// student (into its sharded index) and saved there.
 grown = Attributor.load(w)
 grown.add_training_images(features=q[:2])
-grown.save_additions()
+grown.save()
 print(json.dumps([len(Attributor.load(w).index), len(grown.index)]))
 print(json.dumps(answers))
 '''

@@ -327,7 +327,7 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
   # query grid draws it without a file (it once ran past the end of the paths list).
   plain = Attributor.load(student)
   assert plain.add_training_images(features=phi[1:2]).tolist() == [14]
-  plain.save_additions()
+  plain.save()
   assert launch_main(['attrib', 'query', '--workdir', str(student), '--image', str(tmp_path / 'photo8.png'),
                       '--prompt', 'a flower in bloom', '-k', '15', '--out', str(tmp_path / 'grid3.png'), *towers]) == 0
   answer = json.loads((student / 'query_result.json').read_text())
