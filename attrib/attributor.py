@@ -298,6 +298,9 @@ class Attributor:
 
   def _search(self, query: np.ndarray, features: np.ndarray, k: int) -> list[Attribution]:
     removed = self.removed  # each in the index once: fetch that many more, then drop them (removals.py)
+    if k > len(self.index) - len(removed):  # removed by another thread since attribute_batch checked k
+      raise AttributionError(f'k must be an integer in [1, {len(self.index) - len(removed)}], got {k!r} '
+                             f'({len(removed)} training images removed)')
     if self.rerank is None:
       ids, dots = self.index.search(index_queries(query, self.scale, self.prior is not None), k + len(removed))
       ids, dots = first_kept(ids, removed, k, dots)
