@@ -46,11 +46,11 @@ def checked_ids(ids, total: int) -> np.ndarray:
   """Training ids a caller gave to remove, as int64: integers in [0, total), each once."""
   from attrib.attributor import AttributionError
   array = np.asarray(ids).reshape(-1)
-  if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or not len(array)):
-    raise AttributionError(f'training ids to remove must be integers, got {array.dtype} {array[:5].tolist()}')
-  array = array.astype(np.int64)
   if not len(array):
     raise AttributionError('no training ids to remove given')
+  if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):  # 1.5 or True is no id
+    raise AttributionError(f'training ids to remove must be integers, got {array.dtype} {array[:5].tolist()}')
+  array = array.astype(np.int64)
   outside = array[(array < 0) | (array >= total)]
   if len(outside):
     raise AttributionError(f'training ids {outside[:5].tolist()} are not in [0, {total}) (the student\'s '

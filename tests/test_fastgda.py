@@ -202,6 +202,8 @@ def test_removed_training_images_leave_every_answer_and_stay_removed(release, tm
     attributor.remove_training_images([1.5])
   with pytest.raises(AttributionError, match='each id once'):
     attributor.remove_training_images([7, 7])
+  with pytest.raises(AttributionError, match='no training ids to remove given'):
+    attributor.remove_training_images([])
   with pytest.raises(AttributionError, match='would leave none'):
     attributor.remove_training_images(np.arange(N))
   attributor.save()
