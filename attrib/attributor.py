@@ -29,9 +29,9 @@ import numpy as np
 from flax import nnx
 
 from attrib.additions import Additions, empty_additions, new_training_images
-from attrib.removals import checked_ids, first_kept, read_removed, write_removed
 from attrib.embedder import cosine_from_dots, index_queries, index_rows, unit_rows
 from attrib.index import IndexFileError, load_any
+from attrib.removals import checked_ids, first_kept, read_removed, write_removed
 from attrib.tower_features import TowerFeaturizer
 from core.errors import UserError
 from core.paths import as_path, is_remote
