@@ -174,6 +174,9 @@ def test_removed_training_images_leave_every_answer_and_stay_removed(release, tm
   """A takedown: removed ids never appear again, every answer is the index's top k of the rest (as an
   index that never held them), the list is saved and read back, and ids stay stable around it."""
   assert _distill(release, tmp_path / 'w', CPU1, ['--set', 'distill.epochs=2']) == 0
+  evaluate = ['attrib', 'eval', '--workdir', str(tmp_path / 'w'), '--ranks', str(release / 'influence_test.pkl')]
+  assert launch_main(evaluate) == 0
+  table = json.loads((tmp_path / 'w' / 'eval_result.json').read_text())['map']
   from attrib import Attributor, AttributionError
   attributor = Attributor.load(tmp_path / 'w')
   test_q = np.load(release / 'feats' / 'toy' / 'test_query_feats.npy')
@@ -226,6 +229,9 @@ def test_removed_training_images_leave_every_answer_and_stay_removed(release, tm
   result = json.loads((tmp_path / 'w' / 'remove_result.json').read_text())
   assert (result['removed'], result['already_removed'], result['removed_training_images']) == (1, 2, len(removed) + 4)
   assert json.loads(stored.read_text())['removed_ids'] == sorted(removed + [N, 5, 17, 40])
+  # The student is still measured against the teacher's rankings of the whole training set.
+  assert launch_main(evaluate) == 0
+  assert json.loads((tmp_path / 'w' / 'eval_result.json').read_text())['map'] == table
   capsys.readouterr()
   assert launch_main(['attrib', 'remove', '--workdir', str(tmp_path / 'w'), '--ids', '3,9999']) == 2
   assert 'training ids [9999] are not in [0, 601)' in capsys.readouterr().err
