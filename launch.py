@@ -434,18 +434,16 @@ def _run(argv: list[str]) -> int:
   ax.add_argument('--workdir', required=True)
   ax.add_argument('--shards', type=int, default=1)
 
-  def add_student_args(parser):  # a distilled student, loaded as `Attributor.load` takes it
-    parser.add_argument('--workdir', required=True)
-    parser.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
-    parser.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
-    parser.add_argument('--train-list', help='full scale: the training TSV the student was distilled over')
-
   aa = a.add_parser('add', help='add training images to a distilled student\'s index, without distilling again')
-  add_student_args(aa)
+  aa.add_argument('--workdir', required=True)
   aa.add_argument('--images', help='TSV of image path<TAB>caption lines (relative paths: from the TSV\'s folder)')
   aa.add_argument('--features', help='.npy of φ rows [n, d], for a student distilled on precomputed features')
+  aa.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
+  aa.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
+  aa.add_argument('--train-list', help='full scale: the training TSV the student was distilled over')
+  # No towers to load: a removal names training ids, it computes no feature.
   ar = a.add_parser('remove', help='take training images out of every answer of a distilled student (a takedown)')
-  add_student_args(ar)
+  ar.add_argument('--workdir', required=True)
   ar.add_argument('--ids', help='training ids, comma-separated: 3,17,250')
   ar.add_argument('--ids-file', help='a file of training ids, comma or newline separated')
 
@@ -546,7 +544,7 @@ def _run(argv: list[str]) -> int:
       result = add_command(args.workdir, args.images, args.features, args.dino, args.clip, args.train_list)
     elif args.command == 'remove':
       from attrib.removals import remove_command
-      result = remove_command(args.workdir, args.ids, args.ids_file, args.dino, args.clip, args.train_list)
+      result = remove_command(args.workdir, args.ids, args.ids_file)
     elif args.command == 'eval':
       from attrib.evaluation import eval_command
       result = eval_command(args.workdir, args.features, args.ranks)

@@ -81,8 +81,9 @@ def new_training_images(attributor, images, captions, features) -> Additions:
   from attrib.tower_features import TowerFeaturizer
   if attributor.featurizer is None:
     if features is None or images is not None:
-      raise AttributionError(f'{attributor.workdir}: this student was distilled on precomputed features; add '
-                             'training images as features=φ rows (the same base feature as its training set)')
+      raise AttributionError(f'{attributor.workdir}: this student was loaded without a featurizer; add training '
+                             'images as features=φ rows (the same base feature as its training set), or, for a '
+                             'full-scale student, load it with dino= and clip= first')
     features = np.atleast_2d(np.asarray(features, np.float32))
     captions = [''] * len(features) if captions is None else captions
   elif features is not None or images is None or captions is None:

@@ -30,6 +30,7 @@ from flax import nnx
 
 from attrib.additions import Additions, empty_additions, new_training_images
 from attrib.embedder import cosine_from_dots, index_queries, index_rows, unit_rows
+from attrib.features import DIGIT_PARTS
 from attrib.index import IndexFileError, load_any
 from attrib.removals import checked_ids, first_kept, read_removed, write_removed
 from attrib.tower_features import TowerFeaturizer
@@ -153,8 +154,10 @@ class Attributor:
         if len(images) != n_train:
           raise IndexFileError(f'{train_list} lists {len(images)} training images, the student in {workdir} was '
                                f'distilled over {n_train}: another training set')
-    elif (workdir / 'config.json').is_file() and (workdir / 'features').is_dir():
+    elif (workdir / 'config.json').is_file() and (workdir / 'features').is_dir() and \
+        set(run.config.feature.split('+')) <= set(DIGIT_PARTS):
       # A student of the built-in digits model in this workdir: φ is computed here from image + prompt.
+      # (Not a full-scale student beside its imported model: its φ needs the towers, dino= and clip=.)
       from attrib.features import DigitFeaturizer, digit_feature_sets
       featurizer = (DigitFeaturizer(workdir), run.config.feature)
       images, captions = digit_feature_sets(workdir)['train']
@@ -250,8 +253,9 @@ class Attributor:
 
   def features(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
     if self.featurizer is None:
-      raise AttributionError(f'{self.workdir}: this student was distilled on precomputed features; pass '
-                             'features=φ (the same base feature as its training set) instead of image/prompt')
+      raise AttributionError(f'{self.workdir}: this student was loaded without a featurizer; pass features=φ (the '
+                             'same base feature as its training set) instead of image/prompt, or, for a full-scale '
+                             'student, load it with dino= and clip= (the checkpoints its features came from)')
     if isinstance(prompts, str):  # its characters would pass for one prompt each
       raise AttributionError('prompts must be a list of strings, one per image, not one string')
     if len(images) != len(prompts):

@@ -69,10 +69,10 @@ def first_kept(ids_qk: np.ndarray, removed: np.ndarray, k: int, *arrays: np.ndar
   return tuple(np.take_along_axis(a, order, axis=1) for a in (ids_qk, *arrays))
 
 
-def remove_command(workdir: str, ids_text: str | None, ids_file: str | None, dino: str | None = None,
-                   clip: str | None = None, train_list: str | None = None) -> dict:
+def remove_command(workdir: str, ids_text: str | None, ids_file: str | None) -> dict:
   """`launch.py attrib remove`: training ids given inline (3,17,250) or in a file (comma or newline
-  separated) taken out of the student's answers and saved."""
+  separated) taken out of the student's answers and saved. The student is loaded without its towers
+  or training list (a full-scale one too): a removal computes no feature."""
   from attrib.attributor import Attributor
   from attrib.data import read_index_file
   from core.errors import ConfigError
@@ -86,7 +86,7 @@ def remove_command(workdir: str, ids_text: str | None, ids_file: str | None, din
       raise ConfigError(f'--ids {ids_text!r}: expected comma-separated training ids, e.g. 3,17,250') from None
   else:
     ids = read_index_file(ids_file, None, what='--ids-file').tolist()
-  attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
+  attributor = Attributor.load(workdir)
   removed = attributor.remove_training_images(ids)
   attributor.save()
   result = {'job': 'attrib remove', 'removed': len(removed), 'already_removed': len(ids) - len(removed),

@@ -117,7 +117,7 @@ def test_attributor_is_thread_safe_and_rejects_bad_queries(release, tmp_path):
     np.testing.assert_array_equal(r.scores, serial[n % TEST_Q].scores)
   with pytest.raises(AttributionError, match=r'\[b, 24\]'):
     attributor.attribute(features=np.zeros(23, np.float32))
-  with pytest.raises(AttributionError, match='precomputed features'):
+  with pytest.raises(AttributionError, match='loaded without a featurizer; pass features=φ'):
     attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x')
   with pytest.raises(AttributionError, match='k must be'):
     attributor.attribute(features=test_q[0], k=0)
@@ -168,6 +168,21 @@ def test_a_workdir_moved_to_another_machine_serves_evaluates_and_resumes(release
   per_epoch = (TRAIN_Q - 10) * M // 512
   assert f'resuming {moved / "student"} from step {2 * per_epoch} of {3 * per_epoch}' in capsys.readouterr().err
   assert json.loads((moved / 'distill_result.json').read_text())['step'] == 3 * per_epoch
+
+
+def test_a_full_scale_student_beside_its_model_loads_without_towers(release, tmp_path):
+  """A student of non-digits features in a workdir that also holds a diffusion run and features/ (the
+  full-scale flow: import-diffusers, teacher, features, distill in one workdir) loads without its
+  towers and answers features=; it was taken for a digits student and its U-Net restored."""
+  assert _distill(release, tmp_path / 'w', CPU1, ['--set', 'distill.epochs=1']) == 0
+  (tmp_path / 'w' / 'config.json').write_text('{"config": {}, "tpu": "cpu_1.py"}')  # not a digits run
+  (tmp_path / 'w' / 'features' / 'toy').mkdir(parents=True)
+  from attrib import Attributor, AttributionError
+  attributor = Attributor.load(tmp_path / 'w')
+  test_q = np.load(release / 'feats' / 'toy' / 'test_query_feats.npy')
+  assert len(attributor.attribute(features=test_q[0], k=5).ids) == 5
+  with pytest.raises(AttributionError, match='for a full-scale student, load it with dino= and clip='):
+    attributor.attribute(image=np.zeros((16, 16), np.float32), prompt='x')
 
 
 def test_removed_training_images_leave_every_answer_and_stay_removed(release, tmp_path, capsys):
@@ -278,7 +293,7 @@ def test_training_images_added_by_features_while_queries_run(release, tmp_path, 
   reloaded = Attributor.load(tmp_path / 'w')
   assert len(reloaded.index) == 1220 and reloaded.captions is None
   assert len(np.load(tmp_path / 'w' / 'student' / 'embeddings.npy')) == 1220
-  with pytest.raises(AttributionError, match='precomputed features'):
+  with pytest.raises(AttributionError, match='loaded without a featurizer; add training images as features=φ rows'):
     reloaded.add_training_images(images=[np.zeros((16, 16), np.float32)], captions=['x'])
   with pytest.raises(AttributionError, match=r'\[n >= 1, 24\]'):
     reloaded.add_training_images(features=np.zeros((2, 23), np.float32))
