@@ -100,6 +100,7 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
     refuse_changed_run(workdir, load_run(workdir)[0], config, ('unet', 'schedule', 'data'))
   data = CaptionedImages(config.data, text_encoder, cache_dir=cache_dir or workdir / 'cache')
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
+  check_batch_layout(config.train, config.optim, preset, records=len(data), data=config.data.train_path)
   make_workdir(workdir)
   write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
 

@@ -276,10 +276,15 @@ def replicate_frozen_inputs(task: Task, mesh):
       np.shape(value), replicated, lambda index, v=value: np.asarray(v)[index]), task.frozen_inputs())
 
 
-def check_batch_layout(train_config: TrainConfig, optim: OptimConfig, preset: SliceConfig, mesh=None) -> None:
+def check_batch_layout(train_config: TrainConfig, optim: OptimConfig, preset: SliceConfig, mesh=None, *,
+                       records: int | None = None, data: str = '') -> None:
   """Raises ConfigError unless train.global_batch splits into optim.grad_accum micro-batches, over the
-  hosts, and over the mesh axes that shard the batch. Cheap (no compile): commands call it before they
-  write anything, else jax raises IndivisibleError from inside the first batch's transfer."""
+  hosts, and over the mesh axes that shard the batch, and (given `records`, the training set's size)
+  the data `data` fills one batch. Cheap (no compile): commands call it before they write anything,
+  else jax raises IndivisibleError from inside the first batch's transfer."""
+  if records is not None and records < train_config.global_batch:
+    raise ConfigError(f'{data}: {records} training records are fewer than one batch '
+                      f'(train.global_batch {train_config.global_batch}); add data or lower train.global_batch')
   if train_config.global_batch % (optim.grad_accum * jax.process_count()):
     raise ConfigError(f'train.global_batch {train_config.global_batch} must split into '
                       f'optim.grad_accum={optim.grad_accum} micro-batches on {jax.process_count()} hosts')

@@ -20,6 +20,8 @@ import sys
 import grain
 import numpy as np
 
+from core.errors import ConfigError
+
 
 class _HostBatchIndices(grain.MapDataset):
   """Element k: (positions, record indices) of this host's rows of global batch k."""
@@ -89,9 +91,9 @@ def record_batches(source, *, global_batch: int, seed: int, shuffle: bool = True
   every checkpoint. `num_epochs=None` repeats forever (training); 1 gives one pass (evaluation).
   """
   if global_batch % process_count:
-    raise ValueError(f'global batch {global_batch} does not split over {process_count} hosts')
+    raise ConfigError(f'global batch {global_batch} does not split over {process_count} hosts')
   if len(source) < global_batch:
-    raise ValueError(f'{source}: {len(source)} records are fewer than one global batch of {global_batch}')
+    raise ConfigError(f'{source}: {len(source)} records are fewer than one global batch of {global_batch}')
   dataset = _HostBatchIndices(len(source), global_batch=global_batch, seed=seed, shuffle=shuffle,
                               num_epochs=num_epochs, process_index=process_index, process_count=process_count)
   dataset = dataset.map(functools.partial(_read_batch, source, batch_fn, map_with_index))

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from core.paths import as_path, local_data
+from core.paths import absolute, as_path, local_data
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
@@ -25,6 +25,11 @@ from lvm.config import LvmConfig
 from lvm.task import NextTokenTask
 
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
+
+
+def data_location(train_path: str) -> str:
+  """Training data as a later job finds it from any folder: built-in names and gs:// as given."""
+  return train_path if not train_path or train_path.startswith('builtin:') else absolute(train_path)
 
 
 def load_run_config(workdir: Path) -> tuple[LvmConfig, str]:
@@ -66,9 +71,12 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
   source = open_token_source(config.data.train_path, seq_len=config.data.seq_len,
                              vocab_size=config.model.vocab_size)
   task = NextTokenTask(config.model, config.data.seq_len)
-  check_batch_layout(config.train, config.optim, preset)
+  check_batch_layout(config.train, config.optim, preset, records=len(source), data=config.data.train_path)
   make_workdir(workdir)
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+  # The data path as given counts from here; its absolute path lets `lvm generate` find the data's
+  # tokenizer from any folder.
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve()),
+                                                'train_data': data_location(config.data.train_path)})
 
   def make_iterator(process_index, process_count):
     return token_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,

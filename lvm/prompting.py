@@ -71,15 +71,23 @@ def grid_png(rows: list[np.ndarray], split_at: int, path: Path, scale: int = 4) 
 
 
 def tokenizer_of(workdir: Path, config) -> str:
-  """The tokenizer an LVM workdir's tokens came from (the manifest of its training data)."""
-  manifest = Path(config.data.train_path) / 'manifest.json'
-  if not manifest.parent.is_dir():
+  """The tokenizer an LVM workdir's tokens came from (the manifest of its training data). The data
+  path as configured counts from where training ran; from elsewhere, the absolute path that
+  `lvm train` recorded beside it."""
+  from core.workdir import RUN_CONFIG_FILE
+  from lvm.sentences import manifest_tokenizer
+  given = Path(config.data.train_path)
+  run_file = Path(workdir) / RUN_CONFIG_FILE
+  recorded = json.loads(run_file.read_text()).get('train_data') if run_file.is_file() else None
+  data = given if given.is_dir() or not recorded else Path(recorded)
+  if not data.is_dir():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which is not there from {Path.cwd()} '
                       '(a relative path counts from where training ran: run from there, or pass --tokenizer)')
+  manifest = data / 'manifest.json'
   if not manifest.is_file():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which has no manifest.json naming a '
                       'tokenizer (data from `lvm tokenize` has one); pass --tokenizer')
-  return json.loads(manifest.read_text())['tokenizer']
+  return manifest_tokenizer(data, json.loads(manifest.read_text()))
 
 
 def generate_command(workdir: str, prompts: list[str], frames: int, out: str | None, *, mode: str = 'sequence',
@@ -124,6 +132,7 @@ def next_frame_report(workdir: str | Path, sentences_dir: str | Path, *, kind: s
   tokens, and PSNR (dB) of the decoded frames against the decoded true frame."""
   from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
   from lvm import commands
+  from lvm.sentences import manifest_tokenizer
   from lvm.tokenizer_commands import load_tokenizer
   workdir, sentences_dir = Path(workdir), Path(sentences_dir)
   manifest = json.loads((sentences_dir / 'manifest.json').read_text())
@@ -133,7 +142,7 @@ def next_frame_report(workdir: str | Path, sentences_dir: str | Path, *, kind: s
   records = np.stack([source[i] for i in range(min(limit, len(source)))])
   config, trained_tpu = commands.load_run_config(workdir)
   _, params, _, _, step = commands.restore_params(workdir, config, tpu_path or trained_tpu)
-  tokenizer = load_tokenizer(manifest['tokenizer'], tpu_path or trained_tpu)
+  tokenizer = load_tokenizer(manifest_tokenizer(sentences_dir, manifest), tpu_path or trained_tpu)
   context, truth = records[:, :-tpi], records[:, -tpi:]
   predicted = generate_frames(jax.device_get(params), config.model, context, frames=1, tokens_per_image=tpi,
                               codebook_size=manifest['codebook_size'])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from core import progress
 from core.config import ConfigError, check_at_least
-from core.paths import as_path
+from core.paths import absolute, as_path, is_remote
 from core.workdir import atomic_path, make_workdir, versions, write_json_atomic
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_records import SHARD_SUFFIX, SHARD_WRITER_OPTIONS, TOKEN_DTYPE
@@ -276,12 +277,35 @@ def finish_tokenize_job(job: TokenizeJob, written: int, started: float, runner: 
               'codebook_size': tconfig.codebook_size, 'vocab_size': tconfig.codebook_size + SPECIAL_TOKENS,
               'special_token_ids': [tconfig.codebook_size, tconfig.codebook_size + SPECIAL_TOKENS - 1],
               'records_per_kind': job.spec['sentences'], 'shards': [s.name for s in job.shards],
-              'images': int(len(job.images)), 'tokenizer': job.tokenizer_dir}
+              'images': int(len(job.images)), **tokenizer_location(job.tokenizer_dir, job.out)}
   write_json_atomic(job.out / 'manifest.json', manifest)
   result = dict(manifest, shards_written_this_run=written, runner=runner, wall_s=time.time() - started,
                 versions=versions())
   write_json_atomic(job.out / 'tokenize_result.json', result)
   return result
+
+
+def tokenizer_location(tokenizer_dir, out) -> dict:
+  """How a manifest names its tokenizer so that later jobs find it from any folder: its absolute
+  path, and (both local) its path relative to the shards' folder, which still holds when the two
+  are moved together (a copied run folder)."""
+  location = {'tokenizer': absolute(tokenizer_dir)}
+  if not is_remote(tokenizer_dir) and not is_remote(out):
+    location['tokenizer_relative'] = os.path.relpath(absolute(tokenizer_dir), absolute(out))
+  return location
+
+
+def manifest_tokenizer(sentences_dir, manifest: dict) -> str:
+  """The tokenizer a manifest names: beside the shards where it was when they were tokenized, else
+  at its absolute path (a manifest from before the relative path was recorded: its path as given)."""
+  sentences_dir = as_path(sentences_dir)
+  relative = manifest.get('tokenizer_relative')
+  candidates = ([os.path.normpath(sentences_dir / relative)] if relative else []) + [manifest['tokenizer']]
+  for candidate in candidates:
+    if as_path(candidate).is_dir():
+      return candidate
+  raise ConfigError(f'{sentences_dir}/manifest.json names the tokenizer {manifest["tokenizer"]!r}, which is not there '
+                    f'(looked at {candidates}); pass --tokenizer')
 
 
 def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, **options) -> dict:

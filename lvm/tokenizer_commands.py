@@ -116,7 +116,7 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
   task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
   if hasattr(task, 'frozen_inputs'):
     task.frozen_inputs()  # read and checked (files, keys, shapes) before the workdir is touched
-  check_batch_layout(config.train, config.optim, preset)
+  check_batch_layout(config.train, config.optim, preset, records=len(source), data=repr(source))
   make_workdir(workdir)
   write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
 

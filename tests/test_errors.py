@@ -44,6 +44,11 @@ def _bad_inputs(tmp):
   (tmp / 'garbage.bin').write_bytes(b'PK\x03\x04 this is not a torch checkpoint')
   from safetensors.numpy import save_file
   save_file({'foreign.weight': np.zeros((2, 2), np.float32)}, str(tmp / 'foreign.safetensors'))
+  np.save(tmp / 'six_records.npy', np.zeros((6, 256), np.int32))
+  (tmp / 'two_images').mkdir()
+  from PIL import Image
+  for i in range(2):
+    Image.fromarray(np.full((32, 32, 3), 80 * i, np.uint8)).save(tmp / 'two_images' / f'{i}.png')
   digits = str(ROOT / 'attrib/configs/digits.py')
   from core.config import load_config_file, to_dict
   for kind, config in (('lvm_run', TINY), ('diffusion_run', digits)):
@@ -153,6 +158,15 @@ def _bad_inputs(tmp):
       'batch that the mesh cannot split': (train + ['--set', 'train.global_batch=6'],
                                            'a micro-step of 6 rows (train.global_batch / optim.grad_accum) '
                                            "cannot be split 4 ways over mesh axes ('data', 'fsdp')"),
+      'lvm train on fewer records than a batch': (train + ['--set', f'data.train_path={tmp / "six_records.npy"}'],
+                                                  'six_records.npy: 6 training records are fewer than one batch '
+                                                  '(train.global_batch 16)'),
+      'train-tokenizer on fewer images than a batch': (['lvm', 'train-tokenizer', '--config',
+                                                        str(ROOT / 'lvm/configs/tokenizer_tiny.py'), '--tpu', CPU8,
+                                                        '--workdir', str(tmp / 'w'), '--set',
+                                                        f'data.source={tmp / "two_images"}'],
+                                                       'two_images (2 images): 2 training records are fewer than '
+                                                       'one batch (train.global_batch 32)'),
       'digit sentences of a partial digit': (train + ['--set', 'data.seq_len=100'],
                                              'data.seq_len 100 must be a multiple of 64'),
       'train-model of a batch the mesh cannot split': (train_model + ['--set', 'train.global_batch=5'],
@@ -193,7 +207,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-model of a batch the mesh cannot split', 'train-model of caption dropout above 1',
          'train-model of empty captions', 'train-model of an odd image size', 'train-model of zero heads',
          'train-model of inverted betas', 'train-model without its exclude file', 'attrib remove with no student',
-         'attrib remove of nothing', 'attrib remove of words']
+         'attrib remove of nothing', 'attrib remove of words', 'lvm train on fewer records than a batch',
+         'train-tokenizer on fewer images than a batch']
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -237,8 +237,46 @@ def test_generate_says_when_the_training_data_path_is_not_there(tmp_path, monkey
   (tmp_path / 'runs/quickstart/data/train').mkdir(parents=True)
   with pytest.raises(ConfigError, match='no manifest.json naming a tokenizer'):
     tokenizer_of(tmp_path / 'lvm', config)
+  # A manifest from before tokenizer_relative: the tokenizer's path as given (from the same folder).
   (tmp_path / 'runs/quickstart/data/train/manifest.json').write_text(json.dumps({'tokenizer': 'runs/tok'}))
+  with pytest.raises(ConfigError, match="names the tokenizer 'runs/tok', which is not there"):
+    tokenizer_of(tmp_path / 'lvm', config)
+  (tmp_path / 'runs/tok').mkdir()
   assert tokenizer_of(tmp_path / 'lvm', config) == 'runs/tok'
+
+
+def test_generate_finds_the_tokenizer_from_any_folder_and_after_a_move(tmp_path, monkeypatch):
+  """`lvm train` records its data's absolute path and a manifest names its tokenizer both absolutely
+  and relative to the shards: `lvm generate` from another folder, or on a run folder copied
+  elsewhere (data and tokenizer together), finds the tokenizer without --tokenizer."""
+  import shutil
+  from types import SimpleNamespace
+  from core.config import ConfigError
+  from lvm.commands import data_location
+  from lvm.prompting import tokenizer_of
+  from lvm.sentences import tokenizer_location
+  run = tmp_path / 'first'
+  (run / 'tok').mkdir(parents=True)
+  (run / 'data/train').mkdir(parents=True)
+  (run / 'lvm').mkdir()
+  monkeypatch.chdir(run)  # where tokenize and training ran, with relative paths
+  manifest = tokenizer_location('tok', 'data/train')
+  assert manifest == {'tokenizer': str(run / 'tok'), 'tokenizer_relative': '../../tok'}
+  (run / 'data/train/manifest.json').write_text(json.dumps(manifest))
+  (run / 'lvm/config.json').write_text(json.dumps({'train_data': data_location('data/train')}))
+  config = SimpleNamespace(data=SimpleNamespace(train_path='data/train'))
+  assert tokenizer_of(run / 'lvm', config) == 'tok'  # data/train/../../tok, normalised
+  monkeypatch.chdir(tmp_path)
+  assert tokenizer_of(run / 'lvm', config) == str(run / 'tok')  # through the recorded absolute data path
+  moved = tmp_path / 'moved'
+  shutil.copytree(run, moved)
+  shutil.rmtree(run)
+  monkeypatch.chdir(moved)  # the absolute paths recorded are gone; the relative ones hold
+  assert tokenizer_of(moved / 'lvm', config) == 'tok'
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError, match="'data/train', which is not there"):
+    tokenizer_of(moved / 'lvm', config)
+  assert data_location('builtin:digits') == 'builtin:digits' and data_location('gs://b/d') == 'gs://b/d'
 
 
 def test_coverage_notes_name_kinds_that_leave_most_of_the_source_unseen():
