@@ -77,7 +77,8 @@ def distilled_rows(student, fallback: int) -> int:
 
 def new_training_images(attributor, images, captions, features) -> Additions:
   """Checked inputs of `Attributor.add_training_images`, with their φ (computed as for a query)."""
-  from attrib.attributor import AttributionError, refuse_non_finite
+  from attrib.attributor import refuse_non_finite
+  from attrib.query_images import AttributionError, digit_pixels
   from attrib.tower_features import TowerFeaturizer
   if attributor.featurizer is None:
     if features is None or images is not None:
@@ -99,7 +100,7 @@ def new_training_images(attributor, images, captions, features) -> Additions:
       raise AttributionError('training images added to a full-scale student are image files (paths), which '
                              'query grids and results name')
     features = attributor.features(images, captions)
-    pixels = None if tower else np.stack([attributor._image(i) for i in images])
+    pixels = None if tower else np.stack([digit_pixels(i) for i in images])
     paths = [str(i) for i in images] if tower else None
   else:
     pixels, paths = None, None

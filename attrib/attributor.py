@@ -32,23 +32,12 @@ from attrib.additions import Additions, empty_additions, new_training_images
 from attrib.embedder import cosine_from_dots, index_queries, index_rows, unit_rows
 from attrib.features import DIGIT_PARTS
 from attrib.index import IndexFileError, load_any
+from attrib.query_images import AttributionError, digit_pixels, tower_image
 from attrib.removals import checked_ids, first_kept, read_removed, write_removed
 from attrib.tower_features import TowerFeaturizer
-from core.errors import UserError
-from core.paths import as_path, is_remote
+from core.paths import as_path
 from core.readers_writer import ReadersWriterLock
 from core.workdir import load_npy
-from data_pipelines.image_sources import as_rgb
-
-
-def _square_16(image):
-  """A PIL image -> 16x16: the centred square of its short side, resized (bilinear). As the paper's
-  resize-and-centre-crop, a wide or tall image is cropped, not squashed."""
-  from PIL import Image
-  w, h = image.size
-  side = min(w, h)
-  left, top = (w - side) // 2, (h - side) // 2
-  return image.crop((left, top, left + side, top + side)).resize((16, 16), Image.BILINEAR)
 
 
 def rerank_by_student(ids_qk: np.ndarray, student_key_qk: np.ndarray, m: int) -> np.ndarray:
@@ -66,10 +55,6 @@ def student_key(scale: float, cosine: np.ndarray, prior: np.ndarray | None) -> n
   if prior is None:
     return (1.0 if scale < 0 else -1.0) * cosine
   return -(scale * cosine + prior)
-
-
-class AttributionError(UserError):
-  """A query the attributor cannot take (wrong image shape or type, missing prompt, bad features)."""
 
 
 def refuse_non_finite(features: np.ndarray) -> None:
@@ -126,6 +111,15 @@ class Attributor:
     if prior is not None and (prior.ndim != 1 or len(prior) != len(index)):
       raise IndexFileError(f'{workdir}/student/image_prior.npy holds {prior.shape} values for {len(index)} '
                            'training images: it was written for another training set; rerun distill')
+
+  def __repr__(self) -> str:
+    kind = self.index.meta['kind'] + (f' of {self.index.meta["shards"]}' if 'shards' in self.index.meta else '')
+    changes = [f'+{len(self.additions)} added'] * bool(len(self.additions)) + \
+              [f'{len(self.removed)} removed'] * bool(len(self.removed))
+    featurizer = f'feature {self.featurizer[1]}' if self.featurizer else 'no featurizer: pass features='
+    return (f"Attributor('{self.workdir}': {self.distilled_rows:,} training images"
+            f"{' (' + ', '.join(changes) + ')' if changes else ''}, {featurizer} ({self.input_dim}-d), "
+            f"{kind} index{', reranked by the student' if self.rerank else ''})")
 
   @classmethod
   def load(cls, workdir: str | Path, dino: str | None = None, clip: str | None = None,
@@ -192,65 +186,6 @@ class Attributor:
     attributor.removed = read_removed(student, n_train + len(additions))
     return attributor
 
-  # ------------------------------------------------------------------ inputs
-  @staticmethod
-  def _read(path):  # -> PIL.Image.Image
-    from PIL import Image
-    try:
-      with as_path(path).open('rb') if is_remote(path) else open(path, 'rb') as f:
-        opened = Image.open(f)
-        opened.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      raise AttributionError(f'{path}: not a readable image ({e})') from None
-    return opened
-
-  def _rgb(self, image):  # -> PIL.Image.Image
-    """One query image for the full-scale towers (they resize and crop it themselves): a path, a PIL
-    image, or uint8 [H, W, 3] / [H, W, 4] / [H, W] (RGBA as a PNG file of it: the paper's .convert('RGB'))."""
-    from PIL import Image
-    if isinstance(image, (str, Path)):
-      return self._read(image)
-    if isinstance(image, Image.Image):
-      return image
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
-        image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
-      return Image.fromarray(image)
-    what = f'array of {image.dtype} {image.shape}' if isinstance(image, np.ndarray) else type(image).__name__
-    raise AttributionError(f'image: expected a path, a PIL image or uint8 [H, W, 3] (or [H, W, 4], [H, W]), '
-                           f'got {what}')
-
-  def _image(self, image) -> np.ndarray:
-    """One query image -> [16, 16, 1] float32 in [-1, 1] (the digits model's input)."""
-    from PIL import Image
-    if isinstance(image, (str, Path)):
-      image = self._read(image)
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] in (3, 4):
-      image = Image.fromarray(image)  # to grey as a PNG file of it would be (PIL's luma weights, alpha on white)
-    if isinstance(image, Image.Image):
-      # Any mode as the data pipelines read it (16-bit grey scaled, alpha on white), then PIL's grey.
-      image = np.asarray(_square_16(as_rgb(image).convert('L')), np.uint8)
-    if not isinstance(image, np.ndarray):
-      raise AttributionError(f'image must be a numpy array, a PIL image or a path, got {type(image).__name__}')
-    if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
-      raise AttributionError(f'image dtype {image.dtype}: expected uint8 or float arrays (PIL images and '
-                             'files of any bit depth are converted)')
-    if image.ndim == 3 and image.shape[-1] in (1, 3):
-      image = image.mean(axis=-1) if image.shape[-1] == 3 else image[..., 0]
-    if image.ndim != 2:
-      raise AttributionError(f'image of shape {image.shape}: expected [H, W], [H, W, 1], [H, W, 3] '
-                             '(or uint8 [H, W, 4])')
-    if image.dtype == np.uint8:
-      if image.shape != (16, 16):
-        image = np.asarray(_square_16(Image.fromarray(image)))
-      image = image.astype(np.float32) / 127.5 - 1
-    elif np.issubdtype(image.dtype, np.floating):
-      if image.shape != (16, 16):
-        raise AttributionError(f'float image of shape {image.shape}: the digits model takes 16x16 '
-                               f'(pass uint8 or a PIL image to have it resized)')
-      if not np.all(np.isfinite(image)) or image.min() < -1.0001 or image.max() > 1.0001:
-        raise AttributionError('float image values must be finite and in [-1, 1] (the model\'s pixel range)')
-    return np.asarray(image, np.float32)[..., None]
-
   def features(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
     if self.featurizer is None:
       raise AttributionError(f'{self.workdir}: this student was loaded without a featurizer; pass features=φ (the '
@@ -265,8 +200,8 @@ class Attributor:
         raise AttributionError(f'prompt {i} is of type {type(p).__name__}, not a string')
     featurizer, name = self.featurizer
     if isinstance(featurizer, TowerFeaturizer):
-      return featurizer(name, [self._rgb(i) for i in images], list(prompts))
-    return featurizer(name, np.stack([self._image(i) for i in images]), list(prompts))
+      return featurizer(name, [tower_image(i) for i in images], list(prompts))
+    return featurizer(name, np.stack([digit_pixels(i) for i in images]), list(prompts))
 
   # ------------------------------------------------------------------ search
   def attribute(self, image=None, prompt: str | None = None, k: int = 10, features=None) -> Attribution:

@@ -44,7 +44,7 @@ def write_removed(student, removed: np.ndarray) -> None:
 
 def checked_ids(ids, total: int) -> np.ndarray:
   """Training ids a caller gave to remove, as int64: integers in [0, total), each once."""
-  from attrib.attributor import AttributionError
+  from attrib.query_images import AttributionError
   array = np.asarray(ids).reshape(-1)
   if not len(array):
     raise AttributionError('no training ids to remove given')

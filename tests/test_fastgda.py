@@ -232,6 +232,8 @@ def test_removed_training_images_leave_every_answer_and_stay_removed(release, tm
     np.testing.assert_array_equal(a.ids, r.ids)
   # An image added after a removal takes the id after the training set's, and can be removed in turn.
   assert reloaded.add_training_images(features=test_q[:1]).tolist() == [N]
+  assert repr(reloaded) == (f"Attributor('{tmp_path / 'w'}': {N:,} training images (+1 added, {len(removed)} removed), "
+                            f"no featurizer: pass features= ({test_q.shape[1]}-d), brute_force index)")
   assert N in reloaded.attribute(features=test_q[0], k=rest + 1).ids
   assert reloaded.remove_training_images([N]).tolist() == [N]
   reloaded.save()

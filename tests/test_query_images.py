@@ -1,0 +1,46 @@
+"""Query images as the attributor takes them (attrib/query_images.py), without a model: conversions
+and the errors a user sees. The whole path through `Attributor.attribute` is tested in
+test_digits_attribution.py and test_vision_towers.py."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from attrib.query_images import AttributionError, digit_pixels, tower_image
+
+
+def test_digit_pixels_convert_uint8_and_keep_float_pixels():
+  grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  np.testing.assert_array_equal(digit_pixels(grey)[..., 0], grey.astype(np.float32) / 127.5 - 1)
+  model_pixels = np.linspace(-1, 1, 256, dtype=np.float32).reshape(16, 16, 1)
+  np.testing.assert_array_equal(digit_pixels(model_pixels), model_pixels)
+  # A wide image: its centred square, not the whole image squashed.
+  wide = np.zeros((16, 32), np.uint8)
+  wide[:, 8:24] = grey
+  np.testing.assert_array_equal(digit_pixels(wide), digit_pixels(grey))
+
+
+@pytest.mark.parametrize('convert', [digit_pixels, tower_image])
+def test_an_image_without_pixels_is_refused(convert, tmp_path):
+  """A 0x0 array once came back as a blank 16x16 query, and got an answer."""
+  for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 7), np.uint8), Image.new('RGB', (0, 4))):
+    with pytest.raises(AttributionError, match='has no pixels'):
+      convert(empty)
+
+
+def test_errors_name_the_shape_as_given(tmp_path):
+  with pytest.raises(AttributionError, match=r'float image of shape \(512, 512, 3\): the digits model takes 16x16'):
+    digit_pixels(np.zeros((512, 512, 3), np.float32))  # once reported (512, 512), its channel mean
+  with pytest.raises(AttributionError, match=r'image of shape \(4, 4, 2\): expected'):
+    digit_pixels(np.zeros((4, 4, 2), np.float32))
+  with pytest.raises(AttributionError, match=r'values must be finite and in \[-1, 1\]'):
+    digit_pixels(np.full((16, 16), 255.0, np.float32))
+  with pytest.raises(AttributionError, match='dtype bool'):
+    digit_pixels(np.ones((16, 16), bool))
+  with pytest.raises(AttributionError, match='got list'):
+    digit_pixels([[0] * 16] * 16)
+  (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really')
+  for convert in (digit_pixels, tower_image):
+    with pytest.raises(AttributionError, match='broken.png: not a readable image'):
+      convert(str(tmp_path / 'broken.png'))
+  with pytest.raises(AttributionError, match=r'got array of float32 \(8, 8, 3\)'):
+    tower_image(np.zeros((8, 8, 3), np.float32))
