@@ -132,6 +132,9 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
   if not 1 <= target < seq_len:  # before the checkpoint is restored
     raise ConfigError(f'{data_path}: records of {seq_len} tokens leave no context for {target} target tokens '
                       f'(scored: 1 to {seq_len - 1}{", --target-tokens" if target_tokens else ""})')
+  if manifest:
+    from lvm.prompting import check_same_tokenizer
+    check_same_tokenizer(workdir, config, data_path, manifest.get('tokenizer_checksum'), what='--data')
   graphdef, params, mesh, preset, step = restore_params(workdir, config, tpu_path or trained_tpu)
   score = lambda records: evaluate.perplexity(graphdef, params, records, mesh=mesh, rules=preset.logical_rules,
                                               target_tokens=target, batch_size=batch_size)

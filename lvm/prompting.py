@@ -70,12 +70,13 @@ def grid_png(rows: list[np.ndarray], split_at: int, path: Path, scale: int = 4) 
   save_png_atomic(path, (np.clip(picture, 0, 1) * 255).round().astype(np.uint8))
 
 
-def tokenizer_of(workdir: Path, config) -> str:
-  """The tokenizer an LVM workdir's tokens came from (the manifest of its training data). The data
-  path as configured counts from where training ran; from elsewhere, the absolute path that
-  `lvm train` recorded beside it."""
+def training_manifest(workdir: Path, config) -> tuple[Path, dict]:
+  """(folder, manifest) of an LVM workdir's training data. The data path as configured counts from
+  where training ran; from elsewhere, the absolute path that `lvm train` recorded beside it."""
   from core.workdir import RUN_CONFIG_FILE
-  from lvm.sentences import manifest_tokenizer
+  if not config.data.train_path or config.data.train_path.startswith(('builtin:', 'gs://')):
+    raise ConfigError(f'{workdir} trained on {config.data.train_path or "no data (an import)"!r}, which has no '
+                      'manifest.json naming a tokenizer here (data from `lvm tokenize` has one); pass --tokenizer')
   given = Path(config.data.train_path)
   run_file = Path(workdir) / RUN_CONFIG_FILE
   recorded = json.loads(run_file.read_text()).get('train_data') if run_file.is_file() else None
@@ -87,7 +88,32 @@ def tokenizer_of(workdir: Path, config) -> str:
   if not manifest.is_file():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which has no manifest.json naming a '
                       'tokenizer (data from `lvm tokenize` has one); pass --tokenizer')
-  return manifest_tokenizer(data, json.loads(manifest.read_text()))
+  return data, json.loads(manifest.read_text())
+
+
+def tokenizer_of(workdir: Path, config) -> str:
+  """The tokenizer an LVM workdir's tokens came from (the manifest of its training data)."""
+  from lvm.sentences import manifest_tokenizer
+  return manifest_tokenizer(*training_manifest(workdir, config))
+
+
+def check_same_tokenizer(workdir: Path, config, given, checksum: str | None, what: str = '--tokenizer') -> None:
+  """A tokenizer other than the one the training data was made with gives the model's codes other
+  meanings, without any error: a --tokenizer that decodes them into other pictures, or --data whose
+  perplexity measures nothing. Refused where the training data's manifest can be found to compare."""
+  try:
+    data, manifest = training_manifest(workdir, config)
+  except ConfigError:
+    return  # data not reachable from here: what is given is all there is to go by
+  made_with = manifest.get('tokenizer_checksum')
+  if not made_with or not checksum or made_with == checksum:
+    return
+  if what == '--tokenizer':
+    raise ConfigError(f'--tokenizer {given} (parameters {checksum}) is not the tokenizer {data} was made '
+                      f'with ({manifest.get("tokenizer")}, parameters {made_with}): the model\'s codes mean other '
+                      'pictures to it')
+  raise ConfigError(f'{what} {given} was tokenized with other tokenizer parameters ({checksum}) than the training '
+                    f'data {data} ({made_with}): its codes mean other pictures to this model')
 
 
 def generate_command(workdir: str, prompts: list[str], frames: int, out: str | None, *, mode: str = 'sequence',
@@ -103,8 +129,11 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   config, trained_tpu = commands.load_run_config(workdir)
   check_sampling(temperature, top_k, top_p, config.model.vocab_size)
   out = prepare_output_file(out if out else workdir / 'generation.png')
+  given_tokenizer = tokenizer_dir
   tokenizer_dir = tokenizer_dir or tokenizer_of(workdir, config)
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path or trained_tpu)
+  if given_tokenizer:
+    check_same_tokenizer(workdir, config, tokenizer_dir, tokenizer.checksum)
   t = tokenizer.config.tokenizer
   if config.model.vocab_size < t.codebook_size:
     raise ConfigError(f'{workdir}: vocabulary {config.model.vocab_size} is smaller than the tokenizer\'s '

@@ -279,6 +279,28 @@ def test_generate_finds_the_tokenizer_from_any_folder_and_after_a_move(tmp_path,
   assert data_location('builtin:digits') == 'builtin:digits' and data_location('gs://b/d') == 'gs://b/d'
 
 
+def test_generate_refuses_a_tokenizer_other_than_the_datas(tmp_path, monkeypatch):
+  """--tokenizer of other parameters than the manifest's decodes the model's codes into other
+  pictures with no error: refused where the manifest is found; unchecked where it is not."""
+  from types import SimpleNamespace
+  from core.config import ConfigError
+  from lvm.prompting import check_same_tokenizer
+  (tmp_path / 'data').mkdir()
+  (tmp_path / 'data/manifest.json').write_text(json.dumps({'tokenizer': '/runs/tok', 'tokenizer_checksum': 'abc'}))
+  monkeypatch.chdir(tmp_path)
+  config = SimpleNamespace(data=SimpleNamespace(train_path='data'))
+  check_same_tokenizer(tmp_path / 'lvm', config, 'copy_of_tok', 'abc')
+  with pytest.raises(ConfigError, match=r"--tokenizer other_tok \(parameters def\) is not the tokenizer data was "
+                                        r"made with \(/runs/tok, parameters abc\)"):
+    check_same_tokenizer(tmp_path / 'lvm', config, 'other_tok', 'def')
+  with pytest.raises(ConfigError, match=r'--data eval_sentences was tokenized with other tokenizer parameters '
+                                        r'\(def\) than the training data data \(abc\)'):  # lvm eval's check
+    check_same_tokenizer(tmp_path / 'lvm', config, 'eval_sentences', 'def', what='--data')
+  (tmp_path / 'manifest.json').write_text((tmp_path / 'data/manifest.json').read_text())  # '.' holds one
+  for unreachable in ('gone', '', 'builtin:digits'):  # ('' is an imported run: not the folder it runs from)
+    check_same_tokenizer(tmp_path / 'lvm', SimpleNamespace(data=SimpleNamespace(train_path=unreachable)), 'x', 'def')
+
+
 def test_coverage_notes_name_kinds_that_leave_most_of_the_source_unseen():
   from lvm.sentences import coverage_notes
   # 2048 groups of 4 from 100k images: 1 - exp(-8192 / 100000) = 7.9% seen.
