@@ -43,6 +43,11 @@ def _check_same_model(workdir: Path, config: LvmConfig) -> None:
   previous, _ = load_run_config(workdir)
   # An imported run (no training data yet) may be continued on any data.
   groups = ('model',) if previous.data.train_path == '' else ('model', 'data')
+  # The same data named another way ('sent' from its parent, then '/abs/sent' or '../sent' from
+  # elsewhere) is the same data: compared by the absolute path recorded when training ran.
+  recorded = json.loads((workdir / RUN_CONFIG_FILE).read_text()).get('train_data')
+  if (recorded or data_location(previous.data.train_path)) == data_location(config.data.train_path):
+    previous = dataclasses.replace(previous, data=dataclasses.replace(previous.data, train_path=config.data.train_path))
   refuse_changed_run(workdir, previous, config, groups, ignore={
       ('data', 'read_threads'), ('model', 'remat_policy'), ('model', 'attention_block'), ('model', 'compute_dtype')})
 

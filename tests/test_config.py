@@ -145,3 +145,26 @@ def test_a_recorded_preset_is_found_on_another_machine(tmp_path):
     assert recorded_preset(foreign) == foreign
     with pytest.raises(ConfigError, match=f'slice preset {foreign} not found: pass --tpu'):
       load_preset(foreign)
+
+
+def test_a_run_continues_on_its_data_named_another_way(tmp_path, monkeypatch):
+  """`lvm train` rerun on the same data folder spelled otherwise ('sent' from its parent, then an
+  absolute or '../' path from elsewhere) continues the run; other data is still refused."""
+  import json
+  from core.config import to_dict
+  from lvm.commands import _check_same_model, data_location
+  (tmp_path / 'sent').mkdir()
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'run').mkdir()
+  monkeypatch.chdir(tmp_path)
+  config = apply_overrides(load_config_file(TINY), ['data.train_path=sent'])
+  stored = {'config': to_dict(config), 'tpu': CPU8}
+  for recorded in (True, False):  # runs from before the absolute path was recorded: from the same folder
+    (tmp_path / 'run' / 'config.json').write_text(json.dumps(
+        {**stored, 'train_data': data_location('sent')} if recorded else stored))
+    monkeypatch.chdir(tmp_path / 'run' if recorded else tmp_path)
+    if recorded:
+      _check_same_model(tmp_path / 'run', apply_overrides(config, ['data.train_path=../sent']))
+    _check_same_model(tmp_path / 'run', apply_overrides(config, [f'data.train_path={tmp_path / "sent"}']))
+    with pytest.raises(ConfigError, match=r"different data settings \{'train_path': 'sent -> \.\./other'\}"):
+      _check_same_model(tmp_path / 'run', apply_overrides(config, ['data.train_path=../other']))
