@@ -108,10 +108,11 @@ def check_same_tokenizer(workdir: Path, config, given, checksum: str | None, wha
   made_with = manifest.get('tokenizer_checksum')
   if not made_with or not checksum or made_with == checksum:
     return
-  if what == '--tokenizer':
-    raise ConfigError(f'--tokenizer {given} (parameters {checksum}) is not the tokenizer {data} was made '
+  if what in ('--tokenizer', 'the tokenizer at'):  # given, or found where the manifest says
+    raise ConfigError(f'{what} {given} (parameters {checksum}) is not the tokenizer {data} was made '
                       f'with ({manifest.get("tokenizer")}, parameters {made_with}): the model\'s codes mean other '
-                      'pictures to it')
+                      'pictures to it' + ('' if what == '--tokenizer' else ' (retrained or replaced since?); '
+                                          'pass --tokenizer'))
   raise ConfigError(f'{what} {given} was tokenized with other tokenizer parameters ({checksum}) than the training '
                     f'data {data} ({made_with}): its codes mean other pictures to this model')
 
@@ -129,11 +130,10 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   config, trained_tpu = commands.load_run_config(workdir)
   check_sampling(temperature, top_k, top_p, config.model.vocab_size)
   out = prepare_output_file(out if out else workdir / 'generation.png')
-  given_tokenizer = tokenizer_dir
+  named_as = '--tokenizer' if tokenizer_dir else 'the tokenizer at'
   tokenizer_dir = tokenizer_dir or tokenizer_of(workdir, config)
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path or trained_tpu)
-  if given_tokenizer:
-    check_same_tokenizer(workdir, config, tokenizer_dir, tokenizer.checksum)
+  check_same_tokenizer(workdir, config, tokenizer_dir, tokenizer.checksum, what=named_as)
   t = tokenizer.config.tokenizer
   if config.model.vocab_size < t.codebook_size:
     raise ConfigError(f'{workdir}: vocabulary {config.model.vocab_size} is smaller than the tokenizer\'s '

@@ -296,6 +296,9 @@ def test_generate_refuses_a_tokenizer_other_than_the_datas(tmp_path, monkeypatch
   with pytest.raises(ConfigError, match=r'--data eval_sentences was tokenized with other tokenizer parameters '
                                         r'\(def\) than the training data data \(abc\)'):  # lvm eval's check
     check_same_tokenizer(tmp_path / 'lvm', config, 'eval_sentences', 'def', what='--data')
+  with pytest.raises(ConfigError, match=r'the tokenizer at /runs/tok \(parameters def\) is not .* '
+                                        r'\(retrained or replaced since\?\); pass --tokenizer'):
+    check_same_tokenizer(tmp_path / 'lvm', config, '/runs/tok', 'def', what='the tokenizer at')
   (tmp_path / 'manifest.json').write_text((tmp_path / 'data/manifest.json').read_text())  # '.' holds one
   for unreachable in ('gone', '', 'builtin:digits'):  # ('' is an imported run: not the folder it runs from)
     check_same_tokenizer(tmp_path / 'lvm', SimpleNamespace(data=SimpleNamespace(train_path=unreachable)), 'x', 'def')
