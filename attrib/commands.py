@@ -20,7 +20,7 @@ from core.paths import as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset
 from core.train_loop import check_batch_layout, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, refuse_changed_run, save_png_atomic, versions,
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, refuse_changed_run, save_image_atomic, versions,
                           write_json_atomic)
 from data_pipelines.token_loader import record_batches
 
@@ -72,7 +72,7 @@ def save_grid(images_bhwc: np.ndarray, rows: int, path: Path) -> None:
   cols = b // rows
   grid = ((framed[:rows * cols, ..., 0] + 1) * 127.5).round().astype(np.uint8)
   grid = grid.reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
-  save_png_atomic(path, np.asarray(Image.fromarray(grid).resize((cols * w * 4, rows * h * 4), Image.NEAREST)))
+  save_image_atomic(path, np.asarray(Image.fromarray(grid).resize((cols * w * 4, rows * h * 4), Image.NEAREST)))
 
 
 def nearest_neighbour_labels(generated: np.ndarray, train_images: np.ndarray, train_labels: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core.paths import as_path
-from core.workdir import prepare_output_file, save_png_atomic, versions, write_json_atomic
+from core.workdir import prepare_output_file, save_image_atomic, versions, write_json_atomic
 
 
 def _tile(image_hw: np.ndarray, scale: int):  # -> PIL.Image.Image
@@ -37,7 +37,7 @@ def draw_attribution(query_hw: np.ndarray, prompt: str, train_images: np.ndarray
     canvas.paste(_tile(train_images[int(i)][..., 0], scale), (x, 16))
     draw.text((x, 2), f'#{n + 1} id {int(i)}', fill=0)
     draw.text((x, 16 + size + 2), f'{s:.3f}', fill=0)
-  save_png_atomic(path, np.asarray(canvas))
+  save_image_atomic(path, np.asarray(canvas))
 
 
 def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, path: Path,
@@ -79,7 +79,7 @@ def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, p
     draw.text((x, 16 + side + 2), f'{s:.3f}', fill=(0, 0, 0))
     if result.captions:
       draw.text((x, 16 + side + 16), result.captions[n][:18], fill=(0, 0, 0))
-  save_png_atomic(path, np.asarray(canvas))
+  save_image_atomic(path, np.asarray(canvas))
   return unreadable
 
 

@@ -84,15 +84,18 @@ def make_workdir(path) -> Path:
   return path
 
 
-def prepare_output_file(path, flag: str = '--out'):
+def prepare_output_file(path, flag: str = '--out', image: bool = True):
   """The file a job will write at its end, checked (and its folder made) before any work starts, so
-  a typo in `--out` does not throw away minutes of generation. Returns the path."""
+  a typo in `--out` does not throw away minutes of generation; a picture's name must end in a format
+  `save_image_atomic` writes. Returns the path."""
   from core.errors import UserError
   path = as_path(path)
+  if not is_remote(path) and path.is_dir():
+    raise UserError(f'{flag} {path} is a directory; give a file name (e.g. {path / "grid.png"})')
+  if image:
+    image_format(path, flag)  # raises for a suffix no writer takes
   if is_remote(path):
     return path
-  if path.is_dir():
-    raise UserError(f'{flag} {path} is a directory; give a file name (e.g. {path / "grid.png"})')
   for part in path.parents:
     if part.exists() and not part.is_dir():
       raise UserError(f'{flag} {path}: {part} is a file, not a directory')
@@ -220,11 +223,25 @@ def save_npz_atomic(path: str | Path, **arrays) -> None:
   write_bytes_atomic(path, buffer.getvalue())
 
 
-def save_png_atomic(path: str | Path, pixels_hwc: np.ndarray) -> None:
-  """uint8 [h, w] or [h, w, 3] pixels as a PNG file."""
+IMAGE_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG', '.webp': 'WEBP', '.bmp': 'BMP', '.tif': 'TIFF',
+                 '.tiff': 'TIFF'}
+
+
+def image_format(path, flag: str = '') -> str:
+  """The format a picture is written in, from its file name: PNG unless the suffix names another."""
+  from core.errors import UserError
+  suffix = as_path(path).suffix.lower()
+  if suffix and suffix not in IMAGE_FORMATS:
+    raise UserError(f'{flag + " " if flag else ""}{path}: {suffix} is not an image format written here; end it in one of '
+                    f'{", ".join(IMAGE_FORMATS)} (PNG keeps every pixel)')
+  return IMAGE_FORMATS.get(suffix, 'PNG')
+
+
+def save_image_atomic(path: str | Path, pixels_hwc: np.ndarray) -> None:
+  """uint8 [h, w] or [h, w, 3] pixels as an image file, in the format its name says (PNG by default)."""
   from PIL import Image
   with atomic_path(path) as temp:
-    Image.fromarray(pixels_hwc).save(temp, format='PNG')
+    Image.fromarray(pixels_hwc).save(temp, format=image_format(path))
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core.config import ConfigError, check_at_least
-from core.workdir import prepare_output_file, save_png_atomic, versions, write_json_atomic
+from core.workdir import prepare_output_file, save_image_atomic, versions, write_json_atomic
 from lvm.sampling import check_sampling, generate
 
 MODES = ('sequence', 'analogy', 'in-context')
@@ -67,7 +67,7 @@ def grid_png(rows: list[np.ndarray], split_at: int, path: Path, scale: int = 4) 
     lines.append(np.concatenate(cells, axis=1))
   picture = np.concatenate(lines, axis=0)
   picture = np.repeat(np.repeat(picture, scale, axis=0), scale, axis=1)
-  save_png_atomic(path, (np.clip(picture, 0, 1) * 255).round().astype(np.uint8))
+  save_image_atomic(path, (np.clip(picture, 0, 1) * 255).round().astype(np.uint8))
 
 
 def training_manifest(workdir: Path, config) -> tuple[Path, dict]:

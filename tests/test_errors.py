@@ -167,6 +167,9 @@ def _bad_inputs(tmp):
                                                         f'data.source={tmp / "two_images"}'],
                                                        'two_images (2 images): 2 training records are fewer than '
                                                        'one batch (train.global_batch 32)'),
+      'lvm generate into an unknown image format': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
+                                                     'a.png', '--out', str(tmp / 'grid.gif')],
+                                                    'grid.gif: .gif is not an image format written here'),
       'digit sentences of a partial digit': (train + ['--set', 'data.seq_len=100'],
                                              'data.seq_len 100 must be a multiple of 64'),
       'train-model of a batch the mesh cannot split': (train_model + ['--set', 'train.global_batch=5'],
@@ -208,7 +211,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-model of empty captions', 'train-model of an odd image size', 'train-model of zero heads',
          'train-model of inverted betas', 'train-model without its exclude file', 'attrib remove with no student',
          'attrib remove of nothing', 'attrib remove of words', 'lvm train on fewer records than a batch',
-         'train-tokenizer on fewer images than a batch']
+         'train-tokenizer on fewer images than a batch', 'lvm generate into an unknown image format']
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -239,3 +242,15 @@ def test_a_long_message_stays_one_readable_line(monkeypatch, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: data/x.npy: every name') and len(err[0]) < 2100
   assert err[0].endswith('more characters: --debug shows all)')
+
+
+def test_pictures_are_written_in_the_format_their_name_says(tmp_path):
+  """`--out grid.jpg` once got PNG bytes under a .jpg name."""
+  from PIL import Image
+  from core.workdir import prepare_output_file, save_image_atomic
+  pixels = np.random.default_rng(0).integers(0, 256, (8, 12, 3), np.uint8)
+  for name, format in (('g.png', 'PNG'), ('g.JPG', 'JPEG'), ('g.webp', 'WEBP'), ('grid', 'PNG')):
+    save_image_atomic(prepare_output_file(tmp_path / name), pixels)
+    with Image.open(tmp_path / name) as written:
+      assert written.format == format and written.size == (12, 8)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'g.png')), pixels)  # lossless
