@@ -192,7 +192,7 @@ def test_stop_of_a_job_whose_worker_restarted_says_it_was_lost(fake_gcloud, capf
 
 
 @pytest.mark.parametrize('job, message', [
-    (['lvm', 'train', '--config', 'lvm/configs/vqlm_7b.py', '--workdir', 'gs://b/x'], 'not a launch.py command'),
+    (['lvm', 'train', '--workdir', 'gs://b/x'], 'does not parse as a launch.py command'),
     (['lvm', 'train', '--config', 'lvm/configs/vqlm_7b.py', '--workdir', 'gs://b/x', '--tpu', 'tpu_configs/v5p_128.py'],
      r'is 1 x v5p-128 \(16 hosts\), but tpu_configs/v4_32.py is 1 x v4-32 \(4 hosts\)'),
     (['attrib', 'teacher', '--workdir', '/home/me/coco', '--queries', '8', '--candidates', 'all',
@@ -216,4 +216,24 @@ def test_run_takes_a_local_workdir_on_one_host_or_a_shared_filesystem(capsys):
   assert run[-1].endswith('--workdir /mnt/shared/run --tpu tpu_configs/v4_32.py')
   [one_host] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_8.py', '--name', 'lvm', '--', 'attrib', 'teacher',
                         '--workdir', 'runs/coco', '--queries', '8', '--candidates', 'all')
-  assert one_host[-1].endswith('attrib teacher --workdir runs/coco --queries 8 --candidates all')
+  assert one_host[-1].endswith('attrib teacher --workdir runs/coco --queries 8 --candidates all --tpu tpu_configs/v4_8.py')
+
+
+def test_run_gives_the_job_this_slices_preset_when_it_names_none(capsys):
+  """Jobs default to a CPU preset (attrib train-model: cpu_8) or the one a run trained with: on a
+  slice that ran on one chip, or failed after every worker had started. `tpu run` adds its own."""
+  slice_preset = str(ROOT / 'tpu_configs/v4_32.py')  # absolute here: relative to the workers' checkout there
+  [run] = _printed(capsys, 'run', '--tpu', slice_preset, '--name', 'abu', '--', 'attrib', 'train-model', '--config',
+                   'attrib/configs/mscoco.py', '--workdir', 'gs://b/coco')
+  assert run[-1].endswith('--workdir gs://b/coco --tpu tpu_configs/v4_32.py')
+  [run] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'lvm', '--', 'lvm', 'train', '--config',
+                   'lvm/configs/vqlm_7b.py', '--workdir', 'gs://b/x')  # --tpu is required: it parses with it
+  assert run[-1].endswith('--workdir gs://b/x --tpu tpu_configs/v4_32.py')
+  [run] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'data', '--', 'data', 'tokens',
+                   '--input', 'x.npy', '--out', 'gs://b/t', '--seq-len', '64')  # takes no --tpu: none added
+  assert run[-1].endswith('data tokens --input x.npy --out gs://b/t --seq-len 64')
+  assert launch_main(['tpu', 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'f', '--', 'attrib', 'features',
+                      '--workdir', 'gs://b/d', '--tpu=tpu_configs/cpu_1.py']) == 0
+  captured = capsys.readouterr()
+  assert shlex.split(captured.out)[-1].endswith('--tpu=tpu_configs/cpu_1.py')  # named: kept, with a warning
+  assert "warning: tpu run: the job's --tpu tpu_configs/cpu_1.py is a CPU preset" in captured.err

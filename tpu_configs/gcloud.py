@@ -14,15 +14,20 @@ shlex.quote, so any value a user types arrives as literal data.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import re
 import shlex
 import subprocess
+import sys
+from pathlib import Path
 
 from core.errors import ConfigError, UserError
 from core.mesh import load_preset
 
 REMOTE_DIR = '~/lvm_attrib'
+ROOT = Path(__file__).resolve().parent.parent
 CAPACITY = ('on-demand', 'spot', 'reserved', 'best-effort')
 # Google Cloud resource names: lowercase letter, then letters, digits, hyphens; at most 63.
 _NAME = re.compile(r'[a-z]([-a-z0-9]{0,61}[a-z0-9])?')
@@ -122,6 +127,7 @@ def build_commands(args) -> list[list[str]]:
     if not args.job:
       raise ConfigError('tpu run needs the launch.py arguments after --, e.g. -- lvm train ...')
     if getattr(args, 'parse_job', None):
+      args.job = with_slice_preset(args.parse_job, args.job, args.tpu)
       check_job(args.parse_job, args.job, args)
     return _on_every_worker(args, preset, f'{_job_command("start", args)} -- {shlex.join(args.job)}')
   if args.verb == 'stop':
@@ -158,6 +164,23 @@ def add_parser(sub) -> None:
                  help="run: the job's local --workdir/--out is a filesystem every worker mounts (NFS, Filestore)")
 
 
+def with_slice_preset(parse, job: list[str], tpu: str) -> list[str]:
+  """The job with `--tpu` set to this slice's preset when it takes one and names none. Jobs default
+  to a CPU preset (cpu_1, cpu_8) or to the one a run trained with; on a slice that would run on one
+  chip of a host, or fail once every worker had started."""
+  if any(a == '--tpu' or a.startswith('--tpu=') for a in job):
+    return job
+  preset = Path(tpu).resolve()
+  # Workers run from their copy of this checkout: a preset inside it is named relative to it.
+  amended = job + ['--tpu', str(preset.relative_to(ROOT)) if preset.is_relative_to(ROOT) else tpu]
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):  # a command without --tpu: argparse's complaint
+      parse(amended)
+  except SystemExit:
+    return job  # takes no --tpu, or does not parse at all (check_job says so)
+  return amended
+
+
 def check_job(parse, job: list[str], args) -> None:
   """`tpu run`'s job, checked here before any worker starts (a mistake found on the slice costs a
   start-up of every host): it parses as a launch.py command; a TPU preset it names is this slice's
@@ -169,13 +192,17 @@ def check_job(parse, job: list[str], args) -> None:
     parsed = parse(job)
   except SystemExit as e:
     if e.code:  # argparse has printed the job's usage and what is wrong with it
-      raise ConfigError(f'tpu run: the job after -- is not a launch.py command ({shlex.join(job)}); '
-                        'nothing was started') from None
+      raise ConfigError(f'tpu run: the job after -- does not parse as a launch.py command ({shlex.join(job)}; '
+                        'why is above); nothing was started') from None
     raise
   preset = load_preset(args.tpu)
   job_tpu = getattr(parsed, 'tpu', None)
   if job_tpu:
     wanted = load_preset(job_tpu)
+    if wanted.platform != 'tpu':
+      print(f"warning: tpu run: the job's --tpu {job_tpu} is a {wanted.platform.upper()} preset, not this slice's "
+            f'layout (its {wanted.num_devices} device(s), its sharding rules); leave --tpu out to run on {args.tpu}',
+            file=sys.stderr)
     if wanted.platform == 'tpu' and (wanted.accelerator_type, wanted.num_hosts, _slices(wanted)) != (
         preset.accelerator_type, preset.num_hosts, _slices(preset)):
       raise ConfigError(f"tpu run: the job's --tpu {job_tpu} is {_slices(wanted)} x {wanted.accelerator_type} "
