@@ -37,7 +37,16 @@ def parts_of(name: str) -> list[str]:
   if unknown or not name:
     raise ConfigError(f'feature {name!r}: unknown part(s) {unknown}; digits features are {DIGIT_PARTS} '
                       f"joined by '+', e.g. 'unet+text'")
+  refuse_repeated_parts(name, parts)
   return parts
+
+
+def refuse_repeated_parts(name: str, parts: list[str]) -> None:
+  """'unet+unet' is a typo, not a feature: the same columns twice would only double their weight."""
+  repeated = sorted({p for p in parts if parts.count(p) > 1})
+  if repeated:
+    raise ConfigError(f'feature {name!r} names {repeated} more than once; each part once, e.g. '
+                      f"{'+'.join(dict.fromkeys(parts))!r}")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -68,6 +68,8 @@ class TowerFeaturizer:
     unknown = [p for p in parts if p not in TOWER_PARTS]
     if unknown:
       raise ConfigError(f'feature {name!r}: unknown part(s) {unknown}; full-scale parts are {TOWER_PARTS}')
+    from attrib.features import refuse_repeated_parts
+    refuse_repeated_parts(name, parts)
     return parts
 
   def dim(self, name: str) -> int:

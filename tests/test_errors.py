@@ -170,6 +170,8 @@ def _bad_inputs(tmp):
       'lvm generate into an unknown image format': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
                                                      'a.png', '--out', str(tmp / 'grid.gif')],
                                                     'grid.gif: .gif is not an image format written here'),
+      'features of a part named twice': (['attrib', 'features', '--workdir', str(tmp / 'diffusion_run'), '--feature',
+                                          'unet+text+unet'], "feature 'unet+text+unet' names ['unet'] more than once"),
       'digit sentences of a partial digit': (train + ['--set', 'data.seq_len=100'],
                                              'data.seq_len 100 must be a multiple of 64'),
       'train-model of a batch the mesh cannot split': (train_model + ['--set', 'train.global_batch=5'],
@@ -211,7 +213,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-model of empty captions', 'train-model of an odd image size', 'train-model of zero heads',
          'train-model of inverted betas', 'train-model without its exclude file', 'attrib remove with no student',
          'attrib remove of nothing', 'attrib remove of words', 'lvm train on fewer records than a batch',
-         'train-tokenizer on fewer images than a batch', 'lvm generate into an unknown image format']
+         'train-tokenizer on fewer images than a batch', 'lvm generate into an unknown image format',
+         'features of a part named twice']
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -254,3 +257,11 @@ def test_pictures_are_written_in_the_format_their_name_says(tmp_path):
     with Image.open(tmp_path / name) as written:
       assert written.format == format and written.size == (12, 8)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'g.png')), pixels)  # lossless
+
+
+def test_a_full_scale_feature_names_each_part_once():
+  from attrib.tower_features import TowerFeaturizer
+  assert TowerFeaturizer.parts('dino+clip_text') == ['dino', 'clip_text']
+  with pytest.raises(UserError, match=r"feature 'dino\+clip_text\+dino' names \['dino'\] more than once; each part "
+                                      r"once, e.g. 'dino\+clip_text'"):
+    TowerFeaturizer.parts('dino+clip_text+dino')
