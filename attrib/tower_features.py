@@ -114,7 +114,8 @@ def read_image_list(path: str | Path, check_images: bool = True) -> tuple[list[s
   if not path.is_file():
     raise ConfigError(f'{path} not found (expected lines of: image path <TAB> caption)')
   images, captions, lines = [], [], []
-  for number, line in enumerate(path.read_text().splitlines(), 1):
+  # A byte-order mark (a list saved by Excel or Notepad) would otherwise start the first file's name.
+  for number, line in enumerate(path.read_text().removeprefix('\ufeff').splitlines(), 1):
     if not line.strip():
       continue
     if '\t' not in line:

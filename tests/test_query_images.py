@@ -1,5 +1,5 @@
-"""Query images as the attributor takes them (attrib/query_images.py), without a model: conversions
-and the errors a user sees. The whole path through `Attributor.attribute` is tested in
+"""Images as users hand them to attribution, without a model: query images as the attributor takes
+them (attrib/query_images.py) and training-image lists (TSV), their conversions and the errors a user sees. The whole path through `Attributor.attribute` is tested in
 test_digits_attribution.py and test_vision_towers.py."""
 import numpy as np
 import pytest
@@ -44,3 +44,18 @@ def test_errors_name_the_shape_as_given(tmp_path):
       convert(str(tmp_path / 'broken.png'))
   with pytest.raises(AttributionError, match=r'got array of float32 \(8, 8, 3\)'):
     tower_image(np.zeros((8, 8, 3), np.float32))
+
+
+def test_image_lists_from_spreadsheets_and_windows_editors_read_as_typed(tmp_path):
+  """A TSV saved with a byte-order mark (Excel, Notepad) once named its first image '\\ufeffa.png',
+  not found; CRLF line ends and blank lines are taken too. Relative names count from the list."""
+  from attrib.tower_features import read_image_list
+  from core.errors import UserError
+  for name in ('a.png', 'b.png'):
+    Image.new('RGB', (8, 8)).save(tmp_path / name)
+  (tmp_path / 'list.tsv').write_bytes('\ufeffa.png\ta seven\r\n\r\nb.png\ta two, in ink\r\n'.encode())
+  assert read_image_list(tmp_path / 'list.tsv') == ([str(tmp_path / 'a.png'), str(tmp_path / 'b.png')],
+                                                     ['a seven', 'a two, in ink'])
+  (tmp_path / 'bad.tsv').write_text('a.png\tok\nno tab here\n')
+  with pytest.raises(UserError, match=r"bad.tsv:2: expected `image path<TAB>caption`, got 'no tab here'"):
+    read_image_list(tmp_path / 'bad.tsv')
