@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core.config import ConfigError, check_at_least
+from core.paths import as_path
 from core.workdir import prepare_output_file, save_image_atomic, versions, write_json_atomic
 from lvm.sampling import check_sampling, generate
 
@@ -74,13 +75,13 @@ def training_manifest(workdir: Path, config) -> tuple[Path, dict]:
   """(folder, manifest) of an LVM workdir's training data. The data path as configured counts from
   where training ran; from elsewhere, the absolute path that `lvm train` recorded beside it."""
   from core.workdir import RUN_CONFIG_FILE
-  if not config.data.train_path or config.data.train_path.startswith(('builtin:', 'gs://')):
+  if not config.data.train_path or config.data.train_path.startswith('builtin:'):
     raise ConfigError(f'{workdir} trained on {config.data.train_path or "no data (an import)"!r}, which has no '
-                      'manifest.json naming a tokenizer here (data from `lvm tokenize` has one); pass --tokenizer')
-  given = Path(config.data.train_path)
-  run_file = Path(workdir) / RUN_CONFIG_FILE
+                      'manifest.json naming a tokenizer (data from `lvm tokenize` has one); pass --tokenizer')
+  given = as_path(config.data.train_path)  # local or gs://, as the workdir
+  run_file = as_path(workdir) / RUN_CONFIG_FILE
   recorded = json.loads(run_file.read_text()).get('train_data') if run_file.is_file() else None
-  data = given if given.is_dir() or not recorded else Path(recorded)
+  data = given if given.is_dir() or not recorded else as_path(recorded)
   if not data.is_dir():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which is not there from {Path.cwd()} '
                       '(a relative path counts from where training ran: run from there, or pass --tokenizer)')
@@ -126,7 +127,7 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   check_at_least(1, frames=frames)
   frames = check_prompt(mode, len(prompts), frames)
   started = time.time()
-  workdir = Path(workdir)
+  workdir = as_path(workdir)  # local or gs:// (a run trained on a TPU slice, prompted from a laptop)
   config, trained_tpu = commands.load_run_config(workdir)
   check_sampling(temperature, top_k, top_p, config.model.vocab_size)
   out = prepare_output_file(out if out else workdir / 'generation.png')
@@ -163,7 +164,7 @@ def next_frame_report(workdir: str | Path, sentences_dir: str | Path, *, kind: s
   from lvm import commands
   from lvm.sentences import manifest_tokenizer
   from lvm.tokenizer_commands import load_tokenizer
-  workdir, sentences_dir = Path(workdir), Path(sentences_dir)
+  workdir, sentences_dir = as_path(workdir), as_path(sentences_dir)
   manifest = json.loads((sentences_dir / 'manifest.json').read_text())
   tpi = manifest['tokens_per_image']
   source = TokenRecordSource(sorted(sentences_dir.glob(f'{kind}-*{SHARD_SUFFIX}')), seq_len=manifest['seq_len'],

@@ -135,6 +135,35 @@ def test_diffusion_model_and_teacher_on_a_gs_workdir(gcs, tmp_path):
   assert _local_files(tmp_path, ROOT) - before == set()
 
 
+@pytest.mark.slow  # five jobs, each a process that compiles: ~1 minute on 2 cores
+def test_the_lvm_path_in_a_bucket_tokenizer_to_generate(gcs, tmp_path):
+  """The TPU slice's LVM path, all of it in gs://: train a tokenizer, tokenize, train the LVM, then
+  prompt it from a laptop's folder. `lvm generate` once read a gs:// workdir as the local path
+  'gs:/...' ('config.json not found'); it finds the tokenizer through the data's manifest in the
+  bucket and writes its picture there, as a JPEG because the name says so."""
+  url, env = gcs
+  root = f'gs://{BUCKET}/lvm_path'
+  before = _local_files(tmp_path, ROOT)
+  _run(env, tmp_path, 'lvm', 'train-tokenizer', '--config', str(ROOT / 'lvm/configs/tokenizer_tiny.py'), '--tpu', CPU1,
+       '--workdir', f'{root}/tok', '--set', 'train.steps=2', '--set', 'train.checkpoint_every=2',
+       '--set', 'train.progress_bar=false')
+  _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', 'builtin:digits', '--kind', 'video',
+       '--sentences', '16', '--out', f'{root}/sent')
+  _run(env, tmp_path, 'lvm', 'train', '--config', TINY, '--tpu', CPU1, '--workdir', f'{root}/lvm',
+       '--set', f'data.train_path={root}/sent', '--set', 'model.vocab_size=228', '--set', 'train.steps=2',
+       '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false')
+  from PIL import Image
+  prompts = []
+  for i in range(2):
+    Image.new('RGB', (32, 32), (40 * i, 0, 0)).save(tmp_path / f'p{i}.png')
+    prompts.append(str(tmp_path / f'p{i}.png'))
+  _run(env, tmp_path, 'lvm', 'generate', '--workdir', f'{root}/lvm', '--prompt', *prompts, '--out', f'{root}/gen.jpg')
+  result = json.loads(_read(url, 'lvm_path/lvm/generate_result.json'))
+  assert result['tokenizer'] == f'{root}/tok' and len(result['tokens'][0]) == 64
+  assert _read(url, 'lvm_path/gen.jpg')[:3] == b'\xff\xd8\xff'  # JPEG
+  assert _local_files(tmp_path, ROOT) - before == {tmp_path / 'p0.png', tmp_path / 'p1.png'}
+
+
 @pytest.mark.slow  # ~45 s on 2 cores (gs:// training, resume and eval stay in the default suite)
 def test_student_on_gs_equals_the_local_one(gcs, tmp_path, tmp_path_factory):
   """Released features and rankings in the bucket -> distill, sharded index, eval and the Attributor
