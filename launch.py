@@ -500,6 +500,36 @@ def _run(argv: list[str]) -> int:
     from core.errors import ConfigError
     raise ConfigError('lvm train needs --workdir (or --check to only check that the job fits)')
   _prepare_runtime(args)
+  from core.workdir_lock import command_line, writing_into
+  with writing_into(_written_workdir(args), command_line(argv)):
+    result = _dispatch(args)
+  if args.group != 'quickstart':  # the quickstart ends on its table; its JSON is in the file it names
+    _print_result(result)
+  return 0
+
+
+# Commands that only read their workdir (eval, generate, query, export-hf) hold no lock: a run can be
+# evaluated or prompted while it trains.
+_READ_ONLY = {('lvm', 'eval'), ('lvm', 'generate'), ('lvm', 'export-hf'), ('attrib', 'eval'), ('attrib', 'query')}
+
+
+def _written_workdir(args) -> str | Path | None:
+  """The folder this command writes into, held for it alone while it runs (core/workdir_lock.py):
+  None for read-only commands, for a quickstart child (its parent holds the workdir) and for
+  processes other than 0 of a multi-process run (process 0 writes)."""
+  import jax
+  if os.environ.get(_CHILD_ENV) or jax.process_index() != 0:
+    return None
+  if args.group == 'quickstart':
+    return quickstart_workdir(args)
+  if (args.group, getattr(args, 'command', None)) in _READ_ONLY:
+    return None
+  if args.group == 'data' or getattr(args, 'command', None) == 'tokenize':
+    return args.out
+  return args.workdir
+
+
+def _dispatch(args) -> dict:
   if args.group == 'quickstart':
     result = quickstart(args)
   elif args.group == 'data':
@@ -599,9 +629,7 @@ def _run(argv: list[str]) -> int:
         result = tokenize_command(args.tokenizer, args.source, kinds, args.out, **options)
     else:
       result = commands.export_hf_command(args.workdir, args.out, args.dtype)
-  if args.group != 'quickstart':  # the quickstart ends on its table; its JSON is in the file it names
-    _print_result(result)
-  return 0
+  return result
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ checkpoint, data iterator included; SIGTERM saves a checkpoint and returns clean
 from __future__ import annotations
 
 from core.paths import as_path
-from core.errors import ConfigError, TrainingDiverged
+from core.errors import ConfigError, TrainingDiverged, UserError
 
 import collections
 import contextvars
@@ -428,14 +428,19 @@ def restore_latest_params(task: Task, workdir: str | Path, preset: SliceConfig):
 
   Returns (graphdef, params, mesh, step).
   """
+  # A run still before its first save (evaluated while it trains), or one that failed before it.
+  # Looked at before making the manager, which would create the folder.
+  manager = checkpoint.make_manager(workdir, async_save=False) if (as_path(workdir) / 'checkpoints').is_dir() else None
+  step = manager.latest_step() if manager else None
+  if step is None:
+    if manager:
+      manager.close()
+    raise UserError(f'{workdir} holds no checkpoint yet: its training has not saved one (it saves every '
+                    f'train.checkpoint_every steps, at its end and when stopped); wait for the first save, '
+                    f'or rerun the training command to continue it')
   mesh = make_mesh(preset)
   with activation_sharding(mesh, preset.logical_rules):
     graphdef, _, _, abstract_params, _ = init_state(task, mesh, preset.logical_rules, OptimConfig(), 0)
-  manager = checkpoint.make_manager(workdir, async_save=False)
-  step = manager.latest_step()
-  if step is None:
-    manager.close()
-    raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint')
   params = checkpoint.restore(manager, step, abstract_params=abstract_params)['params']
   manager.close()
   return graphdef, params, mesh, step

@@ -144,6 +144,8 @@ def _bad_inputs(tmp):
       'lvm eval on a diffusion workdir': (['lvm', 'eval', '--workdir', str(tmp / 'diffusion_run'), '--data',
                                            'builtin:digits-eval'], 'not made by `lvm train`'),
       'lvm eval of batch 0': (lvm_eval + ['builtin:digits-eval', '--batch-size', '0'], '--batch-size must be >= 1'),
+      'lvm eval of a run before its first checkpoint': (lvm_eval + ['builtin:digits-eval'],
+                                                        'lvm_run holds no checkpoint yet'),
       'lvm eval of 0 target tokens': (lvm_eval + ['builtin:digits-eval', '--target-tokens', '0'],
                                       '--target-tokens must be >= 1'),
       'lvm eval of one-token records': (lvm_eval + [str(tmp / 'one_token.npy')],
@@ -214,7 +216,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-model of inverted betas', 'train-model without its exclude file', 'attrib remove with no student',
          'attrib remove of nothing', 'attrib remove of words', 'lvm train on fewer records than a batch',
          'train-tokenizer on fewer images than a batch', 'lvm generate into an unknown image format',
-         'features of a part named twice']
+         'features of a part named twice', 'lvm eval of a run before its first checkpoint']
 
 
 @pytest.mark.parametrize('case', CASES)

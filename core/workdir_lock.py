@@ -1,0 +1,92 @@
+"""One writing job per workdir at a time, on this machine.
+
+Two jobs writing into one workdir (the same command started twice, from two terminals or a rerun
+while the first still runs) both ran to the end: they wrote checkpoints of the same steps over each
+other and interleaved their metrics, leaving a run that neither of them made. A job that writes
+into a workdir (training, import, tokenize --out, the attribution jobs) first takes an exclusive
+`flock` on a lock file named after the workdir's resolved path; a second job finds it taken and is
+refused, naming the job that holds it, before it reads or writes anything. Jobs that only read a
+workdir (eval, generate, query, export) take no lock, so a run can be watched while it trains.
+
+The kernel drops the lock when its process ends however it ends (a crash, kill -9, a lost session),
+so a stale lock never blocks the rerun that resumes the run. The lock files live in the temporary
+directory, not in the workdir: taking the lock creates nothing there, so a job refused for bad
+input leaves no empty workdir behind. gs:// workdirs are not locked (no lock on object stores; a
+slice's jobs are started and stopped together by `launch.py tpu`), nor are the processes other than
+process 0 of a multi-process run, which share process 0's workdir.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from core.errors import UserError
+from core.paths import is_remote
+
+
+class WorkdirBusy(UserError):
+  """Another job on this machine is writing into the same workdir."""
+
+
+def lock_directory() -> Path:
+  """Per user: another user's lock file in a shared /tmp would not be writable."""
+  return Path(tempfile.gettempdir()) / f'lvm_attrib-{os.getuid()}' / 'workdir-locks'
+
+
+def lock_file(workdir: str | Path) -> Path:
+  resolved = str(Path(workdir).expanduser().resolve())
+  return lock_directory() / f'{hashlib.sha256(resolved.encode()).hexdigest()[:24]}.lock'
+
+
+def _holder(handle) -> str:
+  """The job that holds the lock, as it wrote itself into the lock file."""
+  handle.seek(0)
+  try:
+    holder = json.loads(handle.read() or '{}')
+  except ValueError:
+    holder = {}
+  if not holder:  # it has the lock but has not written its name yet
+    return 'another job'
+  started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))
+  return f"`{holder.get('command', '?')}` (pid {holder.get('pid', '?')}, started {started})"
+
+
+@contextlib.contextmanager
+def writing_into(workdir: str | Path | None, command: str):
+  """Holds `workdir` for this job until the block ends; WorkdirBusy if another job holds it."""
+  if workdir is None or is_remote(workdir):
+    yield
+    return
+  path = lock_file(workdir)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # 'a+': opening must not empty the holder's record before we know whether we hold the lock.
+  with open(path, 'a+') as handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirBusy(f'{workdir} is in use: {_holder(handle)} is writing into it on this machine; '
+                        f'wait for it to end (or stop it with kill, it keeps its saved state), then rerun. '
+                        f'Lock file {path}') from None
+    try:
+      handle.seek(0)
+      handle.truncate()
+      handle.write(json.dumps({'pid': os.getpid(), 'command': command, 'started': time.time(),
+                               'workdir': str(Path(workdir).expanduser().resolve())}))
+      handle.flush()
+      yield
+    finally:
+      handle.seek(0)
+      handle.truncate()  # released: the next holder writes its own record
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def command_line(argv: list[str]) -> str:
+  """How the holder is shown to the job it refuses."""
+  return ' '.join(['launch.py', *argv]) if argv else ' '.join(sys.argv)
