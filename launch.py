@@ -20,6 +20,7 @@ quickstart's running order of the two halves (the attribution half's steps are i
   python launch.py attrib add --workdir DIR --images new.tsv | --features new.npy [--dino D --clip C --train-list TSV]
   python launch.py attrib remove --workdir DIR --ids 3,17,250 | --ids-file F   # out of every answer (a takedown)
   python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]
+  python launch.py attrib generate --workdir DIR --prompt "a handwritten seven" --seed 3 --out q.png
   python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png] [--dino D --clip C]
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
   python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check   # fits?
@@ -239,6 +240,8 @@ def quickstart(args) -> dict:
   if attribution is not None:
     from attrib import quickstart as attribution_quickstart
     attribution_quickstart.print_summary(attribution)
+    print(f'  your own query: python launch.py attrib generate --workdir {workdir} --prompt "a handwritten seven" '
+          f'--seed 3 --out q.png, then attrib query --workdir {workdir} --image q.png --prompt "a handwritten seven"')
   print(f"quickstart: {clock.elapsed():.0f} s in all (" + ', '.join(f'{k} {v:.1f} s' for k, v in clock.stages.items()) + ')')
   from core.workdir import write_json_atomic
   write_json_atomic(workdir / 'quickstart_result.json', summary)
@@ -462,6 +465,15 @@ def _run(argv: list[str]) -> int:
   aq.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
   aq.add_argument('--train-list', help='full scale: the training TSV (image<TAB>caption) for captions and the grid')
 
+  ag = a.add_parser('generate', help='an image from a trained digits model for a prompt and seed (a query to attribute)')
+  ag.add_argument('--workdir', required=True, help='a workdir from attrib train-model')
+  ag.add_argument('--prompt', required=True, help='e.g. "a handwritten seven" (the teacher\'s test prompts: '
+                  'WORKDIR/teacher/queries.npz)')
+  ag.add_argument('--seed', type=int, default=0, help='noise seed; the teacher\'s test query q used seed q')
+  ag.add_argument('--out', help='picture at the model\'s size (default WORKDIR/generated.png; PNG keeps its '
+                  'pixels exactly, JPEG does not)')
+  ag.add_argument('--tpu', help='slice preset (default: the one the model trained with)')
+
   ac = a.add_parser('counterfactual', help='retrain without the teacher top-K vs random K; compare query loss')
   ac.add_argument('--workdir', required=True)
   ac.add_argument('--k', type=int, required=True)
@@ -510,7 +522,8 @@ def _run(argv: list[str]) -> int:
 
 # Commands that only read their workdir (eval, generate, query, export-hf) hold no lock: a run can be
 # evaluated or prompted while it trains.
-_READ_ONLY = {('lvm', 'eval'), ('lvm', 'generate'), ('lvm', 'export-hf'), ('attrib', 'eval'), ('attrib', 'query')}
+_READ_ONLY = {('lvm', 'eval'), ('lvm', 'generate'), ('lvm', 'export-hf'), ('attrib', 'eval'), ('attrib', 'query'),
+              ('attrib', 'generate')}
 
 
 def _written_workdir(args) -> str | Path | None:
@@ -582,6 +595,9 @@ def _dispatch(args) -> dict:
       from attrib.query import query_command
       result = query_command(args.workdir, args.image, args.prompt, args.k, args.out, args.dino, args.clip,
                              args.train_list)
+    elif args.command == 'generate':
+      from attrib.generation import generate_command
+      result = generate_command(args.workdir, args.prompt, args.seed, args.out, args.tpu)
     elif args.command == 'counterfactual':
       from attrib.counterfactual import counterfactual_command
       result = counterfactual_command(args.workdir, args.k, args.queries, args.seeds, args.steps, args.tpu,

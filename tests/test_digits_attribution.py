@@ -311,6 +311,29 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
     Attributor.load(work).add_training_images(images=[new['images'][8]], captions=['a', 'b'])
 
 
+def test_generate_writes_the_teachers_query_for_its_prompt_and_seed(pipeline, tmp_path):
+  """`attrib generate --prompt P --seed q` is the teacher's test query q (prompt P), at the model's
+  size, so a user can attribute an image of the model's making."""
+  from PIL import Image
+  queries = np.load(pipeline / 'teacher' / 'queries.npz')
+  for q in (1, 2):
+    out = tmp_path / f'query{q}.png'
+    assert launch_main(['attrib', 'generate', '--workdir', str(pipeline), '--prompt', str(queries['prompts'][q]),
+                        '--seed', str(q), '--out', str(out)]) == 0
+    png = np.asarray(Image.open(out))
+    assert png.shape == (16, 16) and png.dtype == np.uint8
+    # To 8 bits (half a level, 1/255 in [-1, 1]) and the float rounding of another batch size.
+    np.testing.assert_allclose(png / 127.5 - 1, queries['images'][q][..., 0], atol=1 / 255 + 1e-5, rtol=0)
+  other_seed = tmp_path / 'other.png'
+  assert launch_main(['attrib', 'generate', '--workdir', str(pipeline), '--prompt', str(queries['prompts'][2]),
+                      '--seed', '7', '--out', str(other_seed)]) == 0
+  assert not np.array_equal(np.asarray(Image.open(other_seed)), np.asarray(Image.open(tmp_path / 'query2.png')))
+  result = json.loads((pipeline / 'generate_result.json').read_text())
+  assert result['seed'] == 7 and result['out'] == str(other_seed) and result['sampler']['num_steps'] == 10
+  assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'query1.png'),
+                      '--prompt', str(queries['prompts'][1]), '-k', '4', '--out', str(tmp_path / 'grid.png')]) == 0
+
+
 def test_query_command_writes_grid_and_result(pipeline, tmp_path):
   from PIL import Image
   queries = np.load(pipeline / 'teacher' / 'queries.npz')

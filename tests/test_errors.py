@@ -54,6 +54,11 @@ def _bad_inputs(tmp):
   for kind, config in (('lvm_run', TINY), ('diffusion_run', digits)):
     (tmp / kind).mkdir()
     (tmp / kind / 'config.json').write_text(json.dumps({'config': to_dict(load_config_file(config)), 'tpu': CPU8}))
+  latent_config = to_dict(load_config_file(digits))
+  latent_config['data']['train_path'] = 'latents:coco/trainset'  # as `attrib import-diffusers` records it
+  (tmp / 'latent_run').mkdir()
+  (tmp / 'latent_run' / 'config.json').write_text(json.dumps({'config': latent_config, 'tpu': CPU8}))
+  generate = ['attrib', 'generate', '--workdir', str(tmp / 'diffusion_run'), '--prompt', 'a handwritten seven']
   train = ['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', str(tmp / 'w')]
   tokens = ['data', 'tokens', '--out', str(tmp / 'out'), '--seq-len', '256', '--input']
   lvm_eval = ['lvm', 'eval', '--workdir', str(tmp / 'lvm_run'), '--data']
@@ -146,6 +151,11 @@ def _bad_inputs(tmp):
       'lvm eval of batch 0': (lvm_eval + ['builtin:digits-eval', '--batch-size', '0'], '--batch-size must be >= 1'),
       'lvm eval of a run before its first checkpoint': (lvm_eval + ['builtin:digits-eval'],
                                                         'lvm_run holds no checkpoint yet'),
+      'attrib generate from a latent model': (generate[:3] + [str(tmp / 'latent_run')] + generate[4:],
+                                              'this U-Net denoises latents (latents:coco/trainset)'),
+      'attrib generate of a negative seed': (generate + ['--seed', '-1'], '--seed must be >= 0, got -1'),
+      'attrib generate into an unknown image format': (generate + ['--out', str(tmp / 'q.gif')],
+                                                       'q.gif: .gif is not an image format written here'),
       'lvm eval of 0 target tokens': (lvm_eval + ['builtin:digits-eval', '--target-tokens', '0'],
                                       '--target-tokens must be >= 1'),
       'lvm eval of one-token records': (lvm_eval + [str(tmp / 'one_token.npy')],
@@ -216,7 +226,9 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-model of inverted betas', 'train-model without its exclude file', 'attrib remove with no student',
          'attrib remove of nothing', 'attrib remove of words', 'lvm train on fewer records than a batch',
          'train-tokenizer on fewer images than a batch', 'lvm generate into an unknown image format',
-         'features of a part named twice', 'lvm eval of a run before its first checkpoint']
+         'features of a part named twice', 'lvm eval of a run before its first checkpoint',
+         'attrib generate from a latent model', 'attrib generate of a negative seed',
+         'attrib generate into an unknown image format']
 
 
 @pytest.mark.parametrize('case', CASES)
