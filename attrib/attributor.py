@@ -20,6 +20,7 @@ query never sees half of one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -35,7 +36,7 @@ from attrib.index import IndexFileError, load_any
 from attrib.query_images import AttributionError, digit_pixels, tower_image
 from attrib.removals import checked_ids, first_kept, read_removed, write_removed
 from attrib.tower_features import TowerFeaturizer
-from core.paths import as_path
+from core.paths import as_path, is_remote
 from core.readers_writer import ReadersWriterLock
 from core.workdir import load_npy
 
@@ -61,6 +62,18 @@ def refuse_non_finite(features: np.ndarray) -> None:
   if not np.all(np.isfinite(features)):
     rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
     raise AttributionError(f'features rows {rows[:5].tolist()} hold NaN or infinity')
+
+
+def student_files_state(student) -> tuple | None:
+  """Every entry of a local student folder as (name, inode, size, modification time): a save replaces
+  the files it writes (new inodes), a distill rewrites them all. None on gs:// (not compared there)."""
+  if is_remote(student):
+    return None
+  entries = []
+  for entry in sorted(Path(student).iterdir()):
+    stat = entry.stat()
+    entries.append((entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+  return tuple(entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +108,7 @@ class Attributor:
     self._unsaved_embeddings = np.zeros((0, output_dim), np.float32)
     self.removed = np.zeros(0, np.int64)  # training ids never answered (sorted); `load` reads the saved ones
     self._removals_unsaved = False
+    self._files_at_load = None  # `load` records the student's files, `save` checks them
     if index.dim != row_dim:
       raise IndexFileError(f'{workdir}/student/index holds {index.dim}-d rows but this student needs '
                            f'{row_dim}-d: the index was built for another model; rebuild it')
@@ -184,6 +198,7 @@ class Attributor:
     attributor = cls(workdir, graphdef, params, index, featurizer, captions, images, rerank, prior)
     attributor.distilled_rows, attributor.additions = n_train, additions
     attributor.removed = read_removed(student, n_train + len(additions))
+    attributor._files_at_load = student_files_state(student)
     return attributor
 
   def features(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
@@ -306,14 +321,30 @@ class Attributor:
   def save(self) -> None:
     """Added and removed training images written into the student's files: additions first (additions.py
     says in what order, and why a save cut short loses no earlier one), then the removed ids, so a
-    saved removal never names an image whose addition was not saved."""
+    saved removal never names an image whose addition was not saved.
+
+    The files must be as this attributor loaded them: if another process saved its own additions or
+    removals since (`attrib add` from a shell, a second service), or distilled again, writing this
+    attributor's view would silently drop that change; refused instead, naming the workdir. While it
+    writes, the workdir is held against other writing jobs (core/workdir_lock.py)."""
     from attrib.distill import student_dir
-    with self._lock.writing():
+    from core.workdir_lock import writing_into
+    if not len(self._unsaved_embeddings) and not self._removals_unsaved:
+      return
+    student = student_dir(self.workdir)
+    with self._lock.writing(), writing_into(self.workdir, f'Attributor.save() in pid {os.getpid()}'):
+      if student_files_state(student) != self._files_at_load:
+        raise AttributionError(f'{student} changed since this Attributor was loaded (another process saved '
+                               'added or removed training images, or distilled again): saving would drop that '
+                               'change, so nothing was written. Attributor.load the workdir again and repeat '
+                               'this one (unsaved here: '
+                               f'{len(self._unsaved_embeddings)} added, removals {self._removals_unsaved})')
       if len(self._unsaved_embeddings):
         self._save_additions()
       if self._removals_unsaved:
-        write_removed(student_dir(self.workdir), self.removed)
+        write_removed(student, self.removed)
         self._removals_unsaved = False
+      self._files_at_load = student_files_state(student)
 
   def _save_additions(self) -> None:
     from attrib.additions import write_additions

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,33 +59,59 @@ def _holder(handle) -> str:
   return f"`{holder.get('command', '?')}` (pid {holder.get('pid', '?')}, started {started})"
 
 
+# Workdirs this process holds: lock file -> [open handle, blocks holding it]. A job that holds its
+# workdir may call code that takes it again (`attrib add` -> Attributor.save); a second flock of the
+# same file from this process would be refused as another holder, so the process counts instead.
+_held: dict[Path, list] = {}
+_held_guard = threading.Lock()  # checking and taking a lock is one step for this process's threads
+
+
 @contextlib.contextmanager
 def writing_into(workdir: str | Path | None, command: str):
-  """Holds `workdir` for this job until the block ends; WorkdirBusy if another job holds it."""
+  """Holds `workdir` for this job until the block ends; WorkdirBusy if another process holds it."""
   if workdir is None or is_remote(workdir):
     yield
     return
   path = lock_file(workdir)
+  with _held_guard:
+    if path not in _held:
+      _held[path] = [_take(path, workdir, command), 0]
+    _held[path][1] += 1
+  try:
+    yield
+  finally:
+    with _held_guard:
+      _held[path][1] -= 1
+      if not _held[path][1]:
+        _release(_held.pop(path)[0])
+
+
+def _take(path: Path, workdir, command: str):
+  """The lock file's handle, flocked and naming this job; WorkdirBusy if another process has it."""
   path.parent.mkdir(parents=True, exist_ok=True)
   # 'a+': opening must not empty the holder's record before we know whether we hold the lock.
-  with open(path, 'a+') as handle:
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise WorkdirBusy(f'{workdir} is in use: {_holder(handle)} is writing into it on this machine; '
-                        f'wait for it to end (or stop it with kill, it keeps its saved state), then rerun. '
-                        f'Lock file {path}') from None
-    try:
-      handle.seek(0)
-      handle.truncate()
-      handle.write(json.dumps({'pid': os.getpid(), 'command': command, 'started': time.time(),
-                               'workdir': str(Path(workdir).expanduser().resolve())}))
-      handle.flush()
-      yield
-    finally:
-      handle.seek(0)
-      handle.truncate()  # released: the next holder writes its own record
-      fcntl.flock(handle, fcntl.LOCK_UN)
+  handle = open(path, 'a+')
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _holder(handle)
+    handle.close()
+    raise WorkdirBusy(f'{workdir} is in use: {holder} is writing into it on this machine; '
+                      f'wait for it to end (or stop it with kill, it keeps its saved state), then rerun. '
+                      f'Lock file {path}') from None
+  handle.seek(0)
+  handle.truncate()
+  handle.write(json.dumps({'pid': os.getpid(), 'command': command, 'started': time.time(),
+                           'workdir': str(Path(workdir).expanduser().resolve())}))
+  handle.flush()
+  return handle
+
+
+def _release(handle) -> None:
+  handle.seek(0)
+  handle.truncate()  # released: the next holder writes its own record
+  fcntl.flock(handle, fcntl.LOCK_UN)
+  handle.close()
 
 
 def command_line(argv: list[str]) -> str:

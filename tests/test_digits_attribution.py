@@ -425,3 +425,35 @@ def test_removed_training_images_answer_as_indexes_that_never_held_them(pipeline
   attributor.save()
   for a, r in zip(after, Attributor.load(work).attribute_batch(images=images, prompts=prompts, k=20)):
     np.testing.assert_array_equal(a.ids, r.ids)
+
+
+def test_a_save_over_another_processs_change_is_refused(pipeline, tmp_path, capsys):
+  """Two attributors (a service and `attrib add` from a shell) loaded the same student: the second to
+  save would have written its own view over the first's addition, dropping it. Refused, nothing written;
+  loaded again, the change is made on top of the other."""
+  import shutil
+  from attrib import Attributor, AttributionError
+  work = tmp_path / 'w'
+  shutil.copytree(pipeline, work)
+  new = np.load(work / 'teacher_train' / 'queries.npz')
+  service = Attributor.load(work)
+  service.add_training_images(images=[new['images'][0]], captions=[str(new['prompts'][0])])
+  from PIL import Image
+  Image.fromarray(((new['images'][1][..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / 'n1.png')
+  (tmp_path / 'n1.tsv').write_text(f'n1.png\t{new["prompts"][1]}\n')
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--images', str(tmp_path / 'n1.tsv')]) == 0
+  files = {p.name: p.read_bytes() for p in (work / 'student').iterdir() if p.is_file()}
+  with pytest.raises(AttributionError, match='changed since this Attributor was loaded'):
+    service.save()
+  assert {p.name: p.read_bytes() for p in (work / 'student').iterdir() if p.is_file()} == files
+  assert len(Attributor.load(work).index) == 1601  # the shell's addition stands
+  again = Attributor.load(work)
+  assert again.add_training_images(images=[new['images'][0]], captions=[str(new['prompts'][0])]).tolist() == [1601]
+  again.remove_training_images([3])
+  again.save()
+  again.remove_training_images([4])
+  again.save()  # its own saves do not count as another's change
+  final = Attributor.load(work)
+  assert len(final.index) == 1602 and final.removed.tolist() == [3, 4]
+  # The stale attributor still answers queries from what it loaded.
+  assert len(service.attribute(image=new['images'][2], prompt=str(new['prompts'][2]), k=3).ids) == 3
