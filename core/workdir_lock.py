@@ -11,9 +11,10 @@ workdir (eval, generate, query, export) take no lock, so a run can be watched wh
 The kernel drops the lock when its process ends however it ends (a crash, kill -9, a lost session),
 so a stale lock never blocks the rerun that resumes the run. The lock files live in the temporary
 directory, not in the workdir: taking the lock creates nothing there, so a job refused for bad
-input leaves no empty workdir behind. gs:// workdirs are not locked (no lock on object stores; a
-slice's jobs are started and stopped together by `launch.py tpu`), nor are the processes other than
-process 0 of a multi-process run, which share process 0's workdir.
+input leaves no empty workdir behind. A gs:// workdir is locked by its URL on the machine of the
+job's process 0: a TPU slice's jobs all start their process 0 on worker 0, so two `tpu run` jobs
+into one bucket folder are refused; jobs on two different machines are not (object stores have no
+lock). Processes other than 0 of a multi-process run take no lock: they share process 0's workdir.
 """
 from __future__ import annotations
 
@@ -42,8 +43,16 @@ def lock_directory() -> Path:
 
 
 def lock_file(workdir: str | Path) -> Path:
-  resolved = str(Path(workdir).expanduser().resolve())
+  resolved = _where(workdir)
   return lock_directory() / f'{hashlib.sha256(resolved.encode()).hexdigest()[:24]}.lock'
+
+
+def _where(workdir) -> str:
+  """The workdir as one string per place: resolved locally (symlinks, '..'), the URL for gs://
+  (with the storage endpoint, so that tests' emulators on different ports are different places)."""
+  if is_remote(workdir):
+    return os.environ.get('STORAGE_EMULATOR_HOST', '') + str(workdir).rstrip('/')
+  return str(Path(workdir).expanduser().resolve())
 
 
 def _holder(handle) -> str:
@@ -69,7 +78,7 @@ _held_guard = threading.Lock()  # checking and taking a lock is one step for thi
 @contextlib.contextmanager
 def writing_into(workdir: str | Path | None, command: str):
   """Holds `workdir` for this job until the block ends; WorkdirBusy if another process holds it."""
-  if workdir is None or is_remote(workdir):
+  if workdir is None:
     yield
     return
   path = lock_file(workdir)
@@ -102,7 +111,7 @@ def _take(path: Path, workdir, command: str):
   handle.seek(0)
   handle.truncate()
   handle.write(json.dumps({'pid': os.getpid(), 'command': command, 'started': time.time(),
-                           'workdir': str(Path(workdir).expanduser().resolve())}))
+                           'workdir': _where(workdir)}))
   handle.flush()
   return handle
 

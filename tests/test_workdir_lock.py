@@ -85,6 +85,22 @@ def test_a_held_lock_names_its_holder_across_processes(tmp_path):
     pass
 
 
+def test_a_bucket_folder_is_held_by_its_url_on_this_machine(tmp_path, capsys, monkeypatch):
+  """Two `tpu run` jobs of one slice start their process 0 on the same worker: the second one into
+  the same gs:// folder is refused there, before it reaches the bucket."""
+  monkeypatch.delenv('STORAGE_EMULATOR_HOST', raising=False)
+  holder = _start_holder('gs://runs/lvm')
+  try:
+    assert launch_main(_tokens_job(tmp_path, 'gs://runs/lvm/')) == 2  # a trailing slash names the same folder
+    message = capsys.readouterr().err
+    assert message.startswith('error: gs://runs/lvm/ is in use') and f'pid {holder.pid}' in message
+    with writing_into('gs://runs/other', 'another folder of the bucket'):
+      pass
+  finally:
+    holder.kill()
+    holder.wait()
+
+
 def _args(group, command=None, **fields):
   return argparse.Namespace(group=group, command=command, workdir=fields.get('workdir', 'W'), out='O',
                             lvm_only=False, attribution_only=False, full=False)
