@@ -121,36 +121,27 @@ def check_same_tokenizer(workdir: Path, config, given, checksum: str | None, wha
 def generate_command(workdir: str, prompts: list[str], frames: int, out: str | None, *, mode: str = 'sequence',
                      tokenizer_dir: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int = 0, dtype: str = 'float32', tpu_path: str | None = None) -> dict:
+  """`launch.py lvm generate`: `lvm.Prompter` plus a PNG grid (prompt | generation) and a result file."""
   from data_pipelines.image_sources import load_image
   from lvm import commands
-  from lvm.tokenizer_commands import load_tokenizer
+  from lvm.prompter import Prompter
   check_at_least(1, frames=frames)
   frames = check_prompt(mode, len(prompts), frames)
   started = time.time()
   workdir = as_path(workdir)  # local or gs:// (a run trained on a TPU slice, prompted from a laptop)
-  config, trained_tpu = commands.load_run_config(workdir)
+  config, _ = commands.load_run_config(workdir)
   check_sampling(temperature, top_k, top_p, config.model.vocab_size)
   out = prepare_output_file(out if out else workdir / 'generation.png')
-  named_as = '--tokenizer' if tokenizer_dir else 'the tokenizer at'
-  tokenizer_dir = tokenizer_dir or tokenizer_of(workdir, config)
-  tokenizer = load_tokenizer(tokenizer_dir, tpu_path or trained_tpu)
-  check_same_tokenizer(workdir, config, tokenizer_dir, tokenizer.checksum, what=named_as)
-  t = tokenizer.config.tokenizer
-  if config.model.vocab_size < t.codebook_size:
-    raise ConfigError(f'{workdir}: vocabulary {config.model.vocab_size} is smaller than the tokenizer\'s '
-                      f'{t.codebook_size} codes ({tokenizer_dir}); not the tokenizer this model was trained with')
-  images = np.stack([load_image(Path(p), t.image_size) for p in prompts])  # every file checked first
-  _, params, _, _, step = commands.restore_params(workdir, config, tpu_path or trained_tpu)
-  context = tokenizer.encode(images).reshape(1, -1)
-  new = generate_frames(jax.device_get(params), config.model, context, frames=frames,
-                        tokens_per_image=t.tokens_per_image, codebook_size=t.codebook_size,
-                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, dtype=dtype)
-  generated = tokenizer.decode(new.reshape(frames, t.tokens_per_image))
-  grid_png([np.concatenate([images, generated])], len(images), out)
-  result = {'job': 'lvm generate', 'mode': mode, 'prompts': prompts, 'frames': frames, 'step': step,
-            'tokenizer': str(tokenizer_dir), 'temperature': temperature, 'top_k': top_k, 'top_p': top_p,
-            'seed': seed, 'png': str(out), 'tokens': new.tolist(), 'wall_s': time.time() - started,
-            'versions': versions()}
+  for path in prompts:  # every file read once before any weights load (a typo costs nothing)
+    load_image(Path(path), 8)
+  prompter = Prompter.load(workdir, tokenizer_dir, tpu_path, dtype)
+  generation = prompter.generate(prompts, frames, mode, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed)
+  grid_png([np.concatenate([generation.prompt, generation.frames])], len(prompts), out)
+  result = {'job': 'lvm generate', 'mode': mode, 'prompts': prompts, 'frames': frames, 'step': prompter.step,
+            'tokenizer': str(prompter.tokenizer_dir), 'temperature': temperature, 'top_k': top_k, 'top_p': top_p,
+            'seed': seed, 'png': str(out), 'tokens': generation.tokens.reshape(1, -1).tolist(),
+            'wall_s': time.time() - started, 'versions': versions()}
   write_json_atomic(workdir / 'generate_result.json', result)
   return result
 

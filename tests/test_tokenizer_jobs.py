@@ -216,6 +216,36 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
               ['--out', str(tmp_path)]):
     assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', *prompt, '--mode', 'analogy', *bad]) == 2
 
+  # The Python API: the command's generation exactly (same prompts, seed and sampling), from files,
+  # uint8 arrays of them or PIL images alike; its frames go back in as prompts.
+  from core.config import ConfigError
+  from data_pipelines.image_sources import ImageDataError
+  from lvm import Prompter
+  prompter = Prompter.load(lvm)
+  assert prompter.step == 3 and prompter.image_size == 32 and 'step 3' in repr(prompter)
+  sampling = dict(temperature=1.0, seed=3)
+  from_files = prompter.generate(prompt, 1, 'analogy', **sampling)
+  np.testing.assert_array_equal(from_files.tokens.reshape(1, -1), tokens)
+  np.testing.assert_array_equal(from_files.frames, tokenizer.decode(tokens.reshape(1, 64)))
+  for same in ([np.asarray(Image.open(p)) for p in prompt], [Image.open(p) for p in prompt]):
+    np.testing.assert_array_equal(prompter.generate(same, 1, 'analogy', **sampling).tokens, from_files.tokens)
+  np.testing.assert_array_equal(prompter.complete_analogy(*prompt, **sampling), from_files.frames[0])
+  # One example pair and a query is the analogy's arrangement: the same frame.
+  np.testing.assert_array_equal(prompter.solve_in_context([(prompt[0], prompt[1])], prompt[2], **sampling),
+                                from_files.frames[0])
+  two = prompter.continue_sequence(prompt, frames=2)
+  assert two.shape == (2, 32, 32, 3) and two.dtype == np.float32
+  chained = prompter.generate([*from_files.prompt[1:], *two], 1)
+  np.testing.assert_array_equal(chained.prompt[2:], two)  # float frames at the tokenizer's size go in as they are
+  with pytest.raises(ImageDataError, match=r'prompt image 1: a float array must be .*\(8, 8, 3\)'):
+    prompter.generate([prompt[0], np.zeros((8, 8, 3), np.float32)])
+  with pytest.raises(ImageDataError, match='not one image'):
+    prompter.generate(prompt[0])
+  with pytest.raises(ConfigError, match='three prompt images'):
+    prompter.generate(prompt[:2], 1, 'analogy')
+  with pytest.raises(ConfigError, match='frames must be an int >= 1'):
+    prompter.continue_sequence(prompt, frames=0)
+
   from lvm.prompting import next_frame_report
   report = next_frame_report(lvm, out, kind='video', limit=8, png=tmp_path / 'next.png')
   videos = np.stack([source[80 + i] for i in range(8)])
