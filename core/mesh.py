@@ -138,6 +138,20 @@ def load_preset(path) -> SliceConfig:
   return load_config_file(path, expect=SliceConfig)
 
 
+def serving_preset(trained: str | None) -> str:
+  """The preset to load a trained model with when none is given (the Python APIs, the tokenizer):
+  the one it trained with where this process has that preset's devices (its TPU slice, or the CPU
+  devices `launch.py` forced for it); otherwise one CPU device, as a plain Python process on a laptop
+  has, so a run trained over 8 forced CPU devices or on a TPU can be loaded from anywhere."""
+  import jax
+  one_cpu = str(PRESET_DIR / 'cpu_1.py')
+  if trained:
+    preset = load_preset(trained)
+    if preset.platform == jax.default_backend() and preset.num_hosts * preset.devices_per_host == jax.device_count():
+      return trained
+  return one_cpu if jax.default_backend() == 'cpu' or not trained else trained
+
+
 def recorded_preset(path: str) -> str:
   """The preset a workdir recorded, as a path on this machine.
 

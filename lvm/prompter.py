@@ -22,27 +22,11 @@ import jax
 import numpy as np
 
 from core.config import ConfigError
+from core.mesh import serving_preset
 from core.paths import as_path
 from data_pipelines.image_sources import ImageDataError, array_to_rgb_square, load_image, to_rgb_square
 from lvm.prompting import check_prompt, check_same_tokenizer, generate_frames, tokenizer_of
 from lvm.sampling import check_sampling
-
-
-ONE_CPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
-
-
-def serving_preset(trained_tpu: str | None) -> str:
-  """The preset the run trained with where this process has its devices (the TPU slice, or the CPU
-  preset `launch.py` started with its forced devices); else one CPU device, as a notebook on a laptop
-  has: a run trained over 8 forced CPU devices (cpu_8_data) is prompted from anywhere."""
-  from core.mesh import load_preset
-  if trained_tpu:
-    preset = load_preset(trained_tpu)
-    if preset.platform == jax.default_backend() and preset.num_hosts * preset.devices_per_host == jax.device_count():
-      return trained_tpu
-  if jax.default_backend() == 'cpu':
-    return ONE_CPU
-  return trained_tpu or ONE_CPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +49,7 @@ class Prompter:
            dtype: str = 'float32') -> 'Prompter':
     """`workdir`: an `lvm train` / `import-hf` run (local or gs://). `tokenizer`: the tokenizer workdir,
     by default the one its training data's manifest names (refused if it is not the one that made
-    them). `tpu`: a slice preset (default `serving_preset`). `dtype`: weights and KV cache, float32
+    them). `tpu`: a slice preset (default `core.mesh.serving_preset`). `dtype`: weights and KV cache, float32
     or bfloat16."""
     from lvm import commands
     from lvm.tokenizer_commands import load_tokenizer
@@ -73,7 +57,7 @@ class Prompter:
       raise ConfigError(f"dtype {dtype!r}: choose 'float32' or 'bfloat16'")
     workdir = as_path(workdir)
     config, trained_tpu = commands.load_run_config(workdir)
-    tpu = tpu or serving_preset(trained_tpu)
+    tpu = tpu or serving_preset(trained_tpu)  # the one device of a notebook, or the slice
     named_as = '--tokenizer' if tokenizer else 'the tokenizer at'
     tokenizer_dir = tokenizer or tokenizer_of(workdir, config)
     loaded = load_tokenizer(tokenizer_dir, tpu)

@@ -82,7 +82,8 @@ def params_checksum(params) -> str:
 
 def load_tokenizer(workdir: str | Path, tpu_path: str | None = None) -> LoadedTokenizer:
   config, trained_tpu = read_run_config(workdir, TokenizerRunConfig, MADE_BY)
-  preset = load_preset(tpu_path or trained_tpu)
+  from core.mesh import serving_preset
+  preset = load_preset(tpu_path or serving_preset(trained_tpu))  # loads anywhere, as lvm.Prompter
   # The run's own loss config: a run trained with a discriminator checkpointed its parameters too.
   graphdef, params, mesh, step = restore_latest_params(TokenizerTask(config.tokenizer, config.loss), workdir, preset)
   tokenizer_params = {k: v for k, v in params.items() if k != 'discriminator'}

@@ -513,3 +513,42 @@ def test_beam_workers_find_the_tokenizer_preset_without_the_training_machine(tok
     (moved / 'config.json').write_text(json.dumps(run))
     found = worker_preset(str(moved), None)
     assert found == str(ROOT / 'tpu_configs' / expected)
+
+
+def test_a_run_trained_over_8_devices_loads_in_a_one_device_process(tokenizer_dir, tmp_path):
+  """A notebook has one CPU device: a tokenizer (or LVM) trained with cpu_8 once failed to load there
+  ('needs 8 devices, 1 are available'); it loads onto one device and encodes as it does anywhere."""
+  import os
+  import shutil
+  import subprocess
+  import sys
+  from data_pipelines.image_sources import digit_images
+  from lvm.tokenizer_commands import load_tokenizer
+  from tests.helpers import CPU8
+  shutil.copytree(tokenizer_dir, tmp_path / 'tok')
+  stored = json.loads((tmp_path / 'tok' / 'config.json').read_text())
+  (tmp_path / 'tok' / 'config.json').write_text(json.dumps({**stored, 'tpu': CPU8}))  # as if trained over 8
+  np.save(tmp_path / 'images.npy', digit_images(32)[0][:6])
+  script = (f'import sys; sys.path.insert(0, {str(ROOT)!r}); import jax, numpy as np\n'
+            'from lvm.tokenizer_commands import load_tokenizer\n'
+            'assert jax.device_count() == 1\n'
+            f'np.save({str(tmp_path / "tokens.npy")!r}, load_tokenizer({str(tmp_path / "tok")!r})'
+            f'.encode(np.load({str(tmp_path / "images.npy")!r})))\n')
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
+  done = subprocess.run([sys.executable, '-c', script], env=dict(os.environ, XLA_FLAGS=' '.join(flags)), cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  np.testing.assert_array_equal(np.load(tmp_path / 'tokens.npy'),
+                                load_tokenizer(tokenizer_dir).encode(np.load(tmp_path / 'images.npy')))
+
+
+def test_the_serving_preset_is_the_trained_one_where_its_devices_are(monkeypatch):
+  from core.mesh import serving_preset
+  from tests.helpers import CPU8
+  one_cpu, v4_8 = str(ROOT / 'tpu_configs/cpu_1.py'), str(ROOT / 'tpu_configs/v4_8.py')
+  for backend, devices, trained, expected in (('cpu', 8, CPU8, CPU8), ('cpu', 1, CPU8, one_cpu),
+                                              ('cpu', 8, v4_8, one_cpu), ('tpu', 4, v4_8, v4_8),
+                                              ('cpu', 8, None, one_cpu), ('cpu', 1, one_cpu, one_cpu)):
+    monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+    monkeypatch.setattr(jax, 'device_count', lambda: devices)
+    assert serving_preset(trained) == expected, (backend, devices, trained)
