@@ -55,7 +55,10 @@ def check_prompt(mode: str, count: int, frames: int) -> int:
     raise ConfigError(f'--mode analogy takes three prompt images A A\' B (got {count})')
   if mode == 'in-context' and (count < 3 or count % 2 == 0):
     raise ConfigError(f'--mode in-context takes pairs and a query: x1 y1 ... xq, an odd count >= 3 (got {count})')
-  return frames if mode == 'sequence' else 1
+  if mode != 'sequence' and frames != 1:  # was ignored: one frame came back for --frames 3
+    raise ConfigError(f'--mode {mode} completes one frame, --frames {frames} asks for more; continue its answer '
+                      'with --mode sequence for the frames after it')
+  return frames
 
 
 def grid_png(rows: list[np.ndarray], split_at: int, path: Path, scale: int = 4) -> None:

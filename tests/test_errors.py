@@ -151,6 +151,9 @@ def _bad_inputs(tmp):
       'lvm eval of batch 0': (lvm_eval + ['builtin:digits-eval', '--batch-size', '0'], '--batch-size must be >= 1'),
       'lvm eval of a run before its first checkpoint': (lvm_eval + ['builtin:digits-eval'],
                                                         'lvm_run holds no checkpoint yet'),
+      'lvm generate of several frames of an analogy': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
+                                                        'a.png', 'a2.png', 'b.png', '--mode', 'analogy', '--frames', '3'],
+                                                       '--mode analogy completes one frame, --frames 3 asks for more'),
       'attrib generate from a latent model': (generate[:3] + [str(tmp / 'latent_run')] + generate[4:],
                                               'this U-Net denoises latents (latents:coco/trainset)'),
       'attrib generate of a negative seed': (generate + ['--seed', '-1'], '--seed must be >= 0, got -1'),
@@ -228,7 +231,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-tokenizer on fewer images than a batch', 'lvm generate into an unknown image format',
          'features of a part named twice', 'lvm eval of a run before its first checkpoint',
          'attrib generate from a latent model', 'attrib generate of a negative seed',
-         'attrib generate into an unknown image format']
+         'attrib generate into an unknown image format', 'lvm generate of several frames of an analogy']
 
 
 @pytest.mark.parametrize('case', CASES)
