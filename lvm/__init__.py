@@ -8,4 +8,7 @@ def __getattr__(name):
   if name in ('Prompter', 'Generation'):
     from lvm import prompter
     return getattr(prompter, name)
+  if name == 'load_tokenizer':  # a trained or imported VQGAN: .encode(images) -> codes, .decode(codes)
+    from lvm.tokenizer_commands import load_tokenizer
+    return load_tokenizer
   raise AttributeError(name)

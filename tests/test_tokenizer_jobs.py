@@ -223,6 +223,8 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   from lvm import Prompter
   prompter = Prompter.load(lvm)
   assert prompter.step == 3 and prompter.image_size == 32 and 'step 3' in repr(prompter)
+  import lvm as lvm_package
+  assert prompter.tokenizer.checksum == lvm_package.load_tokenizer(tokenizer_dir).checksum  # the data's tokenizer
   sampling = dict(temperature=1.0, seed=3)
   from_files = prompter.generate(prompt, 1, 'analogy', **sampling)
   np.testing.assert_array_equal(from_files.tokens.reshape(1, -1), tokens)
