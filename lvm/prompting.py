@@ -80,18 +80,21 @@ def training_manifest(workdir: Path, config) -> tuple[Path, dict]:
   from core.workdir import RUN_CONFIG_FILE
   if not config.data.train_path or config.data.train_path.startswith('builtin:'):
     raise ConfigError(f'{workdir} trained on {config.data.train_path or "no data (an import)"!r}, which has no '
-                      'manifest.json naming a tokenizer (data from `lvm tokenize` has one); pass --tokenizer')
+                      'manifest.json naming a tokenizer (data from `lvm tokenize` has one); pass --tokenizer '
+                      '(Prompter.load(..., tokenizer=) in Python)')
   given = as_path(config.data.train_path)  # local or gs://, as the workdir
   run_file = as_path(workdir) / RUN_CONFIG_FILE
   recorded = json.loads(run_file.read_text()).get('train_data') if run_file.is_file() else None
   data = given if given.is_dir() or not recorded else as_path(recorded)
   if not data.is_dir():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which is not there from {Path.cwd()} '
-                      '(a relative path counts from where training ran: run from there, or pass --tokenizer)')
+                      '(a relative path counts from where training ran: run from there, or pass --tokenizer; '
+                      'tokenizer= in Python)')
   manifest = data / 'manifest.json'
   if not manifest.is_file():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which has no manifest.json naming a '
-                      'tokenizer (data from `lvm tokenize` has one); pass --tokenizer')
+                      'tokenizer (data from `lvm tokenize` has one); pass --tokenizer '
+                      '(Prompter.load(..., tokenizer=) in Python)')
   return data, json.loads(manifest.read_text())
 
 
@@ -116,7 +119,7 @@ def check_same_tokenizer(workdir: Path, config, given, checksum: str | None, wha
     raise ConfigError(f'{what} {given} (parameters {checksum}) is not the tokenizer {data} was made '
                       f'with ({manifest.get("tokenizer")}, parameters {made_with}): the model\'s codes mean other '
                       'pictures to it' + ('' if what == '--tokenizer' else ' (retrained or replaced since?); '
-                                          'pass --tokenizer'))
+                                          'pass --tokenizer (Prompter.load(..., tokenizer=) in Python)'))
   raise ConfigError(f'{what} {given} was tokenized with other tokenizer parameters ({checksum}) than the training '
                     f'data {data} ({made_with}): its codes mean other pictures to this model')
 

@@ -312,7 +312,7 @@ def manifest_tokenizer(sentences_dir, manifest: dict) -> str:
     if as_path(candidate).is_dir():
       return candidate
   raise ConfigError(f'{sentences_dir}/manifest.json names the tokenizer {manifest["tokenizer"]!r}, which is not there '
-                    f'(looked at {candidates}); pass --tokenizer')
+                    f'(looked at {candidates}); pass --tokenizer (Prompter.load(..., tokenizer=) in Python)')
 
 
 def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, **options) -> dict:
