@@ -39,9 +39,25 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
     config, tpu = from_dict(config_type, stored['config']), stored['tpu']
   except (ValueError, KeyError, TypeError) as e:
     raise ConfigError(f'{path} does not describe a {config_type.__name__} run ({type(e).__name__}: {e}); '
-                      f'{workdir} was not made by {made_by}') from None
+                      f'{workdir} was not made by {made_by}{_kind_of(path)}') from None
   from core.mesh import recorded_preset
   return config, recorded_preset(tpu)
+
+
+# A run's config.json by its config's top-level groups: which job made it, for a workdir given to a
+# command of another kind (a tokenizer's to `lvm generate`, an LVM's to `attrib teacher`).
+_RUN_KINDS = (('tokenizer', 'a tokenizer run (`lvm train-tokenizer` / `lvm import-tokenizer`)'),
+              ('unet', 'a diffusion model (`attrib train-model` / `attrib import-diffusers`)'),
+              ('model', 'an LVM run (`lvm train` / `lvm import-hf`)'))
+
+
+def _kind_of(path) -> str:
+  try:
+    stored = json.loads(path.read_text()).get('config', {})
+  except (ValueError, OSError, AttributeError):
+    return ''
+  kind = next((what for key, what in _RUN_KINDS if isinstance(stored, dict) and key in stored), None)
+  return f': it holds {kind}' if kind else ''
 
 
 def refuse_changed_run(workdir, previous, config, groups: tuple[str, ...], ignore=frozenset()) -> None:

@@ -133,7 +133,8 @@ def _bad_inputs(tmp):
       'counterfactual of zero images': (['attrib', 'counterfactual', '--workdir', str(tmp / 'w'), '--k', '0'],
                                         '--k must be >= 1'),
       'teacher on an LVM workdir': (['attrib', 'teacher', '--workdir', str(tmp / 'lvm_run'), '--queries', '1'],
-                                    'not made by `attrib train-model`'),
+                                    'not made by `attrib train-model` or `attrib import-diffusers`: it holds an LVM '
+                                    'run (`lvm train` / `lvm import-hf`)'),
       'train-model into an LVM workdir': (['attrib', 'train-model', '--config', digits, '--workdir',
                                            str(tmp / 'lvm_run')], 'not made by `attrib train-model`'),
       'train-model of another U-Net into a run': (['attrib', 'train-model', '--config', digits, '--workdir',
@@ -147,7 +148,9 @@ def _bad_inputs(tmp):
       'import-tokenizer of a folder without config': (['lvm', 'import-tokenizer', '--weights', str(tmp / 'shards'),
                                                        '--workdir', str(tmp / 'w')], 'shards/config.json not found'),
       'lvm eval on a diffusion workdir': (['lvm', 'eval', '--workdir', str(tmp / 'diffusion_run'), '--data',
-                                           'builtin:digits-eval'], 'not made by `lvm train`'),
+                                           'builtin:digits-eval'],
+                                          'not made by `lvm train` or `lvm import-hf`: it holds a diffusion model '
+                                          '(`attrib train-model` / `attrib import-diffusers`)'),
       'lvm eval of batch 0': (lvm_eval + ['builtin:digits-eval', '--batch-size', '0'], '--batch-size must be >= 1'),
       'lvm eval of a run before its first checkpoint': (lvm_eval + ['builtin:digits-eval'],
                                                         'lvm_run holds no checkpoint yet'),
