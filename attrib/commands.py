@@ -1,7 +1,9 @@
 """`launch.py attrib ...` jobs. Each writes WORKDIR/<job>_result.json."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from attrib.data import CaptionDropout, CaptionedImages
 from attrib.task import DenoisingTask
 from attrib.text_encoder import shared_text_encoder
 from core import progress
-from core.paths import as_path
+from core.paths import absolute, as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset
 from core.train_loop import check_batch_layout, restore_latest_params, train
@@ -82,6 +84,21 @@ def nearest_neighbour_labels(generated: np.ndarray, train_images: np.ndarray, tr
   return train_labels[np.argmin(distances, axis=1)]
 
 
+def check_same_run(workdir: Path, config: DiffusionConfig) -> None:
+  """A rerun continues the run in `workdir`: only the same model on the same images (a workdir of
+  another kind is named by load_run, before its config.json would be overwritten)."""
+  if not (workdir / RUN_CONFIG_FILE).is_file():
+    return
+  previous = load_run(workdir)[0]
+  # The same exclude file named another way ('x.txt', then '/abs/x.txt' or '../w/x.txt' from
+  # elsewhere) is the same file: compared by the absolute path recorded when training ran.
+  recorded = json.loads((workdir / RUN_CONFIG_FILE).read_text()).get('exclude_file')
+  if config.data.exclude_path and recorded == absolute(config.data.exclude_path):
+    previous = dataclasses.replace(previous, data=dataclasses.replace(previous.data,
+                                                                      exclude_path=config.data.exclude_path))
+  refuse_changed_run(workdir, previous, config, ('unet', 'schedule', 'data'))
+
+
 def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str],
                         evaluate: bool = True, config: DiffusionConfig | None = None,
                         cache_dir: Path | None = None) -> dict:
@@ -94,15 +111,14 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
   text_encoder = shared_text_encoder(config.data.text_len)
   if text_encoder.dim != config.unet.cross_attention_dim:
     raise ConfigError(f'unet.cross_attention_dim {config.unet.cross_attention_dim} != text encoder width {text_encoder.dim}')
-  if (workdir / RUN_CONFIG_FILE).is_file():
-    # A rerun continues the run in `workdir`: only the same model on the same images (a workdir of
-    # another kind is named by load_run, before its config.json would be overwritten).
-    refuse_changed_run(workdir, load_run(workdir)[0], config, ('unet', 'schedule', 'data'))
+  check_same_run(workdir, config)
   data = CaptionedImages(config.data, text_encoder, cache_dir=cache_dir or workdir / 'cache')
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
   check_batch_layout(config.train, config.optim, preset, records=len(data), data=config.data.train_path)
   make_workdir(workdir)
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve()),
+                                                'exclude_file': absolute(config.data.exclude_path)
+                                                if config.data.exclude_path else ''})
 
   def make_iterator(process_index, process_count):
     return record_batches(data, global_batch=config.train.global_batch, seed=config.train.seed,

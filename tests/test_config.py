@@ -2,7 +2,7 @@
 import pytest
 
 from core.config import ConfigError, apply_overrides, load_config_file
-from tests.helpers import CPU8, TINY
+from tests.helpers import CPU8, ROOT, TINY
 
 
 def test_overrides_parse_to_declared_types():
@@ -168,3 +168,27 @@ def test_a_run_continues_on_its_data_named_another_way(tmp_path, monkeypatch):
     _check_same_model(tmp_path / 'run', apply_overrides(config, [f'data.train_path={tmp_path / "sent"}']))
     with pytest.raises(ConfigError, match=r"different data settings \{'train_path': 'sent -> \.\./other'\}"):
       _check_same_model(tmp_path / 'run', apply_overrides(config, ['data.train_path=../other']))
+
+
+def test_a_diffusion_run_continues_with_its_exclude_file_named_another_way(tmp_path, monkeypatch):
+  """`attrib train-model` rerun with the same data.exclude_path spelled otherwise (relative, then
+  absolute or from another folder) continues the run; another file is still refused."""
+  import json
+  from attrib.commands import check_same_run
+  from core.config import to_dict
+  from core.paths import absolute
+  digits = str(ROOT / 'attrib/configs/digits.py')
+  (tmp_path / 'run').mkdir()
+  for name in ('x.txt', 'y.txt'):
+    (tmp_path / name).write_text('3,5\n')
+  monkeypatch.chdir(tmp_path)
+  config = apply_overrides(load_config_file(digits), ['data.exclude_path=x.txt'])
+  (tmp_path / 'run' / 'config.json').write_text(json.dumps(
+      {'config': to_dict(config), 'tpu': CPU8, 'exclude_file': absolute('x.txt')}))
+  check_same_run(tmp_path / 'run', apply_overrides(config, [f'data.exclude_path={tmp_path / "x.txt"}']))
+  monkeypatch.chdir(tmp_path / 'run')
+  check_same_run(tmp_path / 'run', apply_overrides(config, ['data.exclude_path=../x.txt']))
+  with pytest.raises(ConfigError, match=r"different data settings \{'exclude_path': 'x.txt -> \.\./y.txt'\}"):
+    check_same_run(tmp_path / 'run', apply_overrides(config, ['data.exclude_path=../y.txt']))
+  with pytest.raises(ConfigError, match=r"'exclude_path': 'x.txt -> '"):
+    check_same_run(tmp_path / 'run', apply_overrides(config, ['data.exclude_path=']))
