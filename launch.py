@@ -240,8 +240,6 @@ def quickstart(args) -> dict:
   if attribution is not None:
     from attrib import quickstart as attribution_quickstart
     attribution_quickstart.print_summary(attribution)
-    print(f'  your own query: python launch.py attrib generate --workdir {workdir} --prompt "a handwritten seven" '
-          f'--seed 3 --out q.png, then attrib query --workdir {workdir} --image q.png --prompt "a handwritten seven"')
   print(f"quickstart: {clock.elapsed():.0f} s in all (" + ', '.join(f'{k} {v:.1f} s' for k, v in clock.stages.items()) + ')')
   from core.workdir import write_json_atomic
   write_json_atomic(workdir / 'quickstart_result.json', summary)

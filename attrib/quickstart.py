@@ -71,7 +71,7 @@ def run(workdir: Path, full: bool = False, stage_prefix: str = 'attribution') ->
           'speedup_vs_teacher': evaluation['speedup_vs_teacher'], 'scale_a': distilled.get('scale_a'),
           'student_vs_best_base': evaluation.get('student_vs_best_base'),
           'student_vs_own_base': evaluation.get('student_vs_own_base'),
-          'pictures': pictures, 'stage_seconds': clock.stages}
+          'pictures': pictures, 'workdir': str(model_dir), 'stage_seconds': clock.stages}
 
 
 def attribution_pictures(model_dir: Path, draw, count: int = 4, k: int = 8) -> list[str]:
@@ -109,4 +109,8 @@ def print_summary(summary: dict) -> None:
   lines.append(f"  attribute(): p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms (features included)"
                + (f"; teacher {teacher:.1f} s per query -> {summary['speedup_vs_teacher']:,.0f}x" if teacher else ''))
   lines.append('  pictures: ' + ', '.join(summary['pictures']))
+  if summary.get('workdir'):  # the model's workdir (WORKDIR/attrib): where a user's own query goes
+    work, prompt = summary['workdir'], '"a handwritten seven"'
+    lines.append(f'  your own query: python launch.py attrib generate --workdir {work} --prompt {prompt} --seed 3 '
+                 f'--out q.png, then python launch.py attrib query --workdir {work} --image q.png --prompt {prompt}')
   print('\n'.join(lines))

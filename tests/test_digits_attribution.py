@@ -457,3 +457,22 @@ def test_a_save_over_another_processs_change_is_refused(pipeline, tmp_path, caps
   assert len(final.index) == 1602 and final.removed.tolist() == [3, 4]
   # The stale attributor still answers queries from what it loaded.
   assert len(service.attribute(image=new['images'][2], prompt=str(new['prompts'][2]), k=3).ids) == 3
+
+
+def test_the_quickstart_summary_names_commands_that_attribute_a_users_own_query(pipeline, tmp_path, capsys,
+                                                                                  monkeypatch):
+  """The quickstart's table ends with the two commands for a query of one's own; they once named the
+  quickstart's top folder instead of the model's (WORKDIR/attrib): run as printed, they must work."""
+  import shlex
+  from attrib.quickstart import print_summary
+  print_summary({'map_at': 'mAP(16)', 'base_features': {'pixels': 0.2}, 'best_base_feature': 'pixels', 'student': 0.4,
+                 'latency_ms': {'p50': 4.0, 'p95': 5.0}, 'teacher_s_per_query': 10.0, 'speedup_vs_teacher': 2500.0,
+                 'pictures': ['q0.png'], 'workdir': str(pipeline)})
+  line = next(l for l in capsys.readouterr().out.splitlines() if 'your own query' in l)
+  generate, query = line.split(': ', 1)[1].split(', then ')
+  monkeypatch.chdir(tmp_path)  # q.png lands here, as in the user's folder
+  for command in (generate, query):
+    argv = shlex.split(command)
+    assert argv[:2] == ['python', 'launch.py']
+    assert launch_main(argv[2:]) == 0, command
+  assert (tmp_path / 'q.png').is_file() and json.loads((pipeline / 'query_result.json').read_text())['image'] == 'q.png'
