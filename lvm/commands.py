@@ -67,6 +67,28 @@ def fit_check_command(config_path: str, tpu_path: str, overrides: list[str]) -> 
           'model_flops_per_step': config.model.flops_per_token(config.data.seq_len) * tokens_per_step}
 
 
+def note_vocabulary_mismatch(config: LvmConfig) -> None:
+  """Sentences from `lvm tokenize` name their vocabulary (codes + reserved ids) in manifest.json. A
+  model of another size still trains (the records are checked against the model's), but a larger one
+  spends its embedding and output rows on ids that never occur (the tiny preset's 8,292 on a 228-id
+  tokenizer: 97% of both), and a smaller one cannot hold the reserved ids; say so before training."""
+  data = config.data.train_path
+  if not data or data.startswith('builtin:'):
+    return
+  manifest_path = Path(local_data(data)) / 'manifest.json'
+  if not manifest_path.is_file():
+    return
+  data_vocab = json.loads(manifest_path.read_text()).get('vocab_size')
+  model_vocab = config.model.vocab_size
+  if data_vocab is None or data_vocab == model_vocab:
+    return
+  from core import progress
+  why = (f'the model\'s {model_vocab - data_vocab:,} ids from {data_vocab} up never occur in it' if model_vocab > data_vocab else
+         f'ids {model_vocab}-{data_vocab - 1}, reserved for special tokens, cannot be used')
+  progress.say(f'note: model.vocab_size is {model_vocab:,} but {data} was tokenized for {data_vocab:,} ids '
+               f'({manifest_path.name}): {why}; --set model.vocab_size={data_vocab} to match')
+
+
 def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
   workdir = as_path(workdir)
@@ -75,6 +97,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
   # Validate the data before any compile or init work starts.
   source = open_token_source(config.data.train_path, seq_len=config.data.seq_len,
                              vocab_size=config.model.vocab_size)
+  note_vocabulary_mismatch(config)
   task = NextTokenTask(config.model, config.data.seq_len)
   check_batch_layout(config.train, config.optim, preset, records=len(source), data=config.data.train_path)
   make_workdir(workdir)

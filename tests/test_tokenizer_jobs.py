@@ -1,5 +1,6 @@
 """Tokenizer training, dead-code restarts, image folders with odd files, and the resumable tokenize
 job whose shards the LVM trains on."""
+import dataclasses
 import json
 
 import jax
@@ -130,7 +131,7 @@ def test_scikit_image_bundled_images_are_a_source(tokenizer_dir, tmp_path, capsy
   assert '--seed must be >= 0, got -1' in capsys.readouterr().err and not (tmp_path / 'negative_seed').exists()
 
 
-def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir, tmp_path):
+def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir, tmp_path, capsys):
   from data_pipelines.token_records import TokenRecordSource, find_shards
   from lvm.sentences import sentence_frames
   from lvm.tokenizer_commands import load_tokenizer
@@ -191,6 +192,7 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
                       '--set', f'data.train_path={out}', '--set', 'model.vocab_size=228', '--set', 'train.steps=3',
                       '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false']) == 0
   assert np.isfinite(json.loads((lvm / 'train_result.json').read_text())['final_metrics']['loss'])
+  assert 'note: model.vocab_size' not in capsys.readouterr().err  # the manifest's 228: nothing to say
 
   # Per-kind perplexity of the last frame (64 tokens), from the manifest.
   assert launch_main(['lvm', 'eval', '--workdir', str(lvm), '--data', str(out)]) == 0
@@ -334,6 +336,27 @@ def test_generate_refuses_a_tokenizer_other_than_the_datas(tmp_path, monkeypatch
   (tmp_path / 'manifest.json').write_text((tmp_path / 'data/manifest.json').read_text())  # '.' holds one
   for unreachable in ('gone', '', 'builtin:digits'):  # ('' is an imported run: not the folder it runs from)
     check_same_tokenizer(tmp_path / 'lvm', SimpleNamespace(data=SimpleNamespace(train_path=unreachable)), 'x', 'def')
+
+
+def test_training_notes_a_model_vocabulary_other_than_the_sentences(tmp_path, capsys):
+  # The tiny preset's 8,292 ids on a 228-id tokenizer's sentences: 8,064 embedding and output rows
+  # that no record ever uses, trained without a word before.
+  from lvm.commands import note_vocabulary_mismatch
+  from lvm.configs.tiny import get_config
+  (tmp_path / 'manifest.json').write_text(json.dumps({'vocab_size': 228}))
+  config = get_config()
+  with_data = lambda vocab, path=str(tmp_path): dataclasses.replace(
+      config, data=dataclasses.replace(config.data, train_path=path),
+      model=dataclasses.replace(config.model, vocab_size=vocab))
+  note_vocabulary_mismatch(with_data(8292))
+  assert capsys.readouterr().err.strip() == (
+      f"note: model.vocab_size is 8,292 but {tmp_path} was tokenized for 228 ids (manifest.json): the model's "
+      '8,064 ids from 228 up never occur in it; --set model.vocab_size=228 to match')
+  note_vocabulary_mismatch(with_data(150))
+  assert 'ids 150-227, reserved for special tokens, cannot be used; --set model.vocab_size=228' in capsys.readouterr().err
+  for quiet in (with_data(228), with_data(8292, 'builtin:digits'), with_data(8292, str(tmp_path / 'no_manifest'))):
+    note_vocabulary_mismatch(quiet)
+    assert capsys.readouterr().err == ''
 
 
 def test_coverage_notes_name_kinds_that_leave_most_of_the_source_unseen():
