@@ -442,6 +442,9 @@ def _run(argv: list[str]) -> int:
   aa.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
   aa.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
   aa.add_argument('--train-list', help='full scale: the training TSV the student was distilled over')
+  aa.add_argument('--allow-repeats', action='store_true',
+                  help='add images added before (same image and caption) again, as more training images; '
+                       'without it a rerun of the same list adds nothing and a list repeating some is refused')
   # No towers to load: a removal names training ids, it computes no feature.
   ar = a.add_parser('remove', help='take training images out of every answer of a distilled student (a takedown)')
   ar.add_argument('--workdir', required=True)
@@ -582,7 +585,8 @@ def _dispatch(args) -> dict:
       result = rebuild_index_command(args.workdir, args.shards)
     elif args.command == 'add':
       from attrib.additions import add_command
-      result = add_command(args.workdir, args.images, args.features, args.dino, args.clip, args.train_list)
+      result = add_command(args.workdir, args.images, args.features, args.dino, args.clip, args.train_list,
+                           args.allow_repeats)
     elif args.command == 'remove':
       from attrib.removals import remove_command
       result = remove_command(args.workdir, args.ids, args.ids_file)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.paths import as_path
+from core.paths import absolute, as_path
 from core.workdir import load_npz, save_npz_atomic
 
 ADDED_IMAGES = 'added_images.npz'
@@ -101,7 +101,9 @@ def new_training_images(attributor, images, captions, features) -> Additions:
                              'query grids and results name')
     features = attributor.features(images, captions)
     pixels = None if tower else np.stack([digit_pixels(i) for i in images])
-    paths = [str(i) for i in images] if tower else None
+    # Resolved: the answers of later jobs, run from any folder, name these files (a relative name
+    # was kept as typed, from the folder `attrib add` ran in).
+    paths = [absolute(i) for i in images] if tower else None
   else:
     pixels, paths = None, None
   if features.ndim != 2 or features.shape[1] != attributor.input_dim or not len(features):
@@ -134,10 +136,49 @@ def leave_out_unfinished_add(student, n_train: int, n_added: int, index, base_in
   return (None if embeddings is None else embeddings[:kept]), (None if prior is None else prior[:kept])
 
 
+def addition_keys(additions: Additions) -> list[tuple]:
+  """What makes two added training images the same one: the caption and the image (the digits'
+  pixels, or its file), or for an image added as a φ row, the row."""
+  keys = []
+  for i, caption in enumerate(additions.captions):
+    if additions.images is not None:
+      image = additions.images[i].tobytes()
+    elif additions.paths is not None and additions.paths[i] is not None:
+      image = additions.paths[i]
+    else:
+      image = additions.features[i].tobytes()
+    keys.append((image, caption))
+  return keys
+
+
+def repeated_rows(additions: Additions, new: int, distilled: int) -> tuple[dict[int, int], dict[int, int]]:
+  """Of the last `new` additions: {row: id} of those that repeat an earlier addition, and {row: row}
+  of those that repeat an earlier row of the same list."""
+  keys = addition_keys(additions)
+  before = len(keys) - new
+  earlier = {}
+  for j, key in enumerate(keys[:before]):
+    earlier.setdefault(key, distilled + j)
+  seen, of_earlier, of_list = {}, {}, {}
+  for row, key in enumerate(keys[before:]):
+    if key in earlier:
+      of_earlier[row] = earlier[key]
+    elif key in seen:
+      of_list[row] = seen[key]
+    else:
+      seen[key] = row
+  return of_earlier, of_list
+
+
 def add_command(workdir: str, images_list: str | None, features_path: str | None, dino: str | None = None,
-                clip: str | None = None, train_list: str | None = None) -> dict:
+                clip: str | None = None, train_list: str | None = None, allow_repeats: bool = False) -> dict:
   """`launch.py attrib add`: the images of a TSV (image<TAB>caption), or φ rows of an .npy for a
-  student distilled on precomputed features, added to the student's index and saved."""
+  student distilled on precomputed features, added to the student's index and saved.
+
+  An image added before (same image and caption: `addition_keys`) is not added again unless
+  `allow_repeats`: a rerun of a finished `attrib add` would otherwise put every image in the index
+  twice, each answer naming both. A rerun of the whole list adds nothing and exits 0 (as any job
+  rerun after it finished); a list that repeats some images is refused, naming them."""
   from attrib.attributor import Attributor
   from attrib.tower_features import read_image_list
   from core.errors import ConfigError
@@ -158,10 +199,32 @@ def add_command(workdir: str, images_list: str | None, features_path: str | None
       raise ConfigError(f'{features_path}: not an .npy file of φ rows [n, d] ({e})') from None
   attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
   ids = attributor.add_training_images(images=paths, captions=captions, features=features)
+  source = images_list or features_path
+  of_earlier, of_list = ({}, {}) if allow_repeats else repeated_rows(attributor.additions, len(ids),
+                                                                     attributor.distilled_rows)
+  name = (lambda row: paths[row]) if paths else (lambda row: f'row {row}')
+  if len(of_earlier) == len(ids):  # in memory only: nothing is saved
+    from core import progress
+    before = sorted(of_earlier.values())
+    named = f'{before[0]}-{before[-1]}' if before == list(range(before[0], before[-1] + 1)) else \
+        ', '.join(map(str, before[:5])) + (' ...' if len(before) > 5 else '')
+    progress.say(f'note: all {len(ids)} images of {source} were added before (ids {named}): nothing added '
+                 '(--allow-repeats adds them again, as more images)')
+    result = {'job': 'attrib add', 'added': 0, 'already_added_ids': list(of_earlier.values()), 'source': source,
+              'versions': versions()}
+    write_json_atomic(as_path(workdir) / 'add_result.json', result)
+    return result
+  if of_earlier or of_list:
+    said = [f'{name(r)} (added before as id {i})' for r, i in of_earlier.items()] + \
+           [f'{name(r)} (listed before, as {name(first)})' if not paths else f'{name(r)} (listed twice)'
+            for r, first in of_list.items()]
+    raise ConfigError(f'{source}: {len(said)} of its {len(ids)} images repeat an image with the same caption: '
+                      f'{", ".join(said[:5])}{" ..." if len(said) > 5 else ""}; nothing added. Leave them out, or '
+                      '--allow-repeats to add them as more training images')
   attributor.save()
   result = {'job': 'attrib add', 'added': len(ids), 'first_id': int(ids[0]), 'last_id': int(ids[-1]),
             'distilled_training_images': attributor.distilled_rows,
             'added_training_images': len(attributor.additions), 'index_rows': len(attributor.index),
-            'source': images_list or features_path, 'versions': versions()}
+            'source': source, 'versions': versions()}
   write_json_atomic(as_path(workdir) / 'add_result.json', result)
   return result

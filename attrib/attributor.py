@@ -281,7 +281,8 @@ class Attributor:
     """New training images (and their captions), searchable at once; returns their training ids
     (after the training set's and earlier additions'). A student that computes φ itself takes images
     and captions, as `attribute` does (full scale: image files, which grids and results name); one
-    distilled on precomputed features takes their φ rows (`features`). In memory until `save`."""
+    distilled on precomputed features takes their φ rows (`features`). In memory until `save`.
+    An image given again is added again, under a new id (`attrib add` refuses repeats: additions.py)."""
     new = new_training_images(self, images, captions, features)
     embedded = np.asarray(self._embed(new.features), np.float32)
     prior = None if self.prior is None else np.asarray(self._prior_of(new.features), np.float32)

@@ -301,12 +301,30 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
   added = json.loads((work / 'add_result.json').read_text())
   assert (added['first_id'], added['last_id'], added['added_training_images'], added['index_rows']) == \
       (1606, 1607, 8, 1608)
+  # The same command again (it seemed to hang, the terminal closed) adds nothing: each image once.
+  saved = (work / 'student' / 'added_images.npz').read_bytes()
+  capsys.readouterr()
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--images', str(tmp_path / 'new.tsv')]) == 0
+  assert f'all 2 images of {tmp_path / "new.tsv"} were added before (ids 1606-1607): nothing added' in \
+      capsys.readouterr().err
+  assert json.loads((work / 'add_result.json').read_text())['already_added_ids'] == [1606, 1607]
+  assert (work / 'student' / 'added_images.npz').read_bytes() == saved
+  # A list repeating some (one added before, one listed twice): refused, naming them; on purpose, added.
+  Image.fromarray(((new['images'][8][..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / 'new8.png')
+  (tmp_path / 'mixed.tsv').write_text(f'new8.png\ta\nnew6.png\t{new["prompts"][6]}\nnew8.png\ta\n')
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--images', str(tmp_path / 'mixed.tsv')]) == 2
+  assert (f'2 of its 3 images repeat an image with the same caption: {tmp_path / "new6.png"} (added before as id '
+          f'1606), {tmp_path / "new8.png"} (listed twice); nothing added') in capsys.readouterr().err
+  assert (work / 'student' / 'added_images.npz').read_bytes() == saved
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--images', str(tmp_path / 'mixed.tsv'),
+                      '--allow-repeats']) == 0
+  assert json.loads((work / 'add_result.json').read_text())['index_rows'] == 1611
   assert launch_main(['attrib', 'query', '--workdir', str(work), '--image', str(tmp_path / 'new6.png'),
                       '--prompt', str(new['prompts'][6]), '-k', '96', '--out', str(tmp_path / 'grid.png')]) == 0
   assert 1606 in json.loads((work / 'query_result.json').read_text())['ids']
   # `attrib index` rebuilds over the added images too.
   assert launch_main(['attrib', 'index', '--workdir', str(work)]) == 0
-  assert json.loads((work / 'index_result.json').read_text())['index']['rows'] == 1608
+  assert json.loads((work / 'index_result.json').read_text())['index']['rows'] == 1611
   with pytest.raises(AttributionError, match='captions: one string per new training image'):
     Attributor.load(work).add_training_images(images=[new['images'][8]], captions=['a', 'b'])
 

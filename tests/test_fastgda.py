@@ -289,8 +289,13 @@ def test_training_images_added_by_features_while_queries_run(release, tmp_path, 
     for n in range(20):
       assert abs(score[600 + n] - score[7 * n]) < 1e-5
   attributor.save()
-  assert launch_main(['attrib', 'add', '--workdir', str(tmp_path / 'w'), '--features', str(release / 'feats' / 'toy' /
-                                                                                         'data_feats.npy')]) == 0
+  # The training set's rows again: 20 of them were just added (ids 600..619), so refused unless meant.
+  again = ['attrib', 'add', '--workdir', str(tmp_path / 'w'), '--features', str(release / 'feats' / 'toy' / 'data_feats.npy')]
+  capsys.readouterr()
+  assert launch_main(again) == 2
+  assert '20 of its 600 images repeat an image with the same caption: row 0 (added before as id 600), row 7 ' \
+      '(added before as id 601)' in capsys.readouterr().err
+  assert launch_main(again + ['--allow-repeats']) == 0
   assert json.loads((tmp_path / 'w' / 'add_result.json').read_text())['index_rows'] == 1220
   reloaded = Attributor.load(tmp_path / 'w')
   assert len(reloaded.index) == 1220 and reloaded.captions is None

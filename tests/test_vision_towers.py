@@ -218,7 +218,7 @@ def get_config():
 '''
 
 
-def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir, tmp_path, capsys):
+def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir, tmp_path, capsys, monkeypatch):
   """A student distilled on DINO ⊕ CLIP-text features (random-weight towers, crops of the bundled
   photos): `Attributor.load(dino=, clip=)` computes φ of (image, prompt) itself and answers exactly
   as it does for φ from the feature job; `attrib query` draws the photos."""
@@ -314,7 +314,11 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
   shutil.copy(tmp_path / 'photo9.png', tmp_path / 'new9.png')
   (tmp_path / 'new.tsv').write_text('new5.png\tphoto number 5\nnew9.png\ta new photo\n')
   towers = ['--dino', str(tmp_path / 'dino'), '--clip', str(clip_path), '--train-list', str(tmp_path / 'train.tsv')]
-  assert launch_main(['attrib', 'add', '--workdir', str(student), '--images', str(tmp_path / 'new.tsv'), *towers]) == 0
+  # The list named from its own folder: the files are recorded resolved, so answers given in any
+  # folder later name them (they were kept as 'new5.png').
+  with monkeypatch.context() as in_folder:
+    in_folder.chdir(tmp_path)
+    assert launch_main(['attrib', 'add', '--workdir', str(student), '--images', 'new.tsv', *towers]) == 0
   grown = Attributor.load(student, dino=str(tmp_path / 'dino'), clip=str(clip_path), train_list=str(tmp_path / 'train.tsv'))
   answer = grown.attribute(image=str(tmp_path / 'photo5.png'), prompt='a temple', k=14)
   score = dict(zip(answer.ids.tolist(), answer.scores.tolist()))
