@@ -513,8 +513,11 @@ def _run(argv: list[str]) -> int:
     from core.errors import ConfigError
     raise ConfigError('lvm train needs --workdir (or --check to only check that the job fits)')
   _prepare_runtime(args)
+  from core.workdir import check_writable
   from core.workdir_lock import command_line, writing_into
-  with writing_into(_written_workdir(args), command_line(argv)):
+  written = _written_workdir(args)
+  check_writable(written)
+  with writing_into(written, command_line(argv)):
     result = _dispatch(args)
   if args.group != 'quickstart':  # the quickstart ends on its table; its JSON is in the file it names
     _print_result(result)

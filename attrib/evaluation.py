@@ -16,7 +16,7 @@ import numpy as np
 from core import progress
 from core.errors import ConfigError
 from core.paths import as_path
-from core.workdir import load_npy, load_npz, versions, write_json_atomic
+from core.workdir import load_npy, load_npz, versions, write_result_if_writable
 
 
 def average_precision(predicted: np.ndarray, positives: np.ndarray) -> float:
@@ -139,7 +139,7 @@ def eval_command(workdir: str, features_dir: str | None = None, ranks_path: str 
   if config.feature in rankings and config.feature != best_base:  # what distillation added to its own input
     result['student_vs_own_base'] = {'feature': config.feature,
                                      **paired_comparison(student, rankings[config.feature], teacher, config.map_at)}
-  write_json_atomic(workdir / 'eval_result.json', result)
+  write_result_if_writable(workdir / 'eval_result.json', result)
   _print_table(result, config.map_at)
   return result
 

@@ -16,7 +16,7 @@ import numpy as np
 from core import progress
 from core.errors import ConfigError
 from core.paths import as_path
-from core.workdir import prepare_output_file, save_image_atomic, versions, write_json_atomic
+from core.workdir import prepare_output_file, save_image_atomic, versions, write_result_if_writable
 
 
 def generate_command(workdir: str, prompt: str, seed: int, out: str | None, tpu_path: str | None = None) -> dict:
@@ -49,5 +49,5 @@ def generate_command(workdir: str, prompt: str, seed: int, out: str | None, tpu_
             'sampler': {'method': config.sample.method, 'num_steps': config.sample.num_steps,
                         'guidance': config.sample.guidance},
             'wall_s': time.time() - started, 'versions': versions()}
-  write_json_atomic(workdir / 'generate_result.json', result)
+  write_result_if_writable(workdir / 'generate_result.json', result)
   return result

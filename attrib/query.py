@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from core.paths import as_path
-from core.workdir import prepare_output_file, save_image_atomic, versions, write_json_atomic
+from core.workdir import prepare_output_file, save_image_atomic, versions, write_result_if_writable
 
 
 def _tile(image_hw: np.ndarray, scale: int):  # -> PIL.Image.Image
@@ -88,7 +88,7 @@ def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None
   from attrib.attributor import Attributor
   from attrib.query_images import digit_pixels, tower_image
   attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
-  out_path = prepare_output_file(out if out else as_path(workdir) / 'query.png')
+  out_path = prepare_output_file(out) if out else prepare_output_file(as_path(workdir) / 'query.png', 'the default --out')
   result = attributor.attribute(image=image, prompt=prompt, k=k)
   unreadable = []
   if attributor.train_images is not None and (dino or clip):
@@ -102,5 +102,5 @@ def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None
              'paths': result.paths,
              'grid': str(out_path) if attributor.train_images is not None else None,
              'unreadable_train_images': unreadable, 'versions': versions()}
-  write_json_atomic(as_path(workdir) / 'query_result.json', summary)
+  write_result_if_writable(as_path(workdir) / 'query_result.json', summary)
   return summary

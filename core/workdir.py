@@ -100,6 +100,22 @@ def make_workdir(path) -> Path:
   return path
 
 
+def check_writable(folder) -> None:
+  """A command that writes into `folder` (made if missing) is refused before any work when it cannot:
+  a folder the user may read but not write (a shared model, a read-only mount) ended in a traceback
+  at the job's first file, after its work. gs:// is left to the bucket (its permissions are the
+  server's). A path through a file is left to the jobs' own checks, which name it."""
+  from core.errors import UserError
+  if folder is None or is_remote(folder):
+    return
+  path = Path(folder).absolute()
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+    where = f'{folder} is' if existing == path else f'{folder}: its folder {existing} is'
+    raise UserError(f'{where} not writable, and this command writes into it: copy it somewhere writable or choose '
+                    'another (eval, query, generate and export-hf only read a workdir)')
+
+
 def prepare_output_file(path, flag: str = '--out', image: bool = True):
   """The file a job will write at its end, checked (and its folder made) before any work starts, so
   a typo in `--out` does not throw away minutes of generation; a picture's name must end in a format
@@ -265,6 +281,18 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
   if jax.process_index() != 0:
     return
   write_bytes_atomic(path, (json.dumps(data, indent=1, default=str) + '\n').encode())
+
+
+def write_result_if_writable(path, result: dict) -> None:
+  """The result file of a job that only reads its workdir (eval, query, generate, export-hf). A
+  workdir may be readable and not writable (a shared model folder, a bucket with read access): the
+  result is on stdout anyway, so a note replaces the file, where a traceback ended the finished job."""
+  try:
+    write_json_atomic(path, result)
+  except OSError as error:  # local permissions, a read-only mount, gcsfs's 403 'Forbidden'
+    from core import progress
+    reason = (error.strerror or str(error) or type(error).__name__).splitlines()[0]
+    progress.say(f'note: {path} not written ({reason}); the result is on stdout')
 
 
 def default_file_mode() -> int:

@@ -16,7 +16,7 @@ from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
 from core.workdir import (RUN_CONFIG_FILE, make_workdir, prepare_output_dir, read_run_config, refuse_changed_run,
-                          versions, write_imported_run, write_json_atomic)
+                          versions, write_imported_run, write_json_atomic, write_result_if_writable)
 from data_pipelines.token_loader import token_batches
 from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
 from data_pipelines.token_sources import open_token_source, record_length
@@ -172,7 +172,7 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
                                                          seq_len=seq_len, vocab_size=config.model.vocab_size))
                           for kind in manifest['kinds']}
   result = {'job': 'lvm eval', 'step': step, 'data': data_path, 'record_tokens': seq_len, **scores, 'versions': versions()}
-  write_json_atomic(workdir / 'eval_result.json', result)
+  write_result_if_writable(workdir / 'eval_result.json', result)
   return result
 
 
@@ -225,5 +225,5 @@ def export_hf_command(workdir: str, out_dir: str, dtype: str) -> dict:
   files = hf_interop.write_hf_dir(host_params, config.model, out_dir, dtype=dtype)
   result = {'job': 'lvm export-hf', 'step': step, 'out_dir': str(out_dir), 'files': [str(f) for f in files],
             'dtype': dtype, 'versions': versions()}
-  write_json_atomic(workdir / 'export_result.json', result)
+  write_result_if_writable(workdir / 'export_result.json', result)
   return result

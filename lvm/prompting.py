@@ -22,7 +22,7 @@ import numpy as np
 
 from core.config import ConfigError, check_at_least
 from core.paths import as_path
-from core.workdir import prepare_output_file, save_image_atomic, versions, write_json_atomic
+from core.workdir import prepare_output_file, save_image_atomic, versions, write_result_if_writable
 from lvm.sampling import check_sampling, generate
 
 MODES = ('sequence', 'analogy', 'in-context')
@@ -137,7 +137,7 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   workdir = as_path(workdir)  # local or gs:// (a run trained on a TPU slice, prompted from a laptop)
   config, _ = commands.load_run_config(workdir)
   check_sampling(temperature, top_k, top_p, config.model.vocab_size)
-  out = prepare_output_file(out if out else workdir / 'generation.png')
+  out = prepare_output_file(out) if out else prepare_output_file(workdir / 'generation.png', 'the default --out')
   for path in prompts:  # every file read once before any weights load (a typo costs nothing)
     load_image(Path(path), 8)
   prompter = Prompter.load(workdir, tokenizer_dir, tpu_path, dtype)
@@ -148,7 +148,7 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
             'tokenizer': str(prompter.tokenizer_dir), 'temperature': temperature, 'top_k': top_k, 'top_p': top_p,
             'seed': seed, 'png': str(out), 'tokens': generation.tokens.reshape(1, -1).tolist(),
             'wall_s': time.time() - started, 'versions': versions()}
-  write_json_atomic(workdir / 'generate_result.json', result)
+  write_result_if_writable(workdir / 'generate_result.json', result)
   return result
 
 

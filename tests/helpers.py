@@ -1,6 +1,7 @@
 """Shared test helpers: small configs and subprocess runs of launch.py."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -18,6 +19,26 @@ SMALL_MODEL = ['model.hidden_size=64', 'model.intermediate_size=96', 'model.num_
                'model.num_kv_heads=2', 'model.attention_block=64', 'data.seq_len=128',
                'train.global_batch=8', 'train.progress_bar=false', 'train.tensorboard=false',
                'optim.warmup_steps=2', 'optim.decay_steps=40']
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+  """`folder` and everything under it unwritable for the block, as a shared model folder is to its
+  readers: by mode bits for a user, by the immutable attribute for root (which mode bits do not stop);
+  skipped where the file system has no such attribute."""
+  import pytest
+  if os.geteuid() != 0:
+    subprocess.run(['chmod', '-R', 'a-w', str(folder)], check=True)
+    undo = ['chmod', '-R', 'u+w', str(folder)]
+  else:
+    if subprocess.run(['chattr', '-R', '+i', str(folder)], capture_output=True).returncode != 0:
+      subprocess.run(['chattr', '-R', '-i', str(folder)], capture_output=True)
+      pytest.skip('chattr +i is not supported here: cannot make a folder read-only for root')
+    undo = ['chattr', '-R', '-i', str(folder)]
+  try:
+    yield folder
+  finally:
+    subprocess.run(undo, check=True)
 
 
 def free_port() -> int:

@@ -97,6 +97,35 @@ def test_distilled_student_beats_its_base_feature_and_ranks_the_teacher_way(rele
   assert all(np.all(np.diff(a.scores) >= -1e-6) for a in answers)  # most influential (lowest) first
 
 
+def test_a_read_only_student_answers_and_writing_jobs_are_refused_first(release, tmp_path, capsys):
+  """A student the user may read but not write (a shared model folder): evaluated and queried, with
+  a note for the result file it could not write; jobs that write into it refused before any work.
+  Both ended in a PermissionError traceback, the readers after their work."""
+  from attrib import Attributor
+  from tests.helpers import read_only
+  work = tmp_path / 'w'
+  assert _distill(release, work, CPU1, ['--set', 'distill.epochs=2']) == 0
+  before = sorted((p.relative_to(work), p.stat().st_mtime_ns) for p in work.rglob('*'))
+  evaluate = ['attrib', 'eval', '--workdir', str(work), '--ranks', str(release / 'influence_test.pkl')]
+  with read_only(work):
+    capsys.readouterr()
+    assert launch_main(evaluate) == 0
+    out, err = capsys.readouterr()
+    assert f'note: {work}/eval_result.json not written (' in err and '"map"' in out
+    query = np.load(release / 'feats' / 'toy' / 'test_query_feats.npy')[0]
+    assert len(Attributor.load(work).attribute(features=query, k=5).ids) == 5
+    for job in (['attrib', 'remove', '--workdir', str(work), '--ids', '3'],
+                ['attrib', 'add', '--workdir', str(work), '--features', str(release / 'feats' / 'toy' / 'data_feats.npy')],
+                ['attrib', 'index', '--workdir', str(work)]):
+      assert launch_main(job) == 2
+      assert capsys.readouterr().err.strip() == (
+          f'error: {work} is not writable, and this command writes into it: copy it somewhere writable or choose '
+          'another (eval, query, generate and export-hf only read a workdir)')
+    assert launch_main(['attrib', 'index', '--workdir', str(work / 'new')]) == 2
+    assert f'error: {work / "new"}: its folder {work} is not writable' in capsys.readouterr().err
+  assert sorted((p.relative_to(work), p.stat().st_mtime_ns) for p in work.rglob('*')) == before
+
+
 def test_attributor_is_thread_safe_and_rejects_bad_queries(release, tmp_path):
   assert _distill(release, tmp_path / 'w', CPU1, ['--set', 'distill.epochs=2']) == 0
   from attrib import Attributor, AttributionError
