@@ -229,9 +229,10 @@ def open_images(source: str, size: int, strict: bool = False) -> tuple[np.ndarra
   return found.images, found.labels
 
 
-def video_frames(root: str | Path, size: int, strict: bool = False) -> list[np.ndarray]:
-  """A folder of videos, one subfolder of frame images each (frames in name order) -> a list of
-  float32 [frames, size, size, 3]. Unreadable frames are skipped (counted) or, strict, an error."""
+def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tuple[str, np.ndarray]]:
+  """A folder of videos, one subfolder of frame images each (frames in name order) -> (subfolder,
+  float32 [frames, size, size, 3]) per video. Unreadable frames are skipped (counted) or, strict, an
+  error."""
   root = Path(root)
   if not root.is_dir():
     raise ImageDataError(f'{root}: no such folder of videos')
@@ -239,7 +240,12 @@ def video_frames(root: str | Path, size: int, strict: bool = False) -> list[np.n
   for folder in sorted(p for p in root.iterdir() if p.is_dir()):
     found = folder_images(folder, size, strict)
     if len(found.images):
-      videos.append(found.images)
+      videos.append((str(folder), found.images))
   if not videos:
     raise ImageDataError(f'{root}: no video folders (one subfolder of frame images per video)')
   return videos
+
+
+def video_frames(root: str | Path, size: int, strict: bool = False) -> list[np.ndarray]:
+  """The videos of `named_videos`, without their names."""
+  return [frames for _, frames in named_videos(root, size, strict)]

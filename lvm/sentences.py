@@ -200,6 +200,24 @@ def coverage_notes(counts: dict[str, int], num_images: int, frames: int, from_vi
   return notes
 
 
+def video_notes(named: list[tuple[str, np.ndarray]], count: int, frames: int, stride: int) -> list[str]:
+  """Videos too short for one clip give no video sentence, and `count` clips drawn from fewer distinct
+  windows repeat them: a folder of 3 ten-frame videos at stride 2 has 12 windows, so the default
+  2,048 sentences hold each about 170 times; said instead of done silently."""
+  span = (frames - 1) * stride + 1
+  notes = []
+  short = [name for name, video in named if len(video) < span]
+  if short and len(short) < len(named):  # none long enough is an error (plan_tokenize_job)
+    notes.append(f'note: {len(short)} of the {len(named)} videos {"has" if len(short) == 1 else "have"} fewer than {span} frames (--frames {frames} at '
+                 f'--stride {stride}) and {"gives" if len(short) == 1 else "give"} no video sentence: {", ".join(short[:5])}{" ..." if len(short) > 5 else ""}')
+  windows = sum(len(video) - span + 1 for _, video in named if len(video) >= span)
+  if 0 < windows and count >= 2 * windows:  # each about twice or more: worth a word
+    notes.append(f'note: {count:,} video sentences from {windows:,} distinct clips ({frames} frames at stride '
+                 f'{stride}): each appears about {count / windows:,.0f} times (more videos, or fewer sentences: '
+                 '--kind-sentences video=N)')
+  return notes
+
+
 def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, *, frames: int = 4,
                       sentences: int = 2048, records_per_shard: int = 512, strict: bool = False, seed: int = 0,
                       kind_sentences: dict[str, int] | None = None, split: str = 'all', stride: int = 1,
@@ -215,10 +233,13 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
   tconfig = tokenizer.config.tokenizer
   videos = None
+  notes = []
   if source.startswith('frames:'):  # real clips: still-image kinds use their frames as images
-    from data_pipelines.image_sources import video_frames
-    videos = video_frames(source[len('frames:'):], tconfig.image_size, strict)
-    videos = split_videos(videos, split)
+    from data_pipelines.image_sources import named_videos
+    named = split_videos(named_videos(source[len('frames:'):], tconfig.image_size, strict), split)
+    videos = [frames_of_one for _, frames_of_one in named]
+    notes = video_notes(named, (kind_sentences or {}).get('video', sentences) if 'video' in (kinds or KINDS) else 0,
+                        frames, stride)
     if not any(len(v) >= (frames - 1) * stride + 1 for v in videos):
       raise ConfigError(f'{source}: no video has {(frames - 1) * stride + 1} frames (--frames {frames}, '
                         f'--stride {stride})')
@@ -233,7 +254,7 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
     raise ConfigError(f'--kind-sentences names kinds this job does not build: {unknown} (building {kinds})')
   counts = {kind: (kind_sentences or {}).get(kind, sentences) for kind in kinds}
   if claim and note_coverage:
-    for note in coverage_notes(counts, len(images), frames, from_videos=videos is not None):
+    for note in notes + coverage_notes(counts, len(images), frames, from_videos=videos is not None):
       progress.say(note)
   spec = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': counts,
           'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum}

@@ -408,7 +408,7 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
     del os.environ['TFDS_DATA_DIR']
 
 
-def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path):
+def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path, capsys):
   from PIL import Image
   from lvm.sentences import sentence_frames
   from data_pipelines.image_sources import video_frames
@@ -426,9 +426,20 @@ def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path):
   for k in range(4):  # consecutive frames of one clip, two apart
     np.testing.assert_array_equal(clip[k], source[start + 2 * k])
   out = tmp_path / 'clips'
+  (tmp_path / 'videos' / 'short').mkdir()  # 3 frames: too few for 4 frames at stride 2
+  for t in range(3):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / 'videos' / 'short' / f'{t:03d}.png')
+  capsys.readouterr()
   assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', f'frames:{tmp_path / "videos"}',
-                      '--kind', 'video', '--stride', '2', '--out', str(out), '--sentences', '8']) == 0
-  assert json.loads((out / 'manifest.json').read_text())['records_per_kind'] == {'video': 8}
+                      '--kind', 'video', '--stride', '2', '--out', str(out), '--sentences', '30']) == 0
+  assert json.loads((out / 'manifest.json').read_text())['records_per_kind'] == {'video': 30}
+  # Said, where both went by silently: the short video is left out, and 30 sentences from the 2 x 3
+  # windows of 7 frames repeat them.
+  notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith('note:')]
+  assert notes == [f'note: 1 of the 3 videos has fewer than 7 frames (--frames 4 at --stride 2) and gives no video '
+                   f'sentence: {tmp_path / "videos" / "short"}',
+                   'note: 30 video sentences from 6 distinct clips (4 frames at stride 2): each appears about 5 times '
+                   '(more videos, or fewer sentences: --kind-sentences video=N)']
   assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', f'frames:{tmp_path / "videos"}',
                       '--kind', 'video', '--stride', '4', '--out', str(tmp_path / 'x'), '--sentences', '8']) == 2
 
