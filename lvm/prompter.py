@@ -110,6 +110,8 @@ class Prompter:
     frames), analogy (A A' B -> B'), in-context (x1 y1 ... xq -> yq). temperature 0 = greedy."""
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
       raise ConfigError(f'frames must be an int >= 1, got {frames!r}')
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:  # JAX's own error named no argument
+      raise ConfigError(f'seed must be an int >= 0, got {seed!r}')
     prompt = self.images(images)
     frames = check_prompt(mode, len(prompt), frames)
     check_sampling(temperature, top_k, top_p, self.config.model.vocab_size)

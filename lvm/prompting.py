@@ -51,6 +51,8 @@ def check_prompt(mode: str, count: int, frames: int) -> int:
   """The frames to generate for `mode` with `count` prompt images (analogy / in-context: one)."""
   if mode not in MODES:
     raise ConfigError(f'--mode {mode!r}: choose from {list(MODES)}')
+  if count < 1:  # numpy's 'need at least one array to concatenate' said nothing of the prompt
+    raise ConfigError('no prompt images: give at least one (for a sequence, the frames so far)')
   if mode == 'analogy' and count != 3:
     raise ConfigError(f'--mode analogy takes three prompt images A A\' B (got {count})')
   if mode == 'in-context' and (count < 3 or count % 2 == 0):

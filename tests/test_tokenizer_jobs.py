@@ -249,6 +249,10 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
     prompter.generate(prompt[:2], 1, 'analogy')
   with pytest.raises(ConfigError, match='frames must be an int >= 1'):
     prompter.continue_sequence(prompt, frames=0)
+  with pytest.raises(ConfigError, match='no prompt images: give at least one'):  # was numpy's 'need at least one array'
+    prompter.continue_sequence([])
+  with pytest.raises(ConfigError, match="seed must be an int >= 0, got '3'"):  # was JAX's 'not a valid JAX array type'
+    prompter.continue_sequence(prompt, seed='3')
 
   from lvm.prompting import next_frame_report
   report = next_frame_report(lvm, out, kind='video', limit=8, png=tmp_path / 'next.png')
