@@ -208,8 +208,10 @@ def add_command(workdir: str, images_list: str | None, features_path: str | None
     before = sorted(of_earlier.values())
     named = f'{before[0]}-{before[-1]}' if before == list(range(before[0], before[-1] + 1)) else \
         ', '.join(map(str, before[:5])) + (' ...' if len(before) > 5 else '')
-    progress.say(f'note: all {len(ids)} images of {source} were added before (ids {named}): nothing added '
-                 '(--allow-repeats adds them again, as more images)')
+    removed = sorted(set(before) & set(attributor.removed.tolist()))  # a takedown is not undone by a rerun
+    progress.say(f'note: all {len(ids)} images of {source} were added before (ids {named}'
+                 + (f'; removed since: {", ".join(map(str, removed[:5]))}{" ..." if len(removed) > 5 else ""}'
+                    if removed else '') + '): nothing added (--allow-repeats adds them again, as more images)')
     result = {'job': 'attrib add', 'added': 0, 'already_added_ids': list(of_earlier.values()), 'source': source,
               'versions': versions()}
     write_json_atomic(as_path(workdir) / 'add_result.json', result)

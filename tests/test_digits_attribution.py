@@ -309,6 +309,10 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
       capsys.readouterr().err
   assert json.loads((work / 'add_result.json').read_text())['already_added_ids'] == [1606, 1607]
   assert (work / 'student' / 'added_images.npz').read_bytes() == saved
+  assert launch_main(['attrib', 'remove', '--workdir', str(work), '--ids', '1607']) == 0  # a takedown stays
+  assert launch_main(['attrib', 'add', '--workdir', str(work), '--images', str(tmp_path / 'new.tsv')]) == 0
+  assert '(ids 1606-1607; removed since: 1607): nothing added' in capsys.readouterr().err
+  assert (work / 'student' / 'added_images.npz').read_bytes() == saved
   # A list repeating some (one added before, one listed twice): refused, naming them; on purpose, added.
   Image.fromarray(((new['images'][8][..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / 'new8.png')
   (tmp_path / 'mixed.tsv').write_text(f'new8.png\ta\nnew6.png\t{new["prompts"][6]}\nnew8.png\ta\n')
