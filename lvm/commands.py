@@ -131,6 +131,30 @@ def restore_params(workdir: Path, config: LvmConfig, tpu_path: str):
   return graphdef, params, mesh, preset, step
 
 
+def check_same_kind_of_tokens(workdir: Path, config: LvmConfig, data_path: str, manifest: dict | None) -> None:
+  """The built-in digit sentences hold a grey level per token; `lvm tokenize` sentences hold VQGAN
+  codes. A model of one scored on the other gave a perplexity (2,339 for a model trained on codes)
+  that measures nothing, without a word. Refused where both sides are known; an import (trained on
+  nothing here) and data without a manifest (a user's .npy or JSONL) are taken as they are."""
+  trained = config.data.train_path
+  if not trained:
+    return
+  if trained.startswith('builtin:') and manifest is not None:
+    raise ConfigError(f'--data {data_path} holds codes of the tokenizer {manifest.get("tokenizer")}; {workdir} '
+                      f'trained on {trained} (one grey level per token): its perplexity there measures nothing. '
+                      'Evaluate it on builtin:digits-eval, or train a model on sentences of that tokenizer')
+  if data_path.startswith('builtin:') and not trained.startswith('builtin:'):
+    from lvm.prompting import training_manifest
+    try:
+      data, trained_manifest = training_manifest(workdir, config)
+    except ConfigError:
+      return  # its training data is not reachable from here: nothing to compare
+    if trained_manifest.get('tokenizer_checksum'):
+      raise ConfigError(f'--data {data_path} holds the built-in grey-level digit tokens; {workdir} trained on {data}, '
+                        f'codes of the tokenizer {trained_manifest.get("tokenizer")}: its perplexity there measures '
+                        'nothing. Evaluate it on sentences of that tokenizer (`lvm tokenize --split eval`)')
+
+
 def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_tokens: int | None,
                  batch_size: int) -> dict:
   workdir = as_path(workdir)
@@ -149,10 +173,11 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
   if 0 < block < seq_len and seq_len % block:
     raise ConfigError(f'{data_path}: records of {seq_len} tokens are not a multiple of the model\'s '
                       f'attention_block {block}')
-  source = open_token_source(data_path, seq_len=seq_len, vocab_size=config.model.vocab_size)
   # Sentences from `lvm tokenize` say how long a frame is and which shards hold which task kind.
   manifest_path = Path(data_path) / 'manifest.json'
   manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+  check_same_kind_of_tokens(workdir, config, data_path, manifest)
+  source = open_token_source(data_path, seq_len=seq_len, vocab_size=config.model.vocab_size)
   target = target_tokens or (manifest['tokens_per_image'] if manifest else max(1, min(256, seq_len // 4)))
   if seq_len < 2:
     raise ConfigError(f'{data_path}: records of {seq_len} token: perplexity needs at least 2 (a token is scored '

@@ -57,6 +57,10 @@ class Prompter:
       raise ConfigError(f"dtype {dtype!r}: choose 'float32' or 'bfloat16'")
     workdir = as_path(workdir)
     config, trained_tpu = commands.load_run_config(workdir)
+    if config.data.train_path.startswith('builtin:'):  # any tokenizer's pictures of its tokens were noise
+      raise ConfigError(f'{workdir} trained on {config.data.train_path}, one grey level per token, which no tokenizer '
+                        'turns into pictures: prompt an LVM trained on `lvm tokenize` sentences (the quickstart\'s '
+                        'runs/quickstart/lvm)')
     tpu = tpu or serving_preset(trained_tpu)  # the one device of a notebook, or the slice
     named_as = '--tokenizer' if tokenizer else 'the tokenizer at'
     tokenizer_dir = tokenizer or tokenizer_of(workdir, config)

@@ -80,7 +80,10 @@ def training_manifest(workdir: Path, config) -> tuple[Path, dict]:
   """(folder, manifest) of an LVM workdir's training data. The data path as configured counts from
   where training ran; from elsewhere, the absolute path that `lvm train` recorded beside it."""
   from core.workdir import RUN_CONFIG_FILE
-  if not config.data.train_path or config.data.train_path.startswith('builtin:'):
+  if config.data.train_path.startswith('builtin:'):
+    raise ConfigError(f'{workdir} trained on {config.data.train_path}, one grey level per token, which no tokenizer '
+                      'turns into pictures: prompt an LVM trained on `lvm tokenize` sentences')
+  if not config.data.train_path:
     raise ConfigError(f'{workdir} trained on {config.data.train_path or "no data (an import)"!r}, which has no '
                       'manifest.json naming a tokenizer (data from `lvm tokenize` has one); pass --tokenizer '
                       '(Prompter.load(..., tokenizer=) in Python)')

@@ -29,6 +29,9 @@ def _bad_inputs(tmp):
   (tmp / 'shards' / 'tokens-00000-of-00002.arrayrecord').write_bytes(b'an earlier data set')
   np.save(tmp / 'out_of_vocab.npy', np.full((2, 256), 9000, np.int32))
   np.save(tmp / 'one_token.npy', np.zeros((2, 1), np.int32))
+  (tmp / 'vq_sentences').mkdir()  # as `lvm tokenize` writes them: codes of a tokenizer, named in the manifest
+  (tmp / 'vq_sentences' / 'manifest.json').write_text(json.dumps({'tokenizer': 'runs/tokenizer', 'seq_len': 256,
+                                                                  'tokenizer_checksum': 'a33e2a876e1c46c0'}))
   (tmp / 'hf').mkdir()
   (tmp / 'hf' / 'config.json').write_text(json.dumps(dict(
       architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=300, hidden_size=64,
@@ -166,6 +169,14 @@ def _bad_inputs(tmp):
                                       '--target-tokens must be >= 1'),
       'lvm eval of one-token records': (lvm_eval + [str(tmp / 'one_token.npy')],
                                         'one_token.npy: records of 1 token: perplexity needs at least 2'),
+      'lvm generate from a grey-level model': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
+                                                str(tmp / 'two_images' / '0.png'), '--tokenizer', str(tmp / 'w'),
+                                                '--out', str(tmp / 'g.png')],
+                                               'trained on builtin:digits, one grey level per token, which no '
+                                               'tokenizer turns into pictures'),
+      'lvm eval of tokenizer codes on a grey-level model': (lvm_eval + [str(tmp / 'vq_sentences')],
+                                                            'vq_sentences holds codes of the tokenizer runs/tokenizer; '
+                                                            f'{tmp / "lvm_run"} trained on builtin:digits'),
       'attrib add with no student': (['attrib', 'add', '--workdir', str(tmp / 'w'), '--features',
                                       str(tmp / 'short.npy')], 'attrib distill'),
       'attrib add of nothing': (['attrib', 'add', '--workdir', str(tmp / 'w')], 'takes --images'),
@@ -234,7 +245,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-tokenizer on fewer images than a batch', 'lvm generate into an unknown image format',
          'features of a part named twice', 'lvm eval of a run before its first checkpoint',
          'attrib generate from a latent model', 'attrib generate of a negative seed',
-         'attrib generate into an unknown image format', 'lvm generate of several frames of an analogy']
+         'attrib generate into an unknown image format', 'lvm generate of several frames of an analogy',
+         'lvm eval of tokenizer codes on a grey-level model', 'lvm generate from a grey-level model']
 
 
 @pytest.mark.parametrize('case', CASES)

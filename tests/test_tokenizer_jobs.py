@@ -198,6 +198,12 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   assert launch_main(['lvm', 'eval', '--workdir', str(lvm), '--data', str(out)]) == 0
   evaluation = json.loads((lvm / 'eval_result.json').read_text())
   assert evaluation['target_tokens'] == 64 and sorted(evaluation['per_kind']) == ['analogy', 'groups', 'video']
+  # The built-in grey-level digits are not this tokenizer's codes: refused, where a perplexity that
+  # measured nothing came back.
+  capsys.readouterr()
+  assert launch_main(['lvm', 'eval', '--workdir', str(lvm), '--data', 'builtin:digits-eval']) == 2
+  assert (f'--data builtin:digits-eval holds the built-in grey-level digit tokens; {lvm} trained on {out}, codes of '
+          f'the tokenizer') in capsys.readouterr().err
   assert all(v['examples'] == 40 for v in evaluation['per_kind'].values())
 
   # Prompting with image files: an analogy A A' B -> B', through the tokenizer of the training data.
