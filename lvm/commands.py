@@ -139,7 +139,7 @@ def check_same_kind_of_tokens(workdir: Path, config: LvmConfig, data_path: str, 
   trained = config.data.train_path
   if not trained:
     return
-  if trained.startswith('builtin:') and manifest is not None:
+  if trained.startswith('builtin:') and manifest is not None and manifest.get('tokenizer_checksum'):
     raise ConfigError(f'--data {data_path} holds codes of the tokenizer {manifest.get("tokenizer")}; {workdir} '
                       f'trained on {trained} (one grey level per token): its perplexity there measures nothing. '
                       'Evaluate it on builtin:digits-eval, or train a model on sentences of that tokenizer')
