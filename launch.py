@@ -217,6 +217,11 @@ def quickstart(args) -> dict:
   if args.lvm_only and args.attribution_only:
     raise ConfigError('--lvm-only and --attribution-only exclude each other')
   workdir = quickstart_workdir(args)
+  if (workdir / 'config.json').is_file():  # it would make its own tokenizer/, lvm/, ... inside that run
+    from core.workdir import what_it_holds
+    raise ConfigError(f'--workdir {workdir} is the workdir of one job{what_it_holds(workdir / "config.json")}; the '
+                      'quickstart\'s is a folder of its own, for its tokenizer/, data/, lvm/ and attrib/: choose '
+                      'another (default runs/quickstart)')
   clock = progress.Stopwatch()
   lvm = None if args.attribution_only else _lvm_quickstart(args, workdir, clock)
   attribution = None

@@ -39,7 +39,7 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
     config, tpu = from_dict(config_type, stored['config']), stored['tpu']
   except (ValueError, KeyError, TypeError) as e:
     raise ConfigError(f'{path} does not describe a {config_type.__name__} run ({type(e).__name__}: {e}); '
-                      f'{workdir} was not made by {made_by}{_kind_of(path)}') from None
+                      f'{workdir} was not made by {made_by}{what_it_holds(path)}') from None
   from core.mesh import recorded_preset
   return config, recorded_preset(tpu)
 
@@ -51,7 +51,8 @@ _RUN_KINDS = (('tokenizer', 'a tokenizer run (`lvm train-tokenizer` / `lvm impor
               ('model', 'an LVM run (`lvm train` / `lvm import-hf`)'))
 
 
-def _kind_of(path) -> str:
+def what_it_holds(path) -> str:
+  """': it holds <kind of run>' for a workdir's config.json (path), or '' when it cannot tell."""
   try:
     stored = json.loads(path.read_text()).get('config', {})
   except (ValueError, OSError, AttributeError):

@@ -169,6 +169,8 @@ def _bad_inputs(tmp):
                                       '--target-tokens must be >= 1'),
       'lvm eval of one-token records': (lvm_eval + [str(tmp / 'one_token.npy')],
                                         'one_token.npy: records of 1 token: perplexity needs at least 2'),
+      'quickstart into the workdir of one job': (['quickstart', '--workdir', str(tmp / 'lvm_run'), '--lvm-only'],
+                                                  'is the workdir of one job: it holds an LVM run'),
       'lvm generate from a grey-level model': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
                                                 str(tmp / 'two_images' / '0.png'), '--tokenizer', str(tmp / 'w'),
                                                 '--out', str(tmp / 'g.png')],
@@ -246,7 +248,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'features of a part named twice', 'lvm eval of a run before its first checkpoint',
          'attrib generate from a latent model', 'attrib generate of a negative seed',
          'attrib generate into an unknown image format', 'lvm generate of several frames of an analogy',
-         'lvm eval of tokenizer codes on a grey-level model', 'lvm generate from a grey-level model']
+         'lvm eval of tokenizer codes on a grey-level model', 'lvm generate from a grey-level model',
+         'quickstart into the workdir of one job']
 
 
 @pytest.mark.parametrize('case', CASES)
