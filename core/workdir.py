@@ -51,6 +51,17 @@ _RUN_KINDS = (('tokenizer', 'a tokenizer run (`lvm train-tokenizer` / `lvm impor
               ('model', 'an LVM run (`lvm train` / `lvm import-hf`)'))
 
 
+def refuse_job_workdir(folder, flag: str = '--out') -> None:
+  """Shards belong in a folder of their own: written into a job's workdir (an LVM run, a tokenizer)
+  they lay among its checkpoints, and a later `lvm train --set data.train_path=` of that folder
+  would read them as its data. Refused, naming what the folder holds."""
+  from core.errors import ConfigError
+  run_file = as_path(folder) / RUN_CONFIG_FILE
+  if run_file.is_file():
+    raise ConfigError(f'{flag} {folder} is the workdir of a job{what_it_holds(run_file)}; write the shards into a '
+                      'folder of their own')
+
+
 def what_it_holds(path) -> str:
   """': it holds <kind of run>' for a workdir's config.json (path), or '' when it cannot tell."""
   try:

@@ -59,6 +59,8 @@ def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, se
   for part in (out_dir, *out_dir.parents):
     if part.exists() and not part.is_dir():
       raise TokenDataError(f'--out {out_dir}: {part} is a file; give a directory for the shards')
+  from core.workdir import refuse_job_workdir
+  refuse_job_workdir(out_dir)
   existing = sorted(out_dir.glob(f'{prefix}-*{SHARD_SUFFIX}')) if out_dir.is_dir() else []
   if existing:
     # Shards of another count would stay beside the new ones, and a reader of the folder would

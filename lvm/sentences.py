@@ -30,7 +30,7 @@ import numpy as np
 from core import progress
 from core.config import ConfigError, check_at_least
 from core.paths import absolute, as_path, is_remote
-from core.workdir import atomic_path, make_workdir, versions, write_json_atomic
+from core.workdir import atomic_path, make_workdir, refuse_job_workdir, versions, write_json_atomic
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_records import SHARD_SUFFIX, SHARD_WRITER_OPTIONS, TOKEN_DTYPE
 
@@ -229,6 +229,8 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
   check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride,
                  **{f'kind_sentences {k}': v for k, v in (kind_sentences or {}).items()})
   check_at_least(0, seed=seed)  # numpy's generator takes no negative seed
+  if claim:
+    refuse_job_workdir(out)
   from lvm.tokenizer_commands import load_tokenizer
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
   tconfig = tokenizer.config.tokenizer

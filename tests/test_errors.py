@@ -169,6 +169,11 @@ def _bad_inputs(tmp):
                                       '--target-tokens must be >= 1'),
       'lvm eval of one-token records': (lvm_eval + [str(tmp / 'one_token.npy')],
                                         'one_token.npy: records of 1 token: perplexity needs at least 2'),
+      'tokenize into an LVM run': (['lvm', 'tokenize', '--tokenizer', str(tmp / 'w'), '--source', 'builtin:digits',
+                                    '--out', str(tmp / 'lvm_run')], 'lvm_run is the workdir of a job: it holds an LVM run'),
+      'data tokens into an LVM run': (['data', 'tokens', '--input', str(tmp / 'six_records.npy'), '--out',
+                                       str(tmp / 'lvm_run'), '--seq-len', '256'],
+                                      'lvm_run is the workdir of a job: it holds an LVM run'),
       'quickstart into the workdir of one job': (['quickstart', '--workdir', str(tmp / 'lvm_run'), '--lvm-only'],
                                                   'is the workdir of one job: it holds an LVM run'),
       'lvm generate from a grey-level model': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
@@ -249,7 +254,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'attrib generate from a latent model', 'attrib generate of a negative seed',
          'attrib generate into an unknown image format', 'lvm generate of several frames of an analogy',
          'lvm eval of tokenizer codes on a grey-level model', 'lvm generate from a grey-level model',
-         'quickstart into the workdir of one job']
+         'quickstart into the workdir of one job', 'tokenize into an LVM run', 'data tokens into an LVM run']
 
 
 @pytest.mark.parametrize('case', CASES)
