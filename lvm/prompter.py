@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from core import progress
 from core.config import ConfigError
 from core.mesh import serving_preset
 from core.paths import as_path
@@ -119,6 +120,14 @@ class Prompter:
     prompt = self.images(images)
     frames = check_prompt(mode, len(prompt), frames)
     check_sampling(temperature, top_k, top_p, self.config.model.vocab_size)
+    # The sampler keeps the last frames that fit the model's context with the frame being made
+    # (lvm/prompting.generate_frames): the first images of a longer prompt are not seen. Said, as an
+    # in-context task whose first examples drop out answers from fewer examples than it was shown.
+    seen = (self.config.model.max_seq_len - self.tokens_per_image) // self.tokens_per_image
+    if len(prompt) > seen:
+      progress.say(f'note: the model\'s context ({self.config.model.max_seq_len} tokens) holds {seen} images of '
+                   f'{self.tokens_per_image} tokens and the one being made: the first {len(prompt) - seen} of the '
+                   f'{len(prompt)} prompt images are not seen')
     context = self.tokenizer.encode(prompt).reshape(1, -1)
     new = generate_frames(self.params, self.config.model, context, frames=frames,
                           tokens_per_image=self.tokens_per_image, codebook_size=self.codebook_size,

@@ -255,6 +255,10 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
     prompter.generate(prompt[:2], 1, 'analogy')
   with pytest.raises(ConfigError, match='frames must be an int >= 1'):
     prompter.continue_sequence(prompt, frames=0)
+  capsys.readouterr()  # a prompt longer than the context: its first images drop out, said
+  prompter.continue_sequence([prompt[0]] * 16)
+  assert "context (1024 tokens) holds 15 images of 64 tokens and the one being made: the first 1 of the 16 prompt " \
+      'images are not seen' in capsys.readouterr().err
   with pytest.raises(ConfigError, match='no prompt images: give at least one'):  # was numpy's 'need at least one array'
     prompter.continue_sequence([])
   with pytest.raises(ConfigError, match="seed must be an int >= 0, got '3'"):  # was JAX's 'not a valid JAX array type'
