@@ -37,16 +37,31 @@ from data_pipelines.token_records import SHARD_SUFFIX, SHARD_WRITER_OPTIONS, TOK
 KINDS = ('video', 'groups', 'analogy', 'colorization', 'inpainting', 'edges')
 SPECIAL_TOKENS = 100
 STATE_FILE = 'tokenize_state.json'
-SPLITS = ('all', 'train', 'eval')  # eval = the last 10% of a source's images, train = the rest
+SPLITS = ('all', 'train', 'eval')  # eval = the last 10% of each class of a source's images, train = the rest
+
+
+def held_out(labels: np.ndarray) -> np.ndarray:
+  """Mask of the eval images: the last 10% of each class in source order (images outside any class,
+  label -1, as one more class), at least one image in all. A folder of class subfolders lists its
+  images class by class, so the last 10% of all of them had been the last class alone: eval
+  sentences of one class, training sentences without it."""
+  mask = np.zeros(len(labels), bool)
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    mask[members[len(members) - len(members) // 10:]] = True
+  if not mask.any():
+    mask[-1] = True
+  return mask
 
 
 def split_images(images: np.ndarray, labels: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Held-out sentences are built from images no training sentence shows."""
+  """Held-out sentences are built from images no training sentence shows (`held_out`)."""
   if split not in SPLITS:
     raise ConfigError(f'--split {split!r}: choose from {list(SPLITS)}')
-  cut = len(images) - max(1, len(images) // 10)
-  part = {'all': slice(None), 'train': slice(0, cut), 'eval': slice(cut, None)}[split]
-  return images[part], labels[part]
+  if split == 'all':
+    return images, labels
+  keep = held_out(labels) if split == 'eval' else ~held_out(labels)
+  return images[keep], labels[keep]
 
 
 def _rotate_shift(image: np.ndarray, degrees: float, dx: float, dy: float) -> np.ndarray:

@@ -373,6 +373,22 @@ def test_training_notes_a_model_vocabulary_other_than_the_sentences(tmp_path, ca
     assert capsys.readouterr().err == ''
 
 
+def test_held_out_images_are_the_last_tenth_of_every_class():
+  # A folder of class subfolders lists its images class by class: the last 10% of all of them was
+  # the last class alone (eval sentences of zebras only, training sentences without zebras).
+  from lvm.sentences import split_images
+  labels = np.repeat([0, 1, 2], [30, 50, 20])  # as folder_images reads cats/, dogs/, zebras/
+  labels = np.concatenate([labels, [-1] * 10])   # and images outside any class folder
+  images = np.arange(len(labels))
+  train, train_labels = split_images(images, labels, 'train')
+  held, held_labels = split_images(images, labels, 'eval')
+  assert held.tolist() == [27, 28, 29, 75, 76, 77, 78, 79, 98, 99, 109]
+  assert sorted(train.tolist() + held.tolist()) == images.tolist()
+  assert set(train_labels.tolist()) == set(held_labels.tolist()) == {-1, 0, 1, 2}
+  assert split_images(images[:3], labels[:3], 'eval')[0].tolist() == [2]  # at least one image held out
+  assert split_images(images, labels, 'all')[0].tolist() == images.tolist()
+
+
 def test_coverage_notes_name_kinds_that_leave_most_of_the_source_unseen():
   from lvm.sentences import coverage_notes
   # 2048 groups of 4 from 100k images: 1 - exp(-8192 / 100000) = 7.9% seen.
