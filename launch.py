@@ -217,9 +217,9 @@ def quickstart(args) -> dict:
   if args.lvm_only and args.attribution_only:
     raise ConfigError('--lvm-only and --attribution-only exclude each other')
   workdir = quickstart_workdir(args)
-  if (workdir / 'config.json').is_file():  # it would make its own tokenizer/, lvm/, ... inside that run
-    from core.workdir import what_it_holds
-    raise ConfigError(f'--workdir {workdir} is the workdir of one job{what_it_holds(workdir / "config.json")}; the '
+  from core.workdir import RUN_CONFIG_FILE, what_it_holds
+  if (workdir / RUN_CONFIG_FILE).is_file():  # it would make its own tokenizer/, lvm/, ... inside that run
+    raise ConfigError(f'--workdir {workdir} is the workdir of a job{what_it_holds(workdir / RUN_CONFIG_FILE)}; the '
                       'quickstart\'s is a folder of its own, for its tokenizer/, data/, lvm/ and attrib/: choose '
                       'another (default runs/quickstart)')
   clock = progress.Stopwatch()

@@ -175,7 +175,7 @@ def _bad_inputs(tmp):
                                        str(tmp / 'lvm_run'), '--seq-len', '256'],
                                       'lvm_run is the workdir of a job: it holds an LVM run'),
       'quickstart into the workdir of one job': (['quickstart', '--workdir', str(tmp / 'lvm_run'), '--lvm-only'],
-                                                  'is the workdir of one job: it holds an LVM run'),
+                                                  'is the workdir of a job: it holds an LVM run'),
       'lvm generate from a grey-level model': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
                                                 str(tmp / 'two_images' / '0.png'), '--tokenizer', str(tmp / 'w'),
                                                 '--out', str(tmp / 'g.png')],
