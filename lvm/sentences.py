@@ -219,6 +219,8 @@ def video_notes(named: list[tuple[str, np.ndarray]], count: int, frames: int, st
   """Videos too short for one clip give no video sentence, and `count` clips drawn from fewer distinct
   windows repeat them: a folder of 3 ten-frame videos at stride 2 has 12 windows, so the default
   2,048 sentences hold each about 170 times; said instead of done silently."""
+  if not count:  # no video sentences asked for: their clips are not drawn
+    return []
   span = (frames - 1) * stride + 1
   notes = []
   short = [name for name, video in named if len(video) < span]

@@ -470,6 +470,8 @@ def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path, caps
                    f'sentence: {tmp_path / "videos" / "short"}',
                    'note: 30 video sentences from 6 distinct clips (4 frames at stride 2): each appears about 5 times '
                    '(more videos, or fewer sentences: --kind-sentences video=N)']
+  from lvm.sentences import video_notes  # no video sentences asked for (--kind groups of their frames): no note
+  assert video_notes([('short', np.zeros((3, 32, 32, 3))), ('long', np.zeros((9, 32, 32, 3)))], 0, 4, 2) == []
   assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', f'frames:{tmp_path / "videos"}',
                       '--kind', 'video', '--stride', '4', '--out', str(tmp_path / 'x'), '--sentences', '8']) == 2
 
