@@ -5,7 +5,8 @@ Bundled: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, upscaled)
 two sample photographs (china.jpg, flower.jpg), and crops of the images scikit-image ships inside its
 package (`skimage/data`: astronaut, camera, coffee, coins, the Hubble deep field, ...; read straight
 from the package folder, so nothing is fetched). Folders: any file PIL reads; grayscale, palette,
-RGBA (composited on white) and 16-bit images are converted to RGB; the shorter side is resized to
+RGBA (composited on white) and 16-bit images are converted to RGB, photos turned upright by their
+EXIF orientation (as every viewer shows them); the shorter side is resized to
 `size` (bicubic) and the centre cropped. A corrupt or truncated file is skipped with a warning that
 names it and is counted (`strict=True` raises instead).
 """
@@ -143,9 +144,14 @@ def as_rgb(image):
 
 
 def to_rgb_square(image, size: int) -> np.ndarray:
-  """A PIL image of any mode -> float32 [size, size, 3] in [0, 1]: converted by `as_rgb`, shorter
-  side resized to `size` (bicubic), centre cropped."""
-  from PIL import Image
+  """A PIL image of any mode -> float32 [size, size, 3] in [0, 1]: turned upright by its EXIF
+  orientation, converted by `as_rgb`, shorter side resized to `size` (bicubic), centre cropped."""
+  from PIL import Image, ImageOps
+  # A phone stores a portrait photo as landscape pixels plus an EXIF Orientation tag; every viewer
+  # turns it upright, and so must the tokenizer, or a folder of phone photos becomes sentences of
+  # sideways images. (The attribution towers do not: FastGDA's released features were computed on
+  # the stored pixels, and an added training image must be featurized the same way.)
+  image = ImageOps.exif_transpose(image)
   image = as_rgb(image)
   w, h = image.size
   scale = size / min(w, h)

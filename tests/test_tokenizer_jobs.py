@@ -95,6 +95,27 @@ def test_an_image_over_pils_pixel_limit_is_skipped_by_name(tmp_path, monkeypatch
     folder_images(tmp_path, 16, strict=True)
 
 
+def test_a_phone_photo_is_read_upright_by_its_exif_orientation(tmp_path):
+  """A portrait photo from a phone: landscape pixels plus EXIF Orientation 6 (turn 90 degrees clockwise
+  to show). The folder source and the Prompter read it as a viewer shows it, the same as the upright
+  pixels saved without a tag; without the turn the tokenizer would see the photo on its side."""
+  from PIL import Image
+  from data_pipelines.image_sources import folder_images, load_image, to_rgb_square
+  stored = np.zeros((32, 64, 3), np.uint8)
+  stored[:, :32] = (255, 0, 0)  # left half red, right half blue as stored: shown upright, red on top
+  stored[:, 32:] = (0, 0, 255)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation: rotate 90 CW
+  Image.fromarray(stored).save(tmp_path / 'portrait.png', exif=exif)
+  Image.fromarray(np.rot90(stored, k=-1).copy()).save(tmp_path / 'upright.png')
+  found = folder_images(tmp_path, 16)
+  upright = load_image(tmp_path / 'upright.png', 16)
+  np.testing.assert_array_equal(found.images[0], upright)
+  assert upright[0, 8].tolist() == [1, 0, 0] and upright[-1, 8].tolist() == [0, 0, 1]  # red top, blue bottom
+  with Image.open(tmp_path / 'portrait.png') as opened:  # a PIL image given to lvm.Prompter
+    np.testing.assert_array_equal(to_rgb_square(opened, 16), upright)
+
+
 def test_scikit_image_bundled_images_are_a_source(tokenizer_dir, tmp_path, capsys):
   """builtin:skimage: crops of the images inside scikit-image's package (grey, RGB and RGBA files
   converted; the unreadable multi-page TIFF and the tiny files skipped by name), tokenized end to end."""
