@@ -517,6 +517,7 @@ def _run(argv: list[str]) -> int:
   if args.group == 'lvm' and args.command == 'train' and not args.workdir:
     from core.errors import ConfigError
     raise ConfigError('lvm train needs --workdir (or --check to only check that the job fits)')
+  _refuse_folder_of_runs(args)
   _prepare_runtime(args)
   from core.workdir import check_writable
   from core.workdir_lock import command_line, writing_into
@@ -527,6 +528,22 @@ def _run(argv: list[str]) -> int:
   if args.group != 'quickstart':  # the quickstart ends on its table; its JSON is in the file it names
     _print_result(result)
   return 0
+
+
+def _refuse_folder_of_runs(args) -> None:
+  """`attrib query --workdir runs/quickstart` names the folder the quickstart printed, which holds
+  its jobs' workdirs (tokenizer/, lvm/, attrib/), not a run: a reader would report a missing file
+  and advise the wrong job; a writer would start a run of its own among them. Refused, naming them."""
+  if args.group == 'quickstart':
+    return
+  from core.errors import ConfigError
+  from core.paths import as_path
+  from core.workdir import RUN_CONFIG_FILE, quickstart_runs
+  for flag in ('workdir', 'tokenizer'):
+    folder = getattr(args, flag, None)
+    if folder and not (as_path(folder) / RUN_CONFIG_FILE).is_file() and (runs := quickstart_runs(folder)):
+      raise ConfigError(f'--{flag} {folder} is not one job\'s workdir{runs}; give the one this command '
+                        'works on')
 
 
 # Commands that only read their workdir (eval, generate, query, export-hf) hold no lock: a run can be

@@ -56,7 +56,10 @@ def student_dir(workdir):
 def load_student_run(workdir: str | Path) -> StudentRun:
   path = student_dir(workdir) / 'config.json'
   if not path.is_file():
-    raise ConfigError(f'{path} not found: run `launch.py attrib distill --workdir {workdir}` first')
+    from core.workdir import quickstart_runs
+    hint = quickstart_runs(workdir)
+    raise ConfigError(f'{path} not found: ' + (hint.strip(' ()') if hint else
+                                               f'run `launch.py attrib distill --workdir {workdir}` first'))
   stored = json.loads(path.read_text())
   return StudentRun(from_dict(FastGDAConfig, stored['config']), resolve_within(stored['features'], workdir),
                     resolve_within(stored['ranks'], workdir), recorded_preset(stored['tpu']))

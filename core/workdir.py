@@ -33,7 +33,7 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
   from core.errors import ConfigError
   path = as_path(workdir) / RUN_CONFIG_FILE
   if not path.is_file():
-    raise ConfigError(f'{path} not found: is {workdir} a workdir made by {made_by}?')
+    raise ConfigError(f'{path} not found: is {workdir} a workdir made by {made_by}?{quickstart_runs(workdir)}')
   try:
     stored = json.loads(path.read_text())
     config, tpu = from_dict(config_type, stored['config']), stored['tpu']
@@ -49,6 +49,22 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
 _RUN_KINDS = (('tokenizer', 'a tokenizer run (`lvm train-tokenizer` / `lvm import-tokenizer`)'),
               ('unet', 'a diffusion model (`attrib train-model` / `attrib import-diffusers`)'),
               ('model', 'an LVM run (`lvm train` / `lvm import-hf`)'))
+
+
+# The quickstart's folder holds its jobs' workdirs, not a run of its own (launch.py quickstart).
+QUICKSTART_RUNS = (('tokenizer', 'its tokenizer'), ('lvm', 'its LVM'), ('attrib', 'its attribution workdir'))
+
+
+def quickstart_runs(folder) -> str:
+  """' (FOLDER is a quickstart's folder: its LVM is FOLDER/lvm, ...)' for a folder holding the
+  quickstart's runs, given where one run is expected (`Attributor.load('runs/quickstart')`), else ''."""
+  folder = as_path(folder)
+  try:
+    found = [f'{what} is {folder / name}' for name, what in QUICKSTART_RUNS
+             if (folder / name / RUN_CONFIG_FILE).is_file()]
+  except OSError:
+    return ''
+  return f' ({folder} is a quickstart\'s folder: {", ".join(found)})' if found else ''
 
 
 def refuse_job_workdir(folder, flag: str = '--out') -> None:

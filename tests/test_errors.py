@@ -57,6 +57,10 @@ def _bad_inputs(tmp):
   for kind, config in (('lvm_run', TINY), ('diffusion_run', digits)):
     (tmp / kind).mkdir()
     (tmp / kind / 'config.json').write_text(json.dumps({'config': to_dict(load_config_file(config)), 'tpu': CPU8}))
+  (tmp / 'qs').mkdir()  # as the quickstart leaves its folder: one workdir per job inside
+  for job, kind in (('lvm', 'lvm_run'), ('attrib', 'diffusion_run')):
+    (tmp / 'qs' / job).mkdir()
+    (tmp / 'qs' / job / 'config.json').write_text((tmp / kind / 'config.json').read_text())
   latent_config = to_dict(load_config_file(digits))
   latent_config['data']['train_path'] = 'latents:coco/trainset'  # as `attrib import-diffusers` records it
   (tmp / 'latent_run').mkdir()
@@ -176,6 +180,16 @@ def _bad_inputs(tmp):
                                       'lvm_run is the workdir of a job: it holds an LVM run'),
       'quickstart into the workdir of one job': (['quickstart', '--workdir', str(tmp / 'lvm_run'), '--lvm-only'],
                                                   'is the workdir of a job: it holds an LVM run'),
+      'attrib query of the quickstart\'s folder': (['attrib', 'query', '--workdir', str(tmp / 'qs'), '--image',
+                                                   str(tmp / 'two_images' / '0.png'), '--prompt', 'a seven'],
+                                                  f'qs is a quickstart\'s folder: its LVM is {tmp / "qs" / "lvm"}, '
+                                                  f'its attribution workdir is {tmp / "qs" / "attrib"}'),
+      'lvm train into the quickstart\'s folder': (['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir',
+                                                  str(tmp / 'qs')], '--workdir ' + str(tmp / 'qs') + ' is not one '
+                                                 'job\'s workdir'),
+      'tokenize with the quickstart\'s folder as tokenizer': (['lvm', 'tokenize', '--tokenizer', str(tmp / 'qs'),
+                                                              '--source', 'builtin:digits', '--out', str(tmp / 'o')],
+                                                             f'its LVM is {tmp / "qs" / "lvm"}'),
       'lvm generate from a grey-level model': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
                                                 str(tmp / 'two_images' / '0.png'), '--tokenizer', str(tmp / 'w'),
                                                 '--out', str(tmp / 'g.png')],
@@ -254,7 +268,9 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'attrib generate from a latent model', 'attrib generate of a negative seed',
          'attrib generate into an unknown image format', 'lvm generate of several frames of an analogy',
          'lvm eval of tokenizer codes on a grey-level model', 'lvm generate from a grey-level model',
-         'quickstart into the workdir of one job', 'tokenize into an LVM run', 'data tokens into an LVM run']
+         'quickstart into the workdir of one job', 'tokenize into an LVM run', 'data tokens into an LVM run',
+         "attrib query of the quickstart's folder", "lvm train into the quickstart's folder",
+         "tokenize with the quickstart's folder as tokenizer"]
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -268,6 +284,21 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, capsys):
   assert len(err) == 1 and err[0].startswith('error: ') and 'Traceback' not in err[0], err
   assert named in err[0], err
   assert _tree_digest(tmp_path) == before  # nothing written, nothing half-written
+
+
+def test_the_python_apis_name_the_runs_of_a_quickstarts_folder(tmp_path):
+  """`Attributor.load('runs/quickstart')`, the folder the quickstart printed, names the workdirs inside
+  it; before, it advised `attrib distill` on that folder (which is no diffusion run)."""
+  from attrib import Attributor
+  from lvm import Prompter
+  _bad_inputs(tmp_path)
+  quickstart = tmp_path / 'qs'
+  for load in (Attributor.load, Prompter.load):
+    with pytest.raises(UserError) as raised:
+      load(str(quickstart))
+    assert f"qs is a quickstart's folder: its LVM is {quickstart / 'lvm'}, its attribution workdir is " \
+           f"{quickstart / 'attrib'}" in str(raised.value)
+    assert 'attrib distill' not in str(raised.value)
 
 
 def test_debug_shows_the_traceback(tmp_path):
