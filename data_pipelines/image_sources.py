@@ -4,7 +4,7 @@ and image folders (nested class folders too), with every odd file converted or s
 Bundled: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels, upscaled), crops of its
 two sample photographs (china.jpg, flower.jpg), and crops of the images scikit-image ships inside its
 package (`skimage/data`: astronaut, camera, coffee, coins, the Hubble deep field, ...; read straight
-from the package folder, so nothing is fetched). Folders: any file PIL reads; grayscale, palette,
+from the package folder, so nothing is fetched). Folders (local or gs://): any file PIL reads; grayscale, palette,
 RGBA (composited on white) and 16-bit images are converted to RGB, photos turned upright by their
 EXIF orientation (as every viewer shows them); the shorter side is resized to
 `size` (bicubic) and the centre cropped. A corrupt or truncated file is skipped with a warning that
@@ -19,6 +19,7 @@ import numpy as np
 
 from core import progress
 from core.errors import UserError
+from core.paths import as_path, is_remote
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
@@ -170,11 +171,13 @@ def array_to_rgb_square(array: np.ndarray, size: int) -> np.ndarray:
   return to_rgb_square(Image.fromarray(array), size)
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-  """One file -> float32 [size, size, 3] in [0, 1]; raises ImageDataError naming the file."""
+def load_image(path, size: int) -> np.ndarray:
+  """One file (local or gs://) -> float32 [size, size, 3] in [0, 1]; raises ImageDataError naming the file."""
+  import io
   from PIL import Image, UnidentifiedImageError
   try:
-    with Image.open(path) as image:
+    # A gs:// object is fetched whole in one request: PIL's seeks on a remote file are round trips.
+    with Image.open(io.BytesIO(as_path(path).read_bytes()) if is_remote(path) else path) as image:
       image.load()
       return to_rgb_square(image, size)
   # DecompressionBombError: over twice PIL's pixel limit (Image.MAX_IMAGE_PIXELS), not an OSError.
@@ -193,24 +196,55 @@ class FolderImages:
   skipped: list[str]
 
 
+def _folder(root):
+  """A local folder as pathlib.Path, a gs:// one as epath (pathlib would read 'gs://b' as 'gs:/b')."""
+  return as_path(root) if is_remote(root) else Path(root)
+
+
+def _files_under(folder) -> list:
+  """Every file below `folder`, sorted. On gs:// folder by folder (epath refuses a recursive glob
+  there: one listing per folder, and class folders are few)."""
+  if not is_remote(folder):
+    return sorted(p for p in folder.rglob('*') if p.is_file())
+  files = []
+  for entry in folder.iterdir():
+    files.extend(_files_under(entry) if entry.is_dir() else [entry])
+  return sorted(files)
+
+
+def _loaded(files: list, size: int, remote: bool) -> list:
+  """Each file's pixels, or the ImageDataError naming it, in the files' order. Objects in a bucket
+  are fetched 16 at a time: one by one, each request's latency would add up."""
+  def load(path):
+    try:
+      return load_image(path, size)
+    except ImageDataError as e:
+      return e
+  if not remote:
+    return [load(path) for path in files]
+  import concurrent.futures
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    return list(pool.map(load, files))
+
+
 def folder_images(root: str | Path, size: int, strict: bool = False) -> FolderImages:
-  root = Path(root)
+  """Every image under `root` (local or gs://)."""
+  root = _folder(root)
   if not root.is_dir():
     raise ImageDataError(f'{root}: no such image folder')
-  files = sorted(p for p in root.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  files = [p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES]
   if not files:
     raise ImageDataError(f'{root}: no image files ({", ".join(IMAGE_SUFFIXES)})')
   classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
   images, labels, paths, skipped = [], [], [], []
-  for path in files:
-    try:
-      images.append(load_image(path, size))
-    except ImageDataError as e:
+  for path, loaded in zip(files, _loaded(files, size, is_remote(root))):
+    if isinstance(loaded, ImageDataError):
       if strict:
-        raise
+        raise loaded
       skipped.append(str(path))
-      progress.say(f'warning: skipped {e}')
+      progress.say(f'warning: skipped {loaded}')
       continue
+    images.append(loaded)
     parts = path.relative_to(root).parts
     labels.append(classes.index(parts[0]) if len(parts) > 1 else -1)
     paths.append(str(path))
@@ -239,7 +273,7 @@ def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tupl
   """A folder of videos, one subfolder of frame images each (frames in name order) -> (subfolder,
   float32 [frames, size, size, 3]) per video. Unreadable frames are skipped (counted) or, strict, an
   error."""
-  root = Path(root)
+  root = _folder(root)
   if not root.is_dir():
     raise ImageDataError(f'{root}: no such folder of videos')
   videos = []

@@ -90,7 +90,7 @@ class Prompter:
     from PIL import Image
     s = self.image_size
     if isinstance(image, (str, Path)):
-      return load_image(Path(image), s)
+      return load_image(image, s)  # local or gs://
     if isinstance(image, Image.Image):
       return to_rgb_square(image, s)
     if not isinstance(image, np.ndarray):

@@ -144,7 +144,7 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   check_sampling(temperature, top_k, top_p, config.model.vocab_size)
   out = prepare_output_file(out) if out else prepare_output_file(workdir / 'generation.png', 'the default --out')
   for path in prompts:  # every file read once before any weights load (a typo costs nothing)
-    load_image(Path(path), 8)
+    load_image(path, 8)
   prompter = Prompter.load(workdir, tokenizer_dir, tpu_path, dtype)
   generation = prompter.generate(prompts, frames, mode, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed)

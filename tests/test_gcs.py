@@ -9,6 +9,7 @@ import time
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 
 from tests.helpers import CPU1, CPU8, ROOT, SMALL_MODEL, TINY, free_port
@@ -114,6 +115,47 @@ def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path, tmp_path_factory):
   assert _local_files(tmp_path, ROOT) - before == set()
 
 
+def _image_folders(tmp_path, url: str) -> None:
+  """imgs/ (two class folders, a file at the top, a corrupt one) and clips/ (two videos of frames),
+  written in tmp_path and uploaded to the bucket under the same names."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  files = {f'imgs/{c}/{i}.png': (20 + 7 * i, 30) for c in ('cats', 'dogs') for i in range(2)}
+  files.update({'imgs/top.jpg': (40, 24), **{f'clips/v{v}/{f:02d}.png': (16, 16) for v in range(2) for f in range(3)}})
+  for name, (w, h) in files.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+  (tmp_path / 'imgs/dogs/broken.png').write_bytes(b'\x89PNG truncated')
+  for path in sorted(p for p in tmp_path.rglob('*') if p.is_file()):
+    _upload(url, str(path.relative_to(tmp_path)), path.read_bytes())
+
+
+def test_image_folders_and_videos_read_from_a_bucket_as_from_disk(gcs, tmp_path):
+  """`lvm tokenize --source gs://...`, `frames:gs://...` and `lvm generate --prompt gs://...` read the
+  bucket as a local folder: the same pixels, classes and labels, the corrupt file skipped by name.
+  pathlib once made 'gs://runs/imgs' the local 'gs:/runs/imgs': 'no such image folder'."""
+  url, env = gcs
+  _image_folders(tmp_path / 'local', url)
+  script = f'''
+import numpy as np
+from data_pipelines.image_sources import folder_images, load_image, named_videos
+local, remote = folder_images({str(tmp_path / 'local/imgs')!r}, 16), folder_images('gs://{BUCKET}/imgs', 16)
+np.testing.assert_array_equal(remote.images, local.images)
+assert remote.labels.tolist() == local.labels.tolist() == [0, 0, 1, 1, -1], remote.labels
+assert remote.classes == local.classes == ['cats', 'dogs']
+assert remote.paths == ['gs://{BUCKET}/imgs/' + p.split('/imgs/')[1] for p in local.paths]
+assert remote.skipped == ['gs://{BUCKET}/imgs/dogs/broken.png'], remote.skipped
+videos = named_videos('gs://{BUCKET}/clips', 16)
+assert [name for name, _ in videos] == ['gs://{BUCKET}/clips/v0', 'gs://{BUCKET}/clips/v1']
+for (_, frames), (_, on_disk) in zip(videos, named_videos({str(tmp_path / 'local/clips')!r}, 16)):
+  np.testing.assert_array_equal(frames, on_disk)
+np.testing.assert_array_equal(load_image('gs://{BUCKET}/imgs/top.jpg', 16), local.images[-1])
+'''
+  done = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'imgs/dogs/broken.png: not a readable image' in done.stderr
+
+
 @pytest.mark.slow
 def test_diffusion_model_and_teacher_on_a_gs_workdir(gcs, tmp_path):
   url, env = gcs
@@ -149,6 +191,14 @@ def test_the_lvm_path_in_a_bucket_tokenizer_to_generate(gcs, tmp_path):
        '--set', 'train.progress_bar=false')
   _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', 'builtin:digits', '--kind', 'video',
        '--sentences', '16', '--out', f'{root}/sent')
+  _image_folders(tmp_path / 'up', url)  # images and videos in the bucket, tokenized from there
+  _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', f'gs://{BUCKET}/imgs',
+       '--kind', 'groups', '--sentences', '4', '--out', f'{root}/sent_imgs')
+  _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', f'frames:gs://{BUCKET}/clips',
+       '--kind', 'video', '--frames', '3', '--sentences', '4', '--out', f'{root}/sent_clips')
+  for made, kind, images in (('sent_imgs', 'groups', 5), ('sent_clips', 'video', 6)):
+    manifest = json.loads(_read(url, f'lvm_path/{made}/manifest.json'))
+    assert manifest['records_per_kind'] == {kind: 4} and manifest['images'] == images, manifest
   _run(env, tmp_path, 'lvm', 'train', '--config', TINY, '--tpu', CPU1, '--workdir', f'{root}/lvm',
        '--set', f'data.train_path={root}/sent', '--set', 'model.vocab_size=228', '--set', 'train.steps=2',
        '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false')
@@ -157,11 +207,13 @@ def test_the_lvm_path_in_a_bucket_tokenizer_to_generate(gcs, tmp_path):
   for i in range(2):
     Image.new('RGB', (32, 32), (40 * i, 0, 0)).save(tmp_path / f'p{i}.png')
     prompts.append(str(tmp_path / f'p{i}.png'))
-  _run(env, tmp_path, 'lvm', 'generate', '--workdir', f'{root}/lvm', '--prompt', *prompts, '--out', f'{root}/gen.jpg')
+  _run(env, tmp_path, 'lvm', 'generate', '--workdir', f'{root}/lvm', '--prompt', *prompts, f'gs://{BUCKET}/imgs/top.jpg',
+       '--out', f'{root}/gen.jpg')
   result = json.loads(_read(url, 'lvm_path/lvm/generate_result.json'))
   assert result['tokenizer'] == f'{root}/tok' and len(result['tokens'][0]) == 64
   assert _read(url, 'lvm_path/gen.jpg')[:3] == b'\xff\xd8\xff'  # JPEG
-  assert _local_files(tmp_path, ROOT) - before == {tmp_path / 'p0.png', tmp_path / 'p1.png'}
+  assert _local_files(tmp_path, ROOT) - before - _local_files(tmp_path / 'up') == {
+      tmp_path / 'p0.png', tmp_path / 'p1.png', tmp_path / 'up'}
 
 
 @pytest.mark.slow  # ~45 s on 2 cores (gs:// training, resume and eval stay in the default suite)
