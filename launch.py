@@ -351,7 +351,7 @@ def _run(argv: list[str]) -> int:
   tk.add_argument('--tokenizer', required=True, help='a tokenizer workdir')
   tk.add_argument('--source', default='builtin:digits',
                   help='builtin:digits|photos|skimage (joined by +), tfds:NAME[:SPLIT], frames:DIR (one subfolder of frames per video) '
-                       'or an image folder (class subfolders give categories)')
+                       'or an image folder (class subfolders give categories); folders local or gs://')
   tk.add_argument('--stride', type=int, default=1, help='frame stride of video clips')
   tk.add_argument('--kind', action='append', help='sentence kind(s), repeated or comma-separated; default: '
                   'every kind the source supports')
@@ -365,7 +365,8 @@ def _run(argv: list[str]) -> int:
   tk.add_argument('--strict', action='store_true', help='fail on an unreadable image instead of skipping it')
   tk.add_argument('--seed', type=int, default=0)
   tk.add_argument('--split', default='all', choices=['all', 'train', 'eval'],
-                  help='images used: eval = the last 10%% of the source, train = the rest (no image in both)')
+                  help='images used: eval = the last 10%% of each class (for frames:, the last 10%% of the '
+                       'videos, whole), train = the rest (no image in both)')
   tk.add_argument('--tpu')
   tk.add_argument('--beam', action='store_true',
                   help="run as an Apache Beam pipeline (the beam extra); shards are written by Beam's workers")

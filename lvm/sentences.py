@@ -54,13 +54,17 @@ def held_out(labels: np.ndarray) -> np.ndarray:
   return mask
 
 
-def split_images(images: np.ndarray, labels: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+def split_images(images: np.ndarray, labels: np.ndarray, split: str,
+                 source: str = 'the source') -> tuple[np.ndarray, np.ndarray]:
   """Held-out sentences are built from images no training sentence shows (`held_out`)."""
   if split not in SPLITS:
     raise ConfigError(f'--split {split!r}: choose from {list(SPLITS)}')
   if split == 'all':
     return images, labels
   keep = held_out(labels) if split == 'eval' else ~held_out(labels)
+  if not keep.any():  # one image: it is held out, and nothing is left to train on
+    raise ConfigError(f'--split train: {source} has {len(images)} image, which eval holds out (the last 10% '
+                      'of each class, at least one): none is left for training sentences; use --split all')
   return images[keep], labels[keep]
 
 
@@ -135,12 +139,15 @@ def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, f
   return np.stack(pairs)
 
 
-def split_videos(videos: list[np.ndarray], split: str) -> list[np.ndarray]:
+def split_videos(videos: list[np.ndarray], split: str, source: str = 'the source') -> list[np.ndarray]:
   """Whole clips go to one side: eval = the last 10% of the videos (at least one), train = the rest."""
   if split not in SPLITS:
     raise ConfigError(f'--split {split!r}: choose from {list(SPLITS)}')
-  if split == 'all' or len(videos) < 2:
+  if split == 'all':
     return videos
+  if len(videos) < 2:  # the same clip would be both training and held-out data
+    raise ConfigError(f'--split {split}: {source} holds {len(videos)} video, and whole videos go to one side: '
+                      'a held-out split needs at least 2; use --split all')
   cut = len(videos) - max(1, len(videos) // 10)
   return videos[:cut] if split == 'train' else videos[cut:]
 
@@ -255,7 +262,7 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
   notes = []
   if source.startswith('frames:'):  # real clips: still-image kinds use their frames as images
     from data_pipelines.image_sources import named_videos
-    named = split_videos(named_videos(source[len('frames:'):], tconfig.image_size, strict), split)
+    named = split_videos(named_videos(source[len('frames:'):], tconfig.image_size, strict), split, source)
     videos = [frames_of_one for _, frames_of_one in named]
     notes = video_notes(named, (kind_sentences or {}).get('video', sentences) if 'video' in (kinds or KINDS) else 0,
                         frames, stride)
@@ -265,7 +272,7 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
     images = np.concatenate(videos)
     labels = np.full(len(images), -1, np.int32)
   else:
-    images, labels = split_images(*open_images(source, tconfig.image_size, strict), split)
+    images, labels = split_images(*open_images(source, tconfig.image_size, strict), split, source)
   tconfig.check_images(images, source)
   kinds = kinds_for(images, labels, kinds, frames)
   unknown = sorted(set(kind_sentences or {}) - set(kinds))

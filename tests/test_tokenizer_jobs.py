@@ -410,6 +410,25 @@ def test_held_out_images_are_the_last_tenth_of_every_class():
   assert split_images(images, labels, 'all')[0].tolist() == images.tolist()
 
 
+def test_a_split_that_would_leave_a_side_empty_or_shared_is_refused(tokenizer_dir, tmp_path, capsys):
+  """One image, --split train: eval holds it out and nothing was left (a numpy traceback). One video,
+  --split eval or train: whole videos go to one side, and both sides had been the same clip."""
+  from PIL import Image
+  (tmp_path / 'one').mkdir()
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / 'one' / 'a.png')
+  (tmp_path / 'clips' / 'v0').mkdir(parents=True)
+  for f in range(4):
+    Image.fromarray(np.full((32, 32, 3), 60 * f, np.uint8)).save(tmp_path / 'clips' / 'v0' / f'{f}.png')
+  tokenize = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--out', str(tmp_path / 'out'), '--source']
+  for source, split, named in ((str(tmp_path / 'one'), 'train', 'has 1 image, which eval holds out'),
+                               (f'frames:{tmp_path / "clips"}', 'eval', 'holds 1 video, and whole videos go to one side'),
+                               (f'frames:{tmp_path / "clips"}', 'train', 'holds 1 video')):
+    assert launch_main(tokenize + [source, '--split', split]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'error: --split {split}: ') and named in err[0], err
+    assert not (tmp_path / 'out').exists()
+
+
 def test_coverage_notes_name_kinds_that_leave_most_of_the_source_unseen():
   from lvm.sentences import coverage_notes
   # 2048 groups of 4 from 100k images: 1 - exp(-8192 / 100000) = 7.9% seen.
