@@ -58,7 +58,10 @@ def config_from_hf(hf_dir: str | Path, kind: str) -> TowerConfig:
   """The tower's config from a checkpoint's config.json (ViTConfig, or CLIPConfig's sub-configs)."""
   path = Path(hf_dir) / 'config.json'
   if not path.is_file():
-    raise TowerWeightError(f'{path} not found (a Hugging Face checkpoint directory has config.json)')
+    # `huggingface-cli download` without --local-dir leaves the files in the Hub cache's snapshots/<revision>/.
+    snapshots = sorted(str(p) for p in (Path(hf_dir) / 'snapshots').glob('*/config.json'))
+    where = f'; this is a Hub cache folder: give its snapshot, {Path(snapshots[-1]).parent}' if snapshots else ''
+    raise TowerWeightError(f'{path} not found (a Hugging Face checkpoint directory has config.json){where}')
   try:
     c = json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError) as e:
@@ -280,17 +283,29 @@ def params_from_hf(weights: dict[str, np.ndarray], c: TowerConfig, abstract: dic
   return out
 
 
-def load_tower(hf_dir: str | Path, kind: str):
-  """(apply, params, config) of a tower from a Hugging Face checkpoint directory (safetensors)."""
-  from safetensors.numpy import load_file
-  hf_dir = Path(hf_dir)
-  c = config_from_hf(hf_dir, kind)
-  files = sorted(hf_dir.glob('*.safetensors'))
+def read_hf_weights(hf_dir: Path) -> dict[str, np.ndarray]:
+  """Every tensor of a checkpoint directory: its .safetensors files, else its PyTorch `.bin` files
+  (the format of checkpoints saved before safetensors, which some Hub repositories still hold
+  alone; read by torch.load(weights_only=True), so only tensors, no code)."""
+  from attrib.released import read_state_dict
+  from core.torch_layout import WeightImportError
+  files = sorted(hf_dir.glob('*.safetensors')) or sorted(hf_dir.glob('pytorch_model*.bin'))
   if not files:
-    raise TowerWeightError(f'{hf_dir}: no .safetensors files')
+    raise TowerWeightError(f'{hf_dir}: no .safetensors (or pytorch_model.bin) files')
   weights = {}
   for f in files:
-    weights.update(load_file(str(f)))
+    try:
+      weights.update(read_state_dict(f))
+    except WeightImportError as e:
+      raise TowerWeightError(str(e)) from None
+  return weights
+
+
+def load_tower(hf_dir: str | Path, kind: str):
+  """(apply, params, config) of a tower from a Hugging Face checkpoint directory."""
+  hf_dir = Path(hf_dir)
+  c = config_from_hf(hf_dir, kind)
+  weights = read_hf_weights(hf_dir)
   module = VisionTower if kind != 'clip_text' else TextTower
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: module(c, nnx.Rngs(0))))
   params = params_from_hf(weights, c, nnx.to_pure_dict(abstract), str(hf_dir))

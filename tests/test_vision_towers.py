@@ -73,6 +73,29 @@ def test_clip_towers_match_transformers(clip_dir):
                        reduction_length=fan_in + 2 * 2 * 77)
 
 
+def test_a_pytorch_bin_checkpoint_loads_as_its_safetensors_twin(tmp_path):
+  """A Hub repository may hold pytorch_model.bin alone (saved before safetensors): the same weights,
+  read as tensors only. A corrupt weights file, or the Hub cache's top folder, is named."""
+  torch.manual_seed(0)
+  model = _perturb(transformers.ViTModel(transformers.ViTConfig(**VIT), add_pooling_layer=False))
+  model.save_pretrained(tmp_path / 'safe', safe_serialization=True)
+  model.save_pretrained(tmp_path / 'bin', safe_serialization=False)
+  assert not list((tmp_path / 'bin').glob('*.safetensors')) and (tmp_path / 'bin' / 'pytorch_model.bin').is_file()
+  _, from_bin, _ = load_tower(tmp_path / 'bin', 'dino')
+  _, from_safetensors, _ = load_tower(tmp_path / 'safe', 'dino')
+  import jax
+  for a, b in zip(jax.tree.leaves(from_bin), jax.tree.leaves(from_safetensors), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (tmp_path / 'safe' / 'model.safetensors').write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"x": 1}')
+  with pytest.raises(TowerWeightError, match='model.safetensors: not a readable safetensors file'):
+    load_tower(tmp_path / 'safe', 'dino')
+  snapshot = tmp_path / 'models--facebook--dino-vitb16' / 'snapshots' / 'abc123'
+  snapshot.parent.mkdir(parents=True)
+  (tmp_path / 'bin').rename(snapshot)
+  with pytest.raises(TowerWeightError, match=f'this is a Hub cache folder: give its snapshot, {snapshot}'):
+    load_tower(tmp_path / 'models--facebook--dino-vitb16', 'dino')
+
+
 def test_wrong_checkpoint_is_named(clip_dir):
   path, _ = clip_dir
   with pytest.raises(TowerWeightError, match="model_type 'clip'"):
