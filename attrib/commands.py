@@ -22,8 +22,8 @@ from core.paths import absolute, as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset
 from core.train_loop import check_batch_layout, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, refuse_changed_run, save_image_atomic, versions,
-                          write_json_atomic)
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, read_run_config, refuse_changed_run,
+                          save_image_atomic, versions, write_json_atomic)
 from data_pipelines.token_loader import record_batches
 
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
@@ -97,6 +97,7 @@ def check_same_run(workdir: Path, config: DiffusionConfig) -> None:
     previous = dataclasses.replace(previous, data=dataclasses.replace(previous.data,
                                                                       exclude_path=config.data.exclude_path))
   refuse_changed_run(workdir, previous, config, ('unet', 'schedule', 'data'))
+  note_changed_training(workdir, previous, config)
 
 
 def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str],

@@ -102,6 +102,32 @@ def refuse_changed_run(workdir, previous, config, groups: tuple[str, ...], ignor
       raise ConfigError(f'{workdir} holds a run with different {group} settings {changed}; use a new workdir')
 
 
+# Settings that change how a run reports or saves itself, not what it learns; train.steps is what a
+# rerun is expected to raise.
+_BOOKKEEPING = frozenset(('train', name) for name in (
+    'steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'async_checkpoints', 'progress_bar',
+    'tensorboard', 'preemption_check_every'))
+
+
+def note_changed_training(workdir, previous, config, groups=('train', 'optim')) -> None:
+  """A rerun continues the saved run with the settings it is given now. A batch size, learning rate
+  or seed other than the run's own is allowed (a larger batch later in training is common), but
+  a rerun that forgot a `--set` would change them silently: each change is noted."""
+  from core import progress
+  from core.config import to_dict
+  checkpoints = as_path(workdir) / 'checkpoints'
+  if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+    return  # nothing saved: the run starts over with the new settings
+  changed = []
+  for group in groups:
+    old, new = to_dict(getattr(previous, group)), to_dict(getattr(config, group))
+    changed += [f'{group}.{k} {old.get(k)} -> {new[k]}' for k in new
+                if old.get(k) != new[k] and (group, k) not in _BOOKKEEPING]
+  if changed:
+    progress.say(f'note: {workdir} continues its saved run with settings other than it trained with so far: '
+                 f'{", ".join(changed)}')
+
+
 def write_imported_run(workdir: str | Path, config, tpu_path: str | Path, params, source: str) -> None:
   """A workdir holding imported weights as step 0 of a run, as if training had produced them: its
   config and preset, then one checkpoint (written last, so a failure leaves no checkpoint to trust)."""

@@ -15,8 +15,8 @@ from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, prepare_output_dir, read_run_config, refuse_changed_run,
-                          versions, write_imported_run, write_json_atomic, write_result_if_writable)
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, prepare_output_dir, read_run_config,
+                          refuse_changed_run, versions, write_imported_run, write_json_atomic, write_result_if_writable)
 from data_pipelines.token_loader import token_batches
 from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
 from data_pipelines.token_sources import open_token_source, record_length
@@ -50,6 +50,7 @@ def _check_same_model(workdir: Path, config: LvmConfig) -> None:
     previous = dataclasses.replace(previous, data=dataclasses.replace(previous.data, train_path=config.data.train_path))
   refuse_changed_run(workdir, previous, config, groups, ignore={
       ('data', 'read_threads'), ('model', 'remat_policy'), ('model', 'attention_block'), ('model', 'compute_dtype')})
+  note_changed_training(workdir, previous, config)
 
 
 def fit_check_command(config_path: str, tpu_path: str, overrides: list[str]) -> dict:

@@ -18,7 +18,7 @@ from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, read_run_config, versions, write_imported_run,
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, read_run_config, versions, write_imported_run,
                           write_json_atomic)
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_loader import record_batches
@@ -109,6 +109,7 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
     previous, _ = read_run_config(workdir, TokenizerRunConfig, MADE_BY)
     if previous.tokenizer != config.tokenizer:
       raise ConfigError(f'{workdir} holds a tokenizer with other settings; use a new workdir')
+    note_changed_training(workdir, previous, config, groups=('train', 'optim', 'loss', 'data'))
   preset = load_preset(tpu_path)
   size = config.tokenizer.image_size
   images, _ = open_images(config.data.source, size)  # read (and checked) before any model work

@@ -73,13 +73,33 @@ def test_resume_equals_uninterrupted(tmp_path, capfd):
   assert len(read_metrics(tmp_path / 'resumed')) == 10
   capfd.readouterr()
   result = _train(tmp_path / 'resumed', CPU8, 20)  # the same command with more steps continues
-  assert f"resuming {tmp_path / 'resumed'} from step 10 of 20" in capfd.readouterr().err
+  err = capfd.readouterr().err
+  assert f"resuming {tmp_path / 'resumed'} from step 10 of 20" in err and 'note:' not in err
   assert result['step'] == 20
   np.testing.assert_array_equal(_losses(tmp_path / 'resumed'), _losses(tmp_path / 'straight'))
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / 'resumed'), _params(tmp_path / 'straight'))
   # Finished: a rerun does nothing and changes nothing.
   assert _train(tmp_path / 'resumed', CPU8, 20)['step'] == 20
   assert len(read_metrics(tmp_path / 'resumed')) == 20
+
+
+def test_a_rerun_with_other_training_settings_notes_each(tmp_path, capsys):
+  """A rerun continues the saved run with what it is given now; a forgotten `--set` (a batch size,
+  a learning rate) would change it silently. Each change is noted; train.steps (what a rerun raises)
+  and bookkeeping (logging, checkpoint cadence) are not; nothing is noted before a first save."""
+  from core.config import apply_overrides
+  from core.workdir import note_changed_training
+  before = apply_overrides(load_config_file(TINY), ['train.global_batch=16', 'optim.lr=1e-3'])
+  after = apply_overrides(before, ['train.global_batch=32', 'optim.lr=1e-2', 'train.steps=99', 'train.log_every=3',
+                                   'train.progress_bar=false'])
+  note_changed_training(tmp_path, before, after)
+  assert capsys.readouterr().err == ''  # no checkpoint yet: the run starts over with the new settings
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
+  note_changed_training(tmp_path, before, after)
+  assert capsys.readouterr().err.strip() == (f'note: {tmp_path} continues its saved run with settings other than it '
+                                             'trained with so far: train.global_batch 16 -> 32, optim.lr 0.001 -> 0.01')
+  note_changed_training(tmp_path, before, apply_overrides(before, ['train.steps=99']))
+  assert capsys.readouterr().err == ''
 
 
 def test_fresh_run_compiles_its_step_once_beside_the_init(tmp_path):
