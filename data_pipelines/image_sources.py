@@ -8,7 +8,8 @@ from the package folder, so nothing is fetched). Folders (local or gs://): any f
 RGBA (composited on white) and 16-bit images are converted to RGB, photos turned upright by their
 EXIF orientation (as every viewer shows them); the shorter side is resized to
 `size` (bicubic) and the centre cropped. A corrupt or truncated file is skipped with a warning that
-names it and is counted (`strict=True` raises instead).
+names it and is counted (`strict=True` raises instead); hidden files and folders and `__MACOSX/`
+(a Mac's metadata, named like the images) are left out, counted.
 """
 from __future__ import annotations
 
@@ -212,6 +213,13 @@ def _files_under(folder) -> list:
   return sorted(files)
 
 
+def _os_metadata(parts: tuple) -> bool:
+  """A hidden file or folder (macOS's '._photo.jpg' beside each copied photo, '.ipynb_checkpoints/')
+  or the '__MACOSX/' folder of a zip made on a Mac: metadata with an image's name, not an image,
+  and as a folder it would become a class."""
+  return any(part.startswith('.') or part == '__MACOSX' for part in parts)
+
+
 def _loaded(files: list, size: int, remote: bool) -> list:
   """Each file's pixels, or the ImageDataError naming it, in the files' order. Objects in a bucket
   are fetched 16 at a time: one by one, each request's latency would add up."""
@@ -233,6 +241,11 @@ def folder_images(root: str | Path, size: int, strict: bool = False) -> FolderIm
   if not root.is_dir():
     raise ImageDataError(f'{root}: no such image folder')
   files = [p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES]
+  metadata = [p for p in files if _os_metadata(p.relative_to(root).parts)]
+  if metadata:  # not images at all: neither skipped as unreadable nor a failure under --strict
+    files = [p for p in files if not _os_metadata(p.relative_to(root).parts)]
+    progress.say(f'{root}: left out {len(metadata)} hidden or OS metadata files (names starting with ".", '
+                 f'__MACOSX/), e.g. {metadata[0]}')
   if not files:
     raise ImageDataError(f'{root}: no image files ({", ".join(IMAGE_SUFFIXES)})')
   classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
@@ -277,7 +290,7 @@ def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tupl
   if not root.is_dir():
     raise ImageDataError(f'{root}: no such folder of videos')
   videos = []
-  for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+  for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _os_metadata((p.name,))):
     found = folder_images(folder, size, strict)
     if len(found.images):
       videos.append((str(folder), found.images))

@@ -80,6 +80,29 @@ def test_folder_images_convert_odd_files_and_skip_corrupt_ones(tmp_path, capsys)
     folder_images(tmp_path, 16, strict=True)
 
 
+def test_os_metadata_beside_the_images_is_left_out_not_read(tmp_path, capsys):
+  """A folder copied from a Mac holds '._name.png' beside each photo and a zip's '__MACOSX/' folder;
+  Jupyter leaves '.ipynb_checkpoints/'. They were read as images (one warning each, a failure under
+  --strict) and '__MACOSX' became a class of no images."""
+  from PIL import Image
+  from data_pipelines.image_sources import folder_images
+  for folder in ('cats', 'dogs', '__MACOSX/cats', 'cats/.ipynb_checkpoints'):
+    (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+  for i, cls in enumerate(('cats', 'dogs')):
+    Image.fromarray(np.full((20, 20, 3), 90 * i, np.uint8)).save(tmp_path / cls / 'a.png')
+    (tmp_path / cls / '._a.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+  (tmp_path / '__MACOSX' / 'cats' / '._a.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'cats' / '.ipynb_checkpoints' / 'a-checkpoint.png')
+  found = folder_images(tmp_path, 16, strict=True)
+  assert found.classes == ['cats', 'dogs'] and found.labels.tolist() == [0, 1] and found.skipped == []
+  assert found.paths == [str(tmp_path / 'cats' / 'a.png'), str(tmp_path / 'dogs' / 'a.png')]
+  assert 'left out 4 hidden or OS metadata files' in capsys.readouterr().err
+  from data_pipelines.image_sources import named_videos
+  (tmp_path / 'cats' / 'v0').mkdir()  # a video beside the .ipynb_checkpoints folder, which is none
+  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / 'cats' / 'v0' / '0.png')
+  assert [name for name, _ in named_videos(tmp_path / 'cats', 16)] == [str(tmp_path / 'cats' / 'v0')]
+
+
 def test_an_image_over_pils_pixel_limit_is_skipped_by_name(tmp_path, monkeypatch, capsys):
   # PIL refuses images over twice Image.MAX_IMAGE_PIXELS (a decompression bomb) with an error that is
   # not an OSError; a real one is 180 M pixels, so the limit is lowered instead of writing one.
