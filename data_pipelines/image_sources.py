@@ -14,6 +14,7 @@ names it and is counted (`strict=True` raises instead); hidden files and folders
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -235,12 +236,21 @@ def _loaded(files: list, size: int, remote: bool) -> list:
     return list(pool.map(load, files))
 
 
-def folder_images(root: str | Path, size: int, strict: bool = False) -> FolderImages:
-  """Every image under `root` (local or gs://)."""
+def frame_order(path) -> tuple:
+  """Frames in the order their numbers say: 'frame2.png' before 'frame10.png' (ffmpeg's `%d`
+  names are not zero-padded, and in plain name order frame10 would come between frame1 and frame2)."""
+  pieces = tuple((0, int(piece), '') if piece.isdigit() else (1, 0, piece) for piece in re.split(r'(\d+)', str(path)))
+  return pieces, str(path)  # 'f2' and 'f02' tie on their numbers: then by name
+
+
+def folder_images(root: str | Path, size: int, strict: bool = False, frames: bool = False) -> FolderImages:
+  """Every image under `root` (local or gs://), in name order; `frames`: in `frame_order`."""
   root = _folder(root)
   if not root.is_dir():
     raise ImageDataError(f'{root}: no such image folder')
   files = [p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES]
+  if frames:
+    files.sort(key=frame_order)
   metadata = [p for p in files if _os_metadata(p.relative_to(root).parts)]
   if metadata:  # not images at all: neither skipped as unreadable nor a failure under --strict
     files = [p for p in files if not _os_metadata(p.relative_to(root).parts)]
@@ -283,7 +293,7 @@ def open_images(source: str, size: int, strict: bool = False) -> tuple[np.ndarra
 
 
 def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tuple[str, np.ndarray]]:
-  """A folder of videos, one subfolder of frame images each (frames in name order) -> (subfolder,
+  """A folder of videos, one subfolder of frame images each (frames in `frame_order`) -> (subfolder,
   float32 [frames, size, size, 3]) per video. Unreadable frames are skipped (counted) or, strict, an
   error."""
   root = _folder(root)
@@ -291,7 +301,7 @@ def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tupl
     raise ImageDataError(f'{root}: no such folder of videos')
   videos = []
   for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _os_metadata((p.name,))):
-    found = folder_images(folder, size, strict)
+    found = folder_images(folder, size, strict, frames=True)
     if len(found.images):
       videos.append((str(folder), found.images))
   if not videos:

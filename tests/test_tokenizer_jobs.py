@@ -539,6 +539,18 @@ def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path, caps
                       '--kind', 'video', '--stride', '4', '--out', str(tmp_path / 'x'), '--sentences', '8']) == 2
 
 
+def test_frames_numbered_without_zero_padding_keep_their_order(tmp_path):
+  """ffmpeg's `frame%d.png` names frame1 ... frame12: in name order frame10-12 came between frame1 and
+  frame2, and every clip crossing them jumped back and forth in time."""
+  from PIL import Image
+  from data_pipelines.image_sources import named_videos
+  (tmp_path / 'clips' / 'v').mkdir(parents=True)
+  for t in range(1, 13):  # the brightness is the frame number
+    Image.fromarray(np.full((8, 8, 3), 20 * t, np.uint8)).save(tmp_path / 'clips' / 'v' / f'frame{t}.png')
+  [(_, frames)] = named_videos(tmp_path / 'clips', 8)
+  np.testing.assert_allclose(frames[:, 0, 0, 0] * 255, 20 * np.arange(1, 13), atol=1e-3)
+
+
 def test_each_adversarial_term_moves_only_its_own_player():
   """One loss, one optimizer, two players: the tokenizer's gradient equals that of reconstruction +
   w x generator term with the discriminator held fixed, and the discriminator's gradient equals that
