@@ -1,7 +1,7 @@
 """`launch.py attrib query`: attribute one generated image and draw the answer.
 
-Writes OUT (a PNG: the query, then its top-k training images with their predicted rank fraction
-and caption) and WORKDIR/query_result.json.
+Writes OUT (a PNG: the query, then its top-k training images, ten to a row, with their predicted
+rank fraction and caption) and WORKDIR/query_result.json.
 """
 from __future__ import annotations
 
@@ -20,23 +20,37 @@ def _tile(image_hw: np.ndarray, scale: int):  # -> PIL.Image.Image
   return Image.fromarray(grey).resize((grey.shape[1] * scale, grey.shape[0] * scale), Image.NEAREST)
 
 
+# Results per row of a picture: one row of k = 1,000 was 100,000+ px wide, more than JPEG can hold
+# (65,500) and than viewers show; the rows below the first leave the query's column empty.
+PER_ROW = 10
+
+
+def _canvas_size(k: int, cell: int, row_height: int) -> tuple[int, int]:
+  return cell * (min(k, PER_ROW) + 1) + 12, row_height * -(-max(k, 1) // PER_ROW)
+
+
+def _place(n: int, cell: int, row_height: int) -> tuple[int, int]:
+  """(x, y) of the n-th result's cell (0-based): PER_ROW to a row, right of the query's column."""
+  return 16 + cell * (n % PER_ROW + 1), row_height * (n // PER_ROW)
+
+
 def draw_attribution(query_hw: np.ndarray, prompt: str, train_images: np.ndarray, result, path: Path,
                      scale: int = 6) -> None:
-  """One row: the query, a gap, then the top-k training images, each labelled with its score."""
+  """The query, a gap, then the top-k training images (PER_ROW to a row), each labelled with its score."""
   from PIL import Image, ImageDraw
   size = query_hw.shape[0] * scale
   cell, label = size + 8, 28
-  k = len(result.ids)
-  canvas = Image.new('L', (cell * (k + 1) + 12, cell + label + 16), 255)
+  row_height = cell + label + 16
+  canvas = Image.new('L', _canvas_size(len(result.ids), cell, row_height), 255)
   draw = ImageDraw.Draw(canvas)
   canvas.paste(_tile(query_hw, scale), (4, 16))
   draw.text((4, 2), 'query', fill=0)
   draw.text((4, 16 + size + 2), prompt[:22], fill=0)
   for n, (i, s) in enumerate(zip(result.ids, result.scores)):
-    x = 16 + cell * (n + 1)
-    canvas.paste(_tile(train_images[int(i)][..., 0], scale), (x, 16))
-    draw.text((x, 2), f'#{n + 1} id {int(i)}', fill=0)
-    draw.text((x, 16 + size + 2), f'{s:.3f}', fill=0)
+    x, y = _place(n, cell, row_height)
+    canvas.paste(_tile(train_images[int(i)][..., 0], scale), (x, y + 16))
+    draw.text((x, y + 2), f'#{n + 1} id {int(i)}', fill=0)
+    draw.text((x, y + 16 + size + 2), f'{s:.3f}', fill=0)
   save_image_atomic(path, np.asarray(canvas))
 
 
@@ -53,32 +67,32 @@ def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, p
     s = min(w, h)
     return image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((side, side))
 
-  cell, k = side + 8, len(result.ids)
-  canvas = Image.new('RGB', (cell * (k + 1) + 12, cell + 44), (255, 255, 255))
+  cell, row_height = side + 8, side + 52
+  canvas = Image.new('RGB', _canvas_size(len(result.ids), cell, row_height), (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
   canvas.paste(tile(query), (4, 16))
   draw.text((4, 2), 'query', fill=(0, 0, 0))
   draw.text((4, 16 + side + 2), prompt[:18], fill=(0, 0, 0))
   unreadable = []
   for n, (i, s) in enumerate(zip(result.ids, result.scores)):
-    x = 16 + cell * (n + 1)
+    x, y = _place(n, cell, row_height)
     train_path, missing = train_paths[int(i)], None
     if train_path is None:  # a training image added as φ rows (features=): there is no file to draw
       missing = 'no file'
     else:
       try:
         with as_path(train_path).open('rb') as f:
-          canvas.paste(tile(Image.open(f)), (x, 16))
+          canvas.paste(tile(Image.open(f)), (x, y + 16))
       except (OSError, ValueError, Image.DecompressionBombError):
         unreadable.append(train_path)
         missing = 'unreadable file'
     if missing:
-      draw.rectangle((x, 16, x + side - 1, 16 + side - 1), fill=(200, 200, 200))
-      draw.text((x + 4, 16 + side // 2 - 6), missing, fill=(0, 0, 0))
-    draw.text((x, 2), f'#{n + 1} id {int(i)}', fill=(0, 0, 0))
-    draw.text((x, 16 + side + 2), f'{s:.3f}', fill=(0, 0, 0))
+      draw.rectangle((x, y + 16, x + side - 1, y + 16 + side - 1), fill=(200, 200, 200))
+      draw.text((x + 4, y + 16 + side // 2 - 6), missing, fill=(0, 0, 0))
+    draw.text((x, y + 2), f'#{n + 1} id {int(i)}', fill=(0, 0, 0))
+    draw.text((x, y + 16 + side + 2), f'{s:.3f}', fill=(0, 0, 0))
     if result.captions:
-      draw.text((x, 16 + side + 16), result.captions[n][:18], fill=(0, 0, 0))
+      draw.text((x, y + 16 + side + 16), result.captions[n][:18], fill=(0, 0, 0))
   save_image_atomic(path, np.asarray(canvas))
   return unreadable
 

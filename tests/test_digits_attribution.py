@@ -356,6 +356,33 @@ def test_generate_writes_the_teachers_query_for_its_prompt_and_seed(pipeline, tm
                       '--prompt', str(queries['prompts'][1]), '-k', '4', '--out', str(tmp_path / 'grid.png')]) == 0
 
 
+def test_a_large_k_is_drawn_ten_to_a_row(tmp_path):
+  """-k 1000 drew one row 166,000 px wide: more than JPEG holds (PIL's OSError, a traceback) and than
+  viewers show. Ten results to a row; the rows below the first leave the query's column empty."""
+  from types import SimpleNamespace
+  from PIL import Image
+  from attrib.query import draw_attribution, draw_photo_attribution
+  rng = np.random.default_rng(0)
+  digits = rng.uniform(-1, 1, (40, 16, 16, 1)).astype(np.float32)
+  result = SimpleNamespace(ids=np.arange(25)[::-1], scores=np.linspace(0, 1, 25), captions=[f'c{i}' for i in range(25)])
+  draw_attribution(digits[0, ..., 0], 'a seven', digits, result, tmp_path / 'digits.jpg')
+  draw_attribution(digits[0, ..., 0], 'a seven', digits, result, tmp_path / 'digits.png')
+  cell, row = 16 * 6 + 8, 16 * 6 + 8 + 28 + 16
+  assert Image.open(tmp_path / 'digits.jpg').size == (11 * cell + 12, 3 * row)
+  drawn = np.asarray(Image.open(tmp_path / 'digits.png'))
+  tile = np.asarray(Image.fromarray(((digits[result.ids[10], ..., 0] + 1) * 127.5).round().astype(np.uint8))
+                    .resize((96, 96), Image.NEAREST))
+  np.testing.assert_array_equal(drawn[row + 16:row + 16 + 96, 16 + cell:16 + cell + 96], tile)  # #11: row 2, column 1
+  assert (drawn[row:, :cell] == 255).all()  # no query below the first row
+  photos = []
+  for i in range(12):
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(tmp_path / f'p{i}.png')
+    photos.append(str(tmp_path / f'p{i}.png'))
+  twelve = SimpleNamespace(ids=np.arange(12), scores=np.zeros(12), captions=None)
+  assert draw_photo_attribution(Image.open(photos[0]), 'x', photos, twelve, tmp_path / 'photos.jpg') == []
+  assert Image.open(tmp_path / 'photos.jpg').size == (11 * 120 + 12, 2 * 164)
+
+
 def test_query_command_writes_grid_and_result(pipeline, tmp_path):
   from PIL import Image
   queries = np.load(pipeline / 'teacher' / 'queries.npz')
