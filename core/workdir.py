@@ -323,11 +323,20 @@ def image_format(path, flag: str = '') -> str:
   return IMAGE_FORMATS.get(suffix, 'PNG')
 
 
+# The largest side each format can store (PIL raises a bare OSError past it); PNG's is 2^31 - 1.
+MAX_SIDE = {'JPEG': 65_500, 'WEBP': 16_383}
+
+
 def save_image_atomic(path: str | Path, pixels_hwc: np.ndarray) -> None:
   """uint8 [h, w] or [h, w, 3] pixels as an image file, in the format its name says (PNG by default)."""
   from PIL import Image
+  from core.errors import UserError
+  kind = image_format(path)
+  if max(pixels_hwc.shape[:2]) > MAX_SIDE.get(kind, 2**31 - 1):
+    raise UserError(f'{path}: a {pixels_hwc.shape[1]}x{pixels_hwc.shape[0]} picture is larger than {kind} can '
+                    f'store ({MAX_SIDE[kind]:,} px a side); name it .png')
   with atomic_path(path) as temp:
-    Image.fromarray(pixels_hwc).save(temp, format=image_format(path))
+    Image.fromarray(pixels_hwc).save(temp, format=kind)
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

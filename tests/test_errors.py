@@ -328,6 +328,12 @@ def test_pictures_are_written_in_the_format_their_name_says(tmp_path):
     with Image.open(tmp_path / name) as written:
       assert written.format == format and written.size == (12, 8)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'g.png')), pixels)  # lossless
+  # Past a format's largest side PIL raised a bare OSError ('broken data stream'): named, nothing written.
+  for name, side in (('wide.jpg', 65_501), ('tall.webp', 16_384)):
+    shape = (8, side) if name.startswith('wide') else (side, 8)
+    with pytest.raises(UserError, match=f'{name}: a {shape[1]}x{shape[0]} picture is larger than'):
+      save_image_atomic(tmp_path / name, np.zeros(shape, np.uint8))
+    assert not (tmp_path / name).exists()
 
 
 def test_a_full_scale_feature_names_each_part_once():
