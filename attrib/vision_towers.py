@@ -58,10 +58,9 @@ def config_from_hf(hf_dir: str | Path, kind: str) -> TowerConfig:
   """The tower's config from a checkpoint's config.json (ViTConfig, or CLIPConfig's sub-configs)."""
   path = Path(hf_dir) / 'config.json'
   if not path.is_file():
-    # `huggingface-cli download` without --local-dir leaves the files in the Hub cache's snapshots/<revision>/.
-    snapshots = sorted(str(p) for p in (Path(hf_dir) / 'snapshots').glob('*/config.json'))
-    where = f'; this is a Hub cache folder: give its snapshot, {Path(snapshots[-1]).parent}' if snapshots else ''
-    raise TowerWeightError(f'{path} not found (a Hugging Face checkpoint directory has config.json){where}')
+    from core.hub_folders import where_the_files_are
+    raise TowerWeightError(f'{path} not found (a Hugging Face checkpoint directory has config.json)'
+                           f'{where_the_files_are(hf_dir)}')
   try:
     c = json.loads(path.read_text())
   except (ValueError, UnicodeDecodeError) as e:

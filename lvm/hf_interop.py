@@ -141,7 +141,8 @@ def read_hf_params(hf_dir: str | Path, param_dtype: str = 'float32') -> tuple[De
   hf_dir = Path(hf_dir)
   config_path = hf_dir / 'config.json'
   if not config_path.is_file():
-    raise HFImportError(f'{hf_dir}: config.json is missing')
+    from core.hub_folders import where_the_files_are
+    raise HFImportError(f'{hf_dir}: config.json is missing{where_the_files_are(hf_dir)}')
   try:
     hf_config = json.loads(config_path.read_text())
   except (ValueError, UnicodeDecodeError) as e:

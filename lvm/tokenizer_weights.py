@@ -92,7 +92,9 @@ def read_tokenizer_dir(path: str | Path) -> tuple[TokenizerConfig, dict[str, np.
   directory = path if path.is_dir() else path.parent
   config_file = directory / 'config.json'
   if not config_file.is_file():
-    raise WeightImportError(f'{config_file} not found: a tokenizer needs its diffusers VQModel config.json')
+    from core.hub_folders import where_the_files_are
+    raise WeightImportError(f'{config_file} not found: a tokenizer needs its diffusers VQModel config.json'
+                            f'{where_the_files_are(directory, "vqvae")}')
   try:
     config = config_from_diffusers(json.loads(config_file.read_text()), str(config_file))
   except ValueError as e:

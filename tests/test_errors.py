@@ -57,6 +57,10 @@ def _bad_inputs(tmp):
   for kind, config in (('lvm_run', TINY), ('diffusion_run', digits)):
     (tmp / kind).mkdir()
     (tmp / kind / 'config.json').write_text(json.dumps({'config': to_dict(load_config_file(config)), 'tpu': CPU8}))
+  (tmp / 'amused-256' / 'vqvae').mkdir(parents=True)  # a diffusers pipeline, given for its VQGAN
+  (tmp / 'amused-256' / 'model_index.json').write_text('{"_class_name": "AmusedPipeline"}')
+  (tmp / 'amused-256' / 'vqvae' / 'config.json').write_text('{"_class_name": "VQModel"}')
+  (tmp / 'models--Emma02--LVM_ckpts' / 'snapshots' / 'abc123').mkdir(parents=True)  # the Hub cache's top folder
   (tmp / 'qs').mkdir()  # as the quickstart leaves its folder: one workdir per job inside
   for job, kind in (('lvm', 'lvm_run'), ('attrib', 'diffusion_run')):
     (tmp / 'qs' / job).mkdir()
@@ -180,6 +184,14 @@ def _bad_inputs(tmp):
                                       'lvm_run is the workdir of a job: it holds an LVM run'),
       'quickstart into the workdir of one job': (['quickstart', '--workdir', str(tmp / 'lvm_run'), '--lvm-only'],
                                                   'is the workdir of a job: it holds an LVM run'),
+      'import-tokenizer of a diffusers pipeline': (['lvm', 'import-tokenizer', '--weights', str(tmp / 'amused-256'),
+                                                    '--workdir', str(tmp / 'w')],
+                                                   f'amused-256 is a diffusers pipeline: give its vqvae/ folder, '
+                                                   f'{tmp / "amused-256" / "vqvae"}'),
+      'import-hf of the Hub cache folder': (['lvm', 'import-hf', '--hf-dir', str(tmp / 'models--Emma02--LVM_ckpts'),
+                                             '--workdir', str(tmp / 'w')],
+                                            'is a Hugging Face Hub cache folder: give its snapshot, '
+                                            f'{tmp / "models--Emma02--LVM_ckpts" / "snapshots" / "abc123"}'),
       'attrib query of the quickstart\'s folder': (['attrib', 'query', '--workdir', str(tmp / 'qs'), '--image',
                                                    str(tmp / 'two_images' / '0.png'), '--prompt', 'a seven'],
                                                   f'qs is a quickstart\'s folder: its LVM is {tmp / "qs" / "lvm"}, '
@@ -270,7 +282,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'lvm eval of tokenizer codes on a grey-level model', 'lvm generate from a grey-level model',
          'quickstart into the workdir of one job', 'tokenize into an LVM run', 'data tokens into an LVM run',
          "attrib query of the quickstart's folder", "lvm train into the quickstart's folder",
-         "tokenize with the quickstart's folder as tokenizer"]
+         "tokenize with the quickstart's folder as tokenizer", 'import-tokenizer of a diffusers pipeline',
+         'import-hf of the Hub cache folder']
 
 
 @pytest.mark.parametrize('case', CASES)

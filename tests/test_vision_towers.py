@@ -92,7 +92,7 @@ def test_a_pytorch_bin_checkpoint_loads_as_its_safetensors_twin(tmp_path):
   snapshot = tmp_path / 'models--facebook--dino-vitb16' / 'snapshots' / 'abc123'
   snapshot.parent.mkdir(parents=True)
   (tmp_path / 'bin').rename(snapshot)
-  with pytest.raises(TowerWeightError, match=f'this is a Hub cache folder: give its snapshot, {snapshot}'):
+  with pytest.raises(TowerWeightError, match=f'is a Hugging Face Hub cache folder: give its snapshot, {snapshot}'):
     load_tower(tmp_path / 'models--facebook--dino-vitb16', 'dino')
 
 
