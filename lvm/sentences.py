@@ -283,12 +283,19 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
     for note in notes + coverage_notes(counts, len(images), frames, from_videos=videos is not None):
       progress.say(note)
   spec = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': counts,
-          'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum}
+          'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum,
+          'source_images': images_fingerprint(images, labels)}
   out = make_workdir(out) if claim else as_path(out)
   if claim:
     state_path = out / STATE_FILE
     if state_path.is_file():
       previous = json.loads(state_path.read_text())
+      previous.setdefault('source_images', spec['source_images'])  # a job started before it was recorded
+      if previous['source_images'] != spec['source_images']:
+        before, now = previous['source_images'], spec['source_images']
+        raise ConfigError(f'{out} holds shards of {source} as it was when they were written ({before["count"]} '
+                          f'images, fingerprint {before["sha256"]}); it now reads {now["count"]} images '
+                          f'({now["sha256"]}): the rest would be built from other images. Use a new --out')
       if previous != spec:
         changed = {k: (previous.get(k), v) for k, v in spec.items() if previous.get(k) != v}
         raise ConfigError(f'{out} holds shards of another tokenize job ({changed}); use a new --out')
@@ -302,6 +309,15 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
       shards.append(ShardSpec(kind, shard * records_per_shard, min(counts[kind], (shard + 1) * records_per_shard),
                               f'{kind}-{shard:05d}-of-{shards_per_kind:05d}{SHARD_SUFFIX}'))
   return TokenizeJob(str(tokenizer_dir), out, spec, tokenizer, images, labels, videos, shards)
+
+
+def images_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
+  """The source's images as a resumed job checks them: images added to (or changed in) a folder
+  between two runs would build the remaining shards from another set than the first ones."""
+  import hashlib
+  digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+  digest.update(np.ascontiguousarray(labels).tobytes())
+  return {'count': int(len(images)), 'sha256': digest.hexdigest()[:16]}
 
 
 def write_sentence_shard(job: TokenizeJob, shard: ShardSpec) -> None:

@@ -452,6 +452,30 @@ def test_a_split_that_would_leave_a_side_empty_or_shared_is_refused(tokenizer_di
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_resumed_job_refuses_a_source_folder_that_changed(tokenizer_dir, tmp_path, capsys):
+  """Images added to a folder between a killed tokenize job and its rerun built the remaining shards
+  from another image set than the first ones, silently; now refused, naming both counts. The same
+  images again resume as before."""
+  from PIL import Image
+  (tmp_path / 'imgs').mkdir()
+  for i in range(3):
+    Image.fromarray(np.full((32, 32, 3), 70 * i, np.uint8)).save(tmp_path / 'imgs' / f'{i}.png')
+  out = tmp_path / 'out'
+  tokenize = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', str(tmp_path / 'imgs'), '--kind',
+              'inpainting', '--sentences', '4', '--records-per-shard', '2', '--out', str(out)]
+  assert launch_main(tokenize) == 0
+  second = (out / 'inpainting-00001-of-00002.arrayrecord').read_bytes()
+  (out / 'inpainting-00001-of-00002.arrayrecord').unlink()  # as if killed before its last shard
+  Image.fromarray(np.full((32, 32, 3), 250, np.uint8)).save(tmp_path / 'imgs' / '3.png')
+  capsys.readouterr()
+  assert launch_main(tokenize) == 2
+  assert 'as it was when they were written (3 images' in capsys.readouterr().err
+  assert not (out / 'inpainting-00001-of-00002.arrayrecord').exists()
+  (tmp_path / 'imgs' / '3.png').unlink()
+  assert launch_main(tokenize) == 0
+  assert (out / 'inpainting-00001-of-00002.arrayrecord').read_bytes() == second
+
+
 def test_coverage_notes_name_kinds_that_leave_most_of_the_source_unseen():
   from lvm.sentences import coverage_notes
   # 2048 groups of 4 from 100k images: 1 - exp(-8192 / 100000) = 7.9% seen.
