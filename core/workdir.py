@@ -56,15 +56,16 @@ QUICKSTART_RUNS = (('tokenizer', 'its tokenizer'), ('lvm', 'its LVM'), ('attrib'
 
 
 def quickstart_runs(folder) -> str:
-  """' (FOLDER is a quickstart's folder: its LVM is FOLDER/lvm, ...)' for a folder holding the
-  quickstart's runs, given where one run is expected (`Attributor.load('runs/quickstart')`), else ''."""
+  """' (FOLDER holds jobs' workdirs, as the quickstart's folder: its LVM is FOLDER/lvm, ...)' for a folder
+  holding runs under the quickstart's names (the quickstart's, or a user's runs/ of the README's names),
+  given where one run is expected (`Attributor.load('runs/quickstart')`), else ''."""
   folder = as_path(folder)
   try:
     found = [f'{what} is {folder / name}' for name, what in QUICKSTART_RUNS
              if (folder / name / RUN_CONFIG_FILE).is_file()]
   except OSError:
     return ''
-  return f' ({folder} is a quickstart\'s folder: {", ".join(found)})' if found else ''
+  return f' ({folder} holds jobs\' workdirs, as the quickstart\'s folder: {", ".join(found)})' if found else ''
 
 
 def refuse_job_workdir(folder, flag: str = '--out') -> None:

@@ -194,7 +194,8 @@ def _bad_inputs(tmp):
                                             f'{tmp / "models--Emma02--LVM_ckpts" / "snapshots" / "abc123"}'),
       'attrib query of the quickstart\'s folder': (['attrib', 'query', '--workdir', str(tmp / 'qs'), '--image',
                                                    str(tmp / 'two_images' / '0.png'), '--prompt', 'a seven'],
-                                                  f'qs is a quickstart\'s folder: its LVM is {tmp / "qs" / "lvm"}, '
+                                                  'qs holds jobs\' workdirs, as the quickstart\'s folder: '
+                                                  f'its LVM is {tmp / "qs" / "lvm"}, '
                                                   f'its attribution workdir is {tmp / "qs" / "attrib"}'),
       'lvm train into the quickstart\'s folder': (['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir',
                                                   str(tmp / 'qs')], '--workdir ' + str(tmp / 'qs') + ' is not one '
@@ -309,7 +310,8 @@ def test_the_python_apis_name_the_runs_of_a_quickstarts_folder(tmp_path):
   for load in (Attributor.load, Prompter.load):
     with pytest.raises(UserError) as raised:
       load(str(quickstart))
-    assert f"qs is a quickstart's folder: its LVM is {quickstart / 'lvm'}, its attribution workdir is " \
+    assert "qs holds jobs' workdirs, as the quickstart's folder: " \
+           f"its LVM is {quickstart / 'lvm'}, its attribution workdir is " \
            f"{quickstart / 'attrib'}" in str(raised.value)
     assert 'attrib distill' not in str(raised.value)
 
