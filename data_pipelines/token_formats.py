@@ -1,6 +1,8 @@
 """Readers for token data as other tools write it: LVM's JSONL and plain `.npy` arrays.
 
-LVM (`DATASET.md`) stores one visual sentence per line as `{"tokens": base64(int32[...])}`.
+LVM (`DATASET.md`) stores one visual sentence per line as `{"tokens": base64(int32[...])}`. A line
+that holds the ids as a JSON list, `{"tokens": [12, 7, ...]}` (what `json.dumps` of a Python list
+writes), is read too: users who write their own sentences reach for that first.
 """
 from __future__ import annotations
 
@@ -29,13 +31,31 @@ def read_lvm_jsonl(path: str | Path, *, seq_len: int, vocab_size: int) -> Iterat
       if not line.strip():
         continue
       where = f'{path} line {line_number}'
-      try:
-        raw = base64.b64decode(json.loads(line)['tokens'], validate=True)
-      except (json.JSONDecodeError, KeyError, TypeError, binascii.Error) as e:
-        raise TokenDataError(f'{where}: not an LVM token line {{"tokens": base64(int32)}} ({e!r})') from None
-      if len(raw) % 4:
-        raise TokenDataError(f'{where}: {len(raw)} bytes is not a whole number of int32 tokens')
-      yield check_tokens(np.frombuffer(raw, '<i4'), seq_len, vocab_size, where)
+      yield check_tokens(line_tokens(line, where), seq_len, vocab_size, where)
+
+
+def line_tokens(line: str, where: str) -> np.ndarray:
+  try:
+    tokens = json.loads(line)['tokens']
+    if isinstance(tokens, list):
+      return _listed_ids(tokens, where)
+    raw = base64.b64decode(tokens, validate=True)
+  except (json.JSONDecodeError, KeyError, TypeError, binascii.Error) as e:
+    raise TokenDataError(f'{where}: not an LVM token line {{"tokens": base64(int32)}} or '
+                         f'{{"tokens": [ids]}} ({e!r})') from None
+  if len(raw) % 4:
+    raise TokenDataError(f'{where}: {len(raw)} bytes is not a whole number of int32 tokens')
+  return np.frombuffer(raw, '<i4')
+
+
+def _listed_ids(tokens: list, where: str) -> np.ndarray:
+  for position, token in enumerate(tokens):
+    # bool is an int to Python; 3.0 would pass silently through np.asarray as a float array.
+    if isinstance(token, bool) or not isinstance(token, int):
+      raise TokenDataError(f'{where}: token {token!r} at position {position} is not an integer id')
+    if not -2**31 <= token < 2**31:  # numpy would refuse it with an OverflowError naming nothing
+      raise TokenDataError(f'{where}: token id {token} at position {position} is outside the vocabulary')
+  return np.asarray(tokens, np.int64)
 
 
 def read_npy_tokens(path: str | Path, *, seq_len: int, vocab_size: int) -> Iterator[np.ndarray]:

@@ -1,14 +1,12 @@
 """Turn a data path from a config into a random-access token source, validated before training."""
 from __future__ import annotations
 
-import base64
-import json
 from pathlib import Path
 
 import numpy as np
 
 from data_pipelines import digit_sentences
-from data_pipelines.token_formats import read_token_file
+from data_pipelines.token_formats import line_tokens, read_token_file
 from data_pipelines.token_records import TokenDataError, TokenRecordSource, check_tokens, find_shards
 from core.paths import local_data
 
@@ -75,7 +73,7 @@ def record_length(path: str) -> int | None:
     if suffix == '.jsonl':
       with open(path) as f:
         line = next(line for line in f if line.strip())
-      return len(base64.b64decode(json.loads(line)['tokens'], validate=True)) // 4
+      return len(line_tokens(line, path))
     import grain.python as grain
     return len(grain.ArrayRecordDataSource([str(find_shards(path)[0])])[0]) // 4
   except Exception:  # noqa: BLE001 (the source's own reader reports what is wrong)

@@ -8,7 +8,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from data_pipelines.token_formats import encode_lvm_jsonl_line, read_lvm_jsonl, read_npy_tokens
 from data_pipelines.token_loader import token_batches
 from data_pipelines.token_records import TokenDataError, TokenRecordSource, find_shards, write_token_shards
-from data_pipelines.token_sources import open_token_source
+from data_pipelines.token_sources import open_token_source, record_length
 from lvm import commands
 from tests.helpers import CPU8, SMALL_MODEL, TINY
 
@@ -30,6 +30,26 @@ def test_round_trip_through_every_format(tmp_path):
   source = TokenRecordSource(find_shards(tmp_path / 'shards'), seq_len=T, vocab_size=V)
   np.testing.assert_array_equal(np.stack([source[i] for i in range(len(source))]), records)
   np.testing.assert_array_equal(from_npy, records)
+
+
+def test_jsonl_lines_may_list_the_ids(tmp_path):
+  """`{"tokens": [ids]}` (json.dumps of a list) reads as the base64 form does; a float, a bool or an
+  id past int64 is named by line and position, not rounded or wrapped."""
+  records = _records(4, seed=2)
+  lines = [encode_lvm_jsonl_line(r) if i % 2 else json.dumps({'tokens': r.tolist()}) for i, r in enumerate(records)]
+  (tmp_path / 'mixed.jsonl').write_text('\n'.join(lines) + '\n')
+  read = list(read_lvm_jsonl(tmp_path / 'mixed.jsonl', seq_len=T, vocab_size=V))
+  np.testing.assert_array_equal(np.stack(read), records)
+  assert all(r.dtype == np.int32 for r in read)
+  assert record_length(str(tmp_path / 'mixed.jsonl')) == T  # what `lvm eval --data` sizes its model by
+  for bad, message in [(3.0, r'token 3.0 at position 2 is not an integer id'),
+                       (True, r'token True at position 2 is not an integer id'),
+                       (2**70, rf'token id {2**70} at position 2 is outside the vocabulary'), (V, rf'token id {V} at position 2 is outside')]:
+    ids = records[0].tolist()
+    ids[2] = bad
+    (tmp_path / 'bad.jsonl').write_text(lines[0] + '\n' + json.dumps({'tokens': ids}) + '\n')
+    with pytest.raises(TokenDataError, match=rf'bad.jsonl line 2: {message}'):
+      list(read_lvm_jsonl(tmp_path / 'bad.jsonl', seq_len=T, vocab_size=V))
 
 
 def _raw_shard(path, payloads):
