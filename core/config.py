@@ -8,8 +8,10 @@ from __future__ import annotations
 from core.errors import ConfigError  # noqa: F401 (re-exported: configs raise it)
 
 import dataclasses
+import difflib
 import importlib.util
 import json
+import math
 import sys
 import types
 import typing
@@ -68,6 +70,22 @@ def valid_keys(config: Any, prefix: str = '') -> list[str]:
   return keys
 
 
+# What users call a field elsewhere (optax, HF Trainer) -> its leaf name here.
+_OTHER_NAMES = {'learning_rate': 'lr', 'batch_size': 'global_batch', 'batch': 'global_batch',
+                'num_steps': 'steps', 'max_steps': 'steps', 'num_train_steps': 'steps'}
+
+
+def _did_you_mean(config: Any, dotted: str) -> str:
+  """' (did you mean 'optim.lr'?)' for 'train.lr': the same leaf (or its other name) in another group
+  first, then a close spelling."""
+  keys = valid_keys(config)
+  leaf = dotted.rsplit('.', 1)[-1]
+  leaf = _OTHER_NAMES.get(leaf, leaf)
+  guesses = ([k for k in keys if k.rsplit('.', 1)[-1] == leaf]
+             or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.8))
+  return f' (did you mean {" or ".join(map(repr, guesses))}?)' if guesses else ''
+
+
 def _parse_bool(text: str) -> bool:
   lowered = text.strip().lower()
   if lowered in ('1', 'true', 'yes', 'on'):
@@ -95,6 +113,20 @@ def _sequence_items(text: str) -> list:
     except json.JSONDecodeError:
       pass  # bare words, as without brackets
   return [part.strip() for part in inner.split(',') if part.strip()]
+
+
+def _parse_int(text: str) -> int:
+  """int('1e3') fails, yet '1e3' steps is what a user writes; a fraction stays an error."""
+  try:
+    return int(text)
+  except ValueError:
+    try:
+      value = float(text)
+    except ValueError:
+      value = math.nan
+    if not (math.isfinite(value) and value.is_integer()):
+      raise ValueError(f'{text!r} is not a whole number') from None
+    return int(value)
 
 
 def parse_value(text: str, annotation: Any) -> Any:
@@ -128,9 +160,12 @@ def parse_value(text: str, annotation: Any) -> Any:
   if annotation is bool:
     return _parse_bool(text)
   if annotation is int:
-    return int(text)
+    return _parse_int(text)
   if annotation is float:
-    return float(text)
+    value = float(text)
+    if not math.isfinite(value):  # nan passes every `> 0` check and trains to nan
+      raise ValueError(f'{text!r} is not a finite number')
+    return value
   if annotation is str:
     return text
   if annotation is Any:
@@ -144,7 +179,8 @@ def parse_override(config: Any, dotted: str, text: str, _root: Any = None, _path
   head, _, rest = dotted.partition('.')
   names = {f.name: f for f in dataclasses.fields(config)}
   if head not in names:
-    raise ConfigError(f'unknown config key {_path + head!r}; valid keys: {", ".join(valid_keys(root))}')
+    raise ConfigError(f'unknown config key {_path + head!r}{_did_you_mean(root, _path + dotted)}; '
+                      f'valid keys: {", ".join(valid_keys(root))}')
   current = getattr(config, head)
   if rest:
     if not dataclasses.is_dataclass(current):

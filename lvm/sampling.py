@@ -107,8 +107,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int
   the distribution (and turn a frame into NaN pixels), a top-p above 1 or top-k above the vocabulary
   would silently mean "no filter"."""
   from core.errors import ConfigError
-  if not temperature >= 0:  # also refuses NaN
-    raise ConfigError(f'temperature must be >= 0 (0 is greedy), got {temperature}')
+  if not 0 <= temperature < float('inf'):  # also refuses NaN; inf turns the masked ids' -inf into NaN
+    raise ConfigError(f'temperature must be a finite number >= 0 (0 is greedy), got {temperature}')
   if not 0 <= top_k <= vocab_size:
     raise ConfigError(f'top_k must be in [0, {vocab_size}] (0 keeps every id), got {top_k}')
   if not 0 < top_p <= 1:

@@ -25,6 +25,28 @@ def test_unknown_key_lists_valid_ones():
   assert "'train.stpes'" in message and 'train.steps' in message and 'optim.lr' in message
 
 
+@pytest.mark.parametrize('typo, guess', [('train.lr', 'optim.lr'), ('optim.learning_rate', 'optim.lr'),
+                                         ('model.hiden_size', 'model.hidden_size'),
+                                         ('train.batch_size', 'train.global_batch')])
+def test_unknown_key_suggests_the_one_meant(typo, guess):
+  with pytest.raises(ConfigError, match=rf"unknown config key '{typo}' \(did you mean '{guess}'\?\)"):
+    apply_overrides(load_config_file(TINY), [f'{typo}=1'])
+  with pytest.raises(ConfigError) as error:
+    apply_overrides(load_config_file(TINY), ['zzz=1'])
+  assert 'did you mean' not in str(error.value)  # no guess beats a wrong guess
+
+
+def test_whole_floats_are_ints_and_floats_are_finite():
+  assert apply_overrides(load_config_file(TINY), ['train.steps=1e3']).train.steps == 1000
+  assert apply_overrides(load_config_file(TINY), ['train.steps=2_000']).train.steps == 2000
+  for text in ('1.5', '2.5e0', 'abc', 'inf'):
+    with pytest.raises(ConfigError, match=rf"'train.steps'.*'{text}' is not a whole number"):
+      apply_overrides(load_config_file(TINY), [f'train.steps={text}'])
+  for text in ('nan', 'inf', '-inf'):  # nan passes every `lr > 0`-style check, then trains to nan
+    with pytest.raises(ConfigError, match=rf"'optim.lr'.*'{text}' is not a finite number"):
+      apply_overrides(load_config_file(TINY), [f'optim.lr={text}'])
+
+
 @pytest.mark.parametrize('override, field', [
     ('train.steps=many', 'train.steps'),
     ('train.progress_bar=maybe', 'train.progress_bar'),

@@ -77,6 +77,7 @@ def test_sampling_is_seeded_and_stays_in_the_allowed_ids(tmp_path):
 
 @pytest.mark.parametrize('setting, named', [(dict(temperature=-1.0), 'temperature'),
                                             (dict(temperature=float('nan')), 'temperature'),
+                                            (dict(temperature=float('inf')), 'temperature'),
                                             (dict(temperature=1.0, top_p=0.0), 'top_p'),
                                             (dict(temperature=1.0, top_p=1.5), 'top_p'),
                                             (dict(temperature=1.0, top_k=-1), 'top_k'),
