@@ -286,6 +286,17 @@ def main(argv=None) -> int:
     return STOPPED_EXIT_CODE
   except ChildFailed as e:
     return e.code
+  except Exception as e:  # noqa: BLE001 (only a full disk is answered here; the rest re-raised)
+    from core.errors import disk_full_message
+    message = disk_full_message(e)
+    if message is None or debug:
+      raise
+    # Every job writes through temporary names and keeps resumable state, so nothing already
+    # written is lost: what the user needs is which disk, and that the same command continues.
+    message = ' '.join(message.split())[:MAX_ERROR_CHARS]
+    print(f'error: the disk is full ({message}); free space there (or give another --workdir/--out) and rerun '
+          'the same command to continue from the last saved state', file=sys.stderr)
+    return 2
 
 
 def _run(argv: list[str]) -> int:

@@ -35,3 +35,19 @@ def stop_if_preempted(result: dict, what: str) -> None:
   if result.get('preempted'):
     raise Stopped(f"{what} stopped by SIGTERM at step {result.get('step')} (saved); the later stages did not run: "
                   'rerun the same command to continue')
+
+
+def disk_full_message(error: BaseException) -> str | None:
+  """The message of a write that failed for want of disk space (or quota), anywhere in `error`'s
+  chain, else None. Not every writer raises OSError(ENOSPC): ArrayRecord raises RuntimeError and
+  TensorStore (orbax) ValueError, with the C library's text in the message; so the text is matched."""
+  import errno
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return str(error)
+    if any(text in str(error) for text in ('No space left on device', 'Disk quota exceeded')):
+      return str(error)
+    error = error.__cause__ or error.__context__
+  return None

@@ -314,6 +314,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   # ---------------------------------------------------------------- sharded init / resume
   graphdef, tx, init_fn, abstract_params, abstract_opt, step_fn, reused = setup_programs(
       task, mesh, rules, optim, train_config.seed, batch_shardings)
+  checkpoint.check_room_for_a_save(workdir, abstract_params, abstract_opt)
   manager = checkpoint.make_manager(workdir, keep=train_config.keep_checkpoints,
                                     async_save=train_config.async_checkpoints)
   frozen = replicate_frozen_inputs(task, mesh)

@@ -333,6 +333,64 @@ def test_a_long_message_stays_one_readable_line(monkeypatch, capsys):
   assert err[0].endswith('more characters: --debug shows all)')
 
 
+def _wrapped(inner, outer):
+  outer.__cause__ = inner  # as `raise outer from inner`
+  return outer
+
+
+@pytest.mark.parametrize('raised', [
+    lambda: _wrapped(OSError(28, 'No space left on device', 'runs/x/metrics.jsonl'), ValueError('save failed')),
+    lambda: RuntimeError('write() failed: No space left on device; writing runs/x/.groups-00003.tmp1; at byte 61440'),
+    lambda: ValueError('RESOURCE_EXHAUSTED: Error writing "lm_head" at local file "runs/x/checkpoints/10": '
+                       "No space left on device [os_error_code='28']"),
+    lambda: OSError(122, 'Disk quota exceeded', 'runs/x/teacher/q7.npz')])
+def test_a_full_disk_is_one_line_saying_where_and_to_rerun(raised, monkeypatch, capsys):
+  """ArrayRecord, orbax (TensorStore) and Python each say 'disk full' their own way, in tracebacks
+  from the writer; the boundary turns each into one line that names the file and says the same
+  command continues (every job writes through temporary names and keeps resumable state)."""
+  import launch
+  def fail(argv):
+    raise raised()
+  monkeypatch.setattr(launch, '_run', fail)
+  assert launch_main(['lvm', 'tokenize']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: the disk is full (') and 'runs/x/' in err[0], err
+  assert err[0].endswith('rerun the same command to continue from the last saved state')
+  with pytest.raises(Exception):
+    launch_main(['--debug', 'lvm', 'tokenize'])  # --debug keeps the traceback
+  def other(argv):
+    raise RuntimeError('a bug')
+  monkeypatch.setattr(launch, '_run', other)
+  with pytest.raises(RuntimeError, match='a bug'):  # anything else is not dressed up as bad input
+    launch_main(['lvm', 'tokenize'])
+
+
+def test_training_refuses_a_disk_too_small_for_its_first_checkpoint(tmp_path, monkeypatch, capsys):
+  """Before init: a run that cannot save its parameters is refused, not trained until its first save."""
+  import collections
+  import shutil
+  real = shutil.disk_usage
+  usage = collections.namedtuple('usage', 'total used free')
+  free = {'bytes': 3_000_000}
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9 - free['bytes'], free['bytes'])
+                      if str(tmp_path) in str(path) else real(path))
+  argv = ['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', str(tmp_path / 'run'),
+          '--set', 'train.steps=1', '--set', 'train.progress_bar=false']
+  assert launch_main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f'error: the disk of {tmp_path / "run"} has 3.0 MB free, and a '
+                                             'checkpoint of this run needs at least 10.1 MB (its parameters; '
+                                             'up to 30.2 MB with the optimizer state)'), err
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  free['bytes'] = 20_000_000  # room for the parameters, perhaps not for the optimizer state: a note
+  from core import checkpoint
+  import jax.numpy as jnp
+  checkpoint.check_room_for_a_save(tmp_path, {'w': jnp.zeros((2_500_000,))}, {'mu': jnp.zeros((2_500_000,))})
+  assert 'may need up to 20.0 MB' not in capsys.readouterr().err
+  checkpoint.check_room_for_a_save(tmp_path, {'w': jnp.zeros((2_500_000,))}, {'mu': jnp.zeros((5_000_000,))})
+  assert 'has 20.0 MB free; a checkpoint of this run may need up to 30.0 MB' in capsys.readouterr().err
+
+
 def test_pictures_are_written_in_the_format_their_name_says(tmp_path):
   """`--out grid.jpg` once got PNG bytes under a .jpg name."""
   from PIL import Image
