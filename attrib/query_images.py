@@ -24,8 +24,9 @@ class AttributionError(UserError):
 
 def read_image(path):  # -> PIL.Image.Image
   from PIL import Image
+  source = as_path(path) if is_remote(path) else path  # a URL other than gs:// refused as itself
   try:
-    with as_path(path).open('rb') if is_remote(path) else open(path, 'rb') as f:
+    with source.open('rb') if is_remote(path) else open(path, 'rb') as f:
       opened = Image.open(f)
       opened.load()
   except (OSError, ValueError, Image.DecompressionBombError) as e:

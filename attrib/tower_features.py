@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from attrib.student_data import FEATURE_FILES
 from core import progress
 from core.batching import map_batches
-from core.errors import ConfigError
+from core.errors import ConfigError, UserError
 from core.paths import as_path, is_remote
 from core.workdir import load_npy, npy_shape, save_npy_atomic, write_json_atomic
 
@@ -93,9 +93,10 @@ def _open_image(image):
   from PIL import Image
   if isinstance(image, Image.Image):
     return image
+  source = as_path(image) if is_remote(image) else image  # a URL other than gs:// refused as itself
   try:
     if is_remote(image):
-      with as_path(image).open('rb') as f:
+      with source.open('rb') as f:
         opened = Image.open(f)
         opened.load()
       return opened
@@ -134,7 +135,10 @@ def read_image_list(path: str | Path, check_images: bool = True) -> tuple[list[s
 
 def _header_problem(image: str) -> str | None:
   from PIL import Image
-  image = as_path(image)
+  try:
+    image = as_path(image)
+  except UserError as e:  # a URL: named with its line of the list
+    return str(e)
   if not image.is_file():
     return f'image {image} not found'
   try:

@@ -19,6 +19,9 @@ def as_path(path) -> epath.Path:
     return path
   text = os.fspath(path)
   if is_remote(text):
+    if not text.startswith('gs://'):  # etils would raise KeyError('https://'); nothing downloads
+      raise ConfigError(f'{text}: only local paths and gs:// are read (nothing is downloaded at run time: '
+                        'save the file and give its path)')
     import importlib.util
     if importlib.util.find_spec('gcsfs') is None:
       raise ConfigError(f'{text}: gs:// paths need gcsfs: pip install -e ".[gcs]"')

@@ -177,9 +177,10 @@ def load_image(path, size: int) -> np.ndarray:
   """One file (local or gs://) -> float32 [size, size, 3] in [0, 1]; raises ImageDataError naming the file."""
   import io
   from PIL import Image, UnidentifiedImageError
+  source = as_path(path) if is_remote(path) else path  # a URL other than gs:// refused as itself
   try:
     # A gs:// object is fetched whole in one request: PIL's seeks on a remote file are round trips.
-    with Image.open(io.BytesIO(as_path(path).read_bytes()) if is_remote(path) else path) as image:
+    with Image.open(io.BytesIO(source.read_bytes()) if is_remote(path) else path) as image:
       image.load()
       return to_rgb_square(image, size)
   # DecompressionBombError: over twice PIL's pixel limit (Image.MAX_IMAGE_PIXELS), not an OSError.

@@ -415,3 +415,19 @@ def test_a_full_scale_feature_names_each_part_once():
   with pytest.raises(UserError, match=r"feature 'dino\+clip_text\+dino' names \['dino'\] more than once; each part "
                                       r"once, e.g. 'dino\+clip_text'"):
     TowerFeaturizer.parts('dino+clip_text+dino')
+
+
+def test_a_url_is_refused_by_name_not_with_a_keyerror():
+  """`--image https://...` (or s3://) ended in etils' KeyError('https://'); only gs:// is a remote
+  path here, and nothing is downloaded at run time."""
+  from attrib.query_images import read_image
+  from attrib.tower_features import _header_problem
+  from core.paths import as_path
+  from data_pipelines.image_sources import load_image
+  url = 'https://example.com/cat.png'
+  said = f'{url}: only local paths and gs:// are read (nothing is downloaded at run time'
+  for read in (as_path, read_image, lambda path: load_image(path, 32)):
+    with pytest.raises(UserError) as raised:
+      read(url)
+    assert str(raised.value).startswith(said), raised.value
+  assert _header_problem('s3://bucket/cat.png').startswith('s3://bucket/cat.png: only local paths and gs://')
