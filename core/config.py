@@ -5,7 +5,7 @@ and an unknown key is rejected with the list of valid ones, so a typo never sile
 """
 from __future__ import annotations
 
-from core.errors import ConfigError  # noqa: F401 (re-exported: configs raise it)
+from core.errors import ConfigError, UserError  # noqa: F401 (ConfigError re-exported: configs raise it)
 
 import dataclasses
 import difflib
@@ -39,18 +39,34 @@ def load_config_file(path: str | Path, *args, expect: type | None = None) -> Any
     spec.loader.exec_module(module)
   except SyntaxError as e:
     raise ConfigError(f'{path} line {e.lineno}: {e.msg}') from None
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 (a config is the user's code: an import or name it lacks)
+    raise ConfigError(f'{path}{_line_in(path, e)}: {type(e).__name__}: {e}') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} defines no get_config()')
   try:
     config = module.get_config(*args)
+  except UserError:
+    raise
   except (KeyError, TypeError) as e:
     if not args:
-      raise
+      raise ConfigError(f'{path}{_line_in(path, e)}: {type(e).__name__}: {e}') from None
     raise ConfigError(f'{path}: get_config does not take {":".join(args)!r} ({type(e).__name__}: {e})') from None
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f'{path}{_line_in(path, e)}: {type(e).__name__}: {e}') from None
   if expect is not None and not isinstance(config, expect):
     raise ConfigError(f'{path} holds a {type(config).__name__}, but this argument needs a {expect.__name__} '
                       f'file ({_EXPECTED_PLACE.get(expect.__name__, "see the README")})')
   return config
+
+
+def _line_in(path: Path, error: BaseException) -> str:
+  """' line N' of the deepest frame of `error`'s traceback that runs in the config file `path`."""
+  import traceback
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if Path(frame.filename).resolve() == path.resolve()]
+  return f' line {lines[-1]}' if lines else ''
 
 
 _EXPECTED_PLACE = {'SliceConfig': 'a preset from tpu_configs/', 'LvmConfig': 'a model config from lvm/configs/',

@@ -214,3 +214,16 @@ def test_a_diffusion_run_continues_with_its_exclude_file_named_another_way(tmp_p
     check_same_run(tmp_path / 'run', apply_overrides(config, ['data.exclude_path=../y.txt']))
   with pytest.raises(ConfigError, match=r"'exclude_path': 'x.txt -> '"):
     check_same_run(tmp_path / 'run', apply_overrides(config, ['data.exclude_path=']))
+
+
+def test_a_config_files_own_error_is_named_by_file_and_line(tmp_path):
+  """A config is the user's code: an import it lacks or a name it misspells was a traceback from
+  importlib; now the file, the line and the error, as for a syntax error."""
+  cases = {'import nosuchmodule\n': r"line 1: ModuleNotFoundError: No module named 'nosuchmodule'",
+           'from lvm.configs.tiny import get_config as base\n\ndef get_config():\n  return base().replace(x=1)\n':
+               r"line 4: AttributeError: 'LvmConfig' object has no attribute 'replace'",
+           'def get_config():\n  return {}["model"]\n': r"line 2: KeyError: 'model'"}
+  for number, (text, said) in enumerate(cases.items()):
+    (tmp_path / f'c{number}.py').write_text(text)
+    with pytest.raises(ConfigError, match=rf'c{number}.py {said}'):
+      load_config_file(tmp_path / f'c{number}.py')
