@@ -203,6 +203,13 @@ def _attribution_quickstart(args, workdir: Path) -> dict:
   return json.loads((workdir / 'quickstart_result.json').read_text())['attribution']
 
 
+def lvm_prompt_command(lvm_workdir: Path, next_frame: dict) -> str:
+  """The `lvm generate` command that continues the held-out video whose frames the quickstart wrote."""
+  import shlex
+  return shlex.join(['python', 'launch.py', 'lvm', 'generate', '--workdir', str(lvm_workdir), '--prompt',
+                     *next_frame['prompt_frames'], '--frames', '2', '--out', 'next_frames.png'])
+
+
 def quickstart_workdir(args) -> Path:
   # --full gets its own workdir: in the quick one it would continue the 400-step model (on another
   # schedule) under rankings made with it, which the teacher refuses to mix.
@@ -242,6 +249,7 @@ def quickstart(args) -> dict:
     print(f"quickstart: next frame of held-out digit videos: token accuracy {nf['token_accuracy']['lvm']:.2f} "
           f"(copy-last {nf['token_accuracy']['copy_last']:.2f}), PSNR {nf['psnr_db']['lvm']:.1f} dB "
           f"(copy-last {nf['psnr_db']['copy_last']:.1f} dB); {nf['png']}")
+    print(f'quickstart: your own prompt: {lvm_prompt_command(workdir / "lvm", nf)}')
   if attribution is not None:
     from attrib import quickstart as attribution_quickstart
     attribution_quickstart.print_summary(attribution)

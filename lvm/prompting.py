@@ -196,4 +196,11 @@ def next_frame_report(workdir: str | Path, sentences_dir: str | Path, *, kind: s
       rows.append(np.concatenate([frames, pictures['lvm'][r:r + 1], pictures['copy_last'][r:r + 1]]))
     grid_png(rows, len(frames), Path(png))  # context + true frame | LVM's frame, copy-last
     report['png'] = str(png)
+    # The first held-out video's context frames as files: a prompt a user can give `lvm generate`.
+    prompt_dir = Path(png).parent / f'{Path(png).stem}_prompt'
+    prompt_dir.mkdir(parents=True, exist_ok=True)
+    report['prompt_frames'] = []
+    for number, frame in enumerate(tokenizer.decode(context[0].reshape(-1, tpi)), 1):
+      save_image_atomic(prompt_dir / f'frame{number}.png', (np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
+      report['prompt_frames'].append(str(prompt_dir / f'frame{number}.png'))
   return report

@@ -175,7 +175,7 @@ def test_scikit_image_bundled_images_are_a_source(tokenizer_dir, tmp_path, capsy
   assert '--seed must be >= 0, got -1' in capsys.readouterr().err and not (tmp_path / 'negative_seed').exists()
 
 
-def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir, tmp_path, capsys):
+def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir, tmp_path, capsys, monkeypatch):
   from data_pipelines.token_records import TokenRecordSource, find_shards
   from lvm.sentences import sentence_frames
   from lvm.tokenizer_commands import load_tokenizer
@@ -314,6 +314,18 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   copy_accuracy = np.mean(videos[:, 128:192] == videos[:, 192:])
   assert report['sentences'] == 8 and report['token_accuracy']['copy_last'] == pytest.approx(copy_accuracy)
   assert 0 <= report['token_accuracy']['lvm'] <= 1 and np.isfinite(report['psnr_db']['lvm'])
+  # The quickstart prints a command that continues the first held-out video from its frames written
+  # as files; run as printed (from the user's folder), it must work and see those frames.
+  import shlex
+  from launch import lvm_prompt_command
+  argv = shlex.split(lvm_prompt_command(lvm, report))
+  assert argv[:2] == ['python', 'launch.py'] and len(report['prompt_frames']) == 3
+  first_video = tokenizer.decode(videos[0, :192].reshape(3, 64))
+  for path, frame in zip(report['prompt_frames'], first_video):
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), (np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
+  monkeypatch.chdir(tmp_path)
+  assert launch_main(argv[2:]) == 0
+  assert Image.open(tmp_path / 'next_frames.png').size == (4 * (5 * 32 + 8), 4 * 32)
 
 
 def test_generate_says_when_the_training_data_path_is_not_there(tmp_path, monkeypatch):
