@@ -90,12 +90,26 @@ def note_vocabulary_mismatch(config: LvmConfig) -> None:
                f'({manifest_path.name}): {why}; --set model.vocab_size={data_vocab} to match')
 
 
+def check_record_length(config: LvmConfig) -> None:
+  """Records of another length than data.seq_len were refused by their byte count ('record 0: 256
+  bytes, expected 256 int32 tokens'); say the lengths and the setting that matches."""
+  length = record_length(config.data.train_path)
+  if length is None or length == config.data.seq_len:
+    return
+  fix = f'--set data.seq_len={length}'
+  if length > config.model.max_seq_len:
+    fix += f' --set model.max_seq_len={length}'
+  raise ConfigError(f'{config.data.train_path} holds records of {length} tokens, but data.seq_len is '
+                    f'{config.data.seq_len}: {fix} to train on them')
+
+
 def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
   workdir = as_path(workdir)
   _check_same_model(workdir, config)
   preset = load_preset(tpu_path)
   # Validate the data before any compile or init work starts.
+  check_record_length(config)
   source = open_token_source(config.data.train_path, seq_len=config.data.seq_len,
                              vocab_size=config.model.vocab_size)
   note_vocabulary_mismatch(config)

@@ -22,6 +22,8 @@ def _bad_inputs(tmp):
   np.save(tmp / 'short.npy', np.zeros((6, 64), np.int32))
   np.save(tmp / 'floats.npy', np.zeros((6, 256), np.float32))
   (tmp / 'truncated.npy').write_bytes((tmp / 'short.npy').read_bytes()[:100])
+  from data_pipelines.token_records import write_token_shards
+  write_token_shards(np.zeros((6, 64), np.int32), tmp / 'short_shards', seq_len=64, vocab_size=300)
   (tmp / 'bad.jsonl').write_text('{"tokens": "not base64!"}\n')
   (tmp / 'empty.jsonl').write_text('\n')
   (tmp / 'a_file').write_text('x')
@@ -82,6 +84,9 @@ def _bad_inputs(tmp):
       'missing config': (['lvm', 'train', '--config', str(tmp / 'nope.py'), '--tpu', CPU8, '--workdir',
                           str(tmp / 'w')], 'nope.py'),
       'short records': (tokens + [str(tmp / 'short.npy')], 'short.npy'),
+      'train on records of another length': (train + ['--set', f'data.train_path={tmp / "short_shards"}'],
+                                             'short_shards holds records of 64 tokens, but data.seq_len is 256: '
+                                             '--set data.seq_len=64 to train on them'),
       'float records': (tokens + [str(tmp / 'floats.npy')], 'floats.npy'),
       'truncated npy': (tokens + [str(tmp / 'truncated.npy')], 'truncated.npy'),
       'corrupt jsonl': (tokens + [str(tmp / 'bad.jsonl')], 'bad.jsonl'),
@@ -284,7 +289,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'quickstart into the workdir of one job', 'tokenize into an LVM run', 'data tokens into an LVM run',
          "attrib query of the quickstart's folder", "lvm train into the quickstart's folder",
          "tokenize with the quickstart's folder as tokenizer", 'import-tokenizer of a diffusers pipeline',
-         'import-hf of the Hub cache folder']
+         'import-hf of the Hub cache folder', 'train on records of another length']
 
 
 @pytest.mark.parametrize('case', CASES)
