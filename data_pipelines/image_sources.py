@@ -280,7 +280,12 @@ def folder_images(root: str | Path, size: int, strict: bool = False, frames: boo
 
 
 def open_images(source: str, size: int, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """(images, labels) of a `builtin:...` name, a `tfds:NAME:SPLIT` dataset or an image folder."""
+  """(images, labels) of a `builtin:...` name, a `tfds:NAME:SPLIT` dataset, an image folder, or
+  `frames:DIR` (every frame of its videos, unlabelled: a tokenizer trained on the clips that
+  `lvm tokenize --source frames:DIR` will turn into sentences)."""
+  if source.startswith('frames:'):
+    images = np.concatenate(video_frames(source[len('frames:'):], size, strict))
+    return images, np.full(len(images), -1, np.int32)
   if source.startswith('tfds:'):
     from data_pipelines.tfds_images import tfds_images
     return tfds_images(source, size)

@@ -65,7 +65,8 @@ class TokenizerLoss:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerImages:
-  # 'builtin:digits', 'builtin:photos', 'builtin:skimage' (several joined by '+'), 'tfds:NAME:SPLIT' or an image folder.
+  # 'builtin:digits', 'builtin:photos', 'builtin:skimage' (several joined by '+'), 'tfds:NAME:SPLIT', an image
+  # folder, or 'frames:DIR' (the frames of its videos, one subfolder each).
   source: str = 'builtin:digits+photos'
 
 

@@ -573,6 +573,11 @@ def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path, caps
   assert video_notes([('short', np.zeros((3, 32, 32, 3))), ('long', np.zeros((9, 32, 32, 3)))], 0, 4, 2) == []
   assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', f'frames:{tmp_path / "videos"}',
                       '--kind', 'video', '--stride', '4', '--out', str(tmp_path / 'x'), '--sentences', '8']) == 2
+  # The same source string trains a tokenizer on every frame ('no such image folder' before).
+  from data_pipelines.image_sources import open_images
+  frames, labels = open_images(f'frames:{tmp_path / "videos"}', 32)
+  np.testing.assert_array_equal(frames, np.concatenate(video_frames(tmp_path / 'videos', 32)))
+  assert frames.shape == (21, 32, 32, 3) and (labels == -1).all()
 
 
 def test_frames_numbered_without_zero_padding_keep_their_order(tmp_path):
