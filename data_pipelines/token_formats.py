@@ -35,6 +35,7 @@ def read_lvm_jsonl(path: str | Path, *, seq_len: int, vocab_size: int) -> Iterat
 
 
 def line_tokens(line: str, where: str) -> np.ndarray:
+  """The ids of one JSONL line, base64 int32 or a JSON list; errors name `where` (file and line)."""
   try:
     tokens = json.loads(line)['tokens']
     if isinstance(tokens, list):
