@@ -24,6 +24,7 @@ from core.errors import UserError
 from core.paths import as_path, is_remote
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+VIDEO_SUFFIXES = ('.mp4', '.mov', '.avi', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg', '.wmv', '.flv')
 
 
 class ImageDataError(UserError):
@@ -177,6 +178,8 @@ def load_image(path, size: int) -> np.ndarray:
   """One file (local or gs://) -> float32 [size, size, 3] in [0, 1]; raises ImageDataError naming the file."""
   import io
   from PIL import Image, UnidentifiedImageError
+  if _is_video_file(path):
+    raise video_files_error(path, [path], then='give frames of it as the images')
   source = as_path(path) if is_remote(path) else path  # a URL other than gs:// refused as itself
   try:
     # A gs:// object is fetched whole in one request: PIL's seeks on a remote file are round trips.
@@ -197,6 +200,21 @@ class FolderImages:
   paths: list[str]
   classes: list[str]
   skipped: list[str]
+
+
+def _is_video_file(path) -> bool:
+  return Path(str(path)).suffix.lower() in VIDEO_SUFFIXES
+
+
+def video_files_error(where, videos: list, then: str = 'give --source frames:frames/') -> 'ImageDataError':
+  """What to do with video files, which are not decoded here (no video decoder is a dependency):
+  their frames, one folder per video, are what every command reads."""
+  first = Path(str(videos[0]))
+  more = f' and {len(videos) - 1} more' if len(videos) > 1 else ''
+  return ImageDataError(f'{where}: video files are not decoded here ({first.name}{more}): extract their frames '
+                        f'first, one folder per video (mkdir -p frames/{first.stem} && ffmpeg -i {first.name} '
+                        f'frames/{first.stem}/frame%d.png), '
+                        f'then {then}')
 
 
 def _folder(root):
@@ -248,8 +266,11 @@ def folder_images(root: str | Path, size: int, strict: bool = False, frames: boo
   """Every image under `root` (local or gs://), in name order; `frames`: in `frame_order`."""
   root = _folder(root)
   if not root.is_dir():
+    if _is_video_file(root):
+      raise video_files_error(root, [root])
     raise ImageDataError(f'{root}: no such image folder')
-  files = [p for p in _files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES]
+  everything = _files_under(root)
+  files = [p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES]
   if frames:
     files.sort(key=frame_order)
   metadata = [p for p in files if _os_metadata(p.relative_to(root).parts)]
@@ -258,6 +279,9 @@ def folder_images(root: str | Path, size: int, strict: bool = False, frames: boo
     progress.say(f'{root}: left out {len(metadata)} hidden or OS metadata files (names starting with ".", '
                  f'__MACOSX/), e.g. {metadata[0]}')
   if not files:
+    videos = [p for p in everything if _is_video_file(p)]
+    if videos:
+      raise video_files_error(root, videos)
     raise ImageDataError(f'{root}: no image files ({", ".join(IMAGE_SUFFIXES)})')
   classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
   images, labels, paths, skipped = [], [], [], []
@@ -304,6 +328,8 @@ def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tupl
   error."""
   root = _folder(root)
   if not root.is_dir():
+    if _is_video_file(root):
+      raise video_files_error(root, [root])
     raise ImageDataError(f'{root}: no such folder of videos')
   videos = []
   for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _os_metadata((p.name,))):
@@ -311,6 +337,9 @@ def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tupl
     if len(found.images):
       videos.append((str(folder), found.images))
   if not videos:
+    video_files = [p for p in _files_under(root) if _is_video_file(p)]
+    if video_files:
+      raise video_files_error(root, video_files)
     raise ImageDataError(f'{root}: no video folders (one subfolder of frame images per video)')
   return videos
 

@@ -580,6 +580,31 @@ def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path, caps
   assert frames.shape == (21, 32, 32, 3) and (labels == -1).all()
 
 
+def test_video_files_are_named_with_how_to_give_their_frames(tmp_path):
+  """An .mp4 given as a source, inside a folder of videos, or as a prompt image said 'no such image
+  folder', 'no image files' or 'not a readable image'; nothing here decodes video, so say how to
+  give its frames (as `frames:`)."""
+  from data_pipelines.image_sources import ImageDataError, folder_images, load_image, named_videos, open_images
+  (tmp_path / 'clips').mkdir()
+  for name in ('walk.mp4', 'run.MOV'):
+    (tmp_path / 'clips' / name).write_bytes(b'\x00\x00\x00\x18ftypmp42')
+  hint = ('video files are not decoded here ({}): extract their frames first, one folder per video '
+          '(mkdir -p frames/{stem} && ffmpeg -i {name} frames/{stem}/frame%d.png), then ')
+  for read in (lambda: folder_images(tmp_path / 'clips', 32), lambda: named_videos(tmp_path / 'clips', 32),
+               lambda: open_images(f'frames:{tmp_path / "clips"}', 32)):
+    with pytest.raises(ImageDataError) as raised:
+      read()
+    assert str(raised.value) == (f'{tmp_path / "clips"}: ' + hint.format('run.MOV and 1 more', stem='run', name='run.MOV')
+                                 + 'give --source frames:frames/')
+  video = tmp_path / 'clips' / 'walk.mp4'
+  for read in (lambda: folder_images(video, 32), lambda: open_images(str(video), 32)):
+    with pytest.raises(ImageDataError, match=r'walk.mp4: video files are not decoded here \(walk.mp4\)'):
+      read()
+  with pytest.raises(ImageDataError) as raised:
+    load_image(video, 32)  # a prompt image
+  assert str(raised.value).endswith('then give frames of it as the images')
+
+
 def test_frames_numbered_without_zero_padding_keep_their_order(tmp_path):
   """ffmpeg's `frame%d.png` names frame1 ... frame12: in name order frame10-12 came between frame1 and
   frame2, and every clip crossing them jumped back and forth in time."""
