@@ -117,9 +117,9 @@ def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, f
     turn = rng.uniform(5, 15) * rng.choice([-1, 1])
     return np.stack([_rotate_shift(start, turn * i, 0, 0) for i in range(frames)])
   if kind == 'groups':
-    classes = np.unique(labels[labels >= 0])
+    classes = group_classes(labels, frames)
     members = np.flatnonzero(labels == classes[rng.integers(len(classes))])
-    return images[rng.choice(members, frames, replace=len(members) < frames)]
+    return images[rng.choice(members, frames, replace=False)]
   pairs = []
   transform = list(ANALOGY_TRANSFORMS.values())[rng.integers(len(ANALOGY_TRANSFORMS))]
   for _ in range(frames // 2):
@@ -137,6 +137,23 @@ def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, f
       masked[top:top + side, left:left + side] = 0.5
       pairs += [masked, x]
   return np.stack(pairs)
+
+
+def group_classes(labels: np.ndarray, frames: int) -> np.ndarray:
+  """The classes that can give a groups sentence: those with at least `frames` images. One drawn
+  from a smaller class repeated an image, and a sentence that repeats its images teaches copying."""
+  classes, counts = np.unique(labels[labels >= 0], return_counts=True)
+  return classes[counts >= frames]
+
+
+def group_notes(labels: np.ndarray, frames: int, count: int) -> list[str]:
+  """A note when some classes are too small for a groups sentence (they are left out of groups)."""
+  classes = np.unique(labels[labels >= 0])
+  small = len(classes) - len(group_classes(labels, frames))
+  if not count or not small:
+    return []
+  return [f'note: {small} of {len(classes)} classes have fewer than {frames} images (--frames {frames}) and give '
+          'no groups sentence (one would repeat an image)']
 
 
 def split_videos(videos: list[np.ndarray], split: str, source: str = 'the source') -> list[np.ndarray]:
@@ -165,6 +182,11 @@ def kinds_for(images: np.ndarray, source_labels: np.ndarray, requested: list[str
   if 'groups' in kinds and not (source_labels >= 0).any():
     if requested:
       raise ConfigError('--kind groups needs categories (class subfolders, or builtin:digits)')
+    kinds.remove('groups')
+  if 'groups' in kinds and not len(group_classes(source_labels, frames)):
+    if requested:
+      raise ConfigError(f'--kind groups: no class has {frames} images (--frames {frames}), and a group that '
+                        'repeats an image teaches copying: add images to the classes or lower --frames')
     kinds.remove('groups')
   return kinds
 
@@ -280,7 +302,8 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
     raise ConfigError(f'--kind-sentences names kinds this job does not build: {unknown} (building {kinds})')
   counts = {kind: (kind_sentences or {}).get(kind, sentences) for kind in kinds}
   if claim and note_coverage:
-    for note in notes + coverage_notes(counts, len(images), frames, from_videos=videos is not None):
+    for note in (notes + group_notes(labels, frames, counts.get('groups', 0))
+                 + coverage_notes(counts, len(images), frames, from_videos=videos is not None)):
       progress.say(note)
   spec = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': counts,
           'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum,

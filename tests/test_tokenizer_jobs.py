@@ -580,6 +580,32 @@ def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path, caps
   assert frames.shape == (21, 32, 32, 3) and (labels == -1).all()
 
 
+def test_groups_come_from_classes_that_can_fill_them_without_repeats():
+  """A class with fewer images than a sentence's frames gave groups that repeated an image; it is left
+  out of groups (said), and a source where no class can fill one is refused when groups are asked for."""
+  from core.config import ConfigError
+  from lvm.sentences import KINDS, group_notes, kinds_for, sentence_frames
+  images = np.arange(11, dtype=np.float32)[:, None, None, None] * np.ones((1, 4, 4, 3), np.float32)
+  labels = np.array([0] * 6 + [1] * 2 + [2] * 3)
+  for n in range(40):
+    drawn = sentence_frames('groups', n, images, labels, 4, seed=0)[:, 0, 0, 0].astype(int)
+    assert len(set(drawn)) == 4 and set(drawn) <= set(range(6)), drawn  # class 0 only, no image twice
+  assert group_notes(labels, 4, 40) == ['note: 2 of 3 classes have fewer than 4 images (--frames 4) and give no '
+                                        'groups sentence (one would repeat an image)']
+  assert group_notes(labels, 4, 0) == [] and group_notes(labels, 2, 40) == []
+  with pytest.raises(ConfigError, match=r'--kind groups: no class has 8 images \(--frames 8\)'):
+    kinds_for(images, labels, ['groups'], 8)
+  assert 'groups' not in kinds_for(images, labels, None, 8) and 'groups' in kinds_for(images, labels, None, 4)
+  # Classes that can fill a group draw exactly as before (a resumed job's sentences stay the same).
+  digits_like = np.repeat(np.arange(3), 20)
+  for n in range(10):
+    rng = np.random.default_rng([5, KINDS.index('groups'), n])
+    classes = np.unique(digits_like)
+    before = rng.choice(np.flatnonzero(digits_like == classes[rng.integers(len(classes))]), 4, replace=False)
+    pixels = np.arange(60, dtype=np.float32)[:, None, None, None] * np.ones((1, 4, 4, 3), np.float32)
+    np.testing.assert_array_equal(sentence_frames('groups', n, pixels, digits_like, 4, seed=5), pixels[before])
+
+
 def test_video_files_are_named_with_how_to_give_their_frames(tmp_path):
   """An .mp4 given as a source, inside a folder of videos, or as a prompt image said 'no such image
   folder', 'no image files' or 'not a readable image'; nothing here decodes video, so say how to
