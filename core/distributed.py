@@ -15,8 +15,16 @@ _HOW_TO_START = ('on Cloud TPU start every worker with `launch.py tpu run`; else
 def start(preset, coordinator: str | None = None, num_processes: int = 1, process_id: int = 0) -> None:
   """Starts the multi-process runtime if this run needs one, then checks processes and devices."""
   import jax
+  if not coordinator and (num_processes, process_id) != (1, 0):
+    # Ran as one process, silently: each of N processes started so would train alone.
+    raise ConfigError(f'--num-processes {num_processes} --process-id {process_id} need --coordinator HOST:PORT '
+                      '(the address of process 0, the same for every process); on Cloud TPU `launch.py tpu run` '
+                      'starts every worker without them')
   if coordinator:
-    if not 0 <= process_id < num_processes:
+    host, _, port = coordinator.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ConfigError(f'--coordinator {coordinator!r}: expected HOST:PORT of process 0, e.g. 10.0.0.2:1234')
+    if num_processes < 1 or not 0 <= process_id < num_processes:
       raise ConfigError(f'--process-id {process_id} must be in [0, --num-processes {num_processes})')
     if preset is None or preset.platform == 'cpu':
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU collectives across processes

@@ -80,6 +80,12 @@ def _bad_inputs(tmp):
       'cpu preset for a TPU': (['tpu', 'create', '--tpu', CPU8, '--name', 'x'], 'CPU preset'),
       'unknown --set key': (train + ['--set', 'train.stepz=3'], "unknown config key 'train.stepz'"),
       'negative steps': (train + ['--set', 'train.steps=-1'], 'train.steps must be >= 1'),
+      'processes without a coordinator': (train + ['--num-processes', '2'], '--num-processes 2 --process-id 0 need '
+                                          '--coordinator HOST:PORT'),
+      'a coordinator without a port': (train + ['--coordinator', 'host-0', '--num-processes', '2'],
+                                       "--coordinator 'host-0': expected HOST:PORT of process 0"),
+      'a process id past the count': (train + ['--coordinator', 'localhost:1234', '--num-processes', '2',
+                                               '--process-id', '2'], '--process-id 2 must be in [0, --num-processes 2)'),
       'wrong type': (train + ['--set', 'train.steps=many'], 'train.steps'),
       'missing config': (['lvm', 'train', '--config', str(tmp / 'nope.py'), '--tpu', CPU8, '--workdir',
                           str(tmp / 'w')], 'nope.py'),
@@ -289,7 +295,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'quickstart into the workdir of one job', 'tokenize into an LVM run', 'data tokens into an LVM run',
          "attrib query of the quickstart's folder", "lvm train into the quickstart's folder",
          "tokenize with the quickstart's folder as tokenizer", 'import-tokenizer of a diffusers pipeline',
-         'import-hf of the Hub cache folder', 'train on records of another length']
+         'import-hf of the Hub cache folder', 'train on records of another length',
+         'processes without a coordinator', 'a coordinator without a port', 'a process id past the count']
 
 
 @pytest.mark.parametrize('case', CASES)
