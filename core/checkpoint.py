@@ -103,7 +103,10 @@ def restore(manager: ocp.CheckpointManager, step: int, *, abstract_params: Any,
     items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
   if data_iterator is not None and 'data' in present:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # noqa: BLE001 (TensorStore, orbax and grain each raise their own types)
+    raise damaged_checkpoint(manager, step, e) from e
   return {name: restored.get(name) if name in restored else None
           for name in ('params', 'opt_state', 'meta', 'data')}
 
@@ -135,6 +138,42 @@ def check_room_for_a_save(workdir: str | Path, params: Any, opt_state: Any) -> N
   if free < whole and jax.process_index() == 0:
     print(f'note: the disk of {path} has {free / 1e6:,.1f} MB free; a checkpoint of this run may need up to '
           f'{whole / 1e6:,.1f} MB', file=sys.stderr, flush=True)
+
+
+def damaged_checkpoint(manager: ocp.CheckpointManager, step: int, error: BaseException) -> Exception:
+  """The error for a checkpoint that does not read back (a file truncated by a full disk or an
+  interrupted copy): which one, the reader's first line, and the way back to an earlier one."""
+  from core.errors import UserError
+  _drop_abandoned_read_noise()
+  folder = as_path(manager.directory) / str(step)
+  while error.__cause__ is not None or error.__context__ is not None:  # the reader's own words, not orbax's wrap
+    error = error.__cause__ or error.__context__
+  first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+  first_line = first_line.split(' [tensorstore_spec')[0]  # the rest is the store's whole spec as JSON
+  earlier = [s for s in manager.all_steps() if s < step]
+  way_back = (f'move that folder away, and the run is read (and continues) from step {max(earlier)}' if earlier else
+              'there is no earlier checkpoint to fall back on')
+  return UserError(f'{folder}: the checkpoint of step {step} cannot be read ({first_line}); it may be damaged or '
+                   f'incomplete (a full disk, an interrupted copy): {way_back}')
+
+
+def _drop_abandoned_read_noise() -> None:
+  """After a failed restore, orbax's other reads finish on its closed event loop or are dropped
+  unawaited, and each prints a traceback (an unraisable exception: 'Event loop is closed', or the
+  same read error again) as the process exits, burying the one-line error under pages. Exactly
+  those are dropped, and asyncio's 'exception was never retrieved' for them; anything else is
+  reported as before."""
+  for what in ('Future', 'Task'):
+    logging.getLogger('asyncio').addFilter(_DropMessage(f'{what} exception was never retrieved'))
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)  # an orbax coroutine that was never finished
+    if ((isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed')
+        or (code is not None and 'orbax' in code.co_filename)):
+      return
+    previous(unraisable)
+  sys.unraisablehook = hook
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -443,3 +443,28 @@ def test_a_url_is_refused_by_name_not_with_a_keyerror():
       read(url)
     assert str(raised.value).startswith(said), raised.value
   assert _header_problem('s3://bucket/cat.png').startswith('s3://bucket/cat.png: only local paths and gs://')
+
+
+def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, capsys):
+  """A checkpoint whose files were cut short (a full disk, an interrupted copy) ended in pages of
+  TensorStore traceback; now one line names the step folder and the reader's words, and says which
+  earlier checkpoint the run falls back on once that folder is moved away."""
+  import shutil
+  run = tmp_path / 'run'
+  train = ['lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', str(run), '--set', 'train.steps=4',
+           '--set', 'train.checkpoint_every=2', '--set', 'train.progress_bar=false', '--set', 'model.num_layers=1']
+  assert launch_main(train) == 0
+  for data in (run / 'checkpoints' / '4' / 'params').rglob('d/*'):
+    data.write_bytes(data.read_bytes()[:100])
+  capsys.readouterr()
+  resume = train[:-8] + ['--set', 'train.steps=6'] + train[-6:]
+  for argv in (resume, ['lvm', 'eval', '--workdir', str(run), '--data', 'builtin:digits-eval']):
+    assert launch_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f'error: {run / "checkpoints" / "4"}: the checkpoint of step 4 cannot be read (OUT_OF_RANGE: '
+                          'Error '), err
+    assert 'is not valid for value of size 100); it may be damaged or incomplete' in err, err
+    assert err.endswith('move that folder away, and the run is read (and continues) from step 2'), err
+  shutil.move(run / 'checkpoints' / '4', tmp_path / 'damaged_4')
+  assert launch_main(resume) == 0
+  assert json.loads((run / 'train_result.json').read_text())['step'] == 6
