@@ -82,10 +82,7 @@ def load_ranks(path: str | Path) -> np.ndarray:
   if not path.is_file():
     raise StudentDataError(f'{path} not found')
   if path.suffix == '.npy':
-    try:
-      ranks = load_npy(path, mmap=True)
-    except ValueError as e:
-      raise StudentDataError(f'{path}: not a readable .npy ({e})') from None
+    ranks = load_npy(path, mmap=True)  # an unreadable file is named there
     if ranks.ndim != 2 or not np.issubdtype(ranks.dtype, np.integer):
       raise StudentDataError(f'{path}: expected an int array [queries, M], got {ranks.dtype} {ranks.shape}')
     return ranks
@@ -104,10 +101,7 @@ def load_features(directory: str | Path, which: str, mmap: bool = True) -> np.nd
   if not path.is_file():
     raise StudentDataError(f'{path} not found: run `attrib features` or pass --features with FastGDA\'s '
                            f'feats/<ftype> directory')
-  try:
-    array = load_npy(path, mmap=mmap)  # memory-mapped when local; a gs:// object is read whole
-  except ValueError as e:
-    raise StudentDataError(f'{path}: not a readable .npy ({e})') from None
+  array = load_npy(path, mmap=mmap)  # memory-mapped when local, a gs:// object read whole; unreadable: named
   if array.ndim != 2 or array.dtype.kind != 'f':
     raise StudentDataError(f'{path}: expected float features [rows, dim], got {array.dtype} {array.shape}')
   # A NaN row would train a NaN embedder and index NaN rows without any other sign; checked in

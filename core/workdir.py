@@ -253,11 +253,20 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 
 def load_npy(path, mmap: bool = False) -> np.ndarray:
-  """An .npy file, local (memory-mapped if asked) or gs:// (read whole: objects cannot be mapped)."""
+  """An .npy file, local (memory-mapped if asked) or gs:// (read whole: objects cannot be mapped).
+  One cut short (a full disk, an interrupted copy) or not an .npy at all is a UserError naming it;
+  numpy's ValueError named no file."""
+  from core.errors import UserError
   path = as_path(path)
-  if is_remote(path):
-    return np.load(io.BytesIO(path.read_bytes()))
-  return np.load(os.fspath(path), mmap_mode='r' if mmap else None)
+  try:
+    if is_remote(path):
+      return np.load(io.BytesIO(path.read_bytes()))
+    return np.load(os.fspath(path), mmap_mode='r' if mmap else None)
+  except FileNotFoundError:
+    raise
+  except (ValueError, EOFError, OSError) as e:
+    raise UserError(f'{path}: not a readable .npy ({e}); it may be damaged or incomplete (a full disk, an '
+                    'interrupted copy): rerun the job that wrote it') from None
 
 
 def npy_shape(path) -> tuple[int, ...] | None:

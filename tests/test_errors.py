@@ -468,3 +468,21 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, capsys):
   shutil.move(run / 'checkpoints' / '4', tmp_path / 'damaged_4')
   assert launch_main(resume) == 0
   assert json.loads((run / 'train_result.json').read_text())['step'] == 6
+
+
+def test_an_npy_cut_short_is_named(tmp_path):
+  """Embeddings, features and rankings cut short (a full disk, an interrupted copy) ended in numpy's
+  ValueError, which names no file; read mapped or whole, each is named, and a missing one stays a
+  FileNotFoundError (callers test for it)."""
+  from attrib.student_data import load_features
+  from core.workdir import load_npy
+  np.save(tmp_path / 'data_feats.npy', np.ones((64, 32), np.float32))
+  whole = (tmp_path / 'data_feats.npy').read_bytes()
+  (tmp_path / 'data_feats.npy').write_bytes(whole[:len(whole) // 2])
+  for read in (lambda: load_npy(tmp_path / 'data_feats.npy'), lambda: load_npy(tmp_path / 'data_feats.npy', mmap=True),
+               lambda: load_features(tmp_path, 'train')):
+    with pytest.raises(UserError, match=rf'^{tmp_path / "data_feats.npy"}: not a readable .npy \(.*\); it may be '
+                                        r'damaged or incomplete \(a full disk, an interrupted copy\): rerun'):
+      read()
+  with pytest.raises(FileNotFoundError):
+    load_npy(tmp_path / 'missing.npy')
