@@ -45,7 +45,8 @@ def _trained_preset(workdir: str | None) -> str | None:
   if stored is None or not stored.exists():
     return None
   from core.mesh import recorded_preset
-  preset = recorded_preset(json.loads(stored.read_text()).get('tpu'))
+  from core.workdir import read_json
+  preset = recorded_preset(read_json(stored).get('tpu'))
   return preset if preset and Path(preset).exists() else None
 
 

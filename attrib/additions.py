@@ -14,13 +14,12 @@ them out (removed from the indexes) and says so, and the next addition writes ov
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from core.paths import absolute, as_path
-from core.workdir import load_npz, save_npz_atomic
+from core.workdir import load_npz, read_json, save_npz_atomic
 
 ADDED_IMAGES = 'added_images.npz'
 
@@ -71,7 +70,7 @@ def write_additions(student, additions: Additions) -> None:
 def distilled_rows(student, fallback: int) -> int:
   """N: the training images the student was distilled over (recorded in student/config.json), or
   `fallback` (rows held less those added) for a student from before that was recorded."""
-  stored = json.loads((as_path(student) / 'config.json').read_text())
+  stored = read_json(as_path(student) / 'config.json')
   return int(stored.get('trained_on', {}).get('train_rows', fallback))
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from core.paths import absolute, as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.mesh import load_preset
 from core.train_loop import check_batch_layout, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, read_run_config, refuse_changed_run,
-                          save_image_atomic, versions, write_json_atomic)
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, read_json, read_run_config,
+                         refuse_changed_run, save_image_atomic, versions, write_json_atomic)
 from data_pipelines.token_loader import record_batches
 
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
@@ -92,7 +91,7 @@ def check_same_run(workdir: Path, config: DiffusionConfig) -> None:
   previous = load_run(workdir)[0]
   # The same exclude file named another way ('x.txt', then '/abs/x.txt' or '../w/x.txt' from
   # elsewhere) is the same file: compared by the absolute path recorded when training ran.
-  recorded = json.loads((workdir / RUN_CONFIG_FILE).read_text()).get('exclude_file')
+  recorded = read_json(workdir / RUN_CONFIG_FILE).get('exclude_file')
   if config.data.exclude_path and recorded == absolute(config.data.exclude_path):
     previous = dataclasses.replace(previous, data=dataclasses.replace(previous.data,
                                                                       exclude_path=config.data.exclude_path))

@@ -32,8 +32,8 @@ from core import progress
 from core.paths import as_path
 from core.config import ConfigError, apply_overrides, check_at_least
 from core.mesh import MESH_AXES
-from core.workdir import (atomic_path, load_npy, load_npz, local_copy, save_npy_atomic, save_npz_atomic, versions,
-                          write_json_atomic)
+from core.workdir import (atomic_path, load_npy, load_npz, local_copy, read_json, save_npy_atomic,
+                         save_npz_atomic, versions, write_json_atomic)
 
 
 def base_features(images, text_embeddings) -> np.ndarray:
@@ -205,12 +205,12 @@ def check_same_ranking_settings(workdir: Path, split: str, now: dict) -> None:
     return
   settings_path = out / SETTINGS_FILE
   if settings_path.exists():
-    before, source = json.loads(settings_path.read_text()), settings_path
+    before, source = read_json(settings_path), settings_path
   else:
     result_path = workdir / f'{SPLIT_DIRS[split]}_result.json'
     if not result_path.exists():
       return  # nothing records how the stored queries were ranked
-    result = json.loads(result_path.read_text())
+    result = read_json(result_path)
     before = {'teacher': result.get('teacher'), 'candidates': result.get('candidates'),
               'model_step': result.get('model_step')}
     source = result_path

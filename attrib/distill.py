@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 
 import jax
@@ -32,7 +31,7 @@ from core.errors import ConfigError
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig, check_batch_layout, restore_latest_params, train
 from core.paths import absolute, as_path, is_remote, resolve_within, within
-from core.workdir import load_npy, save_npy_atomic, versions, write_json_atomic
+from core.workdir import load_npy, read_json, save_npy_atomic, versions, write_json_atomic
 
 STUDENT_DIR = 'student'
 BASE_INDEX = 'base_index'  # index over unit φ, for FastGDAConfig.rerank_candidates
@@ -60,7 +59,7 @@ def load_student_run(workdir: str | Path) -> StudentRun:
     hint = quickstart_runs(workdir)
     raise ConfigError(f'{path} not found: ' + (hint.strip(' ()') if hint else
                                                f'run `launch.py attrib distill --workdir {workdir}` first'))
-  stored = json.loads(path.read_text())
+  stored = read_json(path)
   return StudentRun(from_dict(FastGDAConfig, stored['config']), resolve_within(stored['features'], workdir),
                     resolve_within(stored['ranks'], workdir), recorded_preset(stored['tpu']))
 
@@ -164,7 +163,7 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
                         'use a new --workdir to train one on these')
     # A rerun resumes from the student's checkpoint (and more distill.epochs continue it): only with
     # the same rankings and settings, or the resumed student would mix two trainings silently.
-    recorded = json.loads(stored_path.read_text()).get('trained_on')
+    recorded = read_json(stored_path).get('trained_on')
     # A student from before the inputs were recorded: its settings and its rankings' path.
     before = recorded or {**training_inputs(None, None, None, stored.config), 'ranks': stored.ranks}
     now = {**trained_on, 'ranks': run_ranks}

@@ -28,7 +28,7 @@ import numpy as np
 
 from core.errors import ConfigError, UserError
 from core.paths import as_path, is_remote
-from core.workdir import atomic_path
+from core.workdir import atomic_path, read_json
 
 INDEX_FILE = 'index.json'
 FORMAT_VERSION = 1
@@ -407,7 +407,7 @@ class ShardedIndex:
   def load(cls, directory) -> 'ShardedIndex':
     directory = as_path(directory)
     try:
-      count = json.loads((directory / 'shards.json').read_text())['shards']
+      count = read_json(directory / 'shards.json')['shards']
     except (OSError, ValueError, KeyError) as e:
       raise IndexFileError(f'{directory / "shards.json"}: not a sharded index ({e})') from None
     return cls([Index.load(directory / f'shard_{s:05d}') for s in range(count)])

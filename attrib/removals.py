@@ -12,12 +12,11 @@ against the teacher's rankings of the whole training set, so removals leave its 
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
 from core.paths import as_path
-from core.workdir import write_json_atomic
+from core.workdir import read_json, write_json_atomic
 
 REMOVED_IMAGES = 'removed_images.json'
 
@@ -29,7 +28,7 @@ def read_removed(student, total: int) -> np.ndarray:
   if not path.is_file():
     return np.zeros(0, np.int64)
   try:
-    ids = np.asarray(json.loads(path.read_text())['removed_ids'], np.int64).reshape(-1)
+    ids = np.asarray(read_json(path)['removed_ids'], np.int64).reshape(-1)
   except (ValueError, KeyError, TypeError) as e:
     raise IndexFileError(f'{path}: not a list of removed training ids ({type(e).__name__}: {e})') from None
   if len(ids) and (ids.min() < 0 or ids.max() >= total or len(np.unique(ids)) != len(ids)):

@@ -18,7 +18,7 @@ from core import progress
 from core.batching import map_batches
 from core.errors import ConfigError, UserError
 from core.paths import as_path, is_remote
-from core.workdir import load_npy, npy_shape, save_npy_atomic, write_json_atomic
+from core.workdir import load_npy, npy_shape, read_json, save_npy_atomic, write_json_atomic
 
 TOWER_PARTS = ('dino', 'clip', 'clip_text')
 
@@ -172,10 +172,9 @@ def features_in_parts(featurizer, name: str, images: list[str], captions: list[s
   (`<file>.parts/`), so that a failure (a truncated image, a preempted host) loses one part: the rerun
   keeps the parts of the same list and towers (`fingerprint`) and computes the rest. The parts are
   removed once the whole file is written."""
-  import json
   parts = path.parent / f'{path.name}.parts'
   stamp = parts / 'list.json'
-  if parts.exists() and not (stamp.is_file() and json.loads(stamp.read_text()) ==
+  if parts.exists() and not (stamp.is_file() and read_json(stamp) ==
                              {'fingerprint': fingerprint, 'rows_per_part': rows_per_part}):
     parts.rmtree()  # another list, other towers or another part size: nothing in it is ours
   parts.mkdir(parents=True, exist_ok=True)

@@ -349,6 +349,19 @@ def save_image_atomic(path: str | Path, pixels_hwc: np.ndarray) -> None:
     Image.fromarray(pixels_hwc).save(temp, format=kind)
 
 
+def read_json(path):
+  """A JSON file a job wrote (config.json, a manifest, a job state), local or gs://. One cut short
+  (a full disk, an interrupted copy) is a UserError naming it, not json's bare 'Expecting value:
+  line 3 column 16'; a missing one stays FileNotFoundError."""
+  from core.errors import UserError
+  path = as_path(path)
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f'{path}: not valid JSON ({e}); it may be damaged or incomplete (a full disk, an interrupted '
+                    'copy): rerun the job that wrote it') from None
+
+
 def write_json_atomic(path: str | Path, data: dict) -> None:
   """A job's JSON file, written by process 0 only (the other hosts hold the same numbers)."""
   if jax.process_index() != 0:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from core.mesh import load_preset, make_mesh
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, prepare_output_dir, read_run_config,
-                          refuse_changed_run, versions, write_imported_run, write_json_atomic, write_result_if_writable)
+from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, prepare_output_dir,
+                         read_json, read_run_config, refuse_changed_run, versions, write_imported_run,
+                         write_json_atomic, write_result_if_writable)
 from data_pipelines.token_loader import token_batches
 from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
 from data_pipelines.token_sources import open_token_source, record_length
@@ -45,7 +45,7 @@ def _check_same_model(workdir: Path, config: LvmConfig) -> None:
   groups = ('model',) if previous.data.train_path == '' else ('model', 'data')
   # The same data named another way ('sent' from its parent, then '/abs/sent' or '../sent' from
   # elsewhere) is the same data: compared by the absolute path recorded when training ran.
-  recorded = json.loads((workdir / RUN_CONFIG_FILE).read_text()).get('train_data')
+  recorded = read_json(workdir / RUN_CONFIG_FILE).get('train_data')
   if (recorded or data_location(previous.data.train_path)) == data_location(config.data.train_path):
     previous = dataclasses.replace(previous, data=dataclasses.replace(previous.data, train_path=config.data.train_path))
   refuse_changed_run(workdir, previous, config, groups, ignore={
@@ -79,7 +79,7 @@ def note_vocabulary_mismatch(config: LvmConfig) -> None:
   manifest_path = Path(local_data(data)) / 'manifest.json'
   if not manifest_path.is_file():
     return
-  data_vocab = json.loads(manifest_path.read_text()).get('vocab_size')
+  data_vocab = read_json(manifest_path).get('vocab_size')
   model_vocab = config.model.vocab_size
   if data_vocab is None or data_vocab == model_vocab:
     return
@@ -190,7 +190,7 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
                       f'attention_block {block}')
   # Sentences from `lvm tokenize` say how long a frame is and which shards hold which task kind.
   manifest_path = Path(data_path) / 'manifest.json'
-  manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+  manifest = read_json(manifest_path) if manifest_path.is_file() else None
   check_same_kind_of_tokens(workdir, config, data_path, manifest)
   source = open_token_source(data_path, seq_len=seq_len, vocab_size=config.model.vocab_size)
   target = target_tokens or (manifest['tokens_per_image'] if manifest else max(1, min(256, seq_len // 4)))

@@ -12,7 +12,6 @@ are dropped (LVM's sliding window keeps the last frames that fit).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from core.config import ConfigError, check_at_least
 from core.paths import as_path
-from core.workdir import prepare_output_file, save_image_atomic, versions, write_result_if_writable
+from core.workdir import prepare_output_file, read_json, save_image_atomic, versions, write_result_if_writable
 from lvm.sampling import check_sampling, generate
 
 MODES = ('sequence', 'analogy', 'in-context')
@@ -89,7 +88,7 @@ def training_manifest(workdir: Path, config) -> tuple[Path, dict]:
                       '(Prompter.load(..., tokenizer=) in Python)')
   given = as_path(config.data.train_path)  # local or gs://, as the workdir
   run_file = as_path(workdir) / RUN_CONFIG_FILE
-  recorded = json.loads(run_file.read_text()).get('train_data') if run_file.is_file() else None
+  recorded = read_json(run_file).get('train_data') if run_file.is_file() else None
   data = given if given.is_dir() or not recorded else as_path(recorded)
   if not data.is_dir():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which is not there from {Path.cwd()} '
@@ -100,7 +99,7 @@ def training_manifest(workdir: Path, config) -> tuple[Path, dict]:
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which has no manifest.json naming a '
                       'tokenizer (data from `lvm tokenize` has one); pass --tokenizer '
                       '(Prompter.load(..., tokenizer=) in Python)')
-  return data, json.loads(manifest.read_text())
+  return data, read_json(manifest)
 
 
 def tokenizer_of(workdir: Path, config) -> str:
@@ -167,7 +166,7 @@ def next_frame_report(workdir: str | Path, sentences_dir: str | Path, *, kind: s
   from lvm.sentences import manifest_tokenizer
   from lvm.tokenizer_commands import load_tokenizer
   workdir, sentences_dir = as_path(workdir), as_path(sentences_dir)
-  manifest = json.loads((sentences_dir / 'manifest.json').read_text())
+  manifest = read_json(sentences_dir / 'manifest.json')
   tpi = manifest['tokens_per_image']
   source = TokenRecordSource(sorted(sentences_dir.glob(f'{kind}-*{SHARD_SUFFIX}')), seq_len=manifest['seq_len'],
                              vocab_size=manifest['vocab_size'])

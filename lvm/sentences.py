@@ -20,7 +20,6 @@ the records per kind and the checksum of the tokenizer's parameters.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from core import progress
 from core.config import ConfigError, check_at_least
 from core.paths import absolute, as_path, is_remote
-from core.workdir import atomic_path, make_workdir, refuse_job_workdir, versions, write_json_atomic
+from core.workdir import atomic_path, make_workdir, read_json, refuse_job_workdir, versions, write_json_atomic
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_records import SHARD_SUFFIX, SHARD_WRITER_OPTIONS, TOKEN_DTYPE
 
@@ -312,7 +311,7 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
   if claim:
     state_path = out / STATE_FILE
     if state_path.is_file():
-      previous = json.loads(state_path.read_text())
+      previous = read_json(state_path)
       previous.setdefault('source_images', spec['source_images'])  # a job started before it was recorded
       if previous['source_images'] != spec['source_images']:
         before, now = previous['source_images'], spec['source_images']

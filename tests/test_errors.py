@@ -486,3 +486,22 @@ def test_an_npy_cut_short_is_named(tmp_path):
       read()
   with pytest.raises(FileNotFoundError):
     load_npy(tmp_path / 'missing.npy')
+
+
+def test_a_workdirs_json_cut_short_is_named(tmp_path, capsys):
+  """A run's config.json, a manifest or a job state cut short ended in json's 'Expecting value: line 3
+  column 16' traceback, from the first command that read it (here: finding the run's preset)."""
+  from core.workdir import read_json
+  _bad_inputs(tmp_path)
+  config = tmp_path / 'lvm_run' / 'config.json'
+  config.write_text(config.read_text()[:50])
+  for argv in (['lvm', 'eval', '--workdir', str(tmp_path / 'lvm_run'), '--data', 'builtin:digits-eval'],
+               ['lvm', 'tokenize', '--tokenizer', str(tmp_path / 'lvm_run'), '--source', 'builtin:digits',
+                '--out', str(tmp_path / 'sentences')]):
+    assert launch_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'error: {config}: not valid JSON ('), err
+    assert err[0].endswith('it may be damaged or incomplete (a full disk, an interrupted copy): rerun the job that '
+                           'wrote it'), err
+  with pytest.raises(FileNotFoundError):
+    read_json(tmp_path / 'none.json')
