@@ -19,7 +19,7 @@ from attrib.text_encoder import shared_text_encoder
 from core import progress
 from core.paths import absolute, as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
-from core.mesh import load_preset
+from core.mesh import load_preset, preset_to_record
 from core.train_loop import check_batch_layout, restore_latest_params, train
 from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, read_json, read_run_config,
                          refuse_changed_run, save_image_atomic, versions, write_json_atomic)
@@ -116,7 +116,7 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
   task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
   check_batch_layout(config.train, config.optim, preset, records=len(data), data=config.data.train_path)
   make_workdir(workdir)
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve()),
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path),
                                                 'exclude_file': absolute(config.data.exclude_path)
                                                 if config.data.exclude_path else ''})
 

@@ -26,7 +26,7 @@ from attrib.student_data import (PairBatches, check_ranks, load_features, load_r
 from core import progress
 from core.batching import map_batches
 from core.config import apply_overrides, from_dict, load_config_file, to_dict
-from core.mesh import load_preset, recorded_preset
+from core.mesh import load_preset, preset_to_record, recorded_preset
 from core.errors import ConfigError
 from core.optim import OptimConfig
 from core.train_loop import TrainConfig, check_batch_layout, restore_latest_params, train
@@ -125,7 +125,7 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   config: FastGDAConfig = apply_overrides(load_config_file(config_path, expect=FastGDAConfig), overrides)
   features_dir = as_path(features_dir) if features_dir else workdir / 'features' / config.feature
   ranks_path = as_path(ranks_path) if ranks_path else workdir / 'teacher_train' / 'ranks.arrayrecord'
-  tpu = str(Path(tpu_path or DEFAULT_TPU).resolve())
+  tpu = preset_to_record(tpu_path or DEFAULT_TPU)
   preset = load_preset(tpu)
 
   # Every input is opened and checked before anything is written or compiled.

@@ -19,16 +19,29 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def bundled_or_given(path: str | Path) -> Path:
+  """`path` itself, or where it is not a file and is relative, the bundled file of that name: the
+  README's `--config lvm/configs/tiny.py` then works from any folder, not only the checkout's (a
+  file of that name in the current folder still comes first)."""
+  path = Path(path)
+  if path.is_file() or path.is_absolute() or not (CHECKOUT / path).is_file():
+    return path
+  return CHECKOUT / path
+
+
 def load_config_file(path: str | Path, *args, expect: type | None = None) -> Any:
   """Imports `path` and returns its `get_config(*args)`, checked to be an `expect` if given (so a
   slice preset passed as a model config, or the reverse, is named at once).
 
   `file.py:arg` passes `arg` to get_config (ml_collections' convention), e.g.
   `lvm/configs/vqlm_7b.py:vqlm_3b` for another size of the same recipe."""
-  if not Path(path).is_file() and ':' in str(path) and not args:
+  if not bundled_or_given(path).is_file() and ':' in str(path) and not args:
     path, arg = str(path).rsplit(':', 1)
     args = (arg,)
-  path = Path(path)
+  path = bundled_or_given(path)
   if not path.is_file():
     raise ConfigError(f'config file not found: {path}')
   module_name = f'_config_{abs(hash(str(path.resolve())))}'

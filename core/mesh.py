@@ -131,11 +131,19 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / 'tpu_configs'
 
 def load_preset(path) -> SliceConfig:
   """A slice preset file (tpu_configs/*.py), rejected clearly if the file holds something else."""
-  from core.config import load_config_file
+  from core.config import bundled_or_given, load_config_file
+  path = bundled_or_given(path) if path else path
   if path and not Path(path).exists():
     raise ConfigError(f'slice preset {path} not found: pass --tpu with a preset file on this machine '
                       '(tpu_configs/*.py; a workdir records where its preset was on the machine that trained it)')
   return load_config_file(path, expect=SliceConfig)
+
+
+def preset_to_record(path) -> str:
+  """The absolute path a workdir records for the preset `path` names (a bundled preset given
+  relative from another folder is recorded where it is, not under that folder)."""
+  from core.config import bundled_or_given
+  return str(bundled_or_given(path).resolve())
 
 
 def serving_preset(trained: str | None) -> str:

@@ -134,8 +134,9 @@ def write_imported_run(workdir: str | Path, config, tpu_path: str | Path, params
   config and preset, then one checkpoint (written last, so a failure leaves no checkpoint to trust)."""
   from core import checkpoint
   from core.config import to_dict
+  from core.mesh import preset_to_record
   workdir = make_workdir(workdir)
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path)})
   manager = checkpoint.make_manager(workdir, async_save=False)
   checkpoint.save(manager, 0, params=params, meta={'imported_from': str(source)}, force=True)
   manager.wait_until_finished()

@@ -10,7 +10,7 @@ import numpy as np
 
 from core.paths import absolute, as_path, local_data
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
-from core.mesh import load_preset, make_mesh
+from core.mesh import load_preset, make_mesh, preset_to_record
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
@@ -118,7 +118,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
   make_workdir(workdir)
   # The data path as given counts from here; its absolute path lets `lvm generate` find the data's
   # tokenizer from any folder.
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve()),
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path),
                                                 'train_data': data_location(config.data.train_path)})
 
   def make_iterator(process_index, process_count):

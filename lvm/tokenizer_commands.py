@@ -14,7 +14,7 @@ from flax import nnx
 from core.paths import as_path
 from core.batching import map_batches
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
-from core.mesh import load_preset, make_mesh
+from core.mesh import load_preset, make_mesh, preset_to_record
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
@@ -120,7 +120,7 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
     task.frozen_inputs()  # read and checked (files, keys, shapes) before the workdir is touched
   check_batch_layout(config.train, config.optim, preset, records=len(source), data=repr(source))
   make_workdir(workdir)
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': str(Path(tpu_path).resolve())})
+  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path)})
 
   def make_iterator(process_index, process_count):
     return record_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,

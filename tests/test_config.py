@@ -227,3 +227,21 @@ def test_a_config_files_own_error_is_named_by_file_and_line(tmp_path):
     (tmp_path / f'c{number}.py').write_text(text)
     with pytest.raises(ConfigError, match=rf'c{number}.py {said}'):
       load_config_file(tmp_path / f'c{number}.py')
+
+
+def test_the_bundled_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+  """The README's relative `--config lvm/configs/tiny.py --tpu tpu_configs/cpu_8.py` from another
+  folder than the checkout was 'config file not found'; a file of that name in the current folder
+  still comes first, and a name found nowhere is still named."""
+  from core.mesh import PRESET_DIR, load_preset, preset_to_record
+  monkeypatch.chdir(tmp_path)
+  assert load_config_file('lvm/configs/tiny.py') == load_config_file(TINY)
+  assert load_preset('tpu_configs/cpu_8.py') == load_preset(CPU8)
+  assert preset_to_record('tpu_configs/cpu_8.py') == str(PRESET_DIR / 'cpu_8.py')  # what the workdir records
+  assert load_config_file('lvm/configs/vqlm_7b.py:vqlm_3b') == load_config_file(ROOT / 'lvm/configs/vqlm_7b.py', 'vqlm_3b')
+  (tmp_path / 'lvm/configs').mkdir(parents=True)
+  (tmp_path / 'lvm/configs/tiny.py').write_text((ROOT / 'lvm/configs/tiny.py').read_text().replace(
+      'steps=300', 'steps=7'))
+  assert load_config_file('lvm/configs/tiny.py').train.steps == 7
+  with pytest.raises(ConfigError, match='config file not found: lvm/configs/tinny.py'):
+    load_config_file('lvm/configs/tinny.py')
