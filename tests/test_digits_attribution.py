@@ -198,6 +198,11 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
     attributor.attribute_batch(images=images, prompts=[prompt, prompt])
   with pytest.raises(AttributionError, match='prompt 1 is of type int'):
     attributor.attribute_batch(images=images, prompts=[prompt, 7, prompt])
+  # An empty prompt embedded to the text tokenizer's markers alone and answered for another query.
+  with pytest.raises(AttributionError, match=r"prompt 2 is empty: this student's feature \(pixels\+text\)"):
+    attributor.attribute_batch(images=images, prompts=[prompt, prompt, ' '])
+  with pytest.raises(AttributionError, match='the prompt is empty'):
+    attributor.attribute(image=images[0], prompt='')
   assert attributor.attribute_batch(images=[], prompts=[]) == []  # was numpy's 'need at least one array'
   with pytest.raises(AttributionError, match='dtype int64'):
     attributor.attribute(image=np.zeros((16, 16), np.int64), prompt=prompt)
