@@ -150,6 +150,12 @@ def damaged_checkpoint(manager: ocp.CheckpointManager, step: int, error: BaseExc
     error = error.__cause__ or error.__context__
   first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
   first_line = first_line.split(' [tensorstore_spec')[0]  # the rest is the store's whole spec as JSON
+  if 'is not compatible with the stored shape' in first_line:
+    # Every step of the run would fail alike: the arrays are whole, the shapes asked for are not theirs.
+    return UserError(f'{folder}: the checkpoint of step {step} holds arrays of other shapes than '
+                     f'{folder.parent.parent / "config.json"} describes ({first_line.split(". ")[0]}): that file no '
+                     'longer describes the model trained here (edited, or copied from another run); the checkpoints '
+                     'are not damaged, do not move them')
   earlier = [s for s in manager.all_steps() if s < step]
   way_back = (f'move that folder away, and the run is read (and continues) from step {max(earlier)}' if earlier else
               'there is no earlier checkpoint to fall back on')

@@ -38,6 +38,11 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
     stored = json.loads(path.read_text())
     config, tpu = from_dict(config_type, stored['config']), stored['tpu']
   except (ValueError, KeyError, TypeError) as e:
+    import dataclasses
+    key, kind = _held_kind(path)
+    if kind and key not in {f.name for f in dataclasses.fields(config_type)}:
+      # Another job's workdir: which one is all the user needs to know, not the dataclass's complaint.
+      raise ConfigError(f'{workdir} was not made by {made_by}: it holds {kind}') from None
     raise ConfigError(f'{path} does not describe a {config_type.__name__} run ({type(e).__name__}: {e}); '
                       f'{workdir} was not made by {made_by}{what_it_holds(path)}') from None
   from core.mesh import recorded_preset
@@ -81,12 +86,17 @@ def refuse_job_workdir(folder, flag: str = '--out') -> None:
 
 def what_it_holds(path) -> str:
   """': it holds <kind of run>' for a workdir's config.json (path), or '' when it cannot tell."""
+  kind = _held_kind(path)[1]
+  return f': it holds {kind}' if kind else ''
+
+
+def _held_kind(path) -> tuple[str | None, str | None]:
+  """(config group that tells, kind of run) of a workdir's config.json, or (None, None)."""
   try:
     stored = json.loads(path.read_text()).get('config', {})
   except (ValueError, OSError, AttributeError):
-    return ''
-  kind = next((what for key, what in _RUN_KINDS if isinstance(stored, dict) and key in stored), None)
-  return f': it holds {kind}' if kind else ''
+    return None, None
+  return next(((key, what) for key, what in _RUN_KINDS if isinstance(stored, dict) and key in stored), (None, None))
 
 
 def refuse_changed_run(workdir, previous, config, groups: tuple[str, ...], ignore=frozenset()) -> None:

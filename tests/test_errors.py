@@ -171,7 +171,7 @@ def _bad_inputs(tmp):
                                                        '--workdir', str(tmp / 'w')], 'shards/config.json not found'),
       'lvm eval on a diffusion workdir': (['lvm', 'eval', '--workdir', str(tmp / 'diffusion_run'), '--data',
                                            'builtin:digits-eval'],
-                                          'not made by `lvm train` or `lvm import-hf`: it holds a diffusion model '
+                                          'diffusion_run was not made by `lvm train` or `lvm import-hf`: it holds a diffusion model '
                                           '(`attrib train-model` / `attrib import-diffusers`)'),
       'lvm eval of batch 0': (lvm_eval + ['builtin:digits-eval', '--batch-size', '0'], '--batch-size must be >= 1'),
       'lvm eval of a run before its first checkpoint': (lvm_eval + ['builtin:digits-eval'],
@@ -468,6 +468,17 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, capsys):
   shutil.move(run / 'checkpoints' / '4', tmp_path / 'damaged_4')
   assert launch_main(resume) == 0
   assert json.loads((run / 'train_result.json').read_text())['step'] == 6
+  # Whole checkpoints read with other shapes (an edited config.json) are not called damaged: moving
+  # them away, as that advice says, would lose the run.
+  stored = json.loads((run / 'config.json').read_text())
+  stored['config']['model']['num_layers'] = 2
+  (run / 'config.json').write_text(json.dumps(stored))
+  capsys.readouterr()
+  assert launch_main(['lvm', 'eval', '--workdir', str(run), '--data', 'builtin:digits-eval']) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith(f'error: {run / "checkpoints" / "6"}: the checkpoint of step 6 holds arrays of other shapes '
+                        f'than {run / "config.json"} describes (Requested shape: (2, '), err
+  assert err.endswith('the checkpoints are not damaged, do not move them'), err
 
 
 def test_an_npy_cut_short_is_named(tmp_path):
@@ -505,3 +516,19 @@ def test_a_workdirs_json_cut_short_is_named(tmp_path, capsys):
                            'wrote it'), err
   with pytest.raises(FileNotFoundError):
     read_json(tmp_path / 'none.json')
+
+
+def test_another_jobs_workdir_is_named_by_what_it_holds_alone(tmp_path):
+  """A tokenizer's workdir given to `lvm eval` said 'config.json does not describe a LvmConfig run
+  (TypeError: LvmConfig.__init__() missing 1 required positional argument...)' before what it holds;
+  a run of the right kind whose config.json does not load still gets the loader's words."""
+  from core.workdir import read_run_config
+  from lvm.config import LvmConfig
+  (tmp_path / 'config.json').write_text(json.dumps({'config': {'tokenizer': {}}, 'tpu': CPU8}))
+  with pytest.raises(UserError) as raised:
+    read_run_config(tmp_path, LvmConfig, '`lvm train` or `lvm import-hf`')
+  assert str(raised.value) == (f'{tmp_path} was not made by `lvm train` or `lvm import-hf`: it holds a tokenizer run '
+                               '(`lvm train-tokenizer` / `lvm import-tokenizer`)')
+  (tmp_path / 'config.json').write_text(json.dumps({'config': {'model': 5}, 'tpu': CPU8}))
+  with pytest.raises(UserError, match=r'config.json does not describe a LvmConfig run \(TypeError: '):
+    read_run_config(tmp_path, LvmConfig, '`lvm train` or `lvm import-hf`')
