@@ -55,7 +55,16 @@ def student_dir(workdir):
 def load_student_run(workdir: str | Path) -> StudentRun:
   path = student_dir(workdir) / 'config.json'
   if not path.is_file():
-    from core.workdir import quickstart_runs
+    from core.workdir import RUN_CONFIG_FILE, quickstart_runs, what_it_holds
+    own = as_path(workdir) / RUN_CONFIG_FILE
+    stored = read_json(own).get('config', {}) if own.is_file() else {}
+    if 'embedder' in stored:
+      # The index and embeddings are in here, so the student folder itself is an easy thing to pass.
+      raise ConfigError(f'{workdir} is the student folder of the attribution workdir {as_path(workdir).parent}: '
+                        f'pass that (--workdir {as_path(workdir).parent})')
+    if 'unet' not in stored and (holds := what_it_holds(own)):  # an LVM's or a tokenizer's workdir
+      raise ConfigError(f'{workdir} is not an attribution workdir{holds}; pass the workdir '
+                        '`attrib distill` ran in')
     hint = quickstart_runs(workdir)
     raise ConfigError(f'{path} not found: ' + (hint.strip(' ()') if hint else
                                                f'run `launch.py attrib distill --workdir {workdir}` first'))

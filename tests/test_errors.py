@@ -532,3 +532,23 @@ def test_another_jobs_workdir_is_named_by_what_it_holds_alone(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'config': {'model': 5}, 'tpu': CPU8}))
   with pytest.raises(UserError, match=r'config.json does not describe a LvmConfig run \(TypeError: '):
     read_run_config(tmp_path, LvmConfig, '`lvm train` or `lvm import-hf`')
+
+
+def test_a_student_command_on_the_wrong_folder_says_which_to_pass(tmp_path):
+  """`attrib query --workdir runs/quickstart/attrib/student` (the folder holding the index) and an
+  LVM's workdir both said 'student/config.json not found: run attrib distill first'; a diffusion
+  workdir not yet distilled still says that."""
+  from attrib.distill import load_student_run
+  for name, config in (('student', {'embedder': {}}), ('lvm', {'model': {}}), ('diffusion', {'unet': {}})):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(json.dumps({'config': config, 'tpu': CPU8}))
+  said = {'student': f'{tmp_path / "student"} is the student folder of the attribution workdir {tmp_path}: pass '
+                     f'that (--workdir {tmp_path})',
+          'lvm': f'{tmp_path / "lvm"} is not an attribution workdir: it holds an LVM run (`lvm train` / '
+                 '`lvm import-hf`); pass the workdir `attrib distill` ran in',
+          'diffusion': f'{tmp_path / "diffusion" / "student" / "config.json"} not found: run `launch.py attrib '
+                       f'distill --workdir {tmp_path / "diffusion"}` first'}
+  for name, message in said.items():
+    with pytest.raises(UserError) as raised:
+      load_student_run(tmp_path / name)
+    assert str(raised.value) == message
