@@ -55,22 +55,41 @@ def student_dir(workdir):
 def load_student_run(workdir: str | Path) -> StudentRun:
   path = student_dir(workdir) / 'config.json'
   if not path.is_file():
-    from core.workdir import RUN_CONFIG_FILE, quickstart_runs, what_it_holds
-    own = as_path(workdir) / RUN_CONFIG_FILE
-    stored = read_json(own).get('config', {}) if own.is_file() else {}
-    if 'embedder' in stored:
-      # The index and embeddings are in here, so the student folder itself is an easy thing to pass.
-      raise ConfigError(f'{workdir} is the student folder of the attribution workdir {as_path(workdir).parent}: '
-                        f'pass that (--workdir {as_path(workdir).parent})')
-    if 'unet' not in stored and (holds := what_it_holds(own)):  # an LVM's or a tokenizer's workdir
-      raise ConfigError(f'{workdir} is not an attribution workdir{holds}; pass the workdir '
-                        '`attrib distill` ran in')
+    from core.workdir import quickstart_runs
+    if wrong_folder := _not_an_attribution_workdir(as_path(workdir)):
+      raise ConfigError(wrong_folder)
     hint = quickstart_runs(workdir)
     raise ConfigError(f'{path} not found: ' + (hint.strip(' ()') if hint else
                                                f'run `launch.py attrib distill --workdir {workdir}` first'))
   stored = read_json(path)
   return StudentRun(from_dict(FastGDAConfig, stored['config']), resolve_within(stored['features'], workdir),
                     resolve_within(stored['ranks'], workdir), recorded_preset(stored['tpu']))
+
+
+def _not_an_attribution_workdir(folder: Path) -> str | None:
+  """What to pass instead, for a folder given as an attribution workdir that is not one: the student
+  folder itself (it holds the index, so it is an easy thing to pass), a folder inside a workdir
+  (checkpoints/, the student's index/), or an LVM's or a tokenizer's workdir. None for a folder that
+  may yet become one (a diffusion workdir not distilled yet, an empty folder)."""
+  from core.workdir import RUN_CONFIG_FILE, enclosing_workdir, what_it_holds
+
+  def groups(workdir: Path) -> dict:  # the top-level groups of a workdir's config, {} for none
+    return read_json(workdir / RUN_CONFIG_FILE).get('config', {}) if (workdir / RUN_CONFIG_FILE).is_file() else {}
+
+  own = groups(folder)
+  if 'embedder' in own:
+    return f'{folder} is the student folder of the attribution workdir {folder.parent}: pass that (--workdir {folder.parent})'
+  if own:
+    return None if 'unet' in own else (f'{folder} is not an attribution workdir{what_it_holds(folder / RUN_CONFIG_FILE)}; '
+                                       'pass the workdir `attrib distill` ran in')
+  enclosing = enclosing_workdir(folder)
+  if enclosing is None:
+    return None
+  outer = enclosing.parent if 'embedder' in groups(enclosing) else enclosing
+  if 'unet' in groups(outer) or (student_dir(outer) / RUN_CONFIG_FILE).is_file():
+    return f'{folder} is a folder inside the attribution workdir {outer}: pass that (--workdir {outer})'
+  return (f'{folder} is a folder inside the workdir {enclosing}{what_it_holds(enclosing / RUN_CONFIG_FILE)}; pass the '
+          'workdir `attrib distill` ran in')
 
 
 def optim_config(config: FastGDAConfig) -> OptimConfig:

@@ -33,6 +33,9 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
   from core.errors import ConfigError
   path = as_path(workdir) / RUN_CONFIG_FILE
   if not path.is_file():
+    if enclosing := enclosing_workdir(workdir):
+      raise ConfigError(f'{path} not found: {workdir} is a folder inside the workdir {enclosing}'
+                        f'{what_it_holds(enclosing / RUN_CONFIG_FILE)}; pass {enclosing} itself')
     raise ConfigError(f'{path} not found: is {workdir} a workdir made by {made_by}?{quickstart_runs(workdir)}')
   try:
     stored = json.loads(path.read_text())
@@ -58,6 +61,22 @@ _RUN_KINDS = (('tokenizer', 'a tokenizer run (`lvm train-tokenizer` / `lvm impor
 
 # The quickstart's folder holds its jobs' workdirs, not a run of its own (launch.py quickstart).
 QUICKSTART_RUNS = (('tokenizer', 'its tokenizer'), ('lvm', 'its LVM'), ('attrib', 'its attribution workdir'))
+
+
+def enclosing_workdir(folder) -> Path | None:
+  """The workdir that `folder` lies in (its checkpoints/, a step folder, a student's index/), for a
+  folder given where the workdir itself was meant; None when it is in none."""
+  def is_workdir(parent) -> bool:  # a job's config.json, not any (a Hugging Face model folder has one)
+    try:
+      stored = json.loads((parent / RUN_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+      return False
+    return isinstance(stored, dict) and isinstance(stored.get('config'), dict) and 'tpu' in stored
+
+  try:
+    return next((parent for parent in list(as_path(folder).absolute().parents)[:3] if is_workdir(parent)), None)
+  except OSError:
+    return None
 
 
 def quickstart_runs(folder) -> str:

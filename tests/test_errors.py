@@ -548,7 +548,32 @@ def test_a_student_command_on_the_wrong_folder_says_which_to_pass(tmp_path):
                  '`lvm import-hf`); pass the workdir `attrib distill` ran in',
           'diffusion': f'{tmp_path / "diffusion" / "student" / "config.json"} not found: run `launch.py attrib '
                        f'distill --workdir {tmp_path / "diffusion"}` first'}
+  # Folders inside workdirs: the student's index/, a diffusion run's checkpoints/, an LVM's step folder.
+  for inner in ('attrib/student/index', 'attrib/checkpoints', 'lvm/checkpoints/40'):
+    (tmp_path / inner).mkdir(parents=True)
+  (tmp_path / 'attrib/config.json').write_text(json.dumps({'config': {'unet': {}}, 'tpu': CPU8}))
+  (tmp_path / 'attrib/student/config.json').write_text(json.dumps({'config': {'embedder': {}}, 'tpu': CPU8}))
+  attrib = tmp_path / 'attrib'
+  said |= {'attrib/student/index': f'{attrib / "student/index"} is a folder inside the attribution workdir {attrib}: '
+                                   f'pass that (--workdir {attrib})',
+           'attrib/checkpoints': f'{attrib / "checkpoints"} is a folder inside the attribution workdir {attrib}: pass '
+                                 f'that (--workdir {attrib})',
+           'lvm/checkpoints/40': f'{tmp_path / "lvm/checkpoints/40"} is a folder inside the workdir {tmp_path / "lvm"}: '
+                                 'it holds an LVM run (`lvm train` / `lvm import-hf`); pass the workdir `attrib distill` '
+                                 'ran in'}
   for name, message in said.items():
     with pytest.raises(UserError) as raised:
       load_student_run(tmp_path / name)
     assert str(raised.value) == message
+  # The LVM side: a step folder for its workdir; a folder in a Hugging Face model's (whose config.json
+  # is not a job's) is asked about as before.
+  from core.workdir import read_run_config
+  from lvm.config import LvmConfig
+  with pytest.raises(UserError) as raised:
+    read_run_config(tmp_path / 'lvm/checkpoints/40', LvmConfig, '`lvm train` or `lvm import-hf`')
+  assert str(raised.value).endswith(f'{tmp_path / "lvm/checkpoints/40"} is a folder inside the workdir {tmp_path / "lvm"}: '
+                                    f'it holds an LVM run (`lvm train` / `lvm import-hf`); pass {tmp_path / "lvm"} itself')
+  (tmp_path / 'hf/sub').mkdir(parents=True)
+  (tmp_path / 'hf/config.json').write_text(json.dumps({'architectures': ['LlamaForCausalLM']}))
+  with pytest.raises(UserError, match=r'hf/sub a workdir made by `lvm train` or `lvm import-hf`\?$'):
+    read_run_config(tmp_path / 'hf/sub', LvmConfig, '`lvm train` or `lvm import-hf`')
