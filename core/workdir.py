@@ -9,6 +9,7 @@ Paths are `core.paths.as_path`: local or gs:// alike.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -41,7 +42,6 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
     stored = json.loads(path.read_text())
     config, tpu = from_dict(config_type, stored['config']), stored['tpu']
   except (ValueError, KeyError, TypeError) as e:
-    import dataclasses
     key, kind = _held_kind(path)
     if kind and key not in {f.name for f in dataclasses.fields(config_type)}:
       # Another job's workdir: which one is all the user needs to know, not the dataclass's complaint.
@@ -74,7 +74,8 @@ def enclosing_workdir(folder) -> Path | None:
     return isinstance(stored, dict) and isinstance(stored.get('config'), dict) and 'tpu' in stored
 
   try:
-    return next((parent for parent in list(as_path(folder).absolute().parents)[:3] if is_workdir(parent)), None)
+    folder = as_path(folder) if is_remote(folder) else as_path(folder).absolute()  # absolute() would make gs:// local
+    return next((parent for parent in list(folder.parents)[:3] if is_workdir(parent)), None)
   except OSError:
     return None
 

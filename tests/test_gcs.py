@@ -108,6 +108,12 @@ def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path, tmp_path_factory):
   # One consistent history across the resume, and the eval read the step-6 checkpoint.
   assert [json.loads(line)['step'] for line in _read(url, 'lvm/metrics.jsonl').decode().splitlines()] == [1, 2, 3, 4, 5, 6]
   assert json.loads(_read(url, 'lvm/eval_result.json'))['step'] == 6
+  # A step folder given for the workdir names the workdir in the bucket (not a local 'gs:' folder).
+  wrong = subprocess.run([sys.executable, str(ROOT / 'launch.py'), 'lvm', 'eval', '--workdir', f'{workdir}/checkpoints/6',
+                          '--data', 'builtin:digits-eval'], env=env, cwd=tmp_path, capture_output=True, text=True)
+  assert wrong.returncode == 2 and wrong.stderr.strip().endswith(
+      f'{workdir}/checkpoints/6 is a folder inside the workdir {workdir}: it holds an LVM run (`lvm train` / '
+      f'`lvm import-hf`); pass {workdir} itself'), wrong.stderr[-2000:]
   staged = sorted(p.name for p in (cache / BUCKET / 'tokens').iterdir())
   assert staged == ['tokens-00000-of-00002.arrayrecord', 'tokens-00001-of-00002.arrayrecord']
   assert (cache / BUCKET / 'tokens' / staged[0]).read_bytes() == (shards / staged[0]).read_bytes()
