@@ -103,13 +103,19 @@ def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, se
 def find_shards(path: str | Path) -> list[Path]:
   """A shard file, or every `*.arrayrecord` in a directory (sorted), or a clear error."""
   path = Path(path)
+  if path.is_file() and path.suffix != SHARD_SUFFIX and any(path.parent.glob(f'*{SHARD_SUFFIX}')):
+    # The tokenize job's manifest.json (or state) beside its shards, given for them.
+    raise TokenDataError(f'{path} is not a shard: pass its folder {path.parent}, which holds the shards')
   if path.is_file():
     return [path]
   if path.is_dir():
     shards = sorted(p for p in path.glob(f'*{SHARD_SUFFIX}') if not p.name.startswith('.tmp-'))
     if shards:
       return shards
-    raise TokenDataError(f'{path}: no *{SHARD_SUFFIX} shards in this directory')
+    # A tokenize job's --split train/eval runs, or its kinds, each in a folder of their own under this one.
+    holding = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.glob(f'*{SHARD_SUFFIX}')))
+    raise TokenDataError(f'{path}: no *{SHARD_SUFFIX} shards in this directory'
+                         + (f'; its subfolders {", ".join(holding)} hold shards: pass one of them' if holding else ''))
   raise TokenDataError(f'{path}: no such file or directory')
 
 

@@ -32,6 +32,22 @@ def test_round_trip_through_every_format(tmp_path):
   np.testing.assert_array_equal(from_npy, records)
 
 
+def test_the_folder_above_the_shards_or_their_manifest_names_where_they_are(tmp_path):
+  """The quickstart's data/ (train/ and eval/ below it) and a manifest.json given for the shards
+  said 'no *.arrayrecord shards' and 'not a readable ArrayRecord shard (should be at least 64KB)'."""
+  for split in ('train', 'eval'):
+    write_token_shards(_records(4), tmp_path / 'data' / split, seq_len=T, vocab_size=V)
+  (tmp_path / 'data' / 'train' / 'manifest.json').write_text('{}')
+  (tmp_path / 'data' / 'notes').mkdir()
+  with pytest.raises(TokenDataError, match=r'data: no \*.arrayrecord shards in this directory; its subfolders eval, '
+                                           r'train hold shards: pass one of them$'):
+    find_shards(tmp_path / 'data')
+  with pytest.raises(TokenDataError, match=rf'manifest.json is not a shard: pass its folder {tmp_path / "data" / "train"}'):
+    find_shards(tmp_path / 'data' / 'train' / 'manifest.json')
+  with pytest.raises(TokenDataError, match=r'notes: no \*.arrayrecord shards in this directory$'):
+    find_shards(tmp_path / 'data' / 'notes')
+
+
 def test_jsonl_lines_may_list_the_ids(tmp_path):
   """`{"tokens": [ids]}` (json.dumps of a list) reads as the base64 form does; a float, a bool or an
   id past int64 is named by line and position, not rounded or wrapped."""
