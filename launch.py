@@ -395,7 +395,8 @@ def _run(argv: list[str]) -> int:
 
   g = lvm.add_parser('generate', help='prompt a trained LVM with images; writes a PNG grid (prompt | generation)')
   g.add_argument('--workdir', required=True)
-  g.add_argument('--prompt', nargs='+', required=True, help='prompt images, in order')
+  g.add_argument('--prompt', nargs='+', required=True,
+                 help='prompt images, in order; a folder stands for its images in frame order (frame2 before frame10)')
   g.add_argument('--frames', type=int, default=1, help='frames to generate (sequence mode)')
   g.add_argument('--mode', default='sequence', choices=['sequence', 'analogy', 'in-context'])
   g.add_argument('--out', help='PNG path (default WORKDIR/generation.png)')

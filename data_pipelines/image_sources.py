@@ -262,6 +262,24 @@ def frame_order(path) -> tuple:
   return pieces, str(path)  # 'f2' and 'f02' tie on their numbers: then by name
 
 
+def prompt_files(entries: list) -> list:
+  """Prompt images as given, with a folder among them standing for its images in frame order (the
+  frames of a video, as the quickstart writes them to lvm/next_frame_prompt/); entries that are not
+  paths (arrays, PIL images) pass as they are."""
+  files = []
+  for entry in entries:
+    if not isinstance(entry, (str, Path)) or not _folder(entry).is_dir():
+      files.append(entry)
+      continue
+    folder = _folder(entry)
+    images = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                     and not _os_metadata((p.name,))), key=frame_order)
+    if not images:
+      raise ImageDataError(f'{entry}: a folder with no image files ({", ".join(IMAGE_SUFFIXES)}) given as a prompt')
+    files.extend(str(p) for p in images)
+  return files
+
+
 def folder_images(root: str | Path, size: int, strict: bool = False, frames: bool = False) -> FolderImages:
   """Every image under `root` (local or gs://), in name order; `frames`: in `frame_order`."""
   root = _folder(root)

@@ -132,10 +132,11 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
                      tokenizer_dir: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int = 0, dtype: str = 'float32', tpu_path: str | None = None) -> dict:
   """`launch.py lvm generate`: `lvm.Prompter` plus a PNG grid (prompt | generation) and a result file."""
-  from data_pipelines.image_sources import load_image
+  from data_pipelines.image_sources import load_image, prompt_files
   from lvm import commands
   from lvm.prompter import Prompter
   check_at_least(1, frames=frames)
+  prompts = prompt_files(prompts)
   frames = check_prompt(mode, len(prompts), frames)
   started = time.time()
   workdir = as_path(workdir)  # local or gs:// (a run trained on a TPU slice, prompted from a laptop)

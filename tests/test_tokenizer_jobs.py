@@ -284,6 +284,25 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   for same in ([np.asarray(Image.open(p)) for p in prompt], [Image.open(p) for p in prompt]):
     np.testing.assert_array_equal(prompter.generate(same, 1, 'analogy', **sampling).tokens, from_files.tokens)
   np.testing.assert_array_equal(prompter.complete_analogy(*prompt, **sampling), from_files.frames[0])
+  # A folder of frames stands for its images in frame order (frame10 after frame2, not after frame1).
+  import shutil
+  (tmp_path / 'frames').mkdir()
+  for path, name in zip(prompt, ('frame1.png', 'frame2.png', 'frame10.png')):
+    shutil.copy(path, tmp_path / 'frames' / name)
+  (tmp_path / 'frames' / '._frame3.png').write_bytes(b'macOS metadata')
+  np.testing.assert_array_equal(prompter.generate(tmp_path / 'frames', 1, 'analogy', **sampling).tokens,
+                                from_files.tokens)
+  (tmp_path / 'two').mkdir()
+  shutil.copy(prompt[0], tmp_path / 'two' / 'a.png')
+  shutil.copy(prompt[1], tmp_path / 'two' / 'b.png')
+  np.testing.assert_array_equal(prompter.generate([str(tmp_path / 'two'), Image.open(prompt[2])], 1, 'analogy',
+                                                  **sampling).tokens, from_files.tokens)
+  assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', str(tmp_path / 'frames'), '--mode',
+                      'analogy', '--out', str(tmp_path / 'grid2.png'), '--temperature', '1.0', '--seed', '3']) == 0
+  assert json.loads((lvm / 'generate_result.json').read_text())['tokens'] == generated['tokens']
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ImageDataError, match='empty: a folder with no image files'):
+    prompter.generate(tmp_path / 'empty')
   # One example pair and a query is the analogy's arrangement: the same frame.
   np.testing.assert_array_equal(prompter.solve_in_context([(prompt[0], prompt[1])], prompt[2], **sampling),
                                 from_files.frames[0])
