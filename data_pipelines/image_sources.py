@@ -286,6 +286,9 @@ def folder_images(root: str | Path, size: int, strict: bool = False, frames: boo
   if not root.is_dir():
     if _is_video_file(root):
       raise video_files_error(root, [root])
+    if root.is_file():  # one image: a source is a folder of them (class subfolders give categories)
+      raise ImageDataError(f'{root} is a file: a source is a folder of images (class subfolders give categories); '
+                           f'put it in one, or give the folder it is in ({root.parent})')
     raise ImageDataError(f'{root}: no such image folder')
   everything = _files_under(root)
   files = [p for p in everything if p.suffix.lower() in IMAGE_SUFFIXES]

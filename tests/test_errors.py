@@ -262,6 +262,17 @@ def _bad_inputs(tmp):
                                         'beta_start=0.5, beta_end=0.012'),
       'train-model without its exclude file': (train_model + ['--set', f'data.exclude_path={tmp / "gone.txt"}'],
                                                'data.exclude_path ' + str(tmp / 'gone.txt') + ': no such file'),
+      'train-tokenizer on one image file': (['lvm', 'train-tokenizer', '--config', str(ROOT / 'lvm/configs/tokenizer_tiny.py'),
+                                             '--tpu', CPU8, '--workdir', str(tmp / 'w'), '--set',
+                                             f'data.source={tmp / "two_images" / "0.png"}'],
+                                            '0.png is a file: a source is a folder of images'),
+      'lvm eval of a step folder': (['lvm', 'eval', '--workdir', str(tmp / 'lvm_run' / 'checkpoints' / '4'), '--data',
+                                     'builtin:digits-eval'],
+                                    f'4 is a folder inside the workdir {tmp / "lvm_run"}: it holds an LVM run'),
+      'attrib query of a checkpoints folder': (['attrib', 'query', '--workdir', str(tmp / 'diffusion_run' / 'checkpoints'),
+                                                '--image', 'x.png', '--prompt', 'p'],
+                                               f'checkpoints is a folder inside the attribution workdir '
+                                               f'{tmp / "diffusion_run"}: pass that'),
   }
 
 
@@ -296,7 +307,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          "attrib query of the quickstart's folder", "lvm train into the quickstart's folder",
          "tokenize with the quickstart's folder as tokenizer", 'import-tokenizer of a diffusers pipeline',
          'import-hf of the Hub cache folder', 'train on records of another length',
-         'processes without a coordinator', 'a coordinator without a port', 'a process id past the count']
+         'processes without a coordinator', 'a coordinator without a port', 'a process id past the count',
+         'train-tokenizer on one image file', 'lvm eval of a step folder', 'attrib query of a checkpoints folder']
 
 
 @pytest.mark.parametrize('case', CASES)
