@@ -275,6 +275,9 @@ def main(argv=None) -> int:
   debug = '--debug' in argv[:job_args] or os.environ.get('LVM_ATTRIB_DEBUG', '') not in ('', '0')
   if '--debug' in argv[:job_args]:
     argv.remove('--debug')
+  if not debug:  # orbax's tracebacks around a failed save would bury the one-line error (core/io_noise.py)
+    from core.io_noise import drop_abandoned_io_noise
+    drop_abandoned_io_noise()
   try:
     return _run(argv)
   except UserError as e:

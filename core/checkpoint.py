@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # orbax's own default, pinned version
 
+from core.io_noise import DropMessage, drop_abandoned_io_noise
 from core.paths import as_path, is_remote
 
 
@@ -40,7 +41,7 @@ def _save_replicas_whole_on_cpu() -> None:
   if isinstance(current, ocp.type_handlers.ArrayHandler) and getattr(current, '_use_replica_parallel', False):
     # The override is deliberate; without the filter orbax logs it as a warning on every command.
     absl_logger = logging.getLogger('absl')
-    quiet = _DropMessage('Type handler registry')
+    quiet = DropMessage('Type handler registry')
     absl_logger.addFilter(quiet)
     try:
       ocp.type_handlers.register_type_handler(
@@ -48,17 +49,6 @@ def _save_replicas_whole_on_cpu() -> None:
                                                     use_replica_parallel=False), override=True)
     finally:
       absl_logger.removeFilter(quiet)
-
-
-class _DropMessage(logging.Filter):
-  """Drops log records whose message starts with `prefix`."""
-
-  def __init__(self, prefix: str):
-    super().__init__()
-    self.prefix = prefix
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(self.prefix)
 
 
 def make_manager(workdir: str | Path, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -144,7 +134,7 @@ def damaged_checkpoint(manager: ocp.CheckpointManager, step: int, error: BaseExc
   """The error for a checkpoint that does not read back (a file truncated by a full disk or an
   interrupted copy): which one, the reader's first line, and the way back to an earlier one."""
   from core.errors import UserError
-  _drop_abandoned_read_noise()
+  drop_abandoned_io_noise()
   folder = as_path(manager.directory) / str(step)
   while error.__cause__ is not None or error.__context__ is not None:  # the reader's own words, not orbax's wrap
     error = error.__cause__ or error.__context__
@@ -161,25 +151,6 @@ def damaged_checkpoint(manager: ocp.CheckpointManager, step: int, error: BaseExc
               'there is no earlier checkpoint to fall back on')
   return UserError(f'{folder}: the checkpoint of step {step} cannot be read ({first_line}); it may be damaged or '
                    f'incomplete (a full disk, an interrupted copy): {way_back}')
-
-
-def _drop_abandoned_read_noise() -> None:
-  """After a failed restore, orbax's other reads finish on its closed event loop or are dropped
-  unawaited, and each prints a traceback (an unraisable exception: 'Event loop is closed', or the
-  same read error again) as the process exits, burying the one-line error under pages. Exactly
-  those are dropped, and asyncio's 'exception was never retrieved' for them; anything else is
-  reported as before."""
-  for what in ('Future', 'Task'):
-    logging.getLogger('asyncio').addFilter(_DropMessage(f'{what} exception was never retrieved'))
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    code = getattr(unraisable.object, 'cr_code', None)  # an orbax coroutine that was never finished
-    if ((isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed')
-        or (code is not None and 'orbax' in code.co_filename)):
-      return
-    previous(unraisable)
-  sys.unraisablehook = hook
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
