@@ -48,17 +48,12 @@ class _DropOrbaxErrorsOnceTheDiskIsFull(logging.Filter):
 def drop_abandoned_io_noise() -> None:
   """Drops the tracebacks of orbax's abandoned reads and writes (see the module's docstring), and
   asyncio's 'exception was never retrieved' for them; anything else is reported as before."""
+  global _filters_added
+  if not _filters_added:  # once per process (the CLI at start, then a failed restore)
+    _add_log_and_warning_filters()
+    _filters_added = True
   if getattr(sys.unraisablehook, 'drops_abandoned_io', False):
-    return  # installed already (the CLI at start, then a failed restore)
-  for what in ('Future', 'Task'):
-    logging.getLogger('asyncio').addFilter(DropMessage(f'{what} exception was never retrieved'))
-  # absl makes its 'absl' logger on import; asked for first, it would be a plain Logger, whose records
-  # name absl's own file as their origin instead of orbax's.
-  importlib.import_module('absl.logging')
-  logging.getLogger('absl').addFilter(_DropOrbaxErrorsOnceTheDiskIsFull())
-  # An unfinished write's coroutine, collected unawaited after its loop closed (orbax's and jax's
-  # array serialization: e.g. 'async_serialize_from_host.<locals>.write_fragment').
-  warnings.filterwarnings('ignore', message=r"coroutine '.*serializ.*' was never awaited", category=RuntimeWarning)
+    return  # installed already (a test runner may have put its own back since: then again)
   previous = sys.unraisablehook
 
   def hook(unraisable):
@@ -69,3 +64,18 @@ def drop_abandoned_io_noise() -> None:
     previous(unraisable)
   hook.drops_abandoned_io = True
   sys.unraisablehook = hook
+
+
+_filters_added = False
+
+
+def _add_log_and_warning_filters() -> None:
+  for what in ('Future', 'Task'):
+    logging.getLogger('asyncio').addFilter(DropMessage(f'{what} exception was never retrieved'))
+  # absl makes its 'absl' logger on import; asked for first, it would be a plain Logger, whose records
+  # name absl's own file as their origin instead of orbax's.
+  importlib.import_module('absl.logging')
+  logging.getLogger('absl').addFilter(_DropOrbaxErrorsOnceTheDiskIsFull())
+  # An unfinished write's coroutine, collected unawaited after its loop closed (orbax's and jax's
+  # array serialization: e.g. 'async_serialize_from_host.<locals>.write_fragment').
+  warnings.filterwarnings('ignore', message=r"coroutine '.*serializ.*' was never awaited", category=RuntimeWarning)
