@@ -128,3 +128,22 @@ def test_import_tokenizer_command_from_a_diffusers_directory(tmp_path):
     expected = reference.quantize(latents)[2][2].numpy().reshape(2, 64)
   np.testing.assert_array_equal(load_tokenizer(tmp_path / 'work').encode(images), expected)
   assert launch_main(['lvm', 'import-tokenizer', '--weights', str(tmp_path), '--workdir', str(tmp_path / 'w2')]) == 2
+
+
+def test_import_tokenizer_reads_the_fp16_variant(tmp_path):
+  """`VQModel.from_pretrained(..., variant='fp16')` downloads diffusion_pytorch_model.fp16.safetensors
+  alone (aMUSEd publishes it beside the full one); it was 'no diffusion_pytorch_model.safetensors'.
+  Read into float32, it tokenizes as diffusers does with those fp16 weights in float32."""
+  from launch import main as launch_main
+  from lvm.tokenizer_commands import load_tokenizer
+  reference = _diffusers_vq().half()
+  reference.save_pretrained(tmp_path / 'vqmodel', variant='fp16')
+  assert [p.name for p in (tmp_path / 'vqmodel').glob('*.safetensors')] == ['diffusion_pytorch_model.fp16.safetensors']
+  assert launch_main(['lvm', 'import-tokenizer', '--weights', str(tmp_path / 'vqmodel'), '--workdir',
+                      str(tmp_path / 'work')]) == 0
+  reference = reference.float()
+  images = np.random.default_rng(1).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    latents = reference.encode(torch.tensor(images.transpose(0, 3, 1, 2) * 2 - 1)).latents
+    expected = reference.quantize(latents)[2][2].numpy().reshape(2, 64)
+  np.testing.assert_array_equal(load_tokenizer(tmp_path / 'work').encode(images), expected)
