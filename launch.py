@@ -420,7 +420,7 @@ def _run(argv: list[str]) -> int:
   add_distributed(am)
 
   ai = a.add_parser('import-diffusers', help='a diffusers UNet2DConditionModel state dict -> workdir (MSCOCO model)')
-  ai.add_argument('--weights', required=True, help='model.bin (torch pickle) or .safetensors')
+  ai.add_argument('--weights', required=True, help='model.bin (torch pickle), .safetensors, or a diffusers UNet folder (its weights file)')
   ai.add_argument('--config', default=str(ROOT / 'attrib/configs/mscoco.py'))
   ai.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_1.py'))
   ai.add_argument('--workdir', required=True)

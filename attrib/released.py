@@ -32,9 +32,30 @@ from core.workdir import versions, write_imported_run, write_json_atomic
 LATENTS_PREFIX = 'latents:'
 
 
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-  """A diffusers state dict from .safetensors (numpy only) or a torch pickle (.bin/.pt, needs torch)."""
+# A diffusers model folder's weights, in the order they are taken: full precision first; the fp16
+# variant is what `from_pretrained(..., variant='fp16')` downloads (read into float32 like the rest).
+WEIGHT_FILES = ('diffusion_pytorch_model.safetensors', 'model.safetensors', 'diffusion_pytorch_model.bin',
+                'pytorch_model.bin', 'diffusion_pytorch_model.fp16.safetensors', 'diffusion_pytorch_model.fp16.bin')
+
+
+def weights_in(folder: str | Path, part: str) -> Path:
+  """The weights file of a diffusers model folder (its `part` of a pipeline: 'unet', 'vqvae'), or an
+  error naming what to give instead (the pipeline's part, a Hub cache folder's snapshot)."""
+  from core.hub_folders import where_the_files_are
+  folder = Path(folder)
+  found = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+  if not found:
+    raise WeightImportError(f'{folder}: no diffusion_pytorch_model.safetensors (or .bin, or their .fp16 variant) '
+                            f'weights{where_the_files_are(folder, part)}')
+  return found[0]
+
+
+def read_state_dict(path: str | Path, part: str = 'unet') -> dict[str, np.ndarray]:
+  """A diffusers state dict from .safetensors (numpy only) or a torch pickle (.bin/.pt, needs torch);
+  a model folder's weights file (`weights_in`)."""
   path = Path(path)
+  if path.is_dir():
+    path = weights_in(path, part)
   if not path.is_file():
     raise WeightImportError(f'{path} not found')
   if path.suffix == '.safetensors':

@@ -85,7 +85,7 @@ def tokenizer_params(state: dict[str, np.ndarray], abstract_params: dict, config
 def read_tokenizer_dir(path: str | Path) -> tuple[TokenizerConfig, dict[str, np.ndarray], str]:
   """A diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors/.bin), or
   one weights file with a config.json beside it. Returns (config, state dict, weights path)."""
-  from attrib.released import read_state_dict
+  from attrib.released import read_state_dict, weights_in
   path = Path(path)
   if not path.exists():
     raise WeightImportError(f'{path} not found: give a diffusers VQModel directory or its weights file')
@@ -102,14 +102,5 @@ def read_tokenizer_dir(path: str | Path) -> tuple[TokenizerConfig, dict[str, np.
       raise
     raise WeightImportError(f'{config_file}: not a JSON config ({e})') from None
   if path.is_dir():
-    # Full precision first; the fp16 variant is what `from_pretrained(..., variant='fp16')` downloads
-    # (aMUSEd publishes both), read into float32 like the rest.
-    candidates = [directory / n for n in ('diffusion_pytorch_model.safetensors', 'model.safetensors',
-                                          'diffusion_pytorch_model.bin', 'pytorch_model.bin',
-                                          'diffusion_pytorch_model.fp16.safetensors', 'diffusion_pytorch_model.fp16.bin')]
-    found = [c for c in candidates if c.is_file()]
-    if not found:
-      raise WeightImportError(f'{directory}: no diffusion_pytorch_model.safetensors (or .bin, or their .fp16 '
-                              'variant) weights')
-    path = found[0]
+    path = weights_in(directory, 'vqvae')
   return config, read_state_dict(path), str(path)

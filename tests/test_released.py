@@ -203,3 +203,25 @@ def test_bad_release_files_are_named_before_any_work(released, tmp_path):
   code, out = _run(['attrib', 'import-diffusers', '--weights', str(tmp_path / 'partial.bin'),
                     '--config', str(root / 'config.py'), '--tpu', CPU1, '--workdir', str(tmp_path / 'w')])
   assert code != 0 and 'conv_in' in out and not (tmp_path / 'w').exists()
+
+
+def test_a_diffusers_model_folder_is_read_as_its_weights_file(tmp_path):
+  """`attrib import-diffusers --weights unet/` (a diffusers model folder, as save_pretrained writes
+  it, fp16 variant too) said 'unet not found'; it reads the folder's weights file, and a pipeline's
+  folder names its unet/."""
+  from attrib.released import read_state_dict
+  model = _torch_unet()
+  torch.save(model.state_dict(), tmp_path / 'model.bin')
+  model.save_pretrained(tmp_path / 'pipeline' / 'unet')
+  model.half().save_pretrained(tmp_path / 'fp16' / 'unet', variant='fp16')
+  (tmp_path / 'pipeline' / 'model_index.json').write_text('{}')
+  from_file = read_state_dict(tmp_path / 'model.bin')
+  for folder, exact in ((tmp_path / 'pipeline' / 'unet', True), (tmp_path / 'fp16' / 'unet', False)):
+    from_folder = read_state_dict(folder)
+    assert sorted(from_folder) == sorted(from_file)
+    for name, value in from_file.items():
+      expected = value if exact else value.astype(np.float16)
+      np.testing.assert_array_equal(np.asarray(from_folder[name]), expected, err_msg=name)
+  with pytest.raises(WeightImportError, match=r'pipeline: no diffusion_pytorch_model.safetensors .*; .*pipeline is a '
+                                              r'diffusers pipeline: give its unet/ folder'):
+    read_state_dict(tmp_path / 'pipeline')
