@@ -57,7 +57,8 @@ def read_state_dict(path: str | Path, part: str = 'unet') -> dict[str, np.ndarra
   if path.is_dir():
     path = weights_in(path, part)
   if not path.is_file():
-    raise WeightImportError(f'{path} not found')
+    from core.hub_folders import where_the_files_are
+    raise WeightImportError(f'{path} not found{where_the_files_are(path, part)}')
   if path.suffix == '.safetensors':
     from safetensors.numpy import load_file
     try:

@@ -88,7 +88,9 @@ def read_tokenizer_dir(path: str | Path) -> tuple[TokenizerConfig, dict[str, np.
   from attrib.released import read_state_dict, weights_in
   path = Path(path)
   if not path.exists():
-    raise WeightImportError(f'{path} not found: give a diffusers VQModel directory or its weights file')
+    from core.hub_folders import where_the_files_are
+    raise WeightImportError(f'{path} not found: give a diffusers VQModel directory or its weights file'
+                            f'{where_the_files_are(path, "vqvae")}')
   directory = path if path.is_dir() else path.parent
   config_file = directory / 'config.json'
   if not config_file.is_file():

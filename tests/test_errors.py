@@ -264,6 +264,11 @@ def _bad_inputs(tmp):
                                         'beta_start=0.5, beta_end=0.012'),
       'train-model without its exclude file': (train_model + ['--set', f'data.exclude_path={tmp / "gone.txt"}'],
                                                'data.exclude_path ' + str(tmp / 'gone.txt') + ': no such file'),
+      'import-hf of a Hub id': (['lvm', 'import-hf', '--hf-dir', 'Emma02/LVM_7b', '--workdir', str(tmp / 'w')],
+                                'Emma02/LVM_7b looks like a Hugging Face Hub id, and nothing is downloaded at run time: '
+                                'download it first (huggingface-cli download Emma02/LVM_7b --local-dir DIR)'),
+      'import-tokenizer of a Hub id': (['lvm', 'import-tokenizer', '--weights', 'amused/amused-256', '--workdir',
+                                        str(tmp / 'w')], 'give that folder (its vqvae/ for a diffusers pipeline)'),
       'train-tokenizer on one image file': (['lvm', 'train-tokenizer', '--config', str(ROOT / 'lvm/configs/tokenizer_tiny.py'),
                                              '--tpu', CPU8, '--workdir', str(tmp / 'w'), '--set',
                                              f'data.source={tmp / "two_images" / "0.png"}'],
@@ -310,7 +315,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          "tokenize with the quickstart's folder as tokenizer", 'import-tokenizer of a diffusers pipeline',
          'import-hf of the Hub cache folder', 'train on records of another length',
          'processes without a coordinator', 'a coordinator without a port', 'a process id past the count',
-         'train-tokenizer on one image file', 'lvm eval of a step folder', 'attrib query of a checkpoints folder']
+         'train-tokenizer on one image file', 'lvm eval of a step folder', 'attrib query of a checkpoints folder',
+         'import-hf of a Hub id', 'import-tokenizer of a Hub id']
 
 
 @pytest.mark.parametrize('case', CASES)
