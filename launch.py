@@ -86,6 +86,9 @@ def _print_result(result: dict) -> None:
     print(json.dumps(result, indent=1, default=str))
 
 
+QUICKSTART_LVM_SETTINGS = ['train.steps=1500', 'optim.decay_steps=1480']  # on lvm/configs/tiny.py, its time budget
+
+
 def _lvm_quickstart(args, workdir: Path, clock) -> dict:
   """Real images to a trained LVM: tokenizer -> visual sentences (train / held-out images) -> decoder
   -> perplexity of each sentence's last frame against the token-frequency baseline."""
@@ -112,8 +115,7 @@ def _lvm_quickstart(args, workdir: Path, clock) -> dict:
   progress.say(f'quickstart: sentences ready ({clock.lap("sentences"):.1f} s)\nquickstart LVM 3/4: train the tiny LVM')
   train_result = commands.train_command(str(ROOT / 'lvm/configs/tiny.py'), args.tpu, str(workdir / 'lvm'),
                                         [f'data.train_path={workdir / "data" / "train"}', f'model.vocab_size={vocab}',
-                                         f'data.seq_len={seq_len}', 'train.steps=1500', 'optim.decay_steps=1480']
-                                        + args.set)
+                                         f'data.seq_len={seq_len}'] + QUICKSTART_LVM_SETTINGS + args.set)
   stop_if_preempted(train_result, 'quickstart: the LVM')
   progress.say(f'quickstart: trained ({clock.lap("lvm train"):.1f} s)\nquickstart LVM 4/4: perplexity of the last frame')
   eval_result = commands.eval_command(str(workdir / 'lvm'), str(workdir / 'data' / 'eval'), args.tpu,
@@ -217,6 +219,17 @@ def quickstart_workdir(args) -> Path:
   return Path(args.workdir or ('runs/quickstart_full' if args.full else 'runs/quickstart'))
 
 
+def _check_quickstart_overrides(args) -> None:
+  """--set and --set-tokenizer checked before the first stage: a typo in an LVM field was found only
+  when the LVM's stage began, after the tokenizer's minutes."""
+  from core.config import ConfigError, apply_overrides, load_config_file
+  if args.attribution_only and (args.set or args.set_tokenizer):
+    raise ConfigError('--set and --set-tokenizer configure the LVM half, which --attribution-only skips')
+  if not args.attribution_only:
+    apply_overrides(load_config_file(ROOT / 'lvm/configs/tiny.py'), QUICKSTART_LVM_SETTINGS + args.set)
+    apply_overrides(load_config_file(ROOT / 'lvm/configs/tokenizer_tiny.py'), args.set_tokenizer)
+
+
 def quickstart(args) -> dict:
   """Both halves end to end on CPU: the LVM (tokenizer -> visual sentences -> train -> eval) and
   attribution (diffusion model -> teacher -> features -> distilled embedder + index -> eval -> PNGs)."""
@@ -224,6 +237,7 @@ def quickstart(args) -> dict:
   from core.errors import ConfigError
   if args.lvm_only and args.attribution_only:
     raise ConfigError('--lvm-only and --attribution-only exclude each other')
+  _check_quickstart_overrides(args)
   workdir = quickstart_workdir(args)
   from core.workdir import RUN_CONFIG_FILE, what_it_holds
   if (workdir / RUN_CONFIG_FILE).is_file():  # it would make its own tokenizer/, lvm/, ... inside that run

@@ -269,6 +269,10 @@ def _bad_inputs(tmp):
                                 'download it first (huggingface-cli download Emma02/LVM_7b --local-dir DIR)'),
       'import-tokenizer of a Hub id': (['lvm', 'import-tokenizer', '--weights', 'amused/amused-256', '--workdir',
                                         str(tmp / 'w')], 'give that folder (its vqvae/ for a diffusers pipeline)'),
+      'quickstart of an LVM key typo': (['quickstart', '--workdir', str(tmp / 'qs_new'), '--set', 'train.lr=1e-3'],
+                                        "unknown config key 'train.lr' (did you mean 'optim.lr'?)"),
+      'quickstart of a tokenizer value': (['quickstart', '--workdir', str(tmp / 'qs_new'), '--set-tokenizer',
+                                           'train.steps=ten'], "bad value for 'train.steps'"),
       'train-tokenizer on one image file': (['lvm', 'train-tokenizer', '--config', str(ROOT / 'lvm/configs/tokenizer_tiny.py'),
                                              '--tpu', CPU8, '--workdir', str(tmp / 'w'), '--set',
                                              f'data.source={tmp / "two_images" / "0.png"}'],
@@ -316,7 +320,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'import-hf of the Hub cache folder', 'train on records of another length',
          'processes without a coordinator', 'a coordinator without a port', 'a process id past the count',
          'train-tokenizer on one image file', 'lvm eval of a step folder', 'attrib query of a checkpoints folder',
-         'import-hf of a Hub id', 'import-tokenizer of a Hub id']
+         'import-hf of a Hub id', 'import-tokenizer of a Hub id', 'quickstart of an LVM key typo',
+         'quickstart of a tokenizer value']
 
 
 @pytest.mark.parametrize('case', CASES)
