@@ -25,6 +25,8 @@ class AttributionError(UserError):
 def read_image(path):  # -> PIL.Image.Image
   from PIL import Image
   source = as_path(path) if is_remote(path) else path  # a URL other than gs:// refused as itself
+  if as_path(path).is_dir():
+    raise AttributionError(f'{path} is a folder: a query is one image (Attributor.attribute_batch takes many)')
   try:
     with source.open('rb') if is_remote(path) else open(path, 'rb') as f:
       opened = Image.open(f)

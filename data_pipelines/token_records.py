@@ -114,8 +114,13 @@ def find_shards(path: str | Path) -> list[Path]:
       return shards
     # A tokenize job's --split train/eval runs, or its kinds, each in a folder of their own under this one.
     holding = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.glob(f'*{SHARD_SUFFIX}')))
+    from data_pipelines.image_sources import IMAGE_SUFFIXES
+    images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob('*'))
     raise TokenDataError(f'{path}: no *{SHARD_SUFFIX} shards in this directory'
-                         + (f'; its subfolders {", ".join(holding)} hold shards: pass one of them' if holding else ''))
+                         + (f'; its subfolders {", ".join(holding)} hold shards: pass one of them' if holding else '')
+                         + ('; it holds images, which the LVM reads as tokens: make visual sentences of them first '
+                            f'(launch.py lvm tokenize --tokenizer TOKENIZER_DIR --source {path} --out DIR)'
+                            if images and not holding else ''))
   raise TokenDataError(f'{path}: no such file or directory')
 
 

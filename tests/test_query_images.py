@@ -59,3 +59,13 @@ def test_image_lists_from_spreadsheets_and_windows_editors_read_as_typed(tmp_pat
   (tmp_path / 'bad.tsv').write_text('a.png\tok\nno tab here\n')
   with pytest.raises(UserError, match=r"bad.tsv:2: expected `image path<TAB>caption`, got 'no tab here'"):
     read_image_list(tmp_path / 'bad.tsv')
+
+
+def test_a_folder_given_as_the_query_image_is_named(tmp_path):
+  """`attrib query --image FOLDER` said 'not a readable image ([Errno 21] Is a directory)'."""
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / 'q.png')
+  for convert in (digit_pixels, tower_image):
+    with pytest.raises(AttributionError, match=rf'^{tmp_path} is a folder: a query is one image '
+                                               r'\(Attributor.attribute_batch takes many\)$'):
+      convert(str(tmp_path))
+    convert(str(tmp_path / 'q.png'))

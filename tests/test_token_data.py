@@ -46,6 +46,13 @@ def test_the_folder_above_the_shards_or_their_manifest_names_where_they_are(tmp_
     find_shards(tmp_path / 'data' / 'train' / 'manifest.json')
   with pytest.raises(TokenDataError, match=r'notes: no \*.arrayrecord shards in this directory$'):
     find_shards(tmp_path / 'data' / 'notes')
+  # A folder of images given as token data: the LVM reads visual sentences of them.
+  (tmp_path / 'photos' / 'cats').mkdir(parents=True)
+  (tmp_path / 'photos' / 'cats' / 'a.JPG').write_bytes(b'')
+  with pytest.raises(TokenDataError, match=r'photos: no \*.arrayrecord shards in this directory; it holds images, '
+                                           r'which the LVM reads as tokens: make visual sentences of them first '
+                                           rf'\(launch.py lvm tokenize --tokenizer TOKENIZER_DIR --source {tmp_path / "photos"}'):
+    find_shards(tmp_path / 'photos')
 
 
 def test_jsonl_lines_may_list_the_ids(tmp_path):
