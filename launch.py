@@ -22,6 +22,7 @@ quickstart's running order of the two halves (the attribution half's steps are i
   python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]
   python launch.py attrib generate --workdir DIR --prompt "a handwritten seven" --seed 3 --out q.png
   python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png] [--dino D --clip C]
+  python launch.py attrib query --workdir DIR --queries list.tsv [--out DIR] [--grids]   # many: image<TAB>prompt lines
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
   python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check   # fits?
   python launch.py tpu create|copy|setup|run|status|logs|stop|delete|ssh --tpu tpu_configs/v4_32.py --name NAME [...]
@@ -500,12 +501,16 @@ def _run(argv: list[str]) -> int:
   ae.add_argument('--features', help='features directory (default: the one the student trained on)')
   ae.add_argument('--ranks', help='test-query ranks: influence_test.pkl, .npy or ranks.arrayrecord')
 
-  aq = a.add_parser('query', help='attribute one image: top-k training images as a PNG grid')
+  aq = a.add_parser('query', help='attribute one image (top-k training images as a PNG grid), or a list of them')
   aq.add_argument('--workdir', required=True)
-  aq.add_argument('--image', required=True)
-  aq.add_argument('--prompt', required=True)
+  aq.add_argument('--image', help='the generated image (with --prompt)')
+  aq.add_argument('--prompt', help='the prompt it was generated from')
+  aq.add_argument('--queries', help='instead of --image/--prompt: a TSV of image path<TAB>prompt lines, '
+                  'answered into OUT/results.jsonl')
   aq.add_argument('-k', type=int, default=10)
-  aq.add_argument('--out', help='PNG path (default WORKDIR/query.png)')
+  aq.add_argument('--out', help='PNG path (default WORKDIR/query.png); with --queries a folder '
+                  '(default WORKDIR/query_results)')
+  aq.add_argument('--grids', action='store_true', help='with --queries: a PNG grid per query in OUT/grids/')
   aq.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
   aq.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
   aq.add_argument('--train-list', help='full scale: the training TSV (image<TAB>caption) for captions and the grid')
@@ -657,7 +662,19 @@ def _dispatch(args) -> dict:
     elif args.command == 'eval':
       from attrib.evaluation import eval_command
       result = eval_command(args.workdir, args.features, args.ranks)
+    elif args.command == 'query' and args.queries:
+      from core.errors import ConfigError
+      if args.image is not None or args.prompt is not None:
+        raise ConfigError('--queries lists the images and their prompts: give it without --image and --prompt')
+      from attrib.batch_query import batch_query_command
+      result = batch_query_command(args.workdir, args.queries, args.k, args.out, args.grids, args.dino, args.clip,
+                                   args.train_list)
     elif args.command == 'query':
+      from core.errors import ConfigError
+      if args.image is None or args.prompt is None:
+        raise ConfigError('attrib query needs --image and --prompt (or --queries LIST.tsv for many)')
+      if args.grids:
+        raise ConfigError('--grids is for --queries; one query always gets its grid (--out)')
       from attrib.query import query_command
       result = query_command(args.workdir, args.image, args.prompt, args.k, args.out, args.dino, args.clip,
                              args.train_list)

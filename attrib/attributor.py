@@ -210,19 +210,22 @@ class Attributor:
       raise AttributionError('prompts must be a list of strings, one per image, not one string')
     if len(images) != len(prompts):
       raise AttributionError(f'every image needs its prompt: {len(images)} images, {len(prompts)} prompts')
-    featurizer, name = self.featurizer
-    embeds_text = any(part.endswith('text') for part in name.split('+'))
     for i, p in enumerate(prompts):
-      which = 'the prompt' if len(prompts) == 1 else f'prompt {i}'
-      if not isinstance(p, str):
-        raise AttributionError(f'{which} is of type {type(p).__name__}, not a string')
-      if embeds_text and not p.strip():
-        # An empty text still embeds (to the tokenizer's markers alone) and answers for another query.
-        raise AttributionError(f'{which} is empty: this student\'s feature ({name}) embeds the prompt that '
-                               'generated the image; pass that prompt')
+      self.check_prompt(p, 'the prompt' if len(prompts) == 1 else f'prompt {i}')
+    featurizer, name = self.featurizer
     if isinstance(featurizer, TowerFeaturizer):
       return featurizer(name, [tower_image(i) for i in images], list(prompts))
     return featurizer(name, np.stack([digit_pixels(i) for i in images]), list(prompts))
+
+  def check_prompt(self, prompt, which: str = 'the prompt') -> None:
+    """A query's prompt as this student takes it, checked before any feature is computed."""
+    if not isinstance(prompt, str):
+      raise AttributionError(f'{which} is of type {type(prompt).__name__}, not a string')
+    name = self.featurizer[1] if self.featurizer else ''
+    if any(part.endswith('text') for part in name.split('+')) and not prompt.strip():
+      # An empty text still embeds (to the tokenizer's markers alone) and answers for another query.
+      raise AttributionError(f'{which} is empty: this student\'s feature ({name}) embeds the prompt that '
+                             'generated the image; pass that prompt')
 
   # ------------------------------------------------------------------ search
   def attribute(self, image=None, prompt: str | None = None, k: int = 10, features=None) -> Attribution:

@@ -97,20 +97,28 @@ def draw_photo_attribution(query, prompt: str, train_paths: list[str], result, p
   return unreadable
 
 
+def draw_answer(attributor, image, prompt: str, result, out_path: Path, full_scale: bool) -> list[str]:
+  """The grid of one answer (the query, then its top-k training images); returns the training image
+  files that could not be read (drawn as grey tiles and warned about)."""
+  from attrib.query_images import digit_pixels, tower_image
+  if full_scale:
+    unreadable = draw_photo_attribution(tower_image(image), prompt, attributor.train_images, result, out_path)
+    for file in unreadable:
+      print(f'warning: {file}: training image not readable; drawn as a grey tile in {out_path}', file=sys.stderr)
+    return unreadable
+  draw_attribution(digit_pixels(image)[..., 0], prompt, attributor.train_images, result, out_path)
+  return []
+
+
 def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None, dino: str | None = None,
                   clip: str | None = None, train_list: str | None = None) -> dict:
   from attrib.attributor import Attributor
-  from attrib.query_images import digit_pixels, tower_image
   attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
   out_path = prepare_output_file(out) if out else prepare_output_file(as_path(workdir) / 'query.png', 'the default --out')
   result = attributor.attribute(image=image, prompt=prompt, k=k)
   unreadable = []
-  if attributor.train_images is not None and (dino or clip):
-    unreadable = draw_photo_attribution(tower_image(image), prompt, attributor.train_images, result, out_path)
-    for file in unreadable:
-      print(f'warning: {file}: training image not readable; drawn as a grey tile in {out_path}', file=sys.stderr)
-  elif attributor.train_images is not None:
-    draw_attribution(digit_pixels(image)[..., 0], prompt, attributor.train_images, result, out_path)
+  if attributor.train_images is not None:
+    unreadable = draw_answer(attributor, image, prompt, result, out_path, full_scale=bool(dino or clip))
   summary = {'job': 'attrib query', 'image': str(image), 'prompt': prompt, 'k': k,
              'ids': result.ids.tolist(), 'scores': result.scores.tolist(), 'captions': result.captions,
              'paths': result.paths,

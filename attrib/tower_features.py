@@ -111,26 +111,33 @@ def read_image_list(path: str | Path, check_images: bool = True) -> tuple[list[s
   """A TSV of `image path<TAB>caption` lines (relative paths are taken from the list's folder); the
   list and the images may be local or gs://. With `check_images`, every image must exist and open as
   an image (its header only: no pixels are decoded) before any tower runs."""
+  images, captions, _ = read_listed_images(path, 'caption', check_images)
+  return images, captions
+
+
+def read_listed_images(path: str | Path, text: str, check_images: bool = True):
+  """`read_image_list` for any `image<TAB>text` list (training captions, query prompts): images,
+  texts and each one's line number in the list, for errors about it later."""
   path = as_path(path)
   if not path.is_file():
-    raise ConfigError(f'{path} not found (expected lines of: image path <TAB> caption)')
-  images, captions, lines = [], [], []
+    raise ConfigError(f'{path} not found (expected lines of: image path <TAB> {text})')
+  images, texts, lines = [], [], []
   # A byte-order mark (a list saved by Excel or Notepad) would otherwise start the first file's name.
   for number, line in enumerate(path.read_text().removeprefix('\ufeff').splitlines(), 1):
     if not line.strip():
       continue
     if '\t' not in line:
-      raise ConfigError(f'{path}:{number}: expected `image path<TAB>caption`, got {line[:80]!r}')
+      raise ConfigError(f'{path}:{number}: expected `image path<TAB>{text}`, got {line[:80]!r}')
     image, caption = line.split('\t', 1)
     image_path = as_path(image) if is_remote(image) or Path(image).is_absolute() else path.parent / image
     images.append(str(image_path))
-    captions.append(caption)
+    texts.append(caption)
     lines.append(number)
   if not images:
     raise ConfigError(f'{path}: no images listed')
   if check_images:
     _check_headers(images, lines, path)
-  return images, captions
+  return images, texts, lines
 
 
 def _header_problem(image: str) -> str | None:

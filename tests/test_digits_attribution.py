@@ -405,6 +405,56 @@ def test_query_command_writes_grid_and_result(pipeline, tmp_path):
                         '--prompt', 'p', '--out', str(out)]) == 2
 
 
+def test_a_list_of_queries_answers_each_as_one_query(pipeline, tmp_path, monkeypatch, capsys):
+  """`attrib query --queries list.tsv`: one line of results.jsonl per query, equal to `attribute` of
+  it alone, over batches (two here) and with each grid as `attrib query` draws it; a missing image
+  or an empty prompt is named with its line before anything is written, and the results of an earlier
+  run stay as they were."""
+  from PIL import Image
+  import attrib.batch_query
+  from attrib import Attributor
+  monkeypatch.setattr(attrib.batch_query, 'BATCH', 2)
+  queries = np.load(pipeline / 'teacher' / 'queries.npz')
+  (tmp_path / 'images').mkdir()
+  lines = ['\ufeff']  # a list saved by Notepad: its byte-order mark, then a blank line
+  for q in range(3):
+    Image.fromarray(((queries['images'][q][..., 0] + 1) * 127.5).round().astype(np.uint8)).save(
+        tmp_path / 'images' / f'q{q}.png')
+    lines.append(f'images/q{q}.png\t{queries["prompts"][q]}')
+  listing = tmp_path / 'queries.tsv'
+  listing.write_text('\n'.join(lines) + '\n')
+  out = tmp_path / 'answers'
+  assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--queries', str(listing), '-k', '5',
+                      '--out', str(out), '--grids']) == 0
+  printed = json.loads(capsys.readouterr().out)
+  records = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
+  assert printed['queries'] == 3 and printed['first'] == records[0]
+  assert [(r['query'], r['line']) for r in records] == [(1, 2), (2, 3), (3, 4)]
+  attributor = Attributor.load(pipeline)
+  for q, record in enumerate(records):
+    alone = attributor.attribute(image=str(tmp_path / 'images' / f'q{q}.png'), prompt=str(queries['prompts'][q]), k=5)
+    assert record['ids'] == alone.ids.tolist() and record['captions'] == alone.captions
+    np.testing.assert_allclose(record['scores'], alone.scores, rtol=1e-6)
+  assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'images' / 'q2.png'),
+                      '--prompt', str(queries['prompts'][2]), '-k', '5', '--out', str(tmp_path / 'one.png')]) == 0
+  np.testing.assert_array_equal(np.asarray(Image.open(out / 'grids' / 'query_00003.png')),
+                                np.asarray(Image.open(tmp_path / 'one.png')))
+  before = (out / 'results.jsonl').read_bytes()
+  capsys.readouterr()
+  for bad, named in (('images/q9.png\ta handwritten nine', 'queries.tsv:5: image'),
+                     ('images/q1.png\t ', 'queries.tsv:5: the prompt is empty')):
+    listing.write_text('\n'.join(lines + [bad]) + '\n')
+    assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--queries', str(listing),
+                        '--out', str(out)]) == 2
+    assert named in capsys.readouterr().err
+    assert (out / 'results.jsonl').read_bytes() == before
+  for args, said in ((['--queries', str(listing), '--image', 'q.png'], 'without --image'),
+                     ([], 'needs --image and --prompt (or --queries'),
+                     (['--image', 'q.png', '--prompt', 'p', '--grids'], '--grids is for --queries')):
+    assert launch_main(['attrib', 'query', '--workdir', str(pipeline), *args]) == 2
+    assert said in capsys.readouterr().err
+
+
 def test_index_errors_are_named(pipeline, tmp_path, capsys):
   import shutil
   from attrib.index import IndexFileError, load_any

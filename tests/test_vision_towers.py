@@ -318,6 +318,16 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
   grid = Image.open(tmp_path / 'grid.png')
   assert grid.mode == 'RGB' and grid.size[0] > 5 * 112
   assert result['unreadable_train_images'] == []
+  # A list of queries (relative and absolute paths): each answered and drawn as that query alone.
+  (tmp_path / 'asked.tsv').write_text(f'photo3.png\ta temple\n{tmp_path / "photo8.png"}\ta bridge\n')
+  assert launch_main(['attrib', 'query', '--workdir', str(student), '--queries', str(tmp_path / 'asked.tsv'),
+                      '-k', '4', '--out', str(tmp_path / 'asked'), '--grids', '--dino', str(tmp_path / 'dino'),
+                      '--clip', str(clip_path), '--train-list', str(tmp_path / 'train.tsv')]) == 0
+  asked = [json.loads(line) for line in (tmp_path / 'asked' / 'results.jsonl').read_text().splitlines()]
+  assert asked[0]['ids'] == result['ids'] and asked[0]['paths'] == result['paths']
+  assert asked[1]['ids'] == attributor.attribute(image=str(tmp_path / 'photo8.png'), prompt='a bridge', k=4).ids.tolist()
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'asked' / 'grids' / 'query_00001.png')),
+                                np.asarray(grid))
   # A training file moved away since: the answer stands, its tile says so, the file is named.
   gone = result['paths'][1]
   Path(gone).unlink()
