@@ -85,6 +85,12 @@ class Attribution:
   paths: list[str] | None = None  # their image files, when the training set is a list of files (train_list)
 
 
+# A long batch is answered this many queries at a time: its decoded images, features and candidates'
+# embeddings ([queries, M, d] when reranking) would otherwise all be held at once (6,400 digits
+# queries in one call took 0.55 GB more; 100,000 full-scale photos would not fit).
+QUERIES_AT_ONCE = 512
+
+
 class Attributor:
 
   def __init__(self, workdir, graphdef, params, index, featurizer, captions, images, rerank=None, prior=None):
@@ -202,6 +208,13 @@ class Attributor:
     return attributor
 
   def features(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
+    self._check_queries(images, prompts)
+    featurizer, name = self.featurizer
+    if isinstance(featurizer, TowerFeaturizer):
+      return featurizer(name, [tower_image(i) for i in images], list(prompts))
+    return featurizer(name, np.stack([digit_pixels(i) for i in images]), list(prompts))
+
+  def _check_queries(self, images: Sequence, prompts: Sequence[str]) -> None:
     if self.featurizer is None:
       raise AttributionError(f'{self.workdir}: this student was loaded without a featurizer; pass features=φ (the '
                              'same base feature as its training set) instead of image/prompt, or, for a full-scale '
@@ -212,10 +225,6 @@ class Attributor:
       raise AttributionError(f'every image needs its prompt: {len(images)} images, {len(prompts)} prompts')
     for i, p in enumerate(prompts):
       self.check_prompt(p, 'the prompt' if len(prompts) == 1 else f'prompt {i}')
-    featurizer, name = self.featurizer
-    if isinstance(featurizer, TowerFeaturizer):
-      return featurizer(name, [tower_image(i) for i in images], list(prompts))
-    return featurizer(name, np.stack([digit_pixels(i) for i in images]), list(prompts))
 
   def check_prompt(self, prompt, which: str = 'the prompt') -> None:
     """A query's prompt as this student takes it, checked before any feature is computed."""
@@ -245,16 +254,22 @@ class Attributor:
     if features is None:
       if images is None or prompts is None:
         raise AttributionError('pass image and prompt (or features=φ)')
-      features = self.features(images, prompts) if len(images) or len(prompts) else np.zeros((0, self.input_dim))
-    elif images is not None or prompts is not None:
+      if len(images) or len(prompts):  # every prompt checked before the first image is read
+        self._check_queries(images, prompts)
+      return [answer for start in range(0, len(images), QUERIES_AT_ONCE)
+              for answer in self._answer(self.features(images[start:start + QUERIES_AT_ONCE],
+                                                       prompts[start:start + QUERIES_AT_ONCE]), k)]
+    if images is not None or prompts is not None:
       # Which one would be attributed is a guess either way; say so instead of ignoring one.
       raise AttributionError('pass either image and prompt or features=φ, not both')
     features = np.asarray(features, np.float32)
     if features.ndim != 2 or features.shape[1] != self.input_dim:
       raise AttributionError(f'features of shape {features.shape}: the embedder takes [b, {self.input_dim}]')
     refuse_non_finite(features)
-    if not len(features):
-      return []  # an empty batch, as map over no queries
+    return [answer for start in range(0, len(features), QUERIES_AT_ONCE)
+            for answer in self._answer(features[start:start + QUERIES_AT_ONCE], k)]
+
+  def _answer(self, features: np.ndarray, k: int) -> list[Attribution]:
     query = np.asarray(self._embed(features))
     with self._lock.reading():  # an addition changes the indexes, embeddings and prior together
       return self._search(query, features, k)

@@ -133,7 +133,7 @@ def test_attributor_reranks_the_base_features_top_m_as_eval_does(pipeline, tmp_p
     Attributor.load(copy)
 
 
-def test_attributor_from_image_and_prompt(pipeline, tmp_path):
+def test_attributor_from_image_and_prompt(pipeline, tmp_path, monkeypatch):
   from attrib import Attributor, AttributionError
   attributor = Attributor.load(pipeline)
   queries = np.load(pipeline / 'teacher' / 'queries.npz')
@@ -204,6 +204,21 @@ def test_attributor_from_image_and_prompt(pipeline, tmp_path):
   with pytest.raises(AttributionError, match='the prompt is empty'):
     attributor.attribute(image=images[0], prompt='')
   assert attributor.attribute_batch(images=[], prompts=[]) == []  # was numpy's 'need at least one array'
+  # A long batch is answered a few queries at a time (two here): as each query alone, with every
+  # prompt checked before the first image is read (the empty one at 2 is named, not image 0).
+  monkeypatch.setattr('attrib.attributor.QUERIES_AT_ONCE', 2)
+  prompts = [str(p) for p in queries['prompts'][:3]]
+  featurized, featurize = [], attributor.features
+  monkeypatch.setattr(attributor, 'features', lambda i, p: featurized.append(len(i)) or featurize(i, p))
+  chunked = attributor.attribute_batch(images=images, prompts=prompts, k=5)
+  assert featurized == [2, 1]
+  from_features = attributor.attribute_batch(features=attributor.features(images, prompts), k=5)
+  for q, (a, b) in enumerate(zip(chunked, from_features, strict=True)):
+    np.testing.assert_array_equal(a.ids, serial[q].ids)
+    np.testing.assert_allclose(a.scores, serial[q].scores, rtol=1e-6)
+    np.testing.assert_array_equal(b.ids, serial[q].ids)
+  with pytest.raises(AttributionError, match='prompt 2 is empty'):
+    attributor.attribute_batch(images=[np.zeros((8, 8), np.float32), *images[1:]], prompts=[prompt, prompt, ''])
   with pytest.raises(AttributionError, match='dtype int64'):
     attributor.attribute(image=np.zeros((16, 16), np.int64), prompt=prompt)
   with pytest.raises(AttributionError, match=r'\[-1, 1\]'):
