@@ -21,6 +21,7 @@ quickstart's running order of the two halves (the attribution half's steps are i
   python launch.py attrib remove --workdir DIR --ids 3,17,250 | --ids-file F   # out of every answer (a takedown)
   python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]
   python launch.py attrib generate --workdir DIR --prompt "a handwritten seven" --seed 3 --out q.png
+  python launch.py attrib generate --workdir DIR --prompt "a handwritten seven" --seeds 0-99 --out DIR2   # + queries.tsv
   python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png] [--dino D --clip C]
   python launch.py attrib query --workdir DIR --queries list.tsv [--out DIR] [--grids]   # many: image<TAB>prompt lines
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
@@ -519,9 +520,11 @@ def _run(argv: list[str]) -> int:
   ag.add_argument('--workdir', required=True, help='a workdir from attrib train-model')
   ag.add_argument('--prompt', required=True, help='e.g. "a handwritten seven" (the teacher\'s test prompts: '
                   'WORKDIR/teacher/queries.npz)')
-  ag.add_argument('--seed', type=int, default=0, help='noise seed; the teacher\'s test query q used seed q')
+  ag.add_argument('--seed', type=int, help='noise seed (default 0); the teacher\'s test query q used seed q')
+  ag.add_argument('--seeds', help='many images: seeds such as 0-99 or 0,3,7, written into the --out folder '
+                  '(default WORKDIR/generated) with a queries.tsv for attrib query --queries')
   ag.add_argument('--out', help='picture at the model\'s size (default WORKDIR/generated.png; PNG keeps its '
-                  'pixels exactly, JPEG does not)')
+                  'pixels exactly, JPEG does not); with --seeds a folder')
   ag.add_argument('--tpu', help='slice preset (default: the one the model trained with)')
 
   ac = a.add_parser('counterfactual', help='retrain without the teacher top-K vs random K; compare query loss')
@@ -679,8 +682,16 @@ def _dispatch(args) -> dict:
       result = query_command(args.workdir, args.image, args.prompt, args.k, args.out, args.dino, args.clip,
                              args.train_list)
     elif args.command == 'generate':
-      from attrib.generation import generate_command
-      result = generate_command(args.workdir, args.prompt, args.seed, args.out, args.tpu)
+      if args.seeds is not None:
+        if args.seed is not None:
+          from core.errors import ConfigError
+          raise ConfigError('--seed and --seeds exclude each other (--seeds 3 is one seed)')
+        from attrib.generation import generate_seeds_command
+        result = generate_seeds_command(args.workdir, args.prompt, args.seeds, args.out, args.tpu)
+      else:
+        from attrib.generation import generate_command
+        result = generate_command(args.workdir, args.prompt, 0 if args.seed is None else args.seed, args.out,
+                                  args.tpu)
     elif args.command == 'counterfactual':
       from attrib.counterfactual import counterfactual_command
       result = counterfactual_command(args.workdir, args.k, args.queries, args.seeds, args.steps, args.tpu,

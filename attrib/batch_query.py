@@ -5,11 +5,12 @@ list's folder, gs:// too). Every image is checked to exist and open, and every p
 student takes, before the student loads its first query; an image that fails to decode later is
 named with its line. The answers go to OUT/results.jsonl, one JSON object per query in list order
 (written whole at the end: a failed run leaves the previous results as they were), and with
-`--grids` one PNG per query (OUT/grids/query_00001.png, ...) as `attrib query` draws it.
+`--grids` one PNG per query (OUT/grids/00001_<image name>.png, ...) as `attrib query` draws it.
 """
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 
 from core.paths import as_path
 from core.workdir import prepare_output_dir, versions, write_bytes_atomic
@@ -62,7 +63,7 @@ def batch_query_command(workdir: str, queries: str, k: int, out: str | None, gri
       number = start + offset + 1
       grid = None
       if grid_dir is not None:
-        grid = grid_dir / f'query_{number:05d}.png'
+        grid = grid_dir / f'{number:05d}_{PurePosixPath(image).stem}.png'  # in list order, named by the query
         unreadable += draw_answer(attributor, decoded[offset], prompt, result, grid, full_scale)
       records.append({'query': number, 'line': line, 'image': image, 'prompt': prompt,
                       'ids': result.ids.tolist(), 'scores': result.scores.tolist(), 'captions': result.captions,

@@ -353,7 +353,7 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
     Attributor.load(work).add_training_images(images=[new['images'][8]], captions=['a', 'b'])
 
 
-def test_generate_writes_the_teachers_query_for_its_prompt_and_seed(pipeline, tmp_path):
+def test_generate_writes_the_teachers_query_for_its_prompt_and_seed(pipeline, tmp_path, capsys):
   """`attrib generate --prompt P --seed q` is the teacher's test query q (prompt P), at the model's
   size, so a user can attribute an image of the model's making."""
   from PIL import Image
@@ -374,6 +374,24 @@ def test_generate_writes_the_teachers_query_for_its_prompt_and_seed(pipeline, tm
   assert result['seed'] == 7 and result['out'] == str(other_seed) and result['sampler']['num_steps'] == 10
   assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'query1.png'),
                       '--prompt', str(queries['prompts'][1]), '-k', '4', '--out', str(tmp_path / 'grid.png')]) == 0
+  # Many seeds at once: each the image --seed writes (to a level: another batch size's float rounding),
+  # named by prompt and seed, listed in queries.tsv; a second prompt's run adds to the list.
+  prompt = str(queries['prompts'][2])
+  assert launch_main(['attrib', 'generate', '--workdir', str(pipeline), '--prompt', prompt, '--seeds', '7,2',
+                      '--out', str(tmp_path / 'many')]) == 0
+  stem = prompt.replace(' ', '_')
+  for seed, single in ((2, 'query2.png'), (7, 'other.png')):
+    np.testing.assert_allclose(np.asarray(Image.open(tmp_path / 'many' / f'{stem}_seed{seed}.png'), np.int16),
+                               np.asarray(Image.open(tmp_path / single), np.int16), atol=1, rtol=0)
+  assert launch_main(['attrib', 'generate', '--workdir', str(pipeline), '--prompt', 'a handwritten one', '--seeds', '0',
+                      '--out', str(tmp_path / 'many')]) == 0
+  assert (tmp_path / 'many' / 'queries.tsv').read_text().splitlines() == [
+      f'{stem}_seed7.png\t{prompt}', f'{stem}_seed2.png\t{prompt}', 'a_handwritten_one_seed0.png\ta handwritten one']
+  for bad, said in ((['--seeds', '5-3'], 'the range 5-3 is empty'), (['--seeds', '1,x'], 'expected seeds and ranges'),
+                    (['--seeds', '2', '--seed', '2'], '--seed and --seeds exclude each other')):
+    capsys.readouterr()
+    assert launch_main(['attrib', 'generate', '--workdir', str(pipeline), '--prompt', prompt, *bad]) == 2
+    assert said in capsys.readouterr().err
 
 
 def test_a_large_k_is_drawn_ten_to_a_row(tmp_path):
@@ -452,7 +470,7 @@ def test_a_list_of_queries_answers_each_as_one_query(pipeline, tmp_path, monkeyp
     np.testing.assert_allclose(record['scores'], alone.scores, rtol=1e-6)
   assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'images' / 'q2.png'),
                       '--prompt', str(queries['prompts'][2]), '-k', '5', '--out', str(tmp_path / 'one.png')]) == 0
-  np.testing.assert_array_equal(np.asarray(Image.open(out / 'grids' / 'query_00003.png')),
+  np.testing.assert_array_equal(np.asarray(Image.open(out / 'grids' / '00003_q2.png')),
                                 np.asarray(Image.open(tmp_path / 'one.png')))
   before = (out / 'results.jsonl').read_bytes()
   capsys.readouterr()

@@ -326,7 +326,7 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
   asked = [json.loads(line) for line in (tmp_path / 'asked' / 'results.jsonl').read_text().splitlines()]
   assert asked[0]['ids'] == result['ids'] and asked[0]['paths'] == result['paths']
   assert asked[1]['ids'] == attributor.attribute(image=str(tmp_path / 'photo8.png'), prompt='a bridge', k=4).ids.tolist()
-  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'asked' / 'grids' / 'query_00001.png')),
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'asked' / 'grids' / '00001_photo3.png')),
                                 np.asarray(grid))
   # A training file moved away since: the answer stands, its tile says so, the file is named.
   gone = result['paths'][1]
