@@ -12,6 +12,13 @@ _HOW_TO_START = ('on Cloud TPU start every worker with `launch.py tpu run`; else
                  '--coordinator HOST:PORT --num-processes N --process-id I')
 
 
+def add_process_flags(parser) -> None:
+  """The flags that start one process of a multi-process run outside a TPU slice (`start` reads them)."""
+  parser.add_argument('--coordinator', help='host:port of process 0 (multi-process runs without a TPU)')
+  parser.add_argument('--num-processes', type=int, default=1)
+  parser.add_argument('--process-id', type=int, default=0)
+
+
 def start(preset, coordinator: str | None = None, num_processes: int = 1, process_id: int = 0) -> None:
   """Starts the multi-process runtime if this run needs one, then checks processes and devices."""
   import jax

@@ -336,8 +336,8 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   # The quickstart prints a command that continues the first held-out video from its frames written
   # as files; run as printed (from the user's folder), it must work and see those frames.
   import shlex
-  from launch import lvm_prompt_command
-  argv = shlex.split(lvm_prompt_command(lvm, report))
+  from lvm.quickstart import prompt_command
+  argv = shlex.split(prompt_command(lvm, report))
   assert argv[:2] == ['python', 'launch.py'] and len(report['prompt_frames']) == 3
   first_video = tokenizer.decode(videos[0, :192].reshape(3, 64))
   for path, frame in zip(report['prompt_frames'], first_video):
