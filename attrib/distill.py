@@ -250,12 +250,17 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
     progress.say(f'distill: with the {len(additions)} training images added to this student')
     train_feats = np.concatenate([np.asarray(train_feats, np.float32), additions.features])
   progress.say(f'distill: embedding {len(train_feats)} training images')
+  # Every process embeds its share of each batch (the parameters are sharded over all of them) ...
   embeddings = embed(graphdef, params, train_feats, mesh, preset.logical_rules)
+  prior = image_priors(graphdef, params, train_feats, mesh, preset.logical_rules) if run.config.embedder.image_prior else None
+  learned = {'student_step': step, 'scale_a': scale, 'offset_b': float(params['offset']),
+             'most_influential_is': 'highest cosine' if scale < 0 else 'lowest cosine', 'val_loss': val_loss}
+  if jax.process_index() != 0:  # ... and process 0 alone writes them and builds the index (one workdir)
+    return learned
   out = student_dir(workdir)
   save_npy_atomic(out / 'embeddings.npy', embeddings)
-  prior, prior_summary = None, {}
-  if run.config.embedder.image_prior:
-    prior = image_priors(graphdef, params, train_feats, mesh, preset.logical_rules)
+  prior_summary = {}
+  if prior is not None:
     save_npy_atomic(out / IMAGE_PRIOR, prior)
     prior_summary = {'image_prior': {'mean': float(prior.mean()), 'std': float(prior.std())}}
   progress.say(f'distill: building the ScaNN index over {len(embeddings)} rows')
@@ -274,9 +279,7 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
     k = built.meta['k']
     return ({key: built.meta[key] for key in ('kind', 'rows', 'dim', 'k', 'build_s')}
             | {f'recall_at_{k}': built.meta[f'recall_at_{k}']})
-  return {'student_step': step, 'scale_a': scale, 'offset_b': float(params['offset']),
-          'most_influential_is': 'highest cosine' if scale < 0 else 'lowest cosine',
-          'val_loss': val_loss, **prior_summary, **{name: summary(built) for name, built in indexes.items()}}
+  return {**learned, **prior_summary, **{name: summary(built) for name, built in indexes.items()}}
 
 
 def rebuild_index_command(workdir: str, shards: int = 1) -> dict:

@@ -161,20 +161,24 @@ class PairBatches:
 
   def __getitem__(self, index: int) -> dict:
     epoch, batch = divmod(int(index), self.batches_per_epoch)
-    start = batch * self.global_batch + self.offset
-    pair = self._permutation(epoch)[start:start + self.local]
+    start = batch * self.global_batch
+    pair = self._permutation(epoch)[start:start + self.global_batch]
     query, position = np.divmod(pair, self.m)
     train_ids = self.ranks[query, position]
     target = position.astype(np.float32) / self.m
-    rng = np.random.default_rng([self.seed, epoch, batch, self.offset])
+    # Outliers are drawn for the whole global batch, each host keeping its rows: the batch is then
+    # the same on any number of hosts (drawn per host, two hosts trained another model than one).
+    rng = np.random.default_rng([self.seed, epoch, batch, 0])
     swap = rng.random(len(pair)) < self.outlier_probability
     if swap.any():
       train_ids = train_ids.copy()
       train_ids[swap] = self._outside_candidates(query[swap], rng)
       target[swap] = (self.m - 1) / self.m
+    mine = slice(self.offset, self.offset + self.local)
+    query, train_ids, target = query[mine], train_ids[mine], target[mine]
     return {'query': np.asarray(self.query_feats[query], np.float32),
             'train': np.asarray(self.train_feats[train_ids], np.float32),
-            'target': target, 'seed': np.full(len(pair), np.int32(index % 2**31))}
+            'target': target, 'seed': np.full(self.local, np.int32(index % 2**31))}
 
   def _outside_candidates(self, queries: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A uniform random training id that is not among each query's candidates (rejection sampling)."""

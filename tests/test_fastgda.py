@@ -353,6 +353,32 @@ def test_sharded_training_matches_one_device(release, tmp_path):
   assert_network_close(eight, one, reduction_length=(24 + 64 + 64 + 32 + 512) * 30, what='distill losses')
 
 
+def test_distilling_on_two_processes_matches_one(release, tmp_path):
+  """A multi-host slice: two processes of four devices train, embed and index as one of eight. Before,
+  the embedding step fetched arrays other hosts held (a crash after training), and each host drew
+  the batch's outliers from its own generator (another model than one host trains)."""
+  from tests.helpers import CPU2X4, free_port, launch
+  assert _distill(release, tmp_path / 'one', CPU8, ['--set', 'distill.epochs=2']) == 0
+  port, args = free_port(), ['attrib', 'distill', '--config', str(release / 'config.py'), '--workdir', str(tmp_path / 'two'),
+                             '--tpu', CPU2X4, '--features', str(release / 'feats' / 'toy'), '--ranks',
+                             str(release / 'influence_train.pkl'), '--set', 'distill.seed=1', '--set', 'distill.epochs=2']
+  procs = [launch(args + ['--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)],
+                  devices=4) for i in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+  from core.metrics import read_metrics
+  from tests.tolerance import assert_network_close
+  one, two = (np.array([m['loss'] for m in read_metrics(tmp_path / w / 'student')]) for w in ('one', 'two'))
+  assert len(two) == len(one) > 1
+  reduction = (24 + 64 + 64 + 32 + 512) * 30  # as test_sharded_training_matches_one_device
+  assert_network_close(two, one, reduction_length=reduction, what='distill losses')
+  embeddings = [np.load(tmp_path / w / 'student' / 'embeddings.npy') for w in ('one', 'two')]
+  assert_network_close(embeddings[1], embeddings[0], reduction_length=reduction, what='embedded training set')
+  results = [json.loads((tmp_path / w / 'distill_result.json').read_text()) for w in ('one', 'two')]
+  assert results[1]['index']['rows'] == results[0]['index']['rows'] == N
+
+
 def test_resumed_distillation_equals_uninterrupted(release, tmp_path, capsys):
   assert _distill(release, tmp_path / 'straight', CPU1, ['--set', 'distill.epochs=2']) == 0
   assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=1']) == 0
