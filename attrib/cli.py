@@ -49,6 +49,7 @@ def add_parser(sub) -> None:
   af.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_1.py'))
   af.add_argument('--rows-per-part', type=int, default=8192,
                   help='full scale: rows written per resumable part (a failure loses at most one part)')
+  add_process_flags(af)  # full scale: each host featurizes parts of its own
 
   ad = a.add_parser('distill', help='train the FastGDA embedder on the teacher rankings; embed and index')
   ad.add_argument('--workdir', required=True)
@@ -138,6 +139,11 @@ def run(args) -> dict:
       result = tower_features_command(args.workdir, list(dict.fromkeys(names)), args.dino, args.clip, lists, args.tpu,
                                       args.rows_per_part)
     else:
+      import jax
+      if jax.process_count() > 1:
+        from core.errors import ConfigError
+        raise ConfigError('the built-in digits features run on one process; several hosts are for the '
+                          'full-scale towers (--dino / --clip)')
       result = features_command(args.workdir, list(dict.fromkeys(names)))
   elif args.command == 'distill':
     from attrib.distill import distill_command

@@ -174,34 +174,51 @@ def _list_fingerprint(images: list[str], captions: list[str], *sources) -> str:
 
 
 def features_in_parts(featurizer, name: str, images: list[str], captions: list[str], path, rows_per_part: int,
-                      fingerprint: str) -> np.ndarray:
+                      fingerprint: str) -> None:
   """φ of a long list, `rows_per_part` rows at a time, each part written as it is done
   (`<file>.parts/`), so that a failure (a truncated image, a preempted host) loses one part: the rerun
   keeps the parts of the same list and towers (`fingerprint`) and computes the rest. The parts are
-  removed once the whole file is written."""
+  joined into the file and removed once every part is there.
+
+  On several hosts each computes every N-th part on its own devices (no image is read twice), and
+  process 0 joins them."""
+  from core.distributed import wait_for_every_process
+  hosts, me = jax.process_count(), jax.process_index()
   parts = path.parent / f'{path.name}.parts'
   stamp = parts / 'list.json'
-  if parts.exists() and not (stamp.is_file() and read_json(stamp) ==
-                             {'fingerprint': fingerprint, 'rows_per_part': rows_per_part}):
-    parts.rmtree()  # another list, other towers or another part size: nothing in it is ours
-  parts.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(stamp, {'fingerprint': fingerprint, 'rows_per_part': rows_per_part})
+  if me == 0:
+    if parts.exists() and not (stamp.is_file() and read_json(stamp) ==
+                               {'fingerprint': fingerprint, 'rows_per_part': rows_per_part}):
+      parts.rmtree()  # another list, other towers or another part size: nothing in it is ours
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stamp, {'fingerprint': fingerprint, 'rows_per_part': rows_per_part})
+  wait_for_every_process(f'{path}: parts folder checked')
   starts = range(0, len(images), rows_per_part)
-  out = []
+  computed = {}
   for n, start in enumerate(starts):
     part, rows = parts / f'{start:011d}.npy', min(rows_per_part, len(images) - start)
-    if (npy_shape(part) or (None,))[0] == rows:
-      out.append(load_npy(part))
+    if n % hosts != me or (npy_shape(part) or (None,))[0] == rows:  # another host's, or done before
       continue
     if len(starts) > 1:
       progress.say(f'features: {name} part {n + 1}/{len(starts)} (rows {start}-{start + rows - 1})')
-    values = featurizer(name, images[start:start + rows], captions[start:start + rows])
-    save_npy_atomic(part, values)
-    out.append(values)
-  values = np.concatenate(out)
-  save_npy_atomic(path, values)
-  parts.rmtree()
-  return values
+    computed[start] = featurizer(name, images[start:start + rows], captions[start:start + rows])
+    save_npy_atomic(part, computed[start])
+  wait_for_every_process(f'{path}: every part written')
+  if me == 0:
+    save_npy_atomic(path, np.concatenate([computed[start] if start in computed else load_npy(parts / f'{start:011d}.npy')
+                                          for start in starts]))
+    parts.rmtree()
+  wait_for_every_process(f'{path}: written')
+
+
+def featurizer_mesh(preset):
+  """The preset's mesh on one host. On several, this host's devices alone, data parallel: each host
+  featurizes parts of its own (features_in_parts), and no batch waits for another host's images."""
+  from core.mesh import MESH_AXES, make_mesh
+  if jax.process_count() == 1:
+    return make_mesh(preset)
+  from jax.sharding import Mesh
+  return Mesh(np.array(jax.local_devices()).reshape(-1, 1, 1), MESH_AXES)
 
 
 def tower_features_command(workdir: str, names: list[str], dino_dir: str | None, clip_dir: str | None,
@@ -209,14 +226,14 @@ def tower_features_command(workdir: str, names: list[str], dino_dir: str | None,
   """Full-scale φ for image lists (training set, training queries, test queries) into
   WORKDIR/features/<name>/ in FastGDA's layout; files already written are kept, and a file cut short
   resumes from its last written part of `rows_per_part` rows."""
-  from core.mesh import load_preset, make_mesh
+  from core.mesh import load_preset
   if rows_per_part < 1:
     raise ConfigError(f'--rows-per-part must be >= 1, got {rows_per_part}')
   if 'train' not in lists or not lists['train']:
     raise ConfigError('--train-list is required (the training images and their first captions)')
   sets = {which: read_image_list(path) for which, path in lists.items() if path}  # all lists checked first
   preset = load_preset(tpu_path)
-  featurizer = TowerFeaturizer(dino_dir, clip_dir, make_mesh(preset), preset.logical_rules)
+  featurizer = TowerFeaturizer(dino_dir, clip_dir, featurizer_mesh(preset), preset.logical_rules)
   written = []
   for name in names:
     out = as_path(workdir) / 'features' / name

@@ -19,6 +19,15 @@ def add_process_flags(parser) -> None:
   parser.add_argument('--process-id', type=int, default=0)
 
 
+def wait_for_every_process(name: str) -> None:
+  """Returns once every process of the run has reached the same call (a no-op on one process): what
+  one host wrote before it is there for the others after it."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def start(preset, coordinator: str | None = None, num_processes: int = 1, process_id: int = 0) -> None:
   """Starts the multi-process runtime if this run needs one, then checks processes and devices."""
   import jax

@@ -228,6 +228,40 @@ def test_full_scale_feature_job_writes_fastgda_layout(clip_dir, tmp_path, capsys
   assert f"{tmp_path / 'bad.tsv'}:2: {tmp_path / 'page.png'} is not a readable image" in capsys.readouterr().err
 
 
+def test_full_scale_features_on_two_processes_match_one(clip_dir, tmp_path):
+  """A multi-host slice: each of two processes featurizes every other part of the list on its own
+  devices (process 0 parts 1 and 3 of 3, process 1 part 2), and process 0 joins them into the file
+  one process writes."""
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  from launch import main as launch_main
+  from tests.helpers import CPU2X4, free_port, launch
+  clip_path, clip = clip_dir
+  dino = _full_scale_checkpoints(tmp_path, clip_path)
+  for n, photo in enumerate(load_sample_images().images):
+    Image.fromarray(photo).save(tmp_path / f'photo{n}.png')
+  (tmp_path / 'train.tsv').write_text(''.join(f'photo{n % 2}.png\tcaption number {n}\n' for n in range(5)))
+  args = ['attrib', 'features', '--feature', 'dino+clip_text', '--dino', str(tmp_path / 'dino'), '--clip',
+          str(clip_path), '--train-list', str(tmp_path / 'train.tsv'), '--rows-per-part', '2']
+  assert launch_main(args + ['--workdir', str(tmp_path / 'one')]) == 0
+  port = free_port()
+  procs = [launch(args + ['--workdir', str(tmp_path / 'two'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
+                          '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
+  outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-3000:]
+  assert 'part 1/3' in outputs[0] and 'part 3/3' in outputs[0] and 'part 2/3' not in outputs[0]
+  folder = [tmp_path / w / 'features' / 'dino+clip_text' for w in ('one', 'two')]
+  one, two = (np.load(f / 'data_feats.npy') for f in folder)
+  assert two.shape == one.shape == (5, 64 + 32) and not (folder[1] / 'data_feats.npy.parts').exists()
+  # Batches of 2 rows on one device against 2 rows padded to 4 devices: kernels may differ.
+  assert_network_close(two[:, :64], one[:, :64], what='DINO part',
+                       reduction_length=total_fan_in(dino.parameters()) + 2 * 2 * 197)
+  text_weights = [*clip.text_model.parameters(), *clip.text_projection.parameters()]
+  assert_network_close(two[:, 64:], one[:, 64:], what='CLIP text part',
+                       reduction_length=total_fan_in(text_weights) + 2 * 2 * 77)
+
+
 STUDENT = '''
 from attrib.embedder import EmbedderConfig
 from attrib.fastgda_config import DistillConfig, FastGDAConfig
