@@ -214,11 +214,8 @@ def features_in_parts(featurizer, name: str, images: list[str], captions: list[s
 def featurizer_mesh(preset):
   """The preset's mesh on one host. On several, this host's devices alone, data parallel: each host
   featurizes parts of its own (features_in_parts), and no batch waits for another host's images."""
-  from core.mesh import MESH_AXES, make_mesh
-  if jax.process_count() == 1:
-    return make_mesh(preset)
-  from jax.sharding import Mesh
-  return Mesh(np.array(jax.local_devices()).reshape(-1, 1, 1), MESH_AXES)
+  from core.mesh import host_mesh, make_mesh
+  return make_mesh(preset) if jax.process_count() == 1 else host_mesh()
 
 
 def tower_features_command(workdir: str, names: list[str], dino_dir: str | None, clip_dir: str | None,

@@ -126,6 +126,14 @@ def make_mesh(preset: SliceConfig, devices: list | None = None):
   return Mesh(grid, MESH_AXES)
 
 
+def host_mesh():
+  """This host's devices alone, data parallel: for jobs whose hosts each work through items of their
+  own (features, tokenize shards) rather than one batch spread over every host."""
+  import jax
+  from jax.sharding import Mesh
+  return Mesh(np.array(jax.local_devices()).reshape(-1, 1, 1), MESH_AXES)
+
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / 'tpu_configs'
 
 

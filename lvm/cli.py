@@ -71,6 +71,7 @@ def add_parser(sub) -> None:
                   help="run as an Apache Beam pipeline (the beam extra); shards are written by Beam's workers")
   tk.add_argument('--beam-options', default='', metavar='"--runner=... ..."',
                   help='Beam pipeline options, e.g. "--runner=DataflowRunner --project=P ..." (lvm/beam_tokenize.py)')
+  add_process_flags(tk)  # several hosts: each writes shards of its own
 
   g = lvm.add_parser('generate', help='prompt a trained LVM with images; writes a PNG grid (prompt | generation)')
   g.add_argument('--workdir', required=True)
@@ -117,6 +118,11 @@ def run(args) -> dict:
                    sentences=args.sentences, records_per_shard=args.records_per_shard, strict=args.strict,
                    seed=args.seed, split=args.split, stride=args.stride, tpu_path=args.tpu)
     if args.beam:
+      import jax
+      if jax.process_count() > 1:
+        from core.errors import ConfigError
+        raise ConfigError('--beam runs on one process (Beam brings its own workers: --beam-options); '
+                          'without --beam the hosts of a slice each write shards of their own')
       from lvm.beam_tokenize import beam_tokenize_command
       result = beam_tokenize_command(args.tokenizer, args.source, kinds, args.out,
                                      beam_options=args.beam_options, **options)

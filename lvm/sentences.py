@@ -321,9 +321,10 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
       if previous != spec:
         changed = {k: (previous.get(k), v) for k, v in spec.items() if previous.get(k) != v}
         raise ConfigError(f'{out} holds shards of another tokenize job ({changed}); use a new --out')
-    write_json_atomic(state_path, spec)
-    for stale in out.glob(f'.*{SHARD_SUFFIX}.tmp*'):  # a shard an interrupted run was writing
-      stale.unlink()
+    write_json_atomic(state_path, spec)  # process 0's (every host checks, one writes)
+    import jax
+    for stale in out.glob(f'.*{SHARD_SUFFIX}.tmp*') if jax.process_index() == 0 else ():
+      stale.unlink()  # a shard an interrupted run was writing
   shards = []
   for kind in kinds:
     shards_per_kind = -(-counts[kind] // records_per_shard)
@@ -401,15 +402,27 @@ def manifest_tokenizer(sentences_dir, manifest: dict) -> str:
 
 
 def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, **options) -> dict:
-  """`lvm tokenize`: every shard on this machine, batched and sharded over its devices (options: those
-  of `plan_tokenize_job`)."""
+  """`lvm tokenize`: every shard, batched and sharded over this machine's devices, or on a slice of
+  several hosts each shard on one host's devices (options: those of `plan_tokenize_job`)."""
+  import jax
+  from core.distributed import wait_for_every_process
   started = time.time()
+  hosts, me = jax.process_count(), jax.process_index()
+  # On several hosts (a slice) every host checks the job and process 0 claims the folder; then each
+  # host writes every N-th shard, encoding on its own devices, and process 0 writes the manifest.
   job = plan_tokenize_job(tokenizer_dir, source, kinds, out, **options)
+  wait_for_every_process('tokenize: the output folder claimed')
+  if hosts > 1:
+    job.tokenizer = job.tokenizer.on_this_host()
   written = 0
-  for shard in job.shards:
-    if (job.out / shard.name).exists():
-      continue  # finished by an earlier run: the same records, by construction
+  for number, shard in enumerate(job.shards):
+    if number % hosts != me or (job.out / shard.name).exists():
+      continue  # another host's, or finished by an earlier run (the same records, by construction)
     write_sentence_shard(job, shard)
     written += 1
     progress.say(f'tokenize: {shard.name} ({shard.stop - shard.start} sentences of {job.seq_len} tokens)')
+  wait_for_every_process('tokenize: every shard written')
+  if hosts > 1:
+    from jax.experimental import multihost_utils
+    written = int(np.sum(multihost_utils.process_allgather(np.int32(written))))
   return finish_tokenize_job(job, written, started)

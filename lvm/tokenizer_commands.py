@@ -71,6 +71,16 @@ class LoadedTokenizer:
     with activation_sharding(self.mesh, self.rules):
       return map_batches(functools.partial(self._decode, self.params), tokens, self.mesh, self.rules, batch)
 
+  def on_this_host(self) -> LoadedTokenizer:
+    """The same tokenizer on this host's devices alone (core.mesh.host_mesh): on several hosts, each
+    encodes shards of its own. Every process must call it (the parameters are gathered from all)."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+    from core.mesh import host_mesh
+    mesh = host_mesh()
+    whole = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), self.params)
+    return dataclasses.replace(self, params=jax.device_put(whole, NamedSharding(mesh, PartitionSpec())), mesh=mesh)
+
 
 def params_checksum(params) -> str:
   """sha256 over every parameter's bytes, in tree order: names the exact tokenizer a shard used."""

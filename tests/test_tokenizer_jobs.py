@@ -725,6 +725,37 @@ def test_training_with_the_discriminator_logs_both_players_and_loads_for_encodin
   assert tokens.shape == (4, 64) and tokens.max() < 128
 
 
+def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_path):
+  """A slice of several hosts: each process encodes every other shard on its own devices and process 0
+  writes the manifest; the shards and manifest are one process's. A rerun after a lost shard writes
+  that shard alone. (Before, every host encoded and wrote every shard, all of them into one folder.)"""
+  from tests.helpers import CPU2X4, free_port, launch
+  common = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '24', '--records-per-shard', '8',
+            '--kind', 'video', '--kind', 'colorization']
+  assert launch_main(common + ['--out', str(tmp_path / 'one')]) == 0
+
+  def on_two_processes():
+    port = free_port()
+    procs = [launch(common + ['--out', str(tmp_path / 'two'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
+                              '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, out in zip(procs, outputs):
+      assert proc.returncode == 0, out[-3000:]
+    return outputs[0]
+  printed = on_two_processes()
+  # Process 0 wrote shards 1, 3, 5 of the 6 (video 0 and 2, colorization 1) and said so; process 1 the rest.
+  assert 'tokenize: video-00000-of-00003' in printed and 'tokenize: video-00001-of-00003' not in printed
+  one = {p.name: p.read_bytes() for p in (tmp_path / 'one').glob('*.arrayrecord')}
+  assert len(one) == 6 and {p.name: p.read_bytes() for p in (tmp_path / 'two').glob('*.arrayrecord')} == one
+  manifest = json.loads((tmp_path / 'two' / 'manifest.json').read_text())
+  assert manifest == json.loads((tmp_path / 'one' / 'manifest.json').read_text())
+  assert json.loads((tmp_path / 'two' / 'tokenize_result.json').read_text())['shards_written_this_run'] == 6
+  (tmp_path / 'two' / 'video-00001-of-00003.arrayrecord').unlink()
+  on_two_processes()
+  assert json.loads((tmp_path / 'two' / 'tokenize_result.json').read_text())['shards_written_this_run'] == 1
+  assert {p.name: p.read_bytes() for p in (tmp_path / 'two').glob('*.arrayrecord')} == one
+
+
 def test_beam_pipeline_writes_the_same_shards_and_resumes(tokenizer_dir, tmp_path):
   """`lvm tokenize --beam` on Beam's DirectRunner: byte-identical shards to `lvm tokenize`, the same
   manifest; a rerun after a lost shard, on two worker processes, writes only that shard."""
