@@ -200,6 +200,11 @@ def test_stop_of_a_job_whose_worker_restarted_says_it_was_lost(fake_gcloud, capf
     (['lvm', 'tokenize', '--tokenizer', 'gs://b/tok', '--source', 'builtin:digits', '--kind', 'video',
       '--out', 'shards'], '--out shards is a local path'),
     (['tpu', 'delete', '--tpu', 'tpu_configs/v4_32.py', '--name', 'x'], 'cannot be another `tpu` command'),
+    # Jobs that do not run across hosts would run whole on each of the 4, into one folder.
+    (['data', 'tokens', '--input', 'x.npy', '--out', 'gs://b/t', '--seq-len', '64'],
+     r'`data tokens` runs on one host, and tpu_configs/v4_32.py has 4'),
+    (['attrib', 'eval', '--workdir', 'gs://b/coco'], r'`attrib eval` runs on one host'),
+    (['quickstart', '--workdir', 'gs://b/q'], r'`quickstart` runs on one host'),
 ])
 def test_run_refuses_a_job_that_would_fail_on_the_slice_before_any_worker_starts(capsys, job, message):
   import re
@@ -229,7 +234,7 @@ def test_run_gives_the_job_this_slices_preset_when_it_names_none(capsys):
   [run] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'lvm', '--', 'lvm', 'train', '--config',
                    'lvm/configs/vqlm_7b.py', '--workdir', 'gs://b/x')  # --tpu is required: it parses with it
   assert run[-1].endswith('--workdir gs://b/x --tpu tpu_configs/v4_32.py')
-  [run] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'data', '--', 'data', 'tokens',
+  [run] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_8.py', '--name', 'data', '--', 'data', 'tokens',
                    '--input', 'x.npy', '--out', 'gs://b/t', '--seq-len', '64')  # takes no --tpu: none added
   assert run[-1].endswith('data tokens --input x.npy --out gs://b/t --seq-len 64')
   assert launch_main(['tpu', 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'f', '--', 'attrib', 'features',

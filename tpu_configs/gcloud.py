@@ -184,8 +184,9 @@ def with_slice_preset(parse, job: list[str], tpu: str) -> list[str]:
 def check_job(parse, job: list[str], args) -> None:
   """`tpu run`'s job, checked here before any worker starts (a mistake found on the slice costs a
   start-up of every host): it parses as a launch.py command; a TPU preset it names is this slice's
-  hardware; and on a slice of several hosts its outputs go to a place they all share, since each
-  host would otherwise write its own half of every checkpoint to its own disk."""
+  hardware; and on a slice of several hosts it is a job that runs across hosts and its outputs go to
+  a place they all share, since each host would otherwise write its own half of every checkpoint to
+  its own disk."""
   if job and job[0] == 'tpu':
     raise ConfigError('tpu run: the job after -- is run on the slice; it cannot be another `tpu` command')
   try:
@@ -196,6 +197,13 @@ def check_job(parse, job: list[str], args) -> None:
                         'why is above); nothing was started') from None
     raise
   preset = load_preset(args.tpu)
+  if preset.num_hosts > 1 and not hasattr(parsed, 'coordinator'):
+    # Jobs that run across hosts take --coordinator (core.distributed.add_process_flags); any other
+    # job would run whole on every host, each writing the same files into the same folder.
+    name = ' '.join(filter(None, (parsed.group, getattr(parsed, 'command', None))))
+    raise ConfigError(f'tpu run: `{name}` runs on one host, and {args.tpu} has {preset.num_hosts}: run it on a '
+                      'one-host slice (v4-8, v5e-8, ...) or on one machine; the jobs that run across hosts are '
+                      'lvm train, eval, train-tokenizer, tokenize and attrib train-model, teacher, features, distill')
   job_tpu = getattr(parsed, 'tpu', None)
   if job_tpu:
     wanted = load_preset(job_tpu)
