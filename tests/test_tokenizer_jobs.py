@@ -725,6 +725,38 @@ def test_training_with_the_discriminator_logs_both_players_and_loads_for_encodin
   assert tokens.shape == (4, 64) and tokens.max() < 128
 
 
+@pytest.mark.slow  # ~80 s on 2 cores; the default suite's distill test runs the same gathering code on two processes
+def test_tokenizer_trains_on_two_processes_as_on_one(tmp_path):
+  """Two processes of four devices train the tokenizer as one process of eight, and its closing
+  reconstruction report (encode and decode over every image) runs across both: before, it fetched
+  rows the other host held and crashed after training."""
+  from tests.helpers import CPU2X4, CPU8, free_port, launch
+  from tests.tolerance import assert_network_close
+  common = ['lvm', 'train-tokenizer', '--config', TINY_TOKENIZER, '--set', 'train.steps=4', '--set', 'train.log_every=1',
+            '--set', 'train.checkpoint_every=4', '--set', 'optim.warmup_steps=1', '--set', 'optim.decay_steps=3',
+            '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false']
+  assert launch_main(common + ['--tpu', CPU8, '--workdir', str(tmp_path / 'one')]) == 0
+  port = free_port()
+  procs = [launch(common + ['--tpu', CPU2X4, '--workdir', str(tmp_path / 'two'), '--coordinator', f'127.0.0.1:{port}',
+                            '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+  logged = [[json.loads(line)['loss'] for line in (tmp_path / w / 'metrics.jsonl').read_text().splitlines()]
+            for w in ('one', 'two')]
+  assert len(logged[0]) == len(logged[1]) == 4
+  config = TokenizerConfig(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=16, codebook_size=128,
+                           norm_num_groups=8, image_size=32)  # tokenizer_tiny's, for its reduction length
+  params = nnx.to_pure_dict(nnx.split(VQGAN(config, nnx.Rngs(0)))[1])
+  # Four updates, each through the network and a mean over the batch's 32 images of 32x32x3 pixels.
+  length = 4 * (total_fan_in(params, 'jax') + 32 * 32 * 3 * 32)
+  assert_network_close(np.array(logged[1]), np.array(logged[0]), what='tokenizer losses', reduction_length=length)
+  reports = [json.loads((tmp_path / w / 'train_result.json').read_text())['reconstruction'] for w in ('one', 'two')]
+  assert reports[1]['images'] == reports[0]['images'] == 2821
+  assert_network_close(*(np.array([r['psnr_db'], r['codebook_perplexity']]) for r in reports[::-1]),
+                       what='reconstruction report', reduction_length=length + 2821)
+
+
 def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_path):
   """A slice of several hosts: each process encodes every other shard on its own devices and process 0
   writes the manifest; the shards and manifest are one process's. A rerun after a lost shard writes
