@@ -205,6 +205,8 @@ def test_stop_of_a_job_whose_worker_restarted_says_it_was_lost(fake_gcloud, capf
      r'`data tokens` runs on one host, and tpu_configs/v4_32.py has 4'),
     (['attrib', 'eval', '--workdir', 'gs://b/coco'], r'`attrib eval` runs on one host'),
     (['quickstart', '--workdir', 'gs://b/q'], r'`quickstart` runs on one host'),
+    (['lvm', 'train', '--config', 'lvm/configs/vqlm_7b.py', '--workdir', 'gs://b/x', '--coordinator', '10.0.0.1:1234',
+      '--num-processes', '4'], 'leave --coordinator, --num-processes and --process-id out'),
 ])
 def test_run_refuses_a_job_that_would_fail_on_the_slice_before_any_worker_starts(capsys, job, message):
   import re

@@ -204,6 +204,10 @@ def check_job(parse, job: list[str], args) -> None:
     raise ConfigError(f'tpu run: `{name}` runs on one host, and {args.tpu} has {preset.num_hosts}: run it on a '
                       'one-host slice (v4-8, v5e-8, ...) or on one machine; the jobs that run across hosts are '
                       'lvm train, eval, train-tokenizer, tokenize and attrib train-model, teacher, features, distill')
+  if getattr(parsed, 'coordinator', None) or getattr(parsed, 'num_processes', 1) != 1 or getattr(parsed, 'process_id', 0):
+    # The same arguments go to every worker: each would be process 0 (or every one process I).
+    raise ConfigError('tpu run: leave --coordinator, --num-processes and --process-id out: the hosts of a slice find '
+                      'each other (jax.distributed.initialize), and every worker gets the same arguments')
   job_tpu = getattr(parsed, 'tpu', None)
   if job_tpu:
     wanted = load_preset(job_tpu)
