@@ -239,8 +239,13 @@ def test_run_gives_the_job_this_slices_preset_when_it_names_none(capsys):
   [run] = _printed(capsys, 'run', '--tpu', 'tpu_configs/v4_8.py', '--name', 'data', '--', 'data', 'tokens',
                    '--input', 'x.npy', '--out', 'gs://b/t', '--seq-len', '64')  # takes no --tpu: none added
   assert run[-1].endswith('data tokens --input x.npy --out gs://b/t --seq-len 64')
-  assert launch_main(['tpu', 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'f', '--', 'attrib', 'features',
+  assert launch_main(['tpu', 'run', '--tpu', 'tpu_configs/v4_8.py', '--name', 'f', '--', 'attrib', 'features',
                       '--workdir', 'gs://b/d', '--tpu=tpu_configs/cpu_1.py']) == 0
   captured = capsys.readouterr()
   assert shlex.split(captured.out)[-1].endswith('--tpu=tpu_configs/cpu_1.py')  # named: kept, with a warning
   assert "warning: tpu run: the job's --tpu tpu_configs/cpu_1.py is a CPU preset" in captured.err
+  # On several hosts each would run it whole and alone, into one folder: refused.
+  assert launch_main(['tpu', 'run', '--tpu', 'tpu_configs/v4_32.py', '--name', 'f', '--', 'attrib', 'features',
+                      '--workdir', 'gs://b/d', '--tpu=tpu_configs/cpu_1.py']) == 2
+  captured = capsys.readouterr()
+  assert 'is a CPU preset of one host, and tpu_configs/v4_32.py has 4' in captured.err and 'gcloud' not in captured.out

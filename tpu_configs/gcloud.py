@@ -211,6 +211,10 @@ def check_job(parse, job: list[str], args) -> None:
   job_tpu = getattr(parsed, 'tpu', None)
   if job_tpu:
     wanted = load_preset(job_tpu)
+    if wanted.platform != 'tpu' and preset.num_hosts > 1:
+      raise ConfigError(f"tpu run: the job's --tpu {job_tpu} is a {wanted.platform.upper()} preset of one host, and "
+                        f'{args.tpu} has {preset.num_hosts}: each host would run the whole job alone, into one folder; '
+                        f'leave --tpu out to run across the slice')
     if wanted.platform != 'tpu':
       print(f"warning: tpu run: the job's --tpu {job_tpu} is a {wanted.platform.upper()} preset, not this slice's "
             f'layout (its {wanted.num_devices} device(s), its sharding rules); leave --tpu out to run on {args.tpu}',
