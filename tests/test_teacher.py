@@ -254,3 +254,31 @@ def test_a_split_only_grows_under_the_settings_its_queries_were_ranked_with(tmp_
   check_same_ranking_settings(tmp_path, 'test', dict(settings, model_step=2000))  # another split
   with pytest.raises(ConfigError, match=r"candidates: '96' then, 'all' now; model_step: 400 then, 2000 now"):
     check_same_ranking_settings(tmp_path, 'train', dict(settings, model_step=2000, candidates='all'))
+
+
+@pytest.mark.slow  # two training runs, one on two processes: ~2.5 minutes on 2 cores
+def test_diffusion_model_trains_on_two_processes_as_on_one(tmp_path):
+  """`attrib train-model` on two processes of four devices trains as one process of eight, and its
+  closing samples (drawn across both hosts) are scored the same."""
+  from launch import main
+  from tests.helpers import CPU2X4, free_port, launch
+  config = str(ROOT / 'attrib/configs/digits.py')
+  common = ['attrib', 'train-model', '--config', config, '--set', 'train.steps=4', '--set', 'train.log_every=1',
+            '--set', 'train.checkpoint_every=4', '--set', 'train.progress_bar=false', '--set', 'sample.num_steps=5']
+  assert main(common + ['--tpu', CPU8, '--workdir', str(tmp_path / 'one')]) == 0
+  port = free_port()
+  procs = [launch(common + ['--tpu', CPU2X4, '--workdir', str(tmp_path / 'two'), '--coordinator', f'127.0.0.1:{port}',
+                            '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+  logged = [np.array([json.loads(line)['loss'] for line in (tmp_path / w / 'metrics.jsonl').read_text().splitlines()])
+            for w in ('one', 'two')]
+  assert len(logged[0]) == len(logged[1]) == 4
+  run = load_config_file(config)
+  params = nnx.to_pure_dict(nnx.split(UNet2DConditionModel(run.unet, nnx.Rngs(0)))[1])
+  # Four updates, each through the U-Net and a mean over the batch's 64 images of 16x16 pixels.
+  length = 4 * (total_fan_in(params, layout='jax') + run.train.global_batch * 16 * 16)
+  assert_network_close(logged[1], logged[0], reduction_length=length, what='diffusion losses')
+  samples = [json.loads((tmp_path / w / 'train_result.json').read_text())['samples'] for w in ('one', 'two')]
+  assert samples[1]['nearest_neighbour_class_agreement'] == samples[0]['nearest_neighbour_class_agreement']
