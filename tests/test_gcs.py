@@ -199,7 +199,7 @@ def test_the_lvm_path_in_a_bucket_tokenizer_to_generate(gcs, tmp_path):
        '--sentences', '16', '--out', f'{root}/sent')
   _image_folders(tmp_path / 'up', url)  # images and videos in the bucket, tokenized from there
   _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', f'gs://{BUCKET}/imgs',
-       '--kind', 'groups', '--sentences', '4', '--out', f'{root}/sent_imgs')
+       '--kind', 'groups', '--frames', '2', '--sentences', '4', '--out', f'{root}/sent_imgs')  # classes of 2 images
   _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', f'frames:gs://{BUCKET}/clips',
        '--kind', 'video', '--frames', '3', '--sentences', '4', '--out', f'{root}/sent_clips')
   for made, kind, images in (('sent_imgs', 'groups', 5), ('sent_clips', 'video', 6)):
