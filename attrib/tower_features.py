@@ -157,12 +157,24 @@ def _header_problem(image: str) -> str | None:
 
 def _check_headers(images: list[str], lines: list[int], listing) -> None:
   """Each listed file exists and is an image (a saved error page or an empty download is not),
-  checked in threads: on gs:// or a gcsfuse mount every check is a round trip."""
+  checked in threads: on gs:// or a gcsfuse mount every check is a round trip. On a slice of several
+  hosts each checks every N-th file, and a bad one stops every host (core.distributed.all_or_none)."""
+  from core.distributed import all_or_none
+  with all_or_none(f'{listing}: every listed image checked'):
+    share = range(jax.process_index(), len(images), jax.process_count())
+    problem = first_header_problem([images[i] for i in share], [lines[i] for i in share], listing)
+    if problem:
+      raise ConfigError(problem)
+
+
+def first_header_problem(images: list[str], lines: list[int], listing) -> str | None:
+  """`<list>:<line>: <problem>` for the first of `images` that is missing or not an image, else None."""
   import concurrent.futures
   with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
     for number, problem in zip(lines, pool.map(_header_problem, images)):
       if problem:
-        raise ConfigError(f'{listing}:{number}: {problem}')
+        return f'{listing}:{number}: {problem}'
+  return None
 
 
 def _list_fingerprint(images: list[str], captions: list[str], *sources) -> str:
@@ -182,33 +194,34 @@ def features_in_parts(featurizer, name: str, images: list[str], captions: list[s
 
   On several hosts each computes every N-th part on its own devices (no image is read twice), and
   process 0 joins them."""
-  from core.distributed import wait_for_every_process
+  from core.distributed import all_or_none
   hosts, me = jax.process_count(), jax.process_index()
   parts = path.parent / f'{path.name}.parts'
   stamp = parts / 'list.json'
-  if me == 0:
-    if parts.exists() and not (stamp.is_file() and read_json(stamp) ==
-                               {'fingerprint': fingerprint, 'rows_per_part': rows_per_part}):
-      parts.rmtree()  # another list, other towers or another part size: nothing in it is ours
-    parts.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stamp, {'fingerprint': fingerprint, 'rows_per_part': rows_per_part})
-  wait_for_every_process(f'{path}: parts folder checked')
+  with all_or_none(f'{path}: parts folder checked'):
+    if me == 0:
+      if parts.exists() and not (stamp.is_file() and read_json(stamp) ==
+                                 {'fingerprint': fingerprint, 'rows_per_part': rows_per_part}):
+        parts.rmtree()  # another list, other towers or another part size: nothing in it is ours
+      parts.mkdir(parents=True, exist_ok=True)
+      write_json_atomic(stamp, {'fingerprint': fingerprint, 'rows_per_part': rows_per_part})
   starts = range(0, len(images), rows_per_part)
   computed = {}
-  for n, start in enumerate(starts):
-    part, rows = parts / f'{start:011d}.npy', min(rows_per_part, len(images) - start)
-    if n % hosts != me or (npy_shape(part) or (None,))[0] == rows:  # another host's, or done before
-      continue
-    if len(starts) > 1:
-      progress.say(f'features: {name} part {n + 1}/{len(starts)} (rows {start}-{start + rows - 1})')
-    computed[start] = featurizer(name, images[start:start + rows], captions[start:start + rows])
-    save_npy_atomic(part, computed[start])
-  wait_for_every_process(f'{path}: every part written')
-  if me == 0:
-    save_npy_atomic(path, np.concatenate([computed[start] if start in computed else load_npy(parts / f'{start:011d}.npy')
-                                          for start in starts]))
-    parts.rmtree()
-  wait_for_every_process(f'{path}: written')
+  # A host's part that fails (an image truncated after its header) stops every host, each saying why.
+  with all_or_none(f'{path}: every part written'):
+    for n, start in enumerate(starts):
+      part, rows = parts / f'{start:011d}.npy', min(rows_per_part, len(images) - start)
+      if n % hosts != me or (npy_shape(part) or (None,))[0] == rows:  # another host's, or done before
+        continue
+      if len(starts) > 1:
+        progress.say(f'features: {name} part {n + 1}/{len(starts)} (rows {start}-{start + rows - 1})')
+      computed[start] = featurizer(name, images[start:start + rows], captions[start:start + rows])
+      save_npy_atomic(part, computed[start])
+  with all_or_none(f'{path}: written'):
+    if me == 0:
+      save_npy_atomic(path, np.concatenate([computed[start] if start in computed
+                                            else load_npy(parts / f'{start:011d}.npy') for start in starts]))
+      parts.rmtree()
 
 
 def featurizer_mesh(preset):

@@ -6,7 +6,9 @@ machine, a GPU cluster without a scheduler) the coordinator is given explicitly.
 """
 from __future__ import annotations
 
-from core.errors import ConfigError
+import contextlib
+
+from core.errors import ConfigError, UserError
 
 _HOW_TO_START = ('on Cloud TPU start every worker with `launch.py tpu run`; elsewhere give each process '
                  '--coordinator HOST:PORT --num-processes N --process-id I')
@@ -19,13 +21,53 @@ def add_process_flags(parser) -> None:
   parser.add_argument('--process-id', type=int, default=0)
 
 
-def wait_for_every_process(name: str) -> None:
-  """Returns once every process of the run has reached the same call (a no-op on one process): what
-  one host wrote before it is there for the others after it."""
+class AnotherProcessFailed(UserError):
+  """Raised on every other process when a step of a multi-process job failed on one (`all_or_none`)."""
+
+
+_MESSAGE_BYTES = 4096
+
+
+@contextlib.contextmanager
+def all_or_none(name: str):
+  """A step that each process does on its own share (its parts, its shards, its images), ending in a
+  barrier: every process waits there for the others, and when the step failed on one, every process
+  fails (the one with its own error, the others with AnotherProcessFailed quoting it) instead of the
+  others waiting at the next barrier until JAX's coordination service gives up on them. A no-op on
+  one process. Every process must enter the same steps in the same order, as with any barrier."""
   import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+  if jax.process_count() == 1:
+    yield
+    return
+  try:
+    yield
+  except Exception as error:
+    _exchange(name, error)
+    raise
+  _exchange(name, None)
+
+
+def _exchange(name: str, error: BaseException | None) -> None:
+  """Every process's outcome of step `name` to every process (the barrier): raises on this one when
+  another failed. Each outcome travels as bytes: a kind (0 done, 1 bad input, 2 other) and a message."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  outcome = np.zeros(_MESSAGE_BYTES, np.uint8)
+  if error is not None:
+    text = f'{error}' if isinstance(error, UserError) else f'{type(error).__name__}: {error}'
+    encoded = text.encode('utf-8', 'replace')[:_MESSAGE_BYTES - 1]
+    outcome[0] = 1 if isinstance(error, UserError) else 2
+    outcome[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+  outcomes = np.asarray(multihost_utils.process_allgather(outcome))
+  failed = [p for p in range(len(outcomes)) if outcomes[p, 0]]
+  if error is not None or not failed:
+    return  # this process raises its own error; or every process is done
+  first = failed[0]
+  message = bytes(outcomes[first, 1:]).rstrip(b'\0').decode('utf-8', 'replace')
+  others = f' (and {len(failed) - 1} more)' if len(failed) > 1 else ''
+  text = f'{name}: process {first} of {jax.process_count()} failed{others}, so this one stops too: {message}'
+  raise AnotherProcessFailed(text) if outcomes[first, 0] == 1 else RuntimeError(text)
 
 
 def start(preset, coordinator: str | None = None, num_processes: int = 1, process_id: int = 0) -> None:

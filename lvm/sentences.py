@@ -405,23 +405,24 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   """`lvm tokenize`: every shard, batched and sharded over this machine's devices, or on a slice of
   several hosts each shard on one host's devices (options: those of `plan_tokenize_job`)."""
   import jax
-  from core.distributed import wait_for_every_process
+  from core.distributed import all_or_none
   started = time.time()
   hosts, me = jax.process_count(), jax.process_index()
   # On several hosts (a slice) every host checks the job and process 0 claims the folder; then each
-  # host writes every N-th shard, encoding on its own devices, and process 0 writes the manifest.
-  job = plan_tokenize_job(tokenizer_dir, source, kinds, out, **options)
-  wait_for_every_process('tokenize: the output folder claimed')
+  # host writes every N-th shard, encoding on its own devices, and process 0 writes the manifest. A
+  # step that fails on one host (a bad file under --strict, a full disk) stops every host.
+  with all_or_none('tokenize: the output folder claimed'):
+    job = plan_tokenize_job(tokenizer_dir, source, kinds, out, **options)
   if hosts > 1:
     job.tokenizer = job.tokenizer.on_this_host()
   written = 0
-  for number, shard in enumerate(job.shards):
-    if number % hosts != me or (job.out / shard.name).exists():
-      continue  # another host's, or finished by an earlier run (the same records, by construction)
-    write_sentence_shard(job, shard)
-    written += 1
-    progress.say(f'tokenize: {shard.name} ({shard.stop - shard.start} sentences of {job.seq_len} tokens)')
-  wait_for_every_process('tokenize: every shard written')
+  with all_or_none('tokenize: every shard written'):
+    for number, shard in enumerate(job.shards):
+      if number % hosts != me or (job.out / shard.name).exists():
+        continue  # another host's, or finished by an earlier run (the same records, by construction)
+      write_sentence_shard(job, shard)
+      written += 1
+      progress.say(f'tokenize: {shard.name} ({shard.stop - shard.start} sentences of {job.seq_len} tokens)')
   if hosts > 1:
     from jax.experimental import multihost_utils
     written = int(np.sum(multihost_utils.process_allgather(np.int32(written))))

@@ -112,3 +112,50 @@ def test_every_preset_describes_a_mesh_that_uses_all_its_devices():
       chips = math.prod(int(n) for n in p.topology.split(':')[1].split('x'))
       assert chips * slices == p.num_devices, p.name
       assert p.zones and p.peak_flops_per_device > 0 and p.hbm_gib_per_device > 0
+
+
+ALL_OR_NONE = '''
+import sys
+import jax
+from core.distributed import all_or_none, start
+from core.errors import ConfigError
+port, me, failure = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+start(None, f'127.0.0.1:{port}', 2, me)
+with all_or_none('step one'):
+  pass
+with all_or_none('step two'):
+  if me == 1 and failure == 'bad input':
+    raise ConfigError('record 7 of shard 3 is out of range')
+  if me == 1 and failure == 'bug':
+    raise KeyError('missing')
+print('both done')
+'''
+
+
+@pytest.mark.parametrize('failure', ['none', 'bad input', 'bug'])
+def test_a_step_that_fails_on_one_process_fails_on_every_process(tmp_path, failure):
+  """core.distributed.all_or_none: when a step fails on process 1, process 0 (which finished its
+  share) stops at the step's end with process 1's message, a UserError when process 1's was one."""
+  import os
+  import subprocess
+  import sys
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, '-c', ALL_OR_NONE, str(port), str(i), failure], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+           for i in range(2)]
+  try:
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  if failure == 'none':
+    assert [p.returncode for p in procs] == [0, 0] and all('both done' in out for out in outputs), outputs
+    return
+  assert [p.returncode for p in procs] == [1, 1] and not any('both done' in out for out in outputs), outputs
+  if failure == 'bad input':
+    assert 'ConfigError: record 7 of shard 3 is out of range' in outputs[1]
+    assert ('core.distributed.AnotherProcessFailed: step two: process 1 of 2 failed, so this one stops too: '
+            'record 7 of shard 3 is out of range') in outputs[0]
+  else:
+    assert "KeyError: 'missing'" in outputs[1]
+    assert "RuntimeError: step two: process 1 of 2 failed, so this one stops too: KeyError: 'missing'" in outputs[0]

@@ -262,6 +262,53 @@ def test_full_scale_features_on_two_processes_match_one(clip_dir, tmp_path):
                        reduction_length=total_fan_in(text_weights) + 2 * 2 * 77)
 
 
+def test_a_bad_image_on_one_of_two_processes_stops_both(clip_dir, tmp_path):
+  """Each process checks the headers of its own share of the list (every other line), and a failure
+  on one process (a bad header, an image truncated after its header) stops both in seconds, each
+  saying why, instead of the other waiting at the next barrier until JAX's coordination gives up."""
+  import io
+  from PIL import Image
+  from sklearn.datasets import load_sample_images
+  from tests.helpers import CPU2X4, free_port, launch
+  clip_path, _ = clip_dir
+  _full_scale_checkpoints(tmp_path, clip_path)
+  Image.fromarray(load_sample_images().images[0]).save(tmp_path / 'photo.png')
+  (tmp_path / 'page.html').write_text('<html>rate limited</html>')
+  encoded = io.BytesIO()
+  Image.fromarray(load_sample_images().images[1]).save(encoded, 'PNG')
+  (tmp_path / 'cut.png').write_bytes(encoded.getvalue()[:len(encoded.getvalue()) // 2])  # its header reads
+
+  def run_two(listing):
+    args = ['attrib', 'features', '--feature', 'dino', '--dino', str(tmp_path / 'dino'), '--train-list',
+            str(tmp_path / listing), '--rows-per-part', '1', '--workdir', str(tmp_path / 'w'), '--tpu', CPU2X4]
+    port = free_port()
+    procs = [launch(args + ['--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)],
+                    devices=4) for i in range(2)]
+    try:
+      outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    finally:
+      for proc in procs:
+        proc.kill()
+    return [proc.returncode for proc in procs], outputs
+
+  # Lines 2 (process 1's share) and 3 (process 0's) are not images: each names the first in its share.
+  (tmp_path / 'headers.tsv').write_text('photo.png\ta\npage.html\tb\npage.html\tc\nphoto.png\td\n')
+  codes, outputs = run_two('headers.tsv')
+  assert codes == [2, 2], outputs
+  assert f"error: {tmp_path / 'headers.tsv'}:3: {tmp_path / 'page.html'} is not a readable image" in outputs[0]
+  assert f"error: {tmp_path / 'headers.tsv'}:2: {tmp_path / 'page.html'} is not a readable image" in outputs[1]
+  # Part 2 of 3 (process 1's) holds an image cut short after its header: process 0 finishes its parts
+  # and stops at the barrier with process 1's error; nothing is joined, the parts written are kept.
+  (tmp_path / 'cut.tsv').write_text('photo.png\ta\ncut.png\tb\nphoto.png\tc\n')
+  codes, outputs = run_two('cut.tsv')
+  assert codes == [2, 2], outputs
+  assert f"error: {tmp_path / 'cut.png'}: not a readable image" in outputs[1]
+  assert 'every part written: process 1 of 2 failed, so this one stops too: ' in outputs[0]
+  assert f"{tmp_path / 'cut.png'}: not a readable image" in outputs[0]
+  parts = tmp_path / 'w' / 'features' / 'dino' / 'data_feats.npy.parts'
+  assert sorted(p.name for p in parts.glob('*.npy')) == ['00000000000.npy', '00000000002.npy']
+
+
 STUDENT = '''
 from attrib.embedder import EmbedderConfig
 from attrib.fastgda_config import DistillConfig, FastGDAConfig
