@@ -321,11 +321,10 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
       if previous != spec:
         changed = {k: (previous.get(k), v) for k, v in spec.items() if previous.get(k) != v}
         raise ConfigError(f'{out} holds shards of another tokenize job ({changed}); use a new --out')
+    write_json_atomic(state_path, spec)  # process 0's (every host checks, one writes)
     import jax
-    if jax.process_index() == 0:  # every host checks, one writes
-      write_json_atomic(state_path, spec)
-      for stale in out.glob(f'.*{SHARD_SUFFIX}.tmp*'):
-        stale.unlink()  # a shard an interrupted run was writing
+    for stale in out.glob(f'.*{SHARD_SUFFIX}.tmp*') if jax.process_index() == 0 else ():
+      stale.unlink()  # a shard an interrupted run was writing
   shards = []
   for kind in kinds:
     shards_per_kind = -(-counts[kind] // records_per_shard)
@@ -365,12 +364,10 @@ def finish_tokenize_job(job: TokenizeJob, written: int, started: float, runner: 
               'special_token_ids': [tconfig.codebook_size, tconfig.codebook_size + SPECIAL_TOKENS - 1],
               'records_per_kind': job.spec['sentences'], 'shards': [s.name for s in job.shards],
               'images': int(len(job.images)), **tokenizer_location(job.tokenizer_dir, job.out)}
+  write_json_atomic(job.out / 'manifest.json', manifest)
   result = dict(manifest, shards_written_this_run=written, runner=runner, wall_s=time.time() - started,
                 versions=versions())
-  import jax
-  if jax.process_index() == 0:  # on a slice of several hosts, one writes (every host returns the result)
-    write_json_atomic(job.out / 'manifest.json', manifest)
-    write_json_atomic(job.out / 'tokenize_result.json', result)
+  write_json_atomic(job.out / 'tokenize_result.json', result)
   return result
 
 
