@@ -29,6 +29,7 @@ from attrib.released import training_set_dir
 from attrib.teacher import Teacher, TeacherConfig
 from attrib.text_encoder import mean_pool_normalise, shared_text_encoder
 from core import progress
+from core.distributed import all_or_none
 from core.paths import as_path
 from core.config import ConfigError, apply_overrides, check_at_least
 from core.mesh import MESH_AXES
@@ -309,39 +310,39 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
                                                  desc=f'θ₀ losses of {len(missing)} training images')
       save_npy_atomic(base_path, base_losses)
   clock = progress.Stopwatch()
-  for q in todo:
-    query_started = time.time()
-    path = out / 'queries' / f'query_{q:05d}.npz'
-    if candidates == 'all':
-      cand = np.arange(train.num_images, dtype=np.int32)
-    elif neighbour_ids is not None:
-      cand = np.asarray(neighbour_ids[q, :int(candidates)], np.int32)
-    else:
-      cand = np.argsort(-(features @ queries.features[q]), kind='stable')[:int(candidates)].astype(np.int32)
-    missing = cand[np.isnan(base_losses[:, cand]).any(axis=0)]
-    if len(missing):
-      # In the scoring call's batch shape (below), so that any count of missing ones compiles nothing.
-      base_losses[:, missing] = candidate_losses(teacher, teacher.kv0, train, missing,
-                                                 desc=f'query {q + 1}/{num_queries}: θ₀ losses',
-                                                 shaped_like=len(cand))
-      if jax.process_count() == 1:  # hosts fill different entries; only a lone process may cache them
-        save_npy_atomic(base_path, base_losses)
-    kv = teacher.unlearn(fisher, queries.images[q], queries.context[q], q)
-    # Score = loss increase; with flipped copies the larger of the two (AbU App. B.4).
-    after = candidate_losses(teacher, kv, train, cand, desc=f'query {q + 1}/{num_queries}: scoring {len(cand)}')
-    scores = (after - base_losses[:, cand]).max(axis=0).astype(np.float32)
-    query_rows = (queries.images[q:q + 1], queries.context[q:q + 1], np.array([10**6 + q]))
-    query_loss = teacher.losses(kv, *query_rows)
-    query_base = teacher.losses(teacher.kv0, *query_rows)
-    order = np.argsort(-scores, kind='stable')  # most influential first
-    save_npz_atomic(path, query=q, candidates=cand, scores=scores, ranked_ids=train.index[cand[order]],
-                     query_loss_before=query_base[0], query_loss_after=query_loss[0],
-                     seconds=time.time() - query_started)
-    done += 1
-    progress.say(f'teacher: query {q + 1}/{num_queries} ranked {len(cand)} candidates '
-                 f'({progress.format_seconds(clock.elapsed() / done)} per query, {clock.eta(done, len(todo))} left)')
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('teacher queries done')
+  # Each host ranks its own queries; one that fails there (a full disk) stops every host at the end.
+  with all_or_none('teacher: every query ranked'):
+    for q in todo:
+      query_started = time.time()
+      path = out / 'queries' / f'query_{q:05d}.npz'
+      if candidates == 'all':
+        cand = np.arange(train.num_images, dtype=np.int32)
+      elif neighbour_ids is not None:
+        cand = np.asarray(neighbour_ids[q, :int(candidates)], np.int32)
+      else:
+        cand = np.argsort(-(features @ queries.features[q]), kind='stable')[:int(candidates)].astype(np.int32)
+      missing = cand[np.isnan(base_losses[:, cand]).any(axis=0)]
+      if len(missing):
+        # In the scoring call's batch shape (below), so that any count of missing ones compiles nothing.
+        base_losses[:, missing] = candidate_losses(teacher, teacher.kv0, train, missing,
+                                                   desc=f'query {q + 1}/{num_queries}: θ₀ losses',
+                                                   shaped_like=len(cand))
+        if jax.process_count() == 1:  # hosts fill different entries; only a lone process may cache them
+          save_npy_atomic(base_path, base_losses)
+      kv = teacher.unlearn(fisher, queries.images[q], queries.context[q], q)
+      # Score = loss increase; with flipped copies the larger of the two (AbU App. B.4).
+      after = candidate_losses(teacher, kv, train, cand, desc=f'query {q + 1}/{num_queries}: scoring {len(cand)}')
+      scores = (after - base_losses[:, cand]).max(axis=0).astype(np.float32)
+      query_rows = (queries.images[q:q + 1], queries.context[q:q + 1], np.array([10**6 + q]))
+      query_loss = teacher.losses(kv, *query_rows)
+      query_base = teacher.losses(teacher.kv0, *query_rows)
+      order = np.argsort(-scores, kind='stable')  # most influential first
+      save_npz_atomic(path, query=q, candidates=cand, scores=scores, ranked_ids=train.index[cand[order]],
+                       query_loss_before=query_base[0], query_loss_after=query_loss[0],
+                       seconds=time.time() - query_started)
+      done += 1
+      progress.say(f'teacher: query {q + 1}/{num_queries} ranked {len(cand)} candidates '
+                   f'({progress.format_seconds(clock.elapsed() / done)} per query, {clock.eta(done, len(todo))} left)')
 
   result = {'job': 'attrib teacher', 'split': split, 'model_step': step, 'queries': num_queries, 'candidates': candidates,
             'scored_this_run': done, 'processes': jax.process_count(), 'teacher': dict(vars(teacher_config)),
