@@ -788,6 +788,54 @@ def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_
   assert {p.name: p.read_bytes() for p in (tmp_path / 'two').glob('*.arrayrecord')} == one
 
 
+FULL_DISK_ON_PROCESS_1 = '''
+import sys
+import jax
+import lvm.sentences
+from launch import main
+write = lvm.sentences.write_sentence_shard
+
+
+def write_or_fail(job, shard):  # process 1's disk is full
+  if jax.process_index() == 1:
+    raise OSError(28, 'No space left on device')
+  return write(job, shard)
+
+
+lvm.sentences.write_sentence_shard = write_or_fail
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_tokenize_stops_every_process_when_one_fails(tokenizer_dir, tmp_path):
+  """A shard that fails on one host (here its disk is full) stops the other host once that one has
+  written its own shards, with the failing host's message, instead of leaving it at the barrier."""
+  import os
+  import subprocess
+  import sys
+  from tests.helpers import CPU2X4, free_port
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen([sys.executable, '-c', FULL_DISK_ON_PROCESS_1, 'lvm', 'tokenize', '--tokenizer',
+                             str(tokenizer_dir), '--sentences', '16', '--records-per-shard', '8', '--kind', 'video',
+                             '--out', str(tmp_path / 'out'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
+                             '--num-processes', '2', '--process-id', str(i)],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  assert [proc.returncode for proc in procs] == [2, 2], outputs
+  assert 'error: the disk is full ([Errno 28] No space left on device)' in outputs[1]
+  assert ('error: the disk is full (tokenize: every shard written: process 1 of 2 failed, so this one stops too: '
+          'OSError: [Errno 28] No space left on device)') in outputs[0]
+  # Process 0's shard is kept for the rerun; no manifest, since the job is not whole.
+  assert sorted(p.name for p in (tmp_path / 'out').glob('*.arrayrecord')) == ['video-00000-of-00002.arrayrecord']
+  assert not (tmp_path / 'out' / 'manifest.json').exists()
+
+
 def test_beam_pipeline_writes_the_same_shards_and_resumes(tokenizer_dir, tmp_path):
   """`lvm tokenize --beam` on Beam's DirectRunner: byte-identical shards to `lvm tokenize`, the same
   manifest; a rerun after a lost shard, on two worker processes, writes only that shard."""
