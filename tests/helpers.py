@@ -48,12 +48,44 @@ def free_port() -> int:
 
 
 def launch(args: list[str], *, devices: int = 8, timeout: int = 600, **popen_kwargs):
+  return subprocess.Popen([sys.executable, str(ROOT / 'launch.py')] + args, env=_child_env(devices), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+
+
+def _child_env(devices: int) -> dict:
   # Keep the caller's other XLA flags (e.g. --xla_cpu_max_isa=AVX2 for the older-CPU run).
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-  env = dict(os.environ, XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={devices}']),
-             JAX_PLATFORMS='cpu')
-  return subprocess.Popen([sys.executable, str(ROOT / 'launch.py')] + args, env=env, cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+  return dict(os.environ, XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={devices}']),
+              JAX_PLATFORMS='cpu')
+
+
+_FULL_DISK = '''
+import importlib
+import sys
+import jax
+from launch import main
+module_name, name, failing_process = sys.argv[1], sys.argv[2], int(sys.argv[3])
+module = importlib.import_module(module_name)
+write = getattr(module, name)
+
+
+def write_or_fail(*args, **kwargs):
+  if jax.process_index() == failing_process:
+    raise OSError(28, 'No space left on device')
+  return write(*args, **kwargs)
+
+
+setattr(module, name, write_or_fail)
+sys.exit(main(sys.argv[4:]))
+'''
+
+
+def launch_with_full_disk(writer: str, process_id: int, args: list[str], *, devices: int):
+  """`launch` whose `writer` ('module.function', as the job looks it up) raises the full-disk OSError
+  on process `process_id` of a multi-process run: one host failing while the others go on."""
+  module, name = writer.rsplit('.', 1)
+  return subprocess.Popen([sys.executable, '-c', _FULL_DISK, module, name, str(process_id)] + args,
+                          env=_child_env(devices), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def compiles_during(run, backend: bool = False) -> list[tuple[str, str]]:

@@ -171,6 +171,39 @@ def test_teacher_on_two_processes_matches_one(released, tmp_path):
     assert np.all(np.diff(reordered) <= 2 * tolerance)
 
 
+@pytest.mark.slow  # ~60 s on 2 cores; the same stop is in the default suite for features and tokenize
+def test_a_teacher_query_failing_on_one_process_stops_both(released, tmp_path):
+  """Process 1's disk is full when it saves its query: process 0 ranks its own query, then both stop
+  with process 1's error (before, process 0 waited at the barrier); the rerun ranks the missing one."""
+  from tests.helpers import launch_with_full_disk
+  assert _import(released, tmp_path / 'w')[0] == 0
+  root, _ = released
+  args = ['attrib', 'teacher', '--workdir', str(tmp_path / 'w'), '--tpu', CPU2X4, '--queries', '2', '--candidates', '6',
+          '--query-dir', str(root / 'query_test')] + TEACHER_SETTINGS
+
+  def two_processes(failing):
+    port = free_port()
+    process_args = [args + ['--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)]
+                    for i in range(2)]
+    procs = [launch_with_full_disk('attrib.curation.save_npz_atomic', 1, a, devices=4) if failing
+             else launch(a, devices=4) for a in process_args]
+    try:
+      return procs, [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+  procs, outputs = two_processes(failing=True)
+  assert [p.returncode for p in procs] == [2, 2], outputs
+  assert ('error: the disk is full (teacher: every query ranked: process 1 of 2 failed, so this one stops too: '
+          'OSError: [Errno 28] No space left on device)') in outputs[0]
+  queries = tmp_path / 'w' / 'teacher' / 'queries'
+  assert sorted(p.name for p in queries.glob('*.npz')) == ['query_00000.npz']
+  procs, outputs = two_processes(failing=False)
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  assert json.loads((tmp_path / 'w' / 'teacher_result.json').read_text())['scored_this_run'] == 0  # on process 0
+  assert sorted(p.name for p in queries.glob('*.npz')) == ['query_00000.npz', 'query_00001.npz']
+
+
 def test_bad_release_files_are_named_before_any_work(released, tmp_path):
   root, torch_model = released
   from attrib.precomputed import PrecomputedLatents

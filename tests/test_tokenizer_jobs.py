@@ -788,40 +788,15 @@ def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_
   assert {p.name: p.read_bytes() for p in (tmp_path / 'two').glob('*.arrayrecord')} == one
 
 
-FULL_DISK_ON_PROCESS_1 = '''
-import sys
-import jax
-import lvm.sentences
-from launch import main
-write = lvm.sentences.write_sentence_shard
-
-
-def write_or_fail(job, shard):  # process 1's disk is full
-  if jax.process_index() == 1:
-    raise OSError(28, 'No space left on device')
-  return write(job, shard)
-
-
-lvm.sentences.write_sentence_shard = write_or_fail
-sys.exit(main(sys.argv[1:]))
-'''
-
-
 def test_tokenize_stops_every_process_when_one_fails(tokenizer_dir, tmp_path):
   """A shard that fails on one host (here its disk is full) stops the other host once that one has
   written its own shards, with the failing host's message, instead of leaving it at the barrier."""
-  import os
-  import subprocess
-  import sys
-  from tests.helpers import CPU2X4, free_port
+  from tests.helpers import CPU2X4, free_port, launch_with_full_disk
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  procs = [subprocess.Popen([sys.executable, '-c', FULL_DISK_ON_PROCESS_1, 'lvm', 'tokenize', '--tokenizer',
-                             str(tokenizer_dir), '--sentences', '16', '--records-per-shard', '8', '--kind', 'video',
-                             '--out', str(tmp_path / 'out'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
-                             '--num-processes', '2', '--process-id', str(i)],
-                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
+  procs = [launch_with_full_disk('lvm.sentences.write_sentence_shard', 1, [
+      'lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '16', '--records-per-shard', '8', '--kind',
+      'video', '--out', str(tmp_path / 'out'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
+      '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
   try:
     outputs = [proc.communicate(timeout=240)[0] for proc in procs]
   finally:
