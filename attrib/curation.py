@@ -347,15 +347,17 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   result = {'job': 'attrib teacher', 'split': split, 'model_step': step, 'queries': num_queries, 'candidates': candidates,
             'scored_this_run': done, 'processes': jax.process_count(), 'teacher': dict(vars(teacher_config)),
             'wall_s': time.time() - started}
-  if jax.process_index() == 0:
-    records = [load_npz(out / 'queries' / f'query_{q:05d}.npz') for q in range(num_queries)]
-    write_rank_records(records, out / 'ranks.arrayrecord')
-    before = np.array([r['query_loss_before'] for r in records])
-    after = np.array([r['query_loss_after'] for r in records])
-    result.update(ranks=str(out / 'ranks.arrayrecord'), mean_query_loss_before=float(before.mean()),
-                  mean_query_loss_after=float(after.mean()),
-                  queries_whose_loss_rose=int((after > before).sum()), versions=versions())
-    write_json_atomic(workdir / f'{SPLIT_DIRS[split]}_result.json', result)
+  # Process 0 gathers the rankings (thousands of files on gs:// at COCO scale); the others wait for it.
+  with all_or_none('teacher: the rankings gathered'):
+    if jax.process_index() == 0:
+      records = [load_npz(out / 'queries' / f'query_{q:05d}.npz') for q in range(num_queries)]
+      write_rank_records(records, out / 'ranks.arrayrecord')
+      before = np.array([r['query_loss_before'] for r in records])
+      after = np.array([r['query_loss_after'] for r in records])
+      result.update(ranks=str(out / 'ranks.arrayrecord'), mean_query_loss_before=float(before.mean()),
+                    mean_query_loss_after=float(after.mean()),
+                    queries_whose_loss_rose=int((after > before).sum()), versions=versions())
+      write_json_atomic(workdir / f'{SPLIT_DIRS[split]}_result.json', result)
   return result
 
 

@@ -26,6 +26,7 @@ from attrib.student_data import (PairBatches, check_ranks, load_features, load_r
 from core import progress
 from core.batching import map_batches
 from core.config import apply_overrides, from_dict, load_config_file, to_dict
+from core.distributed import all_or_none
 from core.mesh import load_preset, preset_to_record, recorded_preset
 from core.errors import ConfigError
 from core.optim import OptimConfig
@@ -255,8 +256,17 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
   prior = image_priors(graphdef, params, train_feats, mesh, preset.logical_rules) if run.config.embedder.image_prior else None
   learned = {'student_step': step, 'scale_a': scale, 'offset_b': float(params['offset']),
              'most_influential_is': 'highest cosine' if scale < 0 else 'lowest cosine', 'val_loss': val_loss}
-  if jax.process_index() != 0:  # ... and process 0 alone writes them and builds the index (one workdir)
-    return learned
+  # ... and process 0 alone writes them and builds the index (one workdir), the others waiting for it.
+  built = {}
+  with all_or_none('distill: the training set embedded and indexed'):
+    if jax.process_index() == 0:
+      built = write_and_index(workdir, run, embeddings, prior, scale, train_feats)
+  return {**learned, **built}
+
+
+def write_and_index(workdir, run: StudentRun, embeddings, prior, scale: float, train_feats) -> dict:
+  """The student's embeddings (and per-image terms) in its folder, and its ScaNN index (with
+  `rerank_candidates`, the base feature's too): each index's kind, size and measured recall."""
   out = student_dir(workdir)
   save_npy_atomic(out / 'embeddings.npy', embeddings)
   prior_summary = {}
@@ -279,7 +289,7 @@ def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_fe
     k = built.meta['k']
     return ({key: built.meta[key] for key in ('kind', 'rows', 'dim', 'k', 'build_s')}
             | {f'recall_at_{k}': built.meta[f'recall_at_{k}']})
-  return {**learned, **prior_summary, **{name: summary(built) for name, built in indexes.items()}}
+  return {**prior_summary, **{name: summary(built) for name, built in indexes.items()}}
 
 
 def rebuild_index_command(workdir: str, shards: int = 1) -> dict:

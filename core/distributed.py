@@ -7,6 +7,7 @@ machine, a GPU cluster without a scheduler) the coordinator is given explicitly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 from core.errors import ConfigError, UserError
 
@@ -25,16 +26,26 @@ class AnotherProcessFailed(UserError):
   """Raised on every other process when a step of a multi-process job failed on one (`all_or_none`)."""
 
 
-_MESSAGE_BYTES = 4096
+# How long the first process at a step's end waits for the last: the imbalance of the hosts' shares
+# (one teacher query, one part of features) or process 0's solo work (an index build at LAION scale).
+# A host that dies is noticed sooner, by the coordination service's heartbeats.
+_STEP_WAIT_MS = 24 * 3600 * 1000
+_steps = itertools.count()
 
 
 @contextlib.contextmanager
 def all_or_none(name: str):
-  """A step that each process does on its own share (its parts, its shards, its images), ending in a
-  barrier: every process waits there for the others, and when the step failed on one, every process
-  fails (the one with its own error, the others with AnotherProcessFailed quoting it) instead of the
-  others waiting at the next barrier until JAX's coordination service gives up on them. A no-op on
-  one process. Every process must enter the same steps in the same order, as with any barrier."""
+  """A step that each process does on its own share (its parts, its shards, its queries), or that
+  process 0 does alone, ending in a barrier: every process waits there for the others, and when the
+  step failed on one, every process fails (the one with its own error, the others with
+  AnotherProcessFailed quoting it) instead of the others waiting at the next barrier until JAX's
+  coordination service gives up on them. A no-op on one process. Every process must enter the same
+  steps in the same order, as with any barrier.
+
+  The barrier is the coordination service's, not a device collective: hosts may reach it hours
+  apart (a collective on CPU gives up after 30 s), and a host done early waits here, where a host
+  that had returned would wait at JAX's shutdown barrier, which after 5 minutes ends every process,
+  process 0 in the middle of its work."""
   import jax
   if jax.process_count() == 1:
     yield
@@ -48,26 +59,28 @@ def all_or_none(name: str):
 
 
 def _exchange(name: str, error: BaseException | None) -> None:
-  """Every process's outcome of step `name` to every process (the barrier): raises on this one when
-  another failed. Each outcome travels as bytes: a kind (0 done, 1 bad input, 2 other) and a message."""
+  """Every process's outcome of step `name` to every process, through the coordination service's
+  key-value store (as orbax syncs hosts): raises on this one when another failed. An outcome is a
+  kind (0 done, 1 bad input, 2 other) and a message."""
   import jax
-  import numpy as np
-  from jax.experimental import multihost_utils
-  outcome = np.zeros(_MESSAGE_BYTES, np.uint8)
-  if error is not None:
-    text = f'{error}' if isinstance(error, UserError) else f'{type(error).__name__}: {error}'
-    encoded = text.encode('utf-8', 'replace')[:_MESSAGE_BYTES - 1]
-    outcome[0] = 1 if isinstance(error, UserError) else 2
-    outcome[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
-  outcomes = np.asarray(multihost_utils.process_allgather(outcome))
-  failed = [p for p in range(len(outcomes)) if outcomes[p, 0]]
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError(f'{name}: {jax.process_count()} processes but no JAX distributed client '
+                       '(start the run with core.distributed.start)')
+  step = f'lvm_attrib_step_{next(_steps)}'  # every process counts the same steps in the same order
+  kind = '0' if error is None else '1' if isinstance(error, UserError) else '2'
+  text = '' if error is None else f'{error}' if isinstance(error, UserError) else f'{type(error).__name__}: {error}'
+  client.key_value_set(f'{step}/{jax.process_index()}', kind + text)
+  client.wait_at_barrier(step, timeout_in_ms=_STEP_WAIT_MS)
+  outcomes = [client.blocking_key_value_get(f'{step}/{p}', 60_000) for p in range(jax.process_count())]
+  failed = [p for p, outcome in enumerate(outcomes) if outcome[0] != '0']
   if error is not None or not failed:
     return  # this process raises its own error; or every process is done
   first = failed[0]
-  message = bytes(outcomes[first, 1:]).rstrip(b'\0').decode('utf-8', 'replace')
   others = f' (and {len(failed) - 1} more)' if len(failed) > 1 else ''
-  text = f'{name}: process {first} of {jax.process_count()} failed{others}, so this one stops too: {message}'
-  raise AnotherProcessFailed(text) if outcomes[first, 0] == 1 else RuntimeError(text)
+  text = f'{name}: process {first} of {jax.process_count()} failed{others}, so this one stops too: {outcomes[first][1:]}'
+  raise AnotherProcessFailed(text) if outcomes[first][0] == '1' else RuntimeError(text)
 
 
 def start(preset, coordinator: str | None = None, num_processes: int = 1, process_id: int = 0) -> None:
