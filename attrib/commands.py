@@ -19,6 +19,7 @@ from attrib.text_encoder import shared_text_encoder
 from core import progress
 from core.paths import absolute, as_path
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.distributed import all_or_none
 from core.mesh import load_preset, preset_to_record
 from core.train_loop import check_batch_layout, restore_latest_params, train
 from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, read_json, read_run_config,
@@ -106,19 +107,23 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
     config = load_config_file(config_path, expect=DiffusionConfig)
   config = apply_overrides(config, overrides)
   workdir = as_path(workdir)
-  preset = load_preset(tpu_path)
-  check_batch_layout(config.train, config.optim, preset)  # before the captions' cache is written
-  text_encoder = shared_text_encoder(config.data.text_len)
-  if text_encoder.dim != config.unet.cross_attention_dim:
-    raise ConfigError(f'unet.cross_attention_dim {config.unet.cross_attention_dim} != text encoder width {text_encoder.dim}')
-  check_same_run(workdir, config)
-  data = CaptionedImages(config.data, text_encoder, cache_dir=cache_dir or workdir / 'cache')
-  task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
-  check_batch_layout(config.train, config.optim, preset, records=len(data), data=config.data.train_path)
-  make_workdir(workdir)
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path),
-                                                'exclude_file': absolute(config.data.exclude_path)
-                                                if config.data.exclude_path else ''})
+  # Each host checks the job and reads its data; one that fails stops every host here, before the
+  # others wait for it in the training's first collective.
+  with all_or_none('train-model: the config, data and workdir checked'):
+    preset = load_preset(tpu_path)
+    check_batch_layout(config.train, config.optim, preset)  # before the captions' cache is written
+    text_encoder = shared_text_encoder(config.data.text_len)
+    if text_encoder.dim != config.unet.cross_attention_dim:
+      raise ConfigError(f'unet.cross_attention_dim {config.unet.cross_attention_dim} != text encoder width '
+                        f'{text_encoder.dim}')
+    check_same_run(workdir, config)
+    data = CaptionedImages(config.data, text_encoder, cache_dir=cache_dir or workdir / 'cache')
+    task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
+    check_batch_layout(config.train, config.optim, preset, records=len(data), data=config.data.train_path)
+    make_workdir(workdir)
+    write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path),
+                                                  'exclude_file': absolute(config.data.exclude_path)
+                                                  if config.data.exclude_path else ''})
 
   def make_iterator(process_index, process_count):
     return record_batches(data, global_batch=config.train.global_batch, seed=config.train.seed,
@@ -134,7 +139,8 @@ def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides
   if evaluate and not summary['preempted']:
     result['samples'] = evaluate_samples(workdir, config, tpu_path, data)
   result['versions'] = versions()
-  write_json_atomic(workdir / 'train_result.json', result)
+  with all_or_none('train-model: the result written'):  # by process 0; the others wait for it
+    write_json_atomic(workdir / 'train_result.json', result)
   return result
 
 

@@ -228,6 +228,29 @@ def check_same_ranking_settings(workdir: Path, split: str, now: dict) -> None:
                       f'another workdir (or move {out} away) to start over.')
 
 
+def _fisher(teacher: Teacher, train: TrainingViews, workdir: Path, step: int) -> tuple[dict, Path]:
+  """The diagonal Fisher (computed, or read back) and the path of the θ₀ losses' cache. Both depend
+  on the model (its step) and the teacher settings, not on the queries: both splits and every rerun
+  share them, named by what they depend on."""
+  cache = workdir / 'teacher_cache'
+  cache.mkdir(exist_ok=True)
+  c = teacher.config
+  fisher_path = cache / f'fisher_step{step}_s{c.fisher_samples_per_image}_n{c.fisher_images}.npz'
+  base_path = cache / f'base_losses_step{step}_stride{c.score_timestep_stride}.npy'
+  if fisher_path.exists():
+    progress.say(f'teacher: Fisher read back from {fisher_path}')
+    return load_npz(fisher_path), base_path
+  rows = np.arange(train.num_images)
+  if 0 < c.fisher_images < train.num_images:
+    rows = np.sort(np.random.default_rng(0).choice(train.num_images, c.fisher_images, replace=False))
+  progress.say(f'teacher: diagonal Fisher over {len(rows)} training images x {c.fisher_samples_per_image} samples')
+  fisher = teacher.fisher(_gather(train.latent_rows, rows), _gather(train.text_rows(0), rows))
+  fisher = {k: np.asarray(v) for k, v in fisher.items()}
+  if jax.process_index() == 0:
+    save_npz_atomic(fisher_path, **fisher)
+  return fisher, base_path
+
+
 def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: str | None,
                     overrides: list[str], query_dir: str | None = None, neighbours: str | None = None,
                     split: str = 'test') -> dict:
@@ -252,47 +275,30 @@ def teacher_command(workdir: str, num_queries: int, candidates: str, tpu_path: s
   ranked_under = {'teacher': {k: v for k, v in vars(teacher_config).items() if k != 'candidate_batch'},
                   'candidates': candidates, 'model_step': step,
                   'neighbours': neighbours, 'query_dir': query_dir}
-  check_same_ranking_settings(workdir, split, ranked_under)
-  data_dir = training_set_dir(config)
-  if data_dir is None:
-    train, queries, train_features = _digits_setup(workdir, config, graphdef, params, num_queries, out, split,
-                                                   candidates)
-  else:
-    train, queries, train_features = _precomputed_setup(config, data_dir, query_dir, num_queries, candidates)
-  if neighbour_ids is not None and (neighbour_ids.min() < 0 or neighbour_ids.max() >= train.num_images):
-    raise ConfigError(f'--neighbours {neighbours}: ids must be in [0, {train.num_images})')
+  # Every host reads the data and its queries; one that fails stops every host (here, not hours later
+  # at the end of the others' queries).
+  with all_or_none('teacher: the training set and the queries read'):
+    check_same_ranking_settings(workdir, split, ranked_under)
+    data_dir = training_set_dir(config)
+    if data_dir is None:
+      train, queries, train_features = _digits_setup(workdir, config, graphdef, params, num_queries, out, split,
+                                                     candidates)
+    else:
+      train, queries, train_features = _precomputed_setup(config, data_dir, query_dir, num_queries, candidates)
+    if neighbour_ids is not None and (neighbour_ids.min() < 0 or neighbour_ids.max() >= train.num_images):
+      raise ConfigError(f'--neighbours {neighbours}: ids must be in [0, {train.num_images})')
   teacher_mesh, teacher_params = _local_teacher_mesh(mesh, params)
   teacher = Teacher(graphdef, teacher_params, NoiseSchedule(config.schedule), teacher_config, mesh=teacher_mesh,
                     rules=preset.logical_rules, num_training_images=train.num_images)
-
-  # Per-model quantities, computed once and reused by every query (and every rerun).
-  # The Fisher and the θ₀ losses depend on the model (its step) and the teacher settings, not on the
-  # queries: both splits share them, named by what they depend on.
-  cache = workdir / 'teacher_cache'
-  cache.mkdir(exist_ok=True)
-  c = teacher_config
-  fisher_path = cache / f'fisher_step{step}_s{c.fisher_samples_per_image}_n{c.fisher_images}.npz'
-  base_path = cache / f'base_losses_step{step}_stride{c.score_timestep_stride}.npy'
-  if fisher_path.exists():
-    fisher = load_npz(fisher_path)
-    progress.say(f'teacher: Fisher read back from {fisher_path}')
-  else:
-    progress.say(f'teacher: diagonal Fisher over {min(train.num_images, teacher_config.fisher_images or train.num_images)} '
-                 f'training images x {teacher_config.fisher_samples_per_image} samples')
-    fisher_rows = np.arange(train.num_images)
-    if 0 < teacher_config.fisher_images < train.num_images:
-      fisher_rows = np.sort(np.random.default_rng(0).choice(train.num_images, teacher_config.fisher_images, replace=False))
-    fisher = teacher.fisher(_gather(train.latent_rows, fisher_rows), _gather(train.text_rows(0), fisher_rows))
-    fisher = {k: np.asarray(v) for k, v in fisher.items()}
+  # Process 0 saves the Fisher and the settings; a save that fails there stops every host now.
+  with all_or_none('teacher: the Fisher and the settings saved'):
+    fisher, base_path = _fisher(teacher, train, workdir, step)
+    # θ₀ losses [F, N], filled in as candidates need them (NaN = not computed yet).
+    base_losses = (load_npy(base_path).reshape(train.num_flips, train.num_images) if base_path.exists()
+                   else np.full((train.num_flips, train.num_images), np.nan))
+    features = train_features() if candidates != 'all' and neighbour_ids is None else None
     if jax.process_index() == 0:
-      save_npz_atomic(fisher_path, **fisher)
-  # θ₀ losses [F, N], filled in as candidates need them (NaN = not computed yet).
-  base_losses = (load_npy(base_path).reshape(train.num_flips, train.num_images) if base_path.exists()
-                 else np.full((train.num_flips, train.num_images), np.nan))
-  features = train_features() if candidates != 'all' and neighbour_ids is None else None
-
-  if jax.process_index() == 0:
-    write_json_atomic(out / SETTINGS_FILE, ranked_under)
+      write_json_atomic(out / SETTINGS_FILE, ranked_under)
   done = 0
   mine = list(range(jax.process_index(), num_queries, jax.process_count()))
   todo = [q for q in mine if not (out / 'queries' / f'query_{q:05d}.npz').exists()]

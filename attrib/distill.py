@@ -157,55 +157,59 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   tpu = preset_to_record(tpu_path or DEFAULT_TPU)
   preset = load_preset(tpu)
 
-  # Every input is opened and checked before anything is written or compiled.
-  train_feats = load_features(features_dir, 'train')
-  query_feats = load_features(features_dir, 'train_queries')
-  if train_feats.shape[1] != query_feats.shape[1]:
-    raise StudentDataError(f'{features_dir}: training features are {train_feats.shape[1]}-d, queries '
-                           f'{query_feats.shape[1]}-d')
-  ranks = load_ranks(ranks_path)
-  check_ranks(ranks, len(train_feats), len(query_feats), str(ranks_path))
-  d = config.distill
-  if d.val_queries >= len(ranks):
-    raise ConfigError(f'distill.val_queries {d.val_queries} leaves no training queries of the {len(ranks)} in {ranks_path}')
-  config = dataclasses.replace(config, embedder=dataclasses.replace(config.embedder, input_dim=int(train_feats.shape[1])))
-  train_ranks, val_ranks = ranks[:len(ranks) - d.val_queries], ranks[len(ranks) - d.val_queries:]
-  pairs = train_ranks.shape[0] * train_ranks.shape[1]
-  if d.batch > pairs:
-    raise ConfigError(f'distill.batch {d.batch} exceeds the {pairs} training pairs in {ranks_path}')
-  steps = d.epochs * (pairs // d.batch)
-  train_config = TrainConfig(steps=steps, global_batch=d.batch, log_every=min(d.log_every, steps),
-                             checkpoint_every=max(1, steps // 4), seed=d.seed, tensorboard=True)
-  check_batch_layout(train_config, optim_config(config), preset)
+  # Every input is opened and checked before anything is written or compiled, on every host: one that
+  # fails stops every host here, before the others wait for it in the training's first collective.
+  with all_or_none('distill: the features, rankings and workdir checked'):
+    train_feats = load_features(features_dir, 'train')
+    query_feats = load_features(features_dir, 'train_queries')
+    if train_feats.shape[1] != query_feats.shape[1]:
+      raise StudentDataError(f'{features_dir}: training features are {train_feats.shape[1]}-d, queries '
+                             f'{query_feats.shape[1]}-d')
+    ranks = load_ranks(ranks_path)
+    check_ranks(ranks, len(train_feats), len(query_feats), str(ranks_path))
+    d = config.distill
+    if d.val_queries >= len(ranks):
+      raise ConfigError(f'distill.val_queries {d.val_queries} leaves no training queries of the {len(ranks)} '
+                        f'in {ranks_path}')
+    embedder = dataclasses.replace(config.embedder, input_dim=int(train_feats.shape[1]))
+    config = dataclasses.replace(config, embedder=embedder)
+    train_ranks, val_ranks = ranks[:len(ranks) - d.val_queries], ranks[len(ranks) - d.val_queries:]
+    pairs = train_ranks.shape[0] * train_ranks.shape[1]
+    if d.batch > pairs:
+      raise ConfigError(f'distill.batch {d.batch} exceeds the {pairs} training pairs in {ranks_path}')
+    steps = d.epochs * (pairs // d.batch)
+    train_config = TrainConfig(steps=steps, global_batch=d.batch, log_every=min(d.log_every, steps),
+                               checkpoint_every=max(1, steps // 4), seed=d.seed, tensorboard=True)
+    check_batch_layout(train_config, optim_config(config), preset)
 
-  out = student_dir(workdir)
-  stored_path = out / 'config.json'
-  trained_on = training_inputs(ranks, query_feats, train_feats, config)
-  run_ranks = absolute(ranks_path)
-  if stored_path.is_file():
-    stored = load_student_run(workdir)
-    if stored.config.embedder != config.embedder:
-      raise ConfigError(f'{out} holds a student of another embedder ({stored.config.embedder}, now '
-                        f'{config.embedder}); use a new --workdir to train a new one')
-    if stored.features != absolute(features_dir):
-      raise ConfigError(f'{out} holds a student of the features in {stored.features}, not {features_dir}; '
-                        'use a new --workdir to train one on these')
-    # A rerun resumes from the student's checkpoint (and more distill.epochs continue it): only with
-    # the same rankings and settings, or the resumed student would mix two trainings silently.
-    recorded = read_json(stored_path).get('trained_on')
-    # A student from before the inputs were recorded: its settings and its rankings' path.
-    before = recorded or {**training_inputs(None, None, None, stored.config), 'ranks': stored.ranks}
-    now = {**trained_on, 'ranks': run_ranks}
-    changed = sorted(k for k in before if before[k] != now.get(k))
-    if changed:
-      raise ConfigError(f'{out} holds a student trained on other inputs ({", ".join(changed)} changed: '
-                        f'{ {k: before[k] for k in changed} } then, { {k: now.get(k) for k in changed} } now); '
-                        f'move {out} away or use a new --workdir to train a new one')
-  out.mkdir(parents=True, exist_ok=True)
-  run = StudentRun(config, absolute(features_dir), absolute(ranks_path), tpu)
-  # Inputs inside the workdir are recorded relative to it: a copied or moved workdir still finds them.
-  write_json_atomic(stored_path, {'config': to_dict(config), 'features': within(run.features, workdir),
-                                  'ranks': within(run.ranks, workdir), 'tpu': tpu, 'trained_on': trained_on})
+    out = student_dir(workdir)
+    stored_path = out / 'config.json'
+    trained_on = training_inputs(ranks, query_feats, train_feats, config)
+    run_ranks = absolute(ranks_path)
+    if stored_path.is_file():
+      stored = load_student_run(workdir)
+      if stored.config.embedder != config.embedder:
+        raise ConfigError(f'{out} holds a student of another embedder ({stored.config.embedder}, now '
+                          f'{config.embedder}); use a new --workdir to train a new one')
+      if stored.features != absolute(features_dir):
+        raise ConfigError(f'{out} holds a student of the features in {stored.features}, not {features_dir}; '
+                          'use a new --workdir to train one on these')
+      # A rerun resumes from the student's checkpoint (and more distill.epochs continue it): only with
+      # the same rankings and settings, or the resumed student would mix two trainings silently.
+      recorded = read_json(stored_path).get('trained_on')
+      # A student from before the inputs were recorded: its settings and its rankings' path.
+      before = recorded or {**training_inputs(None, None, None, stored.config), 'ranks': stored.ranks}
+      now = {**trained_on, 'ranks': run_ranks}
+      changed = sorted(k for k in before if before[k] != now.get(k))
+      if changed:
+        raise ConfigError(f'{out} holds a student trained on other inputs ({", ".join(changed)} changed: '
+                          f'{ {k: before[k] for k in changed} } then, { {k: now.get(k) for k in changed} } now); '
+                          f'move {out} away or use a new --workdir to train a new one')
+    out.mkdir(parents=True, exist_ok=True)
+    run = StudentRun(config, absolute(features_dir), absolute(ranks_path), tpu)
+    # Inputs inside the workdir are recorded relative to it: a copied or moved workdir still finds them.
+    write_json_atomic(stored_path, {'config': to_dict(config), 'features': within(run.features, workdir),
+                                    'ranks': within(run.ranks, workdir), 'tpu': tpu, 'trained_on': trained_on})
   progress.say(f'distill: {len(train_ranks)} queries x {train_ranks.shape[1]} candidates = {pairs} pairs, '
                f'{d.epochs} epochs of batch {d.batch} ({steps} updates); {d.val_queries} queries held out')
 
@@ -224,7 +228,8 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   if not summary['preempted']:
     result.update(finish_student(workdir, run, val_ranks, query_feats[len(train_ranks):]))
   result.update(stage_seconds=clock.stages, wall_s=clock.elapsed(), versions=versions())
-  write_json_atomic(workdir / 'distill_result.json', result)
+  with all_or_none('distill: the result written'):  # by process 0; the others wait for it
+    write_json_atomic(workdir / 'distill_result.json', result)
   return result
 
 

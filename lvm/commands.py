@@ -10,6 +10,7 @@ import numpy as np
 
 from core.paths import absolute, as_path, local_data
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.distributed import all_or_none
 from core.mesh import load_preset, make_mesh, preset_to_record
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
@@ -106,20 +107,23 @@ def check_record_length(config: LvmConfig) -> None:
 def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
   workdir = as_path(workdir)
-  _check_same_model(workdir, config)
-  preset = load_preset(tpu_path)
-  # Validate the data before any compile or init work starts.
-  check_record_length(config)
-  source = open_token_source(config.data.train_path, seq_len=config.data.seq_len,
-                             vocab_size=config.model.vocab_size)
-  note_vocabulary_mismatch(config)
-  task = NextTokenTask(config.model, config.data.seq_len)
-  check_batch_layout(config.train, config.optim, preset, records=len(source), data=config.data.train_path)
-  make_workdir(workdir)
-  # The data path as given counts from here; its absolute path lets `lvm generate` find the data's
-  # tokenizer from any folder.
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path),
-                                                'train_data': data_location(config.data.train_path)})
+  # Each host checks the job and opens its data (a gs:// path is staged to each host's disk); one that
+  # fails stops every host here, before the others wait for it in the training's first collective.
+  with all_or_none('lvm train: the config, data and workdir checked'):
+    _check_same_model(workdir, config)
+    preset = load_preset(tpu_path)
+    # Validate the data before any compile or init work starts.
+    check_record_length(config)
+    source = open_token_source(config.data.train_path, seq_len=config.data.seq_len,
+                               vocab_size=config.model.vocab_size)
+    note_vocabulary_mismatch(config)
+    task = NextTokenTask(config.model, config.data.seq_len)
+    check_batch_layout(config.train, config.optim, preset, records=len(source), data=config.data.train_path)
+    make_workdir(workdir)
+    # The data path as given counts from here; its absolute path lets `lvm generate` find the data's
+    # tokenizer from any folder.
+    write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path),
+                                                  'train_data': data_location(config.data.train_path)})
 
   def make_iterator(process_index, process_count):
     return token_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,
@@ -134,7 +138,8 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
   result = {'job': 'lvm train', **summary, 'model_params': config.model.num_params(),
             'data': repr(source), 'workdir': str(workdir), 'wall_s': time.time() - started,
             'versions': versions()}
-  write_json_atomic(workdir / 'train_result.json', result)
+  with all_or_none('lvm train: the result written'):  # by process 0; the others wait for it
+    write_json_atomic(workdir / 'train_result.json', result)
   return result
 
 

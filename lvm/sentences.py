@@ -426,4 +426,6 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   if hosts > 1:
     from jax.experimental import multihost_utils
     written = int(np.sum(multihost_utils.process_allgather(np.int32(written))))
-  return finish_tokenize_job(job, written, started)
+  with all_or_none('tokenize: the manifest written'):  # by process 0; the others wait for it
+    result = finish_tokenize_job(job, written, started)
+  return result

@@ -14,6 +14,7 @@ from flax import nnx
 from core.paths import as_path
 from core.batching import map_batches
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.distributed import all_or_none
 from core.mesh import load_preset, make_mesh, preset_to_record
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
@@ -115,22 +116,25 @@ def reconstruction_report(tokenizer: LoadedTokenizer, images: np.ndarray) -> dic
 def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   config: TokenizerRunConfig = apply_overrides(load_config_file(config_path, expect=TokenizerRunConfig), overrides)
   workdir = as_path(workdir)
-  if (workdir / RUN_CONFIG_FILE).is_file():
-    previous, _ = read_run_config(workdir, TokenizerRunConfig, MADE_BY)
-    if previous.tokenizer != config.tokenizer:
-      raise ConfigError(f'{workdir} holds a tokenizer with other settings; use a new workdir')
-    note_changed_training(workdir, previous, config, groups=('train', 'optim', 'loss', 'data'))
-  preset = load_preset(tpu_path)
-  size = config.tokenizer.image_size
-  images, _ = open_images(config.data.source, size)  # read (and checked) before any model work
-  config.tokenizer.check_images(images, config.data.source)
-  source = _Images(images, config.data.source)
-  task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
-  if hasattr(task, 'frozen_inputs'):
-    task.frozen_inputs()  # read and checked (files, keys, shapes) before the workdir is touched
-  check_batch_layout(config.train, config.optim, preset, records=len(source), data=repr(source))
-  make_workdir(workdir)
-  write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path)})
+  # Each host checks the job and reads its images; one that fails stops every host here, before the
+  # others wait for it in the training's first collective.
+  with all_or_none('train-tokenizer: the config, images and workdir checked'):
+    if (workdir / RUN_CONFIG_FILE).is_file():
+      previous, _ = read_run_config(workdir, TokenizerRunConfig, MADE_BY)
+      if previous.tokenizer != config.tokenizer:
+        raise ConfigError(f'{workdir} holds a tokenizer with other settings; use a new workdir')
+      note_changed_training(workdir, previous, config, groups=('train', 'optim', 'loss', 'data'))
+    preset = load_preset(tpu_path)
+    size = config.tokenizer.image_size
+    images, _ = open_images(config.data.source, size)  # read (and checked) before any model work
+    config.tokenizer.check_images(images, config.data.source)
+    source = _Images(images, config.data.source)
+    task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
+    if hasattr(task, 'frozen_inputs'):
+      task.frozen_inputs()  # read and checked (files, keys, shapes) before the workdir is touched
+    check_batch_layout(config.train, config.optim, preset, records=len(source), data=repr(source))
+    make_workdir(workdir)
+    write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path)})
 
   def make_iterator(process_index, process_count):
     return record_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,
@@ -148,7 +152,8 @@ def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overr
             'reconstruction': report, 'versions': versions()}
   if hasattr(task, 'lpips_checksum'):
     result['perceptual_weights'] = {'files': config.loss.perceptual_weights, 'checksum': task.lpips_checksum}
-  write_json_atomic(workdir / 'train_result.json', result)
+  with all_or_none('train-tokenizer: the result written'):  # by process 0; the others wait for it
+    write_json_atomic(workdir / 'train_result.json', result)
   return result
 
 

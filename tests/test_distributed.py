@@ -164,3 +164,50 @@ def test_a_step_that_fails_on_one_process_fails_on_every_process(tmp_path, failu
   else:
     assert "KeyError: 'missing'" in outputs[1]
     assert "RuntimeError: step two: process 1 of 2 failed, so this one stops too: KeyError: 'missing'" in outputs[0]
+
+
+def _job_args(job: str, tmp_path) -> list[str]:
+  from tests.test_fastgda import CONFIG, write_release
+  if job == 'lvm train':
+    return ['lvm', 'train', '--config', TINY, *[a for o in SMALL_MODEL for a in ('--set', o)]]
+  if job == 'attrib train-model':
+    return ['attrib', 'train-model', '--config', str(ROOT / 'attrib/configs/digits.py')]
+  if job == 'lvm train-tokenizer':
+    return ['lvm', 'train-tokenizer', '--config', str(ROOT / 'lvm/configs/tokenizer_tiny.py')]
+  release = write_release(tmp_path / 'release')
+  (release / 'config.py').write_text(CONFIG)
+  return ['attrib', 'distill', '--config', str(release / 'config.py'), '--features', str(release / 'feats' / 'toy'),
+          '--ranks', str(release / 'influence_train.pkl')]
+
+
+@pytest.mark.parametrize('job, step, writer, failing', [
+    ('lvm train', 'lvm train: the config, data and workdir checked', 'lvm.commands.open_token_source', 1),
+    ('lvm train', 'lvm train: the config, data and workdir checked', 'lvm.commands.write_json_atomic', 0),
+    ('attrib train-model', 'train-model: the config, data and workdir checked', 'attrib.commands.CaptionedImages', 1),
+    ('lvm train-tokenizer', 'train-tokenizer: the config, images and workdir checked',
+     'lvm.tokenizer_commands.open_images', 1),
+    ('attrib distill', 'distill: the features, rankings and workdir checked', 'attrib.distill.load_ranks', 1),
+], ids=['lvm-train-data', 'lvm-train-config-write', 'train-model-data', 'train-tokenizer-images', 'distill-ranks'])
+def test_a_host_that_fails_before_training_stops_every_host_at_once(tmp_path, job, step, writer, failing):
+  """Each host checks a training job and reads its data (a gs:// path is staged to each host's disk)
+  before the first collective; a host that fails there (here its disk is full: reading its data, or
+  process 0 writing the run's config) stops every host with its message. Before, the other host went
+  on into the training's first collective and failed there on a timeout (a traceback after 30 s on
+  CPU; on a TPU slice it waits until JAX's heartbeats notice the lost host)."""
+  from tests.helpers import launch_with_full_disk
+  port, workdir = free_port(), tmp_path / 'run'
+  args = _job_args(job, tmp_path) + ['--tpu', CPU2X4, '--workdir', str(workdir), '--coordinator', f'127.0.0.1:{port}',
+                                     '--num-processes', '2']
+  procs = [launch_with_full_disk(writer, failing, args + ['--process-id', str(i)], devices=4) for i in range(2)]
+  try:
+    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  assert [proc.returncode for proc in procs] == [2, 2], outputs
+  disk_full = 'OSError: [Errno 28] No space left on device'
+  assert 'error: the disk is full ([Errno 28] No space left on device)' in outputs[failing]
+  assert (f'error: the disk is full ({step}: process {failing} of 2 failed, so this one stops too: {disk_full})'
+          in outputs[1 - failing]), outputs[1 - failing][-3000:]
+  assert not any('Traceback' in out for out in outputs)
+  assert not (workdir / 'checkpoints').exists() and not (workdir / 'student' / 'checkpoints').exists()

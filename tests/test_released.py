@@ -204,6 +204,34 @@ def test_a_teacher_query_failing_on_one_process_stops_both(released, tmp_path):
   assert sorted(p.name for p in queries.glob('*.npz')) == ['query_00000.npz', 'query_00001.npz']
 
 
+
+@pytest.mark.slow  # ~30 s on 2 cores
+def test_a_fisher_save_failing_on_process_0_stops_both_before_any_query(released, tmp_path):
+  """Process 0 saves the Fisher alone; when its disk is full there, process 1 stops at once with that
+  error. Before, process 1 ranked its share of the queries (hours at COCO scale), then waited for a
+  process 0 that had exited, and JAX's shutdown ended both."""
+  from tests.helpers import launch_with_full_disk
+  assert _import(released, tmp_path / 'w')[0] == 0
+  root, _ = released
+  port = free_port()
+  args = ['attrib', 'teacher', '--workdir', str(tmp_path / 'w'), '--tpu', CPU2X4, '--queries', '2', '--candidates', '6',
+          '--query-dir', str(root / 'query_test'), '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2'
+          ] + TEACHER_SETTINGS
+  procs = [launch_with_full_disk('attrib.curation.save_npz_atomic', 0, args + ['--process-id', str(i)], devices=4)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [2, 2], outputs
+  assert 'error: the disk is full ([Errno 28] No space left on device)' in outputs[0]
+  assert ('error: the disk is full (teacher: the Fisher and the settings saved: process 0 of 2 failed, so this one '
+          'stops too: OSError: [Errno 28] No space left on device)') in outputs[1]
+  assert not any('teacher: query' in out for out in outputs)
+  assert not list((tmp_path / 'w' / 'teacher' / 'queries').glob('*.npz'))
+
+
 def test_bad_release_files_are_named_before_any_work(released, tmp_path):
   root, torch_model = released
   from attrib.precomputed import PrecomputedLatents

@@ -790,18 +790,23 @@ def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_
 
 def test_tokenize_stops_every_process_when_one_fails(tokenizer_dir, tmp_path):
   """A shard that fails on one host (here its disk is full) stops the other host once that one has
-  written its own shards, with the failing host's message, instead of leaving it at the barrier."""
+  written its own shards, with the failing host's message, instead of leaving it at the barrier. The
+  rerun writes the missing shard; when process 0 then cannot write the manifest, process 1 fails too
+  (before, it reported success for a job without a manifest)."""
   from tests.helpers import CPU2X4, free_port, launch_with_full_disk
-  port = free_port()
-  procs = [launch_with_full_disk('lvm.sentences.write_sentence_shard', 1, [
-      'lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '16', '--records-per-shard', '8', '--kind',
-      'video', '--out', str(tmp_path / 'out'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
-      '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
-  try:
-    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-  finally:
-    for proc in procs:
-      proc.kill()
+
+  def two_processes(writer, failing):
+    port = free_port()
+    procs = [launch_with_full_disk(writer, failing, [
+        'lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '16', '--records-per-shard', '8',
+        '--kind', 'video', '--out', str(tmp_path / 'out'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
+        '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
+    try:
+      return procs, [proc.communicate(timeout=240)[0] for proc in procs]
+    finally:
+      for proc in procs:
+        proc.kill()
+  procs, outputs = two_processes('lvm.sentences.write_sentence_shard', 1)
   assert [proc.returncode for proc in procs] == [2, 2], outputs
   assert 'error: the disk is full ([Errno 28] No space left on device)' in outputs[1]
   assert ('error: the disk is full (tokenize: every shard written: process 1 of 2 failed, so this one stops too: '
@@ -809,6 +814,13 @@ def test_tokenize_stops_every_process_when_one_fails(tokenizer_dir, tmp_path):
   # Process 0's shard is kept for the rerun; no manifest, since the job is not whole.
   assert sorted(p.name for p in (tmp_path / 'out').glob('*.arrayrecord')) == ['video-00000-of-00002.arrayrecord']
   assert not (tmp_path / 'out' / 'manifest.json').exists()
+
+  procs, outputs = two_processes('lvm.sentences.finish_tokenize_job', 0)
+  assert [proc.returncode for proc in procs] == [2, 2], outputs
+  assert ('error: the disk is full (tokenize: the manifest written: process 0 of 2 failed, so this one stops too: '
+          'OSError: [Errno 28] No space left on device)') in outputs[1]
+  # The rerun wrote the missing shard (on process 1); the manifest is still to be written.
+  assert len(list((tmp_path / 'out').glob('*.arrayrecord'))) == 2 and not (tmp_path / 'out' / 'manifest.json').exists()
 
 
 def test_beam_pipeline_writes_the_same_shards_and_resumes(tokenizer_dir, tmp_path):
