@@ -11,6 +11,7 @@ anything is written.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -52,8 +53,10 @@ def weights_in(folder: str | Path, part: str) -> Path:
 
 def read_state_dict(path: str | Path, part: str = 'unet') -> dict[str, np.ndarray]:
   """A diffusers state dict from .safetensors (numpy only) or a torch pickle (.bin/.pt, needs torch);
-  a model folder's weights file (`weights_in`)."""
-  path = Path(path)
+  a model folder's weights file (`weights_in`). A gs:// file or folder is copied once into this
+  host's data cache."""
+  from core.paths import local_data
+  path = Path(local_data(os.fspath(path)))
   if path.is_dir():
     path = weights_in(path, part)
   if not path.is_file():

@@ -29,7 +29,10 @@ class TowerFeaturizer:
 
   def __init__(self, dino_dir: str | None, clip_dir: str | None, mesh, rules, batch: int = 64):
     from attrib.vision_towers import ClipTokenizer, load_tower
+    from core.paths import local_data
     self.mesh, self.rules, self.batch = mesh, rules, batch
+    # A gs:// checkpoint is copied once into this host's data cache (safetensors maps local files).
+    dino_dir, clip_dir = (local_data(str(d)) if d else None for d in (dino_dir, clip_dir))
 
     def placed(tower):
       # The weights live on the devices (replicated over the mesh): handed over as numpy arrays, each

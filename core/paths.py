@@ -74,6 +74,9 @@ def local_data(path: str) -> str:
       continue
     local.parent.mkdir(parents=True, exist_ok=True)
     partial = local.with_name(f'.{local.name}.partial{os.getpid()}')
-    partial.write_bytes(remote.read_bytes())
-    os.replace(partial, local)  # a killed copy never leaves a file that looks complete
+    try:
+      partial.write_bytes(remote.read_bytes())
+      os.replace(partial, local)  # a killed copy never leaves a file that looks complete
+    finally:  # a failed one (a full disk) leaves no partial file to fill the disk on the rerun too
+      partial.unlink(missing_ok=True)
   return str(target)

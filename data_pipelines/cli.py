@@ -6,7 +6,7 @@ def add_parser(sub) -> None:
   d = sub.add_parser('data', help='data preparation').add_subparsers(dest='command', required=True)
   dt = d.add_parser('tokens', help='LVM .jsonl or int32 .npy -> ArrayRecord token shards')
   dt.add_argument('--input', required=True)
-  dt.add_argument('--out', required=True)
+  dt.add_argument('--out', required=True, help='a new folder for the shards (local or gs://)')
   dt.add_argument('--seq-len', type=int, required=True)
   dt.add_argument('--vocab-size', type=int, default=8292)
   dt.add_argument('--records-per-shard', type=int, default=4096)

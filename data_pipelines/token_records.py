@@ -55,18 +55,17 @@ def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, se
   half-written data set behind. A folder that already holds shards is refused before any record is
   read (the new set would replace or mix with the old one).
   """
+  from core.paths import as_path, is_remote
+  from core.workdir import refuse_job_workdir
+  if is_remote(out_dir):  # pathlib made 'gs://b/x' a local folder 'gs:/b/x'
+    return _write_and_upload(records, as_path(out_dir), seq_len=seq_len, vocab_size=vocab_size,
+                             records_per_shard=records_per_shard, prefix=prefix, source=source)
   out_dir = Path(out_dir)
   for part in (out_dir, *out_dir.parents):
     if part.exists() and not part.is_dir():
       raise TokenDataError(f'--out {out_dir}: {part} is a file; give a directory for the shards')
-  from core.workdir import refuse_job_workdir
   refuse_job_workdir(out_dir)
-  existing = sorted(out_dir.glob(f'{prefix}-*{SHARD_SUFFIX}')) if out_dir.is_dir() else []
-  if existing:
-    # Shards of another count would stay beside the new ones, and a reader of the folder would
-    # take both data sets as one; same-named ones would be replaced. Neither is what a user meant.
-    raise TokenDataError(f'{out_dir} already holds {len(existing)} token shard(s) ({existing[0].name}'
-                         f'{", ..." if len(existing) > 1 else ""}); choose a new --out, or delete them first')
+  _refuse_existing_shards(out_dir, prefix)
   out_dir.mkdir(parents=True, exist_ok=True)
   temp_paths: list[Path] = []
   writer = None
@@ -98,6 +97,30 @@ def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, se
     os.replace(temp, final)
     final_paths.append(final)
   return final_paths
+
+
+
+def _refuse_existing_shards(out_dir, prefix: str) -> None:
+  existing = sorted(out_dir.glob(f'{prefix}-*{SHARD_SUFFIX}')) if out_dir.is_dir() else []
+  if existing:
+    # Shards of another count would stay beside the new ones, and a reader of the folder would
+    # take both data sets as one; same-named ones would be replaced. Neither is what a user meant.
+    raise TokenDataError(f'{out_dir} already holds {len(existing)} token shard(s) ({existing[0].name}'
+                         f'{", ..." if len(existing) > 1 else ""}); choose a new --out, or delete them first')
+
+
+def _write_and_upload(records, out_dir, *, prefix: str, **options) -> list:
+  """Shards into a gs:// folder: ArrayRecord writes local files, so they are written (every record
+  checked) into a local temporary folder, then uploaded: the bucket gets a whole data set or nothing."""
+  import tempfile
+  from core.workdir import refuse_job_workdir
+  refuse_job_workdir(out_dir)
+  _refuse_existing_shards(out_dir, prefix)
+  with tempfile.TemporaryDirectory(prefix='lvm_attrib_shards_') as folder:
+    written = write_token_shards(records, folder, prefix=prefix, **options)
+    for path in written:
+      (out_dir / path.name).write_bytes(path.read_bytes())
+  return [out_dir / path.name for path in written]
 
 
 def find_shards(path: str | Path) -> list[Path]:

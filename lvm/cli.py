@@ -26,14 +26,14 @@ def add_parser(sub) -> None:
   e.add_argument('--batch-size', type=int, default=8)
   add_process_flags(e)
   i = lvm.add_parser('import-hf', help='LlamaForCausalLM safetensors dir -> workdir checkpoint')
-  i.add_argument('--hf-dir', required=True)
+  i.add_argument('--hf-dir', required=True, help='LlamaForCausalLM folder: config.json + safetensors (local or gs://)')
   i.add_argument('--workdir', required=True)
   i.add_argument('--tpu', help='slice preset to shard the imported weights for')
   i.add_argument('--seq-len', type=int, default=None,
                  help='record length the workdir will train on (default: the model\'s max_position_embeddings)')
   x = lvm.add_parser('export-hf', help='workdir checkpoint -> LlamaForCausalLM safetensors dir')
   x.add_argument('--workdir', required=True)
-  x.add_argument('--out', required=True)
+  x.add_argument('--out', required=True, help='folder for config.json + safetensors (local or gs://)')
   x.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
 
   tt = lvm.add_parser('train-tokenizer', help='train a VQGAN image tokenizer')

@@ -137,8 +137,10 @@ def _open_hf_tensors(hf_dir: Path) -> Callable[[str], np.ndarray]:
 
 
 def read_hf_params(hf_dir: str | Path, param_dtype: str = 'float32') -> tuple[DecoderConfig, Iterator]:
-  """Returns the config and a generator of (path tuple, np.ndarray) in our layout."""
-  hf_dir = Path(hf_dir)
+  """Returns the config and a generator of (path tuple, np.ndarray) in our layout. A gs:// folder is
+  copied once into this host's data cache (safetensors maps local files)."""
+  from core.paths import local_data
+  hf_dir = Path(local_data(os.fspath(hf_dir)))
   config_path = hf_dir / 'config.json'
   if not config_path.is_file():
     from core.hub_folders import where_the_files_are
@@ -176,12 +178,16 @@ def hf_tensors(params: dict, config: DecoderConfig) -> Iterator[tuple[str, np.nd
 
 
 def write_hf_dir(params: dict, config: DecoderConfig, out_dir: str | Path, dtype: str = 'float32',
-                 max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+                 max_shard_bytes: int = 5 * 2**30) -> list:
   """Writes safetensors shards + index + config.json; files appear only when complete."""
   from safetensors.numpy import save_file
   import ml_dtypes
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+
+  from core.paths import as_path, is_remote
+  from core.workdir import atomic_path, write_bytes_atomic
+  out_dir = as_path(out_dir)  # local or gs:// (pathlib made 'gs://b/x' a local folder 'gs:/b/x')
+  if not is_remote(out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
   np_dtype = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}[dtype]
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
@@ -196,16 +202,18 @@ def write_hf_dir(params: dict, config: DecoderConfig, out_dir: str | Path, dtype
   for index, tensors in enumerate(shards):
     name = (f'model-{index + 1:05d}-of-{len(shards):05d}.safetensors' if len(shards) > 1
             else 'model.safetensors')
-    temp = out_dir / f'.tmp-{name}'
-    save_file(tensors, str(temp), metadata={'format': 'pt'})
-    os.chmod(temp, default_file_mode())  # safetensors creates its file 0600; make it like the others
-    temp.replace(out_dir / name)
+    # Written under a temporary name (or locally, then uploaded): a failed write (a full disk)
+    # leaves neither a partial shard nor its temporary file.
+    with atomic_path(out_dir / name) as temp:
+      save_file(tensors, str(temp), metadata={'format': 'pt'})
+      os.chmod(temp, default_file_mode())  # safetensors creates its file 0600; make it like the others
     written.append(out_dir / name)
     weight_map.update({tensor: name for tensor in tensors})
   if len(shards) > 1:
     total = sum(v.nbytes for shard in shards for v in shard.values())
-    (out_dir / 'model.safetensors.index.json').write_text(
-        json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=1))
+    write_bytes_atomic(out_dir / 'model.safetensors.index.json',
+                       json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=1).encode())
   torch_dtype = {'float32': 'float32', 'bfloat16': 'bfloat16', 'float16': 'float16'}[dtype]
-  (out_dir / 'config.json').write_text(json.dumps(hf_config_from_decoder(config, torch_dtype), indent=1))
+  hf_config = hf_config_from_decoder(config, torch_dtype)
+  write_bytes_atomic(out_dir / 'config.json', json.dumps(hf_config, indent=1).encode())
   return written

@@ -86,6 +86,12 @@ def read_tokenizer_dir(path: str | Path) -> tuple[TokenizerConfig, dict[str, np.
   """A diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors/.bin), or
   one weights file with a config.json beside it. Returns (config, state dict, weights path)."""
   from attrib.released import read_state_dict, weights_in
+  from core.paths import as_path, is_remote, local_data
+  if is_remote(path):  # gs://: the folder (a weights file's, for its config.json) copied into this host's cache
+    remote = as_path(path)
+    is_file = remote.is_file()
+    local = Path(local_data(str(remote.parent if is_file else remote)))
+    path = local / remote.name if is_file else local
   path = Path(path)
   if not path.exists():
     from core.hub_folders import where_the_files_are

@@ -1,5 +1,6 @@
 """gs:// workdirs for real, against a local Cloud Storage emulator: train -> resume -> eval, and the
 teacher, write every file into the bucket and nothing onto the local disk."""
+import io
 import json
 import os
 import shutil
@@ -160,6 +161,144 @@ np.testing.assert_array_equal(load_image('gs://{BUCKET}/imgs/top.jpg', 16), loca
   done = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'imgs/dogs/broken.png: not a readable image' in done.stderr
+
+
+
+def test_data_staged_from_a_bucket_onto_a_full_disk_leaves_no_partial_file(gcs, tmp_path):
+  """A gs:// data file is copied once into each host's cache; when the disk fills during the copy
+  (here the file size limit: writes past 64 KB fail, as on a full disk), the error comes through and
+  no partial file is left in the cache to hold the space the rerun needs; the rerun copies it whole."""
+  url, env = gcs
+  data = np.random.default_rng(0).integers(0, 8192, (64, 512), dtype=np.int32)
+  buffer = io.BytesIO()
+  np.save(buffer, data)
+  _upload(url, 'stage/tokens.npy', buffer.getvalue())
+  cache = tmp_path / 'cache'
+  script = f"""
+import errno, resource, signal, sys
+from core.paths import local_data
+if sys.argv[1] == 'full':
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+  resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+  try:
+    local_data('gs://{BUCKET}/stage/tokens.npy')
+  except OSError as e:
+    assert e.errno == errno.EFBIG, e
+    print('failed as a full disk fails')
+else:
+  print(local_data('gs://{BUCKET}/stage/tokens.npy'))
+"""
+  env = dict(env, LVM_ATTRIB_DATA_CACHE=str(cache))
+  full = subprocess.run([sys.executable, '-c', script, 'full'], env=env, cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert full.returncode == 0 and 'failed as a full disk fails' in full.stdout, full.stderr[-3000:]
+  assert [p.name for p in cache.rglob('*') if p.is_file()] == []
+  again = subprocess.run([sys.executable, '-c', script, 'rerun'], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+  assert again.returncode == 0, again.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(again.stdout.strip()), data)
+  assert [p.name for p in cache.rglob('*') if p.is_file()] == ['tokens.npy']
+
+
+
+def test_hf_weights_and_token_shards_in_and_out_of_a_bucket(gcs, tmp_path):
+  """`lvm import-hf --hf-dir gs://...`, `lvm export-hf --out gs://...` and `data tokens --out gs://...`
+  read and write the bucket: the exported tensors equal the imported ones, the shards equal those
+  written to a local folder, and nothing lands on the local disk. Before, pathlib made the gs:// path
+  a local folder 'gs:/...': the export and the shards went there silently, and the import said the
+  bucket's config.json was missing."""
+  import torch
+  import transformers
+  from safetensors.numpy import load_file
+  url, env = gcs
+  env = dict(env, LVM_ATTRIB_DATA_CACHE=str(tmp_path / 'cache'))
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=False)
+  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  for path in (tmp_path / 'hf').iterdir():
+    _upload(url, f'hf_in/{path.name}', path.read_bytes())
+  tokens = np.random.default_rng(0).integers(0, 300, (40, 64), dtype=np.int32)
+  np.save(tmp_path / 'tokens.npy', tokens)
+  before = _local_files(tmp_path, ROOT) | {tmp_path / 'local_shards'}
+  work = tmp_path / 'work'
+  _run(env, tmp_path, 'lvm', 'import-hf', '--hf-dir', f'gs://{BUCKET}/hf_in', '--workdir', str(work), '--tpu', CPU1)
+  _run(env, tmp_path, 'lvm', 'export-hf', '--workdir', str(work), '--out', f'gs://{BUCKET}/hf_out')
+  objects = _objects(url, 'hf_out/')
+  assert sorted(objects) == ['hf_out/config.json', 'hf_out/model.safetensors'], objects
+  exported = tmp_path / 'exported.safetensors'
+  exported.write_bytes(_read(url, 'hf_out/model.safetensors'))
+  original, back = load_file(str(tmp_path / 'hf' / 'model.safetensors')), load_file(str(exported))
+  assert sorted(back) == sorted(original)
+  for name in original:
+    np.testing.assert_array_equal(back[name], original[name], err_msg=name)
+  assert json.loads(_read(url, 'hf_out/config.json'))['num_key_value_heads'] == 2
+
+  shard_args = ['--input', str(tmp_path / 'tokens.npy'), '--seq-len', '64', '--vocab-size', '300',
+                '--records-per-shard', '16']
+  _run(env, tmp_path, 'data', 'tokens', *shard_args, '--out', f'gs://{BUCKET}/shards')
+  _run(env, tmp_path, 'data', 'tokens', *shard_args, '--out', str(tmp_path / 'local_shards'))
+  local = sorted((tmp_path / 'local_shards').iterdir())
+  assert [p.name for p in local] == [f'tokens-0000{i}-of-00003.arrayrecord' for i in range(3)]
+  assert sorted(_objects(url, 'shards/')) == [f'shards/{p.name}' for p in local]
+  for path in local:
+    assert _read(url, f'shards/{path.name}') == path.read_bytes(), path.name
+  # Nothing but the workdir, the staged copy of the bucket's HF folder and the local shards.
+  new = {p for p in _local_files(tmp_path, ROOT) - before
+         if not p.is_relative_to(work) and not p.is_relative_to(tmp_path / 'cache')
+         and not p.is_relative_to(tmp_path / 'local_shards') and p != exported}
+  assert new == set(), sorted(new)
+
+
+
+def test_released_weights_read_from_a_bucket_as_from_disk(gcs, tmp_path):
+  """The released-weights readers take gs:// as they take a local folder: a VQGAN tokenizer folder or
+  its weights file (`lvm import-tokenizer`), a diffusers weights file (`attrib import-diffusers`)
+  and a DINO checkpoint (`attrib features --dino`, `Attributor.load(dino=...)`) give the same arrays.
+  Each is copied once into the host's data cache (safetensors maps local files); before, pathlib
+  made the gs:// path a local 'gs:/...' that was not found."""
+  import torch
+  import transformers
+  from diffusers import VQModel
+  from tests.test_tokenizer import DIFFUSERS_CONFIG
+  from tests.test_vision_towers import VIT
+  url, env = gcs
+  torch.manual_seed(0)
+  VQModel(**DIFFUSERS_CONFIG).save_pretrained(tmp_path / 'vq', safe_serialization=True)
+  transformers.ViTModel(transformers.ViTConfig(**VIT), add_pooling_layer=False).save_pretrained(
+      tmp_path / 'dino', safe_serialization=True)
+  for folder in ('vq', 'dino'):
+    for path in (tmp_path / folder).iterdir():
+      _upload(url, f'weights/{folder}/{path.name}', path.read_bytes())
+  script = f"""
+import numpy as np
+from attrib.released import read_state_dict
+from attrib.tower_features import TowerFeaturizer
+from core.config import load_config_file
+from core.mesh import make_mesh
+from jax.tree_util import keystr, tree_leaves_with_path
+from lvm.tokenizer_weights import read_tokenizer_dir
+local, remote = {str(tmp_path)!r}, 'gs://{BUCKET}/weights'
+def same(a, b):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+want_config, want, _ = read_tokenizer_dir(local + '/vq')
+for given in (remote + '/vq', remote + '/vq/diffusion_pytorch_model.safetensors'):
+  config, state, _ = read_tokenizer_dir(given)
+  assert config == want_config
+  same(state, want)
+same(read_state_dict(remote + '/vq/diffusion_pytorch_model.safetensors', 'vqvae'), want)
+preset = load_config_file({CPU1!r})
+towers = [TowerFeaturizer(d + '/dino', None, make_mesh(preset), preset.logical_rules) for d in (local, remote)]
+leaves = [{{keystr(k): v for k, v in tree_leaves_with_path(t.dino[1])}} for t in towers]
+same(*leaves)
+print('same arrays')
+"""
+  env = dict(env, LVM_ATTRIB_DATA_CACHE=str(tmp_path / 'cache'))
+  done = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and 'same arrays' in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.slow
