@@ -245,3 +245,26 @@ def test_the_bundled_configs_are_found_from_any_folder(tmp_path, monkeypatch):
   assert load_config_file('lvm/configs/tiny.py').train.steps == 7
   with pytest.raises(ConfigError, match='config file not found: lvm/configs/tinny.py'):
     load_config_file('lvm/configs/tinny.py')
+
+
+def test_every_shipped_config_loads_as_the_job_that_takes_it():
+  """Each file in attrib/configs and lvm/configs loads, validates, and is the config its job expects
+  (fastgda_coco.py, the paper's COCO recipe, was loaded by no test); the COCO recipe is the paper's."""
+  from attrib.config import DiffusionConfig
+  from attrib.fastgda_config import FastGDAConfig
+  from lvm.config import LvmConfig
+  from lvm.tokenizer_task import TokenizerRunConfig
+  expected = {'digits': DiffusionConfig, 'mscoco': DiffusionConfig, 'fastgda_digits': FastGDAConfig,
+              'fastgda_coco': FastGDAConfig, 'tiny': LvmConfig, 'vqlm_7b': LvmConfig,
+              'tokenizer_tiny': TokenizerRunConfig}
+  files = sorted(p for folder in ('attrib/configs', 'lvm/configs') for p in (ROOT / folder).glob('*.py')
+                 if p.stem != '__init__')
+  assert sorted(p.stem for p in files) == sorted(expected)
+  for path in files:
+    load_config_file(path, expect=expected[path.stem])
+  coco = load_config_file(ROOT / 'attrib/configs/fastgda_coco.py')
+  # fastgda.md §3: 1280 -> 768 x 3 -> 768, dropout 0.1; AdamW 1e-3, wd 0.01, batch 4096, 10 epochs, p = 0.1.
+  assert (coco.feature, coco.embedder.input_dim, coco.embedder.hidden, coco.embedder.output_dim) == (
+      'dino+clip_text', 1280, (768, 768, 768), 768)
+  assert (coco.embedder.dropout, coco.distill.lr, coco.distill.weight_decay, coco.distill.batch, coco.distill.epochs,
+          coco.distill.outlier_probability) == (0.1, 1e-3, 0.01, 4096, 10, 0.1)
