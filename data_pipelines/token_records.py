@@ -99,7 +99,6 @@ def write_token_shards(records: Iterable[np.ndarray], out_dir: str | Path, *, se
   return final_paths
 
 
-
 def _refuse_existing_shards(out_dir, prefix: str) -> None:
   existing = sorted(out_dir.glob(f'{prefix}-*{SHARD_SUFFIX}')) if out_dir.is_dir() else []
   if existing:
