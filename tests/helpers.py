@@ -59,6 +59,17 @@ def _child_env(devices: int) -> dict:
               JAX_PLATFORMS='cpu')
 
 
+
+def outputs_of(procs, timeout: int) -> list[str]:
+  """Each process's output (stdout and stderr), waiting up to `timeout` s for each; every process is
+  killed after, so one that hangs (a host waiting for another) ends with the test."""
+  try:
+    return [proc.communicate(timeout=timeout)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+
+
 _FULL_DISK = '''
 import importlib
 import sys

@@ -11,7 +11,7 @@ from core.distributed import check_hardware
 from core.errors import ConfigError
 from core.mesh import load_preset
 from core.metrics import read_metrics
-from tests.helpers import CPU2X4, ROOT, SMALL_MODEL, TINY, free_port, launch
+from tests.helpers import CPU2X4, ROOT, SMALL_MODEL, TINY, free_port, launch, outputs_of
 
 V4_32 = load_preset(ROOT / 'tpu_configs/v4_32.py')
 
@@ -148,11 +148,7 @@ def test_a_step_that_fails_on_one_process_fails_on_every_process(tmp_path, failu
   procs = [subprocess.Popen([sys.executable, '-c', ALL_OR_NONE, str(port), str(i), failure], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS='cpu'))
            for i in range(2)]
-  try:
-    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
-  finally:
-    for proc in procs:
-      proc.kill()
+  outputs = outputs_of(procs, 120)
   if failure in ('none', 'process 0 late'):
     assert [p.returncode for p in procs] == [0, 0] and all('both done' in out for out in outputs), outputs
     return
@@ -199,11 +195,7 @@ def test_a_host_that_fails_before_training_stops_every_host_at_once(tmp_path, jo
   args = _job_args(job, tmp_path) + ['--tpu', CPU2X4, '--workdir', str(workdir), '--coordinator', f'127.0.0.1:{port}',
                                      '--num-processes', '2']
   procs = [launch_with_full_disk(writer, failing, args + ['--process-id', str(i)], devices=4) for i in range(2)]
-  try:
-    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-  finally:
-    for proc in procs:
-      proc.kill()
+  outputs = outputs_of(procs, 240)
   assert [proc.returncode for proc in procs] == [2, 2], outputs
   disk_full = 'OSError: [Errno 28] No space left on device'
   assert 'error: the disk is full ([Errno 28] No space left on device)' in outputs[failing]

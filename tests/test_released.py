@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from attrib.precomputed import PrecomputedDataError
 from attrib.unet_config import UNetConfig
 from core.torch_layout import WeightImportError
-from tests.helpers import CPU1, CPU2X4, CPU8, free_port, launch
+from tests.helpers import CPU1, CPU2X4, CPU8, free_port, launch, outputs_of
 from tests.tolerance import assert_network_close, network_bound, total_fan_in
 
 UNET = UNetConfig(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
@@ -187,11 +187,7 @@ def test_a_teacher_query_failing_on_one_process_stops_both(released, tmp_path):
                     for i in range(2)]
     procs = [launch_with_full_disk('attrib.curation.save_npz_atomic', 1, a, devices=4) if failing
              else launch(a, devices=4) for a in process_args]
-    try:
-      return procs, [p.communicate(timeout=400)[0] for p in procs]
-    finally:
-      for p in procs:
-        p.kill()
+    return procs, outputs_of(procs, 400)
   procs, outputs = two_processes(failing=True)
   assert [p.returncode for p in procs] == [2, 2], outputs
   assert ('error: the disk is full (teacher: every query ranked: process 1 of 2 failed, so this one stops too: '
@@ -219,11 +215,7 @@ def test_a_fisher_save_failing_on_process_0_stops_both_before_any_query(released
           ] + TEACHER_SETTINGS
   procs = [launch_with_full_disk('attrib.curation.save_npz_atomic', 0, args + ['--process-id', str(i)], devices=4)
            for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
+  outputs = outputs_of(procs, 400)
   assert [p.returncode for p in procs] == [2, 2], outputs
   assert 'error: the disk is full ([Errno 28] No space left on device)' in outputs[0]
   assert ('error: the disk is full (teacher: the Fisher and the settings saved: process 0 of 2 failed, so this one '

@@ -793,7 +793,7 @@ def test_tokenize_stops_every_process_when_one_fails(tokenizer_dir, tmp_path):
   written its own shards, with the failing host's message, instead of leaving it at the barrier. The
   rerun writes the missing shard; when process 0 then cannot write the manifest, process 1 fails too
   (before, it reported success for a job without a manifest)."""
-  from tests.helpers import CPU2X4, free_port, launch_with_full_disk
+  from tests.helpers import CPU2X4, free_port, launch_with_full_disk, outputs_of
 
   def two_processes(writer, failing):
     port = free_port()
@@ -801,11 +801,7 @@ def test_tokenize_stops_every_process_when_one_fails(tokenizer_dir, tmp_path):
         'lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '16', '--records-per-shard', '8',
         '--kind', 'video', '--out', str(tmp_path / 'out'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
         '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
-    try:
-      return procs, [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-      for proc in procs:
-        proc.kill()
+    return procs, outputs_of(procs, 240)
   procs, outputs = two_processes('lvm.sentences.write_sentence_shard', 1)
   assert [proc.returncode for proc in procs] == [2, 2], outputs
   assert 'error: the disk is full ([Errno 28] No space left on device)' in outputs[1]

@@ -269,7 +269,7 @@ def test_a_bad_image_on_one_of_two_processes_stops_both(clip_dir, tmp_path):
   import io
   from PIL import Image
   from sklearn.datasets import load_sample_images
-  from tests.helpers import CPU2X4, free_port, launch
+  from tests.helpers import CPU2X4, free_port, launch, outputs_of
   clip_path, _ = clip_dir
   _full_scale_checkpoints(tmp_path, clip_path)
   Image.fromarray(load_sample_images().images[0]).save(tmp_path / 'photo.png')
@@ -284,11 +284,7 @@ def test_a_bad_image_on_one_of_two_processes_stops_both(clip_dir, tmp_path):
     port = free_port()
     procs = [launch(args + ['--coordinator', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(i)],
                     devices=4) for i in range(2)]
-    try:
-      outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-      for proc in procs:
-        proc.kill()
+    outputs = outputs_of(procs, 240)
     return [proc.returncode for proc in procs], outputs
 
   # Lines 2 (process 1's share) and 3 (process 0's) are not images: each names the first in its share.
