@@ -9,7 +9,9 @@ RGBA (composited on white) and 16-bit images are converted to RGB, photos turned
 EXIF orientation (as every viewer shows them); the shorter side is resized to
 `size` (bicubic) and the centre cropped. A corrupt or truncated file is skipped with a warning that
 names it and is counted (`strict=True` raises instead); hidden files and folders and `__MACOSX/`
-(a Mac's metadata, named like the images) are left out, counted.
+(a Mac's metadata, named like the images) are left out, counted. Videos (`frames:DIR`): a subfolder
+of frame images each, or an animated GIF, WebP or PNG each (PIL decodes those; other video files
+are named, with the ffmpeg line that gives their frames).
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ from core import progress
 from core.errors import UserError
 from core.paths import as_path, is_remote
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.apng')
+# Clips that PIL decodes itself, with no video decoder: an animated GIF, WebP or PNG is a video in a
+# folder of videos (`frames:DIR`) and a prompt of several frames; a still one is one image.
+ANIMATED_SUFFIXES = ('.gif', '.webp', '.png', '.apng')
 VIDEO_SUFFIXES = ('.mp4', '.mov', '.avi', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg', '.wmv', '.flv')
 
 
@@ -174,8 +179,18 @@ def array_to_rgb_square(array: np.ndarray, size: int) -> np.ndarray:
   return to_rgb_square(Image.fromarray(array), size)
 
 
-def load_image(path, size: int) -> np.ndarray:
-  """One file (local or gs://) -> float32 [size, size, 3] in [0, 1]; raises ImageDataError naming the file."""
+@dataclasses.dataclass(frozen=True)
+class AnimationFrame:
+  """Frame `index` (from 0) of an animated image file: how a prompt names one frame of a GIF clip."""
+  path: str
+  index: int
+
+  def __str__(self) -> str:
+    return f'{self.path}[frame {self.index}]'
+
+
+def _read_pil(path, read):
+  """`read(opened PIL image)` of one file (local or gs://); an unreadable file raises ImageDataError naming it."""
   import io
   from PIL import Image, UnidentifiedImageError
   if _is_video_file(path):
@@ -184,11 +199,41 @@ def load_image(path, size: int) -> np.ndarray:
   try:
     # A gs:// object is fetched whole in one request: PIL's seeks on a remote file are round trips.
     with Image.open(io.BytesIO(source.read_bytes()) if is_remote(path) else path) as image:
-      image.load()
-      return to_rgb_square(image, size)
+      return read(image)
   # DecompressionBombError: over twice PIL's pixel limit (Image.MAX_IMAGE_PIXELS), not an OSError.
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+  # EOFError: a frame past an animation's end (a file that changed since it was listed).
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
     raise ImageDataError(f'{path}: not a readable image ({type(e).__name__}: {e})') from None
+
+
+def load_image(path, size: int) -> np.ndarray:
+  """One file (local or gs://), or an `AnimationFrame` of one, -> float32 [size, size, 3] in [0, 1];
+  raises ImageDataError naming the file. An animated file gives its first frame."""
+  if isinstance(path, AnimationFrame):
+    def frame(image):
+      image.seek(path.index)  # PIL composes a GIF's frames from the first, as a player shows them
+      return to_rgb_square(image, size)
+    return _read_pil(path.path, frame)
+
+  def first(image):
+    image.load()
+    return to_rgb_square(image, size)
+  return _read_pil(path, first)
+
+
+def load_frames(path, size: int) -> np.ndarray:
+  """Every frame of an image file (local or gs://): an animated GIF, WebP or PNG's in order, a still
+  image's one -> float32 [frames, size, size, 3] in [0, 1]."""
+  from PIL import ImageSequence
+  return _read_pil(path, lambda image: np.stack([to_rgb_square(frame, size)
+                                                        for frame in ImageSequence.Iterator(image)]))
+
+
+def animation_frames(path) -> int:
+  """Frames in an image file (1 for a still image or a format that cannot animate), read from its header."""
+  if Path(str(path)).suffix.lower() not in ANIMATED_SUFFIXES:
+    return 1
+  return _read_pil(path, lambda image: int(getattr(image, 'n_frames', 1)))
 
 
 @dataclasses.dataclass
@@ -264,12 +309,17 @@ def frame_order(path) -> tuple:
 
 def prompt_files(entries: list) -> list:
   """Prompt images as given, with a folder among them standing for its images in frame order (the
-  frames of a video, as the quickstart writes them to lvm/next_frame_prompt/); entries that are not
-  paths (arrays, PIL images) pass as they are."""
+  frames of a video, as the quickstart writes them to lvm/next_frame_prompt/) and an animated GIF,
+  WebP or PNG for its frames (`AnimationFrame`s); entries that are not paths (arrays, PIL images)
+  pass as they are."""
   files = []
   for entry in entries:
-    if not isinstance(entry, (str, Path)) or not _folder(entry).is_dir():
+    if not isinstance(entry, (str, Path)):
       files.append(entry)
+      continue
+    if not _folder(entry).is_dir():
+      frames = animation_frames(entry) if _folder(entry).is_file() else 1
+      files.extend([AnimationFrame(str(entry), i) for i in range(frames)] if frames > 1 else [entry])
       continue
     folder = _folder(entry)
     images = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -344,24 +394,40 @@ def open_images(source: str, size: int, strict: bool = False) -> tuple[np.ndarra
 
 
 def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tuple[str, np.ndarray]]:
-  """A folder of videos, one subfolder of frame images each (frames in `frame_order`) -> (subfolder,
-  float32 [frames, size, size, 3]) per video. Unreadable frames are skipped (counted) or, strict, an
-  error."""
+  """A folder of videos -> (name, float32 [frames, size, size, 3]) per video, in name order. A video
+  is a subfolder of frame images (in `frame_order`) or an animated GIF, WebP or PNG file (in its own
+  order). Unreadable frames and files are skipped (counted) or, strict, an error; still images at
+  the top of the folder, frames of no video, are left out and said."""
   root = _folder(root)
   if not root.is_dir():
     if _is_video_file(root):
       raise video_files_error(root, [root])
     raise ImageDataError(f'{root}: no such folder of videos')
-  videos = []
-  for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _os_metadata((p.name,))):
-    found = folder_images(folder, size, strict, frames=True)
-    if len(found.images):
-      videos.append((str(folder), found.images))
+  videos, stills = [], []
+  for entry in sorted(p for p in root.iterdir() if not _os_metadata((p.name,))):
+    if entry.is_dir():
+      videos.append((str(entry), folder_images(entry, size, strict, frames=True).images))
+    elif entry.suffix.lower() in IMAGE_SUFFIXES:
+      try:
+        frames = load_frames(entry, size) if entry.suffix.lower() in ANIMATED_SUFFIXES else None
+      except ImageDataError as e:
+        if strict:
+          raise
+        progress.say(f'warning: skipped {e}')
+        continue
+      if frames is not None and len(frames) > 1:
+        videos.append((str(entry), frames))
+      else:
+        stills.append(entry.name)
+  if stills:
+    progress.say(f'{root}: left out {len(stills)} still images at its top level, e.g. {stills[0]} (a video is a '
+                 'subfolder of frame images or an animated GIF, WebP or PNG)')
   if not videos:
     video_files = [p for p in _files_under(root) if _is_video_file(p)]
     if video_files:
       raise video_files_error(root, video_files)
-    raise ImageDataError(f'{root}: no video folders (one subfolder of frame images per video)')
+    raise ImageDataError(f'{root}: no videos (a subfolder of frame images, or an animated GIF, WebP or PNG, '
+                         'per video)')
   return videos
 
 

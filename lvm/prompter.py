@@ -12,7 +12,8 @@ notebook's tenth prompt costs only its generation (each `launch.py lvm generate`
 `launch.py lvm generate` is this class plus a PNG grid. Images: paths, PIL images, uint8 arrays (grey,
 RGB or RGBA, any size: resized and centre-cropped as the training images were) or float arrays
 [s, s, 3] in [0, 1] at the tokenizer's size (what these methods return, so outputs chain as prompts);
-a folder stands for its images in frame order (a video's frames: frame2.png before frame10.png).
+a folder stands for its images in frame order (a video's frames: frame2.png before frame10.png), an
+animated GIF, WebP or PNG for its frames.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from core import progress
 from core.config import ConfigError
 from core.mesh import serving_preset
 from core.paths import as_path
-from data_pipelines.image_sources import ImageDataError, array_to_rgb_square, load_image, prompt_files, to_rgb_square
+from data_pipelines.image_sources import (AnimationFrame, ImageDataError, animation_frames, array_to_rgb_square, load_image,
+                                          prompt_files, to_rgb_square)
 from lvm.prompting import check_prompt, check_same_tokenizer, generate_frames, tokenizer_of
 from lvm.sampling import check_sampling
 
@@ -82,11 +84,11 @@ class Prompter:
 
   def images(self, images) -> np.ndarray:
     """Prompt images -> float32 [n, s, s, 3] in [0, 1], each checked (named by its position) first."""
-    if isinstance(images, (str, Path)) and as_path(images).is_dir():
-      images = [images]  # a folder of frames: expanded below
+    if isinstance(images, (str, Path)) and (as_path(images).is_dir() or animation_frames(images) > 1):
+      images = [images]  # a folder of frames, or an animated GIF, WebP or PNG: expanded below
     if isinstance(images, (str, Path, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
-      raise ImageDataError('prompt images must be a list (or an [n, s, s, 3] array, or a folder of frames), not one '
-                           'image')
+      raise ImageDataError('prompt images must be a list (or an [n, s, s, 3] array, a folder of frames or an animated '
+                           'GIF, WebP or PNG), not one image')
     if not isinstance(images, np.ndarray):
       images = prompt_files(list(images))
     return np.stack([self._image(image, i) for i, image in enumerate(images)]) if len(images) else \
@@ -95,7 +97,7 @@ class Prompter:
   def _image(self, image, i: int) -> np.ndarray:
     from PIL import Image
     s = self.image_size
-    if isinstance(image, (str, Path)):
+    if isinstance(image, (str, Path, AnimationFrame)):
       return load_image(image, s)  # local or gs://
     if isinstance(image, Image.Image):
       return to_rgb_square(image, s)

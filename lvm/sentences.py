@@ -1,8 +1,8 @@
 """Visual sentences (LVM §2): images -> sequences of frames -> tokens -> ArrayRecord shards.
 
 Kinds, each a fixed number of frames (`frames`, 4 by default; LVM uses 16 at 256 tokens each):
-  video        frames of a real clip at a stride (a `frames:DIR` source: one subfolder of frames
-               per video), or, from still images, one image moving: rotated and shifted a little
+  video        frames of a real clip at a stride (a `frames:DIR` source: one subfolder of frames,
+               or an animated GIF, WebP or PNG, per video), or, from still images, one image moving: rotated and shifted a little
                more in every frame
   edges        annotated pairs [X, edges(X), Y, edges(Y), ...] (LVM's HED-edge pairs; Sobel here)
   groups       `frames` different images of one category (class folders, digit labels)

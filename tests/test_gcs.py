@@ -143,6 +143,10 @@ def test_image_folders_and_videos_read_from_a_bucket_as_from_disk(gcs, tmp_path)
   pathlib once made 'gs://runs/imgs' the local 'gs:/runs/imgs': 'no such image folder'."""
   url, env = gcs
   _image_folders(tmp_path / 'local', url)
+  from PIL import Image  # and a clip as an animated GIF, read whole in one request
+  gif = [Image.fromarray(np.full((16, 16), 40 * t, np.uint8)) for t in range(3)]
+  gif[0].save(tmp_path / 'local/clips/w.gif', save_all=True, append_images=gif[1:])
+  _upload(url, 'clips/w.gif', (tmp_path / 'local/clips/w.gif').read_bytes())
   script = f'''
 import numpy as np
 from data_pipelines.image_sources import folder_images, load_image, named_videos
@@ -153,9 +157,10 @@ assert remote.classes == local.classes == ['cats', 'dogs']
 assert remote.paths == ['gs://{BUCKET}/imgs/' + p.split('/imgs/')[1] for p in local.paths]
 assert remote.skipped == ['gs://{BUCKET}/imgs/dogs/broken.png'], remote.skipped
 videos = named_videos('gs://{BUCKET}/clips', 16)
-assert [name for name, _ in videos] == ['gs://{BUCKET}/clips/v0', 'gs://{BUCKET}/clips/v1']
-for (_, frames), (_, on_disk) in zip(videos, named_videos({str(tmp_path / 'local/clips')!r}, 16)):
+assert [name for name, _ in videos] == ['gs://{BUCKET}/clips/v0', 'gs://{BUCKET}/clips/v1', 'gs://{BUCKET}/clips/w.gif']
+for (_, frames), (_, on_disk) in zip(videos, named_videos({str(tmp_path / 'local/clips')!r}, 16), strict=True):
   np.testing.assert_array_equal(frames, on_disk)
+assert len(videos[-1][1]) == 3
 np.testing.assert_array_equal(load_image('gs://{BUCKET}/imgs/top.jpg', 16), local.images[-1])
 '''
   done = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

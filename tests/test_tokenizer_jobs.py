@@ -300,6 +300,16 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', str(tmp_path / 'frames'), '--mode',
                       'analogy', '--out', str(tmp_path / 'grid2.png'), '--temperature', '1.0', '--seed', '3']) == 0
   assert json.loads((lvm / 'generate_result.json').read_text())['tokens'] == generated['tokens']
+  # So does an animated GIF (grey frames: exact in a GIF's palette), in the API and the command.
+  grey = [Image.open(path).convert('L') for path in prompt]
+  grey[0].save(tmp_path / 'clip.gif', save_all=True, append_images=grey[1:], duration=100)
+  np.testing.assert_array_equal(prompter.generate(tmp_path / 'clip.gif', 1, 'analogy', **sampling).tokens,
+                                from_files.tokens)
+  assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', str(tmp_path / 'clip.gif'), '--mode',
+                      'analogy', '--out', str(tmp_path / 'grid3.png'), '--temperature', '1.0', '--seed', '3']) == 0
+  from_gif = json.loads((lvm / 'generate_result.json').read_text())
+  assert from_gif['tokens'] == generated['tokens']
+  assert from_gif['prompts'] == [f'{tmp_path / "clip.gif"}[frame {i}]' for i in range(3)]
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ImageDataError, match='empty: a folder with no image files'):
     prompter.generate(tmp_path / 'empty')
@@ -660,6 +670,65 @@ def test_frames_numbered_without_zero_padding_keep_their_order(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 20 * t, np.uint8)).save(tmp_path / 'clips' / 'v' / f'frame{t}.png')
   [(_, frames)] = named_videos(tmp_path / 'clips', 8)
   np.testing.assert_allclose(frames[:, 0, 0, 0] * 255, 20 * np.arange(1, 13), atol=1e-3)
+
+
+def _grey_clip(seed: int, frames: int = 9) -> list:
+  """Grey PIL frames (exact in GIF, lossless WebP and PNG): a bright bar sliding right over noise."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  clip = []
+  for t in range(frames):
+    frame = rng.integers(0, 256, (32, 32)).astype(np.uint8)
+    frame[:, t * 3:t * 3 + 3] = 255
+    clip.append(Image.fromarray(frame))
+  return clip
+
+
+def test_animated_gif_webp_and_png_files_are_videos(tokenizer_dir, tmp_path, capsys):
+  """A folder of GIF clips (as GIF video data sets come) said 'no video folders': only subfolders of
+  frame images were videos. An animated GIF, WebP or PNG, which PIL decodes itself, is now one video,
+  its frames exactly those of the same clip as a folder of PNGs, down to the tokenized sentences."""
+  from data_pipelines.image_sources import ImageDataError, named_videos
+  from data_pipelines.token_records import TokenRecordSource, find_shards
+  from PIL import Image
+  (tmp_path / 'animated').mkdir()
+  for seed, name in enumerate(('a.gif', 'b.webp', 'c.png')):
+    clip = _grey_clip(seed)
+    clip[0].save(tmp_path / 'animated' / name, save_all=True, append_images=clip[1:], duration=80,
+                 **({'lossless': True} if name.endswith('.webp') else {}))
+    (tmp_path / 'folders' / name[0]).mkdir(parents=True)
+    for t, frame in enumerate(clip):
+      frame.save(tmp_path / 'folders' / name[0] / f'frame{t}.png')
+  _grey_clip(3, 1)[0].save(tmp_path / 'animated' / 'd_still.png')  # one frame: an image, not a video
+  (tmp_path / 'animated' / '._a.gif').write_bytes(b'macOS metadata')
+  capsys.readouterr()
+  animated = named_videos(tmp_path / 'animated', 32)
+  assert 'left out 1 still images at its top level, e.g. d_still.png' in capsys.readouterr().err
+  folders = named_videos(tmp_path / 'folders', 32)
+  assert [name for name, _ in animated] == [str(tmp_path / 'animated' / n) for n in ('a.gif', 'b.webp', 'c.png')]
+  for (_, frames), (_, expected) in zip(animated, folders, strict=True):
+    assert frames.shape == (9, 32, 32, 3)
+    np.testing.assert_array_equal(frames, expected)
+  out = {}
+  for source in ('animated', 'folders'):
+    out[source] = tmp_path / f'{source}_sentences'
+    assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', f'frames:{tmp_path / source}',
+                        '--kind', 'video', '--stride', '2', '--sentences', '12', '--out', str(out[source])]) == 0
+  sentences = [TokenRecordSource(find_shards(out[source]), seq_len=256, vocab_size=128) for source in out]
+  assert len(sentences[0]) == len(sentences[1]) == 12
+  for n in range(12):
+    np.testing.assert_array_equal(sentences[0][n], sentences[1][n])
+  # A damaged clip is skipped, named; --strict fails on it instead.
+  (tmp_path / 'animated' / 'e.gif').write_bytes((tmp_path / 'animated' / 'a.gif').read_bytes()[:60])
+  assert len(named_videos(tmp_path / 'animated', 32)) == 3
+  assert f'warning: skipped {tmp_path / "animated" / "e.gif"}: not a readable image' in capsys.readouterr().err
+  with pytest.raises(ImageDataError, match='e.gif: not a readable image'):
+    named_videos(tmp_path / 'animated', 32, strict=True)
+  # Only still images: no video, said as such.
+  (tmp_path / 'stills').mkdir()
+  Image.new('L', (8, 8)).save(tmp_path / 'stills' / 'one.gif')
+  with pytest.raises(ImageDataError, match=r'stills: no videos \(a subfolder of frame images, or an animated GIF'):
+    named_videos(tmp_path / 'stills', 32)
 
 
 def test_each_adversarial_term_moves_only_its_own_player():
