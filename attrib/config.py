@@ -7,7 +7,7 @@ from attrib.diffusion import ScheduleConfig
 from core.errors import ConfigError
 from attrib.unet_config import UNetConfig
 from core.optim import OptimConfig
-from core.train_loop import TrainConfig
+from core.train_loop import TrainConfig, refuse_validation_without_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,7 @@ class DiffusionConfig:
   train: TrainConfig = TrainConfig()
 
   def __post_init__(self):
+    refuse_validation_without_data(self.train, 'the diffusion model')
     total = self.schedule.num_train_timesteps
     if self.sample.num_steps > total or total % self.sample.num_steps:
       raise ConfigError(f'sample.num_steps {self.sample.num_steps} must divide schedule.num_train_timesteps {total}')

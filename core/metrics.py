@@ -85,7 +85,8 @@ class MetricsLogger:
           self._tb.add_scalar(key, float(value), step)
       self._tb.flush()
     if self._bar is not None:
-      self._bar.set_postfix(loss=f'{record["loss"]:.4f}', refresh=False)
+      shown = {name: f'{record[name]:.4f}' for name in ('loss', 'eval_loss') if name in record}
+      self._bar.set_postfix(shown, refresh=False)
 
   def advance(self, steps: int = 1) -> None:
     if self._bar is not None:

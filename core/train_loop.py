@@ -2,7 +2,9 @@
 
 The task supplies the model and its loss; the loop owns the mesh, sharding, optimizer, data feeding,
 checkpoints, metrics and preemption. Rerunning with the same workdir continues from the latest
-checkpoint, data iterator included; SIGTERM saves a checkpoint and returns cleanly.
+checkpoint, data iterator included; SIGTERM saves a checkpoint and returns cleanly. Given held-out
+batches, it validates every `train.eval_every` updates (forward only, the same loss) and logs
+`eval_loss` beside the training metrics.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +65,27 @@ class TrainConfig:
   # cross-host exchange per check, instead of a host sync after every step. A TPU VM gets ~30 s
   # between SIGTERM and shutdown, so keep (check interval x step time) well under that.
   preemption_check_every: int = 10
+  # Validate on the job's held-out data (the LVM's data.eval_path) every this many updates and at
+  # the end; 0 = at every checkpoint save. Jobs without held-out data refuse a value above 0.
+  eval_every: int = 0
 
   def __post_init__(self):
     for name in ('steps', 'global_batch', 'log_every', 'checkpoint_every', 'keep_checkpoints',
                  'preemption_check_every'):
       if getattr(self, name) < 1:
         raise ConfigError(f'train.{name} must be >= 1, got {getattr(self, name)}')
+    if self.eval_every < 0:
+      raise ConfigError(f'train.eval_every must be >= 0 (0 = at every checkpoint save), got {self.eval_every}')
+
+  def validating_at(self, step: int) -> bool:
+    return step % (self.eval_every or self.checkpoint_every) == 0 or step == self.steps
+
+
+def refuse_validation_without_data(train_config: TrainConfig, job: str) -> None:
+  """For the configs of jobs that have no held-out data to validate on."""
+  if train_config.eval_every:
+    raise ConfigError(f'train.eval_every {train_config.eval_every}: {job} has no held-out data to validate on '
+                      '(the LVM does, with data.eval_path); leave it at 0')
 
 
 class _Preemption:
@@ -175,6 +192,32 @@ def make_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_sharding
     return params, opt_state, metrics
 
   return train_step
+
+
+def jit_eval_step(task: Task, graphdef, abstract_params):
+  """Forward only: the task's loss and its metrics on one held-out batch, with the trained parameters."""
+  def eval_step(params, batch, frozen=None):
+    model = nnx.merge(graphdef, params)
+    loss, aux = task.loss(model, batch) if frozen is None else task.loss(model, batch, frozen)
+    return {'loss': loss, **aux}
+  platform = next(iter(jax.tree.leaves(abstract_params)[0].sharding.device_set)).platform
+  options = program_options(getattr(task, 'program_kind', 'convolutional'), backend=platform)
+  return jax.jit(eval_step, compiler_options=options or None)
+
+
+def validate(task: Task, eval_step, params, frozen, batches: Iterable[dict], shardings) -> dict[str, float]:
+  """{'eval_loss': mean over the held-out batches, 'eval_<metric>': ...}. Batches are equal in size, so
+  the mean of their mean losses is the mean over every example; `task.eval_summary(loss)`, where a
+  task has it, gives metrics that are not means (a perplexity is exp of the mean loss)."""
+  totals, count = None, 0
+  for local in batches:
+    rows = len(next(iter(local.values())))
+    metrics = eval_step(params, _global_batch(local, shardings, rows * jax.process_count()), frozen)
+    totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+    count += 1
+  means = {name: float(value) / count for name, value in jax.device_get(totals).items()}
+  means.update(getattr(task, 'eval_summary', lambda loss: {})(means['loss']))
+  return {f'eval_{name}': value for name, value in means.items()}
 
 
 def jit_train_step(task: Task, graphdef, tx, optim: OptimConfig, batch_shardings, abstract_params, abstract_opt):
@@ -295,12 +338,17 @@ def check_batch_layout(train_config: TrainConfig, optim: OptimConfig, preset: Sl
 
 def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: SliceConfig,
           workdir: str | Path, make_data_iterator: Callable[[int, int], Iterator],
-          meta: dict | None = None, on_setup: Callable[[], None] | None = None) -> dict:
+          meta: dict | None = None, on_setup: Callable[[], None] | None = None,
+          make_eval_batches: Callable[[int, int], Iterable[dict]] | None = None) -> dict:
   """Trains until `train_config.steps` optimizer updates are done; returns a summary dict.
 
   `make_data_iterator(process_index, process_count)` returns this host's grain iterator of
-  host-local batches (global_batch / process_count rows).
+  host-local batches (global_batch / process_count rows). `make_eval_batches(process_index,
+  process_count)`, when given, returns one pass over this host's rows of the held-out batches (the
+  same ones at every validation).
   """
+  if make_eval_batches is None:
+    refuse_validation_without_data(train_config, 'this job')
   # ---------------------------------------------------------------- setup
   workdir = as_path(workdir)
   make_workdir(workdir)
@@ -347,6 +395,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
 
   if step_compiled is not None:
     step_compiled.result()  # a compile error surfaces here, before the loop
+  eval_step = jit_eval_step(task, graphdef, abstract_params) if make_eval_batches is not None else None
 
   # ---------------------------------------------------------------- the loop
   logger = MetricsLogger(workdir, total_steps=train_config.steps, start_step=start_step,
@@ -372,7 +421,8 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
         window_steps += 1
         logger.advance()
         saving = step % train_config.checkpoint_every == 0 or step == train_config.steps
-        if step % train_config.log_every == 0 or step == train_config.steps:
+        validating = eval_step is not None and train_config.validating_at(step)
+        if step % train_config.log_every == 0 or step == train_config.steps or validating:
           metrics = jax.device_get(metrics)  # the host sync of a logging window (a save syncs too)
           _stop_if_not_finite(metrics, step, last_finite_step, manager, workdir)
           last_finite_step = step
@@ -382,6 +432,10 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
           last_metrics.update(step_time_s=step_time,
                               tokens_per_s=task.tokens_per_example() * examples_per_step / step_time,
                               mfu=flops_per_step / step_time / peak_flops)
+          if validating:  # on the same line as the step's training metrics; not timed as training
+            last_metrics.update(validate(task, eval_step, params, frozen,
+                                         make_eval_batches(jax.process_index(), jax.process_count()),
+                                         batch_shardings))
           logger.log(step, last_metrics)
           window_start, window_steps = time.perf_counter(), 0
         if preemption.agreed(step, train_config.preemption_check_every):

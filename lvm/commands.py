@@ -24,6 +24,7 @@ from data_pipelines.token_sources import open_token_source, record_length
 from lvm import evaluate, hf_interop
 from lvm.config import LvmConfig
 from lvm.task import NextTokenTask
+from lvm.validation_data import held_out_batches
 
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
 
@@ -119,6 +120,8 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
     note_vocabulary_mismatch(config)
     task = NextTokenTask(config.model, config.data.seq_len)
     check_batch_layout(config.train, config.optim, preset, records=len(source), data=config.data.train_path)
+    make_eval_batches = held_out_batches(config, config.train.global_batch // config.optim.grad_accum) \
+        if config.data.eval_path else None
     make_workdir(workdir)
     # The data path as given counts from here; its absolute path lets `lvm generate` find the data's
     # tokenizer from any folder.
@@ -133,7 +136,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
   started = time.time()
   summary = train(task, train_config=config.train, optim=config.optim, preset=preset,
                   workdir=workdir, make_data_iterator=make_iterator,
-                  meta={'model': to_dict(config.model)})
+                  meta={'model': to_dict(config.model)}, make_eval_batches=make_eval_batches)
   summary.pop('trained_params')
   result = {'job': 'lvm train', **summary, 'model_params': config.model.num_params(),
             'data': repr(source), 'workdir': str(workdir), 'wall_s': time.time() - started,

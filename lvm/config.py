@@ -21,12 +21,19 @@ class DataConfig:
   shuffle: bool = True
   # grain read threads per host (0 reads in the main thread).
   read_threads: int = 0
+  # Held-out tokens to validate on while training (every train.eval_every updates): the same formats
+  # as train_path, e.g. `lvm tokenize --split eval` sentences or builtin:digits-eval. '' = none.
+  eval_path: str = ''
+  # Records of eval_path used, from its start, in whole batches (read and checked once, up front).
+  eval_examples: int = 256
 
   def __post_init__(self):
     if self.seq_len < 2:
       raise ConfigError(f'data.seq_len must be >= 2, got {self.seq_len}')
     if self.read_threads < 0:
       raise ConfigError(f'data.read_threads must be >= 0 (0 reads in the main thread), got {self.read_threads}')
+    if self.eval_examples < 1:
+      raise ConfigError(f'data.eval_examples must be >= 1, got {self.eval_examples}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,3 +46,8 @@ class LvmConfig:
   optim: OptimConfig = OptimConfig()
   # Steps, batch, logging and checkpoint cadence.
   train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    if self.train.eval_every and not self.data.eval_path:
+      raise ConfigError(f'train.eval_every {self.train.eval_every} needs held-out tokens to validate on: set '
+                        'data.eval_path (e.g. `lvm tokenize --split eval` sentences, or builtin:digits-eval)')

@@ -5,6 +5,7 @@ from core.errors import ConfigError
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -55,6 +56,11 @@ class NextTokenTask:
       loss = linear_cross_entropy(hidden_btd, lm_head, targets_bt, weights_bt,
                                   self.model_config.loss_chunk) / (b * (t - 1))
     return loss, {'perplexity': jnp.exp(loss)}
+
+  def eval_summary(self, mean_loss: float) -> dict:
+    """Held-out perplexity: exp of the mean loss over every held-out token (a mean of the batches'
+    perplexities would weigh them unequally)."""
+    return {'perplexity': float(np.exp(mean_loss))}
 
   def batch_logical_axes(self):
     return {'tokens': ('batch', 'act_seq')}

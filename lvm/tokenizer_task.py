@@ -26,7 +26,7 @@ from flax import nnx
 from core.errors import ConfigError
 from core.peak_flops import program_flops
 from core.optim import OptimConfig
-from core.train_loop import TrainConfig
+from core.train_loop import TrainConfig, refuse_validation_without_data
 from lvm.discriminator import PatchDiscriminator
 from lvm.perceptual import LPIPS, read_lpips_weights
 from lvm.tokenizer import TokenizerConfig, VQGAN
@@ -77,6 +77,9 @@ class TokenizerRunConfig:
   loss: TokenizerLoss = TokenizerLoss()
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    refuse_validation_without_data(self.train, 'the tokenizer (it reports held-out PSNR at its end)')
 
 
 def psnr(reconstruction, target) -> jax.Array:

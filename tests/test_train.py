@@ -213,11 +213,13 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_two_processes_with_per_host_data_match_one(tmp_path):
-  _train(tmp_path / 'single', CPU8, 4)
+  # Validated every 2 steps on held-out tokens, each host reading its rows of each held-out batch.
+  validation = ['data.eval_path=builtin:digits-eval', 'data.eval_examples=32', 'train.eval_every=2']
+  _train(tmp_path / 'single', CPU8, 4, validation)
   port = free_port()
   args = ['lvm', 'train', '--config', TINY, '--tpu', CPU2X4, '--workdir', str(tmp_path / 'multi'),
           '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2']
-  overrides = [a for o in SMALL_MODEL + ['train.steps=4', 'train.log_every=1'] for a in ('--set', o)]
+  overrides = [a for o in SMALL_MODEL + ['train.steps=4', 'train.log_every=1', *validation] for a in ('--set', o)]
   procs = [launch(args + ['--process-id', str(i)] + overrides, devices=4) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
@@ -226,6 +228,10 @@ def test_two_processes_with_per_host_data_match_one(tmp_path):
   assert result['num_devices'] == 8 and result['step'] == 4
   assert_network_close(_losses(tmp_path / 'multi'), _losses(tmp_path / 'single'),
                        reduction_length=_reduction_length(tmp_path / 'single', 4), what='losses')
+  held_out = lambda workdir: np.array([m['eval_loss'] for m in read_metrics(workdir) if 'eval_loss' in m])
+  assert len(held_out(tmp_path / 'single')) == 2
+  assert_network_close(held_out(tmp_path / 'multi'), held_out(tmp_path / 'single'),
+                       reduction_length=_reduction_length(tmp_path / 'single', 5) + 32 * 128, what='held-out losses')
   # Each host checkpointed its own data iterator position.
   data_dir = tmp_path / 'multi' / 'checkpoints' / '4' / 'data'
   assert sorted(p.name for p in data_dir.iterdir() if p.suffix == '.json') == \
