@@ -53,6 +53,12 @@ def add_parser(sub) -> None:
                        'GIF/WebP/PNG, per video) '
                        'or an image folder (class subfolders give categories); folders local or gs://')
   tk.add_argument('--stride', type=int, default=1, help='frame stride of video clips')
+  tk.add_argument('--labels', help='a folder of label pictures (segmentation masks, depth maps, ...) for a folder '
+                  "source's images, at the same relative path and name with any image suffix: pairs sentences "
+                  '[image, label] x n')
+  tk.add_argument('--label-ids', action='store_true',
+                  help='the labels hold class ids as grey levels or palette indexes: paint them in PASCAL VOC\'s '
+                       'colours (ids 0-150 look black to a tokenizer otherwise)')
   tk.add_argument('--kind', action='append', help='sentence kind(s), repeated or comma-separated; default: '
                   'every kind the source supports')
   tk.add_argument('--out', required=True)
@@ -117,7 +123,8 @@ def run(args) -> dict:
     kinds = list(dict.fromkeys(k.strip() for item in args.kind for k in item.split(','))) if args.kind else None
     options = dict(frames=args.frames, kind_sentences=parse_counts(args.kind_sentences, '--kind-sentences'),
                    sentences=args.sentences, records_per_shard=args.records_per_shard, strict=args.strict,
-                   seed=args.seed, split=args.split, stride=args.stride, tpu_path=args.tpu)
+                   seed=args.seed, split=args.split, stride=args.stride, tpu_path=args.tpu, labels=args.labels,
+                   label_ids=args.label_ids)
     if args.beam:
       import jax
       if jax.process_count() > 1:

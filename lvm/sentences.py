@@ -9,6 +9,9 @@ Kinds, each a fixed number of frames (`frames`, 4 by default; LVM uses 16 at 256
   analogy      [A, T(A), B, T(B), ...]: one transformation T (flip, rotate 90°, invert, shift) per sentence
   colorization [grey(X), X, grey(Y), Y, ...]
   inpainting   [X with a square masked, X, ...]
+  pairs        annotated images [X, label(X), Y, label(Y), ...] (LVM's pairs): a folder source with its
+               labels folder (`--labels`: segmentation masks, depth maps, ... as pictures,
+               data_pipelines/annotation_pairs.py)
 Records are frames × tokens-per-image ids below the codebook size; ids from the codebook size up
 (100 of them) are reserved for special tokens (8192–8291 at full scale), so `vocab_size` = K + 100.
 
@@ -33,7 +36,8 @@ from core.workdir import atomic_path, make_workdir, read_json, refuse_job_workdi
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_records import SHARD_SUFFIX, SHARD_WRITER_OPTIONS, TOKEN_DTYPE
 
-KINDS = ('video', 'groups', 'analogy', 'colorization', 'inpainting', 'edges')
+# Appended only: a kind's position seeds its sentences (a new kind changes no earlier kind's records).
+KINDS = ('video', 'groups', 'analogy', 'colorization', 'inpainting', 'edges', 'pairs')
 SPECIAL_TOKENS = 100
 STATE_FILE = 'tokenize_state.json'
 SPLITS = ('all', 'train', 'eval')  # eval = the last 10% of each class of a source's images, train = the rest
@@ -53,17 +57,22 @@ def held_out(labels: np.ndarray) -> np.ndarray:
   return mask
 
 
-def split_images(images: np.ndarray, labels: np.ndarray, split: str,
-                 source: str = 'the source') -> tuple[np.ndarray, np.ndarray]:
-  """Held-out sentences are built from images no training sentence shows (`held_out`)."""
+def split_mask(labels: np.ndarray, split: str, source: str = 'the source') -> np.ndarray:
+  """The images of `split`: held-out sentences are built from images no training sentence shows (`held_out`)."""
   if split not in SPLITS:
     raise ConfigError(f'--split {split!r}: choose from {list(SPLITS)}')
   if split == 'all':
-    return images, labels
+    return np.ones(len(labels), bool)
   keep = held_out(labels) if split == 'eval' else ~held_out(labels)
   if not keep.any():  # one image: it is held out, and nothing is left to train on
-    raise ConfigError(f'--split train: {source} has {len(images)} image, which eval holds out (the last 10% '
+    raise ConfigError(f'--split train: {source} has {len(labels)} image, which eval holds out (the last 10% '
                       'of each class, at least one): none is left for training sentences; use --split all')
+  return keep
+
+
+def split_images(images: np.ndarray, labels: np.ndarray, split: str,
+                 source: str = 'the source') -> tuple[np.ndarray, np.ndarray]:
+  keep = split_mask(labels, split, source)
   return images[keep], labels[keep]
 
 
@@ -96,11 +105,17 @@ ANALOGY_TRANSFORMS = {
 
 
 def sentence_frames(kind: str, n: int, images: np.ndarray, labels: np.ndarray, frames: int,
-                    seed: int, videos: list[np.ndarray] | None = None, stride: int = 1, step: int = 4) -> np.ndarray:
+                    seed: int, videos: list[np.ndarray] | None = None, stride: int = 1, step: int = 4,
+                    pairs: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
   """Frames [frames, s, s, 3] of sentence `n` of `kind`: the same for the same (seed, kind, n).
-  `step`: pixels per frame of sliding still-image videos (the tokenizer's cell: one token per frame)."""
+  `step`: pixels per frame of sliding still-image videos (the tokenizer's cell: one token per frame).
+  `pairs`: (each image's label picture, the indexes of the images that have one), for kind pairs."""
   rng = np.random.default_rng([seed, KINDS.index(kind), n])
   pick = lambda: images[rng.integers(len(images))]
+  if kind == 'pairs':  # frames/2 different labelled images, each followed by its label
+    annotations, labelled = pairs
+    chosen = labelled[rng.choice(len(labelled), frames // 2, replace=False)]
+    return np.stack([frame for i in chosen for frame in (images[i], annotations[i])])
   if kind == 'video' and videos:
     long_enough = [v for v in videos if len(v) >= (frames - 1) * stride + 1]
     clip = long_enough[rng.integers(len(long_enough))]
@@ -168,15 +183,26 @@ def split_videos(videos: list[np.ndarray], split: str, source: str = 'the source
   return videos[:cut] if split == 'train' else videos[cut:]
 
 
-def kinds_for(images: np.ndarray, source_labels: np.ndarray, requested: list[str] | None, frames: int) -> list[str]:
+def kinds_for(images: np.ndarray, source_labels: np.ndarray, requested: list[str] | None, frames: int,
+              labelled: int | None = None) -> list[str]:
+  """The kinds a job builds: those asked for, checked, or every kind the source supports.
+  `labelled`: images with a label picture (--labels), None without labels."""
   kinds = list(requested or KINDS)
+  if labelled is None:
+    if requested and 'pairs' in requested:
+      raise ConfigError('--kind pairs needs --labels DIR: a folder of label pictures for the source folder\'s images')
+    if not requested:
+      kinds.remove('pairs')
+  elif labelled < frames // 2:
+    raise ConfigError(f'--labels: {labelled} labelled images are too few for pairs sentences of {frames // 2} '
+                      f'different ones (--frames {frames})')
   if not requested and np.ptp(images[:64], axis=-1).max() < 1e-3:
     kinds.remove('colorization')  # grey sources (the digits): nothing to colour
   unknown = [k for k in kinds if k not in KINDS]
   if unknown:
     raise ConfigError(f'--kind {unknown}: choose from {list(KINDS)}')
-  if frames % 2 and any(k in ('analogy', 'colorization', 'inpainting', 'edges') for k in kinds):
-    raise ConfigError(f'--frames {frames}: analogy, colorization, inpainting and edges sentences are pairs; '
+  if frames % 2 and any(k in ('analogy', 'colorization', 'inpainting', 'edges', 'pairs') for k in kinds):
+    raise ConfigError(f'--frames {frames}: analogy, colorization, inpainting, edges and pairs sentences are pairs; '
                       'use an even count')
   if 'groups' in kinds and not (source_labels >= 0).any():
     if requested:
@@ -220,13 +246,15 @@ class TokenizeJob:
   labels: np.ndarray
   videos: list | None
   shards: list[ShardSpec]
+  pairs: tuple[np.ndarray, np.ndarray] | None = None  # (label pictures, labelled image indexes)
 
   @property
   def seq_len(self) -> int:
     return self.spec['frames'] * self.tokenizer.config.tokenizer.tokens_per_image
 
 
-def coverage_notes(counts: dict[str, int], num_images: int, frames: int, from_videos: bool) -> list[str]:
+def coverage_notes(counts: dict[str, int], num_images: int, frames: int, from_videos: bool,
+                   labelled: int | None = None) -> list[str]:
   """A note per kind whose sentences leave most of the source unseen. Sentences draw their images at
   random (a pure function of seed, kind and n), so the default 2048 per kind covers a laptop folder
   many times over and a large dataset only in part; without a word, a user tokenizing 100k images
@@ -236,9 +264,10 @@ def coverage_notes(counts: dict[str, int], num_images: int, frames: int, from_vi
     per_sentence = frames if kind == 'groups' or (kind == 'video' and from_videos) else \
         1 if kind == 'video' else frames // 2
     drawn = count * per_sentence
-    seen = 1 - np.exp(-drawn / num_images)  # expected share drawn at least once (uniform, with replacement)
+    pool = labelled if kind == 'pairs' else num_images
+    seen = 1 - np.exp(-drawn / pool)  # expected share drawn at least once (uniform, with replacement)
     if seen < 0.5:
-      notes.append(f'note: {count} {kind} sentences draw {drawn:,} images from a source of {num_images:,}: about '
+      notes.append(f'note: {count} {kind} sentences draw {drawn:,} images from a source of {pool:,}: about '
                    f'{seen:.0%} of them appear; --sentences (or --kind-sentences {kind}=N) to use more of it')
   return notes
 
@@ -266,47 +295,44 @@ def video_notes(named: list[tuple[str, np.ndarray]], count: int, frames: int, st
 def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, out: str, *, frames: int = 4,
                       sentences: int = 2048, records_per_shard: int = 512, strict: bool = False, seed: int = 0,
                       kind_sentences: dict[str, int] | None = None, split: str = 'all', stride: int = 1,
-                      tpu_path: str | None = None, claim: bool = True, note_coverage: bool = True) -> TokenizeJob:
+                      tpu_path: str | None = None, claim: bool = True, note_coverage: bool = True,
+                      labels: str | None = None, label_ids: bool = False) -> TokenizeJob:
   """Reads and checks every input before anything is written. `claim`: record the job in `out`
   (refusing a directory that holds another job's shards) and remove half-written shards of an
   interrupted run — the driver does this once; workers of a distributed run pass False.
-  `note_coverage`: say which kinds leave most of the source unseen (`coverage_notes`)."""
+  `note_coverage`: say which kinds leave most of the source unseen (`coverage_notes`). `labels`: a
+  folder of label pictures for a folder source's images (pairs sentences); `label_ids`: they hold
+  class ids, painted in PASCAL VOC's colours (data_pipelines/annotation_pairs.py)."""
   check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride,
                  **{f'kind_sentences {k}': v for k, v in (kind_sentences or {}).items()})
   check_at_least(0, seed=seed)  # numpy's generator takes no negative seed
+  if labels is None and label_ids:
+    raise ConfigError('--label-ids without --labels')
   if claim:
     refuse_job_workdir(out)
   from lvm.tokenizer_commands import load_tokenizer
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
   tconfig = tokenizer.config.tokenizer
-  videos = None
-  notes = []
-  if source.startswith('frames:'):  # real clips: still-image kinds use their frames as images
-    from data_pipelines.image_sources import named_videos
-    named = split_videos(named_videos(source[len('frames:'):], tconfig.image_size, strict), split, source)
-    videos = [frames_of_one for _, frames_of_one in named]
-    notes = video_notes(named, (kind_sentences or {}).get('video', sentences) if 'video' in (kinds or KINDS) else 0,
-                        frames, stride)
-    if not any(len(v) >= (frames - 1) * stride + 1 for v in videos):
-      raise ConfigError(f'{source}: no video has {(frames - 1) * stride + 1} frames (--frames {frames}, '
-                        f'--stride {stride})')
-    images = np.concatenate(videos)
-    labels = np.full(len(images), -1, np.int32)
-  else:
-    images, labels = split_images(*open_images(source, tconfig.image_size, strict), split, source)
+  images, classes, videos, pairs, notes = _read_source(
+      source, tconfig.image_size, split, strict, labels, label_ids,
+      video_sentences=(kind_sentences or {}).get('video', sentences) if 'video' in (kinds or KINDS) else 0,
+      frames=frames, stride=stride)
   tconfig.check_images(images, source)
-  kinds = kinds_for(images, labels, kinds, frames)
+  labelled = None if pairs is None else len(pairs[1])
+  kinds = kinds_for(images, classes, kinds, frames, labelled)
   unknown = sorted(set(kind_sentences or {}) - set(kinds))
   if unknown:
     raise ConfigError(f'--kind-sentences names kinds this job does not build: {unknown} (building {kinds})')
   counts = {kind: (kind_sentences or {}).get(kind, sentences) for kind in kinds}
   if claim and note_coverage:
-    for note in (notes + group_notes(labels, frames, counts.get('groups', 0))
-                 + coverage_notes(counts, len(images), frames, from_videos=videos is not None)):
+    for note in (notes + group_notes(classes, frames, counts.get('groups', 0))
+                 + coverage_notes(counts, len(images), frames, from_videos=videos is not None, labelled=labelled)):
       progress.say(note)
   spec = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': counts,
           'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum,
-          'source_images': images_fingerprint(images, labels)}
+          'source_images': images_fingerprint(images, classes, *(pairs or ()))}
+  if labels is not None:  # only then: the specs of jobs without labels stay as they were
+    spec.update(labels=absolute(labels), label_ids=label_ids)
   out = make_workdir(out) if claim else as_path(out)
   if claim:
     state_path = out / STATE_FILE
@@ -331,15 +357,45 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
     for shard in range(shards_per_kind):
       shards.append(ShardSpec(kind, shard * records_per_shard, min(counts[kind], (shard + 1) * records_per_shard),
                               f'{kind}-{shard:05d}-of-{shards_per_kind:05d}{SHARD_SUFFIX}'))
-  return TokenizeJob(str(tokenizer_dir), out, spec, tokenizer, images, labels, videos, shards)
+  return TokenizeJob(str(tokenizer_dir), out, spec, tokenizer, images, classes, videos, shards, pairs)
 
 
-def images_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
+def _read_source(source: str, size: int, split: str, strict: bool, labels: str | None, label_ids: bool, *,
+                 video_sentences: int, frames: int, stride: int):
+  """(images, their classes, videos or None, pairs or None, notes) of `split` of a source."""
+  if labels is not None:  # a folder with its label pictures: every kind of the folder, and pairs
+    if source.startswith(('frames:', 'tfds:', 'builtin:')):
+      raise ConfigError(f'--labels pairs label pictures with the images of a folder source, not {source}')
+    from data_pipelines.annotation_pairs import paired_folder
+    from data_pipelines.image_sources import folder_images
+    found = folder_images(source, size, strict)
+    labelled = paired_folder(source, labels, found.paths, found.images, strict, label_ids)
+    keep = split_mask(found.labels, split, source)
+    pairs = (labelled.annotations[keep], np.flatnonzero(labelled.paired[keep]))
+    return found.images[keep], found.labels[keep], None, pairs, []
+  if source.startswith('frames:'):  # real clips: still-image kinds use their frames as images
+    from data_pipelines.image_sources import named_videos
+    named = split_videos(named_videos(source[len('frames:'):], size, strict), split, source)
+    videos = [frames_of_one for _, frames_of_one in named]
+    notes = video_notes(named, video_sentences, frames, stride)
+    if not any(len(v) >= (frames - 1) * stride + 1 for v in videos):
+      raise ConfigError(f'{source}: no video has {(frames - 1) * stride + 1} frames (--frames {frames}, '
+                        f'--stride {stride})')
+    images = np.concatenate(videos)
+    return images, np.full(len(images), -1, np.int32), videos, None, notes
+  images, classes = split_images(*open_images(source, size, strict), split, source)
+  return images, classes, None, None, []
+
+
+def images_fingerprint(images: np.ndarray, labels: np.ndarray, *pairs: np.ndarray) -> dict:
   """The source's images as a resumed job checks them: images added to (or changed in) a folder
-  between two runs would build the remaining shards from another set than the first ones."""
+  between two runs would build the remaining shards from another set than the first ones (and,
+  with --labels, the label pictures and which images have one)."""
   import hashlib
   digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
   digest.update(np.ascontiguousarray(labels).tobytes())
+  for array in pairs:
+    digest.update(np.ascontiguousarray(array).tobytes())
   return {'count': int(len(images)), 'sha256': digest.hexdigest()[:16]}
 
 
@@ -347,7 +403,8 @@ def write_sentence_shard(job: TokenizeJob, shard: ShardSpec) -> None:
   """Builds, encodes and writes one shard (whole, under a temporary name, then renamed)."""
   tconfig = job.tokenizer.config.tokenizer
   frames_nf = np.stack([sentence_frames(shard.kind, n, job.images, job.labels, job.spec['frames'], job.spec['seed'],
-                                        job.videos, job.spec['stride'], step=tconfig.downsample_factor)
+                                        job.videos, job.spec['stride'], step=tconfig.downsample_factor,
+                                        pairs=job.pairs)
                         for n in range(shard.start, shard.stop)])
   tokens = job.tokenizer.encode(frames_nf.reshape(-1, *frames_nf.shape[2:]))
   _write_shard(job.out / shard.name, tokens.reshape(shard.stop - shard.start, job.seq_len))
