@@ -1,15 +1,12 @@
 """LVM's annotated pairs from a user's data: `lvm tokenize --source FOLDER --labels LABELS` pairs each
-image with the label picture of the same name, pixel-aligned, into sentences [x, label(x), y, label(y)]."""
-import json
-
+image with the label picture of the same name, pixel-aligned, into sentences [x, label(x), y, label(y)].
+The tokenize job's own tests, which need a trained tokenizer, are in test_tokenizer_jobs.py (its fixture)."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_pipelines.annotation_pairs import paired_folder, voc_colormap
 from data_pipelines.image_sources import ImageDataError, folder_images
-from launch import main as launch_main
-from tests.test_tokenizer_jobs import tokenizer_dir  # noqa: F401  (its tiny trained tokenizer, a module fixture)
 
 RED = (128, 0, 0)  # VOC class 1
 
@@ -104,63 +101,3 @@ def test_a_label_that_cannot_align_is_skipped_by_name(tmp_path, capsys):
   Image.new('P', (96, 64)).save(tmp_path / 'other' / 'zzz.png')
   with pytest.raises(ImageDataError, match=r'none of its files is the label of one of the 9 images .* a/0.png for'):
     paired_folder(photos, tmp_path / 'other', found.paths, found.images)
-
-
-def test_pairs_sentences_are_tokenized_images_with_their_labels(tokenizer_dir, tmp_path, capsys):  # noqa: F811
-  from data_pipelines.token_records import TokenRecordSource, find_shards
-  from lvm.sentences import plan_tokenize_job, sentence_frames
-  photos, labels = _folder(tmp_path)
-  out = tmp_path / 'sentences'
-  args = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', str(photos), '--labels', str(labels),
-          '--out', str(out), '--sentences', '6', '--frames', '4']
-  assert launch_main(args + ['--kind', 'pairs']) == 0
-  manifest = json.loads((out / 'manifest.json').read_text())
-  assert manifest['records_per_kind'] == {'pairs': 6} and manifest['labels'] == str(labels)
-  job = plan_tokenize_job(str(tokenizer_dir), str(photos), ['pairs'], str(tmp_path / 'unused'), frames=4,
-                          sentences=6, labels=str(labels), claim=False)
-  annotations, labelled = job.pairs
-  for n in range(6):
-    frames = sentence_frames('pairs', n, job.images, job.labels, 4, 0, pairs=job.pairs)
-    firsts = [next(i for i in labelled if np.array_equal(job.images[i], frames[k])) for k in (0, 2)]
-    assert firsts[0] != firsts[1]  # two different labelled images, each followed by its own label
-    for k, i in zip((1, 3), firsts):
-      np.testing.assert_array_equal(frames[k], annotations[i])
-    if n == 0:
-      records = TokenRecordSource(find_shards(out), seq_len=4 * 64, vocab_size=228)
-      np.testing.assert_array_equal(records[0], job.tokenizer.encode(frames).reshape(-1))
-  # With --labels, the folder's other kinds too, unless --kind says otherwise.
-  assert launch_main(args[:-6] + ['--out', str(tmp_path / 'all'), '--sentences', '4']) == 0
-  assert 'pairs' in json.loads((tmp_path / 'all' / 'manifest.json').read_text())['kinds']
-  # Interrupted after its first shard; a label changed before the rerun: the rest would pair other pictures.
-  resumed = tmp_path / 'resumed'
-  assert launch_main(args[:-6] + ['--kind', 'pairs', '--out', str(resumed), '--sentences', '6',
-                                  '--frames', '4', '--records-per-shard', '3']) == 0
-  (resumed / 'manifest.json').unlink()
-  sorted(resumed.glob('*.arrayrecord'))[-1].unlink()
-  Image.open(labels / 'a' / '2.png').transpose(Image.FLIP_LEFT_RIGHT).save(labels / 'a' / '0.png')
-  capsys.readouterr()
-  assert launch_main(args[:-6] + ['--kind', 'pairs', '--out', str(resumed), '--sentences', '6',
-                                  '--frames', '4', '--records-per-shard', '3']) == 2
-  assert f'{resumed} holds shards of {photos} as it was when they were written' in capsys.readouterr().err
-
-
-def test_pairs_settings_that_cannot_work_are_refused_before_anything_is_written(tokenizer_dir, tmp_path, capsys):  # noqa: F811
-  photos, labels = _folder(tmp_path)
-  base = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '4']
-  cases = {
-      'pairs without labels': (['--source', str(photos), '--kind', 'pairs'], '--kind pairs needs --labels DIR'),
-      'labels for built-in images': (['--source', 'builtin:digits', '--labels', str(labels)],
-                                     '--labels pairs label pictures with the images of a folder source'),
-      'label ids without labels': (['--source', str(photos), '--label-ids'], '--label-ids without --labels'),
-      'no labels folder': (['--source', str(photos), '--labels', str(tmp_path / 'nope')], 'no such folder of label'),
-      'an odd frame count': (['--source', str(photos), '--labels', str(labels), '--kind', 'pairs', '--frames', '3'],
-                             'pairs sentences are pairs; use an even count'),
-      'too few labelled images': (['--source', str(photos), '--labels', str(labels), '--kind', 'pairs',
-                                   '--frames', '20'], '8 labelled images are too few for pairs sentences of 10'),
-  }
-  for name, (settings, message) in cases.items():
-    out = tmp_path / name.replace(' ', '_')
-    assert launch_main(base + settings + ['--out', str(out)]) == 2, name
-    error = capsys.readouterr().err
-    assert message in error, (name, error)
-    assert not out.exists(), name
