@@ -169,6 +169,31 @@ np.testing.assert_array_equal(load_image('gs://{BUCKET}/imgs/top.jpg', 16), loca
 
 
 
+def test_label_pictures_pair_with_their_images_in_a_bucket_as_on_disk(gcs, tmp_path):
+  """`lvm tokenize --source gs://.../photos --labels gs://.../labels`: the same pairs as from a local copy."""
+  from tests.test_annotation_pairs import _folder
+  url, env = gcs
+  photos, labels = _folder(tmp_path / 'local')
+  for path in sorted(p for p in (tmp_path / 'local').rglob('*') if p.is_file()):
+    _upload(url, 'pairs/' + str(path.relative_to(tmp_path / 'local')), path.read_bytes())
+  script = f'''
+import numpy as np
+from data_pipelines.annotation_pairs import paired_folder
+from data_pipelines.image_sources import folder_images
+def pairs(photos, labels):
+  found = folder_images(photos, 32)
+  return found.images, paired_folder(photos, labels, found.paths, found.images)
+local_images, local = pairs({str(photos)!r}, {str(labels)!r})
+remote_images, remote = pairs('gs://{BUCKET}/pairs/photos', 'gs://{BUCKET}/pairs/labels')
+np.testing.assert_array_equal(remote_images, local_images)
+np.testing.assert_array_equal(remote.annotations, local.annotations)
+assert remote.paired.tolist() == local.paired.tolist() and remote.paired.sum() == 8
+'''
+  done = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'ghost.png' in done.stderr  # the label without a photo, said for the bucket too
+
+
 def test_data_staged_from_a_bucket_onto_a_full_disk_leaves_no_partial_file(gcs, tmp_path):
   """A gs:// data file is copied once into each host's cache; when the disk fills during the copy
   (here the file size limit: writes past 64 KB fail, as on a full disk), the error comes through and
