@@ -12,6 +12,7 @@ and tpu_configs/gcloud.py).
   python launch.py lvm import-tokenizer --weights VQMODEL_DIR --workdir DIR
   python launch.py lvm generate --workdir DIR --prompt a.png b.png c.png --frames N --out grid.png [--mode analogy]
   python launch.py lvm tokenize --tokenizer DIR --source builtin:digits|FOLDER --kind video|analogy|groups|... --out DIR
+  python launch.py lvm show --data DIR [--kind groups] [--records 0-7] --out grid.png   # sentences decoded: look at the data
   python launch.py attrib train-model --config attrib/configs/digits.py --workdir DIR
   python launch.py attrib import-diffusers --weights model.bin --workdir DIR [--set data.train_path=latents:D]
   python launch.py attrib teacher --workdir DIR --queries N --candidates M|all [--query-dir D] [--neighbours F]
@@ -325,9 +326,9 @@ def _refuse_folder_of_runs(args) -> None:
                         'works on')
 
 
-# Commands that only read their workdir (eval, generate, query, export-hf) hold no lock: a run can be
+# Commands that only read their workdir (eval, generate, query, export-hf, show) hold no lock: a run can be
 # evaluated or prompted while it trains.
-_READ_ONLY = {('lvm', 'eval'), ('lvm', 'generate'), ('lvm', 'export-hf'), ('attrib', 'eval'), ('attrib', 'query'),
+_READ_ONLY = {('lvm', 'eval'), ('lvm', 'generate'), ('lvm', 'export-hf'), ('lvm', 'show'), ('attrib', 'eval'), ('attrib', 'query'),
               ('attrib', 'generate')}
 
 

@@ -80,6 +80,14 @@ def add_parser(sub) -> None:
                   help='Beam pipeline options, e.g. "--runner=DataflowRunner --project=P ..." (lvm/beam_tokenize.py)')
   add_process_flags(tk)  # several hosts: each writes shards of its own
 
+  sh = lvm.add_parser('show', help='visual sentences decoded into a PNG grid, one row per record: look at the data')
+  sh.add_argument('--data', required=True, help='a folder of token shards (`lvm tokenize --out`), local or gs://')
+  sh.add_argument('--kind', help="only records of this kind (the manifest's shards of it)")
+  sh.add_argument('--records', help='positions among them, e.g. 0-7 or 3,9,40 (default: the first 8)')
+  sh.add_argument('--tokenizer', help='tokenizer workdir (default: the one the manifest names)')
+  sh.add_argument('--out', help='PNG path (default DATA/sentences.png)')
+  sh.add_argument('--tpu')
+
   g = lvm.add_parser('generate', help='prompt a trained LVM with images; writes a PNG grid (prompt | generation)')
   g.add_argument('--workdir', required=True)
   g.add_argument('--prompt', nargs='+', required=True,
@@ -139,6 +147,9 @@ def run(args) -> dict:
       raise ConfigError("--beam-options without --beam")
     else:
       result = tokenize_command(args.tokenizer, args.source, kinds, args.out, **options)
+  elif args.command == 'show':
+    from lvm.show_sentences import show_command
+    result = show_command(args.data, args.out, args.kind, args.records, args.tokenizer, args.tpu)
   else:
     result = commands.export_hf_command(args.workdir, args.out, args.dtype)
   return result

@@ -794,6 +794,60 @@ def test_pairs_settings_that_cannot_work_are_refused_before_anything_is_written(
     assert not out.exists(), name
 
 
+def test_show_decodes_sentences_into_a_grid_of_their_frames(tokenizer_dir, tmp_path, capsys):
+  """`lvm show` draws records as the tokenizer decodes them, one row each, chosen by kind and position;
+  it refuses what it cannot decode (special tokens, another tokenizer's codes) by name."""
+  import shutil
+  from PIL import Image
+  from data_pipelines.token_records import TokenRecordSource, find_shards
+  from lvm.tokenizer_commands import load_tokenizer
+  out = tmp_path / 'sentences'
+  assert launch_main(['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', 'builtin:digits',
+                      '--kind', 'analogy,groups', '--sentences', '6', '--out', str(out)]) == 0
+  assert launch_main(['lvm', 'show', '--data', str(out), '--kind', 'groups', '--records', '1-2,5',
+                      '--out', str(tmp_path / 'groups.png')]) == 0
+  tokenizer = load_tokenizer(tokenizer_dir)
+  groups = TokenRecordSource([p for p in find_shards(out) if 'groups-' in str(p)], seq_len=256, vocab_size=228)
+  grid = np.asarray(Image.open(tmp_path / 'groups.png'), np.float32) / 255
+  assert grid.shape == (4 * (3 * 33 - 1), 4 * (4 * 33 - 1), 3)  # 3 rows of 4 frames, scaled by 4
+  for row, record in enumerate((1, 2, 5)):
+    expected = tokenizer.decode(groups[record].reshape(4, 64))
+    for frame in range(4):
+      cell = grid[4 * row * 33:4 * row * 33 + 128:4, 4 * frame * 33:4 * frame * 33 + 128:4]
+      np.testing.assert_allclose(cell, np.clip(expected[frame], 0, 1), atol=0.5 / 255 + 1e-6)
+  # By default: the first 8 records, into the data folder.
+  assert launch_main(['lvm', 'show', '--data', str(out)]) == 0
+  assert Image.open(out / 'sentences.png').size[1] == 4 * (8 * 33 - 1)
+  capsys.readouterr()
+  special = tmp_path / 'special'
+  special.mkdir()
+  tokens = np.zeros((4, 256), np.int32)
+  tokens[2, 70] = 130  # a special id (codes are below 128)
+  np.save(tmp_path / 'special.npy', tokens)
+  assert launch_main(['data', 'tokens', '--input', str(tmp_path / 'special.npy'), '--out', str(special),
+                      '--seq-len', '256']) == 0
+  forged = tmp_path / 'forged'  # a manifest naming other tokenizer parameters than those at its path
+  shutil.copytree(out, forged)
+  manifest = json.loads((forged / 'manifest.json').read_text())
+  (forged / 'manifest.json').write_text(json.dumps({**manifest, 'tokenizer_checksum': 'abc123'}))
+  capsys.readouterr()
+  cases = {
+      'an unknown kind': (['--data', str(out), '--kind', 'video'], "--kind 'video': "),
+      'a record past the end': (['--data', str(out), '--kind', 'groups', '--records', '4-6'],
+                                "--records '4-6': [6] outside the 6 records there (0-5)"),
+      'a bad record list': (['--data', str(out), '--records', 'first'], "--records 'first': give positions"),
+      'another tokenizer': (['--data', str(forged)], 'parameters abc123): its codes would decode into other pictures'),
+      'no manifest': (['--data', str(special)], 'has no manifest.json naming the tokenizer'),
+      'a special token': (['--data', str(special), '--tokenizer', str(tokenizer_dir)],
+                          'record 2 holds the special token 130 at 70'),
+  }
+  for name, (args, message) in cases.items():
+    assert launch_main(['lvm', 'show', *args, '--out', str(tmp_path / 'x.png')]) == 2, name
+    error = capsys.readouterr().err
+    assert message in error, (name, error)
+  assert not (tmp_path / 'x.png').exists()
+
+
 def test_each_adversarial_term_moves_only_its_own_player():
   """One loss, one optimizer, two players: the tokenizer's gradient equals that of reconstruction +
   w x generator term with the discriminator held fixed, and the discriminator's gradient equals that
