@@ -78,4 +78,7 @@ def print_summary(lvm: dict, workdir: Path) -> None:
   print(f"quickstart: next frame of held-out digit videos: token accuracy {nf['token_accuracy']['lvm']:.2f} "
         f"(copy-last {nf['token_accuracy']['copy_last']:.2f}), PSNR {nf['psnr_db']['lvm']:.1f} dB "
         f"(copy-last {nf['psnr_db']['copy_last']:.1f} dB); {nf['png']}")
+  show = ['python', 'launch.py', 'lvm', 'show', '--data', str(workdir / 'data' / 'train'), '--kind', 'analogy',
+          '--out', 'analogies.png']
+  print(f'quickstart: the sentences it trained on, decoded: {shlex.join(show)}')
   print(f'quickstart: your own prompt: {prompt_command(workdir / "lvm", nf)}')

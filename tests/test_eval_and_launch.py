@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_eval_perplexity_matches_lvm_formula_in_torch(tmp_path):
       result['perplexity']
 
 
-def test_quickstart_end_to_end(tmp_path, capsys):
+def test_quickstart_end_to_end(tmp_path, capsys, monkeypatch):
   """Real images to a trained LVM at tiny sizes: tokenizer (30 steps) -> sentences -> LVM (40 steps)."""
   assert launch_main(['quickstart', '--lvm-only', '--workdir', str(tmp_path), '--set', 'train.steps=40',
                       '--set', 'train.progress_bar=false', '--set-tokenizer', 'train.steps=30',
@@ -63,6 +64,10 @@ def test_quickstart_end_to_end(tmp_path, capsys):
   # It ends on its summary, not on a page of JSON (that is in the file it names).
   assert said.out.rstrip().endswith(f'quickstart: every number above, and more, in {tmp_path / "quickstart_result.json"}')
   assert '"job"' not in said.out
+  # The command it prints to look at the training sentences works as printed.
+  [show] = [line.split('decoded: ')[1] for line in said.out.splitlines() if 'the sentences it trained on' in line]
+  monkeypatch.chdir(tmp_path)
+  assert launch_main(shlex.split(show)[2:]) == 0 and (tmp_path / 'analogies.png').exists()
 
 
 def test_sigterm_stops_the_quickstart_after_the_stage_it_interrupts(tmp_path):
