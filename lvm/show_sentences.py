@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from core.config import ConfigError
-from core.paths import as_path
+from core.paths import as_path, is_remote, local_data
 from core.workdir import prepare_output_file, read_json, save_image_atomic
 
 
-def parse_records(spec: str | None, available: int, default_count: int = 8) -> list[int]:
-  """'0-7', '3,9,40' or '0-3,10' -> record positions, each checked against the `available` records."""
+def parse_records(spec: str | None, default_count: int = 8) -> list[int]:
+  """'0-7', '3,9,40' or '0-3,10' -> record positions (default: the first `default_count`)."""
   if not spec:
-    return list(range(min(default_count, available)))
+    return list(range(default_count))
   positions = []
   for part in spec.split(','):
     try:
@@ -24,10 +24,22 @@ def parse_records(spec: str | None, available: int, default_count: int = 8) -> l
       positions.extend(range(int(first), int(last or first) + 1))
     except ValueError:
       raise ConfigError(f'--records {spec!r}: give positions and ranges, e.g. 0-7 or 3,9,40') from None
-  outside = [p for p in positions if not 0 <= p < available]
-  if outside or not positions:
-    raise ConfigError(f'--records {spec!r}: {outside or "none"} outside the {available} records there (0-{available - 1})')
+  if not positions:
+    raise ConfigError(f'--records {spec!r}: no record in it')
   return positions
+
+
+def shards_holding(shards: list, last: int) -> tuple[list[str], int]:
+  """(local paths of the first shards that hold records 0..last, the records they hold). A gs:// shard
+  is copied to this host's data cache only when needed: 8 records of a bucket's data set take one shard."""
+  import grain.python as grain
+  local, count = [], 0
+  for shard in shards:
+    local.append(local_data(str(shard)))
+    count += len(grain.ArrayRecordDataSource([local[-1]]))
+    if count > last:
+      break
+  return local, count
 
 
 def sentence_grid(rows: np.ndarray, path, scale: int = 4) -> None:
@@ -43,8 +55,7 @@ def sentence_grid(rows: np.ndarray, path, scale: int = 4) -> None:
 
 def show_command(data: str, out: str | None, kind: str | None = None, records: str | None = None,
                  tokenizer_dir: str | None = None, tpu_path: str | None = None) -> dict:
-  from data_pipelines.token_records import TokenRecordSource, find_shards
-  from data_pipelines.token_sources import record_length
+  from data_pipelines.token_records import TokenRecordSource
   from lvm.sentences import manifest_tokenizer
   from lvm.tokenizer_commands import load_tokenizer
   folder = as_path(data)
@@ -64,20 +75,18 @@ def show_command(data: str, out: str | None, kind: str | None = None, records: s
                       f'was made with ({manifest.get("tokenizer")}, parameters {made_with}): its codes would '
                       'decode into other pictures')
   tconfig = tokenizer.config.tokenizer
-  shards = [folder / name for name in manifest['shards']] if manifest else find_shards(folder)
-  if kind:
-    kinds = sorted({name.split('-')[0] for name in manifest['shards']}) if manifest else []
-    if kind not in kinds:
-      raise ConfigError(f'--kind {kind!r}: {data} holds {kinds or "no kinds (it has no manifest)"}')
-    shards = [path for path in shards if path.name.startswith(f'{kind}-')]
-  seq_len = manifest['seq_len'] if manifest else record_length(str(data))
-  if not seq_len:
-    raise ConfigError(f'{data}: no readable .arrayrecord shard there')
+  shards, seq_len = _shards_of(folder, manifest, kind, data)
   if seq_len % tconfig.tokens_per_image:
     raise ConfigError(f'{data}: records of {seq_len} tokens are not whole frames of {tconfig.tokens_per_image} '
                       f'({tokenizer_dir}): not this tokenizer\'s codes')
-  source = TokenRecordSource(shards, seq_len=seq_len, vocab_size=tconfig.codebook_size + 100)
-  positions = parse_records(records, len(source))
+  positions = parse_records(records)
+  local_shards, available = shards_holding(shards, max(positions))
+  if not records:  # the first 8, or all there are
+    positions = positions[:available]
+  outside = [p for p in positions if p >= available]
+  if outside or not positions:
+    raise ConfigError(f'--records {records!r}: {outside or "none"} outside the {available} records there')
+  source = TokenRecordSource(local_shards, seq_len=seq_len, vocab_size=tconfig.codebook_size + 100)
   tokens = np.stack([source[p] for p in positions])
   special = np.argwhere(tokens >= tconfig.codebook_size)
   if len(special):
@@ -90,3 +99,25 @@ def show_command(data: str, out: str | None, kind: str | None = None, records: s
   return {'job': 'lvm show', 'data': str(data), 'kind': kind, 'records': positions, 'frames': frames,
           'tokenizer': str(tokenizer_dir), 'png': str(out)}
 
+
+def _shards_of(folder, manifest: dict | None, kind: str | None, data: str) -> tuple[list, int]:
+  """(the shards to show, in order; tokens per record), of one kind when asked."""
+  from data_pipelines.token_records import SHARD_SUFFIX, find_shards
+  from data_pipelines.token_sources import record_length
+  if manifest:
+    shards = [folder / name for name in manifest['shards']]
+  elif is_remote(data):  # listed in the bucket; find_shards reads local folders
+    shards = sorted(p for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith('.'))
+  else:
+    shards = find_shards(folder)
+  if kind:
+    kinds = sorted({name.split('-')[0] for name in manifest['shards']}) if manifest else []
+    if kind not in kinds:
+      raise ConfigError(f'--kind {kind!r}: {data} holds {kinds or "no kinds (it has no manifest)"}')
+    shards = [path for path in shards if path.name.startswith(f'{kind}-')]
+  if not shards:
+    raise ConfigError(f'{data}: no .arrayrecord shards there')
+  seq_len = manifest['seq_len'] if manifest else record_length(local_data(str(shards[0])))
+  if not seq_len:
+    raise ConfigError(f'{shards[0]}: not a readable .arrayrecord shard')
+  return shards, seq_len

@@ -194,6 +194,36 @@ assert remote.paired.tolist() == local.paired.tolist() and remote.paired.sum() =
   assert 'ghost.png' in done.stderr  # the label without a photo, said for the bucket too
 
 
+def test_show_reads_sentences_from_a_bucket_one_shard_at_a_time(gcs, tmp_path):
+  """`lvm show --data gs://...` draws what it draws from local shards, copying into the data cache only
+  the shards that hold the records asked for (the first 3 records: the first shard of 2)."""
+  import torch
+  from diffusers import VQModel
+  from launch import main as launch_main
+  from tests.test_tokenizer import DIFFUSERS_CONFIG
+  url, env = gcs
+  torch.manual_seed(0)
+  VQModel(**DIFFUSERS_CONFIG).save_pretrained(tmp_path / 'vq', safe_serialization=True)
+  assert launch_main(['lvm', 'import-tokenizer', '--weights', str(tmp_path / 'vq'), '--workdir', str(tmp_path / 'tok')]) == 0
+  tokenizer = json.loads((tmp_path / 'tok' / 'import_result.json').read_text())['tokenizer']
+  per_image = (tokenizer['image_size'] // 2 ** (len(tokenizer['block_out_channels']) - 1)) ** 2  # f4: 8 x 8
+  np.save(tmp_path / 'codes.npy', np.random.default_rng(0).integers(0, 128, (8, 2 * per_image)).astype(np.int32))
+  assert launch_main(['data', 'tokens', '--input', str(tmp_path / 'codes.npy'), '--out', str(tmp_path / 'shards'),
+                      '--seq-len', str(2 * per_image), '--records-per-shard', '4']) == 0
+  shards = sorted((tmp_path / 'shards').glob('*.arrayrecord'))
+  assert len(shards) == 2
+  for path in shards:
+    _upload(url, f'show/{path.name}', path.read_bytes())
+  show = ['lvm', 'show', '--tokenizer', str(tmp_path / 'tok'), '--records', '0-2']
+  assert launch_main(show + ['--data', str(tmp_path / 'shards'), '--out', str(tmp_path / 'local.png')]) == 0
+  done = subprocess.run([sys.executable, 'launch.py', *show, '--data', f'gs://{BUCKET}/show', '--out',
+                         str(tmp_path / 'remote.png')], env=dict(env, LVM_ATTRIB_DATA_CACHE=str(tmp_path / 'cache')),
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert (tmp_path / 'remote.png').read_bytes() == (tmp_path / 'local.png').read_bytes()
+  assert [p.name for p in (tmp_path / 'cache').rglob('*.arrayrecord')] == [shards[0].name]
+
+
 def test_data_staged_from_a_bucket_onto_a_full_disk_leaves_no_partial_file(gcs, tmp_path):
   """A gs:// data file is copied once into each host's cache; when the disk fills during the copy
   (here the file size limit: writes past 64 KB fail, as on a full disk), the error comes through and
