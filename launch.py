@@ -328,8 +328,8 @@ def _refuse_folder_of_runs(args) -> None:
 
 # Commands that only read their workdir (eval, generate, query, export-hf, show) hold no lock: a run can be
 # evaluated or prompted while it trains.
-_READ_ONLY = {('lvm', 'eval'), ('lvm', 'generate'), ('lvm', 'export-hf'), ('lvm', 'show'), ('attrib', 'eval'), ('attrib', 'query'),
-              ('attrib', 'generate')}
+_READ_ONLY = {('lvm', 'eval'), ('lvm', 'generate'), ('lvm', 'export-hf'), ('lvm', 'show'), ('attrib', 'eval'),
+              ('attrib', 'query'), ('attrib', 'generate')}
 
 
 def _written_workdir(args) -> str | Path | None:

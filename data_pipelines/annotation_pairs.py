@@ -128,7 +128,8 @@ def paired_folder(images_root, labels_root, image_paths: list[str], images: np.n
   if not paired.any():
     raise ImageDataError(f'--labels {labels_root}: none of its files is the label of one of the {len(images)} '
                          f'images of {images_root} (same relative path and name, any image suffix: '
-                         f'{_folder(image_paths[0]).relative_to(_folder(images_root)).with_suffix(".png")} for the first)')
+                         f'{_folder(image_paths[0]).relative_to(_folder(images_root)).with_suffix(".png")} '
+                         'for the first)')
   unlabelled = [p for p, label in zip(image_paths, matched) if label is None]
   if unlabelled:
     progress.say(f'note: {len(unlabelled)} of {len(images)} images have no label in {labels_root} and appear in no '

@@ -49,9 +49,8 @@ def add_parser(sub) -> None:
   tk = lvm.add_parser('tokenize', help='images -> visual sentences of tokens (ArrayRecord shards + manifest)')
   tk.add_argument('--tokenizer', required=True, help='a tokenizer workdir')
   tk.add_argument('--source', default='builtin:digits',
-                  help='builtin:digits|photos|skimage (joined by +), tfds:NAME[:SPLIT], frames:DIR (one subfolder of frames, or an animated '
-                       'GIF/WebP/PNG, per video) '
-                       'or an image folder (class subfolders give categories); folders local or gs://')
+                  help='builtin:digits|photos|skimage (joined by +), tfds:NAME[:SPLIT], frames:DIR (one subfolder '
+                       'of frames, or an animated GIF/WebP/PNG, per video) or an image folder (class subfolders give categories); folders local or gs://')
   tk.add_argument('--stride', type=int, default=1, help='frame stride of video clips')
   tk.add_argument('--labels', help='a folder of label pictures (segmentation masks, depth maps, ...) for a folder '
                   "source's images, at the same relative path and name with any image suffix: pairs sentences "

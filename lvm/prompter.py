@@ -27,8 +27,8 @@ from core import progress
 from core.config import ConfigError
 from core.mesh import serving_preset
 from core.paths import as_path
-from data_pipelines.image_sources import (AnimationFrame, ImageDataError, animation_frames, array_to_rgb_square, load_image,
-                                          prompt_files, to_rgb_square)
+from data_pipelines.image_sources import (AnimationFrame, ImageDataError, animation_frames, array_to_rgb_square,
+                                          load_image, prompt_files, to_rgb_square)
 from lvm.prompting import check_prompt, check_same_tokenizer, generate_frames, tokenizer_of
 from lvm.sampling import check_sampling
 

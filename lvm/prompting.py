@@ -149,7 +149,8 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   generation = prompter.generate(prompts, frames, mode, temperature=temperature, top_k=top_k, top_p=top_p,
                                  seed=seed)
   grid_png([np.concatenate([generation.prompt, generation.frames])], len(prompts), out)
-  result = {'job': 'lvm generate', 'mode': mode, 'prompts': [str(p) for p in prompts], 'frames': frames, 'step': prompter.step,
+  result = {'job': 'lvm generate', 'mode': mode, 'prompts': [str(p) for p in prompts], 'frames': frames,
+            'step': prompter.step,
             'tokenizer': str(prompter.tokenizer_dir), 'temperature': temperature, 'top_k': top_k, 'top_p': top_p,
             'seed': seed, 'png': str(out), 'tokens': generation.tokens.reshape(1, -1).tolist(),
             'wall_s': time.time() - started, 'versions': versions()}

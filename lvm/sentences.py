@@ -2,8 +2,8 @@
 
 Kinds, each a fixed number of frames (`frames`, 4 by default; LVM uses 16 at 256 tokens each):
   video        frames of a real clip at a stride (a `frames:DIR` source: one subfolder of frames,
-               or an animated GIF, WebP or PNG, per video), or, from still images, one image moving: rotated and shifted a little
-               more in every frame
+               or an animated GIF, WebP or PNG, per video), or, from still images, one image
+               moving: rotated and shifted a little more in every frame
   edges        annotated pairs [X, edges(X), Y, edges(Y), ...] (LVM's HED-edge pairs; Sobel here)
   groups       `frames` different images of one category (class folders, digit labels)
   analogy      [A, T(A), B, T(B), ...]: one transformation T (flip, rotate 90°, invert, shift) per sentence
