@@ -13,11 +13,13 @@ the palette of LVM's recoloured segmentations.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 
 import numpy as np
 
 from core import progress
+from core.paths import is_remote
 from data_pipelines.image_sources import (IMAGE_SUFFIXES, ImageDataError, _files_under, _folder, _os_metadata,
                                           as_8bit, as_rgb)
 
@@ -111,20 +113,26 @@ def paired_folder(images_root, labels_root, image_paths: list[str], images: np.n
   """Each image of a folder source (`image_paths`, aligned with `images`) with its label. Images
   without one stay in the source for the other kinds, out of pair sentences (said, counted)."""
   matched, unmatched = label_files(images_root, labels_root, image_paths)
-  size = images.shape[1]
   annotations = np.zeros_like(images)
   paired = np.zeros(len(images), bool)
-  for index, (image_path, label_path) in enumerate(zip(image_paths, matched)):
-    if label_path is None:
-      continue
+  todo = [index for index, label_path in enumerate(matched) if label_path is not None]
+  def read(index):  # the label, or the ImageDataError naming it
     try:
-      annotations[index] = load_label(label_path, upright_size(image_path), size, ids)
+      return load_label(matched[index], upright_size(image_paths[index]), images.shape[1], ids)
     except ImageDataError as e:
+      return e
+  if is_remote(labels_root):  # a bucket's objects 16 at a time, as the images are read: latencies overlap
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      labels = list(pool.map(read, todo))
+  else:
+    labels = [read(index) for index in todo]
+  for index, label in zip(todo, labels):
+    if isinstance(label, ImageDataError):
       if strict:
-        raise
-      progress.say(f'warning: skipped {e}')
+        raise label
+      progress.say(f'warning: skipped {label}')
       continue
-    paired[index] = True
+    annotations[index], paired[index] = label, True
   if not paired.any():
     raise ImageDataError(f'--labels {labels_root}: none of its files is the label of one of the {len(images)} '
                          f'images of {images_root} (same relative path and name, any image suffix: '
