@@ -229,6 +229,13 @@ def load_frames(path, size: int) -> np.ndarray:
                                                         for frame in ImageSequence.Iterator(image)]))
 
 
+def check_image_file(path) -> None:
+  """That a file (local or gs://) exists and its header is an image's: ImageDataError naming it if not."""
+  if not (as_path(path) if is_remote(path) else Path(path)).is_file():
+    raise ImageDataError(f'{path}: no such image file')
+  _read_pil(path, lambda image: None)
+
+
 def animation_frames(path) -> int:
   """Frames in an image file (1 for a still image or a format that cannot animate), read from its header."""
   if Path(str(path)).suffix.lower() not in ANIMATED_SUFFIXES:

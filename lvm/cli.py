@@ -89,11 +89,19 @@ def add_parser(sub) -> None:
 
   g = lvm.add_parser('generate', help='prompt a trained LVM with images; writes a PNG grid (prompt | generation)')
   g.add_argument('--workdir', required=True)
-  g.add_argument('--prompt', nargs='+', required=True,
-                 help='prompt images, in order; a folder stands for its images in frame order (frame2 before frame10)')
+  prompt = g.add_mutually_exclusive_group(required=True)
+  prompt.add_argument('--prompt', nargs='+',
+                      help='prompt images, in order; a folder stands for its images in frame order (frame2 before '
+                           'frame10), an animated GIF, WebP or PNG for its frames')
+  prompt.add_argument('--prompts', metavar='LIST',
+                      help='many prompts, one per line of LIST (its images as --prompt takes them), answered in '
+                           'batches into OUT/ (lvm/batch_prompting.py)')
   g.add_argument('--frames', type=int, default=1, help='frames to generate (sequence mode)')
   g.add_argument('--mode', default='sequence', choices=['sequence', 'analogy', 'in-context'])
-  g.add_argument('--out', help='PNG path (default WORKDIR/generation.png)')
+  g.add_argument('--out', help='PNG path (default WORKDIR/generation.png); with --prompts a folder '
+                               '(default WORKDIR/generations)')
+  g.add_argument('--grids', action='store_true', help='with --prompts: a PNG grid per prompt in OUT/grids/')
+  g.add_argument('--batch-size', type=int, help='with --prompts: prompts generated together (default 16)')
   g.add_argument('--tokenizer', help='tokenizer workdir (default: the one that made the training tokens)')
   g.add_argument('--temperature', type=float, default=0.0, help='0 = greedy')
   g.add_argument('--top-k', type=int, default=0)
@@ -117,7 +125,17 @@ def run(args) -> dict:
   elif args.command == 'import-tokenizer':
     from lvm.tokenizer_commands import import_tokenizer_command
     result = import_tokenizer_command(args.weights, args.workdir, args.tpu)
+  elif args.command == 'generate' and args.prompts:
+    from lvm.batch_prompting import batch_generate_command
+    result = batch_generate_command(args.workdir, args.prompts, args.frames, args.out, mode=args.mode,
+                                    grids=args.grids, batch_size=16 if args.batch_size is None else args.batch_size,
+                                    tokenizer_dir=args.tokenizer,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    seed=args.seed, dtype=args.dtype, tpu_path=args.tpu)
   elif args.command == 'generate':
+    from core.config import ConfigError
+    if args.grids or args.batch_size is not None:
+      raise ConfigError('--grids and --batch-size are for --prompts LIST; one prompt always gets its grid (--out)')
     from lvm.prompting import generate_command
     result = generate_command(args.workdir, args.prompt, args.frames, args.out, mode=args.mode,
                               tokenizer_dir=args.tokenizer, temperature=args.temperature, top_k=args.top_k,

@@ -84,14 +84,20 @@ class Prompter:
 
   def images(self, images) -> np.ndarray:
     """Prompt images -> float32 [n, s, s, 3] in [0, 1], each checked (named by its position) first."""
+    return self._decoded(self._entries(images))
+
+  def _entries(self, images) -> list | np.ndarray:
+    """A prompt's images as entries to decode (a folder or an animated file expanded into its frames),
+    counted without decoding any."""
     if isinstance(images, (str, Path)) and (as_path(images).is_dir() or animation_frames(images) > 1):
       images = [images]  # a folder of frames, or an animated GIF, WebP or PNG: expanded below
     if isinstance(images, (str, Path, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
       raise ImageDataError('prompt images must be a list (or an [n, s, s, 3] array, a folder of frames or an animated '
                            'GIF, WebP or PNG), not one image')
-    if not isinstance(images, np.ndarray):
-      images = prompt_files(list(images))
-    return np.stack([self._image(image, i) for i, image in enumerate(images)]) if len(images) else \
+    return images if isinstance(images, np.ndarray) else prompt_files(list(images))
+
+  def _decoded(self, entries) -> np.ndarray:
+    return np.stack([self._image(image, i) for i, image in enumerate(entries)]) if len(entries) else \
         np.zeros((0, self.image_size, self.image_size, 3), np.float32)
 
   def _image(self, image, i: int) -> np.ndarray:
@@ -128,20 +134,95 @@ class Prompter:
     prompt = self.images(images)
     frames = check_prompt(mode, len(prompt), frames)
     check_sampling(temperature, top_k, top_p, self.config.model.vocab_size)
+    self._note_unseen(len(prompt))
+    return self._generate_rows([prompt], frames, [seed], dict(temperature=temperature, top_k=top_k, top_p=top_p))[0]
+
+  def _note_unseen(self, count: int) -> None:
     # The sampler keeps the last frames that fit the model's context with the frame being made
     # (lvm/prompting.generate_frames): the first images of a longer prompt are not seen. Said, as an
     # in-context task whose first examples drop out answers from fewer examples than it was shown.
     seen = (self.config.model.max_seq_len - self.tokens_per_image) // self.tokens_per_image
-    if len(prompt) > seen:
+    if count > seen:
       progress.say(f'note: the model\'s context ({self.config.model.max_seq_len} tokens) holds {seen} images of '
-                   f'{self.tokens_per_image} tokens and the one being made: the first {len(prompt) - seen} of the '
-                   f'{len(prompt)} prompt images are not seen')
-    context = self.tokenizer.encode(prompt).reshape(1, -1)
-    new = generate_frames(self.params, self.config.model, context, frames=frames,
-                          tokens_per_image=self.tokens_per_image, codebook_size=self.codebook_size,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, dtype=self.dtype)
-    tokens = new.reshape(frames, self.tokens_per_image)
-    return Generation(prompt=prompt, frames=self.tokenizer.decode(tokens), tokens=tokens)
+                   f'{self.tokens_per_image} tokens and the one being made: the first {count - seen} of the '
+                   f'{count} prompt images are not seen')
+
+  def _generate_rows(self, prompts: list[np.ndarray], frames: int, seeds: list[int], sampling: dict,
+                     keep: int | None = None) -> list:
+    """Prompts of one image count, generated together (row r samples with seeds[r] as it would alone);
+    the first `keep` of them (the rest fill up a batch) decoded.
+    The tokenizer encodes and decodes each prompt's images by themselves: XLA's convolutions round
+    differently at another batch size, and a prompt's answer should not depend on its neighbours."""
+    codes = {}
+    for prompt in prompts:  # a batch filled up with copies of a prompt encodes it once
+      if id(prompt) not in codes:
+        codes[id(prompt)] = self.tokenizer.encode(prompt).reshape(-1)
+    codes = np.stack([codes[id(prompt)] for prompt in prompts])
+    new = generate_frames(self.params, self.config.model, codes, frames=frames, tokens_per_image=self.tokens_per_image,
+                          codebook_size=self.codebook_size, seed=seeds[0] if len(seeds) == 1 else np.asarray(seeds),
+                          dtype=self.dtype, **sampling)
+    tokens = new.reshape(len(prompts), frames, self.tokens_per_image)
+    return [Generation(prompt=p, frames=self.tokenizer.decode(t), tokens=t) for p, t in zip(prompts[:keep], tokens)]
+
+  def generate_batch(self, prompts, frames: int = 1, mode: str = 'sequence', *, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed=0, batch_size: int = 16) -> list[Generation]:
+    """Many prompts at once: item i is what `generate(prompts[i], frames, mode, seed=...)` returns (the
+    same tokens and pictures), with prompts of one image count generated together, `batch_size` at a time (one model
+    pass per token for the batch: faster than one prompt after another). `seed`: an int for every
+    prompt (each then samples as it would alone with it), or one per prompt. Every prompt's arrangement
+    is checked before any generation; `generate_iter` yields the answers batch by batch instead."""
+    return [generation for _, generation in sorted(
+        self.generate_iter(prompts, frames, mode, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           batch_size=batch_size), key=lambda item: item[0])]
+
+  def generate_iter(self, prompts, frames: int = 1, mode: str = 'sequence', *, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, seed=0, batch_size: int = 16):
+    """`generate_batch` as (i, Generation) pairs, a batch at a time (prompts of one image count
+    together, so not in list order): a list too long to hold its images and answers in memory at once
+    is read and answered a batch at a time. The prompts are checked here, before the first batch."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+      raise ConfigError(f'frames must be an int >= 1, got {frames!r}')
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+      raise ConfigError(f'batch_size must be an int >= 1, got {batch_size!r}')
+    if isinstance(prompts, (str, Path, np.ndarray)):
+      raise ImageDataError('generate_batch takes a list of prompts, each a list of images (or a folder, an animated '
+                           'file, an [n, s, s, 3] array): for one prompt, call generate')
+    prompts = list(prompts)
+    one_seed = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    seeds = [seed] * len(prompts) if one_seed else list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
+    if seeds is None or len(seeds) != len(prompts) or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
+                                         for s in seeds):
+      raise ConfigError(f'seed must be an int >= 0 or one per prompt ({len(prompts)}), got {seed!r}')
+    check_sampling(temperature, top_k, top_p, self.config.model.vocab_size)
+    entries = []
+    for i, images in enumerate(prompts):
+      try:
+        entries.append(self._entries(images))
+        check_prompt(mode, len(entries[-1]), frames)
+      except (ImageDataError, ConfigError) as e:
+        raise type(e)(f'prompt {i}: {e}') from None
+    return self._batches(entries, frames, seeds, dict(temperature=temperature, top_k=top_k, top_p=top_p), batch_size)
+
+  def _batches(self, entries: list, frames: int, seeds: list, sampling: dict, batch_size: int):
+    by_count = {}
+    for i, found in enumerate(entries):
+      by_count.setdefault(len(found), []).append(i)
+    for count, members in sorted(by_count.items()):
+      self._note_unseen(count)
+      for start in range(0, len(members), batch_size):
+        rows = members[start:start + batch_size]
+        # The last batch of a longer list is filled up with its first row's copies (dropped), so one
+        # program, compiled once, decodes every batch of this prompt length.
+        filled = rows + rows[:1] * (batch_size - len(rows)) if len(members) > batch_size else rows
+        decoded = {}
+        for i in rows:
+          try:
+            decoded[i] = self._decoded(entries[i])
+          except ImageDataError as e:
+            raise ImageDataError(f'prompt {i}: {e}') from None
+        generations = self._generate_rows([decoded[i] for i in filled], frames, [seeds[i] for i in filled], sampling,
+                                          keep=len(rows))
+        yield from zip(rows, generations)
 
   def continue_sequence(self, images, frames: int = 1, **sampling) -> np.ndarray:
     """The next `frames` frames of a sequence (a video's frames, a rotating digit): [frames, s, s, 3]."""

@@ -29,18 +29,22 @@ MODES = ('sequence', 'analogy', 'in-context')
 
 def generate_frames(params, config, context_bt: np.ndarray, *, frames: int, tokens_per_image: int,
                     codebook_size: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: int = 0, dtype: str = 'float32') -> np.ndarray:
-  """Continues whole-frame contexts [b, n·tokens_per_image] by `frames` frames: int32 [b, frames·tpi]."""
+                    seed=0, dtype: str = 'float32') -> np.ndarray:
+  """Continues whole-frame contexts [b, n·tokens_per_image] by `frames` frames: int32 [b, frames·tpi].
+  `seed`: an int for every row, or one per row ([b]: each row samples as it would alone with its seed)."""
   keep_frames = (config.max_seq_len - tokens_per_image) // tokens_per_image
   if keep_frames < 1:
     raise ConfigError(f'model.max_seq_len {config.max_seq_len} cannot hold a context frame plus a new one '
                       f'of {tokens_per_image} tokens')
-  key, allowed = jax.random.key(seed), jnp.arange(codebook_size)
+  seed = np.asarray(seed)
+  key = jax.random.key(seed) if seed.ndim == 0 else jax.vmap(jax.random.key)(jnp.asarray(seed))
+  fold = jax.random.fold_in if seed.ndim == 0 else jax.vmap(jax.random.fold_in, in_axes=(0, None))
+  allowed = jnp.arange(codebook_size)
   tokens = np.asarray(context_bt, np.int32)
   for frame in range(frames):
     context = tokens[:, -keep_frames * tokens_per_image:]
     new = generate(params, config, jnp.asarray(context), jnp.full(len(context), context.shape[1], jnp.int32),
-                   new_tokens=tokens_per_image, key=jax.random.fold_in(key, frame), temperature=temperature,
+                   new_tokens=tokens_per_image, key=fold(key, frame), temperature=temperature,
                    top_k=top_k, top_p=top_p, allowed_ids=allowed, dtype=dtype)
     tokens = np.concatenate([tokens, np.asarray(new)], axis=1)
   return tokens[:, context_bt.shape[1]:]

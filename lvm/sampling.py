@@ -115,8 +115,9 @@ def check_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int
     raise ConfigError(f'top_p must be in (0, 1] (1 keeps every id), got {top_p}')
 
 
-def sample_logits(logits_bv, key, temperature: float, top_k: int, top_p: float, allowed_mask_v):
-  """One id per row: greedy at temperature 0, else temperature / top-k / top-p sampling."""
+def sample_logits(logits_bv, keys_b, temperature: float, top_k: int, top_p: float, allowed_mask_v):
+  """One id per row: greedy at temperature 0, else temperature / top-k / top-p sampling, row b drawn
+  with keys_b[b] alone (so a row's ids do not depend on the rows batched beside it)."""
   logits_bv = jnp.where(allowed_mask_v[None, :], logits_bv, -jnp.inf)
   if temperature == 0:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
@@ -131,7 +132,7 @@ def sample_logits(logits_bv, key, temperature: float, top_k: int, top_p: float, 
     cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_desc, cutoff_index, axis=-1)
     logits_bv = jnp.where(logits_bv < cutoff, -jnp.inf, logits_bv)
-  return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys_b, logits_bv).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'new_tokens', 'temperature', 'top_k', 'top_p', 'dtype',
@@ -140,6 +141,7 @@ def generate(params: dict, config: DecoderConfig, prompts_bt, prompt_lengths_b, 
              key=None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, allowed_ids=None,
              dtype: str = 'float32', cache_length: int | None = None):
   """Continues left-padded prompts [b, T] (real lengths `prompt_lengths_b`) by `new_tokens` ids.
+  `key`: one random key for every row, or one per row ([b]: row b samples as it would alone).
 
   Returns int32 [b, new_tokens]. One jitted program: prefill, then a fori_loop of decode steps.
   """
@@ -150,18 +152,20 @@ def generate(params: dict, config: DecoderConfig, prompts_bt, prompt_lengths_b, 
   params = split_layers(jax.tree.map(lambda p: p.astype(dtype), params))
   pad_b = (prompt_len - prompt_lengths_b).astype(jnp.int32)
   key = jax.random.key(0) if key is None else key
+  keys_b = jnp.broadcast_to(key, (b,)) if key.ndim == 0 else key
+  fold_b = jax.vmap(jax.random.fold_in, in_axes=(0, None))  # token i's keys, one per row
   allowed = (jnp.ones((config.vocab_size,), bool) if allowed_ids is None
              else jnp.zeros((config.vocab_size,), bool).at[allowed_ids].set(True))
   cache = init_cache(config, b, length, dtype)
   logits, cache = forward_with_cache(params, config, cache, prompts_bt, jnp.int32(0), pad_b)
-  first = sample_logits(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, top_p, allowed)
+  first = sample_logits(logits[:, -1], fold_b(keys_b, 0), temperature, top_k, top_p, allowed)
   out = jnp.zeros((b, new_tokens), jnp.int32).at[:, 0].set(first)
 
   def step(i, carry):
     out, cache = carry
     previous = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
     logits, cache = forward_with_cache(params, config, cache, previous, prompt_len + i - 1, pad_b)
-    token = sample_logits(logits[:, -1], jax.random.fold_in(key, i), temperature, top_k, top_p, allowed)
+    token = sample_logits(logits[:, -1], fold_b(keys_b, i), temperature, top_k, top_p, allowed)
     return out.at[:, i].set(token), cache
 
   out, _ = jax.lax.fori_loop(1, new_tokens, step, (out, cache))

@@ -56,6 +56,7 @@ def _bad_inputs(tmp):
   from PIL import Image
   for i in range(2):
     Image.fromarray(np.full((32, 32, 3), 80 * i, np.uint8)).save(tmp / 'two_images' / f'{i}.png')
+  (tmp / 'prompts.txt').write_text('two_images/0.png two_images/1.png two_images/0.png\ntwo_images/0.png two_images/1.png\n')
   digits = str(ROOT / 'attrib/configs/digits.py')
   from core.config import load_config_file, to_dict
   for kind, config in (('lvm_run', TINY), ('diffusion_run', digits)):
@@ -243,6 +244,13 @@ def _bad_inputs(tmp):
                                                         f'data.source={tmp / "two_images"}'],
                                                        'two_images (2 images): 2 training records are fewer than '
                                                        'one batch (train.global_batch 32)'),
+      'lvm generate of a list line for another mode': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'),
+                                                        '--prompts', str(tmp / 'prompts.txt'),
+                                                        '--mode', 'analogy', '--out', str(tmp / 'answers')],
+                                                       "prompts.txt:2: --mode analogy takes three prompt images A A' B "
+                                                       '(got 2)'),
+      'lvm generate of grids for one prompt': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
+                                                'a.png', '--grids'], '--grids and --batch-size are for --prompts LIST'),
       'lvm generate into an unknown image format': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
                                                      'a.png', '--out', str(tmp / 'grid.gif')],
                                                     'grid.gif: .gif is not an image format written here'),
@@ -321,7 +329,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'processes without a coordinator', 'a coordinator without a port', 'a process id past the count',
          'train-tokenizer on one image file', 'lvm eval of a step folder', 'attrib query of a checkpoints folder',
          'import-hf of a Hub id', 'import-tokenizer of a Hub id', 'quickstart of an LVM key typo',
-         'quickstart of a tokenizer value']
+         'quickstart of a tokenizer value', 'lvm generate of a list line for another mode',
+         'lvm generate of grids for one prompt']
 
 
 @pytest.mark.parametrize('case', CASES)

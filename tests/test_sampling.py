@@ -70,6 +70,17 @@ def test_sampling_is_seeded_and_stays_in_the_allowed_ids(tmp_path):
   allowed = jnp.arange(100)
   limited = draw(0, allowed_ids=allowed, top_k=20, top_p=0.9)
   assert limited.max() < 100 and len(np.unique(limited)) > 5
+  # One key per row: each row samples as it would alone with its key (a batch of prompts answers each
+  # as one prompt would), and rows sharing a prompt and not a key draw differently.
+  keys = jax.vmap(jax.random.key)(jnp.asarray([5, 6, 5, 7]))
+  rows = np.asarray(generate(params, config, prompt, lengths, new_tokens=32, key=keys, temperature=1.0, top_p=0.9))
+  for row, seed in enumerate((5, 6, 5, 7)):
+    alone = generate(params, config, prompt[row:row + 1], lengths[:1], new_tokens=32, key=jax.random.key(seed),
+                     temperature=1.0, top_p=0.9)
+    np.testing.assert_array_equal(rows[row], np.asarray(alone)[0])
+  same_prompt = jnp.repeat(prompt[:1], 2, axis=0)
+  two = np.asarray(generate(params, config, same_prompt, lengths[:2], new_tokens=32, key=keys[:2], temperature=1.0))
+  assert (two[0] != two[1]).any()
   # top-k 1 is greedy whatever the temperature.
   greedy = np.asarray(generate(params, config, prompt, lengths, new_tokens=32))
   np.testing.assert_array_equal(draw(7, top_k=1), greedy)

@@ -337,6 +337,8 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   with pytest.raises(ConfigError, match="seed must be an int >= 0, got '3'"):  # was JAX's 'not a valid JAX array type'
     prompter.continue_sequence(prompt, seed='3')
 
+  _check_batched_prompts(lvm, prompter, prompt, from_files, tmp_path)
+
   from lvm.prompting import next_frame_report
   report = next_frame_report(lvm, out, kind='video', limit=8, png=tmp_path / 'next.png')
   videos = np.stack([source[80 + i] for i in range(8)])
@@ -355,6 +357,56 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   monkeypatch.chdir(tmp_path)
   assert launch_main(argv[2:]) == 0
   assert Image.open(tmp_path / 'next_frames.png').size == (4 * (5 * 32 + 8), 4 * 32)
+
+
+def _check_batched_prompts(lvm, prompter, prompt, analogy, tmp_path):
+  """Many prompts at once (`Prompter.generate_batch`, `lvm generate --prompts LIST`): each answer is
+  the one its prompt gets alone, sampled with its own seed, whatever the batch beside it."""
+  from core.config import ConfigError
+  from data_pipelines.image_sources import ImageDataError
+  from PIL import Image
+  rng = np.random.default_rng(8)
+  prompts = [rng.random((n, 32, 32, 3)).astype(np.float32) for n in (3, 2, 3, 3, 2)]  # two lengths, batched apart
+  seeds = [4, 0, 9, 4, 2]
+  for sampling in (dict(), dict(temperature=1.0, top_p=0.9)):
+    together = prompter.generate_batch(prompts, 2, seed=seeds, batch_size=2, **sampling)  # 3-image ones: 2 + filled 1
+    for images, seed, answer in zip(prompts, seeds, together):
+      alone = prompter.generate(images, 2, seed=seed, **sampling)
+      np.testing.assert_array_equal(answer.tokens, alone.tokens)
+      np.testing.assert_array_equal(answer.frames, alone.frames)
+  sampled = [g.tokens for g in prompter.generate_batch(prompts[:1] * 2, temperature=1.0, seed=[1, 2])]
+  assert (sampled[0] != sampled[1]).any()  # rows draw their own numbers, not one draw each
+  with pytest.raises(ImageDataError, match=r'prompt 1: prompt images must be a list'):
+    prompter.generate_batch([prompt, prompt[0]])
+  with pytest.raises(ConfigError, match=r"prompt 0: --mode analogy takes three"):
+    prompter.generate_batch([prompt[:2]], mode='analogy')
+  with pytest.raises(ConfigError, match=r'seed must be an int >= 0 or one per prompt \(2\), got \[1\]'):
+    prompter.generate_batch([prompt, prompt], seed=[1])
+  assert prompter.generate_batch([]) == []
+
+  # The command: a list of lines (paths relative to it, quoted, a comment), answered into OUT.
+  (tmp_path / 'my prompts').mkdir()
+  for i, path in enumerate(prompt):
+    Image.open(path).save(tmp_path / 'my prompts' / f'p {i}.png')
+  listing = tmp_path / 'my prompts' / 'list.txt'
+  listing.write_text("# A : A' :: B\n'p 0.png' 'p 1.png' 'p 2.png'\n\n" + ' '.join(prompt) + '  # absolute\n')
+  out = tmp_path / 'answers'
+  assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompts', str(listing), '--mode', 'analogy',
+                      '--out', str(out), '--grids', '--temperature', '1.0', '--seed', '3']) == 0
+  records = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
+  assert [r['line'] for r in records] == [2, 4] and records[0]['images'][0] == str(tmp_path / 'my prompts/p 0.png')
+  for record in records:  # what `lvm generate --prompt ...` writes for each line alone, frames as PNGs
+    np.testing.assert_array_equal(np.asarray(record['tokens']), analogy.tokens)
+    np.testing.assert_array_equal(np.asarray(Image.open(record['frames'][0])),
+                                  (np.clip(analogy.frames[0], 0, 1) * 255).round().astype(np.uint8))
+    assert Image.open(record['grid']).size == (4 * (4 * 32 + 8), 4 * 32)
+  assert json.loads((lvm / 'generate_result.json').read_text())['prompts'] == 2
+  listing.write_text("'p 0.png' 'p 1.png'\n'p 0.png' gone.png 'p 2.png'\n")  # each named by its line, before loading
+  for mode, named in (('analogy', r'list.txt:1: --mode analogy takes three'), ('sequence', 'list.txt:2: .*gone.png')):
+    with pytest.raises(ImageDataError if mode == 'sequence' else ConfigError, match=named):
+      from lvm.batch_prompting import batch_generate_command
+      batch_generate_command(str(lvm), str(listing), 1, str(tmp_path / 'nothing'), mode=mode)
+  assert not (tmp_path / 'nothing').exists()
 
 
 def test_generate_says_when_the_training_data_path_is_not_there(tmp_path, monkeypatch):
