@@ -8,8 +8,9 @@ checked first (its files exist and open, its image count suits --mode), naming t
 model loads. Each line is answered as `lvm generate --prompt <its images>` would answer it alone
 (the same seed, the same tokens), but prompts of one image count run together, --batch-size at a
 time. Into OUT: each prompt's generated frames (00001_frame1.png, ... at the tokenizer's size),
-results.jsonl (one JSON object per prompt in list order, written whole at the end: a failed run
-leaves an earlier one as it was) and with --grids OUT/grids/00001.png (prompt | generation).
+results.jsonl (one JSON object per prompt in list order, its images as read: a folder's frames, an
+animation's `clip.gif[frame i]`; written whole at the end: a failed run leaves an earlier one as it
+was) and with --grids OUT/grids/00001.png (prompt | generation).
 """
 from __future__ import annotations
 
@@ -45,19 +46,20 @@ def read_prompt_list(listing) -> tuple[list[list[str]], list[int]]:
   return prompts, lines
 
 
-def check_prompt_list(listing, prompts: list[list[str]], lines: list[int], mode: str, frames: int) -> None:
+def check_prompt_list(listing, prompts: list[list[str]], lines: list[int], mode: str, frames: int) -> list[list]:
   """Every line's arrangement for `mode` and every file it names (a header read: it exists and is an
-  image), named by its line, in threads (on gs:// each check is a round trip)."""
+  image), named by its line, in threads (on gs:// each check is a round trip). Returns the prompts with
+  each folder and animated file expanded into its frames."""
   from data_pipelines.image_sources import AnimationFrame, ImageDataError, check_image_file, prompt_files
   from lvm.prompting import check_prompt
-  files = []
+  files, expanded = [], []
   for prompt, line in zip(prompts, lines):
     try:
-      expanded = prompt_files(prompt)
-      check_prompt(mode, len(expanded), frames)
+      expanded.append(prompt_files(prompt))
+      check_prompt(mode, len(expanded[-1]), frames)
     except (ImageDataError, ConfigError) as e:
       raise type(e)(f'{listing}:{line}: {e}') from None
-    files += [(entry, line) for entry in expanded if not isinstance(entry, AnimationFrame)]
+    files += [(entry, line) for entry in expanded[-1] if not isinstance(entry, AnimationFrame)]
 
   def problem(item):
     try:
@@ -68,6 +70,7 @@ def check_prompt_list(listing, prompts: list[list[str]], lines: list[int], mode:
     found = next((p for p in pool.map(problem, files) if p), None)
   if found:
     raise ImageDataError(found)
+  return expanded
 
 
 def batch_generate_command(workdir: str, listing: str, frames: int, out: str | None, *, mode: str = 'sequence',
@@ -86,7 +89,7 @@ def batch_generate_command(workdir: str, listing: str, frames: int, out: str | N
   config, _ = commands.load_run_config(workdir)
   check_sampling(temperature, top_k, top_p, config.model.vocab_size)
   prompts, lines = read_prompt_list(listing)
-  check_prompt_list(as_path(listing), prompts, lines, mode, frames)
+  prompts = check_prompt_list(as_path(listing), prompts, lines, mode, frames)
   out_dir = prepare_output_dir(out if out else workdir / 'generations', '--out' if out else 'the default --out')
   grid_dir = prepare_output_dir(out_dir / 'grids', '--out') if grids else None
   prompter = Prompter.load(workdir, tokenizer_dir, tpu_path, dtype)
@@ -103,7 +106,7 @@ def batch_generate_command(workdir: str, listing: str, frames: int, out: str | N
     if grid_dir is not None:
       grid = grid_dir / f'{number:05d}.png'
       grid_png([np.concatenate([generation.prompt, generation.frames])], len(generation.prompt), grid)
-    records[i] = {'prompt': number, 'line': lines[i], 'images': prompts[i], 'frames': [str(p) for p in pngs],
+    records[i] = {'prompt': number, 'line': lines[i], 'images': [str(p) for p in prompts[i]], 'frames': [str(p) for p in pngs],
                   'grid': None if grid is None else str(grid), 'tokens': generation.tokens.tolist()}
   results = out_dir / 'results.jsonl'
   write_bytes_atomic(results, ''.join(json.dumps(r) + '\n' for r in records).encode())

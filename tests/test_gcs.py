@@ -417,6 +417,15 @@ def test_the_lvm_path_in_a_bucket_tokenizer_to_generate(gcs, tmp_path):
   result = json.loads(_read(url, 'lvm_path/lvm/generate_result.json'))
   assert result['tokenizer'] == f'{root}/tok' and len(result['tokens'][0]) == 64
   assert _read(url, 'lvm_path/gen.jpg')[:3] == b'\xff\xd8\xff'  # JPEG
+  # Many prompts from a list in the bucket (its paths relative to it, a clip folder among them), answered there.
+  _upload(url, 'prompts.txt', b'imgs/top.jpg imgs/cats/0.png\nclips/v1\n')
+  _run(env, tmp_path, 'lvm', 'generate', '--workdir', f'{root}/lvm', '--prompts', f'gs://{BUCKET}/prompts.txt',
+       '--out', f'{root}/answers')
+  records = [json.loads(line) for line in _read(url, 'lvm_path/answers/results.jsonl').decode().splitlines()]
+  assert records[1]['images'] == [f'gs://{BUCKET}/clips/v1/{f:02d}.png' for f in range(3)]
+  assert records[0]['images'] == [f'gs://{BUCKET}/imgs/top.jpg', f'gs://{BUCKET}/imgs/cats/0.png']
+  assert sorted(_objects(url, 'lvm_path/answers/')) == [
+      'lvm_path/answers/00001_frame1.png', 'lvm_path/answers/00002_frame1.png', 'lvm_path/answers/results.jsonl']
   assert _local_files(tmp_path, ROOT) - before - _local_files(tmp_path / 'up') == {
       tmp_path / 'p0.png', tmp_path / 'p1.png', tmp_path / 'up'}
 
