@@ -6,16 +6,32 @@ stdout stays reserved for the job's result (JSON), so scripts can parse it.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
 from typing import Iterable, TypeVar
 
 T = TypeVar('T')
 
 
+_QUIET = threading.local()
+
+
 def _is_main_process() -> bool:
   import jax
-  return jax.process_index() == 0
+  return jax.process_index() == 0 and not getattr(_QUIET, 'on', False)
+
+
+@contextlib.contextmanager
+def quiet():
+  """No notes or bars from this thread inside the block: work that repeats what was already said (a
+  Beam worker planning the job its driver planned and reported)."""
+  _QUIET.on = True
+  try:
+    yield
+  finally:
+    _QUIET.on = False
 
 
 def say(message: str) -> None:

@@ -61,8 +61,10 @@ def _shard_writer(beam, job_args: dict):
     """Writes the shards it is given; loads the tokenizer and the images once per worker."""
 
     def setup(self):
+      from core import progress
       args = dict(job_args, tpu_path=worker_preset(job_args['tokenizer_dir'], job_args.get('tpu_path')))
-      self.job = plan_tokenize_job(**args, claim=False)
+      with progress.quiet():  # its notes (unlabelled images, coverage) are the driver's, said once
+        self.job = plan_tokenize_job(**args, claim=False)
 
     def process(self, shard: ShardSpec):
       if not (self.job.out / shard.name).exists():  # a retried bundle may find it done

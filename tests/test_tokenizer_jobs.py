@@ -1057,9 +1057,10 @@ def test_tokenize_stops_every_process_when_one_fails(tokenizer_dir, tmp_path):
   assert len(list((tmp_path / 'out').glob('*.arrayrecord'))) == 2 and not (tmp_path / 'out' / 'manifest.json').exists()
 
 
-def test_beam_pipeline_writes_the_same_shards_and_resumes(tokenizer_dir, tmp_path):
+def test_beam_pipeline_writes_the_same_shards_and_resumes(tokenizer_dir, tmp_path, capsys):
   """`lvm tokenize --beam` on Beam's DirectRunner: byte-identical shards to `lvm tokenize`, the same
-  manifest; a rerun after a lost shard, on two worker processes, writes only that shard."""
+  manifest and notes (said once: a worker's own planning of the job repeated them); a rerun after a
+  lost shard, on two worker processes, writes only that shard."""
   pytest.importorskip('apache_beam', reason="the beam extra (pip install -e '.[beam]')")
   common = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '24', '--records-per-shard', '8',
             '--kind', 'video', '--kind', 'colorization']
@@ -1080,6 +1081,19 @@ def test_beam_pipeline_writes_the_same_shards_and_resumes(tokenizer_dir, tmp_pat
   assert json.loads((beam_out / 'tokenize_result.json').read_text())['shards_written_this_run'] == 1
   assert {p.name: p.read_bytes() for p in beam_out.glob('*.arrayrecord')} == plain
   assert (beam_out / 'manifest.json').is_file()
+
+  # Annotated pairs from the user's labels: the same shards, and the notes on unpaired files said once.
+  from tests.test_annotation_pairs import _folder
+  photos, labels = _folder(tmp_path)
+  pairs = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', str(photos), '--labels', str(labels),
+           '--kind', 'pairs', '--sentences', '4']
+  capsys.readouterr()
+  assert launch_main(pairs + ['--out', str(tmp_path / 'pairs_plain')]) == 0
+  notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith('note:')]
+  assert launch_main(pairs + ['--out', str(tmp_path / 'pairs_beam'), '--beam']) == 0
+  assert len(notes) == 2 and [line for line in capsys.readouterr().err.splitlines() if line.startswith('note:')] == notes
+  assert (tmp_path / 'pairs_beam/pairs-00000-of-00001.arrayrecord').read_bytes() == \
+      (tmp_path / 'pairs_plain/pairs-00000-of-00001.arrayrecord').read_bytes()
 
 
 def test_beam_workers_find_the_tokenizer_preset_without_the_training_machine(tokenizer_dir, tmp_path):
