@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
   e.add_argument('--tpu', help='slice preset (default: the one the run trained with)')
   e.add_argument('--target-tokens', type=int, help='trailing tokens scored (default: last image, 256)')
   e.add_argument('--batch-size', type=int, default=8)
+  e.add_argument('--completion', type=int, default=0, metavar='N',
+                 help='also generate the last frame of the first N records of each kind (greedy, from the frames '
+                      'before it): token accuracy and PSNR against the true frame, and against copying the last one')
   add_process_flags(e)
   i = lvm.add_parser('import-hf', help='LlamaForCausalLM safetensors dir -> workdir checkpoint')
   i.add_argument('--hf-dir', required=True, help='LlamaForCausalLM folder: config.json + safetensors (local or gs://)')
@@ -116,7 +119,8 @@ def run(args) -> dict:
   if args.command == 'train':
     result = commands.train_command(args.config, args.tpu, args.workdir, args.set)
   elif args.command == 'eval':
-    result = commands.eval_command(args.workdir, args.data, args.tpu, args.target_tokens, args.batch_size)
+    result = commands.eval_command(args.workdir, args.data, args.tpu, args.target_tokens, args.batch_size,
+                                   args.completion)
   elif args.command == 'import-hf':
     result = commands.import_hf_command(args.hf_dir, args.workdir, args.tpu, args.seq_len)
   elif args.command == 'train-tokenizer':

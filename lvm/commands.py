@@ -179,10 +179,14 @@ def check_same_kind_of_tokens(workdir: Path, config: LvmConfig, data_path: str, 
 
 
 def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_tokens: int | None,
-                 batch_size: int) -> dict:
+                 batch_size: int, completion: int = 0) -> dict:
+  """Perplexity of the trained run on token data (per task kind for `lvm tokenize` sentences); with
+  `completion` N, also the greedy last frame of each kind's first N records (lvm/completion.py)."""
   workdir = as_path(workdir)
   if batch_size < 1:
     raise ConfigError(f'--batch-size must be >= 1, got {batch_size}')
+  if completion < 0:
+    raise ConfigError(f'--completion must be >= 0 (records per kind; 0: none), got {completion}')
   if target_tokens is not None and target_tokens < 1:  # 0 once meant the default, silently
     raise ConfigError(f'--target-tokens must be >= 1 (default: the last image), got {target_tokens}')
   config, trained_tpu = load_run_config(workdir)
@@ -211,6 +215,12 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
   if manifest:
     from lvm.prompting import check_same_tokenizer
     check_same_tokenizer(workdir, config, data_path, manifest.get('tokenizer_checksum'), what='--data')
+  if completion and not manifest:
+    raise ConfigError(f'--completion: {data_path} has no manifest.json naming the tokenizer of its frames; complete '
+                      'the frames of `lvm tokenize` sentences')
+  if completion and jax.process_count() > 1:
+    raise ConfigError('--completion generates on one process: run lvm eval --completion on one host (or in '
+                      'Python, lvm.Prompter), and perplexity alone over the slice')
   graphdef, params, mesh, preset, step = restore_params(workdir, config, tpu_path or trained_tpu)
   score = lambda records: evaluate.perplexity(graphdef, params, records, mesh=mesh, rules=preset.logical_rules,
                                               target_tokens=target, batch_size=batch_size)
@@ -219,6 +229,16 @@ def eval_command(workdir: str, data_path: str, tpu_path: str | None, target_toke
     scores['per_kind'] = {kind: score(TokenRecordSource(sorted(Path(data_path).glob(f'{kind}-*{SHARD_SUFFIX}')),
                                                          seq_len=seq_len, vocab_size=config.model.vocab_size))
                           for kind in manifest['kinds']}
+  if completion:
+    from lvm.completion import completion_per_kind
+    from lvm.sentences import manifest_tokenizer
+    from lvm.tokenizer_commands import load_tokenizer
+    tokenizer = load_tokenizer(manifest_tokenizer(data_path, manifest), tpu_path or trained_tpu)
+    sources = {kind: TokenRecordSource(sorted(Path(data_path).glob(f'{kind}-*{SHARD_SUFFIX}')), seq_len=seq_len,
+                                       vocab_size=config.model.vocab_size) for kind in manifest['kinds']}
+    scores['completion'] = completion_per_kind(jax.device_get(params), config.model, sources, tokenizer,
+                                               manifest['tokens_per_image'], manifest['codebook_size'],
+                                               completion, batch_size)
   result = {'job': 'lvm eval', 'step': step, 'data': data_path, 'record_tokens': seq_len, **scores, 'versions': versions()}
   write_result_if_writable(workdir / 'eval_result.json', result)
   return result

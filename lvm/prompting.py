@@ -165,10 +165,11 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
 def next_frame_report(workdir: str | Path, sentences_dir: str | Path, *, kind: str = 'video', limit: int = 64,
                       png: str | Path | None = None, tpu_path: str | None = None) -> dict:
   """How well the LVM continues held-out sentences of `kind`: greedy next frame from the frames
-  before it, against copying the last context frame. Token accuracy against the true frame's
-  tokens, and PSNR (dB) of the decoded frames against the decoded true frame."""
+  before it, against copying the last context frame (lvm/completion.py). Token accuracy against the
+  true frame's tokens, and PSNR (dB) of the decoded frames against the decoded true frame."""
   from data_pipelines.token_records import SHARD_SUFFIX, TokenRecordSource
   from lvm import commands
+  from lvm.completion import complete_last_frames, completion_scores
   from lvm.sentences import manifest_tokenizer
   from lvm.tokenizer_commands import load_tokenizer
   workdir, sentences_dir = as_path(workdir), as_path(sentences_dir)
@@ -180,20 +181,11 @@ def next_frame_report(workdir: str | Path, sentences_dir: str | Path, *, kind: s
   config, trained_tpu = commands.load_run_config(workdir)
   _, params, _, _, step = commands.restore_params(workdir, config, tpu_path or trained_tpu)
   tokenizer = load_tokenizer(manifest_tokenizer(sentences_dir, manifest), tpu_path or trained_tpu)
-  context, truth = records[:, :-tpi], records[:, -tpi:]
-  predicted = generate_frames(jax.device_get(params), config.model, context, frames=1, tokens_per_image=tpi,
-                              codebook_size=manifest['codebook_size'])
-  copy_last = context[:, -tpi:]
-  pictures = {name: tokenizer.decode(tokens) for name, tokens in
-              (('truth', truth), ('lvm', predicted), ('copy_last', copy_last))}
-
-  def psnr(a, b):
-    mse = np.mean(np.square(a - b), axis=(1, 2, 3))
-    return float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10))))
-  report = {'kind': kind, 'sentences': int(len(records)), 'step': step,
-            'token_accuracy': {'lvm': float(np.mean(predicted == truth)), 'copy_last': float(np.mean(copy_last == truth))},
-            'psnr_db': {'lvm': psnr(pictures['lvm'], pictures['truth']),
-                        'copy_last': psnr(pictures['copy_last'], pictures['truth'])}}
+  context = records[:, :-tpi]
+  predicted = complete_last_frames(jax.device_get(params), config.model, records, tpi, manifest['codebook_size'],
+                                   batch_size=len(records))
+  scores, pictures = completion_scores(records, predicted, tokenizer, tpi)
+  report = {'kind': kind, 'step': step, **scores}
   if png:
     rows = []
     for r in range(min(4, len(records))):

@@ -187,6 +187,8 @@ def _bad_inputs(tmp):
       'attrib generate of a negative seed': (generate + ['--seed', '-1'], '--seed must be >= 0, got -1'),
       'attrib generate into an unknown image format': (generate + ['--out', str(tmp / 'q.gif')],
                                                        'q.gif: .gif is not an image format written here'),
+      'lvm eval of a negative completion count': (lvm_eval + ['builtin:digits-eval', '--completion', '-1'],
+                                                  '--completion must be >= 0 (records per kind; 0: none), got -1'),
       'lvm eval of 0 target tokens': (lvm_eval + ['builtin:digits-eval', '--target-tokens', '0'],
                                       '--target-tokens must be >= 1'),
       'lvm eval of one-token records': (lvm_eval + [str(tmp / 'one_token.npy')],
@@ -330,7 +332,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-tokenizer on one image file', 'lvm eval of a step folder', 'attrib query of a checkpoints folder',
          'import-hf of a Hub id', 'import-tokenizer of a Hub id', 'quickstart of an LVM key typo',
          'quickstart of a tokenizer value', 'lvm generate of a list line for another mode',
-         'lvm generate of grids for one prompt']
+         'lvm generate of grids for one prompt', 'lvm eval of a negative completion count']
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -338,6 +338,7 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
     prompter.continue_sequence(prompt, seed='3')
 
   _check_batched_prompts(lvm, prompter, prompt, from_files, tmp_path)
+  _check_completion(lvm, out, prompter, tokenizer, source, capsys)
 
   from lvm.prompting import next_frame_report
   report = next_frame_report(lvm, out, kind='video', limit=8, png=tmp_path / 'next.png')
@@ -357,6 +358,31 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   monkeypatch.chdir(tmp_path)
   assert launch_main(argv[2:]) == 0
   assert Image.open(tmp_path / 'next_frames.png').size == (4 * (5 * 32 + 8), 4 * 32)
+
+
+def _check_completion(lvm, data, prompter, tokenizer, source, capsys):
+  """`lvm eval --completion N`: each kind's first N records' last frame, generated in batches (here 3,
+  then 1 filled up to 3), scores as each record's frame generated alone from its context."""
+  from lvm.prompting import generate_frames
+  assert launch_main(['lvm', 'eval', '--workdir', str(lvm), '--data', str(data), '--completion', '4',
+                      '--batch-size', '3']) == 0
+  completion = json.loads((lvm / 'eval_result.json').read_text())['completion']
+  assert sorted(completion) == ['analogy', 'groups', 'video']
+  videos = np.stack([source[80 + i] for i in range(4)])  # kinds sorted by name: video last
+  alone = np.concatenate([generate_frames(prompter.params, prompter.config.model, r[None, :-64], frames=1,
+                                          tokens_per_image=64, codebook_size=128) for r in videos])
+  truth, last = videos[:, -64:], videos[:, -128:-64]
+  assert completion['video']['sentences'] == 4
+  assert completion['video']['token_accuracy'] == {'lvm': np.mean(alone == truth), 'copy_last': np.mean(last == truth)}
+  true_frames = tokenizer.decode(truth)
+  psnr = lambda frames: np.mean(10 * np.log10(1 / np.maximum(np.mean((frames - true_frames) ** 2, (1, 2, 3)), 1e-10)))
+  assert completion['video']['psnr_db']['lvm'] == pytest.approx(psnr(tokenizer.decode(alone)), abs=1e-6)
+  assert completion['video']['psnr_db']['copy_last'] == pytest.approx(psnr(tokenizer.decode(last)), abs=1e-6)
+  np.save(lvm.parent / 'records.npy', videos)  # tokens without a manifest: no tokenizer to draw their frames
+  capsys.readouterr()
+  assert launch_main(['lvm', 'eval', '--workdir', str(lvm), '--data', str(lvm.parent / 'records.npy'),
+                      '--completion', '4']) == 2
+  assert 'records.npy has no manifest.json naming the tokenizer of its frames' in capsys.readouterr().err
 
 
 def _check_batched_prompts(lvm, prompter, prompt, analogy, tmp_path):
