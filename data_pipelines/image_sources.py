@@ -404,7 +404,11 @@ def named_videos(root: str | Path, size: int, strict: bool = False) -> list[tupl
   """A folder of videos -> (name, float32 [frames, size, size, 3]) per video, in name order. A video
   is a subfolder of frame images (in `frame_order`) or an animated GIF, WebP or PNG file (in its own
   order). Unreadable frames and files are skipped (counted) or, strict, an error; still images at
-  the top of the folder, frames of no video, are left out and said."""
+  the top of the folder, frames of no video, are left out and said. `tfds:NAME:SPLIT`: a tfds
+  dataset of videos, one clip per example (data_pipelines/tfds_images.py)."""
+  if str(root).startswith('tfds:'):
+    from data_pipelines.tfds_images import tfds_videos
+    return tfds_videos(str(root), size)
   root = _folder(root)
   if not root.is_dir():
     if _is_video_file(root):

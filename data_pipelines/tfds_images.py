@@ -1,8 +1,9 @@
-"""Images from TensorFlow Datasets through `tfds.data_source` (random access over ArrayRecord, no
-TensorFlow needed), and `bundled_digits`: a tfds dataset built from scikit-learn's digits on this
+"""Images and videos from TensorFlow Datasets through `tfds.data_source` (random access over
+ArrayRecord, no TensorFlow needed), and `bundled_digits`: a tfds dataset built from scikit-learn's digits on this
 machine, with no download, so the tfds path can be used (and is tested) offline.
 
-  source 'tfds:NAME[:SPLIT]' (SPLIT as tfds writes it, slices too: train[:10%]),
+  source 'tfds:NAME[:SPLIT]' (SPLIT as tfds writes it, slices too: train[:10%]), and
+  'frames:tfds:NAME[:SPLIT]' for a dataset of videos (each example one clip),
   read from $TFDS_DATA_DIR (default ~/tensorflow_datasets);
   python -m data_pipelines.tfds_images --build-bundled-digits [--data-dir DIR]
 """
@@ -16,10 +17,11 @@ from data_pipelines.image_sources import ImageDataError, array_to_rgb_square
 
 IMAGE_KEYS = ('image', 'img', 'frame')
 LABEL_KEYS = ('label', 'labels', 'category')
+VIDEO_KEYS = ('video', 'image_sequence', 'frames', 'image_main', 'rgb')
 
 
-def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(float32 [n, size, size, 3] in [0, 1], int32 labels or -1) of every example of a tfds split."""
+def _data_source(source: str, data_dir: str | None):
+  """`tfds.data_source` of 'tfds:NAME[:SPLIT]', its first example checked to exist."""
   import tensorflow_datasets as tfds
   _, name, *rest = source.split(':', 2)  # the split may hold ':' itself: train[:1000]
   if not name or (rest and not rest[0]):
@@ -35,10 +37,18 @@ def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np
                          f'(prepare it first; nothing downloads at run time) ({type(e).__name__}: {reason})') from None
   if not len(records):
     raise ImageDataError(f'{source}: the split is empty')
+  return records
+
+
+def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 [n, size, size, 3] in [0, 1], int32 labels or -1) of every example of a tfds split."""
+  records = _data_source(source, data_dir)
   first = records[0]
   image_key = next((k for k in IMAGE_KEYS if k in first), None)
   if image_key is None:
-    raise ImageDataError(f'{source}: examples have no image field (one of {IMAGE_KEYS}); fields: {sorted(first)}')
+    videos = ('; a dataset of videos: give frames:' + source) if any(k in first for k in VIDEO_KEYS) else ''
+    raise ImageDataError(f'{source}: examples have no image field (one of {IMAGE_KEYS}); fields: {sorted(first)}'
+                         + videos)
   label_key = next((k for k in LABEL_KEYS if k in first), None)
   images, labels = [], []
   for index in range(len(records)):
@@ -46,6 +56,26 @@ def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np
     images.append(array_to_rgb_square(example[image_key], size))
     labels.append(int(example[label_key]) if label_key else -1)
   return np.stack(images), np.asarray(labels, np.int32)
+
+
+def tfds_videos(source: str, size: int, data_dir: str | None = None) -> list[tuple[str, np.ndarray]]:
+  """(name, float32 [frames, size, size, 3] in [0, 1]) of every example of a tfds split of videos
+  (`frames:tfds:NAME:SPLIT`: moving_mnist, bair_robot_pushing_small, ucf101, ...), each named
+  NAME:SPLIT[index]; the clip is the first field of VIDEO_KEYS the examples hold."""
+  records = _data_source(source, data_dir)
+  first = records[0]
+  key = next((k for k in VIDEO_KEYS if k in first), None)
+  if key is None:
+    raise ImageDataError(f'{source}: examples have no video field (one of {VIDEO_KEYS}); fields: {sorted(first)}')
+  videos = []
+  for index in range(len(records)):
+    clip = np.asarray(records[index][key])
+    if clip.dtype != np.uint8 or clip.ndim not in (3, 4) or (clip.ndim == 4 and clip.shape[-1] not in (1, 3, 4)):
+      raise ImageDataError(f'{source}[{index}]: field {key!r} of dtype {clip.dtype} and shape {clip.shape} is not a '
+                           'clip of uint8 frames [frames, height, width(, 1|3|4)]')
+    videos.append((f'{source.removeprefix("tfds:")}[{index}]',
+                   np.stack([array_to_rgb_square(frame, size) for frame in clip])))
+  return videos
 
 
 def build_bundled_digits(data_dir: str) -> str:

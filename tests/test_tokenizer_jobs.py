@@ -644,6 +644,52 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
     del os.environ['TFDS_DATA_DIR']
 
 
+def test_a_tfds_dataset_of_videos_gives_the_clips_a_folder_of_them_does(tokenizer_dir, tmp_path, monkeypatch):
+  """`frames:tfds:NAME:SPLIT`: each example's clip is one video (moving_mnist's image_sequence, ucf101's
+  video, ...), read as the same clips saved as folders of frames are: the same pixels, and the
+  same sentence shards byte for byte. Built here as a tfds dataset, offline."""
+  import tensorflow_datasets as tfds
+  from PIL import Image
+  from data_pipelines.image_sources import ImageDataError, named_videos, open_images
+  rng = np.random.default_rng(5)
+  clips = rng.integers(0, 256, (4, 5, 12, 10, 1), dtype=np.uint8)  # grey 12x10 frames, cropped square
+
+  class DigitClips(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image_sequence': tfds.features.Tensor(shape=(5, 12, 10, 1), dtype=np.uint8)}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, clip in enumerate(clips):
+        yield i, {'image_sequence': clip}
+
+  DigitClips(data_dir=str(tmp_path / 'tfds'), file_format='array_record').download_and_prepare()
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  stored = tfds.data_source('digit_clips', split='train')  # in tfds' own order (it shuffles by key)
+  assert sorted(stored[i]['image_sequence'].tobytes() for i in range(4)) == sorted(c.tobytes() for c in clips)
+  for v, clip in enumerate(stored[i]['image_sequence'] for i in range(4)):  # the folders in that order
+    (tmp_path / 'clips' / f'v{v}').mkdir(parents=True)
+    for f, frame in enumerate(clip, 1):
+      Image.fromarray(frame[..., 0]).save(tmp_path / 'clips' / f'v{v}' / f'frame{f}.png')
+  from_tfds = named_videos('tfds:digit_clips:train', 32)
+  assert [name for name, _ in from_tfds] == [f'digit_clips:train[{i}]' for i in range(4)]
+  for (_, frames), (_, expected) in zip(from_tfds, named_videos(tmp_path / 'clips', 32)):
+    np.testing.assert_array_equal(frames, expected)
+  args = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--kind', 'video', '--frames', '3',
+          '--sentences', '8']
+  assert launch_main(args + ['--source', 'frames:tfds:digit_clips:train', '--out', str(tmp_path / 'a')]) == 0
+  assert launch_main(args + ['--source', f'frames:{tmp_path / "clips"}', '--out', str(tmp_path / 'b')]) == 0
+  shard = 'video-00000-of-00001.arrayrecord'
+  assert (tmp_path / 'a' / shard).read_bytes() == (tmp_path / 'b' / shard).read_bytes()
+  with pytest.raises(ImageDataError, match=r"no image field .* a dataset of videos: give frames:tfds:digit_clips"):
+    open_images('tfds:digit_clips', 32)
+
+
 def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path, capsys):
   from PIL import Image
   from lvm.sentences import sentence_frames
