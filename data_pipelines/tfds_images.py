@@ -30,6 +30,11 @@ def _data_source(source: str, data_dir: str | None):
   data_dir = data_dir or os.environ.get('TFDS_DATA_DIR')
   try:
     records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except ModuleNotFoundError as e:
+    if e.name != 'tensorflow':
+      raise
+    raise ImageDataError(f'{source}: tfds reads this dataset\'s features with TensorFlow (a tfds Video feature, as '
+                         'ucf101\'s or moving_mnist\'s, is built on it): pip install tensorflow-cpu') from None
   except Exception as e:  # tfds raises several types for a missing or unprepared dataset
     # Only the first line of tfds' message: the rest lists every dataset tfds knows (~250 names).
     reason = str(e).strip().splitlines()[0] if str(e).strip() else ''

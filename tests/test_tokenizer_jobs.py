@@ -688,6 +688,14 @@ def test_a_tfds_dataset_of_videos_gives_the_clips_a_folder_of_them_does(tokenize
   assert (tmp_path / 'a' / shard).read_bytes() == (tmp_path / 'b' / shard).read_bytes()
   with pytest.raises(ImageDataError, match=r"no image field .* a dataset of videos: give frames:tfds:digit_clips"):
     open_images('tfds:digit_clips', 32)
+  # tfds' Video feature (ucf101's, moving_mnist's) needs TensorFlow to read, not only to build: its
+  # ModuleNotFoundError, raised as tfds opens such a dataset, said as what to install.
+  def needs_tensorflow(*args, **kwargs):
+    raise ModuleNotFoundError("No module named 'tensorflow'", name='tensorflow')
+  monkeypatch.setattr(tfds, 'data_source', needs_tensorflow)
+  with pytest.raises(ImageDataError, match=r"tfds:ucf101:train: tfds reads .* with TensorFlow .*pip install "
+                                           r"tensorflow-cpu"):
+    named_videos('tfds:ucf101:train', 32)
 
 
 def test_video_folders_give_real_clips_at_a_stride(tokenizer_dir, tmp_path, capsys):
