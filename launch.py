@@ -343,7 +343,7 @@ def _written_workdir(args) -> str | Path | None:
     return quickstart_workdir(args)
   if (args.group, getattr(args, 'command', None)) in _READ_ONLY:
     return None
-  if args.group == 'data' or getattr(args, 'command', None) == 'tokenize':
+  if args.group == 'data' or getattr(args, 'command', None) in ('tokenize', 'merge-sentences'):
     return args.out
   return args.workdir
 

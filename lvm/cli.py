@@ -82,6 +82,10 @@ def add_parser(sub) -> None:
                   help='Beam pipeline options, e.g. "--runner=DataflowRunner --project=P ..." (lvm/beam_tokenize.py)')
   add_process_flags(tk)  # several hosts: each writes shards of its own
 
+  mg = lvm.add_parser('merge-sentences', help='one training set from several lvm tokenize folders (videos, pairs, '
+                                              'images: sentences of one tokenizer and length)')
+  mg.add_argument('--inputs', nargs='+', required=True, help='sentence folders (lvm tokenize --out), two or more')
+  mg.add_argument('--out', required=True, help='a new folder: the inputs\' shards, linked, and one manifest')
   sh = lvm.add_parser('show', help='visual sentences decoded into a PNG grid, one row per record: look at the data')
   sh.add_argument('--data', required=True, help='a folder of token shards (`lvm tokenize --out`), local or gs://')
   sh.add_argument('--kind', help="only records of this kind (the manifest's shards of it)")
@@ -168,6 +172,9 @@ def run(args) -> dict:
       raise ConfigError("--beam-options without --beam")
     else:
       result = tokenize_command(args.tokenizer, args.source, kinds, args.out, **options)
+  elif args.command == 'merge-sentences':
+    from lvm.merge_sentences import merge_sentences_command
+    result = merge_sentences_command(args.inputs, args.out)
   elif args.command == 'show':
     from lvm.show_sentences import show_command
     result = show_command(args.data, args.out, args.kind, args.records, args.tokenizer, args.tpu)

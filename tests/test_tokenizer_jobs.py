@@ -644,6 +644,53 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
     del os.environ['TFDS_DATA_DIR']
 
 
+def test_merged_sentence_folders_read_as_one_data_set(tokenizer_dir, tmp_path, capsys):
+  """`lvm merge-sentences`: digit videos and analogies from one tokenize job, annotated pairs from a
+  labelled folder in another, as one folder of sentences: every input record once, each kind's
+  shards under its name (lvm show --kind), the inputs' shards hard-linked; inputs whose records
+  mean other things are refused before anything is written; an interrupted merge finishes."""
+  from data_pipelines.token_records import TokenRecordSource, find_shards
+  from tests.test_annotation_pairs import _folder
+  photos, labels = _folder(tmp_path)
+  common = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '8', '--records-per-shard', '4']
+  digits, pairs, mix = tmp_path / 'digits', tmp_path / 'pairs', tmp_path / 'mix'
+  assert launch_main(common + ['--kind', 'video,analogy', '--out', str(digits)]) == 0
+  assert launch_main(common + ['--source', str(photos), '--labels', str(labels), '--kind', 'pairs', '--out',
+                               str(pairs)]) == 0
+  merge = ['lvm', 'merge-sentences', '--inputs', str(digits), str(pairs), '--out', str(mix)]
+  assert launch_main(merge) == 0
+  manifest = json.loads((mix / 'manifest.json').read_text())
+  assert manifest['records_per_kind'] == {'analogy': 8, 'video': 8, 'pairs': 8}
+  assert manifest['tokenizer'] == str(tokenizer_dir) and manifest['seq_len'] == 256
+
+  def records(folder):
+    source = TokenRecordSource(find_shards(folder), seq_len=256, vocab_size=228)
+    return sorted(source[i].tobytes() for i in range(len(source)))
+  merged = records(mix)
+  assert merged == sorted(records(digits) + records(pairs))
+  assert (mix / 'pairs-input2-00001-of-00002.arrayrecord').stat().st_ino == \
+      (pairs / 'pairs-00001-of-00002.arrayrecord').stat().st_ino  # linked, not copied
+  assert launch_main(['lvm', 'show', '--data', str(mix), '--kind', 'pairs', '--records', '0-1', '--out',
+                      str(tmp_path / 'pairs.png')]) == 0  # its tokenizer found through the manifest, by kind
+
+  # Cut short before its manifest (and one shard): the same command finishes the same data set.
+  (mix / 'manifest.json').unlink()
+  (mix / 'video-input1-00001-of-00002.arrayrecord').unlink()
+  assert launch_main(merge) == 0
+  assert json.loads((mix / 'manifest.json').read_text()) == manifest and records(mix) == merged
+  assert launch_main(merge) == 2  # finished: a second merge into it is refused
+
+  assert launch_main(common + ['--kind', 'video', '--frames', '3', '--out', str(tmp_path / 'short')]) == 0
+  capsys.readouterr()
+  for inputs, named in (([digits, tmp_path / 'short'], 'differ in seq_len (seq_len 192 against 256)'),
+                        ([digits, digits], 'names a folder twice'),
+                        ([digits, photos], 'no manifest.json of `lvm tokenize`'),
+                        ([digits], 'two or more')):
+    out = tmp_path / 'refused'
+    assert launch_main(['lvm', 'merge-sentences', '--inputs', *map(str, inputs), '--out', str(out)]) == 2
+    assert named in capsys.readouterr().err and not out.exists()
+
+
 def test_a_tfds_dataset_of_videos_gives_the_clips_a_folder_of_them_does(tokenizer_dir, tmp_path, monkeypatch):
   """`frames:tfds:NAME:SPLIT`: each example's clip is one video (moving_mnist's image_sequence, ucf101's
   video, ...), read as the same clips saved as folders of frames are: the same pixels, and the
