@@ -5,13 +5,15 @@ and tpu_configs/gcloud.py).
 
   python launch.py quickstart                       # both halves on the built-in digits: tiny LVM, then attribution
   python launch.py lvm train --config lvm/configs/tiny.py --tpu tpu_configs/cpu_8.py --workdir DIR [--set k=v ...]
-  python launch.py lvm eval --workdir DIR --data PATH
+  python launch.py lvm eval --workdir DIR --data PATH [--completion N]   # + the last frame of N records per kind drawn
   python launch.py lvm import-hf --hf-dir HF_DIR --workdir DIR
   python launch.py lvm export-hf --workdir DIR --out HF_DIR
   python launch.py lvm train-tokenizer --config lvm/configs/tokenizer_tiny.py --tpu tpu_configs/cpu_1.py --workdir DIR
   python launch.py lvm import-tokenizer --weights VQMODEL_DIR --workdir DIR
   python launch.py lvm generate --workdir DIR --prompt a.png b.png c.png --frames N --out grid.png [--mode analogy]
+  python launch.py lvm generate --workdir DIR --prompts list.txt [--out DIR2] [--grids]   # many: a prompt per line
   python launch.py lvm tokenize --tokenizer DIR --source builtin:digits|FOLDER --kind video|analogy|groups|... --out DIR
+  python launch.py lvm merge-sentences --inputs DIR1 DIR2 ... --out DIR   # several tokenize jobs as one data set
   python launch.py lvm show --data DIR [--kind groups] [--records 0-7] --out grid.png   # sentences decoded: look at the data
   python launch.py attrib train-model --config attrib/configs/digits.py --workdir DIR
   python launch.py attrib import-diffusers --weights model.bin --workdir DIR [--set data.train_path=latents:D]
