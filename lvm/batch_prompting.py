@@ -106,8 +106,9 @@ def batch_generate_command(workdir: str, listing: str, frames: int, out: str | N
     if grid_dir is not None:
       grid = grid_dir / f'{number:05d}.png'
       grid_png([np.concatenate([generation.prompt, generation.frames])], len(generation.prompt), grid)
-    records[i] = {'prompt': number, 'line': lines[i], 'images': [str(p) for p in prompts[i]], 'frames': [str(p) for p in pngs],
-                  'grid': None if grid is None else str(grid), 'tokens': generation.tokens.tolist()}
+    records[i] = {'prompt': number, 'line': lines[i], 'images': [str(p) for p in prompts[i]],
+                  'frames': [str(p) for p in pngs], 'grid': None if grid is None else str(grid),
+                  'tokens': generation.tokens.tolist()}
   results = out_dir / 'results.jsonl'
   write_bytes_atomic(results, ''.join(json.dumps(r) + '\n' for r in records).encode())
   wall = time.time() - started

@@ -44,7 +44,8 @@ def completion_scores(records: np.ndarray, predicted: np.ndarray, tokenizer, tok
   pictures = {name: tokenizer.decode(tokens) for name, tokens in
               (('truth', truth), ('lvm', predicted), ('copy_last', copy_last))}
   scores = {'sentences': int(len(records)),
-            'token_accuracy': {'lvm': float(np.mean(predicted == truth)), 'copy_last': float(np.mean(copy_last == truth))},
+            'token_accuracy': {'lvm': float(np.mean(predicted == truth)),
+                               'copy_last': float(np.mean(copy_last == truth))},
             'psnr_db': {'lvm': _psnr(pictures['lvm'], pictures['truth']),
                         'copy_last': _psnr(pictures['copy_last'], pictures['truth'])}}
   return scores, pictures

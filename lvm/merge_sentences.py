@@ -106,7 +106,7 @@ def merge_sentences_command(inputs: list[str], out: str) -> dict:
               'kinds': kinds, 'records_per_kind': records, 'shards': sorted(names),
               'images': sum(m.get('images', 0) for _, m in read), **tokenizer_location(tokenizer, out)}
   write_json_atomic(out_path / 'manifest.json', manifest)  # last: the folder is a data set once it exists
-  progress.say(f'merge-sentences: {sum(records.values())} sentences ({", ".join(f"{k} {n}" for k, n in records.items())}) '
-               f'from {len(inputs)} folders into {out}')
+  counts = ', '.join(f'{kind} {n}' for kind, n in records.items())
+  progress.say(f'merge-sentences: {sum(records.values())} sentences ({counts}) from {len(inputs)} folders into {out}')
   return {'job': 'lvm merge-sentences', 'out': str(out), 'records_per_kind': records, 'shards': len(names),
           'wall_s': time.time() - started, 'versions': versions()}

@@ -190,8 +190,8 @@ class Prompter:
     prompts = list(prompts)
     one_seed = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
     seeds = [seed] * len(prompts) if one_seed else list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
-    if seeds is None or len(seeds) != len(prompts) or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
-                                         for s in seeds):
+    bad_seed = lambda s: isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0
+    if seeds is None or len(seeds) != len(prompts) or any(bad_seed(s) for s in seeds):
       raise ConfigError(f'seed must be an int >= 0 or one per prompt ({len(prompts)}), got {seed!r}')
     check_sampling(temperature, top_k, top_p, self.config.model.vocab_size)
     entries = []

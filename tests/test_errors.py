@@ -56,7 +56,8 @@ def _bad_inputs(tmp):
   from PIL import Image
   for i in range(2):
     Image.fromarray(np.full((32, 32, 3), 80 * i, np.uint8)).save(tmp / 'two_images' / f'{i}.png')
-  (tmp / 'prompts.txt').write_text('two_images/0.png two_images/1.png two_images/0.png\ntwo_images/0.png two_images/1.png\n')
+  (tmp / 'prompts.txt').write_text('two_images/0.png two_images/1.png two_images/0.png\n'
+                                   'two_images/0.png two_images/1.png\n')
   digits = str(ROOT / 'attrib/configs/digits.py')
   from core.config import load_config_file, to_dict
   for kind, config in (('lvm_run', TINY), ('diffusion_run', digits)):
