@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.config import ConfigError
 from core.paths import absolute, as_path, is_remote, local_data
-from core.workdir import atomic_path, read_json, refuse_job_workdir, versions, write_json_atomic
+from core.workdir import atomic_path, prepare_output_dir, read_json, refuse_job_workdir, versions, write_json_atomic
 
 # What a record means: inputs that differ in any of these cannot be trained on as one data set.
 MUST_AGREE = ('tokenizer_checksum', 'seq_len', 'tokens_per_image', 'codebook_size', 'vocab_size', 'special_token_ids')
@@ -86,13 +86,13 @@ def merge_sentences_command(inputs: list[str], out: str) -> dict:
   plan = [(Path(folder) / shard, _merged_name(shard, manifest['kinds'], i))
           for i, (folder, manifest) in enumerate(read, 1) for shard in manifest['shards']]
   names = {name for _, name in plan}
-  if out_path.exists():
+  if out_path.is_dir():
     if (out_path / 'manifest.json').exists():
       raise ConfigError(f'--out {out}: already holds a finished data set (manifest.json); merge into a new folder')
     foreign = sorted(p.name for p in out_path.glob('*.arrayrecord') if p.name not in names)
     if foreign:  # anything but this merge's own shards, from an interrupted run
       raise ConfigError(f'--out {out}: holds shards of another data set ({foreign[0]}, ...); merge into a new folder')
-  out_path.mkdir(parents=True, exist_ok=True)
+  out_path = prepare_output_dir(out_path)  # a path through a file: named, before anything is written
   for source, name in plan:
     target = out_path / name
     if not (target.exists() and target.stat().length == source.stat().st_size):

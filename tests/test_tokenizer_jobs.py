@@ -689,6 +689,10 @@ def test_merged_sentence_folders_read_as_one_data_set(tokenizer_dir, tmp_path, c
     out = tmp_path / 'refused'
     assert launch_main(['lvm', 'merge-sentences', '--inputs', *map(str, inputs), '--out', str(out)]) == 2
     assert named in capsys.readouterr().err and not out.exists()
+  (tmp_path / 'a_file').write_text('x')
+  assert launch_main(['lvm', 'merge-sentences', '--inputs', str(digits), str(pairs), '--out',
+                      str(tmp_path / 'a_file')]) == 2
+  assert 'a_file is a file, not a directory' in capsys.readouterr().err
 
 
 def test_a_tfds_dataset_of_videos_gives_the_clips_a_folder_of_them_does(tokenizer_dir, tmp_path, monkeypatch):
