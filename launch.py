@@ -29,6 +29,7 @@ and tpu_configs/gcloud.py).
   python launch.py attrib generate --workdir DIR --prompt "a handwritten seven" --seeds 0-99 --out DIR2   # + queries.tsv
   python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png] [--dino D --clip C]
   python launch.py attrib query --workdir DIR --queries list.tsv [--out DIR] [--grids]   # many: image<TAB>prompt lines
+  python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 3 --among 5,77,900  # among these only
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
   python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check   # fits?
   python launch.py tpu create|copy|setup|run|status|logs|stop|delete|ssh --tpu tpu_configs/v4_32.py --name NAME [...]

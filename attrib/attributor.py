@@ -12,8 +12,10 @@ ScaNN search over φ for its top M, which the student then orders. Scores are th
 predicted rank fraction sigmoid(a·cos + b [+ c(z)]) ∈ (0, 1): 0 = the teacher's most influential image, 1 =
 its least (ascending within the M when reranking; past them φ's order rules).
 
-New training images join with `add_training_images`, and `remove_training_images` takes images out
-of every answer (a takedown); `save` keeps both in the workdir (attrib/additions.py, attrib/removals.py).
+`among=ids` answers among those training images only (an artist's works, a licensed collection:
+attrib/among.py). New training images join with `add_training_images`, and `remove_training_images`
+takes images out of every answer (a takedown); `save` keeps both in the workdir (attrib/additions.py,
+attrib/removals.py).
 Thread-safe: queries share a readers-writer lock's read side, a change takes its write side, so a
 query never sees half of one.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from attrib.additions import Additions, empty_additions, new_training_images
+from attrib.among import among_ids, search_among
 from attrib.embedder import cosine_from_dots, index_queries, index_rows, unit_rows
 from attrib.features import DIGIT_PARTS
 from attrib.index import IndexFileError, load_any
@@ -112,6 +116,9 @@ class Attributor:
     self.distilled_rows = len(index)  # the training set's N; `load` sets it and the additions after it
     self.additions: Additions = empty_additions(self.input_dim, isinstance(images, np.ndarray), isinstance(images, list))
     self._unsaved_embeddings = np.zeros((0, output_dim), np.float32)
+    # student/embeddings.npy, memory-mapped when `among` first needs it (a reranking student holds its
+    # embeddings in `rerank`); dropped when a save rewrites the file.
+    self._saved_embeddings, self._embeddings_lock = None, threading.Lock()
     self.removed = np.zeros(0, np.int64)  # training ids never answered (sorted); `load` reads the saved ones
     self._removals_unsaved = False
     self._files_at_load = None  # `load` records the student's files, `save` checks them
@@ -237,20 +244,21 @@ class Attributor:
                              'generated the image; pass that prompt')
 
   # ------------------------------------------------------------------ search
-  def attribute(self, image=None, prompt: str | None = None, k: int = 10, features=None) -> Attribution:
+  def attribute(self, image=None, prompt: str | None = None, k: int = 10, features=None,
+                among=None) -> Attribution:
+    """The k training images most influential on one generated image (or φ row), most first; `among`:
+    training ids to answer among instead of the whole training set (attrib/among.py)."""
     batch = None if features is None else np.atleast_2d(np.asarray(features))
     if batch is not None and batch.ndim == 2 and len(batch) != 1:
       # Answering the first row alone would drop the others without a word.
       raise AttributionError(f'attribute takes one query; features of shape {batch.shape} hold {len(batch)}: '
                              'use attribute_batch')
     return self.attribute_batch(None if image is None else [image], None if prompt is None else [prompt], k,
-                                features=batch)[0]
+                                features=batch, among=among)[0]
 
-  def attribute_batch(self, images=None, prompts=None, k: int = 10, features=None) -> list[Attribution]:
-    answerable = len(self.index) - len(self.removed)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= answerable:
-      raise AttributionError(f'k must be an integer in [1, {answerable}], got {k!r}'
-                             + (f' ({len(self.removed)} training images removed)' if len(self.removed) else ''))
+  def attribute_batch(self, images=None, prompts=None, k: int = 10, features=None,
+                      among=None) -> list[Attribution]:
+    among = self.checked_request(k, among)
     if features is None:
       if images is None or prompts is None:
         raise AttributionError('pass image and prompt (or features=φ)')
@@ -258,7 +266,7 @@ class Attributor:
         self._check_queries(images, prompts)
       return [answer for start in range(0, len(images), QUERIES_AT_ONCE)
               for answer in self._answer(self.features(images[start:start + QUERIES_AT_ONCE],
-                                                       prompts[start:start + QUERIES_AT_ONCE]), k)]
+                                                       prompts[start:start + QUERIES_AT_ONCE]), k, among)]
     if images is not None or prompts is not None:
       # Which one would be attributed is a guess either way; say so instead of ignoring one.
       raise AttributionError('pass either image and prompt or features=φ, not both')
@@ -267,12 +275,58 @@ class Attributor:
       raise AttributionError(f'features of shape {features.shape}: the embedder takes [b, {self.input_dim}]')
     refuse_non_finite(features)
     return [answer for start in range(0, len(features), QUERIES_AT_ONCE)
-            for answer in self._answer(features[start:start + QUERIES_AT_ONCE], k)]
+            for answer in self._answer(features[start:start + QUERIES_AT_ONCE], k, among)]
 
-  def _answer(self, features: np.ndarray, k: int) -> list[Attribution]:
+  def checked_request(self, k, among=None) -> np.ndarray | None:
+    """`among` as answers take it (sorted ids, removed ones left out), and k checked against what an
+    answer can name: before any feature is computed or file written."""
+    if among is not None:
+      among = among_ids(among, len(self.index), self.removed)
+    self._check_k(k, among)
+    return among
+
+  def _check_k(self, k, among: np.ndarray | None) -> None:
+    """k against the images an answer can name: those not removed (of `among`, when given)."""
+    if among is None:
+      answerable = len(self.index) - len(self.removed)
+      note = f' ({len(self.removed)} training images removed)' if len(self.removed) else ''
+    else:
+      answerable, note = len(among), ' (the ids to answer among, less any removed)'
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= answerable:
+      raise AttributionError(f'k must be an integer in [1, {answerable}], got {k!r}{note}')
+
+  def _answer(self, features: np.ndarray, k: int, among: np.ndarray | None = None) -> list[Attribution]:
     query = np.asarray(self._embed(features))
     with self._lock.reading():  # an addition changes the indexes, embeddings and prior together
-      return self._search(query, features, k)
+      if among is None:
+        return self._search(query, features, k)
+      among = np.setdiff1d(among, self.removed)  # removed by another thread since attribute_batch
+      self._check_k(k, among)
+      return self._attributions(*search_among(self, query, features, k, among))
+
+  def student_embeddings(self, ids: np.ndarray) -> np.ndarray:
+    """Unit student embeddings [len(ids), d] of training images, distilled or added (saved or not)."""
+    if self.rerank is not None:
+      return self.rerank[1][ids]
+    saved = self.distilled_rows + len(self.additions) - len(self._unsaved_embeddings)
+    with self._embeddings_lock:
+      if self._saved_embeddings is None:
+        from attrib.distill import student_dir
+        path = student_dir(self.workdir) / 'embeddings.npy'
+        if not path.is_file():
+          raise IndexFileError(f'{path} not found: rerun `launch.py attrib distill --workdir {self.workdir}`')
+        stored = load_npy(path, mmap=True)
+        if stored.ndim != 2 or len(stored) < saved or stored.shape[1] != self._unsaved_embeddings.shape[1]:
+          raise IndexFileError(f'{path} holds {stored.shape} embeddings; this student needs at least {saved} '
+                               f'rows of {self._unsaved_embeddings.shape[1]}: rerun distill')
+        self._saved_embeddings = stored
+      stored = self._saved_embeddings
+    ids = np.asarray(ids, np.int64)
+    rows = np.empty((len(ids), stored.shape[1]), np.float32)
+    old = ids < saved
+    rows[old] = stored[ids[old]]
+    rows[~old] = self._unsaved_embeddings[ids[~old] - saved]
+    return rows
 
   def _search(self, query: np.ndarray, features: np.ndarray, k: int) -> list[Attribution]:
     removed = self.removed  # each in the index once: fetch that many more, then drop them (removals.py)
@@ -292,6 +346,10 @@ class Attributor:
       prior = None if self.prior is None else self.prior[ids]
       order = rerank_by_student(ids, student_key(self.scale, cosine, prior), m)[:, :k]
       ids, cosine = np.take_along_axis(ids, order, axis=1), np.take_along_axis(cosine, order, axis=1)
+    return self._attributions(ids, cosine)
+
+  def _attributions(self, ids: np.ndarray, cosine: np.ndarray) -> list[Attribution]:
+    """Answers from each query's training ids and cosines: scores, captions and files added."""
     logits = self.scale * cosine + self.offset + (0.0 if self.prior is None else self.prior[ids])
     scores = 1 / (1 + np.exp(-logits))
     files = self.train_images if isinstance(self.train_images, list) else None  # the digits are arrays, not files
@@ -390,6 +448,8 @@ class Attributor:
       replace_index(self.rerank[0], student / BASE_INDEX)
     write_additions(student, self.additions)  # last: what makes the additions count on the next load
     self._unsaved_embeddings = self._unsaved_embeddings[:0]
+    with self._embeddings_lock:
+      self._saved_embeddings = None  # a map of the file replaced, without the rows just saved
 
   def measure_latency(self, features: np.ndarray, count: int = 50, images=None, prompts=None) -> dict:
     """p50 / p95 / mean ms of single-query attribute() (from image + prompt when given), after warm-up."""

@@ -32,7 +32,8 @@ def _query_input(attributor, image: str, listing, line: int):
 
 
 def batch_query_command(workdir: str, queries: str, k: int, out: str | None, grids: bool,
-                        dino: str | None = None, clip: str | None = None, train_list: str | None = None) -> dict:
+                        dino: str | None = None, clip: str | None = None, train_list: str | None = None,
+                        among: list[int] | None = None) -> dict:
   from attrib.attributor import Attributor
   from attrib.query import draw_answer
   from attrib.query_images import AttributionError
@@ -47,9 +48,7 @@ def batch_query_command(workdir: str, queries: str, k: int, out: str | None, gri
       attributor.check_prompt(prompt)
     except AttributionError as e:
       raise AttributionError(f'{as_path(queries)}:{line}: {e}') from None
-  answerable = len(attributor.index) - len(attributor.removed)
-  if not 1 <= k <= answerable:  # before any output folder is made
-    raise AttributionError(f'k must be an integer in [1, {answerable}], got {k!r}')
+  attributor.checked_request(k, among)  # before any output folder is made
   out_dir = prepare_output_dir(out if out else as_path(workdir) / 'query_results', '--out' if out else 'the default --out')
   grid_dir = prepare_output_dir(out_dir / 'grids', '--out') if grids and attributor.train_images is not None else None
   full_scale = bool(dino or clip)
@@ -58,7 +57,7 @@ def batch_query_command(workdir: str, queries: str, k: int, out: str | None, gri
   for start in progress.bar(starts, total=len(starts), desc='queries', unit='batch', enabled=len(starts) > 1):
     chunk = slice(start, start + BATCH)
     decoded = [_query_input(attributor, i, as_path(queries), n) for i, n in zip(images[chunk], lines[chunk])]
-    answers = attributor.attribute_batch(decoded, prompts[chunk], k=k)
+    answers = attributor.attribute_batch(decoded, prompts[chunk], k=k, among=among)
     for offset, (image, prompt, line, result) in enumerate(zip(images[chunk], prompts[chunk], lines[chunk], answers)):
       number = start + offset + 1
       grid = None
@@ -70,6 +69,7 @@ def batch_query_command(workdir: str, queries: str, k: int, out: str | None, gri
                       'paths': result.paths, 'grid': None if grid is None else str(grid)})
   results = out_dir / 'results.jsonl'
   write_bytes_atomic(results, ''.join(json.dumps(r) + '\n' for r in records).encode())
-  return {'job': 'attrib query', 'queries': len(records), 'list': str(queries), 'k': k, 'results': str(results),
+  return {'job': 'attrib query', 'queries': len(records), 'list': str(queries), 'k': k,
+          'among': None if among is None else len(among), 'results': str(results),
           'grids': None if grid_dir is None else str(grid_dir), 'first': records[0],
           'unreadable_train_images': sorted(set(unreadable)), 'versions': versions()}

@@ -98,6 +98,9 @@ def add_parser(sub) -> None:
   aq.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
   aq.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
   aq.add_argument('--train-list', help='full scale: the training TSV (image<TAB>caption) for captions and the grid')
+  aq.add_argument('--among', help='answer among these training ids only, comma-separated: 3,17,250 '
+                  '(an artist\'s works, a licensed collection)')
+  aq.add_argument('--among-file', help='as --among, the ids in a file (comma or newline separated)')
 
   ag = a.add_parser('generate', help='an image from a trained digits model for a prompt and seed (a query to attribute)')
   ag.add_argument('--workdir', required=True, help='a workdir from attrib train-model')
@@ -161,22 +164,24 @@ def run(args) -> dict:
   elif args.command == 'eval':
     from attrib.evaluation import eval_command
     result = eval_command(args.workdir, args.features, args.ranks)
-  elif args.command == 'query' and args.queries:
-    from core.errors import ConfigError
-    if args.image is not None or args.prompt is not None:
-      raise ConfigError('--queries lists the images and their prompts: give it without --image and --prompt')
-    from attrib.batch_query import batch_query_command
-    result = batch_query_command(args.workdir, args.queries, args.k, args.out, args.grids, args.dino, args.clip,
-                                 args.train_list)
   elif args.command == 'query':
+    from attrib.removals import ids_from_flags
     from core.errors import ConfigError
-    if args.image is None or args.prompt is None:
-      raise ConfigError('attrib query needs --image and --prompt (or --queries LIST.tsv for many)')
-    if args.grids:
-      raise ConfigError('--grids is for --queries; one query always gets its grid (--out)')
-    from attrib.query import query_command
-    result = query_command(args.workdir, args.image, args.prompt, args.k, args.out, args.dino, args.clip,
-                           args.train_list)
+    among = ids_from_flags(args.among, args.among_file, '--among')
+    if args.queries:
+      if args.image is not None or args.prompt is not None:
+        raise ConfigError('--queries lists the images and their prompts: give it without --image and --prompt')
+      from attrib.batch_query import batch_query_command
+      result = batch_query_command(args.workdir, args.queries, args.k, args.out, args.grids, args.dino, args.clip,
+                                   args.train_list, among)
+    else:
+      if args.image is None or args.prompt is None:
+        raise ConfigError('attrib query needs --image and --prompt (or --queries LIST.tsv for many)')
+      if args.grids:
+        raise ConfigError('--grids is for --queries; one query always gets its grid (--out)')
+      from attrib.query import query_command
+      result = query_command(args.workdir, args.image, args.prompt, args.k, args.out, args.dino, args.clip,
+                             args.train_list, among)
   elif args.command == 'generate':
     if args.seeds is not None:
       if args.seed is not None:

@@ -188,6 +188,12 @@ class Index:
       rows, dots = self.searcher.search_batched_parallel(queries, k, pre, leaves)
     return self.ids[np.asarray(rows, np.int64)], np.asarray(dots, np.float32)
 
+  def ranking(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's (training id, inner product) per query, best first: every leaf searched and every
+    row re-scored exactly (a default search of a tree index pads a k past its leaves' rows with repeats)."""
+    rows = len(self.ids)
+    return self.search(queries, rows, leaves=rows, reorder=rows)
+
   def upsert(self, vectors: np.ndarray, ids: np.ndarray) -> None:
     """Adds rows (new training images) without a rebuild; an id already present is replaced."""
     vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
@@ -355,6 +361,14 @@ class ShardedIndex:
     dots = np.concatenate([p[1] for p in parts], axis=1)
     k = min(check_k(k, self.shards[0].meta['k']), ids.shape[1])
     order = np.argsort(-dots, axis=1, kind='stable')[:, :k]
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(dots, order, axis=1)
+
+  def ranking(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of every shard per query, best first (`Index.ranking`), merged."""
+    parts = list(self._pool.map(lambda shard: shard.ranking(queries), self.shards))
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    dots = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.argsort(-dots, axis=1, kind='stable')
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(dots, order, axis=1)
 
   def upsert(self, vectors: np.ndarray, ids: np.ndarray) -> None:

@@ -111,15 +111,17 @@ def draw_answer(attributor, image, prompt: str, result, out_path: Path, full_sca
 
 
 def query_command(workdir: str, image: str, prompt: str, k: int, out: str | None, dino: str | None = None,
-                  clip: str | None = None, train_list: str | None = None) -> dict:
+                  clip: str | None = None, train_list: str | None = None, among: list[int] | None = None) -> dict:
   from attrib.attributor import Attributor
   attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
+  attributor.checked_request(k, among)  # before the grid's folder is made
   out_path = prepare_output_file(out) if out else prepare_output_file(as_path(workdir) / 'query.png', 'the default --out')
-  result = attributor.attribute(image=image, prompt=prompt, k=k)
+  result = attributor.attribute(image=image, prompt=prompt, k=k, among=among)
   unreadable = []
   if attributor.train_images is not None:
     unreadable = draw_answer(attributor, image, prompt, result, out_path, full_scale=bool(dino or clip))
   summary = {'job': 'attrib query', 'image': str(image), 'prompt': prompt, 'k': k,
+             'among': None if among is None else len(among),
              'ids': result.ids.tolist(), 'scores': result.scores.tolist(), 'captions': result.captions,
              'paths': result.paths,
              'grid': str(out_path) if attributor.train_images is not None else None,

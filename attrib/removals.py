@@ -41,21 +41,21 @@ def write_removed(student, removed: np.ndarray) -> None:
   write_json_atomic(as_path(student) / REMOVED_IMAGES, {'removed_ids': [int(i) for i in removed]})
 
 
-def checked_ids(ids, total: int) -> np.ndarray:
-  """Training ids a caller gave to remove, as int64: integers in [0, total), each once."""
+def checked_ids(ids, total: int, purpose: str = 'to remove') -> np.ndarray:
+  """Training ids a caller gave (to remove, or to answer among), as int64: integers in [0, total), each once."""
   from attrib.query_images import AttributionError
   array = np.asarray(ids).reshape(-1)
   if not len(array):
-    raise AttributionError('no training ids to remove given')
+    raise AttributionError(f'no training ids {purpose} given')
   if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):  # 1.5 or True is no id
-    raise AttributionError(f'training ids to remove must be integers, got {array.dtype} {array[:5].tolist()}')
+    raise AttributionError(f'training ids {purpose} must be integers, got {array.dtype} {array[:5].tolist()}')
   array = array.astype(np.int64)
   outside = array[(array < 0) | (array >= total)]
   if len(outside):
     raise AttributionError(f'training ids {outside[:5].tolist()} are not in [0, {total}) (the student\'s '
                            'training images and those added)')
   if len(np.unique(array)) != len(array):
-    raise AttributionError('training ids to remove: each id once')
+    raise AttributionError(f'training ids {purpose}: each id once')
   return array
 
 
@@ -68,23 +68,31 @@ def first_kept(ids_qk: np.ndarray, removed: np.ndarray, k: int, *arrays: np.ndar
   return tuple(np.take_along_axis(a, order, axis=1) for a in (ids_qk, *arrays))
 
 
+def ids_from_flags(text: str | None, file: str | None, flag: str) -> list[int] | None:
+  """Training ids given inline (`--ids 3,17,250`) or in a file (`--ids-file F`, comma or newline
+  separated, repeats dropped); None when neither flag was given."""
+  from attrib.data import read_index_file
+  from core.errors import ConfigError
+  if text is not None and file is not None:
+    raise ConfigError(f'{flag} and {flag}-file exclude each other: give the ids inline or in a file')
+  if text is not None:
+    try:
+      return [int(x) for x in text.split(',') if x.strip()]
+    except ValueError:
+      raise ConfigError(f'{flag} {text!r}: expected comma-separated training ids, e.g. 3,17,250') from None
+  return None if file is None else read_index_file(file, None, what=f'{flag}-file').tolist()
+
+
 def remove_command(workdir: str, ids_text: str | None, ids_file: str | None) -> dict:
   """`launch.py attrib remove`: training ids given inline (3,17,250) or in a file (comma or newline
   separated) taken out of the student's answers and saved. The student is loaded without its towers
   or training list (a full-scale one too): a removal computes no feature."""
   from attrib.attributor import Attributor
-  from attrib.data import read_index_file
   from core.errors import ConfigError
   from core.workdir import versions
   if (ids_text is None) == (ids_file is None):
     raise ConfigError('attrib remove takes --ids 3,17,250 or --ids-file F (training ids, comma or newline separated)')
-  if ids_text is not None:
-    try:
-      ids = [int(x) for x in ids_text.split(',') if x.strip()]
-    except ValueError:
-      raise ConfigError(f'--ids {ids_text!r}: expected comma-separated training ids, e.g. 3,17,250') from None
-  else:
-    ids = read_index_file(ids_file, None, what='--ids-file').tolist()
+  ids = ids_from_flags(ids_text, ids_file, '--ids')
   attributor = Attributor.load(workdir)
   removed = attributor.remove_training_images(ids)
   attributor.save()

@@ -429,6 +429,18 @@ def test_query_command_writes_grid_and_result(pipeline, tmp_path):
                       '--prompt', str(queries['prompts'][1]), '-k', '6', '--out', str(tmp_path / 'grid.png')]) == 0
   result = json.loads((pipeline / 'query_result.json').read_text())
   assert len(result['ids']) == 6 and Image.open(tmp_path / 'grid.png').size[0] > 6 * 96
+  # Among given training ids, inline or from a file: the same answer, its order that of the whole one.
+  whole = launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
+                       '--prompt', str(queries['prompts'][1]), '-k', '1600', '--out', str(tmp_path / 'all.png')])
+  whole = json.loads((pipeline / 'query_result.json').read_text())['ids']
+  among = [whole[1500], whole[2], whole[700], whole[40]]
+  (tmp_path / 'among.txt').write_text('\n'.join(map(str, among)) + '\n')
+  for flags in (['--among', ','.join(map(str, among))], ['--among-file', str(tmp_path / 'among.txt')]):
+    assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
+                        '--prompt', str(queries['prompts'][1]), '-k', '3', '--out', str(tmp_path / 'among.png')]
+                       + flags) == 0
+    result = json.loads((pipeline / 'query_result.json').read_text())
+    assert result['ids'] == [whole[2], whole[40], whole[700]] and result['among'] == 4
   # An --out in a missing folder is made; one under a file or naming a folder is refused by name.
   assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
                       '--prompt', 'p', '--out', str(tmp_path / 'new' / 'grid.png')]) == 0
@@ -486,6 +498,22 @@ def test_a_list_of_queries_answers_each_as_one_query(pipeline, tmp_path, monkeyp
                      (['--image', 'q.png', '--prompt', 'p', '--grids'], '--grids is for --queries')):
     assert launch_main(['attrib', 'query', '--workdir', str(pipeline), *args]) == 2
     assert said in capsys.readouterr().err
+  # Among given training ids: each line as `attribute(..., among=)` of it alone; an id past the
+  # training set is named before any folder is made.
+  listing.write_text('\n'.join(lines) + '\n')
+  among = ['--among', '5,77,900,1234,1500']
+  assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--queries', str(listing), '-k', '2',
+                      '--out', str(tmp_path / 'among')] + among) == 0
+  records = [json.loads(line) for line in (tmp_path / 'among' / 'results.jsonl').read_text().splitlines()]
+  for q, record in enumerate(records):
+    alone = attributor.attribute(image=str(tmp_path / 'images' / f'q{q}.png'), prompt=str(queries['prompts'][q]), k=2,
+                                 among=[5, 77, 900, 1234, 1500])
+    assert record['ids'] == alone.ids.tolist() and set(record['ids']) <= {5, 77, 900, 1234, 1500}
+  capsys.readouterr()
+  assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--queries', str(listing), '--out',
+                      str(tmp_path / 'among_bad'), '--among', '5,99999']) == 2
+  assert 'training ids [99999] are not in [0, 1600)' in capsys.readouterr().err
+  assert not (tmp_path / 'among_bad').exists()
 
 
 def test_index_errors_are_named(pipeline, tmp_path, capsys):
@@ -559,6 +587,18 @@ def test_removed_training_images_answer_as_indexes_that_never_held_them(pipeline
     assert not np.isin(a.ids, removed).any()
     np.testing.assert_array_equal(a.ids, r.ids)
     np.testing.assert_allclose(a.scores, r.scores, rtol=1e-6)
+  # Answers among a subset: the whole answer restricted to it, scores and all. The subset holds
+  # images inside φ's top M (ordered by the student) and far past it (in φ's order), and removed ones.
+  whole = attributor.attribute_batch(images=images[:4], prompts=prompts[:4], k=len(attributor.index) - len(removed))
+  among = np.unique(np.concatenate([after[0].ids[::3], whole[1].ids[300::40], removed[:2],
+                                    np.random.default_rng(1).choice(len(attributor.index), 30, replace=False)]))
+  kept = np.setdiff1d(among, removed)
+  for w, a in zip(whole, attributor.attribute_batch(images=images[:4], prompts=prompts[:4], k=len(kept), among=among)):
+    in_among = np.isin(w.ids, among)
+    np.testing.assert_array_equal(a.ids, w.ids[in_among])
+    np.testing.assert_allclose(a.scores, w.scores[in_among], rtol=1e-5)
+  for w, a in zip(whole, attributor.attribute_batch(images=images[:4], prompts=prompts[:4], k=2, among=among)):
+    np.testing.assert_array_equal(a.ids, w.ids[np.isin(w.ids, among)][:2])  # inside the top M: no whole ranking read
   attributor.save()
   for a, r in zip(after, Attributor.load(work).attribute_batch(images=images, prompts=prompts, k=20)):
     np.testing.assert_array_equal(a.ids, r.ids)

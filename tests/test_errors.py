@@ -235,6 +235,11 @@ def _bad_inputs(tmp):
       'attrib remove of nothing': (['attrib', 'remove', '--workdir', str(tmp / 'w')], 'takes --ids'),
       'attrib remove of words': (['attrib', 'remove', '--workdir', str(tmp / 'w'), '--ids', '3,seven'],
                                  "--ids '3,seven': expected comma-separated training ids"),
+      'attrib query among words': (['attrib', 'query', '--workdir', str(tmp / 'w'), '--image', 'x.png', '--prompt',
+                                    'p', '--among', '3,x'], "--among '3,x': expected comma-separated training ids"),
+      'attrib query among ids inline and in a file': (['attrib', 'query', '--workdir', str(tmp / 'w'), '--image',
+                                                       'x.png', '--prompt', 'p', '--among', '3', '--among-file',
+                                                       str(tmp / 'a_file')], '--among and --among-file exclude'),
       'batch that the mesh cannot split': (train + ['--set', 'train.global_batch=6'],
                                            'a micro-step of 6 rows (train.global_batch / optim.grad_accum) '
                                            "cannot be split 4 ways over mesh axes ('data', 'fsdp')"),
@@ -333,7 +338,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'train-tokenizer on one image file', 'lvm eval of a step folder', 'attrib query of a checkpoints folder',
          'import-hf of a Hub id', 'import-tokenizer of a Hub id', 'quickstart of an LVM key typo',
          'quickstart of a tokenizer value', 'lvm generate of a list line for another mode',
-         'lvm generate of grids for one prompt', 'lvm eval of a negative completion count']
+         'lvm generate of grids for one prompt', 'lvm eval of a negative completion count',
+         'attrib query among words', 'attrib query among ids inline and in a file']
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -264,6 +264,27 @@ def test_removed_training_images_leave_every_answer_and_stay_removed(release, tm
   assert repr(reloaded) == (f"Attributor('{tmp_path / 'w'}': {N:,} training images (+1 added, {len(removed)} removed), "
                             f"no featurizer: pass features= ({test_q.shape[1]}-d), brute_force index)")
   assert N in reloaded.attribute(features=test_q[0], k=rest + 1).ids
+  # Answers among a subset (removed ids in it left out, the added one in): the whole answer's order
+  # restricted to it, with its scores, exact from the embeddings (here the index is exact too).
+  among = np.concatenate([removed[:3], [N], np.random.default_rng(0).choice(N, 40, replace=False)])
+  among = np.unique(among)
+  kept = np.setdiff1d(among, removed)
+  whole = reloaded.attribute_batch(features=test_q[:6], k=rest + 1)
+  for _ in range(2):  # the added image unsaved, then saved (its row then read from embeddings.npy)
+    for w, a in zip(whole, reloaded.attribute_batch(features=test_q[:6], k=len(kept), among=among.tolist())):
+      in_among = np.isin(w.ids, among)
+      np.testing.assert_array_equal(a.ids, w.ids[in_among])
+      np.testing.assert_allclose(a.scores, w.scores[in_among], rtol=1e-5)
+    reloaded.save()
+  np.testing.assert_array_equal(reloaded.attribute(features=test_q[0], k=3, among=among).ids,
+                                whole[0].ids[np.isin(whole[0].ids, among)][:3])
+  with pytest.raises(AttributionError, match=rf'k must be an integer in \[1, {len(kept)}\], got {len(kept) + 1} '
+                                             r'\(the ids to answer among, less any removed\)'):
+    reloaded.attribute(features=test_q[0], k=len(kept) + 1, among=among)
+  with pytest.raises(AttributionError, match=rf'training ids \[{N + 1}\] are not in \[0, {N + 1}\)'):
+    reloaded.attribute(features=test_q[0], among=[0, N + 1])
+  with pytest.raises(AttributionError, match='all 2 training ids to answer among are removed'):
+    reloaded.attribute(features=test_q[0], k=1, among=removed[:2])
   assert reloaded.remove_training_images([N]).tolist() == [N]
   reloaded.save()
   assert json.loads(stored.read_text()) == {'removed_ids': removed + [N]}

@@ -42,6 +42,21 @@ def test_search_recall_save_load_and_upsert(kind, tmp_path):
   np.testing.assert_array_equal(loaded.search(new, 1, leaves=60)[0][:, 0], [10**6, 10**6 + 1, 10**6 + 2])
   with pytest.raises(IndexInputError, match='query dimension 31'):
     loaded.search(queries[:, :31])
+  # The whole ranking (what answers among a subset read): every row once, by its exact inner product,
+  # where a default tree search pads k past its leaves with repeats.
+  _assert_whole_ranking(loaded, np.concatenate([data, new]), np.concatenate([ids, [10**6, 10**6 + 1, 10**6 + 2]]),
+                        queries[:4])
+
+
+def _assert_whole_ranking(index, rows, ids, queries):
+  ranked, dots = index.ranking(queries)
+  assert ranked.shape == (len(queries), len(rows))
+  true = queries @ rows.T
+  position = {int(i): r for r, i in enumerate(ids)}
+  for q in range(len(queries)):
+    assert sorted(ranked[q].tolist()) == sorted(ids.tolist())
+    np.testing.assert_allclose(dots[q], true[q, [position[int(i)] for i in ranked[q]]], atol=1e-5)
+    assert np.all(np.diff(dots[q]) <= 1e-6)
 
 
 def test_sharded_index_equals_exact_search(tmp_path):
@@ -51,6 +66,7 @@ def test_sharded_index_equals_exact_search(tmp_path):
   np.testing.assert_array_equal(sharded.search(queries, 10)[0], exact_top_k(data, queries, 10))
   sharded.save(tmp_path / 'sharded')
   np.testing.assert_array_equal(load_any(tmp_path / 'sharded').search(queries, 10)[0], sharded.search(queries, 10)[0])
+  _assert_whole_ranking(sharded, data, np.arange(len(data)), queries[:3])
 
 
 def test_an_interrupted_sharded_save_never_loads_as_a_mix(tmp_path, monkeypatch):
@@ -100,6 +116,7 @@ def test_sharded_upsert_equals_exact_search_over_the_updated_rows(tmp_path):
   np.testing.assert_array_equal(sharded.search(queries, 10)[0], exact_top_k(updated, queries, 10))
   sharded.save(tmp_path / 'sharded')
   np.testing.assert_array_equal(load_any(tmp_path / 'sharded').search(queries, 10)[0], sharded.search(queries, 10)[0])
+  _assert_whole_ranking(sharded, updated, np.arange(len(updated)), queries[-4:])
   with pytest.raises(IndexInputError, match=r'repeated: \[7\]'):
     sharded.upsert(new[:2], np.array([7, 7]))
   with pytest.raises(IndexInputError, match=r'upsert needs \[2, 32\]'):

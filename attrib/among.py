@@ -1,0 +1,79 @@
+"""Answers among a subset of the training set: `Attributor.attribute(..., among=ids)` and `launch.py
+attrib query --among 3,17,250 | --among-file F`. Which of these images (an artist's works, a licensed
+collection, one source's share of the data) influenced the generated one, in what order and how much.
+
+The answer is the full answer's order restricted to those ids, with the same scores (removed images
+left out, as everywhere). ScaNN's Python API has no per-query filter (its restricts are C++ only),
+and fetching ever deeper until k of a small subset turn up could take the whole index, so:
+- a student searched by its own embedding scores every id of the subset exactly, a·cos + b (+ c(z))
+  from its unit embeddings (student/embeddings.npy, memory-mapped): |S|·d work, whatever the index's size;
+- a reranking student (φ's top M ordered by the student, then φ's order) takes φ's top M as the full
+  answer does, orders the subset's ids inside it by the student, and puts the rest of the subset after
+  them in φ's order, read from a search of every row of the base index (N·d work per query, exact).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from attrib.removals import checked_ids, first_kept
+
+# Queries whose whole φ order is held at once ([queries, N] ids and inner products).
+RANKED_AT_ONCE = 16
+
+
+def among_ids(ids, total: int, removed: np.ndarray) -> np.ndarray:
+  """The training ids a caller gave to answer among, sorted, the removed ones left out."""
+  from attrib.query_images import AttributionError
+  given = checked_ids(ids, total, 'to answer among')
+  kept = np.setdiff1d(given, removed)
+  if not len(kept):
+    raise AttributionError(f'all {len(given)} training ids to answer among are removed from the answers')
+  return kept
+
+
+def order_by_student(cosine_qs: np.ndarray, scale: float, prior_s: np.ndarray | None) -> np.ndarray:
+  """Column order per row, most influential first: the lowest logit a·cos (+ c(z)); ties keep the
+  columns' order (ids ascending)."""
+  logits = scale * cosine_qs + (0.0 if prior_s is None else prior_s[None, :])
+  return np.argsort(logits, axis=1, kind='stable')
+
+
+def search_among(attributor, query: np.ndarray, features: np.ndarray, k: int, among: np.ndarray):
+  """(ids [q, k], cosine [q, k]) of each query's k most influential training images among `among`
+  (sorted ids, none removed). Called under the attributor's read lock."""
+  prior = None if attributor.prior is None else attributor.prior[among]
+  cosine = query @ attributor.student_embeddings(among).T  # [q, s]
+  order = order_by_student(cosine, attributor.scale, prior)
+  if attributor.rerank is not None:
+    order = _reranked_order(attributor, features, among, order, k)
+  order = order[:, :k]
+  return among[order], np.take_along_axis(cosine, order, axis=1)
+
+
+def _reranked_order(attributor, features: np.ndarray, among: np.ndarray, student_order: np.ndarray,
+                    k: int) -> np.ndarray:
+  """As the full answer, cut to k columns: the subset's ids among φ's top M (of the images not removed)
+  in the student's order, then the others in φ's order (read only when the top M holds fewer than k)."""
+  from attrib.embedder import unit_rows
+  base_index, _, m = attributor.rerank
+  removed = attributor.removed
+  m = min(m, len(base_index) - len(removed))
+  unit = np.asarray(unit_rows(features))
+  window, = first_kept(base_index.search(unit, m + len(removed))[0], removed, m)
+  orders = []
+  for start in range(0, len(unit), RANKED_AT_ONCE):
+    ranking = None  # every row of the base index by φ, for these queries, when one of them needs it
+    for q in range(start, min(start + RANKED_AT_ONCE, len(unit))):
+      in_window = np.isin(among, window[q])
+      head = student_order[q][in_window[student_order[q]]]
+      if len(head) >= k:
+        orders.append(head[:k])
+        continue
+      if ranking is None:
+        ranking = base_index.ranking(unit[start:start + RANKED_AT_ONCE])[0]
+        place = np.empty((len(ranking), int(ranking.max()) + 1), np.int64)  # [query, training id] -> φ rank
+        np.put_along_axis(place, ranking, np.arange(ranking.shape[1])[None, :], axis=1)
+      rest = np.flatnonzero(~in_window)
+      rest = rest[np.argsort(place[q - start, among[rest]], kind='stable')]
+      orders.append(np.concatenate([head, rest])[:k])
+  return np.stack(orders)
