@@ -244,7 +244,7 @@ class Attributor:
                              'generated the image; pass that prompt')
 
   # ------------------------------------------------------------------ search
-  def attribute(self, image=None, prompt: str | None = None, k: int = 10, features=None,
+  def attribute(self, image=None, prompt: str | None = None, k: int | None = None, features=None,
                 among=None) -> Attribution:
     """The k training images most influential on one generated image (or φ row), most first; `among`:
     training ids to answer among instead of the whole training set (attrib/among.py)."""
@@ -256,9 +256,9 @@ class Attributor:
     return self.attribute_batch(None if image is None else [image], None if prompt is None else [prompt], k,
                                 features=batch, among=among)[0]
 
-  def attribute_batch(self, images=None, prompts=None, k: int = 10, features=None,
+  def attribute_batch(self, images=None, prompts=None, k: int | None = None, features=None,
                       among=None) -> list[Attribution]:
-    among = self.checked_request(k, among)
+    k, among = self.checked_request(k, among)
     if features is None:
       if images is None or prompts is None:
         raise AttributionError('pass image and prompt (or features=φ)')
@@ -277,13 +277,16 @@ class Attributor:
     return [answer for start in range(0, len(features), QUERIES_AT_ONCE)
             for answer in self._answer(features[start:start + QUERIES_AT_ONCE], k, among)]
 
-  def checked_request(self, k, among=None) -> np.ndarray | None:
-    """`among` as answers take it (sorted ids, removed ones left out), and k checked against what an
-    answer can name: before any feature is computed or file written."""
+  def checked_request(self, k, among=None) -> tuple[int, np.ndarray | None]:
+    """(k, `among` as answers take it: sorted ids, removed ones left out), k checked against what an
+    answer can name, before any feature is computed or file written. k None: 10, or all of a smaller
+    `among` (the commands' default)."""
     if among is not None:
       among = among_ids(among, len(self.index), self.removed)
+    if k is None:
+      k = min(10, len(self.index) - len(self.removed) if among is None else len(among))
     self._check_k(k, among)
-    return among
+    return k, among
 
   def _check_k(self, k, among: np.ndarray | None) -> None:
     """k against the images an answer can name: those not removed (of `among`, when given)."""

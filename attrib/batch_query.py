@@ -31,7 +31,7 @@ def _query_input(attributor, image: str, listing, line: int):
     raise AttributionError(f'{listing}:{line}: {e}') from None
 
 
-def batch_query_command(workdir: str, queries: str, k: int, out: str | None, grids: bool,
+def batch_query_command(workdir: str, queries: str, k: int | None, out: str | None, grids: bool,
                         dino: str | None = None, clip: str | None = None, train_list: str | None = None,
                         among: list[int] | None = None) -> dict:
   from attrib.attributor import Attributor
@@ -48,7 +48,7 @@ def batch_query_command(workdir: str, queries: str, k: int, out: str | None, gri
       attributor.check_prompt(prompt)
     except AttributionError as e:
       raise AttributionError(f'{as_path(queries)}:{line}: {e}') from None
-  attributor.checked_request(k, among)  # before any output folder is made
+  k, _ = attributor.checked_request(k, among)  # before any output folder is made
   out_dir = prepare_output_dir(out if out else as_path(workdir) / 'query_results', '--out' if out else 'the default --out')
   grid_dir = prepare_output_dir(out_dir / 'grids', '--out') if grids and attributor.train_images is not None else None
   full_scale = bool(dino or clip)

@@ -91,7 +91,7 @@ def add_parser(sub) -> None:
   aq.add_argument('--prompt', help='the prompt it was generated from')
   aq.add_argument('--queries', help='instead of --image/--prompt: a TSV of image path<TAB>prompt lines, '
                   'answered into OUT/results.jsonl')
-  aq.add_argument('-k', type=int, default=10)
+  aq.add_argument('-k', type=int, help='training images per answer (default 10, or fewer when --among lists fewer)')
   aq.add_argument('--out', help='PNG path (default WORKDIR/query.png); with --queries a folder '
                   '(default WORKDIR/query_results)')
   aq.add_argument('--grids', action='store_true', help='with --queries: a PNG grid per query in OUT/grids/')

@@ -435,12 +435,12 @@ def test_query_command_writes_grid_and_result(pipeline, tmp_path):
   whole = json.loads((pipeline / 'query_result.json').read_text())['ids']
   among = [whole[1500], whole[2], whole[700], whole[40]]
   (tmp_path / 'among.txt').write_text('\n'.join(map(str, among)) + '\n')
-  for flags in (['--among', ','.join(map(str, among))], ['--among-file', str(tmp_path / 'among.txt')]):
+  for flags, expected in ((['--among', ','.join(map(str, among)), '-k', '3'], [whole[2], whole[40], whole[700]]),
+                          (['--among-file', str(tmp_path / 'among.txt')], [whole[2], whole[40], whole[700], whole[1500]])):
     assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
-                        '--prompt', str(queries['prompts'][1]), '-k', '3', '--out', str(tmp_path / 'among.png')]
-                       + flags) == 0
+                        '--prompt', str(queries['prompts'][1]), '--out', str(tmp_path / 'among.png')] + flags) == 0
     result = json.loads((pipeline / 'query_result.json').read_text())
-    assert result['ids'] == [whole[2], whole[40], whole[700]] and result['among'] == 4
+    assert result['ids'] == expected and result['among'] == 4  # without -k: all of an --among under 10
   # An --out in a missing folder is made; one under a file or naming a folder is refused by name.
   assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
                       '--prompt', 'p', '--out', str(tmp_path / 'new' / 'grid.png')]) == 0

@@ -278,6 +278,9 @@ def test_removed_training_images_leave_every_answer_and_stay_removed(release, tm
     reloaded.save()
   np.testing.assert_array_equal(reloaded.attribute(features=test_q[0], k=3, among=among).ids,
                                 whole[0].ids[np.isin(whole[0].ids, among)][:3])
+  np.testing.assert_array_equal(reloaded.attribute(features=test_q[0], among=kept[:4]).ids,  # k: all 4, not 10
+                                whole[0].ids[np.isin(whole[0].ids, kept[:4])])
+  assert len(reloaded.attribute(features=test_q[0]).ids) == 10
   with pytest.raises(AttributionError, match=rf'k must be an integer in \[1, {len(kept)}\], got {len(kept) + 1} '
                                              r'\(the ids to answer among, less any removed\)'):
     reloaded.attribute(features=test_q[0], k=len(kept) + 1, among=among)
