@@ -21,6 +21,46 @@ from attrib.removals import checked_ids, first_kept
 RANKED_AT_ONCE = 16
 
 
+def among_from_file(path, attributor) -> list[int]:
+  """`--among-file F`: training ids (comma or newline separated), or, for a student loaded with its
+  training list (full scale), training images by file, one per line: as the list names them (relative
+  paths from F's folder, or absolute; a line copied from the list itself, image<TAB>caption, by its
+  image). Blank lines and # comments skipped; an image or id given twice counts once."""
+  from attrib.query_images import AttributionError
+  from core.errors import ConfigError
+  from core.paths import absolute, as_path, is_remote
+  source = as_path(path)
+  if not source.is_file():
+    raise ConfigError(f'--among-file {path}: no such file (expected training ids, or training image files)')
+  lines = [(number, line.split('#', 1)[0].strip())
+           for number, line in enumerate(source.read_text().removeprefix('\ufeff').splitlines(), 1)]
+  lines = [(number, line) for number, line in lines if line]
+  if not lines:
+    raise ConfigError(f'{source}: no training ids or images listed')
+  try:
+    return sorted({int(x) for _, line in lines for x in line.split(',') if x.strip()})
+  except ValueError:
+    pass  # files, then
+  files = attributor.train_images if isinstance(attributor.train_images, list) else None
+  if files is None:
+    number, line = next((n, t) for n, t in lines if not all(x.strip().lstrip('-').isdigit() for x in t.split(',')))
+    raise AttributionError(f'{source}:{number}: {line[:80]!r} is not a training id; training images are found by '
+                           'file only for a student loaded with its training list (--train-list)')
+  known = {}
+  for i, file in enumerate(files):  # an added image named like a listed one answers as the first
+    if file is not None:
+      known.setdefault(absolute(file), i)
+  ids = set()
+  for number, line in lines:
+    image = line.split('\t', 1)[0].strip()
+    named = absolute(image if is_remote(image) or image.startswith('/') else source.parent / image)
+    if named not in known:
+      raise AttributionError(f'{source}:{number}: {named} is not one of this student\'s training images '
+                             f'({len(known):,} files in its training list and additions)')
+    ids.add(known[named])
+  return sorted(ids)
+
+
 def among_ids(ids, total: int, removed: np.ndarray) -> np.ndarray:
   """The training ids a caller gave to answer among, sorted, the removed ones left out."""
   from attrib.query_images import AttributionError

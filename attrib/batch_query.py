@@ -33,7 +33,8 @@ def _query_input(attributor, image: str, listing, line: int):
 
 def batch_query_command(workdir: str, queries: str, k: int | None, out: str | None, grids: bool,
                         dino: str | None = None, clip: str | None = None, train_list: str | None = None,
-                        among: list[int] | None = None) -> dict:
+                        among: list[int] | None = None,
+                        among_file: str | None = None) -> dict:
   from attrib.attributor import Attributor
   from attrib.query import draw_answer
   from attrib.query_images import AttributionError
@@ -48,6 +49,9 @@ def batch_query_command(workdir: str, queries: str, k: int | None, out: str | No
       attributor.check_prompt(prompt)
     except AttributionError as e:
       raise AttributionError(f'{as_path(queries)}:{line}: {e}') from None
+  if among_file is not None:
+    from attrib.among import among_from_file
+    among = among_from_file(among_file, attributor)
   k, _ = attributor.checked_request(k, among)  # before any output folder is made
   out_dir = prepare_output_dir(out if out else as_path(workdir) / 'query_results', '--out' if out else 'the default --out')
   grid_dir = prepare_output_dir(out_dir / 'grids', '--out') if grids and attributor.train_images is not None else None

@@ -100,7 +100,8 @@ def add_parser(sub) -> None:
   aq.add_argument('--train-list', help='full scale: the training TSV (image<TAB>caption) for captions and the grid')
   aq.add_argument('--among', help='answer among these training ids only, comma-separated: 3,17,250 '
                   '(an artist\'s works, a licensed collection)')
-  aq.add_argument('--among-file', help='as --among, the ids in a file (comma or newline separated)')
+  aq.add_argument('--among-file', help='as --among, the ids in a file (comma or newline separated), or, with '
+                  '--train-list, training image files (one per line, as the list names them)')
 
   ag = a.add_parser('generate', help='an image from a trained digits model for a prompt and seed (a query to attribute)')
   ag.add_argument('--workdir', required=True, help='a workdir from attrib train-model')
@@ -167,13 +168,15 @@ def run(args) -> dict:
   elif args.command == 'query':
     from attrib.removals import ids_from_flags
     from core.errors import ConfigError
-    among = ids_from_flags(args.among, args.among_file, '--among')
+    if args.among is not None and args.among_file is not None:
+      raise ConfigError('--among and --among-file exclude each other: give the ids inline or in a file')
+    among = ids_from_flags(args.among, None, '--among')  # an --among-file is read once the student is loaded
     if args.queries:
       if args.image is not None or args.prompt is not None:
         raise ConfigError('--queries lists the images and their prompts: give it without --image and --prompt')
       from attrib.batch_query import batch_query_command
       result = batch_query_command(args.workdir, args.queries, args.k, args.out, args.grids, args.dino, args.clip,
-                                   args.train_list, among)
+                                   args.train_list, among, args.among_file)
     else:
       if args.image is None or args.prompt is None:
         raise ConfigError('attrib query needs --image and --prompt (or --queries LIST.tsv for many)')
@@ -181,7 +184,7 @@ def run(args) -> dict:
         raise ConfigError('--grids is for --queries; one query always gets its grid (--out)')
       from attrib.query import query_command
       result = query_command(args.workdir, args.image, args.prompt, args.k, args.out, args.dino, args.clip,
-                             args.train_list, among)
+                             args.train_list, among, args.among_file)
   elif args.command == 'generate':
     if args.seeds is not None:
       if args.seed is not None:

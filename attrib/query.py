@@ -111,9 +111,13 @@ def draw_answer(attributor, image, prompt: str, result, out_path: Path, full_sca
 
 
 def query_command(workdir: str, image: str, prompt: str, k: int | None, out: str | None, dino: str | None = None,
-                  clip: str | None = None, train_list: str | None = None, among: list[int] | None = None) -> dict:
+                  clip: str | None = None, train_list: str | None = None, among: list[int] | None = None,
+                  among_file: str | None = None) -> dict:
   from attrib.attributor import Attributor
   attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
+  if among_file is not None:
+    from attrib.among import among_from_file
+    among = among_from_file(among_file, attributor)
   k, _ = attributor.checked_request(k, among)  # before the grid's folder is made
   out_path = prepare_output_file(out) if out else prepare_output_file(as_path(workdir) / 'query.png', 'the default --out')
   result = attributor.attribute(image=image, prompt=prompt, k=k, among=among)

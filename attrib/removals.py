@@ -73,8 +73,6 @@ def ids_from_flags(text: str | None, file: str | None, flag: str) -> list[int] |
   separated, repeats dropped); None when neither flag was given."""
   from attrib.data import read_index_file
   from core.errors import ConfigError
-  if text is not None and file is not None:
-    raise ConfigError(f'{flag} and {flag}-file exclude each other: give the ids inline or in a file')
   if text is not None:
     try:
       return [int(x) for x in text.split(',') if x.strip()]

@@ -421,7 +421,7 @@ def test_a_large_k_is_drawn_ten_to_a_row(tmp_path):
   assert Image.open(tmp_path / 'photos.jpg').size == (11 * 120 + 12, 2 * 164)
 
 
-def test_query_command_writes_grid_and_result(pipeline, tmp_path):
+def test_query_command_writes_grid_and_result(pipeline, tmp_path, capsys):
   from PIL import Image
   queries = np.load(pipeline / 'teacher' / 'queries.npz')
   Image.fromarray(((queries['images'][1][..., 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / 'q.png')
@@ -441,6 +441,12 @@ def test_query_command_writes_grid_and_result(pipeline, tmp_path):
                         '--prompt', str(queries['prompts'][1]), '--out', str(tmp_path / 'among.png')] + flags) == 0
     result = json.loads((pipeline / 'query_result.json').read_text())
     assert result['ids'] == expected and result['among'] == 4  # without -k: all of an --among under 10
+  (tmp_path / 'by_file.txt').write_text('5\nseven.png\n')  # the digits are known by id only
+  capsys.readouterr()
+  assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'), '--prompt',
+                      'p', '--out', str(tmp_path / 'x.png'), '--among-file', str(tmp_path / 'by_file.txt')]) == 2
+  assert "by_file.txt:2: 'seven.png' is not a training id" in capsys.readouterr().err
+  assert not (tmp_path / 'x.png').exists()
   # An --out in a missing folder is made; one under a file or naming a folder is refused by name.
   assert launch_main(['attrib', 'query', '--workdir', str(pipeline), '--image', str(tmp_path / 'q.png'),
                       '--prompt', 'p', '--out', str(tmp_path / 'new' / 'grid.png')]) == 0

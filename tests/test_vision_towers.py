@@ -435,6 +435,22 @@ def test_attributor_computes_full_scale_features_from_image_and_prompt(clip_dir,
   assert sorted(score) == list(range(14)) and abs(score[12] - score[5]) < 1e-5
   assert answer.paths[answer.ids.tolist().index(12)] == str(tmp_path / 'new5.png')
   assert answer.captions[answer.ids.tolist().index(13)] == 'a new photo'
+  # Among training photos named by file (as the list names them, a line of the list itself, an absolute
+  # path, an added photo): the whole answer restricted to them; a file not in the set is named by line.
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'among.txt').write_text(f'# my photos\n../photo7.png\n{tmp_path / "new9.png"}\n\n'
+                                               '../photo2.png\tphoto number 2\n../photo7.png\n')
+  assert launch_main(['attrib', 'query', '--workdir', str(student), '--image', str(tmp_path / 'photo5.png'),
+                      '--prompt', 'a temple', '--out', str(tmp_path / 'among.png'), '--among-file',
+                      str(tmp_path / 'mine' / 'among.txt'), *towers]) == 0
+  among = json.loads((student / 'query_result.json').read_text())
+  assert among['ids'] == [i for i in answer.ids.tolist() if i in (2, 7, 13)] and among['among'] == 3
+  assert among['paths'] == [answer.paths[answer.ids.tolist().index(i)] for i in among['ids']]
+  (tmp_path / 'mine' / 'among.txt').write_text('../photo7.png\n../photo99.png\n')
+  capsys.readouterr()
+  assert launch_main(['attrib', 'query', '--workdir', str(student), '--image', str(tmp_path / 'photo5.png'),
+                      '--prompt', 'a temple', '--among-file', str(tmp_path / 'mine' / 'among.txt'), *towers]) == 2
+  assert f'among.txt:2: {tmp_path / "photo99.png"} is not one of this student\'s training images' in capsys.readouterr().err
   with pytest.raises(AttributionError, match='image files'):  # full scale: added images are files, to be named
     grown.add_training_images(images=[np.zeros((20, 20, 3), np.uint8)], captions=['x'])
   # Added as φ rows by an Attributor loaded without the towers: no file, so paths say None, and the
