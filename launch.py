@@ -12,6 +12,7 @@ and tpu_configs/gcloud.py).
   python launch.py lvm import-tokenizer --weights VQMODEL_DIR --workdir DIR
   python launch.py lvm generate --workdir DIR --prompt a.png b.png c.png --frames N --out grid.png [--mode analogy]
   python launch.py lvm generate --workdir DIR --prompts list.txt [--out DIR2] [--grids]   # many: a prompt per line
+  python launch.py lvm generate --workdir DIR --prompt a.png b.png --temperature 1 --samples 4   # 4 candidates
   python launch.py lvm tokenize --tokenizer DIR --source builtin:digits|FOLDER --kind video|analogy|groups|... --out DIR
   python launch.py lvm merge-sentences --inputs DIR1 DIR2 ... --out DIR   # several tokenize jobs as one data set
   python launch.py lvm show --data DIR [--kind groups] [--records 0-7] --out grid.png   # sentences decoded: look at the data

@@ -114,6 +114,8 @@ def add_parser(sub) -> None:
   g.add_argument('--top-k', type=int, default=0)
   g.add_argument('--top-p', type=float, default=1.0)
   g.add_argument('--seed', type=int, default=0)
+  g.add_argument('--samples', type=int, default=1, help='candidates of one --prompt, sample i with seed + i, a row '
+                 'each (needs --temperature > 0)')
   g.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='weights and KV cache')
   g.add_argument('--tpu')
 
@@ -134,6 +136,10 @@ def run(args) -> dict:
     from lvm.tokenizer_commands import import_tokenizer_command
     result = import_tokenizer_command(args.weights, args.workdir, args.tpu)
   elif args.command == 'generate' and args.prompts:
+    if args.samples != 1:
+      from core.config import ConfigError
+      raise ConfigError('--samples is for one --prompt (each line of --prompts is answered as that prompt alone '
+                        'with --seed)')
     from lvm.batch_prompting import batch_generate_command
     result = batch_generate_command(args.workdir, args.prompts, args.frames, args.out, mode=args.mode,
                                     grids=args.grids, batch_size=16 if args.batch_size is None else args.batch_size,
@@ -147,7 +153,8 @@ def run(args) -> dict:
     from lvm.prompting import generate_command
     result = generate_command(args.workdir, args.prompt, args.frames, args.out, mode=args.mode,
                               tokenizer_dir=args.tokenizer, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, dtype=args.dtype, tpu_path=args.tpu)
+                              top_p=args.top_p, seed=args.seed, dtype=args.dtype, tpu_path=args.tpu,
+                              samples=args.samples)
     result = {k: v for k, v in result.items() if k != 'tokens'}  # the file has them; the screen does not need them
   elif args.command == 'tokenize':
     from lvm.sentences import tokenize_command

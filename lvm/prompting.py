@@ -134,12 +134,17 @@ def check_same_tokenizer(workdir: Path, config, given, checksum: str | None, wha
 
 def generate_command(workdir: str, prompts: list[str], frames: int, out: str | None, *, mode: str = 'sequence',
                      tokenizer_dir: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int = 0, dtype: str = 'float32', tpu_path: str | None = None) -> dict:
-  """`launch.py lvm generate`: `lvm.Prompter` plus a PNG grid (prompt | generation) and a result file."""
+                     seed: int = 0, dtype: str = 'float32', tpu_path: str | None = None, samples: int = 1) -> dict:
+  """`launch.py lvm generate`: `lvm.Prompter` plus a PNG grid (prompt | generation) and a result file.
+  `samples` > 1: that many candidates of the prompt, sample i with seed + i (as `--seed seed+i` alone
+  gives it), generated together and drawn one per row (LVM's batch_generation n_candidates)."""
   from data_pipelines.image_sources import load_image, prompt_files
   from lvm import commands
   from lvm.prompter import Prompter
-  check_at_least(1, frames=frames)
+  check_at_least(1, frames=frames, samples=samples)
+  if samples > 1 and temperature == 0:
+    raise ConfigError(f'--samples {samples} with --temperature 0: greedy decoding gives the same frames every time; '
+                      'sample with a temperature > 0 (e.g. 1.0)')
   prompts = prompt_files(prompts)
   frames = check_prompt(mode, len(prompts), frames)
   started = time.time()
@@ -150,13 +155,18 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   for path in prompts:  # every file read once before any weights load (a typo costs nothing)
     load_image(path, 8)
   prompter = Prompter.load(workdir, tokenizer_dir, tpu_path, dtype)
-  generation = prompter.generate(prompts, frames, mode, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=seed)
-  grid_png([np.concatenate([generation.prompt, generation.frames])], len(prompts), out)
+  sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+  if samples == 1:
+    generations = [prompter.generate(prompts, frames, mode, seed=seed, **sampling)]
+  else:
+    generations = prompter.generate_batch([prompts] * samples, frames, mode, seed=[seed + i for i in range(samples)],
+                                          batch_size=min(samples, 16), **sampling)
+  grid_png([np.concatenate([g.prompt, g.frames]) for g in generations], len(prompts), out)
   result = {'job': 'lvm generate', 'mode': mode, 'prompts': [str(p) for p in prompts], 'frames': frames,
             'step': prompter.step,
             'tokenizer': str(prompter.tokenizer_dir), 'temperature': temperature, 'top_k': top_k, 'top_p': top_p,
-            'seed': seed, 'png': str(out), 'tokens': generation.tokens.reshape(1, -1).tolist(),
+            'seed': seed, 'samples': samples, 'png': str(out),
+            'tokens': [g.tokens.reshape(-1).tolist() for g in generations],
             'wall_s': time.time() - started, 'versions': versions()}
   write_result_if_writable(workdir / 'generate_result.json', result)
   return result

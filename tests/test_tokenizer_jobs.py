@@ -261,6 +261,15 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   tokens = np.asarray(generated['tokens'])
   assert tokens.shape == (1, 64) and tokens.max() < 128  # image codes only, never a special id
   assert Image.open(tmp_path / 'grid.png').size[0] > 4 * 32 * 4
+  # Candidates of one prompt (LVM's n_candidates): sample i as --seed 3 + i alone, a row each.
+  assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', *prompt, '--mode', 'analogy',
+                      '--out', str(tmp_path / 'samples.png'), '--temperature', '1.0', '--seed', '3',
+                      '--samples', '3']) == 0
+  samples = np.asarray(json.loads((lvm / 'generate_result.json').read_text())['tokens'])
+  assert samples.shape == (3, 64) and (samples[0] == tokens[0]).all() and len({s.tobytes() for s in samples}) == 3
+  assert Image.open(tmp_path / 'samples.png').size[1] == 3 * Image.open(tmp_path / 'grid.png').size[1]
+  for bad in (['--samples', '0'], ['--samples', '2', '--temperature', '0']):
+    assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', *prompt, '--mode', 'analogy', *bad]) == 2
   assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompt', *prompt[:2], '--mode', 'analogy']) == 2
   # Bad sampling settings and an --out that cannot be written are refused before any decoding.
   (tmp_path / 'a_file').write_text('x')
@@ -284,6 +293,8 @@ def test_tokenize_resumes_shard_by_shard_and_the_lvm_trains_on_it(tokenizer_dir,
   for same in ([np.asarray(Image.open(p)) for p in prompt], [Image.open(p) for p in prompt]):
     np.testing.assert_array_equal(prompter.generate(same, 1, 'analogy', **sampling).tokens, from_files.tokens)
   np.testing.assert_array_equal(prompter.complete_analogy(*prompt, **sampling), from_files.frames[0])
+  np.testing.assert_array_equal(prompter.generate(prompt, 1, 'analogy', temperature=1.0, seed=5).tokens.reshape(-1),
+                                samples[2])  # the command's third sample: seed 3 + 2
   # A folder of frames stands for its images in frame order (frame10 after frame2, not after frame1).
   import shutil
   (tmp_path / 'frames').mkdir()
