@@ -329,6 +329,9 @@ def test_training_images_added_by_features_while_queries_run(release, tmp_path, 
         for answer in attributor.attribute_batch(features=test_q[t::8], k=N):
           # Every id answered is held whole: rows, prior and scores of the same addition.
           assert len(answer.ids) == N and answer.ids.max() < len(attributor.index) and np.all(np.isfinite(answer.scores))
+        # Among every image there is so far: unsaved rows read beside the saved file's as they arrive.
+        for answer in attributor.attribute_batch(features=test_q[t::8], among=np.arange(len(attributor.index))):
+          assert len(answer.ids) == 10 and np.all(np.isfinite(answer.scores))
       except Exception as e:  # noqa: BLE001 (reported below, with the thread's query)
         failures.append(repr(e))
   threads = [threading.Thread(target=query, args=(t,)) for t in range(8)]
@@ -338,11 +341,14 @@ def test_training_images_added_by_features_while_queries_run(release, tmp_path, 
   [t.join() for t in threads]
   assert not failures, failures[:3]
   assert np.concatenate(added).tolist() == list(range(600, 620))
-  # A copy scores as its original in every answer over all rows.
-  for answer in attributor.attribute_batch(features=test_q, k=620):
+  # A copy scores as its original in every answer over all rows, and among all rows as well.
+  for answer, among in zip(attributor.attribute_batch(features=test_q, k=620),
+                           attributor.attribute_batch(features=test_q, k=620, among=range(620))):
     score = dict(zip(answer.ids.tolist(), answer.scores.tolist()))
     for n in range(20):
       assert abs(score[600 + n] - score[7 * n]) < 1e-5
+    assert sorted(among.ids.tolist()) == list(range(620))
+    np.testing.assert_allclose(among.scores, [score[i] for i in among.ids.tolist()], rtol=1e-5)
   attributor.save()
   # The training set's rows again: 20 of them were just added (ids 600..619), so refused unless meant.
   again = ['attrib', 'add', '--workdir', str(tmp_path / 'w'), '--features', str(release / 'feats' / 'toy' / 'data_feats.npy')]
