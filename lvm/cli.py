@@ -114,8 +114,8 @@ def add_parser(sub) -> None:
   g.add_argument('--top-k', type=int, default=0)
   g.add_argument('--top-p', type=float, default=1.0)
   g.add_argument('--seed', type=int, default=0)
-  g.add_argument('--samples', type=int, default=1, help='candidates of one --prompt, sample i with seed + i, a row '
-                 'each (needs --temperature > 0)')
+  g.add_argument('--samples', type=int, default=1, help='candidates of each prompt, sample i with seed + i, a grid '
+                 'row each (needs --temperature > 0)')
   g.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='weights and KV cache')
   g.add_argument('--tpu')
 
@@ -136,16 +136,12 @@ def run(args) -> dict:
     from lvm.tokenizer_commands import import_tokenizer_command
     result = import_tokenizer_command(args.weights, args.workdir, args.tpu)
   elif args.command == 'generate' and args.prompts:
-    if args.samples != 1:
-      from core.config import ConfigError
-      raise ConfigError('--samples is for one --prompt (each line of --prompts is answered as that prompt alone '
-                        'with --seed)')
     from lvm.batch_prompting import batch_generate_command
     result = batch_generate_command(args.workdir, args.prompts, args.frames, args.out, mode=args.mode,
                                     grids=args.grids, batch_size=16 if args.batch_size is None else args.batch_size,
                                     tokenizer_dir=args.tokenizer,
                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    seed=args.seed, dtype=args.dtype, tpu_path=args.tpu)
+                                    seed=args.seed, dtype=args.dtype, tpu_path=args.tpu, samples=args.samples)
   elif args.command == 'generate':
     from core.config import ConfigError
     if args.grids or args.batch_size is not None:

@@ -132,6 +132,13 @@ def check_same_tokenizer(workdir: Path, config, given, checksum: str | None, wha
                     f'data {data} ({made_with}): its codes mean other pictures to this model')
 
 
+def check_samples(samples: int, temperature: float) -> None:
+  check_at_least(1, samples=samples)
+  if samples > 1 and temperature == 0:
+    raise ConfigError(f'--samples {samples} with --temperature 0: greedy decoding gives the same frames every time; '
+                      'sample with a temperature > 0 (e.g. 1.0)')
+
+
 def generate_command(workdir: str, prompts: list[str], frames: int, out: str | None, *, mode: str = 'sequence',
                      tokenizer_dir: str | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int = 0, dtype: str = 'float32', tpu_path: str | None = None, samples: int = 1) -> dict:
@@ -141,10 +148,8 @@ def generate_command(workdir: str, prompts: list[str], frames: int, out: str | N
   from data_pipelines.image_sources import load_image, prompt_files
   from lvm import commands
   from lvm.prompter import Prompter
-  check_at_least(1, frames=frames, samples=samples)
-  if samples > 1 and temperature == 0:
-    raise ConfigError(f'--samples {samples} with --temperature 0: greedy decoding gives the same frames every time; '
-                      'sample with a temperature > 0 (e.g. 1.0)')
+  check_samples(samples, temperature)
+  check_at_least(1, frames=frames)
   prompts = prompt_files(prompts)
   frames = check_prompt(mode, len(prompts), frames)
   started = time.time()

@@ -259,9 +259,9 @@ def _bad_inputs(tmp):
                                                        '(got 2)'),
       'lvm generate of grids for one prompt': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
                                                 'a.png', '--grids'], '--grids and --batch-size are for --prompts LIST'),
-      'lvm generate of samples for a list': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompts',
-                                              str(tmp / 'prompts.txt'), '--samples', '4', '--temperature', '1'],
-                                             '--samples is for one --prompt'),
+      'lvm generate of greedy samples for a list': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'),
+                                                     '--prompts', str(tmp / 'prompts.txt'), '--samples', '4'],
+                                                    '--samples 4 with --temperature 0: greedy decoding gives the same'),
       'lvm generate into an unknown image format': (['lvm', 'generate', '--workdir', str(tmp / 'lvm_run'), '--prompt',
                                                      'a.png', '--out', str(tmp / 'grid.gif')],
                                                     'grid.gif: .gif is not an image format written here'),
@@ -343,7 +343,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'quickstart of a tokenizer value', 'lvm generate of a list line for another mode',
          'lvm generate of grids for one prompt', 'lvm eval of a negative completion count',
          'attrib query among words', 'attrib query among ids inline and in a file',
-         'lvm generate of samples for a list']
+         'lvm generate of greedy samples for a list']
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -438,6 +438,17 @@ def _check_batched_prompts(lvm, prompter, prompt, analogy, tmp_path):
                                   (np.clip(analogy.frames[0], 0, 1) * 255).round().astype(np.uint8))
     assert Image.open(record['grid']).size == (4 * (4 * 32 + 8), 4 * 32)
   assert json.loads((lvm / 'generate_result.json').read_text())['prompts'] == 2
+  # Two candidates of every line: candidate s as the line alone with --seed 3 + s - 1, a grid row each.
+  assert launch_main(['lvm', 'generate', '--workdir', str(lvm), '--prompts', str(listing), '--mode', 'analogy',
+                      '--out', str(tmp_path / 'candidates'), '--grids', '--temperature', '1.0', '--seed', '3',
+                      '--samples', '2']) == 0
+  records = [json.loads(line) for line in (tmp_path / 'candidates' / 'results.jsonl').read_text().splitlines()]
+  assert [(r['line'], r['sample'], r['seed']) for r in records] == [(2, 1, 3), (2, 2, 4), (4, 1, 3), (4, 2, 4)]
+  second = prompter.generate(prompt, 1, 'analogy', temperature=1.0, seed=4).tokens
+  for record in records:
+    np.testing.assert_array_equal(np.asarray(record['tokens']), analogy.tokens if record['sample'] == 1 else second)
+    assert record['frames'][0].rsplit('/', 1)[1] == f'0000{record["prompt"]}_s{record["sample"]}_frame1.png'
+  assert Image.open(records[0]['grid']).size == (4 * (4 * 32 + 8), 2 * 4 * 32)
   listing.write_text("'p 0.png' 'p 1.png'\n'p 0.png' gone.png 'p 2.png'\n")  # each named by its line, before loading
   for mode, named in (('analogy', r'list.txt:1: --mode analogy takes three'), ('sequence', 'list.txt:2: .*gone.png')):
     with pytest.raises(ImageDataError if mode == 'sequence' else ConfigError, match=named):
