@@ -40,13 +40,13 @@ def among_from_file(path, attributor) -> list[int]:
   lines = [(number, line) for number, line in lines if line]
   if not lines:
     raise ConfigError(f'{source}: no training ids or images listed')
-  try:
-    return sorted({int(x) for _, line in lines for x in line.split(',') if x.strip()})
-  except ValueError:
-    pass  # files, then
+  not_ids = [(number, line) for number, line in lines
+             if any(_integer(x) is None for x in line.split(',') if x.strip())]
+  if not not_ids:
+    return sorted({_integer(x) for _, line in lines for x in line.split(',') if x.strip()})
   files = attributor.train_images if isinstance(attributor.train_images, list) else None
   if files is None:
-    number, line = next((n, t) for n, t in lines if not all(x.strip().lstrip('-').isdigit() for x in t.split(',')))
+    number, line = not_ids[0]
     raise AttributionError(f'{source}:{number}: {line[:80]!r} is not a training id; training images are found by '
                            'file only for a student loaded with its training list (--train-list)')
   known = {}
@@ -62,6 +62,13 @@ def among_from_file(path, attributor) -> list[int]:
                              f'({len(known):,} files in its training list and additions)')
     ids.add(known[named])
   return sorted(ids)
+
+
+def _integer(text: str) -> int | None:
+  try:
+    return int(text)
+  except ValueError:
+    return None
 
 
 def among_ids(ids, total: int, removed: np.ndarray) -> np.ndarray:
