@@ -280,6 +280,14 @@ def test_removed_training_images_leave_every_answer_and_stay_removed(release, tm
     reloaded.save()
   np.testing.assert_array_equal(reloaded.attribute(features=test_q[0], k=3, among=among).ids,
                                 whole[0].ids[np.isin(whole[0].ids, among)][:3])
+  # A large subset (an eighth of the images or more) is found through the index, asked deeper while a
+  # query has fewer than k of it: here none of query 0's first 150, so 80 neighbours and then 160.
+  large = np.setdiff1d(np.arange(N + 1), whole[0].ids[:150])
+  for k in (10, len(np.setdiff1d(large, removed))):  # the second reads the whole ranking
+    for w, a in zip(whole, reloaded.attribute_batch(features=test_q[:6], k=k, among=large)):
+      in_large = np.isin(w.ids, large)
+      np.testing.assert_array_equal(a.ids, w.ids[in_large][:k])
+      np.testing.assert_allclose(a.scores, w.scores[in_large][:k], rtol=1e-5)
   np.testing.assert_array_equal(reloaded.attribute(features=test_q[0], among=kept[:4]).ids,  # k: all 4, not 10
                                 whole[0].ids[np.isin(whole[0].ids, kept[:4])])
   assert len(reloaded.attribute(features=test_q[0]).ids) == 10
