@@ -146,7 +146,7 @@ def _searched_among(attributor, query: np.ndarray, k: int, among: np.ndarray):
   depth = min(rows, 4 * k * -(-rows // len(among)))
   searched = index_queries(query, attributor.scale, attributor.prior is not None)
   while True:
-    ids, dots = (attributor.index.search(searched, depth) if depth < rows else attributor.index.ranking(searched))
+    ids, dots = attributor.index.search(searched, depth) if depth < rows else attributor.index.ranking(searched)
     inside = np.isin(ids, among)
     if depth == rows or inside.sum(axis=1).min() >= k:
       break

@@ -181,16 +181,23 @@ class Index:
     settings = self.meta['config']
     pre = max(k, reorder or settings['reorder'])
     leaves = leaves or settings['leaves_to_search'] if self.meta['kind'] == 'tree_ah' else -1
+    rows, dots = self._searched(queries, k, pre, leaves)
+    if leaves > 0 and k > 1 and (np.diff(np.sort(rows, axis=1), axis=1) == 0).any():
+      # A k past the rows of the searched leaves comes back padded with repeated rows: every leaf, then.
+      rows, dots = self._searched(queries, k, pre, len(self.ids))
+    return self.ids[rows], dots
+
+  def _searched(self, queries: np.ndarray, k: int, pre: int, leaves: int) -> tuple[np.ndarray, np.ndarray]:
     if len(queries) == 1:
       rows, dots = self.searcher.search(queries[0], k, pre, leaves)
       rows, dots = np.asarray(rows)[None], np.asarray(dots)[None]
     else:  # ScaNN's own thread pool over the batch
       rows, dots = self.searcher.search_batched_parallel(queries, k, pre, leaves)
-    return self.ids[np.asarray(rows, np.int64)], np.asarray(dots, np.float32)
+    return np.asarray(rows, np.int64), np.asarray(dots, np.float32)
 
   def ranking(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every row's (training id, inner product) per query, best first: every leaf searched and every
-    row re-scored exactly (a default search of a tree index pads a k past its leaves' rows with repeats)."""
+    row re-scored exactly."""
     rows = len(self.ids)
     return self.search(queries, rows, leaves=rows, reorder=rows)
 

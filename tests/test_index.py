@@ -169,3 +169,22 @@ def test_delete_equals_exact_search_over_the_rows_kept(sharded, tmp_path):
   with pytest.raises(IndexInputError, match=r'delete ids must be unique; repeated: \[3\]'):
     index.delete(np.array([3, 3]))
   assert len(index) == 594  # nothing was removed by the refused calls
+
+
+def test_answers_among_a_large_subset_through_a_tree_index_equal_exact_scores():
+  """A plain student's subset of an eighth of the rows or more is found through its index, asked
+  deeper until each query has k of it (attrib/among.py); past the rows of a tree index's searched
+  leaves ScaNN pads an answer with repeated ids, so such a search is asked of every leaf instead."""
+  from types import SimpleNamespace
+  from attrib.among import search_among
+  data = _clustered(3000)
+  index = Index.build(data, None, IndexConfig(kind='tree_ah', num_leaves=20, leaves_to_search=4, recall_probes=50))
+  student = SimpleNamespace(index=index, removed=np.zeros(0, np.int64), rerank=None, prior=None, scale=-2.0,
+                            student_embeddings=lambda ids: data[ids])
+  queries, among = _clustered(3, seed=5), np.arange(0, 3000, 6)  # 500 rows: asked 4 * 50 * 6 = 1,200 deep
+  deep, dots = index.search(queries, 1200)  # 4 of 20 leaves hold ~600 rows
+  assert all(len(set(row.tolist())) == 1200 for row in deep) and np.all(np.diff(dots, axis=1) <= 1e-6)
+  found, cosine = search_among(student, queries, None, 50, among)
+  exact = np.argsort(-(queries @ data[among].T), axis=1, kind='stable')[:, :50]
+  np.testing.assert_array_equal(found, among[exact])
+  np.testing.assert_allclose(cosine, np.take_along_axis(queries @ data[among].T, exact, axis=1), atol=1e-5)
