@@ -7,10 +7,14 @@ which is what `pathlib.Path('gs://b/run')` -> 'gs:/b/run' did). gs:// needs the 
 from __future__ import annotations
 
 import os
+import shutil
 
 from etils import epath
 
 from core.errors import ConfigError
+
+# Bytes per read while staging a gs:// data file onto this host's disk.
+COPY_CHUNK = 16 << 20
 
 
 def as_path(path) -> epath.Path:
@@ -75,7 +79,8 @@ def local_data(path: str) -> str:
     local.parent.mkdir(parents=True, exist_ok=True)
     partial = local.with_name(f'.{local.name}.partial{os.getpid()}')
     try:
-      partial.write_bytes(remote.read_bytes())
+      with remote.open('rb') as source_file, partial.open('wb') as local_file:  # streamed: a shard of GBs
+        shutil.copyfileobj(source_file, local_file, COPY_CHUNK)                   # never whole in memory
       os.replace(partial, local)  # a killed copy never leaves a file that looks complete
     finally:  # a failed one (a full disk) leaves no partial file to fill the disk on the rerun too
       partial.unlink(missing_ok=True)

@@ -7,8 +7,8 @@ import numpy as np
 
 from data_pipelines import digit_sentences
 from data_pipelines.token_formats import line_tokens, read_token_file
-from data_pipelines.token_records import TokenDataError, TokenRecordSource, check_tokens, find_shards
-from core.paths import local_data
+from data_pipelines.token_records import SHARD_SUFFIX, TokenDataError, TokenRecordSource, check_tokens, find_shards
+from core.paths import as_path, is_remote, local_data
 
 BUILTIN_SIZES = {'digits': ('train', 4096), 'digits-eval': ('eval', 256)}
 
@@ -78,3 +78,35 @@ def record_length(path: str) -> int | None:
     return len(grain.ArrayRecordDataSource([str(find_shards(path)[0])])[0]) // 4
   except Exception:  # noqa: BLE001 (the source's own reader reports what is wrong)
     return None
+
+
+def remote_shards(folder) -> list:
+  """The shards of a gs:// folder, in the order find_shards gives a local one (a writer's temporary
+  files left out), listed without copying any."""
+  return sorted(p for p in as_path(folder).iterdir() if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith('.'))
+
+
+def shards_holding(shards: list, last: int) -> tuple[list[str], int]:
+  """(local paths of the first shards that hold records 0..last, the records they hold). A gs:// shard
+  is copied to this host's data cache only when needed: 8 records of a bucket's data set take one shard."""
+  import grain.python as grain
+  local, count = [], 0
+  for shard in shards:
+    local.append(local_data(str(shard)))
+    count += len(grain.ArrayRecordDataSource([local[-1]]))
+    if count > last:
+      break
+  return local, count
+
+
+def staged_first_records(path: str, count: int) -> str | list[str]:
+  """`path` as the readers here take it, for a job that reads only its first `count` records (the
+  held-out records `lvm train` validates on): the shards of a gs:// folder that hold them, copied into
+  this host's data cache one by one, where copying the whole folder (an eval split of many GB, onto
+  every host) would cost minutes and disk for records never read; any other path as it is."""
+  if not is_remote(path) or Path(path).suffix in ('.jsonl', '.npy', SHARD_SUFFIX) or not as_path(path).is_dir():
+    return path
+  shards = remote_shards(path)
+  if not shards:
+    return path  # open_token_source names what the folder lacks
+  return shards_holding(shards, count - 1)[0]

@@ -29,19 +29,6 @@ def parse_records(spec: str | None, default_count: int = 8) -> list[int]:
   return positions
 
 
-def shards_holding(shards: list, last: int) -> tuple[list[str], int]:
-  """(local paths of the first shards that hold records 0..last, the records they hold). A gs:// shard
-  is copied to this host's data cache only when needed: 8 records of a bucket's data set take one shard."""
-  import grain.python as grain
-  local, count = [], 0
-  for shard in shards:
-    local.append(local_data(str(shard)))
-    count += len(grain.ArrayRecordDataSource([local[-1]]))
-    if count > last:
-      break
-  return local, count
-
-
 def sentence_grid(rows: np.ndarray, path, scale: int = 4) -> None:
   """Frames [records, frames, s, s, 3] in [0, 1] -> one PNG row per record, a 1-px white line between cells."""
   records, frames, side = rows.shape[:3]
@@ -56,6 +43,7 @@ def sentence_grid(rows: np.ndarray, path, scale: int = 4) -> None:
 def show_command(data: str, out: str | None, kind: str | None = None, records: str | None = None,
                  tokenizer_dir: str | None = None, tpu_path: str | None = None) -> dict:
   from data_pipelines.token_records import TokenRecordSource
+  from data_pipelines.token_sources import shards_holding
   from lvm.sentences import manifest_tokenizer
   from lvm.tokenizer_commands import load_tokenizer
   folder = as_path(data)
@@ -102,12 +90,12 @@ def show_command(data: str, out: str | None, kind: str | None = None, records: s
 
 def _shards_of(folder, manifest: dict | None, kind: str | None, data: str) -> tuple[list, int]:
   """(the shards to show, in order; tokens per record), of one kind when asked."""
-  from data_pipelines.token_records import SHARD_SUFFIX, find_shards
-  from data_pipelines.token_sources import record_length
+  from data_pipelines.token_records import find_shards
+  from data_pipelines.token_sources import record_length, remote_shards
   if manifest:
     shards = [folder / name for name in manifest['shards']]
   elif is_remote(data):  # listed in the bucket; find_shards reads local folders
-    shards = sorted(p for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith('.'))
+    shards = remote_shards(folder)
   else:
     shards = find_shards(folder)
   if kind:

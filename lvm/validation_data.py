@@ -11,7 +11,9 @@ import numpy as np
 from core.errors import ConfigError
 from core.paths import as_path
 from data_pipelines.token_loader import token_batches
-from data_pipelines.token_sources import InMemoryTokenSource, open_token_source, record_length
+from data_pipelines.token_records import TokenRecordSource
+from data_pipelines.token_sources import (InMemoryTokenSource, open_token_source, record_length,
+                                          staged_first_records)
 from lvm.config import LvmConfig
 
 
@@ -42,17 +44,21 @@ def check_same_tokens(config: LvmConfig) -> None:
 def held_out_batches(config: LvmConfig, batch: int):
   """`make_eval_batches(process_index, process_count)` for core's train loop: one pass over this
   host's rows of the held-out batches of `batch` records (the training's micro-batch)."""
-  path = config.data.eval_path
-  length = record_length(path)
+  path, wanted = config.data.eval_path, config.data.eval_examples
+  staged = staged_first_records(path, wanted)  # a bucket's held-out shards: only those read are copied
+  shards = staged if isinstance(staged, list) else None
+  length = record_length(shards[0] if shards else path)
   if length is not None and length != config.data.seq_len:
     raise ConfigError(f'data.eval_path {path} holds records of {length} tokens, the training data '
                       f'{config.data.seq_len} (data.seq_len): hold out records of the same length')
   check_same_tokens(config)
-  source = open_token_source(path, seq_len=config.data.seq_len, vocab_size=config.model.vocab_size)
-  used = min(config.data.eval_examples, len(source)) // batch * batch
+  source = TokenRecordSource(shards, seq_len=config.data.seq_len, vocab_size=config.model.vocab_size) if shards else \
+      open_token_source(path, seq_len=config.data.seq_len, vocab_size=config.model.vocab_size)
+  used = min(wanted, len(source)) // batch * batch
   if used == 0:
-    raise ConfigError(f'data.eval_path {path}: {min(config.data.eval_examples, len(source))} records '
-                      f'(data.eval_examples {config.data.eval_examples}, {len(source)} there) are fewer than one '
+    there = f'at least {len(source)}' if shards and len(source) >= wanted else len(source)  # a bucket's first shards
+    raise ConfigError(f'data.eval_path {path}: {min(wanted, len(source))} records '
+                      f'(data.eval_examples {wanted}, {there} there) are fewer than one '
                       f'validation batch of {batch} (train.global_batch / optim.grad_accum)')
   read = getattr(source, 'read_batch', None)  # checks every token against the vocabulary
   tokens = read(range(used)) if read else np.stack([source[i] for i in range(used)])

@@ -89,10 +89,16 @@ def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path, tmp_path_factory):
   for shard in write_token_shards(digit_sentences('train', seq_len=128, num_sentences=64), shards, seq_len=128,
                                   vocab_size=8292, records_per_shard=32):
     _upload(url, f'tokens/{shard.name}', shard.read_bytes())
+  # Held-out shards too, 3 of 8 records: validating on the first 8 stages the first shard alone.
+  held_out = digit_sentences('eval', seq_len=128, num_sentences=24)
+  for shard in write_token_shards(held_out, tmp_path_factory.mktemp('held_out'), seq_len=128, vocab_size=8292,
+                                  records_per_shard=8):
+    _upload(url, f'heldout/{shard.name}', shard.read_bytes())
   cache = tmp_path_factory.mktemp('data_cache')
   env = dict(env, LVM_ATTRIB_DATA_CACHE=str(cache))
   overrides = [a for o in SMALL_MODEL + ['train.log_every=1', 'train.checkpoint_every=2', 'train.tensorboard=true',
-                                         f'data.train_path=gs://{BUCKET}/tokens'] for a in ('--set', o)]
+                                         f'data.train_path=gs://{BUCKET}/tokens', f'data.eval_path=gs://{BUCKET}/heldout',
+                                         'data.eval_examples=8', 'train.eval_every=3'] for a in ('--set', o)]
   before = _local_files(tmp_path, ROOT)
   _run(env, tmp_path, 'lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', workdir, '--set', 'train.steps=4',
        *overrides)
@@ -107,7 +113,9 @@ def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path, tmp_path_factory):
   assert any(n.startswith('lvm/checkpoints/6/data/') for n in objects)  # the data iterator's position
   assert any(n.startswith('lvm/tensorboard/events.out.tfevents') for n in objects)
   # One consistent history across the resume, and the eval read the step-6 checkpoint.
-  assert [json.loads(line)['step'] for line in _read(url, 'lvm/metrics.jsonl').decode().splitlines()] == [1, 2, 3, 4, 5, 6]
+  history = [json.loads(line) for line in _read(url, 'lvm/metrics.jsonl').decode().splitlines()]
+  assert [line['step'] for line in history] == [1, 2, 3, 4, 5, 6]
+  assert [line['step'] for line in history if 'eval_loss' in line] == [3, 4, 6]  # every 3 steps and at each end
   assert json.loads(_read(url, 'lvm/eval_result.json'))['step'] == 6
   # A step folder given for the workdir names the workdir in the bucket (not a local 'gs:' folder).
   wrong = subprocess.run([sys.executable, str(ROOT / 'launch.py'), 'lvm', 'eval', '--workdir', f'{workdir}/checkpoints/6',
@@ -118,6 +126,21 @@ def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path, tmp_path_factory):
   staged = sorted(p.name for p in (cache / BUCKET / 'tokens').iterdir())
   assert staged == ['tokens-00000-of-00002.arrayrecord', 'tokens-00001-of-00002.arrayrecord']
   assert (cache / BUCKET / 'tokens' / staged[0]).read_bytes() == (shards / staged[0]).read_bytes()
+  # The held-out records validated on are the bucket's first 8, read from its first shard only.
+  assert sorted(p.name for p in (cache / BUCKET / 'heldout').iterdir()) == ['tokens-00000-of-00003.arrayrecord']
+  out = tmp_path_factory.mktemp('validated') / 'validated.npy'
+  script = f"""
+import dataclasses, numpy as np
+from core.config import load_config_file
+from lvm.validation_data import held_out_batches
+config = load_config_file('{TINY}')
+config = dataclasses.replace(config, data=dataclasses.replace(config.data, seq_len=128, eval_examples=8,
+                                                                    eval_path='gs://{BUCKET}/heldout'))
+np.save('{out}', np.concatenate([b['tokens'] for b in held_out_batches(config, 4)(0, 1)]))
+"""
+  done = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  np.testing.assert_array_equal(np.load(out), held_out[:8])
   # Nothing landed on the local disk: no 'gs:' folder, no stray files in the working or repo dirs.
   assert _local_files(tmp_path, ROOT) - before == set()
 
