@@ -14,7 +14,7 @@ and tpu_configs/gcloud.py).
   python launch.py lvm generate --workdir DIR --prompts list.txt [--out DIR2] [--grids]   # many: a prompt per line
   python launch.py lvm generate --workdir DIR --prompt a.png b.png --temperature 1 --samples 4   # 4 candidates
   python launch.py lvm tokenize --tokenizer DIR --source builtin:digits|FOLDER --kind video|analogy|groups|... --out DIR
-  python launch.py lvm merge-sentences --inputs DIR1 DIR2 ... --out DIR   # several tokenize jobs as one data set
+  python launch.py lvm merge-sentences --inputs DIR1 DIR2 ... [--weights 3 1 ...] --out DIR   # several tokenize jobs as one data set
   python launch.py lvm show --data DIR [--kind groups] [--records 0-7] --out grid.png   # sentences decoded: look at the data
   python launch.py attrib train-model --config attrib/configs/digits.py --workdir DIR
   python launch.py attrib import-diffusers --weights model.bin --workdir DIR [--set data.train_path=latents:D]

@@ -167,6 +167,10 @@ class TokenRecordSource(grain.sources.RandomAccessDataSource):
   def __len__(self) -> int:
     return self._starts[-1]
 
+  def shard_ranges(self) -> list[tuple[str, int, int]]:
+    """(path, first record, records) of each shard, in the order the records are numbered."""
+    return [(path, start, end - start) for path, start, end in zip(self.shard_paths, self._starts, self._starts[1:])]
+
   def _decode(self, shard_index: int, record_index: int) -> np.ndarray:
     where = f'{self.shard_paths[shard_index]} record {record_index}'
     raw = self._shards[shard_index][record_index]

@@ -86,6 +86,9 @@ def add_parser(sub) -> None:
                                               'images: sentences of one tokenizer and length)')
   mg.add_argument('--inputs', nargs='+', required=True, help='sentence folders (lvm tokenize --out), two or more')
   mg.add_argument('--out', required=True, help='a new folder: the inputs\' shards, linked, and one manifest')
+  mg.add_argument('--weights', nargs='+', type=float, metavar='W',
+                  help='one per input: its share of every training epoch (e.g. 3 1 1: the first input 60%%); '
+                       'default: each record once an epoch')
   sh = lvm.add_parser('show', help='visual sentences decoded into a PNG grid, one row per record: look at the data')
   sh.add_argument('--data', required=True, help='a folder of token shards (`lvm tokenize --out`), local or gs://')
   sh.add_argument('--kind', help="only records of this kind (the manifest's shards of it)")
@@ -177,7 +180,7 @@ def run(args) -> dict:
       result = tokenize_command(args.tokenizer, args.source, kinds, args.out, **options)
   elif args.command == 'merge-sentences':
     from lvm.merge_sentences import merge_sentences_command
-    result = merge_sentences_command(args.inputs, args.out)
+    result = merge_sentences_command(args.inputs, args.out, args.weights)
   elif args.command == 'show':
     from lvm.show_sentences import show_command
     result = show_command(args.data, args.out, args.kind, args.records, args.tokenizer, args.tpu)

@@ -92,6 +92,22 @@ def note_vocabulary_mismatch(config: LvmConfig) -> None:
                f'({manifest_path.name}): {why}; --set model.vocab_size={data_vocab} to match')
 
 
+def weighted_inputs(data: str, source):
+  """The inputs' sampling weights of a merged folder (`lvm merge-sentences --weights`), said before
+  training; None for other data."""
+  if not data or data.startswith('builtin:'):
+    return None
+  manifest_path = Path(local_data(data)) / 'manifest.json'
+  if not manifest_path.is_file():
+    return None
+  from data_pipelines.mixture import training_mixture
+  mixture = training_mixture(data, read_json(manifest_path), source)
+  if mixture is not None:
+    from core import progress
+    progress.say(f'{data}, weighted by input: {mixture.describe()}')
+  return mixture
+
+
 def check_record_length(config: LvmConfig) -> None:
   """Records of another length than data.seq_len were refused by their byte count ('record 0: 256
   bytes, expected 256 int32 tokens'); say the lengths and the setting that matches."""
@@ -117,6 +133,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
     check_record_length(config)
     source = open_token_source(config.data.train_path, seq_len=config.data.seq_len,
                                vocab_size=config.model.vocab_size)
+    mixture = weighted_inputs(config.data.train_path, source)
     note_vocabulary_mismatch(config)
     task = NextTokenTask(config.model, config.data.seq_len)
     check_batch_layout(config.train, config.optim, preset, records=len(source), data=config.data.train_path)
@@ -131,7 +148,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
   def make_iterator(process_index, process_count):
     return token_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,
                          shuffle=config.data.shuffle, process_index=process_index,
-                         process_count=process_count, prefetch_threads=config.data.read_threads)
+                         process_count=process_count, prefetch_threads=config.data.read_threads, mixture=mixture)
 
   started = time.time()
   summary = train(task, train_config=config.train, optim=config.optim, preset=preset,
@@ -139,7 +156,7 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
                   meta={'model': to_dict(config.model)}, make_eval_batches=make_eval_batches)
   summary.pop('trained_params')
   result = {'job': 'lvm train', **summary, 'model_params': config.model.num_params(),
-            'data': repr(source), 'workdir': str(workdir), 'wall_s': time.time() - started,
+            'data': repr(source) + (f' weighted by input: {mixture.describe()}' if mixture else ''), 'workdir': str(workdir), 'wall_s': time.time() - started,
             'versions': versions()}
   with all_or_none('lvm train: the result written'):  # by process 0; the others wait for it
     write_json_atomic(workdir / 'train_result.json', result)

@@ -2,6 +2,7 @@
 job whose shards the LVM trains on."""
 import dataclasses
 import json
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -702,19 +703,84 @@ def test_merged_sentence_folders_read_as_one_data_set(tokenizer_dir, tmp_path, c
   assert json.loads((mix / 'manifest.json').read_text()) == manifest and records(mix) == merged
   assert launch_main(merge) == 2  # finished: a second merge into it is refused
 
+  _check_weighted_merge(digits, pairs, tmp_path, capsys)
+
   assert launch_main(common + ['--kind', 'video', '--frames', '3', '--out', str(tmp_path / 'short')]) == 0
   capsys.readouterr()
-  for inputs, named in (([digits, tmp_path / 'short'], 'differ in seq_len (seq_len 192 against 256)'),
-                        ([digits, digits], 'names a folder twice'),
-                        ([digits, photos], 'no manifest.json of `lvm tokenize`'),
-                        ([digits], 'two or more')):
+  for inputs, weights, named in (
+      ([digits, tmp_path / 'short'], [], 'differ in seq_len (seq_len 192 against 256)'),
+      ([digits, digits], [], 'names a folder twice'),
+      ([digits, photos], [], 'no manifest.json of `lvm tokenize`'),
+      ([digits], [], 'two or more'),
+      ([digits, pairs], ['1'], '--weights: 1 given for 2 --inputs'),
+      ([digits, pairs], ['1', '0'], '--weights 0.0: each must be a number > 0'),
+      ([tmp_path / 'weighted', digits], [], 'a weighted merge (--weights); merge the folders it was made of')):
     out = tmp_path / 'refused'
-    assert launch_main(['lvm', 'merge-sentences', '--inputs', *map(str, inputs), '--out', str(out)]) == 2
+    weighs = ['--weights', *weights] if weights else []
+    assert launch_main(['lvm', 'merge-sentences', '--inputs', *map(str, inputs), *weighs, '--out', str(out)]) == 2
     assert named in capsys.readouterr().err and not out.exists()
   (tmp_path / 'a_file').write_text('x')
   assert launch_main(['lvm', 'merge-sentences', '--inputs', str(digits), str(pairs), '--out',
                       str(tmp_path / 'a_file')]) == 2
   assert 'a_file is a file, not a directory' in capsys.readouterr().err
+
+
+def _check_weighted_merge(digits, pairs, tmp_path, capsys):
+  """`merge-sentences --weights 1 3`: of every epoch's 24 records, 6 from the 16 digit sentences and 18
+  from the 8 pairs (each 2 or 3 times), the digits going on through all theirs across epochs; resumed
+  and 2-host reads the same; `lvm train` draws its batches so."""
+  from data_pipelines.mixture import training_mixture
+  from data_pipelines.token_loader import token_batches
+  from data_pipelines.token_records import TokenRecordSource, find_shards
+  weighted = tmp_path / 'weighted'
+  assert launch_main(['lvm', 'merge-sentences', '--inputs', str(digits), str(pairs), '--weights', '1', '3',
+                      '--out', str(weighted)]) == 0
+  manifest = json.loads((weighted / 'manifest.json').read_text())
+  assert [entry['weight'] for entry in manifest['inputs']] == [1.0, 3.0]
+  source = TokenRecordSource(find_shards(weighted), seq_len=256, vocab_size=228)
+  mixture = training_mixture(weighted, manifest, source)
+  assert (mixture.total, mixture.slots) == (24, [6, 18])
+  # Records by their bytes, with how often each occurs in its input (sentences drawn at random may repeat).
+  pair_records = Counter(r.tobytes() for r in TokenRecordSource(find_shards(pairs), seq_len=256, vocab_size=228))
+  digit_records = Counter(r.tobytes() for r in TokenRecordSource(find_shards(digits), seq_len=256, vocab_size=228))
+  batches = lambda **kw: token_batches(source, global_batch=4, seed=3, mixture=mixture, **kw)
+  read = [next(it)['tokens'] for it in [batches()] for _ in range(48)]  # 8 epochs of 6 batches
+  epochs = [[row.tobytes() for batch in read[e * 6:(e + 1) * 6] for row in batch] for e in range(8)]
+  for epoch in epochs:
+    assert sum(row in pair_records for row in epoch) == 18
+    assert all(2 * n <= epoch.count(row) <= 3 * n for row, n in pair_records.items())  # 18 slots, 8 records
+  videos = {r.tobytes() for r in TokenRecordSource(sorted(digits.glob('video-*')), seq_len=256, vocab_size=228)}
+  first = [row for row in epochs[0] if row not in pair_records]  # an epoch's share is no run of one kind's shards
+  assert any(row in videos for row in first) and not all(row in videos for row in first)
+  seen = Counter(row for epoch in epochs for row in epoch if row not in pair_records)
+  assert seen == Counter({row: 3 * n for row, n in digit_records.items()})  # 48 slots through 16 records: 3 each
+  iterator = batches()
+  for _ in range(7):
+    next(iterator)
+  resumed = batches()
+  resumed.set_state(iterator.get_state())
+  hosts = [batches(process_index=h, process_count=2) for h in range(2)]
+  for state_holder in hosts:
+    state_holder.set_state(iterator.get_state())
+  for step in range(7, 12):
+    np.testing.assert_array_equal(next(resumed)['tokens'], read[step])
+    np.testing.assert_array_equal(np.concatenate([next(h)['tokens'] for h in hosts]), read[step])
+  # Training on the weighted folder takes those batches: its losses are those of training on the
+  # loader's first two batches, saved as an .npy read in order.
+  capsys.readouterr()
+  np.save(tmp_path / 'first_batches.npy', np.concatenate(read[:2]))
+  settings = ['model.hidden_size=32', 'model.intermediate_size=64', 'model.num_heads=2', 'model.num_kv_heads=1',
+              'model.num_layers=1', 'model.vocab_size=228', 'train.global_batch=4', 'train.steps=2',
+              'train.progress_bar=false', 'train.tensorboard=false', 'train.seed=3', 'train.log_every=1']
+  losses = {}
+  for data, extra in ((weighted, []), (tmp_path / 'first_batches.npy', ['data.shuffle=false'])):
+    workdir = tmp_path / f'lvm_{data.stem}'
+    assert launch_main(['lvm', 'train', '--config', str(ROOT / 'lvm/configs/tiny.py'), '--tpu', CPU1, '--workdir',
+                        str(workdir), *[a for s in settings + extra + [f'data.train_path={data}'] for a in ('--set', s)]]) == 0
+    losses[data.stem] = [json.loads(line)['loss'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert 'weighted by input: input 1 (' in capsys.readouterr().err
+  assert 'from its 16 (0.38x an epoch)' in json.loads((tmp_path / 'lvm_weighted' / 'train_result.json').read_text())['data']
+  assert len(losses['weighted']) == 2 and losses['weighted'] == losses['first_batches']
 
 
 def test_a_tfds_dataset_of_videos_gives_the_clips_a_folder_of_them_does(tokenizer_dir, tmp_path, monkeypatch):
