@@ -22,7 +22,7 @@ and tpu_configs/gcloud.py).
   python launch.py attrib counterfactual --workdir DIR --k K --queries Q --seeds S
   python launch.py attrib features --workdir DIR [--feature pixels+text] [--dino D --clip C --train-list TSV ...]
   python launch.py attrib distill --workdir DIR [--features FEATS_DIR --ranks influence_train.pkl]
-  python launch.py attrib index --workdir DIR [--shards S]
+  python launch.py attrib index --workdir DIR [--shards S] [--set index.KEY=VALUE ...]   # rebuilt, or tuned
   python launch.py attrib add --workdir DIR --images new.tsv | --features new.npy [--dino D --clip C --train-list TSV]
   python launch.py attrib remove --workdir DIR --ids 3,17,250 | --ids-file F   # out of every answer (a takedown)
   python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]

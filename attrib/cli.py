@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
   ax = a.add_parser('index', help='(re)build the ScaNN index of the embedded training set')
   ax.add_argument('--workdir', required=True)
   ax.add_argument('--shards', type=int, default=1)
+  ax.add_argument('--set', action='append', default=[], metavar='index.KEY=VALUE',
+                  help='index settings (kept from the index there, else the distill config): e.g. '
+                       'index.kind=tree_ah index.leaves_to_search=64 index.reorder=200')
 
   aa = a.add_parser('add', help='add training images to a distilled student\'s index, without distilling again')
   aa.add_argument('--workdir', required=True)
@@ -154,7 +157,7 @@ def run(args) -> dict:
     result = distill_command(args.workdir, args.config, args.tpu, args.set, args.features, args.ranks)
   elif args.command == 'index':
     from attrib.distill import rebuild_index_command
-    result = rebuild_index_command(args.workdir, args.shards)
+    result = rebuild_index_command(args.workdir, args.shards, args.set)
   elif args.command == 'add':
     from attrib.additions import add_command
     result = add_command(args.workdir, args.images, args.features, args.dino, args.clip, args.train_list,

@@ -297,11 +297,20 @@ def write_and_index(workdir, run: StudentRun, embeddings, prior, scale: float, t
   return {**prior_summary, **{name: summary(built) for name, built in indexes.items()}}
 
 
-def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
-  """Rebuilds student/index from student/embeddings.npy (one ScaNN index, or `shards` merged ones)."""
-  from attrib.index import ShardedIndex
+def rebuild_index_command(workdir: str, shards: int = 1, overrides: list[str] = ()) -> dict:
+  """Rebuilds student/index from student/embeddings.npy (one ScaNN index, or `shards` merged ones),
+  with the settings the index has (else the distill config's), changed by `overrides` (index.KEY=VALUE:
+  its kind, tree leaves and leaves searched, re-scored candidates: recall against latency, tuned
+  without distilling again). The build measures the new index's recall, as distill's does."""
+  from attrib.index import ShardedIndex, built_config
   workdir = as_path(workdir)
   run = load_student_run(workdir)
+  other = [o for o in overrides if not o.split('=', 1)[0].strip().startswith('index.')]
+  if other:
+    raise ConfigError(f'--set {other[0]}: attrib index changes the index settings only (index.kind, '
+                      'index.num_leaves, index.leaves_to_search, index.reorder, index.k, ...); others are attrib distill\'s')
+  settings = built_config(student_dir(workdir) / 'index') or run.config.index
+  run = dataclasses.replace(run, config=apply_overrides(dataclasses.replace(run.config, index=settings), overrides))
   path = student_dir(workdir) / 'embeddings.npy'
   if not path.is_file():
     raise ConfigError(f'{path} not found: the distill run in {workdir} has not finished')
@@ -322,11 +331,24 @@ def rebuild_index_command(workdir: str, shards: int = 1) -> dict:
     prior = load_npy(prior_path)[:rows_that_count]
     _, params, _, _, _ = restore_embedder(workdir, run)  # the learned a shapes the queries
     probes = student_probes(embeddings, float(params['scale']), prior, run.config.index)
-  rows = index_rows(embeddings, prior)
-  index = (Index.build(rows, None, run.config.index, probes) if shards == 1
-           else ShardedIndex.build(rows, None, shards, run.config.index, probes))
+  build = lambda rows, probes=None: (Index.build(rows, None, run.config.index, probes) if shards == 1
+                                     else ShardedIndex.build(rows, None, shards, run.config.index, probes))
+  index = build(index_rows(embeddings, prior), probes)
+  result = {'job': 'attrib index', 'index': {k: v for k, v in index.meta.items() if k != 'config'},
+            'settings': to_dict(run.config.index)}
+  base_index = None
+  if run.config.rerank_candidates:  # a reranking student answers from φ's index: rebuilt alike
+    train_feats = np.asarray(load_features(run.features, 'train'), np.float32)
+    if additions is not None and len(additions):
+      train_feats = np.concatenate([train_feats, additions.features])
+    if len(train_feats) != len(embeddings):
+      raise ConfigError(f'{run.features}: {len(train_feats)} training feature rows (with those added) for '
+                        f'{len(embeddings)} student embeddings: not the features this student was distilled on')
+    base_index = build(np.asarray(unit_rows(train_feats)))
+    result['base_index'] = {k: v for k, v in base_index.meta.items() if k != 'config'}
   replace_index(index, student_dir(workdir) / 'index')
-  result = {'job': 'attrib index', 'index': {k: v for k, v in index.meta.items() if k != 'config'}}
+  if base_index is not None:
+    replace_index(base_index, student_dir(workdir) / BASE_INDEX)
   write_json_atomic(workdir / 'index_result.json', result)
   return result
 

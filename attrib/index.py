@@ -317,6 +317,19 @@ def _read_meta(directory) -> dict:
   return meta
 
 
+def built_config(directory) -> IndexConfig | None:
+  """The settings the index in `directory` (plain or sharded) was built with; None where there is no
+  readable index (a rebuild then takes the distill config's)."""
+  directory = as_path(directory)
+  if (directory / 'shards.json').is_file():
+    directory = directory / 'shard_00000'
+  try:
+    settings = _read_meta(directory)['config']
+    return IndexConfig(**{f.name: settings[f.name] for f in dataclasses.fields(IndexConfig) if f.name in settings})
+  except (IndexFileError, ConfigError, KeyError, TypeError):
+    return None
+
+
 def _threads(num_shards: int) -> int:
   """Threads that build or search shards side by side: one per shard, at most one per core."""
   return max(1, min(num_shards, os.cpu_count() or 1))

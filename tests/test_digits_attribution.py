@@ -346,9 +346,30 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
   assert launch_main(['attrib', 'query', '--workdir', str(work), '--image', str(tmp_path / 'new6.png'),
                       '--prompt', str(new['prompts'][6]), '-k', '96', '--out', str(tmp_path / 'grid.png')]) == 0
   assert 1606 in json.loads((work / 'query_result.json').read_text())['ids']
-  # `attrib index` rebuilds over the added images too.
+  # `attrib index` rebuilds over the added images too: the student's index and φ's, which a reranking
+  # student answers from (the same answers as the index they were added to).
+  added = Attributor.load(work).attribute_batch(images=images[:4], prompts=prompts[:4], k=20)
   assert launch_main(['attrib', 'index', '--workdir', str(work)]) == 0
-  assert json.loads((work / 'index_result.json').read_text())['index']['rows'] == 1611
+  rebuilt = json.loads((work / 'index_result.json').read_text())
+  assert rebuilt['index']['rows'] == rebuilt['base_index']['rows'] == 1611
+  for a, b in zip(Attributor.load(work).attribute_batch(images=images[:4], prompts=prompts[:4], k=20), added):
+    np.testing.assert_array_equal(a.ids, b.ids)
+  # Tuned without distilling again (--set index.*): a tree searching 2 of its 16 leaves, both indexes,
+  # kept by a later plain rebuild; brute force again answers as before.
+  tree = ['--set', 'index.kind=tree_ah', '--set', 'index.num_leaves=16', '--set', 'index.leaves_to_search=2']
+  assert launch_main(['attrib', 'index', '--workdir', str(work), *tree]) == 0
+  for again in ([], ['--shards', '2']):
+    assert launch_main(['attrib', 'index', '--workdir', str(work), *again]) == 0
+    result = json.loads((work / 'index_result.json').read_text())
+    assert result['settings']['leaves_to_search'] == 2 and result['settings']['kind'] == 'tree_ah'
+  tuned = Attributor.load(work)
+  assert [s.meta['kind'] for index in (tuned.index, tuned.rerank[0]) for s in index.shards] == ['tree_ah'] * 4
+  assert launch_main(['attrib', 'index', '--workdir', str(work), '--set', 'index.kind=brute_force']) == 0
+  for a, b in zip(Attributor.load(work).attribute_batch(images=images[:4], prompts=prompts[:4], k=20), added):
+    np.testing.assert_array_equal(a.ids, b.ids)
+  capsys.readouterr()
+  assert launch_main(['attrib', 'index', '--workdir', str(work), '--set', 'distill.epochs=3']) == 2
+  assert '--set distill.epochs=3: attrib index changes the index settings only' in capsys.readouterr().err
   with pytest.raises(AttributionError, match='captions: one string per new training image'):
     Attributor.load(work).add_training_images(images=[new['images'][8]], captions=['a', 'b'])
 
