@@ -33,6 +33,7 @@ from core import checkpoint, tracing_fix  # noqa: F401  (tracing_fix: linear-tim
 from core.compile_check import check_batch_splits
 from core.mesh import SliceConfig, make_mesh
 from core.peak_flops import mesh_peak_flops
+from core.profiling import StepProfiler
 from core.metrics import MetricsLogger
 from core.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from core.sharding import activation_sharding, logical_to_spec, tree_shardings
@@ -68,6 +69,10 @@ class TrainConfig:
   # Validate on the job's held-out data (the LVM's data.eval_path) every this many updates and at
   # the end; 0 = at every checkpoint save. Jobs without held-out data refuse a value above 0.
   eval_every: int = 0
+  # Trace updates profile_from .. profile_from + profile_steps - 1 with the profiler, every host, into
+  # WORKDIR/tensorboard/plugins/profile/ (core/profiling.py); 0 = none.
+  profile_from: int = 0
+  profile_steps: int = 3
 
   def __post_init__(self):
     for name in ('steps', 'global_batch', 'log_every', 'checkpoint_every', 'keep_checkpoints',
@@ -76,6 +81,11 @@ class TrainConfig:
         raise ConfigError(f'train.{name} must be >= 1, got {getattr(self, name)}')
     if self.eval_every < 0:
       raise ConfigError(f'train.eval_every must be >= 0 (0 = at every checkpoint save), got {self.eval_every}')
+    if self.profile_from < 0 or self.profile_steps < 1:
+      raise ConfigError(f'train.profile_from must be >= 0 (0 = no trace) and train.profile_steps >= 1, got '
+                        f'{self.profile_from} and {self.profile_steps}')
+    if self.profile_from > self.steps:
+      raise ConfigError(f'train.profile_from {self.profile_from} is past train.steps {self.steps}: no update to trace')
 
   def validating_at(self, step: int) -> bool:
     return step % (self.eval_every or self.checkpoint_every) == 0 or step == self.steps
@@ -401,6 +411,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   logger = MetricsLogger(workdir, total_steps=train_config.steps, start_step=start_step,
                          tensorboard=train_config.tensorboard, progress_bar=train_config.progress_bar)
   preemption = _Preemption()
+  profiler = StepProfiler(workdir, train_config.profile_from, train_config.profile_steps, start_step)
   examples_per_step = train_config.global_batch
   flops_per_step = task.flops_per_example() * examples_per_step
   peak_flops = mesh_peak_flops(preset, mesh)
@@ -416,8 +427,10 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
           batch, first_batch = first_batch, None
         else:
           batch = _global_batch(next(data_iterator), batch_shardings, train_config.global_batch)
+        profiler.before_update(step + 1)
         params, opt_state, metrics = step_fn(jnp.int32(step), params, opt_state, batch, frozen)
         step += 1
+        profiler.after_update(step, (params, opt_state, metrics))
         window_steps += 1
         logger.advance()
         saving = step % train_config.checkpoint_every == 0 or step == train_config.steps
@@ -449,6 +462,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
         if preempted:
           break
   finally:
+    profiler.close()
     preemption.restore()
     manager.wait_until_finished()
     manager.close()

@@ -137,7 +137,7 @@ def refuse_changed_run(workdir, previous, config, groups: tuple[str, ...], ignor
 # rerun is expected to raise.
 _BOOKKEEPING = frozenset(('train', name) for name in (
     'steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'async_checkpoints', 'progress_bar',
-    'tensorboard', 'preemption_check_every'))
+    'tensorboard', 'preemption_check_every', 'eval_every', 'profile_from', 'profile_steps'))
 
 
 def note_changed_training(workdir, previous, config, groups=('train', 'optim')) -> None:

@@ -98,7 +98,8 @@ def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path, tmp_path_factory):
   env = dict(env, LVM_ATTRIB_DATA_CACHE=str(cache))
   overrides = [a for o in SMALL_MODEL + ['train.log_every=1', 'train.checkpoint_every=2', 'train.tensorboard=true',
                                          f'data.train_path=gs://{BUCKET}/tokens', f'data.eval_path=gs://{BUCKET}/heldout',
-                                         'data.eval_examples=8', 'train.eval_every=3'] for a in ('--set', o)]
+                                         'data.eval_examples=8', 'train.eval_every=3', 'train.profile_from=2',
+                                         'train.profile_steps=1'] for a in ('--set', o)]
   before = _local_files(tmp_path, ROOT)
   _run(env, tmp_path, 'lvm', 'train', '--config', TINY, '--tpu', CPU8, '--workdir', workdir, '--set', 'train.steps=4',
        *overrides)
@@ -112,6 +113,9 @@ def test_lvm_train_resume_eval_on_a_gs_workdir(gcs, tmp_path, tmp_path_factory):
   assert any(n.startswith('lvm/checkpoints/6/params/') for n in objects)
   assert any(n.startswith('lvm/checkpoints/6/data/') for n in objects)  # the data iterator's position
   assert any(n.startswith('lvm/tensorboard/events.out.tfevents') for n in objects)
+  assert any(n.startswith('lvm/tensorboard/plugins/profile/updates_2-2/') and n.endswith('-process0.xplane.pb')
+             for n in objects)  # the profiler's trace of update 2, copied into the bucket
+  assert 'nothing traced' in resumed.stderr  # the resumed run starts past it
   # One consistent history across the resume, and the eval read the step-6 checkpoint.
   history = [json.loads(line) for line in _read(url, 'lvm/metrics.jsonl').decode().splitlines()]
   assert [line['step'] for line in history] == [1, 2, 3, 4, 5, 6]

@@ -69,8 +69,12 @@ def test_sharded_mesh_matches_single_device(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path, capfd):
   _train(tmp_path / 'straight', CPU8, 20)
-  _train(tmp_path / 'resumed', CPU8, 10)
+  # Updates 3-4 traced by the profiler on the way: a trace in the workdir, training unchanged to the bit.
+  _train(tmp_path / 'resumed', CPU8, 10, ['train.profile_from=3', 'train.profile_steps=2'])
   assert len(read_metrics(tmp_path / 'resumed')) == 10
+  traced = tmp_path / 'resumed' / 'tensorboard' / 'plugins' / 'profile' / 'updates_3-4'
+  trace = next(traced.glob('*-process0.xplane.pb'))
+  assert trace.stat().st_size > 10_000 and b'jit_train_step' in trace.read_bytes()
   capfd.readouterr()
   result = _train(tmp_path / 'resumed', CPU8, 20)  # the same command with more steps continues
   err = capfd.readouterr().err
@@ -91,7 +95,8 @@ def test_a_rerun_with_other_training_settings_notes_each(tmp_path, capsys):
   from core.workdir import note_changed_training
   before = apply_overrides(load_config_file(TINY), ['train.global_batch=16', 'optim.lr=1e-3'])
   after = apply_overrides(before, ['train.global_batch=32', 'optim.lr=1e-2', 'train.steps=99', 'train.log_every=3',
-                                   'train.progress_bar=false'])
+                                   'train.progress_bar=false', 'train.profile_from=5', 'train.eval_every=9',
+                                   'data.eval_path=builtin:digits-eval'])
   note_changed_training(tmp_path, before, after)
   assert capsys.readouterr().err == ''  # no checkpoint yet: the run starts over with the new settings
   (tmp_path / 'checkpoints' / '10').mkdir(parents=True)
@@ -219,13 +224,18 @@ def test_two_processes_with_per_host_data_match_one(tmp_path):
   port = free_port()
   args = ['lvm', 'train', '--config', TINY, '--tpu', CPU2X4, '--workdir', str(tmp_path / 'multi'),
           '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2']
-  overrides = [a for o in SMALL_MODEL + ['train.steps=4', 'train.log_every=1', *validation] for a in ('--set', o)]
+  overrides = [a for o in SMALL_MODEL + ['train.steps=4', 'train.log_every=1', 'train.profile_from=2',
+                                         'train.profile_steps=1', *validation] for a in ('--set', o)]
   procs = [launch(args + ['--process-id', str(i)] + overrides, devices=4) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   result = json.loads((tmp_path / 'multi' / 'train_result.json').read_text())
   assert result['num_devices'] == 8 and result['step'] == 4
+  # Each host traced update 2 into the one workdir, under a name of its own.
+  traced = tmp_path / 'multi' / 'tensorboard' / 'plugins' / 'profile' / 'updates_2-2'
+  assert sorted(p.name.rsplit('-', 1)[1] for p in traced.glob('*.xplane.pb')) == ['process0.xplane.pb',
+                                                                                  'process1.xplane.pb']
   assert_network_close(_losses(tmp_path / 'multi'), _losses(tmp_path / 'single'),
                        reduction_length=_reduction_length(tmp_path / 'single', 4), what='losses')
   held_out = lambda workdir: np.array([m['eval_loss'] for m in read_metrics(workdir) if 'eval_loss' in m])
