@@ -47,22 +47,10 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 
-def _trained_preset(workdir: str | None) -> str | None:
-  """The slice preset a workdir's run was started with (commands that default to it)."""
-  from core.paths import as_path
-  stored = as_path(workdir) / 'config.json' if workdir else None
-  if stored is None or not stored.exists():
-    return None
-  from core.mesh import recorded_preset
-  from core.workdir import read_json
-  preset = recorded_preset(read_json(stored).get('tpu'))
-  return preset if preset and Path(preset).exists() else None
-
-
 def _prepare_runtime(args) -> None:
   """Set up jax before its first import: forced CPU devices for cpu presets, multi-process init."""
-  from core.mesh import load_preset
-  tpu_path = getattr(args, 'tpu', None) or _trained_preset(getattr(args, 'workdir', None) or getattr(args, 'tokenizer', None))
+  from core.mesh import load_preset, trained_preset
+  tpu_path = getattr(args, 'tpu', None) or trained_preset(getattr(args, 'workdir', None) or getattr(args, 'tokenizer', None))
   preset = load_preset(tpu_path) if tpu_path else None
   if preset is not None:
     if preset.platform == 'cpu':
@@ -292,6 +280,10 @@ def _run(argv: list[str]) -> int:
     args.parse_job = parser.parse_args  # `tpu run` checks its job here before any worker starts
     return gcloud.run(args)
   if getattr(args, 'check', False):
+    if not args.tpu:
+      from core.errors import ConfigError
+      raise ConfigError('--check compiles the step for a slice preset\'s TPU topology: give --tpu, e.g. '
+                        'tpu_configs/v5p_128.py')
     # Compiles for a TPU that is not here: this machine's CPU runs the compiler, no TPU runtime starts.
     os.environ['JAX_PLATFORMS'] = 'cpu'
     from lvm.commands import fit_check_command

@@ -168,6 +168,18 @@ def serving_preset(trained: str | None) -> str:
   return one_cpu if jax.default_backend() == 'cpu' or not trained else trained
 
 
+def trained_preset(workdir) -> str | None:
+  """The slice preset a workdir's run was started with (commands that default to it); None where
+  the workdir holds no run or its preset is not on this machine."""
+  from core.paths import as_path
+  from core.workdir import read_json
+  stored = as_path(workdir) / 'config.json' if workdir else None
+  if stored is None or not stored.exists():
+    return None
+  preset = recorded_preset(read_json(stored).get('tpu'))
+  return preset if preset and Path(preset).exists() else None
+
+
 def recorded_preset(path: str) -> str:
   """The preset a workdir recorded, as a path on this machine.
 

@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
   lvm = sub.add_parser('lvm', help='Large Vision Model jobs').add_subparsers(dest='command', required=True)
   t = lvm.add_parser('train', help='train (or continue training) a decoder')
   t.add_argument('--config', required=True)
-  t.add_argument('--tpu', required=True, help='slice preset file in tpu_configs/')
+  t.add_argument('--tpu', help='slice preset file in tpu_configs/ (a rerun continues with the one it trained with)')
   t.add_argument('--workdir', help='run directory (local or gs://); not needed with --check')
   t.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   t.add_argument('--check', action='store_true',
@@ -126,7 +126,8 @@ def add_parser(sub) -> None:
 def run(args) -> dict:
   from lvm import commands
   if args.command == 'train':
-    result = commands.train_command(args.config, args.tpu, args.workdir, args.set)
+    result = commands.train_command(args.config, args.tpu or commands.continued_preset(args.workdir), args.workdir,
+                                    args.set)
   elif args.command == 'eval':
     result = commands.eval_command(args.workdir, args.data, args.tpu, args.target_tokens, args.batch_size,
                                    args.completion)

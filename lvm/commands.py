@@ -121,6 +121,18 @@ def check_record_length(config: LvmConfig) -> None:
                     f'{config.data.seq_len}: {fix} to train on them')
 
 
+def continued_preset(workdir: str | None) -> str:
+  """`lvm train` without --tpu: the preset the workdir's run trained with. A new run names its slice:
+  a default would put a TPU VM's job on its CPU without a word."""
+  from core.mesh import trained_preset
+  preset = trained_preset(workdir)
+  if preset is None:
+    raise ConfigError(f'--tpu: the slice preset to train {"a new run" if workdir else "on"} with, e.g. '
+                      'tpu_configs/cpu_8_data.py on this CPU or tpu_configs/v4_32.py on a pod (a rerun of a '
+                      'workdir continues with the preset it trained with)')
+  return preset
+
+
 def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
   workdir = as_path(workdir)

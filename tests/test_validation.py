@@ -21,8 +21,8 @@ VALIDATED = ['--set', 'data.eval_path=builtin:digits-eval', '--set', 'data.eval_
 TRAINING_KEYS = ('loss', 'grad_norm', 'perplexity', 'learning_rate')
 
 
-def _train(workdir, steps: int, *extra) -> list[dict]:
-  assert launch_main(['lvm', 'train', '--config', TINY, '--tpu', CPU1, '--workdir', str(workdir),
+def _train(workdir, steps: int, *extra, tpu=CPU1) -> list[dict]:
+  assert launch_main(['lvm', 'train', '--config', TINY, *(['--tpu', tpu] if tpu else []), '--workdir', str(workdir),
                       '--set', f'train.steps={steps}', *SMALL, *extra]) == 0
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
@@ -48,7 +48,7 @@ def test_validation_loss_is_the_held_out_loss_and_leaves_training_as_it_was(tmp_
 
   # Stopped at step 3 and continued: the validations after it are the uninterrupted run's, bit for bit.
   _train(tmp_path / 'resumed', 3, *VALIDATED)
-  resumed = _train(tmp_path / 'resumed', 6, *VALIDATED)
+  resumed = _train(tmp_path / 'resumed', 6, *VALIDATED, tpu=None)  # continued on the preset it trained with
   later = lambda lines: [(line['step'], line['loss'], line['eval_loss']) for line in lines if line['step'] > 3]
   assert later(resumed) == later(validated)
 
