@@ -8,7 +8,7 @@ import numpy as np
 from data_pipelines import digit_sentences
 from data_pipelines.token_formats import line_tokens, read_token_file
 from data_pipelines.token_records import SHARD_SUFFIX, TokenDataError, TokenRecordSource, check_tokens, find_shards
-from core.paths import as_path, is_remote, local_data
+from core.paths import as_path, local_data
 
 BUILTIN_SIZES = {'digits': ('train', 4096), 'digits-eval': ('eval', 256)}
 
@@ -97,16 +97,3 @@ def shards_holding(shards: list, last: int) -> tuple[list[str], int]:
     if count > last:
       break
   return local, count
-
-
-def staged_first_records(path: str, count: int) -> str | list[str]:
-  """`path` as the readers here take it, for a job that reads only its first `count` records (the
-  held-out records `lvm train` validates on): the shards of a gs:// folder that hold them, copied into
-  this host's data cache one by one, where copying the whole folder (an eval split of many GB, onto
-  every host) would cost minutes and disk for records never read; any other path as it is."""
-  if not is_remote(path) or Path(path).suffix in ('.jsonl', '.npy', SHARD_SUFFIX) or not as_path(path).is_dir():
-    return path
-  shards = remote_shards(path)
-  if not shards:
-    return path  # open_token_source names what the folder lacks
-  return shards_holding(shards, count - 1)[0]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from core.config import load_config_file
 from launch import main as launch_main
 from lvm.tokenizer import TokenizerConfig, VQGAN
 from lvm.tokenizer_task import TokenizerLoss, TokenizerTask
@@ -704,6 +705,19 @@ def test_merged_sentence_folders_read_as_one_data_set(tokenizer_dir, tmp_path, c
   assert launch_main(merge) == 2  # finished: a second merge into it is refused
 
   _check_weighted_merge(digits, pairs, tmp_path, capsys)
+  # Held out for validation while training, several kinds give records in turn (their shards are
+  # sorted by kind: the first 6 records alone would all be videos).
+  from lvm.config import DataConfig
+  from lvm.validation_data import held_out_batches
+  config = load_config_file(ROOT / 'lvm/configs/tiny.py')
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=228),
+                               data=DataConfig(train_path=str(mix), eval_path=str(mix), eval_examples=7))
+  validated = np.concatenate([b['tokens'] for b in held_out_batches(config, 2)(0, 1)])
+  by_kind = {kind: TokenRecordSource(sorted(mix.glob(f'{kind}-*')), seq_len=256, vocab_size=228)
+             for kind in manifest['kinds']}
+  assert manifest['kinds'] == ['video', 'analogy', 'pairs']
+  expected = [by_kind[kind][i] for i in range(2) for kind in manifest['kinds']]  # 6: whole batches of 2
+  np.testing.assert_array_equal(validated, np.stack(expected))
 
   assert launch_main(common + ['--kind', 'video', '--frames', '3', '--out', str(tmp_path / 'short')]) == 0
   capsys.readouterr()
