@@ -5,14 +5,14 @@ checked once before training starts (a bad record would otherwise stop the run a
 validation, hours in); every validation then scores the same batches, in order. Sentences of
 several task kinds (`lvm tokenize --split eval` of videos and pairs, a merged folder) are taken
 from each kind in turn: their shards are sorted by kind, so the first records alone would measure
-one kind (the first 256 of a video + pairs split: analogies only). Other data gives its first
-records. A bucket's shards are copied only as far as the records taken.
+one kind (the first 256 of a video + pairs split: pairs only, 'pairs-' sorting before 'video-').
+Other data gives its first records. A bucket's shards are copied only as far as the records taken.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from pathlib import Path
+
+import numpy as np
 
 from core.errors import ConfigError
 from core.paths import as_path, is_remote
