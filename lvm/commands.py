@@ -168,7 +168,8 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
                   meta={'model': to_dict(config.model)}, make_eval_batches=make_eval_batches)
   summary.pop('trained_params')
   result = {'job': 'lvm train', **summary, 'model_params': config.model.num_params(),
-            'data': repr(source) + (f' weighted by input: {mixture.describe()}' if mixture else ''), 'workdir': str(workdir), 'wall_s': time.time() - started,
+            'data': repr(source) + (f' weighted by input: {mixture.describe()}' if mixture else ''),
+            'workdir': str(workdir), 'wall_s': time.time() - started,
             'versions': versions()}
   with all_or_none('lvm train: the result written'):  # by process 0; the others wait for it
     write_json_atomic(workdir / 'train_result.json', result)
