@@ -51,6 +51,13 @@ def within(path, workdir) -> str:
   return path[len(root):] if path.startswith(root) else path
 
 
+def joined(folder, relative: str) -> str:
+  """`folder`/`relative` with its '..' resolved, keeping a gs:// prefix (normpath would fold its '//')."""
+  text = str(folder)
+  scheme, sep, rest = text.partition('://') if is_remote(text) else ('', '', text)
+  return scheme + sep + os.path.normpath(os.path.join(rest, relative))
+
+
 def resolve_within(recorded: str, workdir) -> str:
   """The inverse of `within`: an absolute path (or gs:// URL) of what `workdir` recorded."""
   if is_remote(recorded) or os.path.isabs(recorded):

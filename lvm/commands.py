@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from core.paths import absolute, as_path, local_data
+from core.paths import absolute, as_path, is_remote, local_data
 from core.config import ConfigError, apply_overrides, load_config_file, to_dict
 from core.distributed import all_or_none
 from core.mesh import load_preset, make_mesh, preset_to_record
@@ -32,6 +33,17 @@ DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_
 def data_location(train_path: str) -> str:
   """Training data as a later job finds it from any folder: built-in names and gs:// as given."""
   return train_path if not train_path or train_path.startswith('builtin:') else absolute(train_path)
+
+
+def data_record(train_path: str, workdir) -> dict:
+  """Where a run's training data is, as `lvm train` records it in the workdir for later jobs
+  (lvm/prompting.training_manifest): its absolute path, and (both local) its path relative to the
+  workdir, which still holds when the two are moved together (a run folder copied to another
+  machine, then opened from any folder)."""
+  record = {'train_data': data_location(train_path)}
+  if train_path and not train_path.startswith('builtin:') and not is_remote(train_path) and not is_remote(workdir):
+    record['train_data_relative'] = os.path.relpath(absolute(train_path), absolute(workdir))
+  return record
 
 
 def load_run_config(workdir: Path) -> tuple[LvmConfig, str]:
@@ -152,10 +164,10 @@ def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list
     make_eval_batches = held_out_batches(config, config.train.global_batch // config.optim.grad_accum) \
         if config.data.eval_path else None
     make_workdir(workdir)
-    # The data path as given counts from here; its absolute path lets `lvm generate` find the data's
-    # tokenizer from any folder.
+    # The data path as given counts from here; its absolute path, and its path from the workdir, let
+    # `lvm generate` find the data's tokenizer from any folder, and after the run folder moved.
     write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path),
-                                                  'train_data': data_location(config.data.train_path)})
+                                                  **data_record(config.data.train_path, workdir)})
 
   def make_iterator(process_index, process_count):
     return token_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,

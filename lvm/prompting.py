@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core.config import ConfigError, check_at_least
-from core.paths import as_path
+from core.paths import as_path, joined
 from core.workdir import prepare_output_file, read_json, save_image_atomic, versions, write_result_if_writable
 from lvm.sampling import check_sampling, generate
 
@@ -81,7 +81,8 @@ def grid_png(rows: list[np.ndarray], split_at: int, path: Path, scale: int = 4) 
 
 def training_manifest(workdir: Path, config) -> tuple[Path, dict]:
   """(folder, manifest) of an LVM workdir's training data. The data path as configured counts from
-  where training ran; from elsewhere, the absolute path that `lvm train` recorded beside it."""
+  where training ran; from elsewhere, the absolute path that `lvm train` recorded beside it, or its
+  path from the workdir (recorded too) after the run folder moved."""
   from core.workdir import RUN_CONFIG_FILE
   if config.data.train_path.startswith('builtin:'):
     raise ConfigError(f'{workdir} trained on {config.data.train_path}, one grey level per token, which no tokenizer '
@@ -90,14 +91,18 @@ def training_manifest(workdir: Path, config) -> tuple[Path, dict]:
     raise ConfigError(f'{workdir} trained on {config.data.train_path or "no data (an import)"!r}, which has no '
                       'manifest.json naming a tokenizer (data from `lvm tokenize` has one); pass --tokenizer '
                       '(Prompter.load(..., tokenizer=) in Python)')
-  given = as_path(config.data.train_path)  # local or gs://, as the workdir
   run_file = as_path(workdir) / RUN_CONFIG_FILE
-  recorded = read_json(run_file).get('train_data') if run_file.is_file() else None
-  data = given if given.is_dir() or not recorded else as_path(recorded)
-  if not data.is_dir():
+  run = read_json(run_file) if run_file.is_file() else {}
+  # As configured (from where training ran), at the absolute path recorded, else where it was beside
+  # the workdir (the two moved together).
+  candidates = [as_path(config.data.train_path)]  # local or gs://, as the workdir
+  candidates += [as_path(run['train_data'])] if run.get('train_data') else []
+  candidates += [as_path(joined(workdir, run['train_data_relative']))] if run.get('train_data_relative') else []
+  data = next((candidate for candidate in candidates if candidate.is_dir()), None)
+  if data is None:
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which is not there from {Path.cwd()} '
-                      '(a relative path counts from where training ran: run from there, or pass --tokenizer; '
-                      'tokenizer= in Python)')
+                      f'(looked at {", ".join(map(str, candidates))}; a relative path counts from where training '
+                      'ran: run from there, or pass --tokenizer; tokenizer= in Python)')
   manifest = data / 'manifest.json'
   if not manifest.is_file():
     raise ConfigError(f'{workdir} trained on {config.data.train_path!r}, which has no manifest.json naming a '

@@ -31,7 +31,7 @@ import numpy as np
 
 from core import progress
 from core.config import ConfigError, check_at_least
-from core.paths import absolute, as_path, is_remote
+from core.paths import absolute, as_path, is_remote, joined
 from core.workdir import atomic_path, make_workdir, read_json, refuse_job_workdir, versions, write_json_atomic
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_records import SHARD_SUFFIX, SHARD_WRITER_OPTIONS, TOKEN_DTYPE
@@ -438,19 +438,12 @@ def tokenizer_location(tokenizer_dir, out) -> dict:
   return location
 
 
-def _joined(folder, relative: str) -> str:
-  """`folder`/`relative` with its '..' resolved, keeping a gs:// prefix (normpath would fold its '//')."""
-  text = str(folder)
-  scheme, sep, rest = text.partition('://') if is_remote(text) else ('', '', text)
-  return scheme + sep + os.path.normpath(os.path.join(rest, relative))
-
-
 def manifest_tokenizer(sentences_dir, manifest: dict) -> str:
   """The tokenizer a manifest names: beside the shards where it was when they were tokenized, else
   at its absolute path (a manifest from before the relative path was recorded: its path as given)."""
   sentences_dir = as_path(sentences_dir)
   relative = manifest.get('tokenizer_relative')
-  candidates = ([_joined(sentences_dir, relative)] if relative else []) + [manifest['tokenizer']]
+  candidates = ([joined(sentences_dir, relative)] if relative else []) + [manifest['tokenizer']]
   for candidate in candidates:
     if as_path(candidate).is_dir():
       return candidate

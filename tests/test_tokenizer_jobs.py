@@ -485,9 +485,10 @@ def test_generate_finds_the_tokenizer_from_any_folder_and_after_a_move(tmp_path,
   and relative to the shards: `lvm generate` from another folder, or on a run folder copied
   elsewhere (data and tokenizer together), finds the tokenizer without --tokenizer."""
   import shutil
+  from pathlib import Path
   from types import SimpleNamespace
   from core.config import ConfigError
-  from lvm.commands import data_location
+  from lvm.commands import data_record
   from lvm.prompting import tokenizer_of
   from lvm.sentences import tokenizer_location
   run = tmp_path / 'first'
@@ -498,7 +499,9 @@ def test_generate_finds_the_tokenizer_from_any_folder_and_after_a_move(tmp_path,
   manifest = tokenizer_location('tok', 'data/train')
   assert manifest == {'tokenizer': str(run / 'tok'), 'tokenizer_relative': '../../tok'}
   (run / 'data/train/manifest.json').write_text(json.dumps(manifest))
-  (run / 'lvm/config.json').write_text(json.dumps({'train_data': data_location('data/train')}))
+  record = data_record('data/train', 'lvm')
+  assert record == {'train_data': str(run / 'data/train'), 'train_data_relative': '../data/train'}
+  (run / 'lvm/config.json').write_text(json.dumps(record))
   config = SimpleNamespace(data=SimpleNamespace(train_path='data/train'))
   assert tokenizer_of(run / 'lvm', config) == 'tok'  # data/train/../../tok, normalised
   monkeypatch.chdir(tmp_path)
@@ -508,10 +511,14 @@ def test_generate_finds_the_tokenizer_from_any_folder_and_after_a_move(tmp_path,
   shutil.rmtree(run)
   monkeypatch.chdir(moved)  # the absolute paths recorded are gone; the relative ones hold
   assert tokenizer_of(moved / 'lvm', config) == 'tok'
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(ConfigError, match="'data/train', which is not there"):
-    tokenizer_of(moved / 'lvm', config)
-  assert data_location('builtin:digits') == 'builtin:digits' and data_location('gs://b/d') == 'gs://b/d'
+  monkeypatch.chdir(tmp_path)  # from elsewhere: the data's path from the workdir, then the tokenizer's from it
+  assert tokenizer_of(moved / 'lvm', config) == str(moved / 'tok')
+  assert tokenizer_of(Path('moved/lvm'), config) == 'moved/tok'
+  shutil.copytree(moved / 'lvm', tmp_path / 'alone/lvm')  # the workdir without its data
+  with pytest.raises(ConfigError, match="'data/train', which is not there from .*looked at .*alone/data/train"):
+    tokenizer_of(tmp_path / 'alone/lvm', config)
+  assert data_record('builtin:digits', 'lvm') == {'train_data': 'builtin:digits'}
+  assert data_record('gs://b/d', 'lvm') == {'train_data': 'gs://b/d'}  # a bucket is where it is
 
 
 def test_generate_refuses_a_tokenizer_other_than_the_datas(tmp_path, monkeypatch):
