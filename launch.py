@@ -26,6 +26,7 @@ and tpu_configs/gcloud.py).
   python launch.py attrib add --workdir DIR --images new.tsv | --features new.npy [--dino D --clip C --train-list TSV]
   python launch.py attrib remove --workdir DIR --ids 3,17,250 | --ids-file F   # out of every answer (a takedown)
   python launch.py attrib eval --workdir DIR [--features FEATS_DIR --ranks influence_test.pkl]
+  python launch.py attrib serve --workdir DIR [--port 8000]   # queries over HTTP: POST /attribute, GET /health
   python launch.py attrib generate --workdir DIR --prompt "a handwritten seven" --seed 3 --out q.png
   python launch.py attrib generate --workdir DIR --prompt "a handwritten seven" --seeds 0-99 --out DIR2   # + queries.tsv
   python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 10 [--out grid.png] [--dino D --clip C]

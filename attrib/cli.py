@@ -106,6 +106,15 @@ def add_parser(sub) -> None:
   aq.add_argument('--among-file', help='as --among, the ids in a file (comma or newline separated), or, with '
                   '--train-list, training image files (one per line, as the list names them)')
 
+  asv = a.add_parser('serve', help='answer attribution queries over HTTP (POST /attribute, GET /health)')
+  asv.add_argument('--workdir', required=True)
+  asv.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1, this machine only; '
+                   '0.0.0.0 for every interface: there is no authentication, put a proxy in front)')
+  asv.add_argument('--port', type=int, default=8000, help='default 8000; 0 picks a free one (printed)')
+  asv.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
+  asv.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
+  asv.add_argument('--train-list', help='full scale: the training TSV (image<TAB>caption), for captions and paths')
+
   ag = a.add_parser('generate', help='an image from a trained digits model for a prompt and seed (a query to attribute)')
   ag.add_argument('--workdir', required=True, help='a workdir from attrib train-model')
   ag.add_argument('--prompt', required=True, help='e.g. "a handwritten seven" (the teacher\'s test prompts: '
@@ -188,6 +197,9 @@ def run(args) -> dict:
       from attrib.query import query_command
       result = query_command(args.workdir, args.image, args.prompt, args.k, args.out, args.dino, args.clip,
                              args.train_list, among, args.among_file)
+  elif args.command == 'serve':
+    from attrib.serve import serve_command
+    result = serve_command(args.workdir, args.host, args.port, args.dino, args.clip, args.train_list)
   elif args.command == 'generate':
     if args.seeds is not None:
       if args.seed is not None:

@@ -36,6 +36,21 @@ def read_image(path):  # -> PIL.Image.Image
   return _not_empty(opened, path)
 
 
+def decode_image(data: bytes, what: str):  # -> PIL.Image.Image
+  """An image file's bytes (a request's body), named `what` when they are not one."""
+  import io
+  from PIL import Image
+  try:
+    opened = Image.open(io.BytesIO(data))
+    opened.load()
+  except Image.UnidentifiedImageError:  # its message names a BytesIO object
+    raise AttributionError(f'{what} ({len(data):,} bytes, starting {data[:8]!r}): not an image file of a '
+                           'format Pillow reads (PNG, JPEG, WebP, ...)') from None
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise AttributionError(f'{what} ({len(data):,} bytes): not a readable image ({e})') from None
+  return _not_empty(opened, what)
+
+
 def _not_empty(image, what):
   """An image with no pixels would be resized into a blank query that still gets an answer: refused."""
   size = image.size if not isinstance(image, np.ndarray) else image.shape[:2]

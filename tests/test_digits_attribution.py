@@ -2,6 +2,7 @@
 teacher (train and test splits) -> features -> distill -> index -> eval -> Attributor from image +
 prompt -> query PNG. (`launch.py quickstart` runs the same jobs at full size: slow test below.)"""
 import json
+import re
 import threading
 
 import numpy as np
@@ -680,3 +681,111 @@ def test_the_quickstart_summary_names_commands_that_attribute_a_users_own_query(
     assert argv[:2] == ['python', 'launch.py']
     assert launch_main(argv[2:]) == 0, command
   assert (tmp_path / 'q.png').is_file() and json.loads((pipeline / 'query_result.json').read_text())['image'] == 'q.png'
+
+
+def _post(url: str, body: bytes, content_type: str = 'image/png') -> tuple[int, dict]:
+  import urllib.error
+  import urllib.request
+  request = urllib.request.Request(url, data=body, headers={'Content-Type': content_type})
+  try:
+    with urllib.request.urlopen(request, timeout=60) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypatch):
+  """`attrib serve`: a query's image bytes with its prompt in the URL, or JSON with the image in
+  base64, answered exactly as Attributor.attribute answers the file, also many at once; bad requests
+  get 400s naming what was wrong and the server goes on; the command stops on SIGTERM with its counts."""
+  import base64
+  import signal
+  import urllib.parse
+  import urllib.request
+  from concurrent.futures import ThreadPoolExecutor
+  from PIL import Image
+  from attrib import serve
+  from attrib.attributor import Attributor
+  from core.errors import UserError
+  from tests.helpers import free_port, launch
+  queries = np.load(pipeline / 'teacher' / 'queries.npz')
+  files, prompts = [], [str(p) for p in queries['prompts']]
+  for q, image in enumerate(queries['images']):
+    files.append(tmp_path / f'q{q}.png')
+    Image.fromarray(((image[..., 0] + 1) * 127.5).round().astype(np.uint8)).save(files[-1])
+  attributor = Attributor.load(pipeline)
+  server = serve.AttributionServer(attributor, '127.0.0.1', 0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    url = lambda **query: f'{server.url}/attribute?{urllib.parse.urlencode(query)}'
+    same = lambda got, want: got['ids'] == want.ids.tolist() and got['scores'] == want.scores.tolist() and \
+        got['captions'] == want.captions
+    status, got = _post(url(prompt=prompts[0], k=5), files[0].read_bytes())
+    assert status == 200 and same(got, attributor.attribute(image=str(files[0]), prompt=prompts[0], k=5))
+    among = [3, 17, 250, 900, 1400]
+    body = json.dumps({'image': base64.b64encode(files[1].read_bytes()).decode(), 'prompt': prompts[1], 'k': 3,
+                       'among': among}).encode()
+    status, got = _post(f'{server.url}/attribute', body, 'application/json')
+    assert status == 200 and same(got, attributor.attribute(image=str(files[1]), prompt=prompts[1], k=3, among=among))
+    status, got = _post(url(prompt=prompts[2], k=4, among='3,17,250,900'), files[2].read_bytes())
+    assert status == 200 and same(got, attributor.attribute(image=str(files[2]), prompt=prompts[2], k=4,
+                                                            among=[3, 17, 250, 900]))
+    # Many clients at once: each answered as alone.
+    jobs = [(q % 3, k) for q in range(3) for k in (1, 7, 12)] * 2
+    with ThreadPoolExecutor(8) as pool:
+      answers = list(pool.map(lambda job: _post(url(prompt=prompts[job[0]], k=job[1]), files[job[0]].read_bytes()),
+                              jobs))
+    for (q, k), (status, got) in zip(jobs, answers):
+      assert status == 200 and same(got, attributor.attribute(image=str(files[q]), prompt=prompts[q], k=k)), (q, k)
+    monkeypatch.setattr(serve, 'MAX_BODY_BYTES', 1000)
+    image = files[0].read_bytes()
+    for request, (code, message) in (
+        ((url(prompt=prompts[0]), b'not a png'), (400, r'the request body \(9 bytes, starting b.not a pn.\): not an image')),
+        ((url(prompt=''), image), (400, 'the prompt is empty')),
+        ((url(k=3), image), (400, 'no prompt= in the URL')),
+        ((url(prompt='p', k=0), image), (400, r'k must be an integer in \[1, 1600\], got 0')),
+        ((url(prompt='p', k='ten'), image), (400, "k='ten' is not an integer")),
+        ((url(prompt='p', top_k=3), image), (400, 'unknown URL parameter.s. top_k')),
+        ((url(prompt='p', among='3,1600'), image), (400, '1600')),
+        ((url(prompt='p'), b''), (400, 'has no body')),
+        ((url(prompt='p'), b'x' * 1001), (413, 'the body is 1,001 bytes, over the 1,000')),
+        ((f'{server.url}/attribute', b'{"image": 3'), (400, 'not JSON')),
+        ((f'{server.url}/attribute', b'{"image": "@@", "prompt": "p"}'), (400, '"image" is not base64')),
+        ((f'{server.url}/attribute', b'{"img": "", "prompt": "p"}'), (400, 'unknown field.s. img')),
+        ((f'{server.url}/attribute', b'{"features": [[1, 2]], "k": 1}'), (400, r'features of shape \(1, 2\)')),
+        ((f'{server.url}/query', image), (404, "no such endpoint '/query'"))):
+      content_type = 'application/json' if request[1].startswith(b'{') else 'image/png'
+      status, got = _post(*request, content_type)
+      assert status == code and re.search(message, got['error']), (request[0], status, got)
+    monkeypatch.setattr(serve, 'MAX_BODY_BYTES', 32 << 20)
+    status, got = _post(url(prompt=prompts[0], k=5), files[0].read_bytes())  # the server goes on
+    assert status == 200 and same(got, attributor.attribute(image=str(files[0]), prompt=prompts[0], k=5))
+    with urllib.request.urlopen(f'{server.url}/health') as response:
+      health = json.loads(response.read())
+    assert health['training_images'] == 1600 and health['requests']['answered'] == 3 + len(jobs) + 1
+    assert health['requests']['refused'] == 14
+  finally:
+    server.shutdown()
+    server.server_close()
+  # The command: an address in use said before the student loads; SIGTERM stops it with its counts.
+  with serve.AttributionServer(None, '127.0.0.1', 0) as taken:
+    with pytest.raises(UserError, match=f'cannot listen on 127.0.0.1:{taken.server_address[1]}'):
+      serve.serve_command(str(tmp_path / 'no_such_workdir'), '127.0.0.1', taken.server_address[1])
+  port = free_port()
+  child = launch(['attrib', 'serve', '--workdir', str(pipeline), '--port', str(port)], devices=1)
+  try:
+    lines = []
+    while not any(line.startswith('attrib serve:') for line in lines):
+      lines.append(child.stdout.readline())
+      assert lines[-1] or child.poll() is None, ''.join(lines)
+    assert f'on http://127.0.0.1:{port}' in lines[-1]
+    status, got = _post(f'http://127.0.0.1:{port}/attribute?' + urllib.parse.urlencode({'prompt': prompts[0], 'k': 5}),
+                        files[0].read_bytes())
+    assert status == 200 and same(got, attributor.attribute(image=str(files[0]), prompt=prompts[0], k=5))
+    child.send_signal(signal.SIGTERM)
+    output = child.communicate(timeout=60)[0]
+  finally:
+    child.kill()
+  assert child.returncode == 0, output
+  result = json.loads(output[output.index('{\n'):])
+  assert result['job'] == 'attrib serve' and result['requests']['answered'] == 1

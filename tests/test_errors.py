@@ -237,6 +237,10 @@ def _bad_inputs(tmp):
       'attrib add of nothing': (['attrib', 'add', '--workdir', str(tmp / 'w')], 'takes --images'),
       'attrib remove with no student': (['attrib', 'remove', '--workdir', str(tmp / 'w'), '--ids', '3'], 'attrib distill'),
       'attrib remove of nothing': (['attrib', 'remove', '--workdir', str(tmp / 'w')], 'takes --ids'),
+      'attrib serve with no student': (['attrib', 'serve', '--workdir', str(tmp / 'w'), '--port', '0'],
+                                       'attrib distill'),
+      'attrib serve on no port': (['attrib', 'serve', '--workdir', str(tmp / 'w'), '--port', '70000'],
+                                  '--port 70000: expected a port number in [0, 65535]'),
       'attrib remove of words': (['attrib', 'remove', '--workdir', str(tmp / 'w'), '--ids', '3,seven'],
                                  "--ids '3,seven': expected comma-separated training ids"),
       'attrib query among words': (['attrib', 'query', '--workdir', str(tmp / 'w'), '--image', 'x.png', '--prompt',
@@ -348,7 +352,7 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'quickstart of a tokenizer value', 'lvm generate of a list line for another mode',
          'lvm generate of grids for one prompt', 'lvm eval of a negative completion count',
          'attrib query among words', 'attrib query among ids inline and in a file',
-         'lvm generate of greedy samples for a list']
+         'lvm generate of greedy samples for a list', 'attrib serve with no student', 'attrib serve on no port']
 
 
 @pytest.mark.parametrize('case', CASES)

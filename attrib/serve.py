@@ -1,0 +1,273 @@
+"""`launch.py attrib serve`: a distilled student behind HTTP, for an application that asks "which
+training images made this image?" over the network. The Attributor loads once (index and embedder
+in memory, compiled by a warm-up query before the first request) and answers each request as
+`Attributor.attribute` answers it, many at once: one thread per connection, queries sharing the
+index under its readers' lock.
+
+  POST /attribute   one query
+      the image file's bytes as the body, its prompt and options in the URL:
+        curl --data-binary @q.png 'http://127.0.0.1:8000/attribute?prompt=a+handwritten+seven&k=10&among=5,77'
+      or JSON (Content-Type: application/json):
+        {"image": "<the file's bytes, base64>", "prompt": "...", "k": 10, "among": [5, 77]}
+        {"features": [...], "k": 10}       (a student of precomputed features: one φ row)
+      -> 200 {"ids": [...], "scores": [...], "captions": [...] or null, "paths": [...] or null, "ms": 4.2}
+  GET /health       -> 200 {"status": "ok", "training_images": N, "attributor": "Attributor(...)"}
+
+A request the student cannot take (not an image, no prompt, k out of range, an unknown field or
+training id) gets 400 with {"error": "..."} naming what was wrong, as the CLI's one-line errors; a
+fault of ours gets 500 with its message (and its traceback on stderr); the server goes on either way.
+It has no authentication or TLS: it listens on 127.0.0.1 unless --host says otherwise; put it
+behind a proxy that has them before opening it to a network. SIGTERM or Ctrl-C stop it, printing
+how many requests it answered and their latency.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import signal
+import sys
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from core.errors import UserError
+
+# Larger bodies are refused unread: a generated image is a few MB at most, and each request's body
+# is held in memory while it is answered.
+MAX_BODY_BYTES = 32 << 20
+_URL_FIELDS = {'prompt', 'k', 'among'}
+_JSON_FIELDS = {'image', 'prompt', 'k', 'among', 'features'}
+
+
+class BadRequest(UserError):
+  """A request the server cannot take, answered with its HTTP status and this message."""
+
+  def __init__(self, message: str, status: int = 400):
+    super().__init__(message)
+    self.status = status
+
+
+def query_of_url(params: dict[str, list[str]], body: bytes) -> dict:
+  """Attributor.attribute's arguments from a request whose body is the image file and whose URL holds
+  prompt=, k= and among=3,17,250."""
+  from attrib.query_images import decode_image
+  unknown = sorted(set(params) - _URL_FIELDS)
+  if unknown:  # a misspelt option would otherwise be answered with its default
+    raise BadRequest(f'unknown URL parameter(s) {", ".join(unknown)}: this endpoint takes '
+                     f'{", ".join(sorted(_URL_FIELDS))}')
+  repeated = sorted(name for name, values in params.items() if len(values) > 1)
+  if repeated:
+    raise BadRequest(f'URL parameter(s) {", ".join(repeated)} given more than once')
+  query = {name: values[0] for name, values in params.items()}
+  if not body:
+    raise BadRequest('the request has no body: send the image file\'s bytes (curl --data-binary @q.png), '
+                     'or JSON with "image" (base64) and "prompt"')
+  if 'prompt' not in query:
+    raise BadRequest('no prompt= in the URL: the prompt that generated the image (URL-encoded)')
+  kwargs = {'image': decode_image(body, 'the request body'), 'prompt': query['prompt']}
+  if 'k' in query:
+    kwargs['k'] = _integer(query['k'], 'k')
+  if 'among' in query:
+    kwargs['among'] = [_integer(text, 'among') for text in query['among'].split(',') if text.strip()]
+  return kwargs
+
+
+def query_of_json(body: bytes) -> dict:
+  """Attributor.attribute's arguments from a JSON request: image (base64) and prompt, or features."""
+  from attrib.query_images import decode_image
+  try:
+    fields = json.loads(body)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise BadRequest(f'the request body is not JSON ({e})') from None
+  if not isinstance(fields, dict):
+    raise BadRequest(f'the JSON body is a {type(fields).__name__}, expected an object: '
+                     '{"image": base64, "prompt": "...", "k": 10}')
+  unknown = sorted(set(fields) - _JSON_FIELDS)
+  if unknown:
+    raise BadRequest(f'unknown field(s) {", ".join(unknown)}: a request takes {", ".join(sorted(_JSON_FIELDS))}')
+  kwargs = {name: fields[name] for name in ('prompt', 'k', 'among') if name in fields}
+  if 'features' in fields:
+    if 'image' in fields or 'prompt' in fields:
+      raise BadRequest('give "image" and "prompt", or "features", not both')
+    try:
+      kwargs['features'] = np.asarray(fields['features'], np.float32)
+    except (TypeError, ValueError) as e:
+      raise BadRequest(f'"features" is not a list of numbers ({e})') from None
+    return kwargs
+  if 'image' not in fields:
+    raise BadRequest('no "image": the image file\'s bytes, base64-encoded (or "features" for a student of '
+                     'precomputed features)')
+  if not isinstance(fields['image'], str):
+    raise BadRequest(f'"image" is a {type(fields["image"]).__name__}, expected a base64 string')
+  try:
+    data = base64.b64decode(fields['image'], validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise BadRequest(f'"image" is not base64 ({e})') from None
+  if 'prompt' not in fields:
+    raise BadRequest('no "prompt": the prompt that generated the image')
+  kwargs['image'] = decode_image(data, '"image"')
+  return kwargs
+
+
+def _integer(text: str, name: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise BadRequest(f'{name}={text!r} is not an integer') from None
+
+
+def answer_json(attribution, ms: float) -> dict:
+  return {'ids': attribution.ids.tolist(), 'scores': attribution.scores.tolist(), 'captions': attribution.captions,
+          'paths': attribution.paths, 'ms': round(ms, 3)}
+
+
+class _Handler(BaseHTTPRequestHandler):
+  protocol_version = 'HTTP/1.1'  # connections kept open: a client's next query skips the handshake
+  server_version = 'lvm-attrib'
+  server: 'AttributionServer'
+
+  def do_GET(self):
+    if urlsplit(self.path).path in ('/health', '/'):
+      attributor = self.server.attributor
+      self._reply(200, {'status': 'ok', 'training_images': len(attributor.index) - len(attributor.removed),
+                        'attributor': repr(attributor), 'requests': self.server.counts()})
+    else:
+      self._reply(404, {'error': f'no such endpoint {self.path!r}: POST /attribute, GET /health'})
+
+  def do_POST(self):
+    url = urlsplit(self.path)
+    started = time.perf_counter()
+    try:
+      body = self._body()
+      if url.path != '/attribute':
+        raise BadRequest(f'no such endpoint {url.path!r}: POST /attribute, GET /health', 404)
+      content_type = self.headers.get('Content-Type', '').split(';')[0].strip().lower()
+      if content_type == 'application/json':
+        if url.query:
+          raise BadRequest('a JSON request carries its options in the body, not the URL')
+        kwargs = query_of_json(body)
+      else:
+        kwargs = query_of_url(parse_qs(url.query, keep_blank_values=True), body)
+      attribution = self.server.attributor.attribute(**kwargs)
+    except UserError as e:  # bad input: what was wrong, by name
+      self._reply(getattr(e, 'status', 400), {'error': str(e)})
+      return
+    except Exception as e:  # noqa: BLE001 (a fault of ours: said, logged, and the server goes on)
+      traceback.print_exc(file=sys.stderr)
+      self._reply(500, {'error': f'internal error: {type(e).__name__}: {e}'})
+      return
+    ms = (time.perf_counter() - started) * 1e3
+    self.server.answered(ms)
+    self._reply(200, answer_json(attribution, ms))
+
+  def _body(self) -> bytes:
+    length = self.headers.get('Content-Length')
+    if self.headers.get('Transfer-Encoding', '').lower() == 'chunked' or length is None:
+      self.close_connection = True  # a body of unknown length cannot be skipped to the next request
+      raise BadRequest('the request needs a Content-Length (a chunked body is not read)', 411)
+    try:
+      length = int(length)
+    except ValueError:
+      self.close_connection = True
+      raise BadRequest(f'Content-Length {length!r} is not a number') from None
+    if length > MAX_BODY_BYTES:
+      self.close_connection = True  # refused unread
+      raise BadRequest(f'the body is {length:,} bytes, over the {MAX_BODY_BYTES:,} this server reads', 413)
+    return self.rfile.read(length)
+
+  def _reply(self, status: int, payload: dict) -> None:
+    if status != 200:
+      self.server.refused()
+    data = json.dumps(payload).encode()
+    self.send_response(status)
+    self.send_header('Content-Type', 'application/json')
+    self.send_header('Content-Length', str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+  def log_message(self, format, *args):  # one line per request on stderr, as http.server's, with the time
+    sys.stderr.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {self.address_string()} {format % args}\n')
+
+
+class AttributionServer(ThreadingHTTPServer):
+  """An HTTP server answering attribution queries with one Attributor (see the module docstring)."""
+  daemon_threads = True  # a client holding its connection open does not keep the server from stopping
+
+  def __init__(self, attributor, host: str = '127.0.0.1', port: int = 8000):
+    self.attributor = attributor
+    self._lock, self._latencies_ms, self._refused = threading.Lock(), [], 0
+    super().__init__((host, port), _Handler)
+
+  @property
+  def url(self) -> str:
+    host, port = self.server_address[:2]
+    return f'http://{host}:{port}'
+
+  def answered(self, ms: float) -> None:
+    with self._lock:
+      self._latencies_ms.append(ms)
+
+  def refused(self) -> None:
+    with self._lock:
+      self._refused += 1
+
+  def counts(self) -> dict:
+    with self._lock:
+      latencies = np.asarray(self._latencies_ms)
+      return {'answered': len(latencies), 'refused': self._refused,
+              **({'p50_ms': round(float(np.percentile(latencies, 50)), 3),
+                  'p95_ms': round(float(np.percentile(latencies, 95)), 3)} if len(latencies) else {})}
+
+  def handle_error(self, request, client_address):  # a client gone mid-reply is not the server's fault
+    if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+      super().handle_error(request, client_address)
+
+
+def warm_up(attributor) -> None:
+  """One query through the path requests take, so that the first request does not pay for compiling."""
+  from PIL import Image
+  if attributor.featurizer is None:
+    attributor.attribute(features=np.zeros((1, attributor.input_dim), np.float32), k=1)
+  else:
+    attributor.attribute(image=Image.new('RGB', (64, 64), (128, 128, 128)), prompt='a picture', k=1)
+
+
+def serve_command(workdir: str, host: str, port: int, dino: str | None = None, clip: str | None = None,
+                  train_list: str | None = None) -> dict:
+  """`launch.py attrib serve`: answers until SIGTERM or Ctrl-C, then returns what it answered."""
+  from attrib.attributor import Attributor
+  from core.config import ConfigError
+  from core.workdir import versions
+  if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    raise ConfigError(f'--port {port!r}: expected a port number in [0, 65535] (0: a free one)')
+  try:  # the address first: one in use is said before the student loads
+    server = AttributionServer(None, host, port)
+  except OSError as e:
+    raise UserError(f'cannot listen on {host}:{port} ({e.strerror or e}): give another --port or --host, '
+                    'or stop what holds it') from None
+  try:
+    server.attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
+    warm_up(server.attributor)
+  except BaseException:
+    server.server_close()
+    raise
+  # SIGTERM (a service manager's stop) ends serve_forever from another thread: shutdown() waits for
+  # the loop, which runs in this one.
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start())
+  print(f'attrib serve: {server.attributor!r} on {server.url} (POST /attribute, GET /health); '
+        'SIGTERM or Ctrl-C stops it', file=sys.stderr, flush=True)
+  started = time.time()
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    server.server_close()
+  return {'job': 'attrib serve', 'workdir': str(workdir), 'url': server.url,
+          'served_s': round(time.time() - started, 1), 'requests': server.counts(), 'versions': versions()}
