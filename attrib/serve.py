@@ -128,6 +128,9 @@ def answer_json(attribution, ms: float) -> dict:
 
 class _Handler(BaseHTTPRequestHandler):
   protocol_version = 'HTTP/1.1'  # connections kept open: a client's next query skips the handshake
+  # Headers and body leave as separate writes; with Nagle's algorithm the body then waited for the
+  # client's delayed ACK: 40 ms more per answer on a kept-open connection (46 against 6 ms measured).
+  disable_nagle_algorithm = True
   server_version = 'lvm-attrib'
   server: 'AttributionServer'
 
