@@ -700,6 +700,7 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
   get 400s naming what was wrong and the server goes on; the command stops on SIGTERM with its counts."""
   import base64
   import signal
+  import socket
   import urllib.parse
   import urllib.request
   from concurrent.futures import ThreadPoolExecutor
@@ -758,12 +759,22 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
       status, got = _post(*request, content_type)
       assert status == code and re.search(message, got['error']), (request[0], status, got)
     monkeypatch.setattr(serve, 'MAX_BODY_BYTES', 32 << 20)
+    # A body shorter than announced: the client closed its side early, or stopped sending (timed out).
+    monkeypatch.setattr(serve._Handler, 'timeout', 1)
+    for close, expected in ((True, b'400 Bad Request'), (False, b'408 Request Timeout')):
+      with socket.create_connection(server.server_address[:2]) as raw:
+        raw.sendall(b'POST /attribute?prompt=p HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n' + image[:10])
+        if close:
+          raw.shutdown(socket.SHUT_WR)
+        reply = raw.makefile('rb').read()
+      assert reply.startswith(b'HTTP/1.1 ' + expected), reply
+      assert (b'ended after 10 of the 100 bytes' if close else b'none more in 1 s') in reply, reply
     status, got = _post(url(prompt=prompts[0], k=5), files[0].read_bytes())  # the server goes on
     assert status == 200 and same(got, attributor.attribute(image=str(files[0]), prompt=prompts[0], k=5))
     with urllib.request.urlopen(f'{server.url}/health') as response:
       health = json.loads(response.read())
     assert health['training_images'] == 1600 and health['requests']['answered'] == 3 + len(jobs) + 1
-    assert health['requests']['refused'] == 14
+    assert health['requests']['refused'] == 16
   finally:
     server.shutdown()
     server.server_close()
