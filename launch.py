@@ -323,10 +323,10 @@ def _refuse_folder_of_runs(args) -> None:
                         'works on')
 
 
-# Commands that only read their workdir (eval, generate, query, export-hf, show) hold no lock: a run can be
-# evaluated or prompted while it trains.
+# Commands that only read their workdir (eval, generate, query, serve, export-hf, show) hold no lock: a run can
+# be evaluated or prompted while it trains, and a served student changed by `attrib add` or `attrib remove`.
 _READ_ONLY = {('lvm', 'eval'), ('lvm', 'generate'), ('lvm', 'export-hf'), ('lvm', 'show'), ('attrib', 'eval'),
-              ('attrib', 'query'), ('attrib', 'generate')}
+              ('attrib', 'query'), ('attrib', 'generate'), ('attrib', 'serve')}
 
 
 def _written_workdir(args) -> str | Path | None:

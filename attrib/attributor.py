@@ -148,6 +148,12 @@ class Attributor:
             f"{' (' + ', '.join(changes) + ')' if changes else ''}, {featurizer} ({self.input_dim}-d), "
             f"{kind} index{', reranked by the student' if self.rerank else ''})")
 
+  @property
+  def files_state(self) -> tuple | None:
+    """The student folder's entries as this attributor loaded or last saved them (None on gs://):
+    against `student_files_state` of the folder now, whether another process changed it since."""
+    return self._files_at_load
+
   @classmethod
   def load(cls, workdir: str | Path, dino: str | None = None, clip: str | None = None,
            train_list: str | None = None) -> 'Attributor':

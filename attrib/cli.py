@@ -114,6 +114,9 @@ def add_parser(sub) -> None:
   asv.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
   asv.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
   asv.add_argument('--train-list', help='full scale: the training TSV (image<TAB>caption), for captions and paths')
+  asv.add_argument('--reload-every', type=float, default=2.0, metavar='SECONDS',
+                   help='look this often whether the student\'s files changed (attrib add, remove, index) and '
+                   'reload it when they did (default 2; 0: never)')
 
   ag = a.add_parser('generate', help='an image from a trained digits model for a prompt and seed (a query to attribute)')
   ag.add_argument('--workdir', required=True, help='a workdir from attrib train-model')
@@ -199,7 +202,8 @@ def run(args) -> dict:
                              args.train_list, among, args.among_file)
   elif args.command == 'serve':
     from attrib.serve import serve_command
-    result = serve_command(args.workdir, args.host, args.port, args.dino, args.clip, args.train_list)
+    result = serve_command(args.workdir, args.host, args.port, args.dino, args.clip, args.train_list,
+                           args.reload_every)
   elif args.command == 'generate':
     if args.seeds is not None:
       if args.seed is not None:

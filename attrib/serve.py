@@ -16,7 +16,10 @@ index under its readers' lock.
 A request the student cannot take (not an image, no prompt, k out of range, an unknown field or
 training id) gets 400 with {"error": "..."} naming what was wrong, as the CLI's one-line errors; a
 fault of ours gets 500 with its message (and its traceback on stderr); the server goes on either way.
-It has no authentication or TLS: it listens on 127.0.0.1 unless --host says otherwise; put it
+The student's files are watched (`--reload-every`, 2 s): after `attrib add`, `attrib remove` (a
+takedown) or `attrib index` from a shell, the server loads the changed student beside the one
+answering and then answers with it, without a restart or a refused request. It writes nothing into the
+workdir and holds no lock on it. It has no authentication or TLS: it listens on 127.0.0.1 unless --host says otherwise; put it
 behind a proxy that has them before opening it to a network. SIGTERM or Ctrl-C stop it, printing
 how many requests it answered and their latency.
 """
@@ -148,6 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
   def do_POST(self):
     url = urlsplit(self.path)
     started = time.perf_counter()
+    attributor = self.server.attributor  # one student for the whole request, whatever a reload does meanwhile
     try:
       body = self._body()
       if url.path != '/attribute':
@@ -159,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
         kwargs = query_of_json(body)
       else:
         kwargs = query_of_url(parse_qs(url.query, keep_blank_values=True), body)
-      attribution = self.server.attributor.attribute(**kwargs)
+      attribution = attributor.attribute(**kwargs)
     except UserError as e:  # bad input: what was wrong, by name
       self._reply(getattr(e, 'status', 400), {'error': str(e)})
       return
@@ -214,7 +218,8 @@ class AttributionServer(ThreadingHTTPServer):
   daemon_threads = True  # a client holding its connection open does not keep the server from stopping
 
   def __init__(self, attributor, host: str = '127.0.0.1', port: int = 8000):
-    self.attributor = attributor
+    self.attributor = attributor  # replaced whole by reload_when_changed: a request reads it once
+    self.reloads = 0
     self._lock, self._latencies_ms, self._refused = threading.Lock(), [], 0
     super().__init__((host, port), _Handler)
 
@@ -252,25 +257,66 @@ def warm_up(attributor) -> None:
     attributor.attribute(image=Image.new('RGB', (64, 64), (128, 128, 128)), prompt='a picture', k=1)
 
 
+def reload_when_changed(server: AttributionServer, load, every_s: float, stop: threading.Event) -> None:
+  """Serves a student whose files another process changed (`attrib add`, `attrib remove` (a takedown),
+  `attrib index`, a new distill): every `every_s` seconds the student folder is compared with the one
+  loaded; once a change has held still for one look (a save writes several files), a fresh Attributor
+  is loaded and warmed up beside the old one, which answers meanwhile, then takes over. A student that
+  does not load (a distill half-way) is said on stderr, and the old one goes on answering until the
+  files change again. Local workdirs (a gs:// folder is not watched)."""
+  from attrib.attributor import student_files_state
+  from attrib.distill import student_dir
+  student = student_dir(server.attributor.workdir)
+  loaded = seen = server.attributor.files_state
+  if loaded is None:
+    return
+  while not stop.wait(every_s):
+    try:
+      state = student_files_state(student)
+    except OSError:  # a file replaced between listing and stat: still changing
+      continue
+    if state == loaded or state != seen:
+      seen = state
+      continue
+    try:
+      fresh = load()
+      warm_up(fresh)
+    except Exception as e:  # noqa: BLE001 (said; the loaded student goes on answering)
+      print(f'attrib serve: {student} changed but does not load ({type(e).__name__}: {e}); answering with '
+            'the student loaded before until it changes again', file=sys.stderr, flush=True)
+      loaded = state
+      continue
+    server.attributor, loaded = fresh, fresh.files_state
+    server.reloads += 1
+    print(f'attrib serve: reloaded, its files changed: {fresh!r}', file=sys.stderr, flush=True)
+
+
 def serve_command(workdir: str, host: str, port: int, dino: str | None = None, clip: str | None = None,
-                  train_list: str | None = None) -> dict:
+                  train_list: str | None = None, reload_every_s: float = 2.0) -> dict:
   """`launch.py attrib serve`: answers until SIGTERM or Ctrl-C, then returns what it answered."""
   from attrib.attributor import Attributor
   from core.config import ConfigError
   from core.workdir import versions
   if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
     raise ConfigError(f'--port {port!r}: expected a port number in [0, 65535] (0: a free one)')
+  if not reload_every_s >= 0:
+    raise ConfigError(f'--reload-every {reload_every_s!r}: expected seconds >= 0 (0: never reload)')
   try:  # the address first: one in use is said before the student loads
     server = AttributionServer(None, host, port)
   except OSError as e:
     raise UserError(f'cannot listen on {host}:{port} ({e.strerror or e}): give another --port or --host, '
                     'or stop what holds it') from None
+  load = lambda: Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
   try:
-    server.attributor = Attributor.load(workdir, dino=dino, clip=clip, train_list=train_list)
+    server.attributor = load()
     warm_up(server.attributor)
   except BaseException:
     server.server_close()
     raise
+  stop_watching = threading.Event()
+  if reload_every_s:
+    threading.Thread(target=reload_when_changed, args=(server, load, reload_every_s, stop_watching),
+                     daemon=True).start()
   # SIGTERM (a service manager's stop) ends serve_forever from another thread: shutdown() waits for
   # the loop, which runs in this one.
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start())
@@ -282,7 +328,9 @@ def serve_command(workdir: str, host: str, port: int, dino: str | None = None, c
   except KeyboardInterrupt:
     pass
   finally:
+    stop_watching.set()
     signal.signal(signal.SIGTERM, previous)
     server.server_close()
   return {'job': 'attrib serve', 'workdir': str(workdir), 'url': server.url,
-          'served_s': round(time.time() - started, 1), 'requests': server.counts(), 'versions': versions()}
+          'served_s': round(time.time() - started, 1), 'requests': server.counts(), 'reloads': server.reloads,
+          'versions': versions()}

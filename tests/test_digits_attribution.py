@@ -699,8 +699,10 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
   base64, answered exactly as Attributor.attribute answers the file, also many at once; bad requests
   get 400s naming what was wrong and the server goes on; the command stops on SIGTERM with its counts."""
   import base64
+  import shutil
   import signal
   import socket
+  import time
   import urllib.parse
   import urllib.request
   from concurrent.futures import ThreadPoolExecutor
@@ -782,21 +784,32 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
   with serve.AttributionServer(None, '127.0.0.1', 0) as taken:
     with pytest.raises(UserError, match=f'cannot listen on 127.0.0.1:{taken.server_address[1]}'):
       serve.serve_command(str(tmp_path / 'no_such_workdir'), '127.0.0.1', taken.server_address[1])
+  work = tmp_path / 'served'  # its own copy: a takedown below changes the student
+  shutil.copytree(pipeline, work, ignore=shutil.ignore_patterns('counterfactual'))
   port = free_port()
-  child = launch(['attrib', 'serve', '--workdir', str(pipeline), '--port', str(port)], devices=1)
+  child = launch(['attrib', 'serve', '--workdir', str(work), '--port', str(port), '--reload-every', '0.2'], devices=1)
+  ask = lambda: _post(f'http://127.0.0.1:{port}/attribute?' + urllib.parse.urlencode({'prompt': prompts[0], 'k': 5}),
+                      files[0].read_bytes())[1]
   try:
     lines = []
     while not any(line.startswith('attrib serve:') for line in lines):
       lines.append(child.stdout.readline())
       assert lines[-1] or child.poll() is None, ''.join(lines)
     assert f'on http://127.0.0.1:{port}' in lines[-1]
-    status, got = _post(f'http://127.0.0.1:{port}/attribute?' + urllib.parse.urlencode({'prompt': prompts[0], 'k': 5}),
-                        files[0].read_bytes())
-    assert status == 200 and same(got, attributor.attribute(image=str(files[0]), prompt=prompts[0], k=5))
+    before = ask()
+    assert same(before, attributor.attribute(image=str(files[0]), prompt=prompts[0], k=5))
+    # A takedown from a shell while it serves: the server reloads the student and leaves the image out.
+    assert launch_main(['attrib', 'remove', '--workdir', str(work), '--ids', str(before['ids'][0])]) == 0
+    deadline = time.time() + 60
+    while (after := ask())['ids'] == before['ids'] and time.time() < deadline:
+      time.sleep(0.1)
+    assert same(after, Attributor.load(work).attribute(image=str(files[0]), prompt=prompts[0], k=5))
+    assert before['ids'][0] not in after['ids'] and after['ids'][:4] == before['ids'][1:]
     child.send_signal(signal.SIGTERM)
     output = child.communicate(timeout=60)[0]
   finally:
     child.kill()
   assert child.returncode == 0, output
+  assert 'attrib serve: reloaded, its files changed' in output
   result = json.loads(output[output.index('{\n'):])
-  assert result['job'] == 'attrib serve' and result['requests']['answered'] == 1
+  assert result['job'] == 'attrib serve' and result['reloads'] == 1 and result['requests']['answered'] >= 2
