@@ -182,9 +182,11 @@ class _Handler(BaseHTTPRequestHandler):
       raise BadRequest('the request needs a Content-Length (a chunked body is not read)', 411)
     try:
       length = int(length)
+      if length < 0:  # read(-1) would read until the client closes
+        raise ValueError
     except ValueError:
       self.close_connection = True
-      raise BadRequest(f'Content-Length {length!r} is not a number') from None
+      raise BadRequest(f'Content-Length {self.headers.get("Content-Length")!r} is not a byte count') from None
     if length > MAX_BODY_BYTES:
       self.close_connection = True  # refused unread
       raise BadRequest(f'the body is {length:,} bytes, over the {MAX_BODY_BYTES:,} this server reads', 413)
@@ -201,11 +203,13 @@ class _Handler(BaseHTTPRequestHandler):
 
   def _reply(self, status: int, payload: dict) -> None:
     if status != 200:
-      self.server.refused()
+      self.server.count_error(status)
     data = json.dumps(payload).encode()
     self.send_response(status)
     self.send_header('Content-Type', 'application/json')
     self.send_header('Content-Length', str(len(data)))
+    if self.close_connection:  # the client learns not to send its next request on this connection
+      self.send_header('Connection', 'close')
     self.end_headers()
     self.wfile.write(data)
 
@@ -220,7 +224,7 @@ class AttributionServer(ThreadingHTTPServer):
   def __init__(self, attributor, host: str = '127.0.0.1', port: int = 8000):
     self.attributor = attributor  # replaced whole by reload_when_changed: a request reads it once
     self.reloads = 0
-    self._lock, self._latencies_ms, self._refused = threading.Lock(), [], 0
+    self._lock, self._latencies_ms, self._refused, self._failed = threading.Lock(), [], 0, 0
     super().__init__((host, port), _Handler)
 
   @property
@@ -232,14 +236,17 @@ class AttributionServer(ThreadingHTTPServer):
     with self._lock:
       self._latencies_ms.append(ms)
 
-  def refused(self) -> None:
+  def count_error(self, status: int) -> None:
     with self._lock:
-      self._refused += 1
+      if status >= 500:
+        self._failed += 1  # ours
+      else:
+        self._refused += 1  # the request's
 
   def counts(self) -> dict:
     with self._lock:
       latencies = np.asarray(self._latencies_ms)
-      return {'answered': len(latencies), 'refused': self._refused,
+      return {'answered': len(latencies), 'refused': self._refused, 'failed': self._failed,
               **({'p50_ms': round(float(np.percentile(latencies, 50)), 3),
                   'p95_ms': round(float(np.percentile(latencies, 95)), 3)} if len(latencies) else {})}
 
