@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import json
 import signal
 import sys
@@ -43,6 +44,7 @@ from core.errors import UserError
 # Larger bodies are refused unread: a generated image is a few MB at most, and each request's body
 # is held in memory while it is answered.
 MAX_BODY_BYTES = 32 << 20
+LATENCIES_KEPT = 10_000  # p50 / p95 in /health and the final counts are of the latest answers
 _URL_FIELDS = {'prompt', 'k', 'among'}
 _JSON_FIELDS = {'image', 'prompt', 'k', 'among', 'features'}
 
@@ -224,7 +226,9 @@ class AttributionServer(ThreadingHTTPServer):
   def __init__(self, attributor, host: str = '127.0.0.1', port: int = 8000):
     self.attributor = attributor  # replaced whole by reload_when_changed: a request reads it once
     self.reloads = 0
-    self._lock, self._latencies_ms, self._refused, self._failed = threading.Lock(), [], 0, 0
+    self._lock, self._answered, self._refused, self._failed = threading.Lock(), 0, 0, 0
+    # The latest answers' latencies, for p50/p95: a service's whole history would grow without bound.
+    self._latencies_ms = collections.deque(maxlen=LATENCIES_KEPT)
     super().__init__((host, port), _Handler)
 
   @property
@@ -234,6 +238,7 @@ class AttributionServer(ThreadingHTTPServer):
 
   def answered(self, ms: float) -> None:
     with self._lock:
+      self._answered += 1
       self._latencies_ms.append(ms)
 
   def count_error(self, status: int) -> None:
@@ -246,7 +251,7 @@ class AttributionServer(ThreadingHTTPServer):
   def counts(self) -> dict:
     with self._lock:
       latencies = np.asarray(self._latencies_ms)
-      return {'answered': len(latencies), 'refused': self._refused, 'failed': self._failed,
+      return {'answered': self._answered, 'refused': self._refused, 'failed': self._failed,
               **({'p50_ms': round(float(np.percentile(latencies, 50)), 3),
                   'p95_ms': round(float(np.percentile(latencies, 95)), 3)} if len(latencies) else {})}
 
