@@ -68,16 +68,29 @@ def refuse_non_finite(features: np.ndarray) -> None:
     raise AttributionError(f'features rows {rows[:5].tolist()} hold NaN or infinity')
 
 
-def student_files_state(student) -> tuple | None:
-  """Every entry of a local student folder as (name, inode, size, modification time): a save replaces
-  the files it writes (new inodes), a distill rewrites them all. None on gs:// (not compared there)."""
+def student_files_state(student) -> tuple:
+  """What tells whether another process changed the student folder since it was looked at. Local:
+  every top-level entry as (name, inode, size, modification time): a save replaces the files it writes
+  (new inodes), a distill rewrites them all. gs://: every object under it as (name, size, generation):
+  an object rewritten gets a new generation, even with the same bytes (one listing request)."""
   if is_remote(student):
-    return None
+    return _bucket_objects_state(str(student))
   entries = []
   for entry in sorted(Path(student).iterdir()):
     stat = entry.stat()
     entries.append((entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
   return tuple(entries)
+
+
+def _bucket_objects_state(url: str) -> tuple:
+  import fsspec
+  filesystem = fsspec.filesystem('gs')
+  prefix = url.rstrip('/')
+  filesystem.invalidate_cache(prefix)  # gcsfs keeps listings: another machine's save would go unseen
+  objects = filesystem.find(prefix, detail=True)
+  return tuple((name[len(prefix.split('://', 1)[-1]):], info.get('size'),
+                info.get('generation') or info.get('updated') or info.get('md5Hash'))
+               for name, info in sorted(objects.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +163,8 @@ class Attributor:
 
   @property
   def files_state(self) -> tuple | None:
-    """The student folder's entries as this attributor loaded or last saved them (None on gs://):
-    against `student_files_state` of the folder now, whether another process changed it since."""
+    """The student folder's entries as they were when this attributor began loading them or last saved
+    them: against `student_files_state` of the folder now, whether another process changed it since."""
     return self._files_at_load
 
   @classmethod
@@ -163,8 +176,14 @@ class Attributor:
     from attrib.additions import distilled_rows, leave_out_unfinished_add, read_additions
     from attrib.distill import DEFAULT_TPU, load_student_run, restore_embedder, student_dir
     workdir = as_path(workdir)  # local or gs://
-    run = load_student_run(workdir)
     student = student_dir(workdir)
+    # Looked at before any file is read: a change while this loads is then seen by the next look
+    # (`attrib serve` reloads, `save` refuses) rather than taken for what was loaded.
+    try:
+      files_before = student_files_state(student)
+    except OSError:  # no student yet: load_student_run says what to run
+      files_before = None
+    run = load_student_run(workdir)
     index = load_any(student / 'index')
     # On one device, whatever slice distilled it: the student serves where it is loaded (a laptop, a
     # CPU server), its parameters held as numpy below.
@@ -217,7 +236,7 @@ class Attributor:
     attributor = cls(workdir, graphdef, params, index, featurizer, captions, images, rerank, prior)
     attributor.distilled_rows, attributor.additions = n_train, additions
     attributor.removed = read_removed(student, n_train + len(additions))
-    attributor._files_at_load = student_files_state(student)
+    attributor._files_at_load = files_before if files_before is not None else student_files_state(student)
     return attributor
 
   def features(self, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
@@ -418,7 +437,9 @@ class Attributor:
     The files must be as this attributor loaded them: if another process saved its own additions or
     removals since (`attrib add` from a shell, a second service), or distilled again, writing this
     attributor's view would silently drop that change; refused instead, naming the workdir. While it
-    writes, the workdir is held against other writing jobs (core/workdir_lock.py)."""
+    writes, the workdir is held against other writing jobs (core/workdir_lock.py). On gs:// the check
+    sees a save from another machine too (the objects' generations); two machines saving in the same
+    instant are not kept apart (an object store has no lock)."""
     from attrib.distill import student_dir
     from core.workdir_lock import writing_into
     if not len(self._unsaved_embeddings) and not self._removals_unsaved:

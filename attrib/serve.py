@@ -275,18 +275,25 @@ def reload_when_changed(server: AttributionServer, load, every_s: float, stop: t
   loaded; once a change has held still for one look (a save writes several files), a fresh Attributor
   is loaded and warmed up beside the old one, which answers meanwhile, then takes over. A student that
   does not load (a distill half-way) is said on stderr, and the old one goes on answering until the
-  files change again. Local workdirs (a gs:// folder is not watched)."""
+  files change again. A gs:// student is watched alike, one listing request per look (its objects'
+  generations), so a takedown saved from another machine is served too."""
   from attrib.attributor import student_files_state
   from attrib.distill import student_dir
   student = student_dir(server.attributor.workdir)
   loaded = seen = server.attributor.files_state
-  if loaded is None:
-    return
+  said = None
   while not stop.wait(every_s):
     try:
       state = student_files_state(student)
-    except OSError:  # a file replaced between listing and stat: still changing
+    except FileNotFoundError:  # a file replaced between listing and stat: still changing
       continue
+    except Exception as e:  # noqa: BLE001 (a bucket not answering: said once, looked at again)
+      if str(e) != said:
+        print(f'attrib serve: cannot look at {student} ({type(e).__name__}: {e}); answering with the student '
+              'loaded, looking again', file=sys.stderr, flush=True)
+        said = str(e)
+      continue
+    said = None
     if state == loaded or state != seen:
       seen = state
       continue

@@ -632,7 +632,7 @@ def test_removed_training_images_answer_as_indexes_that_never_held_them(pipeline
     np.testing.assert_array_equal(a.ids, r.ids)
 
 
-def test_a_save_over_another_processs_change_is_refused(pipeline, tmp_path, capsys):
+def test_a_save_over_another_processs_change_is_refused(pipeline, tmp_path, capsys, monkeypatch):
   """Two attributors (a service and `attrib add` from a shell) loaded the same student: the second to
   save would have written its own view over the first's addition, dropping it. Refused, nothing written;
   loaded again, the change is made on top of the other."""
@@ -662,6 +662,23 @@ def test_a_save_over_another_processs_change_is_refused(pipeline, tmp_path, caps
   assert len(final.index) == 1602 and final.removed.tolist() == [3, 4]
   # The stale attributor still answers queries from what it loaded.
   assert len(service.attribute(image=new['images'][2], prompt=str(new['prompts'][2]), k=3).ids) == 3
+  # A takedown saved while another Attributor was loading, after it had read the removed ids: it holds
+  # what it read, so it must count itself as loaded before that save, not after (its save would drop id 5).
+  import attrib.attributor as attributor_module
+  from attrib.removals import read_removed, write_removed
+
+  def removal_saved_meanwhile(student, total):
+    removed = read_removed(student, total)
+    write_removed(student, np.asarray([3, 4, 5]))
+    return removed
+  monkeypatch.setattr(attributor_module, 'read_removed', removal_saved_meanwhile)
+  loading = Attributor.load(work)
+  monkeypatch.undo()
+  assert loading.removed.tolist() == [3, 4]
+  loading.remove_training_images([6])
+  with pytest.raises(AttributionError, match='changed since this Attributor was loaded'):
+    loading.save()
+  assert Attributor.load(work).removed.tolist() == [3, 4, 5]
 
 
 def test_the_quickstart_summary_names_commands_that_attribute_a_users_own_query(pipeline, tmp_path, capsys,

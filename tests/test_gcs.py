@@ -149,9 +149,9 @@ np.save('{out}', np.concatenate([b['tokens'] for b in held_out_batches(config, 4
   assert _local_files(tmp_path, ROOT) - before == set()
 
 
-def _image_folders(tmp_path, url: str) -> None:
+def _image_folders(tmp_path, url: str, prefix: str = '') -> None:
   """imgs/ (two class folders, a file at the top, a corrupt one) and clips/ (two videos of frames),
-  written in tmp_path and uploaded to the bucket under the same names."""
+  written in tmp_path and uploaded to the bucket under the same names after `prefix`."""
   from PIL import Image
   rng = np.random.default_rng(0)
   files = {f'imgs/{c}/{i}.png': (20 + 7 * i, 30) for c in ('cats', 'dogs') for i in range(2)}
@@ -161,7 +161,7 @@ def _image_folders(tmp_path, url: str) -> None:
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
   (tmp_path / 'imgs/dogs/broken.png').write_bytes(b'\x89PNG truncated')
   for path in sorted(p for p in tmp_path.rglob('*') if p.is_file()):
-    _upload(url, str(path.relative_to(tmp_path)), path.read_bytes())
+    _upload(url, prefix + str(path.relative_to(tmp_path)), path.read_bytes())
 
 
 def test_image_folders_and_videos_read_from_a_bucket_as_from_disk(gcs, tmp_path):
@@ -423,10 +423,13 @@ def test_the_lvm_path_in_a_bucket_tokenizer_to_generate(gcs, tmp_path):
        '--set', 'train.progress_bar=false')
   _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', 'builtin:digits', '--kind', 'video',
        '--sentences', '16', '--out', f'{root}/sent')
-  _image_folders(tmp_path / 'up', url)  # images and videos in the bucket, tokenized from there
-  _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', f'gs://{BUCKET}/imgs',
+  # Images and videos in the bucket, tokenized from there (a folder of this test's: another test adds a
+  # clip to the top one)
+  _image_folders(tmp_path / 'up', url, prefix='lvm_path/in/')
+  src = f'gs://{BUCKET}/lvm_path/in'
+  _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', f'{src}/imgs',
        '--kind', 'groups', '--frames', '2', '--sentences', '4', '--out', f'{root}/sent_imgs')  # classes of 2 images
-  _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', f'frames:gs://{BUCKET}/clips',
+  _run(env, tmp_path, 'lvm', 'tokenize', '--tokenizer', f'{root}/tok', '--source', f'frames:{src}/clips',
        '--kind', 'video', '--frames', '3', '--sentences', '4', '--out', f'{root}/sent_clips')
   for made, kind, images in (('sent_imgs', 'groups', 5), ('sent_clips', 'video', 6)):
     manifest = json.loads(_read(url, f'lvm_path/{made}/manifest.json'))
@@ -439,18 +442,18 @@ def test_the_lvm_path_in_a_bucket_tokenizer_to_generate(gcs, tmp_path):
   for i in range(2):
     Image.new('RGB', (32, 32), (40 * i, 0, 0)).save(tmp_path / f'p{i}.png')
     prompts.append(str(tmp_path / f'p{i}.png'))
-  _run(env, tmp_path, 'lvm', 'generate', '--workdir', f'{root}/lvm', '--prompt', *prompts, f'gs://{BUCKET}/imgs/top.jpg',
+  _run(env, tmp_path, 'lvm', 'generate', '--workdir', f'{root}/lvm', '--prompt', *prompts, f'{src}/imgs/top.jpg',
        '--out', f'{root}/gen.jpg')
   result = json.loads(_read(url, 'lvm_path/lvm/generate_result.json'))
   assert result['tokenizer'] == f'{root}/tok' and len(result['tokens'][0]) == 64
   assert _read(url, 'lvm_path/gen.jpg')[:3] == b'\xff\xd8\xff'  # JPEG
   # Many prompts from a list in the bucket (its paths relative to it, a clip folder among them), answered there.
-  _upload(url, 'prompts.txt', b'imgs/top.jpg imgs/cats/0.png\nclips/v1\n')
-  _run(env, tmp_path, 'lvm', 'generate', '--workdir', f'{root}/lvm', '--prompts', f'gs://{BUCKET}/prompts.txt',
+  _upload(url, 'lvm_path/in/prompts.txt', b'imgs/top.jpg imgs/cats/0.png\nclips/v1\n')
+  _run(env, tmp_path, 'lvm', 'generate', '--workdir', f'{root}/lvm', '--prompts', f'{src}/prompts.txt',
        '--out', f'{root}/answers')
   records = [json.loads(line) for line in _read(url, 'lvm_path/answers/results.jsonl').decode().splitlines()]
-  assert records[1]['images'] == [f'gs://{BUCKET}/clips/v1/{f:02d}.png' for f in range(3)]
-  assert records[0]['images'] == [f'gs://{BUCKET}/imgs/top.jpg', f'gs://{BUCKET}/imgs/cats/0.png']
+  assert records[1]['images'] == [f'{src}/clips/v1/{f:02d}.png' for f in range(3)]
+  assert records[0]['images'] == [f'{src}/imgs/top.jpg', f'{src}/imgs/cats/0.png']
   assert sorted(_objects(url, 'lvm_path/answers/')) == [
       'lvm_path/answers/00001_frame1.png', 'lvm_path/answers/00002_frame1.png', 'lvm_path/answers/results.jsonl']
   assert _local_files(tmp_path, ROOT) - before - _local_files(tmp_path / 'up') == {
@@ -491,10 +494,34 @@ assert main(['attrib', 'index', '--workdir', w, '--shards', '2']) == 0
 assert main(['attrib', 'eval', '--workdir', w, '--ranks', 'gs://{BUCKET}/release/influence_test.pkl']) == 0
 q = np.load({str(release / 'feats' / 'toy' / 'test_query_feats.npy')!r})
 answers = [[a.ids.tolist() for a in Attributor.load(x).attribute_batch(features=q, k=5)] for x in (w, {str(local)!r})]
+# `attrib serve` of the gs:// student, watching it (as the command does, looking every 0.2 s), and a
+# second Attributor loaded before the change below.
+import threading, time, urllib.request
+from attrib.serve import AttributionServer, reload_when_changed
+server, stale = AttributionServer(Attributor.load(w), '127.0.0.1', 0), Attributor.load(w)
+stop = threading.Event()
+threads = [threading.Thread(target=server.serve_forever),
+           threading.Thread(target=reload_when_changed, args=(server, lambda: Attributor.load(w), 0.2, stop))]
+[t.start() for t in threads]
 # Training images added to the gs:// student (into its sharded index) and saved there.
 grown = Attributor.load(w)
 grown.add_training_images(features=q[:2])
 grown.save()
+deadline = time.time() + 120
+while server.reloads == 0 and time.time() < deadline:
+  time.sleep(0.1)
+time.sleep(1.5)  # looks enough for a spurious second reload
+request = urllib.request.Request(server.url + '/attribute', data=json.dumps({{'features': q[0].tolist(), 'k': 5}}).encode(),
+                                 headers={{'Content-Type': 'application/json'}})
+served = json.loads(urllib.request.urlopen(request, timeout=60).read())['ids']
+stop.set(); server.shutdown(); [t.join() for t in threads]; server.server_close()
+try:  # its files changed since it loaded: saving its own view would drop the two added
+  stale.remove_training_images([0]); stale.save(); refused = ''
+except Exception as e:
+  refused = type(e).__name__ + ': ' + str(e)
+fresh = Attributor.load(w)
+print(json.dumps([server.reloads, len(server.attributor.index), served, fresh.attribute(features=q[:1], k=5).ids.tolist(),
+                  refused, fresh.removed.tolist()]))
 print(json.dumps([len(Attributor.load(w).index), len(grown.index)]))
 print(json.dumps(answers))
 '''
@@ -505,7 +532,7 @@ print(json.dumps(answers))
   assert {'student/distill_result.json', 'student/index_result.json', 'student/eval_result.json',
           'student/student/config.json', 'student/student/embeddings.npy', 'student/student/metrics.jsonl',
           'student/student/index/shards.json', 'student/student/index/shard_00001/index.json',
-          'student/student/base_index/index.json'} <= set(objects)
+          'student/student/base_index/shards.json'} <= set(objects)  # φ's index rebuilt in 2 shards too
   # The same rows bit for bit, and after them the two training images added in the bucket.
   import io
   import numpy as np
@@ -518,5 +545,11 @@ print(json.dumps(answers))
   from_gs, from_local = json.loads(done.stdout.splitlines()[-1])
   assert from_gs == from_local and len(from_gs) == TEST_Q
   assert json.loads(done.stdout.splitlines()[-2]) == [602, 602]
+  # The server watching the bucket took the added images up, once, and answers as a fresh load; an
+  # Attributor loaded before that save refuses to save over it, and wrote nothing.
+  reloads, served_rows, served, fresh_ids, refused, removed = json.loads(done.stdout.splitlines()[-3])
+  assert (reloads, served_rows) == (1, 602) and served == fresh_ids
+  assert refused.startswith(f'AttributionError: gs://{BUCKET}/student/student changed since this Attributor was loaded')
+  assert removed == []
   assert 'student/student/added_images.npz' in _objects(url, 'student/')
   assert _local_files(tmp_path, ROOT) - before == set()
