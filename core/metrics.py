@@ -57,8 +57,8 @@ class MetricsLogger:
       # Imported here, lazily: only process 0 writes (gs:// too).
       self._tb = _summary_writer_class()(str(as_path(workdir) / 'tensorboard'), purge_step=start_step + 1)
     if progress_bar:
-      from tqdm import tqdm
-      self._bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+      from core.progress import progress_bar
+      self._bar = progress_bar(total=total_steps, initial=start_step, unit='step')
 
   def _truncate_after(self, step: int) -> None:
     if not self.path.exists():

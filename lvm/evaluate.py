@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from core.progress import bar
 from core.sharding import activation_sharding, logical_to_spec
 from lvm.task import next_token_nll
 
@@ -46,9 +47,7 @@ def perplexity(graphdef, params, source, *, mesh, rules, target_tokens: int, bat
   per_example = []
   indices = np.arange(len(source))
   batches = range(0, len(source), batch_size)
-  if progress and jax.process_index() == 0:
-    from tqdm import tqdm
-    batches = tqdm(batches, unit='batch', desc='eval')
+  batches = bar(batches, unit='batch', desc='eval', enabled=progress)
   for start in batches:
     rows = indices[start:start + batch_size]
     tokens = np.stack([source[i] for i in rows])
