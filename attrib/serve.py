@@ -12,6 +12,8 @@ index under its readers' lock.
         {"features": [...], "k": 10}       (a student of precomputed features: one φ row)
       -> 200 {"ids": [...], "scores": [...], "captions": [...] or null, "paths": [...] or null, "ms": 4.2}
   GET /health       -> 200 {"status": "ok", "training_images": N, "attributor": "Attributor(...)"}
+                       (HEAD /health: the same status and headers, no body)
+  Another method than an endpoint's gets 405 with its Allow header; a path that is none, 404.
 
 A request the student cannot take (not an image, no prompt, k out of range, an unknown field or
 training id) gets 400 with {"error": "..."} naming what was wrong, as the CLI's one-line errors; a
@@ -45,6 +47,8 @@ from core.errors import UserError
 # is held in memory while it is answered.
 MAX_BODY_BYTES = 32 << 20
 LATENCIES_KEPT = 10_000  # p50 / p95 in /health and the final counts are of the latest answers
+_ENDPOINTS = {'/attribute': 'POST', '/health': 'GET', '/': 'GET'}  # the method each takes
+USAGE = 'POST /attribute, GET /health'
 _URL_FIELDS = {'prompt', 'k', 'among'}
 _JSON_FIELDS = {'image', 'prompt', 'k', 'among', 'features'}
 
@@ -143,21 +147,42 @@ class _Handler(BaseHTTPRequestHandler):
   server: 'AttributionServer'
 
   def do_GET(self):
-    if urlsplit(self.path).path in ('/health', '/'):
+    if self._routed('GET'):
       attributor = self.server.attributor
       self._reply(200, {'status': 'ok', 'training_images': len(attributor.index) - len(attributor.removed),
                         'attributor': repr(attributor), 'requests': self.server.counts()})
+
+  def do_HEAD(self):  # a GET's status and headers without its body (a load balancer's health check)
+    self.do_GET()
+
+  def _refuse(self):  # no endpoint takes these methods: 405 with what they take, as JSON
+    self._routed(self.command)
+
+  do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+
+  def _routed(self, method: str) -> bool:
+    """Whether the URL's endpoint takes `method`; if not, the request is answered here: 404 for an
+    endpoint that does not exist, 405 (with an Allow header) for one that takes another method."""
+    path = urlsplit(self.path).path
+    takes = _ENDPOINTS.get(path)
+    if takes == method:
+      return True
+    if self.headers.get('Content-Length', '0').strip() != '0' or 'Transfer-Encoding' in self.headers:
+      self.close_connection = True  # its body is not read: the connection cannot carry another request
+    if takes is None:
+      self._reply(404, {'error': f'no such endpoint {path!r}: {USAGE}'})
     else:
-      self._reply(404, {'error': f'no such endpoint {self.path!r}: POST /attribute, GET /health'})
+      self._reply(405, {'error': f'{path} takes {takes}, not {self.command}: {USAGE}'}, allow=takes)
+    return False
 
   def do_POST(self):
+    if not self._routed('POST'):
+      return
     url = urlsplit(self.path)
     started = time.perf_counter()
     attributor = self.server.attributor  # one student for the whole request, whatever a reload does meanwhile
     try:
       body = self._body()
-      if url.path != '/attribute':
-        raise BadRequest(f'no such endpoint {url.path!r}: POST /attribute, GET /health', 404)
       content_type = self.headers.get('Content-Type', '').split(';')[0].strip().lower()
       if content_type == 'application/json':
         if url.query:
@@ -203,17 +228,20 @@ class _Handler(BaseHTTPRequestHandler):
       raise BadRequest(f'the body ended after {len(body):,} of the {length:,} bytes its Content-Length announced')
     return body
 
-  def _reply(self, status: int, payload: dict) -> None:
+  def _reply(self, status: int, payload: dict, allow: str | None = None) -> None:
     if status != 200:
       self.server.count_error(status)
     data = json.dumps(payload).encode()
     self.send_response(status)
     self.send_header('Content-Type', 'application/json')
     self.send_header('Content-Length', str(len(data)))
+    if allow:
+      self.send_header('Allow', allow)
     if self.close_connection:  # the client learns not to send its next request on this connection
       self.send_header('Connection', 'close')
     self.end_headers()
-    self.wfile.write(data)
+    if self.command != 'HEAD':
+      self.wfile.write(data)
 
   def log_message(self, format, *args):  # one line per request on stderr, as http.server's, with the time
     sys.stderr.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} {self.address_string()} {format % args}\n')

@@ -720,6 +720,7 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
   import signal
   import socket
   import time
+  import urllib.error
   import urllib.parse
   import urllib.request
   from concurrent.futures import ThreadPoolExecutor
@@ -779,6 +780,16 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
       status, got = _post(*request, content_type)
       assert status == code and re.search(message, got['error']), (request[0], status, got)
     monkeypatch.setattr(serve, 'MAX_BODY_BYTES', 32 << 20)
+    # Another method than the endpoint's: 405 naming the one it takes, in an Allow header too (they had
+    # been taken for a missing endpoint or a body, or got http.server's HTML page); HEAD: GET's headers.
+    for method, path, takes in (('GET', '/attribute', 'POST'), ('POST', '/health', 'GET'), ('PUT', '/attribute', 'POST')):
+      with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(server.url + path, method=method), timeout=60)
+      assert refused.value.code == 405 and refused.value.headers['Allow'] == takes
+      assert json.loads(refused.value.read())['error'].startswith(f'{path} takes {takes}, not {method}: ')
+    with urllib.request.urlopen(urllib.request.Request(f'{server.url}/health', method='HEAD'), timeout=60) as response:
+      assert response.status == 200 and response.headers['Content-Type'] == 'application/json'
+      assert response.read() == b''
     # A body shorter than announced: the client closed its side early, or stopped sending (timed out).
     monkeypatch.setattr(serve._Handler, 'timeout', 1)
     for length, close, expected, said in (
@@ -798,7 +809,7 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
       health = json.loads(response.read())
     assert health['training_images'] == 1600 and health['requests']['answered'] == 3 + len(jobs) + 1
     assert health['requests']['p50_ms'] > 0
-    assert health['requests']['refused'] == 17 and health['requests']['failed'] == 0
+    assert health['requests']['refused'] == 17 + 3 and health['requests']['failed'] == 0
   finally:
     server.shutdown()
     server.server_close()
