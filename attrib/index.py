@@ -203,12 +203,7 @@ class Index:
 
   def upsert(self, vectors: np.ndarray, ids: np.ndarray) -> None:
     """Adds rows (new training images) without a rebuild; an id already present is replaced."""
-    vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
-    ids = np.asarray(ids, np.int64).reshape(-1)
-    if vectors.shape != (len(ids), self.dim):
-      raise IndexInputError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
-    _check_finite(vectors, 'upsert')
-    _check_unique(ids)
+    vectors, ids = _upsert_rows(vectors, ids, self.dim)
     position = {int(i): row for row, i in enumerate(self.ids)}
     rows = [position.get(int(i)) for i in ids]
     new_rows = self.searcher.searcher.upsert(rows, vectors, 1)
@@ -286,6 +281,17 @@ class Index:
     import scann
     searcher = scann.scann_ops_pybind.load_searcher(str(local / 'scann'))
     return cls(searcher, np.load(local / 'ids.npy', allow_pickle=False), meta)
+
+
+def _upsert_rows(vectors, ids, dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """An upsert's rows as an index takes them ([n, dim] float32, n int64 ids), checked."""
+  vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
+  ids = np.asarray(ids, np.int64).reshape(-1)
+  if vectors.shape != (len(ids), dim):
+    raise IndexInputError(f'upsert needs [{len(ids)}, {dim}] vectors, got {vectors.shape}')
+  _check_finite(vectors, 'upsert')
+  _check_unique(ids)
+  return vectors, ids
 
 
 def _check_unique(ids: np.ndarray, what: str = 'upsert') -> None:
@@ -394,12 +400,7 @@ class ShardedIndex:
   def upsert(self, vectors: np.ndarray, ids: np.ndarray) -> None:
     """An id already present is replaced in its own shard; new ids go to the shard with the fewest
     rows, so shards stay balanced and a merged search never sees one id twice."""
-    vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
-    ids = np.asarray(ids, np.int64).reshape(-1)
-    if vectors.shape != (len(ids), self.dim):
-      raise IndexInputError(f'upsert needs [{len(ids)}, {self.dim}] vectors, got {vectors.shape}')
-    _check_finite(vectors, 'upsert')
-    _check_unique(ids)
+    vectors, ids = _upsert_rows(vectors, ids, self.dim)
     owner = {int(i): s for s, shard in enumerate(self.shards) for i in shard.ids}
     sizes = [len(shard) for shard in self.shards]
     target = []
