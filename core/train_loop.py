@@ -58,7 +58,7 @@ class TrainConfig:
   seed: int = 0
   # Write checkpoints in a background thread while training continues.
   async_checkpoints: bool = True
-  # Show a progress bar on process 0.
+  # Show a progress bar on process 0 (in a log file or pipe: a line every 30 s, core/progress.py).
   progress_bar: bool = True
   # Write TensorBoard event files next to metrics.jsonl.
   tensorboard: bool = True
