@@ -58,9 +58,14 @@ def _check_same_model(workdir: Path, config: LvmConfig) -> None:
   # An imported run (no training data yet) may be continued on any data.
   groups = ('model',) if previous.data.train_path == '' else ('model', 'data')
   # The same data named another way ('sent' from its parent, then '/abs/sent' or '../sent' from
-  # elsewhere) is the same data: compared by the absolute path recorded when training ran.
-  recorded = read_json(workdir / RUN_CONFIG_FILE).get('train_data')
-  if (recorded or data_location(previous.data.train_path)) == data_location(config.data.train_path):
+  # elsewhere) is the same data: compared by the absolute path recorded when training ran, or, for a
+  # run folder moved or copied together with its data (a quickstart folder), by where the recorded
+  # path relative to the workdir leads from where the workdir is now.
+  record = read_json(workdir / RUN_CONFIG_FILE)
+  same_data = {record.get('train_data') or data_location(previous.data.train_path)}
+  if record.get('train_data_relative') and not is_remote(workdir):
+    same_data.add(absolute(Path(absolute(workdir)) / record['train_data_relative']))
+  if data_location(config.data.train_path) in same_data:
     previous = dataclasses.replace(previous, data=dataclasses.replace(previous.data, train_path=config.data.train_path))
   refuse_changed_run(workdir, previous, config, groups, ignore={
       ('data', 'read_threads'), ('model', 'remat_policy'), ('model', 'attention_block'), ('model', 'compute_dtype')})

@@ -174,7 +174,7 @@ def test_a_run_continues_on_its_data_named_another_way(tmp_path, monkeypatch):
   absolute or '../' path from elsewhere) continues the run; other data is still refused."""
   import json
   from core.config import to_dict
-  from lvm.commands import _check_same_model, data_location
+  from lvm.commands import _check_same_model, data_location, data_record
   (tmp_path / 'sent').mkdir()
   (tmp_path / 'other').mkdir()
   (tmp_path / 'run').mkdir()
@@ -190,6 +190,17 @@ def test_a_run_continues_on_its_data_named_another_way(tmp_path, monkeypatch):
     _check_same_model(tmp_path / 'run', apply_overrides(config, [f'data.train_path={tmp_path / "sent"}']))
     with pytest.raises(ConfigError, match=r"different data settings \{'train_path': 'sent -> \.\./other'\}"):
       _check_same_model(tmp_path / 'run', apply_overrides(config, ['data.train_path=../other']))
+  # The run folder moved together with its data (a quickstart folder copied elsewhere, then rerun):
+  # the data where the recorded relative path leads from the workdir's new place. It had been refused.
+  (tmp_path / 'run' / 'config.json').write_text(json.dumps({**stored, **data_record('sent', tmp_path / 'run')}))
+  moved = tmp_path / 'moved'
+  moved.mkdir()
+  for name in ('run', 'sent', 'other'):
+    (tmp_path / name).rename(moved / name)
+  monkeypatch.chdir(tmp_path)
+  _check_same_model(moved / 'run', apply_overrides(config, ['data.train_path=moved/sent']))
+  with pytest.raises(ConfigError, match=r"different data settings \{'train_path': 'sent -> moved/other'\}"):
+    _check_same_model(moved / 'run', apply_overrides(config, ['data.train_path=moved/other']))
 
 
 def test_a_diffusion_run_continues_with_its_exclude_file_named_another_way(tmp_path, monkeypatch):
