@@ -226,7 +226,14 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
   result = {'job': 'attrib distill', **summary, 'features': run.features, 'ranks': run.ranks,
             'training_queries': len(train_ranks), 'candidates': int(train_ranks.shape[1]), 'pairs': pairs}
   if not summary['preempted']:
-    result.update(finish_student(workdir, run, val_ranks, query_feats[len(train_ranks):]))
+    kept = finished_before(workdir, run, summary['step'])
+    if kept is not None:
+      progress.say(f'distill: the student of step {summary["step"]} is embedded and indexed already: kept as it '
+                   'is (`attrib index` rebuilds its index, with --set index.* for other settings; without '
+                   'student/embeddings.npy it is embedded again)')
+      result.update(kept)
+    else:
+      result.update(finish_student(workdir, run, val_ranks, query_feats[len(train_ranks):]))
   result.update(stage_seconds=clock.stages, wall_s=clock.elapsed(), versions=versions())
   with all_or_none('distill: the result written'):  # by process 0; the others wait for it
     write_json_atomic(workdir / 'distill_result.json', result)
@@ -243,6 +250,27 @@ def training_inputs(ranks: np.ndarray, query_feats, train_feats, config: FastGDA
   digest = hashlib.sha256(np.ascontiguousarray(ranks).tobytes()).hexdigest()[:16]
   return {'ranks_sha256': digest, 'ranks_shape': list(ranks.shape), 'query_rows': len(query_feats),
           'train_rows': len(train_feats), **settings}
+
+
+# What finish_student adds to a distill result.
+FINISHED_KEYS = ('student_step', 'scale_a', 'offset_b', 'most_influential_is', 'val_loss', 'image_prior', 'index',
+                 'base_index')
+
+
+def finished_before(workdir, run: StudentRun, step: int) -> dict | None:
+  """The last run's finishing results when it embedded and indexed the student of `step` (a rerun of a
+  finished distillation), else None. Doing it again would take hours at scale and replace an index
+  that `attrib index` may have sharded or tuned since (and one that `attrib add` grew)."""
+  path = as_path(workdir) / 'distill_result.json'
+  if not path.is_file():
+    return None
+  last = read_json(path)
+  out = student_dir(workdir)
+  needed = [out / 'embeddings.npy', out / 'index'] + [out / BASE_INDEX] * bool(run.config.rerank_candidates) + \
+      [out / IMAGE_PRIOR] * bool(run.config.embedder.image_prior)
+  if last.get('student_step') != step or last.get('preempted') or not all(p.exists() for p in needed):
+    return None
+  return {key: last[key] for key in FINISHED_KEYS if key in last}
 
 
 def finish_student(workdir, run: StudentRun, val_ranks: np.ndarray, val_query_feats: np.ndarray) -> dict:

@@ -270,9 +270,11 @@ def test_added_training_images_answer_as_a_student_distilled_with_them(pipeline,
   for a, b in zip(Attributor.load(work).attribute_batch(images=images, prompts=prompts, k=20), after):
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
-  # The same answers as the student's files rebuilt with them: distill, rerun, finds its last
-  # checkpoint and embeds and indexes the training set and the added images from scratch. (The copy
-  # finds its own features: its student records them relative to the workdir.)
+  # The same answers as the student's files rebuilt with them: distill, rerun without the embeddings
+  # (a finished student's rerun keeps its files), finds its last checkpoint and embeds and indexes the
+  # training set and the added images from scratch. (The copy finds its own features: its student
+  # records them relative to the workdir.)
+  (work / 'student' / 'embeddings.npy').unlink()
   assert launch_main(['attrib', 'distill', '--workdir', str(work), '--config', FASTGDA, '--set', 'distill.epochs=3',
                       '--set', 'distill.batch=128', '--set', 'distill.val_queries=2', '--set', 'map_at=(8,16)']) == 0
   assert json.loads((work / 'distill_result.json').read_text())['base_index']['rows'] == 1605

@@ -460,6 +460,20 @@ def test_resumed_distillation_equals_uninterrupted(release, tmp_path, capsys):
   assert 'distill.seed' in capsys.readouterr().err
   assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=2']) == 0  # the same: resumes
   assert 'trained_on' in json.loads((student / 'config.json').read_text())
+  # A rerun of the finished student keeps its embeddings and index, so an index sharded since by `attrib
+  # index --shards 2` stays as it is (it had been embedded and indexed again, unsharded); more epochs
+  # train on and index again.
+  assert 'embedded and indexed already: kept as it is' in capsys.readouterr().err
+  assert launch_main(['attrib', 'index', '--workdir', str(tmp_path / 'resumed'), '--shards', '2']) == 0
+  sharded = {p: p.read_bytes() for p in (student / 'index').rglob('*') if p.is_file()}
+  assert (student / 'index' / 'shards.json').is_file()
+  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=2']) == 0
+  assert 'embedded and indexed already: kept as it is' in capsys.readouterr().err
+  assert {p: p.read_bytes() for p in (student / 'index').rglob('*') if p.is_file()} == sharded
+  assert json.loads((tmp_path / 'resumed' / 'distill_result.json').read_text())['index']['rows'] == N
+  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=3']) == 0
+  err = capsys.readouterr().err
+  assert 'building the ScaNN index' in err and 'embedded and indexed already' not in err
 
 
 def test_map_equals_scikit_learn():
