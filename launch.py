@@ -102,7 +102,8 @@ def _run_one_device_child(argv: list[str]) -> None:
     try:
       code = child.wait()
     except KeyboardInterrupt:
-      child.wait()
+      if child.wait() == 130:  # the child saw Ctrl-C too and has said what it saved
+        raise ChildFailed(130) from None
       raise
   finally:
     signal.signal(signal.SIGTERM, forward)

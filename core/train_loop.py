@@ -2,7 +2,8 @@
 
 The task supplies the model and its loss; the loop owns the mesh, sharding, optimizer, data feeding,
 checkpoints, metrics and preemption. Rerunning with the same workdir continues from the latest
-checkpoint, data iterator included; SIGTERM saves a checkpoint and returns cleanly. Given held-out
+checkpoint, data iterator included; SIGTERM saves a checkpoint and returns cleanly, Ctrl-C saves one
+and raises KeyboardInterrupt. Given held-out
 batches, it validates every `train.eval_every` updates (forward only, the same loss) and logs
 `eval_loss` beside the training metrics.
 """
@@ -62,7 +63,7 @@ class TrainConfig:
   progress_bar: bool = True
   # Write TensorBoard event files next to metrics.jsonl.
   tensorboard: bool = True
-  # With several hosts, agree on a SIGTERM (preemption) every this many updates: one small
+  # With several hosts, agree on a SIGTERM (preemption) or Ctrl-C every this many updates: one small
   # cross-host exchange per check, instead of a host sync after every step. A TPU VM gets ~30 s
   # between SIGTERM and shutdown, so keep (check interval x step time) well under that.
   preemption_check_every: int = 10
@@ -98,16 +99,28 @@ def refuse_validation_without_data(train_config: TrainConfig, job: str) -> None:
                       '(the LVM does, with data.eval_path); leave it at 0')
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (TPU VMs get SIGTERM on preemption)."""
+class _StopRequests:
+  """SIGTERM (a preemption, `tpu stop`, a kill) and a first Ctrl-C become a flag the loop checks after
+  each step: it saves that step and stops, so an interrupted run loses no update. A second Ctrl-C
+  stops at once, as Ctrl-C always did (the steps since the last checkpoint lost). A process that
+  ignores Ctrl-C (started with nohup or `&`) or handles it itself keeps doing so."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.interrupted = False  # by Ctrl-C on this host: the job then ends as interrupted (exit 130)
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
 
   def _handle(self, signum, frame):
+    if signum == signal.SIGINT:
+      if self.interrupted:
+        raise KeyboardInterrupt
+      self.interrupted = True
+      print('\nCtrl-C: saving after this step, then stopping (Ctrl-C again stops at once, without saving)',
+            file=sys.stderr, flush=True)
     self.requested = True
 
   def agreed(self, step: int, check_every: int) -> bool:
@@ -122,8 +135,8 @@ class _Preemption:
     return bool(np.any(flags))
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _global_batch(local: dict[str, np.ndarray], shardings: dict[str, NamedSharding], global_batch: int):
@@ -410,7 +423,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   # ---------------------------------------------------------------- the loop
   logger = MetricsLogger(workdir, total_steps=train_config.steps, start_step=start_step,
                          tensorboard=train_config.tensorboard, progress_bar=train_config.progress_bar)
-  preemption = _Preemption()
+  stop_requests = _StopRequests()
   profiler = StepProfiler(workdir, train_config.profile_from, train_config.profile_steps, start_step)
   examples_per_step = train_config.global_batch
   flops_per_step = task.flops_per_example() * examples_per_step
@@ -451,7 +464,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
                                          batch_shardings))
           logger.log(step, last_metrics)
           window_start, window_steps = time.perf_counter(), 0
-        if preemption.agreed(step, train_config.preemption_check_every):
+        if stop_requests.agreed(step, train_config.preemption_check_every):
           preempted = True
         if preempted or saving:
           # Never save a non-finite state: finite loss and gradient at this step mean finite updates.
@@ -463,10 +476,13 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
           break
   finally:
     profiler.close()
-    preemption.restore()
+    stop_requests.restore()
     manager.wait_until_finished()
     manager.close()
     logger.close()
+  if stop_requests.interrupted:  # Ctrl-C here: the job ends as interrupted, after the save above
+    print(f'Ctrl-C: saved step {step} in {workdir}, rerun the same command to continue', file=sys.stderr, flush=True)
+    raise KeyboardInterrupt
   if preempted and jax.process_index() == 0:
     print(f'SIGTERM: saved step {step} in {workdir}, rerun the same command to continue', file=sys.stderr, flush=True)
 

@@ -9,6 +9,7 @@ import pytest
 
 from core.config import load_config_file
 from core.metrics import read_metrics
+from core import train_loop
 from core.train_loop import forget_programs
 from lvm import commands
 from tests.helpers import CPU1, CPU2X4, CPU8, SMALL_MODEL, TINY, compiles_during, free_port, launch
@@ -67,7 +68,22 @@ def test_sharded_mesh_matches_single_device(tmp_path):
                        what='parameter updates')
 
 
-def test_resume_equals_uninterrupted(tmp_path, capfd):
+def _ctrl_c_after(step, logger_class):
+  """A MetricsLogger that presses Ctrl-C (SIGINT to this process) once update `step` is done."""
+  class CtrlC(logger_class):
+    def __init__(self, *args, start_step, **kwargs):
+      super().__init__(*args, start_step=start_step, **kwargs)
+      self.updates = start_step
+
+    def advance(self):
+      super().advance()
+      self.updates += 1
+      if self.updates == step:
+        signal.raise_signal(signal.SIGINT)
+  return CtrlC
+
+
+def test_resume_equals_uninterrupted(tmp_path, capfd, monkeypatch):
   _train(tmp_path / 'straight', CPU8, 20)
   # Updates 3-4 traced by the profiler on the way: a trace in the workdir, training unchanged to the bit.
   _train(tmp_path / 'resumed', CPU8, 10, ['train.profile_from=3', 'train.profile_steps=2'])
@@ -75,10 +91,20 @@ def test_resume_equals_uninterrupted(tmp_path, capfd):
   traced = tmp_path / 'resumed' / 'tensorboard' / 'plugins' / 'profile' / 'updates_3-4'
   trace = next(traced.glob('*-process0.xplane.pb'))
   assert trace.stat().st_size > 10_000 and b'jit_train_step' in trace.read_bytes()
+  # The same command with more steps continues; Ctrl-C after update 15 saves it (the next
+  # checkpoint would be at 20) and stops; rerun, it goes on from 15.
   capfd.readouterr()
-  result = _train(tmp_path / 'resumed', CPU8, 20)  # the same command with more steps continues
+  with monkeypatch.context() as patch:
+    patch.setattr(train_loop, 'MetricsLogger', _ctrl_c_after(15, train_loop.MetricsLogger))
+    with pytest.raises(KeyboardInterrupt):
+      _train(tmp_path / 'resumed', CPU8, 20)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   err = capfd.readouterr().err
   assert f"resuming {tmp_path / 'resumed'} from step 10 of 20" in err and 'note:' not in err
+  assert f"Ctrl-C: saved step 15 in {tmp_path / 'resumed'}, rerun the same command to continue" in err
+  assert sorted(int(p.name) for p in (tmp_path / 'resumed' / 'checkpoints').iterdir())[-1] == 15
+  result = _train(tmp_path / 'resumed', CPU8, 20)
+  assert f"resuming {tmp_path / 'resumed'} from step 15 of 20" in capfd.readouterr().err
   assert result['step'] == 20
   np.testing.assert_array_equal(_losses(tmp_path / 'resumed'), _losses(tmp_path / 'straight'))
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / 'resumed'), _params(tmp_path / 'straight'))
