@@ -48,9 +48,16 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 
+# Training commands whose new runs default to a CPU preset; a rerun continues on the preset it trained
+# with (a tokenizer trained on a v4-32 and rerun there without --tpu had been moved onto one device).
+_NEW_RUN_PRESETS = {('lvm', 'train-tokenizer'): 'cpu_1.py', ('attrib', 'train-model'): 'cpu_8.py'}
+
+
 def _prepare_runtime(args) -> None:
   """Set up jax before its first import: forced CPU devices for cpu presets, multi-process init."""
   from core.mesh import load_preset, trained_preset
+  if (args.group, getattr(args, 'command', None)) in _NEW_RUN_PRESETS and not args.tpu:
+    args.tpu = trained_preset(args.workdir) or str(ROOT / 'tpu_configs' / _NEW_RUN_PRESETS[args.group, args.command])
   tpu_path = getattr(args, 'tpu', None) or trained_preset(getattr(args, 'workdir', None) or getattr(args, 'tokenizer', None))
   preset = load_preset(tpu_path) if tpu_path else None
   if preset is not None:
@@ -289,7 +296,7 @@ def _run(argv: list[str]) -> int:
     # Compiles for a TPU that is not here: this machine's CPU runs the compiler, no TPU runtime starts.
     os.environ['JAX_PLATFORMS'] = 'cpu'
     from lvm.commands import fit_check_command
-    result = fit_check_command(args.config, args.tpu, args.set)
+    result = fit_check_command(args.config, args.tpu, args.set, args.workdir)
     _print_result(result)
     return 0 if result['fits'] else 3
   if args.group == 'lvm' and args.command == 'train' and not args.workdir:

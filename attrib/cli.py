@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def add_parser(sub) -> None:
   a = sub.add_parser('attrib', help='data attribution jobs').add_subparsers(dest='command', required=True)
   am = a.add_parser('train-model', help='train the text-to-image diffusion model')
-  am.add_argument('--config', required=True)
-  am.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_8.py'))
+  am.add_argument('--config', help='the run\'s config file (a rerun of a workdir may leave it out: it continues with the config the workdir recorded, plus any --set)')
+  am.add_argument('--tpu', help='slice preset (default: a rerun\'s, else tpu_configs/cpu_8.py)')
   am.add_argument('--workdir', required=True)
   am.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   add_process_flags(am)

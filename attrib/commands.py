@@ -18,19 +18,22 @@ from attrib.task import DenoisingTask
 from attrib.text_encoder import shared_text_encoder
 from core import progress
 from core.paths import absolute, as_path
-from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.config import ConfigError, apply_overrides, to_dict
 from core.distributed import all_or_none
 from core.mesh import load_preset, preset_to_record
 from core.train_loop import check_batch_layout, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, read_json, read_run_config,
+from core.workdir import (RUN_CONFIG_FILE, config_of_run, make_workdir, note_changed_training, read_json, read_run_config,
                          refuse_changed_run, save_image_atomic, versions, write_json_atomic)
 from data_pipelines.token_loader import record_batches
 
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
 
 
+MADE_BY = '`attrib train-model` or `attrib import-diffusers`'
+
+
 def load_run(workdir: Path) -> tuple[DiffusionConfig, str]:
-  return read_run_config(workdir, DiffusionConfig, '`attrib train-model` or `attrib import-diffusers`')
+  return read_run_config(workdir, DiffusionConfig, MADE_BY)
 
 
 def restore_unet(workdir: Path, config: DiffusionConfig, tpu_path: str):
@@ -100,11 +103,21 @@ def check_same_run(workdir: Path, config: DiffusionConfig) -> None:
   note_changed_training(workdir, previous, config)
 
 
-def train_model_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str],
+def _run_config(config_path: str | None, workdir) -> DiffusionConfig:
+  """--config's; without it, the config a rerun's workdir recorded, its exclude file by the absolute
+  path recorded (data.exclude_path counts from the folder the run started in)."""
+  config = config_of_run(config_path, workdir, DiffusionConfig, MADE_BY, 'attrib/configs/digits.py')
+  recorded = None if config_path else read_json(as_path(workdir) / RUN_CONFIG_FILE).get('exclude_file')
+  if recorded:
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, exclude_path=recorded))
+  return config
+
+
+def train_model_command(config_path: str | None, tpu_path: str, workdir: str, overrides: list[str],
                         evaluate: bool = True, config: DiffusionConfig | None = None,
                         cache_dir: Path | None = None) -> dict:
   if config is None:
-    config = load_config_file(config_path, expect=DiffusionConfig)
+    config = _run_config(config_path, workdir)
   config = apply_overrides(config, overrides)
   workdir = as_path(workdir)
   # Each host checks the job and reads its data; one that fails stops every host here, before the

@@ -52,6 +52,19 @@ def read_run_config(workdir: str | Path, config_type: type, made_by: str):
   return config, recorded_preset(tpu)
 
 
+def config_of_run(config_path: str | None, workdir, config_type: type, made_by: str, example: str):
+  """A training job's config: its --config file, or without one the config a rerun's workdir recorded
+  when it started (continuing a run, say the quickstart's, for more steps needs no retyping of the
+  file and every --set it was made with). --set overrides go on top of either."""
+  from core.config import ConfigError, load_config_file
+  if config_path:
+    return load_config_file(config_path, expect=config_type)
+  if not workdir or not (as_path(workdir) / RUN_CONFIG_FILE).is_file():
+    raise ConfigError(f'--config: the config file of a new run, e.g. {example} (a rerun of a workdir may leave it '
+                      f'out: it continues with the config the workdir recorded){quickstart_runs(workdir) if workdir else ""}')
+  return read_run_config(workdir, config_type, made_by)[0]
+
+
 # A run's config.json by its config's top-level groups: which job made it, for a workdir given to a
 # command of another kind (a tokenizer's to `lvm generate`, an LVM's to `attrib teacher`).
 _RUN_KINDS = (('tokenizer', 'a tokenizer run (`lvm train-tokenizer` / `lvm import-tokenizer`)'),

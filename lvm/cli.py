@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def add_parser(sub) -> None:
   lvm = sub.add_parser('lvm', help='Large Vision Model jobs').add_subparsers(dest='command', required=True)
   t = lvm.add_parser('train', help='train (or continue training) a decoder')
-  t.add_argument('--config', required=True)
+  t.add_argument('--config', help='the run\'s config file, e.g. lvm/configs/tiny.py (a rerun of a workdir may leave '
+                 'it out: it continues with the config the workdir recorded, plus any --set)')
   t.add_argument('--tpu', help='slice preset file in tpu_configs/ (a rerun continues with the one it trained with)')
   t.add_argument('--workdir', help='run directory (local or gs://); not needed with --check')
   t.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
@@ -40,8 +41,8 @@ def add_parser(sub) -> None:
   x.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
 
   tt = lvm.add_parser('train-tokenizer', help='train a VQGAN image tokenizer')
-  tt.add_argument('--config', required=True)
-  tt.add_argument('--tpu', default=str(ROOT / 'tpu_configs/cpu_1.py'))
+  tt.add_argument('--config', help='the run\'s config file (a rerun of a workdir may leave it out: it continues with the config the workdir recorded, plus any --set)')
+  tt.add_argument('--tpu', help='slice preset (default: a rerun\'s, else tpu_configs/cpu_1.py)')
   tt.add_argument('--workdir', required=True)
   tt.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   add_process_flags(tt)

@@ -16,7 +16,7 @@ from core.mesh import load_preset, make_mesh, preset_to_record
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, prepare_output_dir,
+from core.workdir import (RUN_CONFIG_FILE, config_of_run, make_workdir, note_changed_training, prepare_output_dir,
                          read_json, read_run_config, refuse_changed_run, versions, write_imported_run,
                          write_json_atomic, write_result_if_writable)
 from data_pipelines.token_loader import token_batches
@@ -50,6 +50,26 @@ def load_run_config(workdir: Path) -> tuple[LvmConfig, str]:
   return read_run_config(workdir, LvmConfig, '`lvm train` or `lvm import-hf`')
 
 
+def _trained_data(workdir) -> str | None:
+  """Where a run's training data is now, from the record `data_record` wrote: through the workdir for a
+  run folder moved or copied with its data, else the absolute path (or name) recorded."""
+  record = read_json(as_path(workdir) / RUN_CONFIG_FILE)
+  if record.get('train_data_relative') and not is_remote(workdir):
+    moved_with_it = absolute(Path(absolute(workdir)) / record['train_data_relative'])
+    if Path(moved_with_it).exists():
+      return moved_with_it
+  return record.get('train_data')
+
+
+def run_config(config_path: str | None, workdir, overrides: list[str]) -> LvmConfig:
+  """--config with --set; without --config, the config a rerun's workdir recorded, its training data
+  found from any folder (the recorded train_path counts from the folder the run started in)."""
+  config = config_of_run(config_path, workdir, LvmConfig, '`lvm train` or `lvm import-hf`', 'lvm/configs/tiny.py')
+  if not config_path and config.data.train_path and (located := _trained_data(workdir)):
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, train_path=located))
+  return apply_overrides(config, overrides)
+
+
 def _check_same_model(workdir: Path, config: LvmConfig) -> None:
   """Continuing a run with a different model or data layout would silently corrupt it: refuse."""
   if not (workdir / RUN_CONFIG_FILE).is_file():
@@ -72,11 +92,12 @@ def _check_same_model(workdir: Path, config: LvmConfig) -> None:
   note_changed_training(workdir, previous, config)
 
 
-def fit_check_command(config_path: str, tpu_path: str, overrides: list[str]) -> dict:
+def fit_check_command(config_path: str | None, tpu_path: str, overrides: list[str], workdir=None) -> dict:
   """`lvm train --check`: compiles the real step for the preset's TPU topology on this machine and
-  reports per-device memory against its HBM (core/fit_check.py). Nothing is trained or written."""
+  reports per-device memory against its HBM (core/fit_check.py). Nothing is trained or written.
+  Without --config, the run in --workdir is checked (will it fit another slice?)."""
   from core.fit_check import lvm_fit_report
-  config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
+  config: LvmConfig = run_config(config_path, workdir, overrides)
   preset = load_preset(tpu_path)
   report = lvm_fit_report(config, preset)
   from core import progress
@@ -150,8 +171,8 @@ def continued_preset(workdir: str | None) -> str:
   return preset
 
 
-def train_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
-  config: LvmConfig = apply_overrides(load_config_file(config_path, expect=LvmConfig), overrides)
+def train_command(config_path: str | None, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
+  config: LvmConfig = run_config(config_path, workdir, overrides)
   workdir = as_path(workdir)
   # Each host checks the job and opens its data (a gs:// path is staged to each host's disk); one that
   # fails stops every host here, before the others wait for it in the training's first collective.

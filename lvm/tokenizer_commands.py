@@ -13,13 +13,13 @@ from flax import nnx
 
 from core.paths import as_path
 from core.batching import map_batches
-from core.config import ConfigError, apply_overrides, load_config_file, to_dict
+from core.config import ConfigError, apply_overrides, to_dict
 from core.distributed import all_or_none
 from core.mesh import load_preset, make_mesh, preset_to_record
 from core.optim import OptimConfig
 from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
-from core.workdir import (RUN_CONFIG_FILE, make_workdir, note_changed_training, read_run_config, versions, write_imported_run,
+from core.workdir import (RUN_CONFIG_FILE, config_of_run, make_workdir, note_changed_training, read_run_config, versions, write_imported_run,
                           write_json_atomic)
 from data_pipelines.image_sources import open_images
 from data_pipelines.token_loader import record_batches
@@ -113,8 +113,10 @@ def reconstruction_report(tokenizer: LoadedTokenizer, images: np.ndarray) -> dic
           'codebook_perplexity': float(np.exp(-(p * np.log(p)).sum()))}
 
 
-def train_tokenizer_command(config_path: str, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
-  config: TokenizerRunConfig = apply_overrides(load_config_file(config_path, expect=TokenizerRunConfig), overrides)
+def train_tokenizer_command(config_path: str | None, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
+  # Without --config, a rerun continues with the config its workdir recorded.
+  config: TokenizerRunConfig = apply_overrides(
+      config_of_run(config_path, workdir, TokenizerRunConfig, MADE_BY, 'lvm/configs/tokenizer_tiny.py'), overrides)
   workdir = as_path(workdir)
   # Each host checks the job and reads its images; one that fails stops every host here, before the
   # others wait for it in the training's first collective.

@@ -174,7 +174,7 @@ def test_a_run_continues_on_its_data_named_another_way(tmp_path, monkeypatch):
   absolute or '../' path from elsewhere) continues the run; other data is still refused."""
   import json
   from core.config import to_dict
-  from lvm.commands import _check_same_model, data_location, data_record
+  from lvm.commands import _check_same_model, data_location, data_record, run_config
   (tmp_path / 'sent').mkdir()
   (tmp_path / 'other').mkdir()
   (tmp_path / 'run').mkdir()
@@ -201,13 +201,26 @@ def test_a_run_continues_on_its_data_named_another_way(tmp_path, monkeypatch):
   _check_same_model(moved / 'run', apply_overrides(config, ['data.train_path=moved/sent']))
   with pytest.raises(ConfigError, match=r"different data settings \{'train_path': 'sent -> moved/other'\}"):
     _check_same_model(moved / 'run', apply_overrides(config, ['data.train_path=moved/other']))
+  # A rerun without --config continues with the recorded config, its data found from any folder
+  # (the recorded 'sent' counted from the folder the run started in): moved with the workdir, and
+  # else at the absolute path recorded.
+  for folder in (tmp_path, moved / 'run'):
+    monkeypatch.chdir(folder)
+    recorded = run_config(None, moved / 'run', ['train.steps=7'])
+    assert recorded.data.train_path == str(moved / 'sent') and recorded.train.steps == 7
+    assert recorded.model == config.model
+    _check_same_model(moved / 'run', recorded)
+  (moved / 'sent').rename(tmp_path / 'sent')
+  assert run_config(None, moved / 'run', []).data.train_path == str(tmp_path / 'sent')
+  with pytest.raises(ConfigError, match=r'--config: the config file of a new run, e\.g\. lvm/configs/tiny\.py'):
+    run_config(None, tmp_path / 'new', [])
 
 
 def test_a_diffusion_run_continues_with_its_exclude_file_named_another_way(tmp_path, monkeypatch):
   """`attrib train-model` rerun with the same data.exclude_path spelled otherwise (relative, then
   absolute or from another folder) continues the run; another file is still refused."""
   import json
-  from attrib.commands import check_same_run
+  from attrib.commands import _run_config, check_same_run
   from core.config import to_dict
   from core.paths import absolute
   digits = str(ROOT / 'attrib/configs/digits.py')
@@ -225,6 +238,10 @@ def test_a_diffusion_run_continues_with_its_exclude_file_named_another_way(tmp_p
     check_same_run(tmp_path / 'run', apply_overrides(config, ['data.exclude_path=../y.txt']))
   with pytest.raises(ConfigError, match=r"'exclude_path': 'x.txt -> '"):
     check_same_run(tmp_path / 'run', apply_overrides(config, ['data.exclude_path=']))
+  # A rerun without --config: the recorded config, its exclude file by the absolute path recorded.
+  recorded = _run_config(None, tmp_path / 'run')
+  assert recorded.data.exclude_path == str(tmp_path / 'x.txt') and recorded.unet == config.unet
+  check_same_run(tmp_path / 'run', recorded)
 
 
 def test_a_config_files_own_error_is_named_by_file_and_line(tmp_path):

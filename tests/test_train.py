@@ -11,6 +11,7 @@ from core.config import load_config_file
 from core.metrics import read_metrics
 from core import train_loop
 from core.train_loop import forget_programs
+from launch import main as launch_main
 from lvm import commands
 from tests.helpers import CPU1, CPU2X4, CPU8, SMALL_MODEL, TINY, compiles_during, free_port, launch
 from tests.tolerance import assert_network_close, total_fan_in
@@ -108,8 +109,11 @@ def test_resume_equals_uninterrupted(tmp_path, capfd, monkeypatch):
   assert result['step'] == 20
   np.testing.assert_array_equal(_losses(tmp_path / 'resumed'), _losses(tmp_path / 'straight'))
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / 'resumed'), _params(tmp_path / 'straight'))
-  # Finished: a rerun does nothing and changes nothing.
+  # Finished: a rerun does nothing and changes nothing; without --config and --tpu it is the same
+  # run on the same preset (the recorded ones).
   assert _train(tmp_path / 'resumed', CPU8, 20)['step'] == 20
+  assert launch_main(['lvm', 'train', '--workdir', str(tmp_path / 'resumed')]) == 0
+  assert f"resuming {tmp_path / 'resumed'} from step 20 of 20" in capfd.readouterr().err
   assert len(read_metrics(tmp_path / 'resumed')) == 20
 
 
