@@ -56,8 +56,11 @@ _NEW_RUN_PRESETS = {('lvm', 'train-tokenizer'): 'cpu_1.py', ('attrib', 'train-mo
 def _prepare_runtime(args) -> None:
   """Set up jax before its first import: forced CPU devices for cpu presets, multi-process init."""
   from core.mesh import load_preset, trained_preset
-  if (args.group, getattr(args, 'command', None)) in _NEW_RUN_PRESETS and not args.tpu:
-    args.tpu = trained_preset(args.workdir) or str(ROOT / 'tpu_configs' / _NEW_RUN_PRESETS[args.group, args.command])
+  job = (args.group, getattr(args, 'command', None))
+  if job in _NEW_RUN_PRESETS and not args.tpu:
+    args.tpu = trained_preset(args.workdir) or str(ROOT / 'tpu_configs' / _NEW_RUN_PRESETS[job])
+  if job == ('attrib', 'distill') and not args.tpu:  # a rerun continues on the student's preset
+    args.tpu = trained_preset(args.workdir.rstrip('/') + '/student')
   tpu_path = getattr(args, 'tpu', None) or trained_preset(getattr(args, 'workdir', None) or getattr(args, 'tokenizer', None))
   preset = load_preset(tpu_path) if tpu_path else None
   if preset is not None:

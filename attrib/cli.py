@@ -53,10 +53,12 @@ def add_parser(sub) -> None:
 
   ad = a.add_parser('distill', help='train the FastGDA embedder on the teacher rankings; embed and index')
   ad.add_argument('--workdir', required=True)
-  ad.add_argument('--config', default=str(ROOT / 'attrib/configs/fastgda_digits.py'))
-  ad.add_argument('--tpu', help='slice preset (default: cpu_1)')
-  ad.add_argument('--features', help="directory of data_feats.npy / train_query_feats.npy (FastGDA's feats/<ftype>)")
-  ad.add_argument('--ranks', help='training-query ranks: influence_train.pkl, .npy [Q, M] or ranks.arrayrecord')
+  ad.add_argument('--config', help='default: attrib/configs/fastgda_digits.py; a rerun\'s recorded one')
+  ad.add_argument('--tpu', help='slice preset (default: cpu_1; a rerun\'s recorded one)')
+  ad.add_argument('--features', help="directory of data_feats.npy / train_query_feats.npy (FastGDA's feats/<ftype>; "
+                  "default: the workdir's features/<config.feature>; a rerun's recorded one)")
+  ad.add_argument('--ranks', help='training-query ranks: influence_train.pkl, .npy [Q, M] or ranks.arrayrecord '
+                  "(default: the workdir's teacher_train/; a rerun's recorded one)")
   ad.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   add_process_flags(ad)
 

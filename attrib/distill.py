@@ -38,6 +38,7 @@ STUDENT_DIR = 'student'
 BASE_INDEX = 'base_index'  # index over unit φ, for FastGDAConfig.rerank_candidates
 IMAGE_PRIOR = 'image_prior.npy'  # c(z) per training image, for EmbedderConfig.image_prior
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / 'configs' / 'fastgda_digits.py')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +149,23 @@ def pair_losses(graphdef, params, query_feats, train_feats, ranks: np.ndarray) -
   return total / max(1, len(ranks))
 
 
-def distill_command(workdir: str, config_path: str, tpu_path: str | None, overrides: list[str],
+def distill_command(workdir: str, config_path: str | None, tpu_path: str | None, overrides: list[str],
                     features_dir: str | None = None, ranks_path: str | None = None) -> dict:
   workdir = as_path(workdir)
-  config: FastGDAConfig = apply_overrides(load_config_file(config_path, expect=FastGDAConfig), overrides)
-  features_dir = as_path(features_dir) if features_dir else workdir / 'features' / config.feature
-  ranks_path = as_path(ranks_path) if ranks_path else workdir / 'teacher_train' / 'ranks.arrayrecord'
-  tpu = preset_to_record(tpu_path or DEFAULT_TPU)
+  # A rerun (more distill.epochs, or after an interruption) continues with what the student recorded
+  # for what is not given: its config, features, rankings and preset (a COCO student's --config,
+  # --features and --ranks had to be given again, and its preset fell back to cpu_1).
+  stored = load_student_run(workdir) if (student_dir(workdir) / 'config.json').is_file() else None
+  if config_path or stored is None:
+    config: FastGDAConfig = load_config_file(config_path or DEFAULT_CONFIG, expect=FastGDAConfig)
+  else:
+    config = stored.config
+  config = apply_overrides(config, overrides)
+  features_dir = as_path(features_dir) if features_dir else (
+      as_path(stored.features) if stored else workdir / 'features' / config.feature)
+  ranks_path = as_path(ranks_path) if ranks_path else (
+      as_path(stored.ranks) if stored else workdir / 'teacher_train' / 'ranks.arrayrecord')
+  tpu = preset_to_record(tpu_path or (stored.tpu if stored else DEFAULT_TPU))
   preset = load_preset(tpu)
 
   # Every input is opened and checked before anything is written or compiled, on every host: one that
@@ -186,8 +197,7 @@ def distill_command(workdir: str, config_path: str, tpu_path: str | None, overri
     stored_path = out / 'config.json'
     trained_on = training_inputs(ranks, query_feats, train_feats, config)
     run_ranks = absolute(ranks_path)
-    if stored_path.is_file():
-      stored = load_student_run(workdir)
+    if stored is not None:
       if stored.config.embedder != config.embedder:
         raise ConfigError(f'{out} holds a student of another embedder ({stored.config.embedder}, now '
                           f'{config.embedder}); use a new --workdir to train a new one')

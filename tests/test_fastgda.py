@@ -467,11 +467,13 @@ def test_resumed_distillation_equals_uninterrupted(release, tmp_path, capsys):
   assert launch_main(['attrib', 'index', '--workdir', str(tmp_path / 'resumed'), '--shards', '2']) == 0
   sharded = {p: p.read_bytes() for p in (student / 'index').rglob('*') if p.is_file()}
   assert (student / 'index' / 'shards.json').is_file()
-  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=2']) == 0
+  # Without --config, --features, --ranks and --tpu: the student's recorded ones (its config is not the
+  # default fastgda_digits.py, its features and rankings not in the workdir).
+  assert launch_main(['attrib', 'distill', '--workdir', str(tmp_path / 'resumed')]) == 0
   assert 'embedded and indexed already: kept as it is' in capsys.readouterr().err
   assert {p: p.read_bytes() for p in (student / 'index').rglob('*') if p.is_file()} == sharded
   assert json.loads((tmp_path / 'resumed' / 'distill_result.json').read_text())['index']['rows'] == N
-  assert _distill(release, tmp_path / 'resumed', CPU1, ['--set', 'distill.epochs=3']) == 0
+  assert launch_main(['attrib', 'distill', '--workdir', str(tmp_path / 'resumed'), '--set', 'distill.epochs=3']) == 0
   err = capsys.readouterr().err
   assert 'building the ScaNN index' in err and 'embedded and indexed already' not in err
 
