@@ -423,7 +423,6 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   # ---------------------------------------------------------------- the loop
   logger = MetricsLogger(workdir, total_steps=train_config.steps, start_step=start_step,
                          tensorboard=train_config.tensorboard, progress_bar=train_config.progress_bar)
-  stop_requests = _StopRequests()
   profiler = StepProfiler(workdir, train_config.profile_from, train_config.profile_steps, start_step)
   examples_per_step = train_config.global_batch
   flops_per_step = task.flops_per_example() * examples_per_step
@@ -433,6 +432,7 @@ def train(task: Task, *, train_config: TrainConfig, optim: OptimConfig, preset: 
   last_metrics: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   preempted = False
+  stop_requests = _StopRequests()  # right before the try whose finally restores the signal handlers
   try:
     with activation_sharding(mesh, rules):
       while step < train_config.steps:

@@ -192,7 +192,7 @@ def test_stop_of_a_job_whose_worker_restarted_says_it_was_lost(fake_gcloud, capf
 
 
 @pytest.mark.parametrize('job, message', [
-    (['lvm', 'train', '--workdir', 'gs://b/x'], 'does not parse as a launch.py command'),
+    (['lvm', 'eval', '--workdir', 'gs://b/x'], 'does not parse as a launch.py command'),
     (['lvm', 'train', '--config', 'lvm/configs/vqlm_7b.py', '--workdir', 'gs://b/x', '--tpu', 'tpu_configs/v5p_128.py'],
      r'is 1 x v5p-128 \(16 hosts\), but tpu_configs/v4_32.py is 1 x v4-32 \(4 hosts\)'),
     (['attrib', 'teacher', '--workdir', '/home/me/coco', '--queries', '8', '--candidates', 'all',

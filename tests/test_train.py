@@ -95,11 +95,16 @@ def test_resume_equals_uninterrupted(tmp_path, capfd, monkeypatch):
   # The same command with more steps continues; Ctrl-C after update 15 saves it (the next
   # checkpoint would be at 20) and stops; rerun, it goes on from 15.
   capfd.readouterr()
-  with monkeypatch.context() as patch:
-    patch.setattr(train_loop, 'MetricsLogger', _ctrl_c_after(15, train_loop.MetricsLogger))
-    with pytest.raises(KeyboardInterrupt):
-      _train(tmp_path / 'resumed', CPU8, 20)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  # As on a terminal: a suite started in the background (nohup, &) inherits Ctrl-C ignored.
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with monkeypatch.context() as patch:
+      patch.setattr(train_loop, 'MetricsLogger', _ctrl_c_after(15, train_loop.MetricsLogger))
+      with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / 'resumed', CPU8, 20)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+  finally:
+    signal.signal(signal.SIGINT, inherited)
   err = capfd.readouterr().err
   assert f"resuming {tmp_path / 'resumed'} from step 10 of 20" in err and 'note:' not in err
   assert f"Ctrl-C: saved step 15 in {tmp_path / 'resumed'}, rerun the same command to continue" in err
