@@ -82,3 +82,7 @@ def print_summary(lvm: dict, workdir: Path) -> None:
           '--out', 'analogies.png']
   print(f'quickstart: the sentences it trained on, decoded: {shlex.join(show)}')
   print(f'quickstart: your own prompt: {prompt_command(workdir / "lvm", nf)}')
+  # A rerun of the run folder alone continues it, with the quickstart's settings and preset.
+  train_on = ['python', 'launch.py', 'lvm', 'train', '--workdir', str(workdir / 'lvm'),
+              '--set', f'train.steps={2 * lvm["train"]["step"]}']
+  print(f'quickstart: train the LVM on, twice as long: {shlex.join(train_on)}')

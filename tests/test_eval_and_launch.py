@@ -68,6 +68,11 @@ def test_quickstart_end_to_end(tmp_path, capsys, monkeypatch):
   [show] = [line.split('decoded: ')[1] for line in said.out.splitlines() if 'the sentences it trained on' in line]
   monkeypatch.chdir(tmp_path)
   assert launch_main(shlex.split(show)[2:]) == 0 and (tmp_path / 'analogies.png').exists()
+  # So does the one that trains the LVM on (here for one more update of the 40 it would add).
+  [train_on] = [line.split('twice as long: ')[1] for line in said.out.splitlines() if 'train the LVM on' in line]
+  assert train_on.endswith('--set train.steps=80')
+  assert launch_main(shlex.split(train_on)[2:] + ['--set', 'train.steps=41']) == 0
+  assert json.loads((tmp_path / 'lvm' / 'train_result.json').read_text())['step'] == 41
 
 
 def test_sigterm_stops_the_quickstart_after_the_stage_it_interrupts(tmp_path):
