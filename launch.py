@@ -5,6 +5,7 @@ and tpu_configs/gcloud.py).
 
   python launch.py quickstart                       # both halves on the built-in digits: tiny LVM, then attribution
   python launch.py lvm train --config lvm/configs/tiny.py --tpu tpu_configs/cpu_8.py --workdir DIR [--set k=v ...]
+  python launch.py lvm train --workdir DIR --set train.steps=N   # a rerun: the run's recorded config and preset
   python launch.py lvm eval --workdir DIR --data PATH [--completion N]   # + the last frame of N records per kind drawn
   python launch.py lvm import-hf --hf-dir HF_DIR --workdir DIR
   python launch.py lvm export-hf --workdir DIR --out HF_DIR
