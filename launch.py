@@ -34,7 +34,7 @@ and tpu_configs/gcloud.py).
   python launch.py attrib query --workdir DIR --queries list.tsv [--out DIR] [--grids]   # many: image<TAB>prompt lines
   python launch.py attrib query --workdir DIR --image q.png --prompt "..." -k 3 --among 5,77,900  # among these only
   python launch.py data tokens --input X.jsonl|X.npy --out DIR --seq-len T
-  python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check   # fits?
+  python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check   # fits? (train-tokenizer, attrib train-model too)
   python launch.py tpu create|copy|setup|run|status|logs|stop|delete|ssh --tpu tpu_configs/v4_32.py --name NAME [...]
 """
 from __future__ import annotations
@@ -75,6 +75,17 @@ def _prepare_runtime(args) -> None:
                     getattr(args, 'num_processes', 1), getattr(args, 'process_id', 0))
   from absl import flags as absl_flags
   absl_flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (google/grain#1355)
+
+
+def _fit_check(args) -> dict:
+  """`--check` of a training command: its step compiled for the preset's TPU topology (core/fit_check.py)."""
+  if (args.group, args.command) == ('lvm', 'train'):
+    from lvm.commands import fit_check_command
+  elif (args.group, args.command) == ('lvm', 'train-tokenizer'):
+    from lvm.tokenizer_commands import tokenizer_fit_check_command as fit_check_command
+  else:
+    from attrib.commands import model_fit_check_command as fit_check_command
+  return fit_check_command(args.config, args.tpu, args.set, args.workdir)
 
 
 def _print_result(result: dict) -> None:
@@ -299,13 +310,12 @@ def _run(argv: list[str]) -> int:
                         'tpu_configs/v5p_128.py')
     # Compiles for a TPU that is not here: this machine's CPU runs the compiler, no TPU runtime starts.
     os.environ['JAX_PLATFORMS'] = 'cpu'
-    from lvm.commands import fit_check_command
-    result = fit_check_command(args.config, args.tpu, args.set, args.workdir)
+    result = _fit_check(args)
     _print_result(result)
     return 0 if result['fits'] else 3
-  if args.group == 'lvm' and args.command == 'train' and not args.workdir:
+  if hasattr(args, 'check') and not args.workdir:
     from core.errors import ConfigError
-    raise ConfigError('lvm train needs --workdir (or --check to only check that the job fits)')
+    raise ConfigError(f'{args.group} {args.command} needs --workdir (or --check to only check that the job fits)')
   _refuse_folder_of_runs(args)
   _prepare_runtime(args)
   from core.workdir import check_writable

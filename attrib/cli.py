@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.distributed import add_process_flags
+from core.fit_check import CHECK_HELP
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -13,8 +14,9 @@ def add_parser(sub) -> None:
   am = a.add_parser('train-model', help='train the text-to-image diffusion model')
   am.add_argument('--config', help='the run\'s config file (a rerun of a workdir may leave it out: it continues with the config the workdir recorded, plus any --set)')
   am.add_argument('--tpu', help='slice preset (default: a rerun\'s, else tpu_configs/cpu_8.py)')
-  am.add_argument('--workdir', required=True)
+  am.add_argument('--workdir', help='run directory (local or gs://); not needed with --check')
   am.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  am.add_argument('--check', action='store_true', help=CHECK_HELP)
   add_process_flags(am)
 
   ai = a.add_parser('import-diffusers', help='a diffusers UNet2DConditionModel state dict -> workdir (MSCOCO model)')

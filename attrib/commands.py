@@ -113,6 +113,19 @@ def _run_config(config_path: str | None, workdir) -> DiffusionConfig:
   return config
 
 
+def model_fit_check_command(config_path: str | None, tpu_path: str, overrides: list[str], workdir=None) -> dict:
+  """`attrib train-model --check`: the diffusion model's training step compiled for the preset's TPU
+  topology on this machine, and its per-device memory against the HBM (core/fit_check.py). No data is
+  read, nothing is trained or written. Without --config, the run in --workdir is checked."""
+  from core.fit_check import fit_check_result, fit_report, trained_params
+  config = apply_overrides(_run_config(config_path, workdir), overrides)
+  task = DenoisingTask(config.unet, config.schedule, config.data.text_len)
+  report = fit_report(task, load_preset(tpu_path), config.optim, config.train.global_batch, task.batch_shapes())
+  return fit_check_result('attrib train-model', report, model_params=trained_params(task),
+                          images_per_step=config.train.global_batch,
+                          model_flops_per_step=task.flops_per_example() * config.train.global_batch)
+
+
 def train_model_command(config_path: str | None, tpu_path: str, workdir: str, overrides: list[str],
                         evaluate: bool = True, config: DiffusionConfig | None = None,
                         cache_dir: Path | None = None) -> dict:

@@ -43,6 +43,13 @@ class DenoisingTask:
   def batch_logical_axes(self):
     return {'images': ('batch', None, None, None), 'context': ('batch', None, None), 'seed': ('batch',)}
 
+  def batch_shapes(self) -> dict:
+    """One batch row's arrays, name -> (shape, dtype): an image (or latent), its caption's text states
+    and its noise seed."""
+    u = self.unet_config
+    return {'images': ((u.sample_size, u.sample_size, u.in_channels), jnp.float32),
+            'context': ((self.text_len, u.cross_attention_dim), jnp.float32), 'seed': ((), jnp.int32)}
+
   def tokens_per_example(self) -> int:
     return 1  # tokens/s in the metrics reads as images/s for this task
 

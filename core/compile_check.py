@@ -31,11 +31,13 @@ def check_batch_splits(rows: int, mesh, batch_axes, preset_name: str) -> None:
                       f'multiple of {ways} x optim.grad_accum')
 
 
-def lower_train_step(task, preset, optim, global_batch: int, example_shapes: dict, devices=None):
+def lower_train_step(task, preset, optim, global_batch: int, example_shapes: dict, devices=None, frozen=None):
   """The train step lowered for `preset`'s mesh from abstract parameters and an abstract batch.
 
   `devices` defaults to this machine's; the fit check passes the devices of a TPU topology that is
-  not here. Returns (lowered, abstract inputs) where the inputs are (params, opt_state, batch)."""
+  not here. `frozen`: abstract (ShapeDtypeStruct) frozen inputs of the task (e.g. a perceptual loss
+  network), replicated on every device as the train loop places them. Returns (lowered, abstract
+  inputs) where the inputs are (params, opt_state, batch, frozen)."""
   import jax
   from jax.sharding import NamedSharding
   from core.mesh import make_mesh
@@ -50,8 +52,11 @@ def lower_train_step(task, preset, optim, global_batch: int, example_shapes: dic
     step = jit_train_step(task, graphdef, tx, optim, shardings, abstract_params, abstract_opt)
     batch = {name: jax.ShapeDtypeStruct((global_batch,) + shape, dtype, sharding=shardings[name])
              for name, (shape, dtype) in example_shapes.items()}
-    lowered = step.lower(jax.numpy.int32(0), abstract_params, abstract_opt, batch)
-  return lowered, (abstract_params, abstract_opt, batch)
+    if frozen is not None:
+      replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+      frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), frozen)
+    lowered = step.lower(jax.numpy.int32(0), abstract_params, abstract_opt, batch, frozen)
+  return lowered, (abstract_params, abstract_opt, batch, frozen)
 
 
 def compile_train_step(task, preset, optim, global_batch: int, example_shapes: dict):
@@ -59,20 +64,14 @@ def compile_train_step(task, preset, optim, global_batch: int, example_shapes: d
   return lower_train_step(task, preset, optim, global_batch, example_shapes)[0].compile()
 
 
-def _task_and_batch(kind: str, config_path: str, overrides=()):
-  import jax.numpy as jnp
+def _task(kind: str, config_path: str, overrides=()):
   from core.config import apply_overrides, load_config_file
   config = apply_overrides(load_config_file(config_path), list(overrides))
   if kind == 'lvm':
     from lvm.task import NextTokenTask
-    return (config, NextTokenTask(config.model, config.data.seq_len),
-            {'tokens': ((config.data.seq_len,), jnp.int32)})
+    return config, NextTokenTask(config.model, config.data.seq_len)
   from attrib.task import DenoisingTask
-  u = config.unet
-  return (config, DenoisingTask(u, config.schedule, config.data.text_len),
-          {'images': ((u.sample_size, u.sample_size, u.in_channels), jnp.float32),
-           'context': ((config.data.text_len, u.cross_attention_dim), jnp.float32),
-           'seed': ((), jnp.int32)})
+  return config, DenoisingTask(config.unet, config.schedule, config.data.text_len)
 
 
 def remat_warnings(kind: str, config_path: str, tpu_path: str, timeout: int = 600) -> list[str]:
@@ -99,8 +98,8 @@ def main() -> None:
   parser.add_argument('--tpu', required=True)
   args = parser.parse_args()
   from core.mesh import load_preset
-  config, task, shapes = _task_and_batch(args.task, args.config)
-  compile_train_step(task, load_preset(args.tpu), config.optim, config.train.global_batch, shapes)
+  config, task = _task(args.task, args.config)
+  compile_train_step(task, load_preset(args.tpu), config.optim, config.train.global_batch, task.batch_shapes())
   print('compiled')
 
 

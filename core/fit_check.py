@@ -7,6 +7,8 @@ extra), the mesh is laid out over those devices exactly as on the pod, and the T
 memory analysis says what each device holds. This is what MaxText's `train_compile.py` does.
 
   python launch.py lvm train --config lvm/configs/vqlm_7b.py --tpu tpu_configs/v5p_128.py --check
+  python launch.py lvm train-tokenizer --config lvm/configs/tokenizer_f16.py --tpu tpu_configs/v4_8.py --check
+  python launch.py attrib train-model --config attrib/configs/mscoco.py --tpu tpu_configs/v4_8.py --check
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import re
 from core.errors import ConfigError
 
 GIB = 1024 ** 3
+CHECK_HELP = "compile the step for the preset's TPU topology here and report per-device memory; no training"
 # TPU v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore").
 _MEGACORE = ('v4', 'v5')
 
@@ -34,6 +37,7 @@ class FitReport:
   peak_gib: float         # everything live at once: arguments + outputs - reused (donated) + temporaries
   compile_s: float
   error: str = ''         # the compiler's words when it refused (e.g. out of HBM)
+  frozen_gib: float = 0.0  # the task's frozen inputs (e.g. a perceptual loss network), on every device
 
   @property
   def fits(self) -> bool:
@@ -46,8 +50,9 @@ class FitReport:
                      f'{self.params_gib:.2f} + optimizer {self.optimizer_gib:.2f} + temporaries '
                      f'{self.temporaries_gib:.1f}); the TPU compiler says: {self.error}')
     verdict = 'fits' if self.fits else 'does NOT fit'
+    frozen = f' + frozen inputs {self.frozen_gib:.2f}' if self.frozen_gib else ''
     return head + (f'{verdict}: {self.peak_gib:.2f} GiB per device at peak = parameters {self.params_gib:.2f}'
-                   f' + optimizer {self.optimizer_gib:.2f} + batch {self.batch_gib:.3f}'
+                   f' + optimizer {self.optimizer_gib:.2f} + batch {self.batch_gib:.3f}{frozen}'
                    f' + activations/gradients/workspace {self.temporaries_gib:.2f}'
                    f' ({100 * self.peak_gib / self.hbm_gib:.0f}% of HBM; compiled in {self.compile_s:.0f} s)')
 
@@ -95,17 +100,18 @@ def _shard_gib(tree) -> float:
   return total / GIB
 
 
-def fit_report(task, preset, optim, global_batch: int, example_shapes: dict) -> FitReport:
-  """Compiles the training step for the preset's topology and reads the per-device memory."""
+def fit_report(task, preset, optim, global_batch: int, example_shapes: dict, frozen=None) -> FitReport:
+  """Compiles the training step for the preset's topology and reads the per-device memory.
+  `frozen`: the task's frozen inputs as ShapeDtypeStructs (nothing is read to check a fit)."""
   import time
   from core.compile_check import lower_train_step
   devices = topology_devices(preset)
   start = time.perf_counter()
-  lowered, (params, opt_state, batch) = lower_train_step(task, preset, optim, global_batch, example_shapes,
-                                                         devices=devices)
+  lowered, (params, opt_state, batch, frozen) = lower_train_step(task, preset, optim, global_batch, example_shapes,
+                                                                 devices=devices, frozen=frozen)
   sizes = dict(preset=preset.name, topology=preset.topology, devices=len(devices),
                hbm_gib=preset.hbm_gib_per_device, params_gib=_shard_gib(params),
-               optimizer_gib=_shard_gib(opt_state), batch_gib=_shard_gib(batch))
+               optimizer_gib=_shard_gib(opt_state), batch_gib=_shard_gib(batch), frozen_gib=_shard_gib(frozen))
   try:
     compiled = lowered.compile()
   except Exception as e:  # the TPU compiler refuses programs that exceed HBM (RESOURCE_EXHAUSTED)
@@ -118,7 +124,8 @@ def fit_report(task, preset, optim, global_batch: int, example_shapes: dict) -> 
     needed = re.search(r'temporaries \(([\d.]+)G\)', error)
     temporaries = float(needed.group(1)) if needed else float('nan')
     return FitReport(**sizes, temporaries_gib=temporaries,
-                     peak_gib=sizes['params_gib'] + sizes['optimizer_gib'] + sizes['batch_gib'] + temporaries,
+                     peak_gib=(sizes['params_gib'] + sizes['optimizer_gib'] + sizes['batch_gib'] + sizes['frozen_gib']
+                               + temporaries),
                      compile_s=time.perf_counter() - start, error=error)
   memory = compiled.memory_analysis()
   peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
@@ -127,9 +134,23 @@ def fit_report(task, preset, optim, global_batch: int, example_shapes: dict) -> 
                    compile_s=time.perf_counter() - start)
 
 
+def trained_params(task) -> int:
+  """How many parameters the task trains, counted from shapes (nothing is allocated)."""
+  import jax
+  from flax import nnx
+  model = nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0)))
+  return int(sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def fit_check_result(job: str, report: FitReport, **facts) -> dict:
+  """Says the verdict on one line and returns the command's JSON result (`facts`: the model's size,
+  what one step processes)."""
+  from core import progress
+  progress.say(report.summary())
+  return {'job': f'{job} --check', 'fits': report.fits, **dataclasses.asdict(report), **facts}
+
+
 def lvm_fit_report(config, preset) -> FitReport:
-  import jax.numpy as jnp
   from lvm.task import NextTokenTask
   task = NextTokenTask(config.model, config.data.seq_len)
-  return fit_report(task, preset, config.optim, config.train.global_batch,
-                    {'tokens': ((config.data.seq_len,), jnp.int32)})
+  return fit_report(task, preset, config.optim, config.train.global_batch, task.batch_shapes())

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.distributed import add_process_flags
+from core.fit_check import CHECK_HELP
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,8 +17,7 @@ def add_parser(sub) -> None:
   t.add_argument('--tpu', help='slice preset file in tpu_configs/ (a rerun continues with the one it trained with)')
   t.add_argument('--workdir', help='run directory (local or gs://); not needed with --check')
   t.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
-  t.add_argument('--check', action='store_true',
-                 help='compile the step for the preset\'s TPU topology here and report per-device memory; no training')
+  t.add_argument('--check', action='store_true', help=CHECK_HELP)
   add_process_flags(t)
   e = lvm.add_parser('eval', help='perplexity of a trained workdir on token data')
   e.add_argument('--workdir', required=True)
@@ -43,8 +43,9 @@ def add_parser(sub) -> None:
   tt = lvm.add_parser('train-tokenizer', help='train a VQGAN image tokenizer')
   tt.add_argument('--config', help='the run\'s config file (a rerun of a workdir may leave it out: it continues with the config the workdir recorded, plus any --set)')
   tt.add_argument('--tpu', help='slice preset (default: a rerun\'s, else tpu_configs/cpu_1.py)')
-  tt.add_argument('--workdir', required=True)
+  tt.add_argument('--workdir', help='run directory (local or gs://); not needed with --check')
   tt.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
+  tt.add_argument('--check', action='store_true', help=CHECK_HELP)
   add_process_flags(tt)
   ti = lvm.add_parser('import-tokenizer', help='released VQGAN (diffusers VQModel dir or open-muse weights) -> workdir')
   ti.add_argument('--weights', required=True, help='VQModel directory, or a weights file with config.json beside it')

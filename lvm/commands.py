@@ -96,16 +96,12 @@ def fit_check_command(config_path: str | None, tpu_path: str, overrides: list[st
   """`lvm train --check`: compiles the real step for the preset's TPU topology on this machine and
   reports per-device memory against its HBM (core/fit_check.py). Nothing is trained or written.
   Without --config, the run in --workdir is checked (will it fit another slice?)."""
-  from core.fit_check import lvm_fit_report
+  from core.fit_check import fit_check_result, lvm_fit_report
   config: LvmConfig = run_config(config_path, workdir, overrides)
-  preset = load_preset(tpu_path)
-  report = lvm_fit_report(config, preset)
-  from core import progress
-  progress.say(report.summary())
+  report = lvm_fit_report(config, load_preset(tpu_path))
   tokens_per_step = config.train.global_batch * config.data.seq_len
-  return {'job': 'lvm train --check', 'fits': report.fits, **dataclasses.asdict(report),
-          'model_params': config.model.num_params(), 'tokens_per_step': tokens_per_step,
-          'model_flops_per_step': config.model.flops_per_token(config.data.seq_len) * tokens_per_step}
+  return fit_check_result('lvm train', report, model_params=config.model.num_params(), tokens_per_step=tokens_per_step,
+                          model_flops_per_step=config.model.flops_per_token(config.data.seq_len) * tokens_per_step)
 
 
 def note_vocabulary_mismatch(config: LvmConfig) -> None:

@@ -42,6 +42,10 @@ class NextTokenTask:
   def program_key(self):
     return self.model_config, self.seq_len
 
+  def batch_shapes(self) -> dict:
+    """One batch row's arrays, name -> (shape, dtype): what the fit check compiles the step for."""
+    return {'tokens': ((self.seq_len,), jnp.int32)}
+
   def loss(self, model: Decoder, batch):
     tokens_bt = batch['tokens']
     if self.model_config.loss_chunk <= 0:

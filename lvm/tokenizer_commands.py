@@ -113,6 +113,22 @@ def reconstruction_report(tokenizer: LoadedTokenizer, images: np.ndarray) -> dic
           'codebook_perplexity': float(np.exp(-(p * np.log(p)).sum()))}
 
 
+def tokenizer_fit_check_command(config_path: str | None, tpu_path: str, overrides: list[str], workdir=None) -> dict:
+  """`lvm train-tokenizer --check`: the tokenizer's training step (its discriminator and perceptual
+  loss too, when the config has them) compiled for the preset's TPU topology on this machine, and
+  its per-device memory against the HBM (core/fit_check.py). No image or weights file is read,
+  nothing is trained or written. Without --config, the run in --workdir is checked."""
+  from core.fit_check import fit_check_result, fit_report, trained_params
+  config: TokenizerRunConfig = apply_overrides(
+      config_of_run(config_path, workdir, TokenizerRunConfig, MADE_BY, 'lvm/configs/tokenizer_tiny.py'), overrides)
+  task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
+  report = fit_report(task, load_preset(tpu_path), config.optim, config.train.global_batch, task.batch_shapes(),
+                      frozen=task.abstract_frozen_inputs())
+  return fit_check_result('lvm train-tokenizer', report, model_params=trained_params(task),
+                          images_per_step=config.train.global_batch,
+                          model_flops_per_step=task.flops_per_example() * config.train.global_batch)
+
+
 def train_tokenizer_command(config_path: str | None, tpu_path: str, workdir: str, overrides: list[str]) -> dict:
   # Without --config, a rerun continues with the config its workdir recorded.
   config: TokenizerRunConfig = apply_overrides(

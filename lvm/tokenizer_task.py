@@ -127,6 +127,17 @@ class TokenizerTask:
   def batch_logical_axes(self):
     return {'images': ('batch', None, None, None)}
 
+  def batch_shapes(self) -> dict:
+    """One batch row's arrays, name -> (shape, dtype): an image in [0, 1]."""
+    size = self.config.image_size
+    return {'images': ((size, size, self.config.in_channels), jnp.float32)}
+
+  def abstract_frozen_inputs(self):
+    """The frozen inputs' shapes (the fit check's; no weights file is read), or None."""
+    if self.weights.perceptual_weight <= 0:
+      return None
+    return {'lpips': nnx.split(nnx.eval_shape(lambda: LPIPS(nnx.Rngs(0))))[1]}
+
   def loss(self, model: VQGAN, batch, frozen=None):
     images = batch['images']
     reconstruction, ids, codebook_loss, commitment_loss = model.reconstruct(images)

@@ -284,12 +284,15 @@ def test_every_shipped_config_loads_as_the_job_that_takes_it():
   from lvm.tokenizer_task import TokenizerRunConfig
   expected = {'digits': DiffusionConfig, 'mscoco': DiffusionConfig, 'fastgda_digits': FastGDAConfig,
               'fastgda_coco': FastGDAConfig, 'tiny': LvmConfig, 'vqlm_7b': LvmConfig,
-              'tokenizer_tiny': TokenizerRunConfig}
+              'tokenizer_tiny': TokenizerRunConfig, 'tokenizer_f16': TokenizerRunConfig}
   files = sorted(p for folder in ('attrib/configs', 'lvm/configs') for p in (ROOT / folder).glob('*.py')
                  if p.stem != '__init__')
   assert sorted(p.stem for p in files) == sorted(expected)
   for path in files:
     load_config_file(path, expect=expected[path.stem])
+  # LVM's VQGAN shape (lvm.md §2): 256 px -> 16x16 = 256 tokens from K=8192 codes of D=64.
+  f16 = load_config_file(ROOT / 'lvm/configs/tokenizer_f16.py').tokenizer
+  assert (f16.image_size, f16.tokens_per_image, f16.codebook_size, f16.latent_channels) == (256, 256, 8192, 64)
   coco = load_config_file(ROOT / 'attrib/configs/fastgda_coco.py')
   # fastgda.md §3: 1280 -> 768 x 3 -> 768, dropout 0.1; AdamW 1e-3, wd 0.01, batch 4096, 10 epochs, p = 0.1.
   assert (coco.feature, coco.embedder.input_dim, coco.embedder.hidden, coco.embedder.output_dim) == (

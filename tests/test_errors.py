@@ -133,6 +133,11 @@ def _bad_inputs(tmp):
                                      '--tpu: the slice preset to train a new run with'),
       'a fit check without a preset': (['lvm', 'train', '--config', TINY, '--check'],
                                        '--check compiles the step for a slice preset'),
+      'a tokenizer fit check without a preset': (['lvm', 'train-tokenizer', '--config',
+                                                  str(ROOT / 'lvm/configs/tokenizer_tiny.py'), '--check'],
+                                                 '--check compiles the step for a slice preset'),
+      'train-model without a workdir': (['attrib', 'train-model', '--config', digits],
+                                        'attrib train-model needs --workdir (or --check to only check that the job fits)'),
       'import-hf without config.json': (['lvm', 'import-hf', '--hf-dir', str(tmp), '--workdir', str(tmp / 'w')],
                                         'config.json'),
       'import-hf of corrupt safetensors': (['lvm', 'import-hf', '--hf-dir', str(tmp / 'hf'), '--workdir',
@@ -352,7 +357,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'quickstart of a tokenizer value', 'lvm generate of a list line for another mode',
          'lvm generate of grids for one prompt', 'lvm eval of a negative completion count',
          'attrib query among words', 'attrib query among ids inline and in a file',
-         'lvm generate of greedy samples for a list', 'attrib serve with no student', 'attrib serve on no port']
+         'lvm generate of greedy samples for a list', 'attrib serve with no student', 'attrib serve on no port',
+         'a tokenizer fit check without a preset', 'train-model without a workdir']
 
 
 @pytest.mark.parametrize('case', CASES)

@@ -200,6 +200,9 @@ def test_stop_of_a_job_whose_worker_restarted_says_it_was_lost(fake_gcloud, capf
     (['lvm', 'tokenize', '--tokenizer', 'gs://b/tok', '--source', 'builtin:digits', '--kind', 'video',
       '--out', 'shards'], '--out shards is a local path'),
     (['tpu', 'delete', '--tpu', 'tpu_configs/v4_32.py', '--name', 'x'], 'cannot be another `tpu` command'),
+    (['lvm', 'train-tokenizer', '--config', 'lvm/configs/tokenizer_f16.py', '--check'],
+     r'`lvm train-tokenizer --check` compiles for the slice on this machine'),
+    (['attrib', 'train-model', '--config', 'attrib/configs/mscoco.py'], r'`attrib train-model` needs --workdir'),
     # Jobs that do not run across hosts would run whole on each of the 4, into one folder.
     (['data', 'tokens', '--input', 'x.npy', '--out', 'gs://b/t', '--seq-len', '64'],
      r'`data tokens` runs on one host, and tpu_configs/v4_32.py has 4'),

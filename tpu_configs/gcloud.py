@@ -196,11 +196,16 @@ def check_job(parse, job: list[str], args) -> None:
       raise ConfigError(f'tpu run: the job after -- does not parse as a launch.py command ({shlex.join(job)}; '
                         'why is above); nothing was started') from None
     raise
+  name = ' '.join(filter(None, (parsed.group, getattr(parsed, 'command', None))))
+  if getattr(parsed, 'check', False):
+    raise ConfigError(f'tpu run: `{name} --check` compiles for the slice on this machine, before paying for it: '
+                      'run it here, without tpu run')
+  if hasattr(parsed, 'workdir') and not parsed.workdir:  # training commands take it optionally, for --check
+    raise ConfigError(f'tpu run: `{name}` needs --workdir (gs://BUCKET/... on a slice of several hosts)')
   preset = load_preset(args.tpu)
   if preset.num_hosts > 1 and not hasattr(parsed, 'coordinator'):
     # Jobs that run across hosts take --coordinator (core.distributed.add_process_flags); any other
     # job would run whole on every host, each writing the same files into the same folder.
-    name = ' '.join(filter(None, (parsed.group, getattr(parsed, 'command', None))))
     raise ConfigError(f'tpu run: `{name}` runs on one host, and {args.tpu} has {preset.num_hosts}: run it on a '
                       'one-host slice (v4-8, v5e-8, ...) or on one machine; the jobs that run across hosts are '
                       'lvm train, eval, train-tokenizer, tokenize and attrib train-model, teacher, features, distill')
