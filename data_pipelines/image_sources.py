@@ -337,8 +337,9 @@ def prompt_files(entries: list) -> list:
   return files
 
 
-def folder_images(root: str | Path, size: int, strict: bool = False, frames: bool = False) -> FolderImages:
-  """Every image under `root` (local or gs://), in name order; `frames`: in `frame_order`."""
+def image_files(root: str | Path, frames: bool = False) -> tuple:
+  """(the folder as a path, every image file under it in name order, or `frame_order` with `frames`):
+  hidden files and OS metadata left out (said), a folder of videos or without images refused."""
   root = _folder(root)
   if not root.is_dir():
     if _is_video_file(root):
@@ -361,6 +362,14 @@ def folder_images(root: str | Path, size: int, strict: bool = False, frames: boo
     if videos:
       raise video_files_error(root, videos)
     raise ImageDataError(f'{root}: no image files ({", ".join(IMAGE_SUFFIXES)})')
+  return root, files
+
+
+def folder_images(root: str | Path, size: int, strict: bool = False, frames: bool = False,
+                  listed: tuple | None = None) -> FolderImages:
+  """Every image under `root` (local or gs://), in name order; `frames`: in `frame_order`.
+  `listed`: `image_files(root)` when the caller listed the folder already."""
+  root, files = listed or image_files(root, frames)
   classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
   images, labels, paths, skipped = [], [], [], []
   for path, loaded in zip(files, _loaded(files, size, is_remote(root))):

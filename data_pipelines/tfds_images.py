@@ -45,8 +45,8 @@ def _data_source(source: str, data_dir: str | None):
   return records
 
 
-def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(float32 [n, size, size, 3] in [0, 1], int32 labels or -1) of every example of a tfds split."""
+def image_records(source: str, data_dir: str | None = None) -> tuple:
+  """(the split's `tfds.data_source`, the name of its image field), refused when it has none."""
   records = _data_source(source, data_dir)
   first = records[0]
   image_key = next((k for k in IMAGE_KEYS if k in first), None)
@@ -54,6 +54,13 @@ def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np
     videos = ('; a dataset of videos: give frames:' + source) if any(k in first for k in VIDEO_KEYS) else ''
     raise ImageDataError(f'{source}: examples have no image field (one of {IMAGE_KEYS}); fields: {sorted(first)}'
                          + videos)
+  return records, image_key
+
+
+def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(float32 [n, size, size, 3] in [0, 1], int32 labels or -1) of every example of a tfds split."""
+  records, image_key = image_records(source, data_dir)
+  first = records[0]
   label_key = next((k for k in LABEL_KEYS if k in first), None)
   images, labels = [], []
   for index in range(len(records)):

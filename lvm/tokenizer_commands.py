@@ -21,29 +21,13 @@ from core.sharding import activation_sharding
 from core.train_loop import check_batch_layout, init_state, restore_latest_params, train
 from core.workdir import (RUN_CONFIG_FILE, config_of_run, make_workdir, note_changed_training, read_run_config, versions, write_imported_run,
                           write_json_atomic)
-from data_pipelines.image_sources import open_images
 from data_pipelines.token_loader import record_batches
+from lvm.tokenizer_images import InMemoryImages, report_images, training_images
 from lvm.tokenizer_task import TokenizerRunConfig, TokenizerTask
 from lvm.tokenizer_weights import read_tokenizer_dir, tokenizer_params
 
 MADE_BY = '`lvm train-tokenizer` or `lvm import-tokenizer`'
 DEFAULT_TPU = str(Path(__file__).resolve().parent.parent / 'tpu_configs' / 'cpu_1.py')
-
-
-class _Images:
-  """Random access over an image array as {'images': ...} records (for the grain loader)."""
-
-  def __init__(self, images: np.ndarray, name: str):
-    self.images, self.name = images, name
-
-  def __len__(self):
-    return len(self.images)
-
-  def __getitem__(self, index):
-    return {'images': self.images[int(index) % len(self.images)]}
-
-  def __repr__(self):
-    return f'{self.name} ({len(self)} images)'
 
 
 @dataclasses.dataclass
@@ -144,9 +128,9 @@ def train_tokenizer_command(config_path: str | None, tpu_path: str, workdir: str
       note_changed_training(workdir, previous, config, groups=('train', 'optim', 'loss', 'data'))
     preset = load_preset(tpu_path)
     size = config.tokenizer.image_size
-    images, _ = open_images(config.data.source, size)  # read (and checked) before any model work
-    config.tokenizer.check_images(images, config.data.source)
-    source = _Images(images, config.data.source)
+    # Decoded (and checked) before any model work; or, streamed, every file's header read.
+    source = training_images(config.data.source, size, config.data.stream)
+    config.tokenizer.check_images(source.images_at([0]), config.data.source)
     task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
     if hasattr(task, 'frozen_inputs'):
       task.frozen_inputs()  # read and checked (files, keys, shapes) before the workdir is touched
@@ -155,8 +139,10 @@ def train_tokenizer_command(config_path: str | None, tpu_path: str, workdir: str
     write_json_atomic(workdir / RUN_CONFIG_FILE, {'config': to_dict(config), 'tpu': preset_to_record(tpu_path)})
 
   def make_iterator(process_index, process_count):
+    streamed = not isinstance(source, InMemoryImages)  # held in memory: the main thread reads fastest
     return record_batches(source, global_batch=config.train.global_batch, seed=config.train.seed,
-                          process_index=process_index, process_count=process_count)
+                          process_index=process_index, process_count=process_count,
+                          prefetch_threads=config.data.read_threads if streamed else 0)
 
   started = time.time()
   summary = train(task, train_config=config.train, optim=config.optim, preset=preset, workdir=workdir,
@@ -164,7 +150,7 @@ def train_tokenizer_command(config_path: str | None, tpu_path: str, workdir: str
   summary.pop('trained_params')
   train_seconds = time.time() - started
   # A run stopped by SIGTERM exits now; its rerun reports on the finished tokenizer.
-  report = None if summary['preempted'] else reconstruction_report(load_tokenizer(workdir, tpu_path), images)
+  report = None if summary['preempted'] else reconstruction_report(load_tokenizer(workdir, tpu_path), report_images(source))
   result = {'job': 'lvm train-tokenizer', **summary, 'train_seconds': train_seconds,
             'tokens_per_image': config.tokenizer.tokens_per_image, 'data': repr(source),
             'reconstruction': report, 'versions': versions()}

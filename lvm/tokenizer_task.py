@@ -68,6 +68,18 @@ class TokenizerImages:
   # 'builtin:digits', 'builtin:photos', 'builtin:skimage' (several joined by '+'), 'tfds:NAME:SPLIT', an image
   # folder, or 'frames:DIR' (the frames of its videos, one subfolder each).
   source: str = 'builtin:digits+photos'
+  # 'auto': a folder or tfds split is decoded into memory before the first step when its images fit
+  # in a quarter of the host's free memory, and streamed (decoded as the loader reads them) when
+  # not; 'always' / 'never' choose. The same records either way (lvm/tokenizer_images.py).
+  stream: str = 'auto'
+  # Threads per host decoding streamed batches ahead of the step.
+  read_threads: int = 8
+
+  def __post_init__(self):
+    if self.stream not in ('auto', 'always', 'never'):
+      raise ConfigError(f"data.stream must be 'auto', 'always' or 'never', got {self.stream!r}")
+    if self.read_threads < 1:
+      raise ConfigError(f'data.read_threads must be >= 1, got {self.read_threads}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -189,6 +189,10 @@ for (_, frames), (_, on_disk) in zip(videos, named_videos({str(tmp_path / 'local
   np.testing.assert_array_equal(frames, on_disk)
 assert len(videos[-1][1]) == 3
 np.testing.assert_array_equal(load_image('gs://{BUCKET}/imgs/top.jpg', 16), local.images[-1])
+from data_pipelines.streamed_images import FolderImageStream  # streamed for the tokenizer: the same images
+streamed = FolderImageStream('gs://{BUCKET}/imgs', 16)
+assert streamed.skipped == remote.skipped, streamed.skipped
+np.testing.assert_array_equal(streamed.images_at(range(len(streamed))), remote.images)
 '''
   done = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]

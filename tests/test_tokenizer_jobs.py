@@ -671,6 +671,10 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
         open_images(malformed, 32)
     sliced, _ = open_images('tfds:bundled_digits:train[:10]', 32)  # tfds' split syntax, ':' and all
     np.testing.assert_array_equal(sliced, images[:10])
+    from data_pipelines.streamed_images import TfdsImageStream  # streamed for the tokenizer: the same images
+    streamed = TfdsImageStream('tfds:bundled_digits:train[:10]', 32)
+    np.testing.assert_array_equal(streamed.images_at(range(10)), sliced)
+    np.testing.assert_array_equal(streamed[13]['images'], sliced[3])  # records past the end wrap, as in memory
   finally:
     del os.environ['TFDS_DATA_DIR']
 
@@ -1204,19 +1208,28 @@ def test_training_with_the_discriminator_logs_both_players_and_loads_for_encodin
 
 
 @pytest.mark.slow  # ~80 s on 2 cores; the default suite's distill test runs the same gathering code on two processes
-def test_tokenizer_trains_on_two_processes_as_on_one(tmp_path):
+@pytest.mark.parametrize('streamed', [False, True])
+def test_tokenizer_trains_on_two_processes_as_on_one(tmp_path, streamed):
   """Two processes of four devices train the tokenizer as one process of eight, and its closing
   reconstruction report (encode and decode over every image) runs across both: before, it fetched
-  rows the other host held and crashed after training."""
+  rows the other host held and crashed after training. `streamed`: a folder of images that the two
+  processes stream (each decoding its own rows) and the one process holds in memory."""
   from tests.helpers import CPU2X4, CPU8, free_port, launch
   from tests.tolerance import assert_network_close
   common = ['lvm', 'train-tokenizer', '--config', TINY_TOKENIZER, '--set', 'train.steps=4', '--set', 'train.log_every=1',
             '--set', 'train.checkpoint_every=4', '--set', 'optim.warmup_steps=1', '--set', 'optim.decay_steps=3',
             '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false']
-  assert launch_main(common + ['--tpu', CPU8, '--workdir', str(tmp_path / 'one')]) == 0
+  images, stream = 2821, {'one': [], 'two': []}
+  if streamed:
+    from tests.test_streamed_images import _digit_folder
+    images, folder = 40, _digit_folder(tmp_path / 'digits')
+    common += ['--set', f'data.source={folder}']
+    stream = {'one': ['--set', 'data.stream=never'], 'two': ['--set', 'data.stream=always']}
+  assert launch_main(common + stream['one'] + ['--tpu', CPU8, '--workdir', str(tmp_path / 'one')]) == 0
   port = free_port()
-  procs = [launch(common + ['--tpu', CPU2X4, '--workdir', str(tmp_path / 'two'), '--coordinator', f'127.0.0.1:{port}',
-                            '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
+  procs = [launch(common + stream['two'] + ['--tpu', CPU2X4, '--workdir', str(tmp_path / 'two'),
+                                            '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2',
+                                            '--process-id', str(i)], devices=4) for i in range(2)]
   for proc in procs:
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
@@ -1230,9 +1243,9 @@ def test_tokenizer_trains_on_two_processes_as_on_one(tmp_path):
   length = 4 * (total_fan_in(params, 'jax') + 32 * 32 * 3 * 32)
   assert_network_close(np.array(logged[1]), np.array(logged[0]), what='tokenizer losses', reduction_length=length)
   reports = [json.loads((tmp_path / w / 'train_result.json').read_text())['reconstruction'] for w in ('one', 'two')]
-  assert reports[1]['images'] == reports[0]['images'] == 2821
+  assert reports[1]['images'] == reports[0]['images'] == images
   assert_network_close(*(np.array([r['psnr_db'], r['codebook_perplexity']]) for r in reports[::-1]),
-                       what='reconstruction report', reduction_length=length + 2821)
+                       what='reconstruction report', reduction_length=length + images)
 
 
 def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_path):

@@ -1,0 +1,96 @@
+"""Tokenizer training images streamed from disk (data_pipelines/streamed_images.py): the same
+records, batch for batch, as the images decoded into memory, and `lvm train-tokenizer` streaming a
+source that would not fit."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines.image_sources import digit_images, folder_images
+from data_pipelines.streamed_images import FolderImageStream
+from data_pipelines.token_loader import record_batches
+from launch import main as launch_main
+from lvm.tokenizer_images import InMemoryImages, report_images
+from tests.helpers import CPU1, ROOT
+
+
+def _digit_folder(root, count=40):
+  """`count` digits as 8-bit PNGs in two class folders, with a file that is no image and a hidden one."""
+  images, _ = digit_images(32)
+  for i in range(count):
+    folder = root / ('even' if i % 2 == 0 else 'odd')
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((images[i] * 255).round().astype(np.uint8)).save(folder / f'{i:03d}.png')
+  (root / 'odd' / 'saved_error_page.jpg').write_text('<html>403 Forbidden</html>')
+  (root / 'even' / '._000.png').write_bytes(b'\x00\x05\x16\x07 Mac metadata')
+  return root
+
+
+def test_streamed_batches_are_the_in_memory_batches(tmp_path, capsys):
+  """Batch for batch over three epochs, on either host of two, read by four loader threads: the
+  streamed folder gives exactly the arrays the in-memory one does, the same file skipped by name."""
+  root = _digit_folder(tmp_path / 'digits')
+  found = folder_images(root, 32)
+  streamed = FolderImageStream(root, 32)
+  assert streamed.skipped == found.skipped == [str(root / 'odd' / 'saved_error_page.jpg')]
+  assert len(streamed) == len(found.images) == 40
+  assert 'saved_error_page.jpg: not a readable image' in capsys.readouterr().err
+  in_memory = InMemoryImages(found.images, str(root))
+  for host in (0, 1):
+    batches = [record_batches(source, global_batch=16, seed=7, process_index=host, process_count=2,
+                              prefetch_threads=threads) for source, threads in ((in_memory, 0), (streamed, 4))]
+    for _ in range(8):  # 8 batches of 16 over 40 images: three epochs, each shuffled its own way
+      expected, got = (next(b)['images'] for b in batches)
+      assert got.shape == (8, 32, 32, 3)
+      np.testing.assert_array_equal(got, expected)
+  # The closing report reads the same images of either (all of them, up to REPORT_IMAGES).
+  np.testing.assert_array_equal(report_images(streamed), found.images)
+
+
+def test_a_file_truncated_after_its_header_gives_way_to_the_next(tmp_path, capsys):
+  """Its header reads, so the scan keeps it; its pixels do not: the next file is used in its place,
+  named once however often it is read, and the run goes on."""
+  root = _digit_folder(tmp_path / 'digits', count=6)
+  good = (root / 'even' / '002.png').read_bytes()
+  (root / 'even' / '002.png').write_bytes(good[:len(good) // 2])
+  streamed = FolderImageStream(root, 32)
+  assert len(streamed) == 6 and streamed.skipped == [str(root / 'odd' / 'saved_error_page.jpg')]
+  position = streamed.files.index(root / 'even' / '002.png')
+  for _ in range(2):
+    np.testing.assert_array_equal(streamed[position]['images'], streamed.image(position + 1))
+  err = capsys.readouterr().err
+  assert err.count('002.png: not a readable image') == 1 and 'the next readable file is used in its place' in err
+
+
+def test_train_tokenizer_streams_a_folder_that_would_not_fit(tmp_path, monkeypatch, capsys):
+  """With 'auto', a source over a quarter of the host's free memory streams, said in one line; the
+  run trains and reports on every image."""
+  import lvm.tokenizer_images
+  root = _digit_folder(tmp_path / 'digits')
+  monkeypatch.setattr(lvm.tokenizer_images, 'available_memory_gib', lambda: 0.0004)  # 40 images: 0.46 MiB
+  work = tmp_path / 'tokenizer'
+  assert launch_main(['lvm', 'train-tokenizer', '--config', str(ROOT / 'lvm/configs/tokenizer_tiny.py'),
+                      '--tpu', CPU1, '--workdir', str(work), '--set', f'data.source={root}',
+                      '--set', 'train.steps=2', '--set', 'train.global_batch=8', '--set', 'train.log_every=1',
+                      '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false',
+                      '--set', 'optim.warmup_steps=1', '--set', 'optim.decay_steps=1']) == 0
+  err = capsys.readouterr().err
+  assert f"{root}: 41 image files decode to 0.5 MiB, more than a quarter of this host's 0.4 MiB of free memory" in err, err
+  result = json.loads((work / 'train_result.json').read_text())
+  assert result['data'] == f'{root} (40 images, streamed)'
+  assert result['reconstruction']['images'] == 40 and result['step'] == 2
+
+
+@pytest.mark.parametrize('count', [10, 5000])
+def test_the_report_reads_every_image_or_an_even_spread(count):
+  class Counted:
+    def __len__(self):
+      return count
+
+    def images_at(self, indices):
+      return np.asarray(indices)
+
+  picked = report_images(Counted())
+  assert len(picked) == min(count, 4096) and picked[0] == 0 and picked[-1] == count - 1
+  assert len(set(picked.tolist())) == len(picked)
