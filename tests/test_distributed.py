@@ -218,7 +218,7 @@ def _job_args(job: str, tmp_path) -> list[str]:
     ('lvm train', 'lvm train: the config, data and workdir checked', 'lvm.commands.write_json_atomic', 0),
     ('attrib train-model', 'train-model: the config, data and workdir checked', 'attrib.commands.CaptionedImages', 1),
     ('lvm train-tokenizer', 'train-tokenizer: the config, images and workdir checked',
-     'lvm.tokenizer_commands.open_images', 1),
+     'lvm.tokenizer_images.open_images', 1),
     ('attrib distill', 'distill: the features, rankings and workdir checked', 'attrib.distill.load_ranks', 1),
 ], ids=['lvm-train-data', 'lvm-train-config-write', 'train-model-data', 'train-tokenizer-images', 'distill-ranks'])
 def test_a_host_that_fails_before_training_stops_every_host_at_once(tmp_path, job, step, writer, failing):
