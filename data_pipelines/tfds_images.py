@@ -35,6 +35,14 @@ def _data_source(source: str, data_dir: str | None):
       raise
     raise ImageDataError(f'{source}: tfds reads this dataset\'s features with TensorFlow (a tfds Video feature, as '
                          'ucf101\'s or moving_mnist\'s, is built on it): pip install tensorflow-cpu') from None
+  except NotImplementedError as e:
+    if 'Random access' not in str(e):
+      raise
+    # Prepared, but as TFRecord (tfds' default): records cannot be read by index without TensorFlow.
+    folder = f'{data_dir or "~/tensorflow_datasets"}/{name.split("/")[0]}'
+    raise ImageDataError(f'{source}: prepared as TFRecord files, which are not read by index; convert it once '
+                         f'(`tfds convert_format --dataset_dir={folder} --out_file_format=array_record`) or '
+                         f'prepare it so (`tfds build {name.split("/")[0]} --file_format=array_record`)') from None
   except Exception as e:  # tfds raises several types for a missing or unprepared dataset
     # Only the first line of tfds' message: the rest lists every dataset tfds knows (~250 names).
     reason = str(e).strip().splitlines()[0] if str(e).strip() else ''

@@ -2,6 +2,7 @@
 job whose shards the LVM trains on."""
 import dataclasses
 import json
+import re
 from collections import Counter
 
 import jax
@@ -675,6 +676,16 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
     streamed = TfdsImageStream('tfds:bundled_digits:train[:10]', 32)
     np.testing.assert_array_equal(streamed.images_at(range(10)), sliced)
     np.testing.assert_array_equal(streamed[13]['images'], sliced[3])  # records past the end wrap, as in memory
+    # Prepared as TFRecord (tfds' default; its dataset_info says so): named, with the one-time conversion.
+    import shutil
+    shutil.copytree(tmp_path / 'bundled_digits', tmp_path / 'tfrecord' / 'bundled_digits')
+    info = next((tmp_path / 'tfrecord' / 'bundled_digits').glob('*/dataset_info.json'))
+    info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))
+    os.environ['TFDS_DATA_DIR'] = str(tmp_path / 'tfrecord')
+    with pytest.raises(ImageDataError, match=re.escape(
+        f'{source}: prepared as TFRecord files, which are not read by index; convert it once (`tfds convert_format '
+        f'--dataset_dir={tmp_path}/tfrecord/bundled_digits --out_file_format=array_record`)')):
+      open_images(source, 32)
   finally:
     del os.environ['TFDS_DATA_DIR']
 
