@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import json
 import signal
 import sys
@@ -190,7 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
         kwargs = query_of_json(body)
       else:
         kwargs = query_of_url(parse_qs(url.query, keep_blank_values=True), body)
-      attribution = attributor.attribute(**kwargs)
+      with self.server.computing():
+        attribution = attributor.attribute(**kwargs)
     except UserError as e:  # bad input: what was wrong, by name
       self._reply(getattr(e, 'status', 400), {'error': str(e)})
       return
@@ -255,6 +257,8 @@ class AttributionServer(ThreadingHTTPServer):
     self.attributor = attributor  # replaced whole by reload_when_changed: a request reads it once
     self.reloads = 0
     self._lock, self._answered, self._refused, self._failed = threading.Lock(), 0, 0, 0
+    self._in_flight, self._stopping = 0, False
+    self._none_in_flight = threading.Condition(self._lock)
     # The latest answers' latencies, for p50/p95: a service's whole history would grow without bound.
     self._latencies_ms = collections.deque(maxlen=LATENCIES_KEPT)
     super().__init__((host, port), _Handler)
@@ -263,6 +267,28 @@ class AttributionServer(ThreadingHTTPServer):
   def url(self) -> str:
     host, port = self.server_address[:2]
     return f'http://{host}:{port}'
+
+  @contextlib.contextmanager
+  def computing(self):
+    """Around a request's attribution: counted in flight, refused (503) once the server is stopping."""
+    with self._lock:
+      if self._stopping:
+        raise BadRequest('the server is stopping', 503)
+      self._in_flight += 1
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._in_flight -= 1
+        self._none_in_flight.notify_all()
+
+  def stop_answering(self, timeout_s: float = 60) -> None:
+    """Refuses new attributions and waits for those in flight. A request thread is a daemon (a client
+    holding its connection open must not keep the process alive), and one still in the student's
+    jitted code when the interpreter exits aborts the process ('FATAL: exception not rethrown')."""
+    with self._lock:
+      self._stopping = True
+      self._none_in_flight.wait_for(lambda: self._in_flight == 0, timeout_s)
 
   def answered(self, ms: float) -> None:
     with self._lock:
@@ -361,9 +387,10 @@ def serve_command(workdir: str, host: str, port: int, dino: str | None = None, c
     server.server_close()
     raise
   stop_watching = threading.Event()
+  watcher = threading.Thread(target=reload_when_changed, args=(server, load, reload_every_s, stop_watching),
+                             daemon=True)
   if reload_every_s:
-    threading.Thread(target=reload_when_changed, args=(server, load, reload_every_s, stop_watching),
-                     daemon=True).start()
+    watcher.start()
   # SIGTERM (a service manager's stop) ends serve_forever from another thread: shutdown() waits for
   # the loop, which runs in this one.
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start())
@@ -375,8 +402,13 @@ def serve_command(workdir: str, host: str, port: int, dino: str | None = None, c
   except KeyboardInterrupt:
     pass
   finally:
+    # Nothing of the student's may still run when the interpreter exits (see stop_answering): the
+    # watcher finishes a reload it began, and requests in flight get their answers.
     stop_watching.set()
     signal.signal(signal.SIGTERM, previous)
+    server.stop_answering()
+    if watcher.is_alive():
+      watcher.join(timeout=300)
     server.server_close()
   return {'job': 'attrib serve', 'workdir': str(workdir), 'url': server.url,
           'served_s': round(time.time() - started, 1), 'requests': server.counts(), 'reloads': server.reloads,

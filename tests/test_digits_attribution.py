@@ -713,6 +713,37 @@ def _post(url: str, body: bytes, content_type: str = 'image/png') -> tuple[int, 
     return e.code, json.loads(e.read())
 
 
+def test_a_stopping_server_refuses_new_answers_and_waits_for_those_in_flight():
+  """A request thread still in the student's jitted code when the interpreter exits aborts the
+  process ('FATAL: exception not rethrown', seen once in the suite): stopping waits for it."""
+  import time
+  from attrib.serve import AttributionServer, BadRequest
+  server = AttributionServer(None, '127.0.0.1', 0)
+  entered, release = threading.Event(), threading.Event()
+
+  def answer():
+    with server.computing():
+      entered.set()
+      release.wait(60)
+
+  worker = threading.Thread(target=answer)
+  worker.start()
+  assert entered.wait(60)
+  stopper = threading.Thread(target=server.stop_answering)
+  stopper.start()
+  time.sleep(0.3)
+  assert stopper.is_alive()  # the answer in flight holds it
+  with pytest.raises(BadRequest, match='the server is stopping') as refused:
+    with server.computing():
+      pass
+  assert refused.value.status == 503
+  release.set()
+  stopper.join(60)
+  worker.join(60)
+  assert not stopper.is_alive()
+  server.server_close()
+
+
 def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypatch):
   """`attrib serve`: a query's image bytes with its prompt in the URL, or JSON with the image in
   base64, answered exactly as Attributor.attribute answers the file, also many at once; bad requests
