@@ -119,7 +119,10 @@ def test_lpips_weight_errors_name_the_file_and_key(reference, tmp_path):
 
 def test_perceptual_loss_trains_the_tokenizer_with_the_network_frozen(reference, tmp_path):
   """lvm train-tokenizer with loss.perceptual_weight: the term is logged and moves the tokenizer's
-  gradient, the LPIPS weights stay out of the checkpoint, and a resumed run equals an uninterrupted one."""
+  gradient, the LPIPS weights stay out of the checkpoint, and a resumed run equals an uninterrupted one.
+  The images are a folder streamed from disk (data.stream=always): a resumed run reads on from the
+  position its checkpoint saved, decoding the same images."""
+  from tests.test_streamed_images import _digit_folder
   from core.config import ConfigError
   from core.workdir import read_run_config
   from lvm.tokenizer_commands import MADE_BY, load_tokenizer, train_tokenizer_command
@@ -128,7 +131,8 @@ def test_perceptual_loss_trains_the_tokenizer_with_the_network_frozen(reference,
   config = 'lvm/configs/tokenizer_tiny.py'
   tpu = 'tpu_configs/cpu_1.py'
   common = ['train.steps=4', 'train.global_batch=8', 'train.log_every=1', 'train.checkpoint_every=2',
-            'train.async_checkpoints=False', 'train.progress_bar=False', 'train.tensorboard=False']
+            'train.async_checkpoints=False', 'train.progress_bar=False', 'train.tensorboard=False',
+            f'data.source={_digit_folder(tmp_path / "digits")}', 'data.stream=always']
   perceptual = ['loss.perceptual_weight=1.0', f'loss.perceptual_weights={tmp_path / "lpips_vgg.pth"}']
 
   with pytest.raises(ConfigError, match='perceptual_weights'):
@@ -145,6 +149,7 @@ def test_perceptual_loss_trains_the_tokenizer_with_the_network_frozen(reference,
   assert full['perceptual_weights']['checksum'] == read_lpips_weights(str(tmp_path / 'lpips_vgg.pth'))[2]
   # The same data and init: only the perceptual term differs, so the losses differ past step 1.
   assert full['final_metrics']['l2'] != plain['final_metrics']['l2']
+  assert full['data'] == f'{tmp_path / "digits"} (40 images, streamed)' and full['reconstruction']['images'] == 40
 
   # Not in the checkpoint: it holds the tokenizer's parameters only, and encoding never reads the file.
   (tmp_path / 'lpips_vgg_moved.pth').write_bytes((tmp_path / 'lpips_vgg.pth').read_bytes())

@@ -1,8 +1,6 @@
 """Tokenizer training images streamed from disk (data_pipelines/streamed_images.py): the same
-records, batch for batch, as the images decoded into memory, and `lvm train-tokenizer` streaming a
-source that would not fit."""
-import json
-
+records, batch for batch, as the images decoded into memory, and which sources 'auto' streams.
+(`lvm train-tokenizer` on a streamed folder, resumed too: test_perceptual.py.)"""
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,9 +8,7 @@ from PIL import Image
 from data_pipelines.image_sources import digit_images, folder_images
 from data_pipelines.streamed_images import FolderImageStream
 from data_pipelines.token_loader import record_batches
-from launch import main as launch_main
 from lvm.tokenizer_images import InMemoryImages, report_images
-from tests.helpers import CPU1, ROOT
 
 
 def _digit_folder(root, count=40):
@@ -63,23 +59,25 @@ def test_a_file_truncated_after_its_header_gives_way_to_the_next(tmp_path, capsy
   assert err.count('002.png: not a readable image') == 1 and 'the next readable file is used in its place' in err
 
 
-def test_train_tokenizer_streams_a_folder_that_would_not_fit(tmp_path, monkeypatch, capsys):
-  """With 'auto', a source over a quarter of the host's free memory streams, said in one line; the
-  run trains and reports on every image."""
+def test_auto_streams_what_would_take_over_a_quarter_of_the_free_memory(tmp_path, monkeypatch, capsys):
   import lvm.tokenizer_images
-  root = _digit_folder(tmp_path / 'digits')
-  monkeypatch.setattr(lvm.tokenizer_images, 'available_memory_gib', lambda: 0.0004)  # 40 images: 0.46 MiB
-  work = tmp_path / 'tokenizer'
-  assert launch_main(['lvm', 'train-tokenizer', '--config', str(ROOT / 'lvm/configs/tokenizer_tiny.py'),
-                      '--tpu', CPU1, '--workdir', str(work), '--set', f'data.source={root}',
-                      '--set', 'train.steps=2', '--set', 'train.global_batch=8', '--set', 'train.log_every=1',
-                      '--set', 'train.progress_bar=false', '--set', 'train.tensorboard=false',
-                      '--set', 'optim.warmup_steps=1', '--set', 'optim.decay_steps=1']) == 0
-  err = capsys.readouterr().err
-  assert f"{root}: 41 image files decode to 0.5 MiB, more than a quarter of this host's 0.4 MiB of free memory" in err, err
-  result = json.loads((work / 'train_result.json').read_text())
-  assert result['data'] == f'{root} (40 images, streamed)'
-  assert result['reconstruction']['images'] == 40 and result['step'] == 2
+  from data_pipelines.image_sources import ImageDataError
+  from lvm.tokenizer_images import training_images
+  root = _digit_folder(tmp_path / 'digits')  # 41 image files: 0.5 MiB decoded at 32 px
+  monkeypatch.setattr(lvm.tokenizer_images, 'available_memory_gib', lambda: 0.0004)
+  streamed = training_images(str(root), 32, 'auto')
+  assert repr(streamed) == f'{root} (40 images, streamed)'
+  assert (f"{root}: 41 image files decode to 0.5 MiB, more than a quarter of this host's 0.4 MiB of free memory: "
+          'they are streamed, decoded as the loader reads them (data.stream=never holds them in memory)'
+          in capsys.readouterr().err)
+  assert isinstance(training_images(str(root), 32, 'never'), InMemoryImages)
+  monkeypatch.setattr(lvm.tokenizer_images, 'available_memory_gib', lambda: 0.01)
+  held = training_images(str(root), 32, 'auto')
+  assert isinstance(held, InMemoryImages) and len(held) == 40
+  assert 'streamed' not in capsys.readouterr().err
+  assert isinstance(training_images('builtin:digits', 32, 'auto'), InMemoryImages)  # never streamed
+  with pytest.raises(ImageDataError, match='no such image folder'):  # the folder listed before any choice
+    training_images(str(tmp_path / 'none'), 32, 'auto')
 
 
 @pytest.mark.parametrize('count', [10, 5000])
