@@ -58,10 +58,28 @@ def all_or_none(name: str):
   _exchange(name, None)
 
 
-def _exchange(name: str, error: BaseException | None) -> None:
+def each_process(name: str, compute):
+  """`compute()` on every process, and every process's result (a JSON value) on each, in process
+  order: a step like `all_or_none` (a failure on one process fails every process), for choices that
+  the hosts must make alike, e.g. to stream a source when any host lacks the memory to hold it. Not
+  to be called inside an `all_or_none` step."""
+  import json
+  import jax
+  if jax.process_count() == 1:
+    return [compute()]
+  try:
+    value = compute()
+  except Exception as error:
+    _exchange(name, error)
+    raise
+  return [json.loads(result) for result in _exchange(name, None, json.dumps(value))]
+
+
+def _exchange(name: str, error: BaseException | None, result: str = '') -> list[str]:
   """Every process's outcome of step `name` to every process, through the coordination service's
-  key-value store (as orbax syncs hosts): raises on this one when another failed. An outcome is a
-  kind (0 done, 1 bad input, 2 other) and a message."""
+  key-value store (as orbax syncs hosts): raises on this one when another failed, else returns each
+  process's `result`. An outcome is a kind (0 done, 1 bad input, 2 other) and a message (the result
+  when done)."""
   import jax
   from jax._src import distributed
   client = distributed.global_state.client
@@ -70,13 +88,13 @@ def _exchange(name: str, error: BaseException | None) -> None:
                        '(start the run with core.distributed.start)')
   step = f'lvm_attrib_step_{next(_steps)}'  # every process counts the same steps in the same order
   kind = '0' if error is None else '1' if isinstance(error, UserError) else '2'
-  text = '' if error is None else f'{error}' if isinstance(error, UserError) else f'{type(error).__name__}: {error}'
+  text = result if error is None else f'{error}' if isinstance(error, UserError) else f'{type(error).__name__}: {error}'
   client.key_value_set(f'{step}/{jax.process_index()}', kind + text)
   client.wait_at_barrier(step, timeout_in_ms=_STEP_WAIT_MS)
   outcomes = [client.blocking_key_value_get(f'{step}/{p}', 60_000) for p in range(jax.process_count())]
   failed = [p for p, outcome in enumerate(outcomes) if outcome[0] != '0']
   if error is not None or not failed:
-    return  # this process raises its own error; or every process is done
+    return [outcome[1:] for outcome in outcomes]  # this process raises its own error; or every process is done
   first = failed[0]
   others = f' (and {len(failed) - 1} more)' if len(failed) > 1 else ''
   text = f'{name}: process {first} of {jax.process_count()} failed{others}, so this one stops too: {outcomes[first][1:]}'

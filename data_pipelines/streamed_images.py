@@ -50,21 +50,29 @@ class _ImageStream:
 
 
 class FolderImageStream(_ImageStream):
-  """Every readable image under a folder, in name order (as `folder_images`), decoded on read."""
+  """Every readable image under a folder, in name order (as `folder_images`), decoded on read.
+  `strict`: an unreadable file fails (naming it) instead of being left out or replaced."""
 
-  def __init__(self, root, size: int, header_threads: int = 32, listed: tuple | None = None):
+  def __init__(self, root, size: int, header_threads: int = 32, listed: tuple | None = None, strict: bool = False):
     self.root, files = listed or image_files(root)  # `listed`: image_files(root), when done already
     self.name = str(self.root)
-    self.size = size
-    unreadable = _unreadable_headers(files, header_threads, str(self.root))
+    self.size, self.strict = size, strict
+    unreadable = _unreadable_headers(files, header_threads, str(self.root), strict)
     self.files = [f for i, f in enumerate(files) if i not in unreadable]
     self.skipped = [str(files[i]) for i in sorted(unreadable)]
     if not self.files:
       raise ImageDataError(f'{self.root}: none of {len(files)} image files could be read')
+    # Categories as `folder_images` numbers them: the first-level subfolders of every listed file.
+    classes = sorted({f.relative_to(self.root).parts[0] for f in files if len(f.relative_to(self.root).parts) > 1})
+    self.labels = np.asarray([classes.index(f.relative_to(self.root).parts[0])
+                              if len(f.relative_to(self.root).parts) > 1 else -1 for f in self.files], np.int32)
     self._substituted = set()
 
   def __len__(self) -> int:
     return len(self.files)
+
+  def record_names(self, indices) -> list[str]:
+    return [str(self.files[i].relative_to(self.root)) for i in indices]
 
   def image(self, index: int) -> np.ndarray:
     """File `index`'s pixels; a file that fails to decode is named once and the next readable one is used."""
@@ -73,6 +81,8 @@ class FolderImageStream(_ImageStream):
       try:
         return load_image(self.files[position], self.size)
       except ImageDataError as e:
+        if self.strict:
+          raise
         if position not in self._substituted:
           self._substituted.add(position)
           progress.say(f'warning: {e}; the next readable file is used in its place')
@@ -89,6 +99,22 @@ class TfdsImageStream(_ImageStream):
 
   def __len__(self) -> int:
     return len(self.records)
+
+  def record_names(self, indices) -> list[str]:
+    return [str(i) for i in indices]
+
+  def read_labels(self) -> np.ndarray:
+    """int32 label of every record (-1 without a label field, as `tfds_images`), read with the images
+    left undecoded (a pass over the split's files, but no image decoding)."""
+    from data_pipelines.tfds_images import LABEL_KEYS, undecoded_records
+    label_key = next((k for k in LABEL_KEYS if k in self.records[0]), None)
+    if label_key is None:
+      return np.full(len(self), -1, np.int32)
+    undecoded = undecoded_records(self.name, self.key)
+    chunks = range(0, len(self), 4096)
+    labels = [[int(example[label_key]) for example in undecoded.__getitems__(list(range(i, min(i + 4096, len(self)))))]
+              for i in progress.bar(chunks, total=len(chunks), desc=f'{self.name}: labels', unit='chunk')]
+    return np.asarray([label for chunk in labels for label in chunk], np.int32)
 
   def image(self, index: int) -> np.ndarray:
     try:  # tfds checked the split when it prepared it: a record that does not read is a damaged file
@@ -110,19 +136,57 @@ def _header_ok(path) -> str | None:
     return f'{type(e).__name__}: {e}'
 
 
-def _unreadable_headers(files: list, threads: int, where: str) -> set[int]:
-  """Indices of `files` that are not images, said by name. Every host reads every header (no host
-  waits on another's findings, and all leave out the same files: their records must agree), in
-  `threads` threads: 0.46 ms a file on 2 cores here, minutes for ImageNet's 1.28M files."""
+def _unreadable_headers(files: list, threads: int, where: str, strict: bool = False) -> set[int]:
+  """Indices of `files` that are not images, said by name (`strict`: the first fails). Every host
+  reads every header (no host waits on another's findings, and all leave out the same files: their
+  records must agree), in `threads` threads: 0.46 ms a file on 2 cores here, minutes for ImageNet's
+  1.28M files."""
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     problems = list(progress.bar(pool.map(_header_ok, files), total=len(files), desc=f'{where}: image headers',
                                  unit='file'))
   unreadable = {i for i, problem in enumerate(problems) if problem}
+  if strict and unreadable:
+    first = min(unreadable)
+    raise ImageDataError(f'{files[first]}: not a readable image ({problems[first]})')
   for i in sorted(unreadable):
     progress.say(f'warning: skipped {files[i]}: not a readable image ({problems[i]})')
   if unreadable:
     progress.say(f'{where}: skipped {len(unreadable)} of {len(files)} files (not readable images)')
   return unreadable
+
+
+class StreamedImageArray:
+  """Rows of a stream as an image array decoded on indexing, for the tokenize job's sentences, which
+  draw a few images each from anywhere in the source: `images[i]` is one image, `images[indices]`
+  (a slice, an index array) a stacked batch (decoded in the calling thread: the job decodes whole
+  sentences in parallel), and `subset(mask)` a view of fewer rows (a split)."""
+  dtype = np.float32
+
+  def __init__(self, stream: _ImageStream, rows: np.ndarray | None = None):
+    self.stream = stream
+    self.rows = np.arange(len(stream)) if rows is None else rows
+
+  @property
+  def shape(self) -> tuple:
+    return (len(self.rows), self.stream.size, self.stream.size, 3)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, key):
+    if isinstance(key, (int, np.integer)):
+      return self.stream.image(int(self.rows[key]))
+    rows = self.rows[key]
+    if not len(rows):
+      return np.zeros((0, *self.shape[1:]), np.float32)
+    return np.stack([self.stream.image(int(row)) for row in rows])
+
+  def subset(self, mask: np.ndarray) -> 'StreamedImageArray':
+    return StreamedImageArray(self.stream, self.rows[mask])
+
+  def record_names(self) -> list[str]:
+    """Each row's file (relative to the folder) or record number: what a resumed job compares."""
+    return self.stream.record_names(self.rows)
 
 
 def streamable(source: str) -> bool:

@@ -9,6 +9,7 @@ machine, with no download, so the tfds path can be used (and is tested) offline.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -20,7 +21,7 @@ LABEL_KEYS = ('label', 'labels', 'category')
 VIDEO_KEYS = ('video', 'image_sequence', 'frames', 'image_main', 'rgb')
 
 
-def _data_source(source: str, data_dir: str | None):
+def _data_source(source: str, data_dir: str | None, decoders: dict | None = None):
   """`tfds.data_source` of 'tfds:NAME[:SPLIT]', its first example checked to exist."""
   import tensorflow_datasets as tfds
   _, name, *rest = source.split(':', 2)  # the split may hold ':' itself: train[:1000]
@@ -29,7 +30,7 @@ def _data_source(source: str, data_dir: str | None):
   split = rest[0] if rest else 'train'
   data_dir = data_dir or os.environ.get('TFDS_DATA_DIR')
   try:
-    records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    records = tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
   except ModuleNotFoundError as e:
     if e.name != 'tensorflow':
       raise
@@ -63,6 +64,12 @@ def image_records(source: str, data_dir: str | None = None) -> tuple:
     raise ImageDataError(f'{source}: examples have no image field (one of {IMAGE_KEYS}); fields: {sorted(first)}'
                          + videos)
   return records, image_key
+
+
+def undecoded_records(source: str, image_key: str, data_dir: str | None = None):
+  """The split's records with the image field left encoded (a label pass decodes no pixels)."""
+  import tensorflow_datasets as tfds
+  return _data_source(source, data_dir, decoders={image_key: tfds.decode.SkipDecoding()})
 
 
 def tfds_images(source: str, size: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +107,13 @@ def tfds_videos(source: str, size: int, data_dir: str | None = None) -> list[tup
 
 def build_bundled_digits(data_dir: str) -> str:
   """Prepares `bundled_digits` (1,797 8x8 digits, labels 0-9) under `data_dir`; returns the source name."""
+  _bundled_digits_builder()(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  return 'tfds:bundled_digits:train'
+
+
+@functools.cache
+def _bundled_digits_builder():
+  """The builder class, defined once: tfds registers a builder by name and refuses a second one."""
   import tensorflow_datasets as tfds
 
   class BundledDigits(tfds.core.GeneratorBasedBuilder):
@@ -119,8 +133,7 @@ def build_bundled_digits(data_dir: str) -> str:
       for i, (image, label) in enumerate(zip(*load_digits())):
         yield i, {'image': (image / 16 * 255).round().astype(np.uint8)[..., None], 'label': int(label)}
 
-  BundledDigits(data_dir=data_dir, file_format='array_record').download_and_prepare()
-  return 'tfds:bundled_digits:train'
+  return BundledDigits
 
 
 if __name__ == '__main__':

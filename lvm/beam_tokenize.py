@@ -17,9 +17,10 @@ Runners (`--beam-options`, Beam's own pipeline flags):
   FlinkRunner              `--runner=FlinkRunner --flink_master=HOST:8081 --environment_type=DOCKER
                            --environment_config=IMAGE` (the same image)
 Scale: the work per shard is `records_per_shard` sentences through the VQGAN encoder; workers scale
-with the shard count. Every worker holds the source's images in memory (visual sentences draw
-images from the whole source), so for a source larger than a worker's memory, split it into
-several sources and run one job per part (their shards are independent token files).
+with the shard count. Visual sentences draw images from the whole source: a worker holds it in
+memory when it fits, and streams it (each image decoded when a sentence draws it; `--stream`,
+lvm/sentence_sources.py) when it does not, as the driver chose: a folder's file names are listed and
+its headers read by every worker once, a tfds split's labels read once.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def beam_tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | No
   todo = [shard for shard in job.shards if not (job.out / shard.name).exists()]
   # Workers rebuild the job from its arguments (they get strings and numbers, not arrays), for the
   # kinds the driver resolved.
-  job_args = dict(options, tokenizer_dir=tokenizer_dir, source=source, kinds=job.spec['kinds'], out=str(job.out))
+  job_args = dict(options, tokenizer_dir=tokenizer_dir, source=source, kinds=job.spec['kinds'], out=str(job.out),
+                  stream='always' if job.spec['source_images'].get('streamed') else 'never')
   if todo:
     pipeline_options = PipelineOptions(shlex.split(beam_options))
     with beam.Pipeline(options=pipeline_options) as pipeline:

@@ -73,6 +73,10 @@ def add_parser(sub) -> None:
                   help='sentences of one kind, overriding --sentences (e.g. video=4096)')
   tk.add_argument('--records-per-shard', type=int, default=512)
   tk.add_argument('--strict', action='store_true', help='fail on an unreadable image instead of skipping it')
+  tk.add_argument('--stream', default='auto', choices=['auto', 'always', 'never'],
+                  help='decode a folder or tfds split as sentences draw its images, not all into memory first '
+                       '(auto: when it would take over a quarter of the free memory)')
+  tk.add_argument('--read-threads', type=int, default=8, help='threads decoding a streamed source\'s images')
   tk.add_argument('--seed', type=int, default=0)
   tk.add_argument('--split', default='all', choices=['all', 'train', 'eval'],
                   help='images used: eval = the last 10%% of each class (for frames:, the last 10%% of the '
@@ -166,7 +170,7 @@ def run(args) -> dict:
     options = dict(frames=args.frames, kind_sentences=parse_counts(args.kind_sentences, '--kind-sentences'),
                    sentences=args.sentences, records_per_shard=args.records_per_shard, strict=args.strict,
                    seed=args.seed, split=args.split, stride=args.stride, tpu_path=args.tpu, labels=args.labels,
-                   label_ids=args.label_ids)
+                   label_ids=args.label_ids, stream=args.stream, read_threads=args.read_threads)
     if args.beam:
       import jax
       if jax.process_count() > 1:

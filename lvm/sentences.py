@@ -33,7 +33,6 @@ from core import progress
 from core.config import ConfigError, check_at_least
 from core.paths import absolute, as_path, is_remote, joined
 from core.workdir import atomic_path, make_workdir, read_json, refuse_job_workdir, versions, write_json_atomic
-from data_pipelines.image_sources import open_images
 from data_pipelines.token_records import SHARD_SUFFIX, SHARD_WRITER_OPTIONS, TOKEN_DTYPE
 
 # Appended only: a kind's position seeds its sentences (a new kind changes no earlier kind's records).
@@ -247,6 +246,7 @@ class TokenizeJob:
   videos: list | None
   shards: list[ShardSpec]
   pairs: tuple[np.ndarray, np.ndarray] | None = None  # (label pictures, labelled image indexes)
+  read_threads: int = 8  # a streamed source's sentences are built (their images decoded) in this many
 
   @property
   def seq_len(self) -> int:
@@ -296,14 +296,19 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
                       sentences: int = 2048, records_per_shard: int = 512, strict: bool = False, seed: int = 0,
                       kind_sentences: dict[str, int] | None = None, split: str = 'all', stride: int = 1,
                       tpu_path: str | None = None, claim: bool = True, note_coverage: bool = True,
-                      labels: str | None = None, label_ids: bool = False) -> TokenizeJob:
+                      labels: str | None = None, label_ids: bool = False, stream: str = 'auto', read_threads: int = 8,
+                      listed: tuple | None = None) -> TokenizeJob:
   """Reads and checks every input before anything is written. `claim`: record the job in `out`
   (refusing a directory that holds another job's shards) and remove half-written shards of an
   interrupted run — the driver does this once; workers of a distributed run pass False.
   `note_coverage`: say which kinds leave most of the source unseen (`coverage_notes`). `labels`: a
   folder of label pictures for a folder source's images (pairs sentences); `label_ids`: they hold
-  class ids, painted in PASCAL VOC's colours (data_pipelines/annotation_pairs.py)."""
+  class ids, painted in PASCAL VOC's colours (data_pipelines/annotation_pairs.py). `stream`: the
+  source decoded into memory or as sentences draw it, in `read_threads` threads
+  (lvm/sentence_sources.py); `listed`: the folder's `image_files`, when listed already."""
+  from lvm.sentence_sources import read_sentence_source, stream_choice, streamed_fingerprint
   check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride,
+                 read_threads=read_threads,
                  **{f'kind_sentences {k}': v for k, v in (kind_sentences or {}).items()})
   check_at_least(0, seed=seed)  # numpy's generator takes no negative seed
   if labels is None and label_ids:
@@ -313,10 +318,11 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
   from lvm.tokenizer_commands import load_tokenizer
   tokenizer = load_tokenizer(tokenizer_dir, tpu_path)
   tconfig = tokenizer.config.tokenizer
-  images, classes, videos, pairs, notes = _read_source(
+  streamed, listing = stream_choice(source, tconfig.image_size, stream, labels, out, STATE_FILE)
+  images, classes, videos, pairs, notes = read_sentence_source(
       source, tconfig.image_size, split, strict, labels, label_ids,
       video_sentences=(kind_sentences or {}).get('video', sentences) if 'video' in (kinds or KINDS) else 0,
-      frames=frames, stride=stride)
+      frames=frames, stride=stride, streamed=streamed, listed=listed or listing)
   tconfig.check_images(images, source)
   labelled = None if pairs is None else len(pairs[1])
   kinds = kinds_for(images, classes, kinds, frames, labelled)
@@ -330,7 +336,8 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
       progress.say(note)
   spec = {'source': source, 'split': split, 'kinds': kinds, 'frames': frames, 'stride': stride, 'sentences': counts,
           'records_per_shard': records_per_shard, 'seed': seed, 'tokenizer_checksum': tokenizer.checksum,
-          'source_images': images_fingerprint(images, classes, *(pairs or ()))}
+          'source_images': (streamed_fingerprint(images, classes) if streamed
+                            else images_fingerprint(images, classes, *(pairs or ())))}
   if labels is not None:  # only then: the specs of jobs without labels stay as they were
     spec.update(labels=absolute(labels), label_ids=label_ids)
   out = make_workdir(out) if claim else as_path(out)
@@ -341,9 +348,10 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
       previous.setdefault('source_images', spec['source_images'])  # a job started before it was recorded
       if previous['source_images'] != spec['source_images']:
         before, now = previous['source_images'], spec['source_images']
+        digest = lambda fingerprint: fingerprint.get('sha256') or fingerprint.get('names_sha256')
         raise ConfigError(f'{out} holds shards of {source} as it was when they were written ({before["count"]} '
-                          f'images, fingerprint {before["sha256"]}); it now reads {now["count"]} images '
-                          f'({now["sha256"]}): the rest would be built from other images. Use a new --out')
+                          f'images, fingerprint {digest(before)}); it now reads {now["count"]} images '
+                          f'({digest(now)}): the rest would be built from other images. Use a new --out')
       if previous != spec:
         changed = {k: (previous.get(k), v) for k, v in spec.items() if previous.get(k) != v}
         raise ConfigError(f'{out} holds shards of another tokenize job ({changed}); use a new --out')
@@ -357,34 +365,7 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
     for shard in range(shards_per_kind):
       shards.append(ShardSpec(kind, shard * records_per_shard, min(counts[kind], (shard + 1) * records_per_shard),
                               f'{kind}-{shard:05d}-of-{shards_per_kind:05d}{SHARD_SUFFIX}'))
-  return TokenizeJob(str(tokenizer_dir), out, spec, tokenizer, images, classes, videos, shards, pairs)
-
-
-def _read_source(source: str, size: int, split: str, strict: bool, labels: str | None, label_ids: bool, *,
-                 video_sentences: int, frames: int, stride: int):
-  """(images, their classes, videos or None, pairs or None, notes) of `split` of a source."""
-  if labels is not None:  # a folder with its label pictures: every kind of the folder, and pairs
-    if source.startswith(('frames:', 'tfds:', 'builtin:')):
-      raise ConfigError(f'--labels pairs label pictures with the images of a folder source, not {source}')
-    from data_pipelines.annotation_pairs import paired_folder
-    from data_pipelines.image_sources import folder_images
-    found = folder_images(source, size, strict)
-    labelled = paired_folder(source, labels, found.paths, found.images, strict, label_ids)
-    keep = split_mask(found.labels, split, source)
-    pairs = (labelled.annotations[keep], np.flatnonzero(labelled.paired[keep]))
-    return found.images[keep], found.labels[keep], None, pairs, []
-  if source.startswith('frames:'):  # real clips: still-image kinds use their frames as images
-    from data_pipelines.image_sources import named_videos
-    named = split_videos(named_videos(source[len('frames:'):], size, strict), split, source)
-    videos = [frames_of_one for _, frames_of_one in named]
-    notes = video_notes(named, video_sentences, frames, stride)
-    if not any(len(v) >= (frames - 1) * stride + 1 for v in videos):
-      raise ConfigError(f'{source}: no video has {(frames - 1) * stride + 1} frames (--frames {frames}, '
-                        f'--stride {stride})')
-    images = np.concatenate(videos)
-    return images, np.full(len(images), -1, np.int32), videos, None, notes
-  images, classes = split_images(*open_images(source, size, strict), split, source)
-  return images, classes, None, None, []
+  return TokenizeJob(str(tokenizer_dir), out, spec, tokenizer, images, classes, videos, shards, pairs, read_threads)
 
 
 def images_fingerprint(images: np.ndarray, labels: np.ndarray, *pairs: np.ndarray) -> dict:
@@ -402,10 +383,16 @@ def images_fingerprint(images: np.ndarray, labels: np.ndarray, *pairs: np.ndarra
 def write_sentence_shard(job: TokenizeJob, shard: ShardSpec) -> None:
   """Builds, encodes and writes one shard (whole, under a temporary name, then renamed)."""
   tconfig = job.tokenizer.config.tokenizer
-  frames_nf = np.stack([sentence_frames(shard.kind, n, job.images, job.labels, job.spec['frames'], job.spec['seed'],
-                                        job.videos, job.spec['stride'], step=tconfig.downsample_factor,
-                                        pairs=job.pairs)
-                        for n in range(shard.start, shard.stop)])
+
+  def frames_of(n):
+    return sentence_frames(shard.kind, n, job.images, job.labels, job.spec['frames'], job.spec['seed'], job.videos,
+                           job.spec['stride'], step=tconfig.downsample_factor, pairs=job.pairs)
+  if isinstance(job.images, np.ndarray):
+    frames_nf = np.stack([frames_of(n) for n in range(shard.start, shard.stop)])
+  else:  # streamed: each sentence decodes its images; in threads (PIL decodes without the GIL), in order
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(job.read_threads) as pool:
+      frames_nf = np.stack(list(pool.map(frames_of, range(shard.start, shard.stop))))
   tokens = job.tokenizer.encode(frames_nf.reshape(-1, *frames_nf.shape[2:]))
   _write_shard(job.out / shard.name, tokens.reshape(shard.stop - shard.start, job.seq_len))
 
@@ -455,12 +442,18 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   """`lvm tokenize`: every shard, batched and sharded over this machine's devices, or on a slice of
   several hosts each shard on one host's devices (options: those of `plan_tokenize_job`)."""
   import jax
-  from core.distributed import all_or_none
+  from core.distributed import all_or_none, each_process
   started = time.time()
+  listing = {}
   hosts, me = jax.process_count(), jax.process_index()
   # On several hosts (a slice) every host checks the job and process 0 claims the folder; then each
   # host writes every N-th shard, encoding on its own devices, and process 0 writes the manifest. A
   # step that fails on one host (a bad file under --strict, a full disk) stops every host.
+  # Streamed or in memory: every host alike (a file truncated after its header is left out in
+  # memory, replaced streamed), so every host streams when one would.
+  streamed = any(each_process('tokenize: the source held in memory or streamed',
+                              lambda: _host_stream_choice(tokenizer_dir, source, out, options, listing)))
+  options = dict(options, stream='always' if streamed else 'never', listed=listing.get('listed'))
   with all_or_none('tokenize: the output folder claimed'):
     job = plan_tokenize_job(tokenizer_dir, source, kinds, out, **options)
   if hosts > 1:
@@ -479,3 +472,16 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   with all_or_none('tokenize: the manifest written'):  # by process 0; the others wait for it
     result = finish_tokenize_job(job, written, started)
   return result
+
+
+def _host_stream_choice(tokenizer_dir: str, source: str, out: str, options: dict, listing: dict) -> bool:
+  """This host's choice for `--stream` (`stream_choice`; the folder's listing kept in `listing`)."""
+  from core.workdir import read_run_config
+  from lvm.sentence_sources import stream_choice
+  from lvm.tokenizer_commands import MADE_BY
+  from lvm.tokenizer_task import TokenizerRunConfig
+  refuse_job_workdir(out)  # checked before the tokenizer, as in `plan_tokenize_job`
+  size = read_run_config(tokenizer_dir, TokenizerRunConfig, MADE_BY)[0].tokenizer.image_size
+  streamed, listing['listed'] = stream_choice(source, size, options.get('stream', 'auto'), options.get('labels'),
+                                              out, STATE_FILE)
+  return streamed

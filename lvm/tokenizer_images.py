@@ -55,7 +55,7 @@ def decoded_gib(count: int, size: int) -> float:
   return count * size * size * 3 * 4 / 2**30
 
 
-def _size(gib: float) -> str:
+def size_text(gib: float) -> str:
   return f'{gib:.1f} GiB' if gib >= 0.1 else f'{gib * 1024:.1f} MiB'
 
 
@@ -81,8 +81,8 @@ def training_images(source: str, size: int, stream: str):
         return InMemoryImages(open_images(source, size)[0], source)
       return InMemoryImages(folder_images(source, size, listed=listed).images, source)
     what = 'images' if source.startswith('tfds:') else 'image files'
-    progress.say(f'{source}: {count} {what} decode to {_size(decoded_gib(count, size))}, more than a quarter of '
-                 f"this host's {_size(free)} of free memory: they are streamed, decoded as the loader reads "
+    progress.say(f'{source}: {count} {what} decode to {size_text(decoded_gib(count, size))}, more than a quarter of '
+                 f"this host's {size_text(free)} of free memory: they are streamed, decoded as the loader reads "
                  'them (data.stream=never holds them in memory)')
   if source.startswith('tfds:'):
     return TfdsImageStream(source, size)

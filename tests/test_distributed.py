@@ -155,10 +155,11 @@ ALL_OR_NONE = '''
 import sys
 import time
 import jax
-from core.distributed import all_or_none, start
+from core.distributed import all_or_none, each_process, start
 from core.errors import ConfigError
 port, me, failure = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 start(None, f'127.0.0.1:{port}', 2, me)
+print('every value', each_process('step zero', lambda: {'process': me, 'free': 10 * me}))
 with all_or_none('step one'):
   if me == 0 and failure == 'process 0 late':
     time.sleep(40)  # process 0's solo work (an index build), past a CPU collective's 30-s wait
@@ -173,7 +174,7 @@ print('both done')
 
 @pytest.mark.parametrize('failure', ['none', 'bad input', 'bug', pytest.param('process 0 late', marks=pytest.mark.slow)])
 def test_a_step_that_fails_on_one_process_fails_on_every_process(tmp_path, failure):
-  """core.distributed.all_or_none: when a step fails on process 1, process 0 (which finished its
+  """core.distributed.all_or_none (after each_process, whose values every process gets): when a step fails on process 1, process 0 (which finished its
   share) stops at the step's end with process 1's message, a UserError when process 1's was one.
   A process may reach the step's end long after the others (`slow`: 40 s; the device allgather it
   replaced failed past 30 s on CPU, and a process that returned early would end process 0 at JAX's
@@ -186,6 +187,8 @@ def test_a_step_that_fails_on_one_process_fails_on_every_process(tmp_path, failu
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS='cpu'))
            for i in range(2)]
   outputs = outputs_of(procs, 120)
+  # each_process: every process's value on each, in process order
+  assert all("every value [{'process': 0, 'free': 0}, {'process': 1, 'free': 10}]" in out for out in outputs), outputs
   if failure in ('none', 'process 0 late'):
     assert [p.returncode for p in procs] == [0, 0] and all('both done' in out for out in outputs), outputs
     return

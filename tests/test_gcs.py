@@ -193,6 +193,8 @@ from data_pipelines.streamed_images import FolderImageStream  # streamed for the
 streamed = FolderImageStream('gs://{BUCKET}/imgs', 16)
 assert streamed.skipped == remote.skipped, streamed.skipped
 np.testing.assert_array_equal(streamed.images_at(range(len(streamed))), remote.images)
+assert streamed.labels.tolist() == remote.labels.tolist()  # and for lvm tokenize --stream: labels, names
+assert streamed.record_names(range(5)) == ['cats/0.png', 'cats/1.png', 'dogs/0.png', 'dogs/1.png', 'top.jpg']
 '''
   done = subprocess.run([sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]

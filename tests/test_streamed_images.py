@@ -31,6 +31,7 @@ def test_streamed_batches_are_the_in_memory_batches(tmp_path, capsys):
   streamed = FolderImageStream(root, 32)
   assert streamed.skipped == found.skipped == [str(root / 'odd' / 'saved_error_page.jpg')]
   assert len(streamed) == len(found.images) == 40
+  np.testing.assert_array_equal(streamed.labels, found.labels)  # class subfolders, numbered alike
   assert 'saved_error_page.jpg: not a readable image' in capsys.readouterr().err
   in_memory = InMemoryImages(found.images, str(root))
   for host in (0, 1):

@@ -627,6 +627,78 @@ def test_a_resumed_job_refuses_a_source_folder_that_changed(tokenizer_dir, tmp_p
   assert (out / 'inpainting-00001-of-00002.arrayrecord').read_bytes() == second
 
 
+def test_a_streamed_source_gives_the_shards_it_gives_in_memory(tokenizer_dir, tmp_path, capsys, monkeypatch):
+  """`lvm tokenize --stream`: a folder (class subfolders, a file that is no image, a held-out split)
+  and a tfds split, each image decoded when a sentence draws it, give byte for byte the shards
+  they give decoded into memory; 'auto' streams what would take over a quarter of the free memory,
+  and a resumed job keeps the way it was started. --strict fails on a file cut after its header
+  (without it, the next file takes its place, as in training)."""
+  import lvm.tokenizer_images
+  from tests.test_streamed_images import _digit_folder
+  root = _digit_folder(tmp_path / 'digits', count=24)
+  tokenize = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '6', '--records-per-shard', '4',
+              '--kind', 'groups,analogy,video', '--split', 'train']
+
+  def shards(out):
+    return {p.name: p.read_bytes() for p in out.glob('*.arrayrecord')}
+  held = tmp_path / 'held'
+  assert launch_main(tokenize + ['--source', str(root), '--out', str(held), '--stream', 'never']) == 0
+  monkeypatch.setattr(lvm.tokenizer_images, 'available_memory_gib', lambda: 0.0004)
+  capsys.readouterr()
+  streamed = tmp_path / 'streamed'
+  assert launch_main(tokenize + ['--source', str(root), '--out', str(streamed), '--read-threads', '3']) == 0
+  assert (f"{root}: 25 image files decode to 0.3 MiB, more than a quarter of this host's 0.4 MiB of free memory: they "
+          'are streamed, each decoded when a sentence draws it (--stream never holds them in memory)'
+          in capsys.readouterr().err)
+  assert len(shards(held)) == 6 and shards(streamed) == shards(held)
+  manifests = [json.loads((out / 'manifest.json').read_text()) for out in (held, streamed)]
+  fingerprints = [manifest.pop('source_images') for manifest in manifests]  # 24 less 1 held out of each class
+  assert fingerprints[0]['count'] == fingerprints[1]['count'] == 22 and fingerprints[1]['streamed']
+  assert manifests[0] == manifests[1]
+
+  # A rerun keeps the way the job started, whatever 'auto' finds now; naming the other way is refused.
+  monkeypatch.setattr(lvm.tokenizer_images, 'available_memory_gib', lambda: 64.0)
+  (streamed / 'video-00001-of-00002.arrayrecord').unlink()
+  assert launch_main(tokenize + ['--source', str(root), '--out', str(streamed)]) == 0
+  assert shards(streamed) == shards(held)
+  assert json.loads((streamed / 'tokenize_result.json').read_text())['shards_written_this_run'] == 1
+  capsys.readouterr()
+  assert launch_main(tokenize + ['--source', str(root), '--out', str(streamed), '--stream', 'never']) == 2
+  assert (f'{streamed} holds shards of a job that streamed its source: rerun it with --stream always (or auto), or '
+          'use a new --out') in capsys.readouterr().err
+  (root / 'even' / '100.png').write_bytes((root / 'even' / '000.png').read_bytes())  # a file added: refused
+  assert launch_main(tokenize + ['--source', str(root), '--out', str(streamed)]) == 2
+  assert 'as it was when they were written (22 images' in capsys.readouterr().err
+  (root / 'even' / '100.png').unlink()
+
+  # --strict names a file that is no image (found by its header before any sentence) and one cut
+  # short after its header (found when a sentence draws it); without, the job goes on past both.
+  good = (root / 'odd' / '003.png').read_bytes()
+  (root / 'odd' / '003.png').write_bytes(good[:len(good) // 2])
+  strict = tokenize + ['--source', str(root), '--out', str(tmp_path / 'strict'), '--stream', 'always', '--strict',
+                       '--kind', 'groups', '--sentences', '24']
+  assert launch_main(strict) == 2
+  assert f'{root}/odd/saved_error_page.jpg: not a readable image' in capsys.readouterr().err
+  (root / 'odd' / 'saved_error_page.jpg').rename(tmp_path / 'saved_error_page.jpg')
+  assert launch_main(strict) == 2
+  assert f'{root}/odd/003.png: not a readable image' in capsys.readouterr().err
+  (tmp_path / 'saved_error_page.jpg').rename(root / 'odd' / 'saved_error_page.jpg')
+  assert launch_main(tokenize + ['--source', str(root), '--out', str(tmp_path / 'lenient'), '--stream', 'always',
+                                 '--kind', 'groups', '--sentences', '24']) == 0
+  assert 'odd/003.png: not a readable image' in capsys.readouterr().err
+
+  # A tfds split, its labels read without decoding the images: the same shards either way.
+  from data_pipelines.tfds_images import build_bundled_digits
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  source = build_bundled_digits(str(tmp_path / 'tfds')) + '[:120]'
+  for stream in ('never', 'always'):
+    assert launch_main(tokenize + ['--source', source, '--out', str(tmp_path / f'tfds_{stream}'), '--stream', stream]) == 0
+  assert len(shards(tmp_path / 'tfds_never')) == 6 and shards(tmp_path / 'tfds_always') == shards(tmp_path / 'tfds_never')
+  assert launch_main(tokenize + ['--out', str(tmp_path / 'digits_out'), '--stream', 'always']) == 2
+  assert ('--stream always: builtin:digits built-in images and video frames are decoded into memory (image folders '
+          'and tfds:NAME:SPLIT stream)') in capsys.readouterr().err
+
+
 def test_coverage_notes_name_kinds_that_leave_most_of_the_source_unseen():
   from lvm.sentences import coverage_notes
   # 2048 groups of 4 from 100k images: 1 - exp(-8192 / 100000) = 7.9% seen.
@@ -1262,27 +1334,32 @@ def test_tokenizer_trains_on_two_processes_as_on_one(tmp_path, streamed):
 def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_path):
   """A slice of several hosts: each process encodes every other shard on its own devices and process 0
   writes the manifest; the shards and manifest are one process's. A rerun after a lost shard writes
-  that shard alone. (Before, every host encoded and wrote every shard, all of them into one folder.)"""
+  that shard alone. (Before, every host encoded and wrote every shard, all of them into one folder.)
+  The two processes stream the folder (each image decoded when a sentence draws it), the one process
+  holds it in memory; the rerun keeps streaming, as it began."""
   from tests.helpers import CPU2X4, free_port, launch
+  from tests.test_streamed_images import _digit_folder
   common = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '24', '--records-per-shard', '8',
-            '--kind', 'video', '--kind', 'colorization']
-  assert launch_main(common + ['--out', str(tmp_path / 'one')]) == 0
+            '--kind', 'video', '--kind', 'colorization', '--source', str(_digit_folder(tmp_path / 'digits', 24))]
+  assert launch_main(common + ['--out', str(tmp_path / 'one'), '--stream', 'never']) == 0
 
-  def on_two_processes():
+  def on_two_processes(*stream):
     port = free_port()
     procs = [launch(common + ['--out', str(tmp_path / 'two'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
-                              '--num-processes', '2', '--process-id', str(i)], devices=4) for i in range(2)]
+                              '--num-processes', '2', '--process-id', str(i), *stream], devices=4) for i in range(2)]
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     for proc, out in zip(procs, outputs):
       assert proc.returncode == 0, out[-3000:]
     return outputs[0]
-  printed = on_two_processes()
+  printed = on_two_processes('--stream', 'always')
   # Process 0 wrote shards 1, 3, 5 of the 6 (video 0 and 2, colorization 1) and said so; process 1 the rest.
   assert 'tokenize: video-00000-of-00003' in printed and 'tokenize: video-00001-of-00003' not in printed
   one = {p.name: p.read_bytes() for p in (tmp_path / 'one').glob('*.arrayrecord')}
   assert len(one) == 6 and {p.name: p.read_bytes() for p in (tmp_path / 'two').glob('*.arrayrecord')} == one
   manifest = json.loads((tmp_path / 'two' / 'manifest.json').read_text())
-  assert manifest == json.loads((tmp_path / 'one' / 'manifest.json').read_text())
+  assert manifest.pop('source_images')['streamed']  # the files' names, not the pixels: the rest is the same
+  assert manifest == {k: v for k, v in json.loads((tmp_path / 'one' / 'manifest.json').read_text()).items()
+                      if k != 'source_images'}
   assert json.loads((tmp_path / 'two' / 'tokenize_result.json').read_text())['shards_written_this_run'] == 6
   (tmp_path / 'two' / 'video-00001-of-00003.arrayrecord').unlink()
   on_two_processes()
@@ -1359,6 +1436,16 @@ def test_beam_pipeline_writes_the_same_shards_and_resumes(tokenizer_dir, tmp_pat
   assert len(notes) == 2 and beam_notes == notes
   assert (tmp_path / 'pairs_beam/pairs-00000-of-00001.arrayrecord').read_bytes() == \
       (tmp_path / 'pairs_plain/pairs-00000-of-00001.arrayrecord').read_bytes()
+
+  # A folder streamed on the workers (the driver's choice, passed on): the shards of the folder in memory.
+  from tests.test_streamed_images import _digit_folder
+  folder = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--source', str(_digit_folder(tmp_path / 'digits')),
+            '--kind', 'groups', '--sentences', '8', '--records-per-shard', '4']
+  assert launch_main(folder + ['--out', str(tmp_path / 'folder_plain'), '--stream', 'never']) == 0
+  assert launch_main(folder + ['--out', str(tmp_path / 'folder_beam'), '--stream', 'always', '--beam']) == 0
+  assert json.loads((tmp_path / 'folder_beam/manifest.json').read_text())['source_images']['streamed']
+  assert {p.name: p.read_bytes() for p in (tmp_path / 'folder_beam').glob('*.arrayrecord')} == \
+      {p.name: p.read_bytes() for p in (tmp_path / 'folder_plain').glob('*.arrayrecord')}
 
 
 def test_beam_workers_find_the_tokenizer_preset_without_the_training_machine(tokenizer_dir, tmp_path):
