@@ -113,7 +113,11 @@ def add_parser(sub) -> None:
   asv = a.add_parser('serve', help='answer attribution queries over HTTP (POST /attribute, GET /health)')
   asv.add_argument('--workdir', required=True)
   asv.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1, this machine only; '
-                   '0.0.0.0 for every interface: there is no authentication, put a proxy in front)')
+                   '0.0.0.0 for every interface: with --token-file and --tls-cert/--tls-key, or behind a proxy)')
+  asv.add_argument('--token-file', help='ask each query for "Authorization: Bearer <the first line of this file>" '
+                   '(default: $ATTRIB_SERVE_TOKEN if set, else no token)')
+  asv.add_argument('--tls-cert', help='serve HTTPS with this certificate chain (PEM), with --tls-key')
+  asv.add_argument('--tls-key', help='the private key (PEM) of --tls-cert')
   asv.add_argument('--port', type=int, default=8000, help='default 8000; 0 picks a free one (printed)')
   asv.add_argument('--dino', help='full scale: the DINO checkpoint the student\'s features came from')
   asv.add_argument('--clip', help='full scale: the CLIP checkpoint the student\'s features came from')
@@ -207,7 +211,7 @@ def run(args) -> dict:
   elif args.command == 'serve':
     from attrib.serve import serve_command
     result = serve_command(args.workdir, args.host, args.port, args.dino, args.clip, args.train_list,
-                           args.reload_every)
+                           args.reload_every, args.token_file, args.tls_cert, args.tls_key)
   elif args.command == 'generate':
     if args.seeds is not None:
       if args.seed is not None:

@@ -21,9 +21,14 @@ fault of ours gets 500 with its message (and its traceback on stderr); the serve
 The student's files are watched (`--reload-every`, 2 s): after `attrib add`, `attrib remove` (a
 takedown) or `attrib index` from a shell, the server loads the changed student beside the one
 answering and then answers with it, without a restart or a refused request. It writes nothing into the
-workdir and holds no lock on it. It has no authentication or TLS: it listens on 127.0.0.1 unless --host says otherwise; put it
-behind a proxy that has them before opening it to a network. SIGTERM or Ctrl-C stop it, printing
-how many requests it answered and their latency.
+workdir and holds no lock on it. SIGTERM or Ctrl-C stop it, printing how many requests it answered and
+their latency.
+
+Open to a network: it listens on 127.0.0.1 unless --host says otherwise. `--token-file FILE` (or the
+ATTRIB_SERVE_TOKEN variable) makes /attribute ask for `Authorization: Bearer <the file's first line>`
+(401 without it; /health then answers {"status": "ok"} alone to a request without it, for a load
+balancer's probe); `--tls-cert CERT --tls-key KEY` (PEM) serves HTTPS, each connection's handshake in
+its own thread. A proxy in front (with its own TLS and auth) works as well.
 """
 from __future__ import annotations
 
@@ -31,8 +36,11 @@ import base64
 import binascii
 import collections
 import contextlib
+import hmac
 import json
+import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -147,8 +155,23 @@ class _Handler(BaseHTTPRequestHandler):
   server_version = 'lvm-attrib'
   server: 'AttributionServer'
 
+  def setup(self):
+    super().setup()
+    if isinstance(self.connection, ssl.SSLSocket):  # here, in this connection's thread, under its timeout
+      self.connection.do_handshake()
+
+  def _authorized(self) -> bool:
+    """Whether the request carries the server's token (always, when it has none)."""
+    if self.server.token is None:
+      return True
+    scheme, _, given = self.headers.get('Authorization', '').partition(' ')
+    return scheme.lower() == 'bearer' and hmac.compare_digest(given.strip().encode(), self.server.token.encode())
+
   def do_GET(self):
     if self._routed('GET'):
+      if not self._authorized():  # a load balancer's probe: alive, and nothing about the student
+        self._reply(200, {'status': 'ok'})
+        return
       attributor = self.server.attributor
       self._reply(200, {'status': 'ok', 'training_images': len(attributor.index) - len(attributor.removed),
                         'attributor': repr(attributor), 'requests': self.server.counts()})
@@ -168,16 +191,24 @@ class _Handler(BaseHTTPRequestHandler):
     takes = _ENDPOINTS.get(path)
     if takes == method:
       return True
-    if self.headers.get('Content-Length', '0').strip() != '0' or 'Transfer-Encoding' in self.headers:
-      self.close_connection = True  # its body is not read: the connection cannot carry another request
+    self._body_left_unread()
     if takes is None:
       self._reply(404, {'error': f'no such endpoint {path!r}: {USAGE}'})
     else:
       self._reply(405, {'error': f'{path} takes {takes}, not {self.command}: {USAGE}'}, allow=takes)
     return False
 
+  def _body_left_unread(self) -> None:
+    if self.headers.get('Content-Length', '0').strip() != '0' or 'Transfer-Encoding' in self.headers:
+      self.close_connection = True  # its body is not read: the connection cannot carry another request
+
   def do_POST(self):
     if not self._routed('POST'):
+      return
+    if not self._authorized():
+      self._body_left_unread()
+      self._reply(401, {'error': 'this server asks for its token: an Authorization: Bearer <token> header'},
+                  authenticate=True)
       return
     url = urlsplit(self.path)
     started = time.perf_counter()
@@ -230,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
       raise BadRequest(f'the body ended after {len(body):,} of the {length:,} bytes its Content-Length announced')
     return body
 
-  def _reply(self, status: int, payload: dict, allow: str | None = None) -> None:
+  def _reply(self, status: int, payload: dict, allow: str | None = None, authenticate: bool = False) -> None:
     if status != 200:
       self.server.count_error(status)
     data = json.dumps(payload).encode()
@@ -239,6 +270,8 @@ class _Handler(BaseHTTPRequestHandler):
     self.send_header('Content-Length', str(len(data)))
     if allow:
       self.send_header('Allow', allow)
+    if authenticate:
+      self.send_header('WWW-Authenticate', 'Bearer')
     if self.close_connection:  # the client learns not to send its next request on this connection
       self.send_header('Connection', 'close')
     self.end_headers()
@@ -253,8 +286,10 @@ class AttributionServer(ThreadingHTTPServer):
   """An HTTP server answering attribution queries with one Attributor (see the module docstring)."""
   daemon_threads = True  # a client holding its connection open does not keep the server from stopping
 
-  def __init__(self, attributor, host: str = '127.0.0.1', port: int = 8000):
+  def __init__(self, attributor, host: str = '127.0.0.1', port: int = 8000, token: str | None = None,
+               tls: ssl.SSLContext | None = None):
     self.attributor = attributor  # replaced whole by reload_when_changed: a request reads it once
+    self.token, self.tls = token, tls
     self.reloads = 0
     self._lock, self._answered, self._refused, self._failed = threading.Lock(), 0, 0, 0
     self._in_flight, self._stopping = 0, False
@@ -262,11 +297,13 @@ class AttributionServer(ThreadingHTTPServer):
     # The latest answers' latencies, for p50/p95: a service's whole history would grow without bound.
     self._latencies_ms = collections.deque(maxlen=LATENCIES_KEPT)
     super().__init__((host, port), _Handler)
+    if tls is not None:  # accepted connections come wrapped; each handshakes in its handler's thread
+      self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
   @property
   def url(self) -> str:
     host, port = self.server_address[:2]
-    return f'http://{host}:{port}'
+    return f'{"https" if self.tls else "http"}://{host}:{port}'
 
   @contextlib.contextmanager
   def computing(self):
@@ -309,9 +346,49 @@ class AttributionServer(ThreadingHTTPServer):
               **({'p50_ms': round(float(np.percentile(latencies, 50)), 3),
                   'p95_ms': round(float(np.percentile(latencies, 95)), 3)} if len(latencies) else {})}
 
-  def handle_error(self, request, client_address):  # a client gone mid-reply is not the server's fault
-    if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+  def handle_error(self, request, client_address):
+    # Not the server's fault: a client gone mid-reply, one that spoke plain HTTP (or nothing) to HTTPS.
+    if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, ssl.SSLError, TimeoutError)):
       super().handle_error(request, client_address)
+
+
+def read_token(token_file: str | None) -> str | None:
+  """The bearer token: the first line of `token_file`, else $ATTRIB_SERVE_TOKEN, else None (no auth).
+  A file, not a flag: a flag's value shows in every user's `ps`."""
+  from core.config import ConfigError
+  if token_file is None:
+    token = os.environ.get('ATTRIB_SERVE_TOKEN')
+    where = 'ATTRIB_SERVE_TOKEN'
+  else:
+    try:
+      with open(token_file, encoding='utf-8') as f:
+        token = f.readline()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f'--token-file {token_file}: cannot be read ({e})') from None
+    where = f'--token-file {token_file}'
+  if token is None:
+    return None
+  if not token.strip():
+    raise ConfigError(f'{where}: the token is empty')
+  return token.strip()
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+  """A server TLS context from PEM files, checked before the student loads; None for plain HTTP."""
+  from core.config import ConfigError
+  if (cert is None) != (key is None):
+    raise ConfigError('--tls-cert and --tls-key go together (the certificate chain and its private key, PEM)')
+  if cert is None:
+    return None
+  context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+  try:
+    context.load_cert_chain(cert, key)
+  except FileNotFoundError as e:
+    raise ConfigError(f'{e.filename or cert}: no such file (--tls-cert {cert} --tls-key {key})') from None
+  except (ssl.SSLError, OSError) as e:
+    raise ConfigError(f'--tls-cert {cert} --tls-key {key}: not a PEM certificate and its private key '
+                      f'({e.strerror or e})') from None
+  return context
 
 
 def warm_up(attributor) -> None:
@@ -365,7 +442,8 @@ def reload_when_changed(server: AttributionServer, load, every_s: float, stop: t
 
 
 def serve_command(workdir: str, host: str, port: int, dino: str | None = None, clip: str | None = None,
-                  train_list: str | None = None, reload_every_s: float = 2.0) -> dict:
+                  train_list: str | None = None, reload_every_s: float = 2.0, token_file: str | None = None,
+                  tls_cert: str | None = None, tls_key: str | None = None) -> dict:
   """`launch.py attrib serve`: answers until SIGTERM or Ctrl-C, then returns what it answered."""
   from attrib.attributor import Attributor
   from core.config import ConfigError
@@ -374,8 +452,9 @@ def serve_command(workdir: str, host: str, port: int, dino: str | None = None, c
     raise ConfigError(f'--port {port!r}: expected a port number in [0, 65535] (0: a free one)')
   if not reload_every_s >= 0:
     raise ConfigError(f'--reload-every {reload_every_s!r}: expected seconds >= 0 (0: never reload)')
+  token, tls = read_token(token_file), tls_context(tls_cert, tls_key)
   try:  # the address first: one in use is said before the student loads
-    server = AttributionServer(None, host, port)
+    server = AttributionServer(None, host, port, token, tls)
   except OSError as e:
     raise UserError(f'cannot listen on {host}:{port} ({e.strerror or e}): give another --port or --host, '
                     'or stop what holds it') from None
@@ -394,8 +473,14 @@ def serve_command(workdir: str, host: str, port: int, dino: str | None = None, c
   # SIGTERM (a service manager's stop) ends serve_forever from another thread: shutdown() waits for
   # the loop, which runs in this one.
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start())
-  print(f'attrib serve: {server.attributor!r} on {server.url} (POST /attribute, GET /health); '
+  guarded = ', token asked' if token else ''
+  print(f'attrib serve: {server.attributor!r} on {server.url} (POST /attribute, GET /health{guarded}); '
         'SIGTERM or Ctrl-C stops it', file=sys.stderr, flush=True)
+  missing = [what for what, given in (('a token', token), ('TLS', tls)) if not given]
+  if host not in ('127.0.0.1', 'localhost', '::1') and missing:
+    print(f'attrib serve: warning: listening on {host} without {" or ".join(missing)}: whoever reaches this port '
+          'can query the student (or read the traffic); --token-file and --tls-cert/--tls-key, or a proxy with '
+          'them', file=sys.stderr, flush=True)
   started = time.time()
   try:
     server.serve_forever()

@@ -5,6 +5,9 @@ and queries per second from several clients at once against one client, in the s
 A digits workdir (the quickstart's by default) and its test queries as PNG files. Reported per
 `--repeats` round: p50 / p95 of `--queries` sequential calls each way, their difference (what HTTP,
 JSON and decoding the body cost), and the throughput of `--clients` threads each on its own connection.
+With openssl on the PATH, the same sequential queries also go to a second server that serves HTTPS
+(a self-signed certificate made for the run) and asks for a bearer token: what TLS and the token
+check add on a kept-open connection.
 
   .venv/bin/python benchmarks/serve_latency.py [--workdir runs/quickstart/attrib] [--queries 100] [--out FILE]
 """
@@ -14,7 +17,11 @@ import argparse
 import http.client
 import io
 import json
+import shutil
+import ssl
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -52,6 +59,21 @@ def timed(call, count: int) -> np.ndarray:
   return np.asarray(times)
 
 
+def tls_server(attributor, folder: Path):
+  """A second server on the same attributor, HTTPS with a token; (server, client TLS context)."""
+  from attrib.serve import AttributionServer, tls_context
+  subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj', '/CN=127.0.0.1',
+                  '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', str(folder / 'key.pem'), '-out',
+                  str(folder / 'cert.pem')], check=True, capture_output=True)
+  server = AttributionServer(attributor, '127.0.0.1', 0, TOKEN,
+                             tls_context(str(folder / 'cert.pem'), str(folder / 'key.pem')))
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server, ssl.create_default_context(cafile=str(folder / 'cert.pem'))
+
+
+TOKEN = 'benchmark-token'
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', default=str(ROOT / 'runs/quickstart/attrib'))
@@ -77,13 +99,21 @@ def main() -> None:
     data, prompt = files[i % len(files)]
     attributor.attribute(image=Image.open(io.BytesIO(data)), prompt=prompt, k=args.k)
 
-  def client():
-    connection = http.client.HTTPConnection(host, port)
+  folder = Path(tempfile.mkdtemp())
+  secure, trusted = tls_server(attributor, folder) if shutil.which('openssl') else (None, None)
+
+  def client(tls: bool = False):
+    if tls:
+      connection = http.client.HTTPSConnection(*secure.server_address[:2], context=trusted)
+      headers = {'Content-Type': 'image/png', 'Authorization': f'Bearer {TOKEN}'}
+    else:
+      connection = http.client.HTTPConnection(host, port)
+      headers = {'Content-Type': 'image/png'}
 
     def over_http(i):
       data, prompt = files[i % len(files)]
       connection.request('POST', '/attribute?' + urllib.parse.urlencode({'prompt': prompt, 'k': args.k}), body=data,
-                         headers={'Content-Type': 'image/png'})
+                         headers=headers)
       response = connection.getresponse()
       body = response.read()
       assert response.status == 200, body
@@ -102,8 +132,15 @@ def main() -> None:
                    'http_p50_ms': float(np.median(http_one)), 'http_p95_ms': float(np.percentile(http_one, 95)),
                    'http_adds_p50_ms': float(np.median(http_one) - np.median(direct)),
                    'one_client_qps': one_qps, f'{args.clients}_clients_qps': many_qps})
+    if secure is not None:
+      https_one = timed(client(tls=True), args.queries)
+      rounds[-1].update({'https_token_p50_ms': float(np.median(https_one)),
+                         'https_token_adds_p50_ms': float(np.median(https_one) - np.median(http_one))})
     print(json.dumps({'round': repeat, **{k: round(v, 2) for k, v in rounds[-1].items()}}), flush=True)
   server.shutdown()
+  if secure is not None:
+    secure.shutdown()
+  shutil.rmtree(folder)
   summary = {key: {'median': float(np.median([r[key] for r in rounds])),
                    'range': [float(min(r[key] for r in rounds)), float(max(r[key] for r in rounds))]}
              for key in rounds[0]}

@@ -702,12 +702,13 @@ def test_the_quickstart_summary_names_commands_that_attribute_a_users_own_query(
   assert (tmp_path / 'q.png').is_file() and json.loads((pipeline / 'query_result.json').read_text())['image'] == 'q.png'
 
 
-def _post(url: str, body: bytes, content_type: str = 'image/png') -> tuple[int, dict]:
+def _post(url: str, body: bytes, content_type: str = 'image/png', headers: dict | None = None,
+          context=None) -> tuple[int, dict]:
   import urllib.error
   import urllib.request
-  request = urllib.request.Request(url, data=body, headers={'Content-Type': content_type})
+  request = urllib.request.Request(url, data=body, headers={'Content-Type': content_type, **(headers or {})})
   try:
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=60, context=context) as response:
       return response.status, json.loads(response.read())
   except urllib.error.HTTPError as e:
     return e.code, json.loads(e.read())
@@ -752,6 +753,7 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
   import shutil
   import signal
   import socket
+  import subprocess
   import time
   import urllib.error
   import urllib.parse
@@ -852,16 +854,34 @@ def test_serve_answers_over_http_as_attribute_does(pipeline, tmp_path, monkeypat
       serve.serve_command(str(tmp_path / 'no_such_workdir'), '127.0.0.1', taken.server_address[1])
   work = tmp_path / 'served'  # its own copy: a takedown below changes the student
   shutil.copytree(pipeline, work, ignore=shutil.ignore_patterns('counterfactual'))
+  # Served over HTTPS (a self-signed certificate for 127.0.0.1) to holders of its token.
+  import ssl
+  subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=127.0.0.1',
+                  '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', str(tmp_path / 'key.pem'), '-out',
+                  str(tmp_path / 'cert.pem')], check=True, capture_output=True)
+  (tmp_path / 'token').write_text('s3cret-token\n')
   port = free_port()
-  child = launch(['attrib', 'serve', '--workdir', str(work), '--port', str(port), '--reload-every', '0.2'], devices=1)
-  ask = lambda: _post(f'http://127.0.0.1:{port}/attribute?' + urllib.parse.urlencode({'prompt': prompts[0], 'k': 5}),
-                      files[0].read_bytes())[1]
+  child = launch(['attrib', 'serve', '--workdir', str(work), '--port', str(port), '--reload-every', '0.2',
+                  '--token-file', str(tmp_path / 'token'), '--tls-cert', str(tmp_path / 'cert.pem'), '--tls-key',
+                  str(tmp_path / 'key.pem')], devices=1)
+  trusted = ssl.create_default_context(cafile=str(tmp_path / 'cert.pem'))
+  query_url = f'https://127.0.0.1:{port}/attribute?' + urllib.parse.urlencode({'prompt': prompts[0], 'k': 5})
+  ask = lambda token='s3cret-token': _post(query_url, files[0].read_bytes(), headers={
+      'Authorization': f'Bearer {token}'} if token else {}, context=trusted)
   try:
     lines = []
     while not any(line.startswith('attrib serve:') for line in lines):
       lines.append(child.stdout.readline())
       assert lines[-1] or child.poll() is None, ''.join(lines)
-    assert f'on http://127.0.0.1:{port}' in lines[-1]
+    assert f'on https://127.0.0.1:{port} (POST /attribute, GET /health, token asked)' in lines[-1]
+    for token in (None, 's3cret'):  # no token, a wrong one: refused, naming what it asks for
+      assert ask(token) == (401, {'error': 'this server asks for its token: an Authorization: Bearer <token> header'})
+    with urllib.request.urlopen(f'https://127.0.0.1:{port}/health', context=trusted) as response:
+      assert json.loads(response.read()) == {'status': 'ok'}  # a probe without the token: alive, no more
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP to the HTTPS port: no answer
+      urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=60)
+    ask = lambda: _post(query_url, files[0].read_bytes(), headers={'Authorization': 'Bearer s3cret-token'},
+                        context=trusted)[1]
     before = ask()
     assert same(before, attributor.attribute(image=str(files[0]), prompt=prompts[0], k=5))
     # A takedown from a shell while it serves: the server reloads the student and leaves the image out.

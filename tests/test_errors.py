@@ -28,6 +28,7 @@ def _bad_inputs(tmp):
   write_token_shards(np.zeros((6, 64), np.int32), tmp / 'short_shards', seq_len=64, vocab_size=300)
   (tmp / 'bad.jsonl').write_text('{"tokens": "not base64!"}\n')
   (tmp / 'empty.jsonl').write_text('\n')
+  (tmp / 'not_a.pem').write_text('-----BEGIN CERTIFICATE-----\nnot base64\n')
   (tmp / 'a_file').write_text('x')
   (tmp / 'shards').mkdir()
   (tmp / 'shards' / 'tokens-00000-of-00002.arrayrecord').write_bytes(b'an earlier data set')
@@ -246,6 +247,15 @@ def _bad_inputs(tmp):
                                        'attrib distill'),
       'attrib serve on no port': (['attrib', 'serve', '--workdir', str(tmp / 'w'), '--port', '70000'],
                                   '--port 70000: expected a port number in [0, 65535]'),
+      'attrib serve with a certificate and no key': (
+          ['attrib', 'serve', '--workdir', str(tmp / 'w'), '--tls-cert', str(tmp / 'not_a.pem')],
+          '--tls-cert and --tls-key go together'),
+      'attrib serve with files that are no certificate': (
+          ['attrib', 'serve', '--workdir', str(tmp / 'w'), '--tls-cert', str(tmp / 'not_a.pem'), '--tls-key',
+           str(tmp / 'not_a.pem')], 'not_a.pem: not a PEM certificate and its private key'),
+      'attrib serve with an empty token file': (
+          ['attrib', 'serve', '--workdir', str(tmp / 'w'), '--token-file', str(tmp / 'empty.jsonl')],
+          'empty.jsonl: the token is empty'),
       'attrib remove of words': (['attrib', 'remove', '--workdir', str(tmp / 'w'), '--ids', '3,seven'],
                                  "--ids '3,seven': expected comma-separated training ids"),
       'attrib query among words': (['attrib', 'query', '--workdir', str(tmp / 'w'), '--image', 'x.png', '--prompt',
@@ -367,6 +377,8 @@ CASES = ['cpu preset for a TPU', 'unknown --set key', 'negative steps', 'wrong t
          'lvm generate of grids for one prompt', 'lvm eval of a negative completion count',
          'attrib query among words', 'attrib query among ids inline and in a file',
          'lvm generate of greedy samples for a list', 'attrib serve with no student', 'attrib serve on no port',
+         'attrib serve with a certificate and no key', 'attrib serve with files that are no certificate',
+         'attrib serve with an empty token file',
          'a tokenizer fit check without a preset', 'train-model without a workdir']
 
 
