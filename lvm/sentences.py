@@ -387,13 +387,12 @@ def write_sentence_shard(job: TokenizeJob, shard: ShardSpec) -> None:
   def frames_of(n):
     return sentence_frames(shard.kind, n, job.images, job.labels, job.spec['frames'], job.spec['seed'], job.videos,
                            job.spec['stride'], step=tconfig.downsample_factor, pairs=job.pairs)
-  if isinstance(job.images, np.ndarray):
-    frames_nf = np.stack([frames_of(n) for n in range(shard.start, shard.stop)])
-  else:  # streamed: each sentence decodes its images; in threads (PIL decodes without the GIL), in order
-    import concurrent.futures
-    with concurrent.futures.ThreadPoolExecutor(job.read_threads) as pool:
-      frames_nf = np.stack(list(pool.map(frames_of, range(shard.start, shard.stop))))
-  tokens = job.tokenizer.encode(frames_nf.reshape(-1, *frames_nf.shape[2:]))
+  # Built as the encoder asks, a batch at a time (lvm/shard_frames.py), not the shard's records x
+  # frames images at once; a streamed source's sentences in threads (PIL decodes without the GIL).
+  from lvm.shard_frames import ShardFrames
+  threads = 1 if isinstance(job.images, np.ndarray) else job.read_threads
+  with ShardFrames(frames_of, shard.start, shard.stop - shard.start, job.spec['frames'], threads) as frames:
+    tokens = job.tokenizer.encode(frames)
   _write_shard(job.out / shard.name, tokens.reshape(shard.stop - shard.start, job.seq_len))
 
 

@@ -47,8 +47,9 @@ class LoadedTokenizer:
     self._encode = jax.jit(lambda params, x: nnx.merge(self.graphdef, params).encode(x))
     self._decode = jax.jit(lambda params, t: nnx.merge(self.graphdef, params).decode(t))
 
-  def encode(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """float [n, s, s, 3] in [0, 1] -> int32 tokens [n, tokens_per_image], sharded over the mesh."""
+  def encode(self, images, batch: int = 256) -> np.ndarray:
+    """float [n, s, s, 3] in [0, 1] -> int32 tokens [n, tokens_per_image], sharded over the mesh.
+    `images`: an array, or anything that slices into arrays batch by batch (lvm/shard_frames.py)."""
     with activation_sharding(self.mesh, self.rules):
       return map_batches(functools.partial(self._encode, self.params), images, self.mesh, self.rules, batch)
 
