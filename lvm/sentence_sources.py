@@ -13,7 +13,7 @@ header): in memory it is left out, streamed it is replaced by the next readable 
 `--stream auto` (the default) streams when the decoded images would take more than a quarter of a
 host's free memory; on a slice, every host streams when any host would (their shards must agree),
 and a resumed job keeps the choice it was started with (its fingerprint of the source is the pixels'
-in memory, the files' names streamed).
+in memory, the files' names and sizes streamed).
 """
 from __future__ import annotations
 
@@ -97,11 +97,15 @@ def still_images(source: str, size: int, strict: bool, streamed: bool, listed: t
 
 def streamed_fingerprint(images: StreamedImageArray, labels: np.ndarray) -> dict:
   """A streamed source as a resumed job checks it: its files' names (a tfds split: its record
-  numbers) and labels, not its pixels, which would mean decoding it all. A file added, removed or
-  renamed is found; one rewritten in place under the same name is not."""
+  numbers), labels and sizes, not its pixels, which would mean decoding it all. A file added,
+  removed, renamed or rewritten at another size is found; one rewritten at its very size is not."""
   digest = hashlib.sha256('\n'.join(images.record_names()).encode())
   digest.update(np.ascontiguousarray(labels).tobytes())
-  return {'count': int(len(images)), 'names_sha256': digest.hexdigest()[:16], 'streamed': True}
+  fingerprint = {'count': int(len(images)), 'names_sha256': digest.hexdigest()[:16], 'streamed': True}
+  sizes = images.record_sizes()
+  if sizes is not None:
+    fingerprint['sizes_sha256'] = hashlib.sha256(np.asarray(sizes, np.int64).tobytes()).hexdigest()[:16]
+  return fingerprint
 
 
 def read_sentence_source(source: str, size: int, split: str, strict: bool, labels: str | None, label_ids: bool, *,

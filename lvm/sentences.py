@@ -346,12 +346,16 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
     if state_path.is_file():
       previous = read_json(state_path)
       previous.setdefault('source_images', spec['source_images'])  # a job started before it was recorded
+      if 'sizes_sha256' not in previous['source_images']:  # streamed by a version that recorded names only
+        spec['source_images'].pop('sizes_sha256', None)
       if previous['source_images'] != spec['source_images']:
         before, now = previous['source_images'], spec['source_images']
         digest = lambda fingerprint: fingerprint.get('sha256') or fingerprint.get('names_sha256')
+        resized = digest(before) == digest(now)  # streamed: the same names, other sizes
+        what = 'the same files, some of them now of other sizes' if resized else f'{now["count"]} images ({digest(now)})'
         raise ConfigError(f'{out} holds shards of {source} as it was when they were written ({before["count"]} '
-                          f'images, fingerprint {digest(before)}); it now reads {now["count"]} images '
-                          f'({digest(now)}): the rest would be built from other images. Use a new --out')
+                          f'images, fingerprint {digest(before)}); it now reads {what}: the rest would be built '
+                          'from other images. Use a new --out')
       if previous != spec:
         changed = {k: (previous.get(k), v) for k, v in spec.items() if previous.get(k) != v}
         raise ConfigError(f'{out} holds shards of another tokenize job ({changed}); use a new --out')

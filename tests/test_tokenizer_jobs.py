@@ -670,6 +670,20 @@ def test_a_streamed_source_gives_the_shards_it_gives_in_memory(tokenizer_dir, tm
   assert launch_main(tokenize + ['--source', str(root), '--out', str(streamed)]) == 2
   assert 'as it was when they were written (22 images' in capsys.readouterr().err
   (root / 'even' / '100.png').unlink()
+  # A file rewritten in place under its name (another image, another size): refused, said so. A
+  # job started by a version that recorded names only resumes as before.
+  original = (root / 'even' / '002.png').read_bytes()
+  (root / 'even' / '002.png').write_bytes((root / 'odd' / '001.png').read_bytes())
+  assert len(original) != (root / 'even' / '002.png').stat().st_size
+  assert launch_main(tokenize + ['--source', str(root), '--out', str(streamed)]) == 2
+  assert 'it now reads the same files, some of them now of other sizes' in capsys.readouterr().err
+  (root / 'even' / '002.png').write_bytes(original)
+  state = json.loads((streamed / 'tokenize_state.json').read_text())
+  assert state['source_images'].pop('sizes_sha256')
+  (streamed / 'tokenize_state.json').write_text(json.dumps(state))
+  (streamed / 'video-00001-of-00002.arrayrecord').unlink()
+  assert launch_main(tokenize + ['--source', str(root), '--out', str(streamed)]) == 0
+  assert shards(streamed) == shards(held)
 
   # --strict names a file that is no image (found by its header before any sentence) and one cut
   # short after its header (found when a sentence draws it); without, the job goes on past both.
