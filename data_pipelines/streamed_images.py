@@ -22,7 +22,8 @@ import concurrent.futures
 import numpy as np
 
 from core import progress
-from core.paths import is_remote
+from core.config import ConfigError
+from data_pipelines.image_headers import HeaderScan, listing_digest, scan_headers, unreadable_files
 from data_pipelines.image_sources import ImageDataError, array_to_rgb_square, image_files, load_image
 
 
@@ -53,13 +54,21 @@ class FolderImageStream(_ImageStream):
   """Every readable image under a folder, in name order (as `folder_images`), decoded on read.
   `strict`: an unreadable file fails (naming it) instead of being left out or replaced."""
 
-  def __init__(self, root, size: int, header_threads: int = 32, listed: tuple | None = None, strict: bool = False):
+  def __init__(self, root, size: int, header_threads: int = 32, listed: tuple | None = None, strict: bool = False,
+               scanned: HeaderScan | None = None):
     self.root, files = listed or image_files(root)  # `listed`: image_files(root), when done already
     self.name = str(self.root)
     self.size, self.strict = size, strict
-    unreadable, sizes = _unreadable_headers(files, header_threads, str(self.root), strict)
+    # `scanned`: the headers read already (by the hosts of a slice, a share each, or a Beam driver)
+    if scanned is None:
+      scanned = scan_headers(self.root, files, header_threads)
+    elif (scanned.count, scanned.listing) != (len(files), listing_digest(self.root, files)):
+      raise ConfigError(f'{self.root} lists {len(files)} image files here and {scanned.count} where its headers '
+                        'were read (files added or removed since): rerun the job')
+    unreadable = unreadable_files(scanned, files, str(self.root), strict)
+    self.scan = scanned  # passed on to Beam workers, which then read no header
+    self.sizes_sha256 = scanned.sizes_sha256  # a resumed job's check (lvm/sentence_sources.py)
     self.files = [f for i, f in enumerate(files) if i not in unreadable]
-    self.sizes = [size for i, size in enumerate(sizes) if i not in unreadable]
     self.skipped = [str(files[i]) for i in sorted(unreadable)]
     if not self.files:
       raise ImageDataError(f'{self.root}: none of {len(files)} image files could be read')
@@ -75,8 +84,6 @@ class FolderImageStream(_ImageStream):
   def record_names(self, indices) -> list[str]:
     return [str(self.files[i].relative_to(self.root)) for i in indices]
 
-  def record_sizes(self, indices) -> list[int]:
-    return [self.sizes[i] for i in indices]
 
   def image(self, index: int) -> np.ndarray:
     """File `index`'s pixels; a file that fails to decode is named once and the next readable one is used."""
@@ -107,8 +114,7 @@ class TfdsImageStream(_ImageStream):
   def record_names(self, indices) -> list[str]:
     return [str(i) for i in indices]
 
-  def record_sizes(self, indices) -> None:
-    return None  # records of a prepared split: tfds checked them when it wrote them
+  sizes_sha256 = None  # records of a prepared split: tfds checked them when it wrote them
 
   def read_labels(self) -> np.ndarray:
     """int32 label of every record (-1 without a label field, as `tfds_images`), read with the images
@@ -129,44 +135,6 @@ class TfdsImageStream(_ImageStream):
     except Exception as e:  # noqa: BLE001 (the ArrayRecord reader and the feature decoders raise several)
       raise ImageDataError(f'{self.name}[{index}]: the record does not read ({type(e).__name__}: {e})') from None
     return array_to_rgb_square(example[self.key], self.size)
-
-
-def _header_ok(path) -> tuple[str | None, int]:
-  """(None when `path` opens as an image, else why not; its size in bytes). The header only: PIL
-  decodes no pixels here. The size comes with the open file (no request more on gs://)."""
-  import contextlib
-  import os
-  from PIL import Image
-  try:
-    with contextlib.ExitStack() as stack:  # a local file by its name: PIL's errors then name it, not a reader
-      if not is_remote(path):
-        stack.enter_context(Image.open(path))
-        return None, os.path.getsize(path)
-      handle = stack.enter_context(path.open('rb'))
-      stack.enter_context(Image.open(handle))
-      return None, handle.seek(0, 2)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    return f'{type(e).__name__}: {e}', -1
-
-
-def _unreadable_headers(files: list, threads: int, where: str, strict: bool = False) -> tuple[set[int], list[int]]:
-  """(indices of `files` that are not images, said by name (`strict`: the first fails); each file's
-  size in bytes). Every host reads every header (no host waits on another's findings, and all leave
-  out the same files: their records must agree), in `threads` threads: 0.46 ms a file on 2 cores
-  here, minutes for ImageNet's 1.28M files."""
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    checked = list(progress.bar(pool.map(_header_ok, files), total=len(files), desc=f'{where}: image headers',
-                                unit='file'))
-  problems = [problem for problem, _ in checked]
-  unreadable = {i for i, problem in enumerate(problems) if problem}
-  if strict and unreadable:
-    first = min(unreadable)
-    raise ImageDataError(f'{files[first]}: not a readable image ({problems[first]})')
-  for i in sorted(unreadable):
-    progress.say(f'warning: skipped {files[i]}: not a readable image ({problems[i]})')
-  if unreadable:
-    progress.say(f'{where}: skipped {len(unreadable)} of {len(files)} files (not readable images)')
-  return unreadable, [size for _, size in checked]
 
 
 class StreamedImageArray:
@@ -201,10 +169,6 @@ class StreamedImageArray:
   def record_names(self) -> list[str]:
     """Each row's file (relative to the folder) or record number: what a resumed job compares."""
     return self.stream.record_names(self.rows)
-
-  def record_sizes(self) -> list[int] | None:
-    """Each row's file size in bytes (from the header scan), None for a tfds split."""
-    return self.stream.record_sizes(self.rows)
 
 
 def streamable(source: str) -> bool:

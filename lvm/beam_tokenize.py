@@ -86,6 +86,8 @@ def beam_tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | No
   # kinds the driver resolved.
   job_args = dict(options, tokenizer_dir=tokenizer_dir, source=source, kinds=job.spec['kinds'], out=str(job.out),
                   stream='always' if job.spec['source_images'].get('streamed') else 'never')
+  if getattr(getattr(job.images, 'stream', None), 'scan', None) is not None:
+    job_args['scanned'] = job.images.stream.scan.to_json()  # a streamed folder's headers: read here, not on each worker
   if todo:
     pipeline_options = PipelineOptions(shlex.split(beam_options))
     with beam.Pipeline(options=pipeline_options) as pipeline:

@@ -25,6 +25,7 @@ from core import progress
 from core.config import ConfigError
 from core.paths import as_path
 from core.workdir import read_json
+from data_pipelines.image_headers import HeaderScan
 from data_pipelines.image_sources import image_files, open_images
 from data_pipelines.streamed_images import FolderImageStream, StreamedImageArray, TfdsImageStream, streamable
 from lvm.sentences import split_mask, split_videos, video_notes
@@ -79,9 +80,11 @@ def stream_choice(source: str, size: int, stream: str, labels: str | None, out, 
   return True, listed
 
 
-def still_images(source: str, size: int, strict: bool, streamed: bool, listed: tuple | None):
+def still_images(source: str, size: int, strict: bool, streamed: bool, listed: tuple | None,
+                 scanned: HeaderScan | None = None):
   """(images, int32 labels) of a folder, tfds split or built-in source: an array in memory, or a
-  `StreamedImageArray` over the same images in the same order with the same labels."""
+  `StreamedImageArray` over the same images in the same order with the same labels (`scanned`: a
+  streamed folder's headers, read already)."""
   if not streamed:
     if listed is not None:  # listed already (for the count): not twice
       from data_pipelines.image_sources import folder_images
@@ -91,26 +94,26 @@ def still_images(source: str, size: int, strict: bool, streamed: bool, listed: t
   if source.startswith('tfds:'):
     stream = TfdsImageStream(source, size)
     return StreamedImageArray(stream), stream.read_labels()
-  stream = FolderImageStream(source, size, listed=listed, strict=strict)
+  stream = FolderImageStream(source, size, listed=listed, strict=strict, scanned=scanned)
   return StreamedImageArray(stream), stream.labels
 
 
 def streamed_fingerprint(images: StreamedImageArray, labels: np.ndarray) -> dict:
   """A streamed source as a resumed job checks it: its files' names (a tfds split: its record
-  numbers), labels and sizes, not its pixels, which would mean decoding it all. A file added,
-  removed, renamed or rewritten at another size is found; one rewritten at its very size is not."""
+  numbers) and labels, and the folder's file sizes (read with the headers), not its pixels, which
+  would mean decoding it all. A file added, removed, renamed or rewritten at another size is found;
+  one rewritten at its very size is not."""
   digest = hashlib.sha256('\n'.join(images.record_names()).encode())
   digest.update(np.ascontiguousarray(labels).tobytes())
   fingerprint = {'count': int(len(images)), 'names_sha256': digest.hexdigest()[:16], 'streamed': True}
-  sizes = images.record_sizes()
-  if sizes is not None:
-    fingerprint['sizes_sha256'] = hashlib.sha256(np.asarray(sizes, np.int64).tobytes()).hexdigest()[:16]
+  if images.stream.sizes_sha256 is not None:
+    fingerprint['sizes_sha256'] = images.stream.sizes_sha256
   return fingerprint
 
 
 def read_sentence_source(source: str, size: int, split: str, strict: bool, labels: str | None, label_ids: bool, *,
                          video_sentences: int, frames: int, stride: int, streamed: bool = False,
-                         listed: tuple | None = None):
+                         listed: tuple | None = None, scanned: HeaderScan | None = None):
   """(images, their classes, videos or None, pairs or None, notes) of `split` of a source."""
   if labels is not None:  # a folder with its label pictures: every kind of the folder, and pairs
     if source.startswith(('frames:', 'tfds:', 'builtin:')):
@@ -132,7 +135,7 @@ def read_sentence_source(source: str, size: int, split: str, strict: bool, label
                         f'--stride {stride})')
     images = np.concatenate(videos)
     return images, np.full(len(images), -1, np.int32), videos, None, notes
-  images, classes = still_images(source, size, strict, streamed, listed)
+  images, classes = still_images(source, size, strict, streamed, listed, scanned)
   keep = split_mask(classes, split, source)
   images = images[keep] if isinstance(images, np.ndarray) else images.subset(keep)
   return images, classes[keep], None, None, []

@@ -297,7 +297,7 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
                       kind_sentences: dict[str, int] | None = None, split: str = 'all', stride: int = 1,
                       tpu_path: str | None = None, claim: bool = True, note_coverage: bool = True,
                       labels: str | None = None, label_ids: bool = False, stream: str = 'auto', read_threads: int = 8,
-                      listed: tuple | None = None) -> TokenizeJob:
+                      listed: tuple | None = None, scanned: dict | None = None) -> TokenizeJob:
   """Reads and checks every input before anything is written. `claim`: record the job in `out`
   (refusing a directory that holds another job's shards) and remove half-written shards of an
   interrupted run — the driver does this once; workers of a distributed run pass False.
@@ -305,7 +305,9 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
   folder of label pictures for a folder source's images (pairs sentences); `label_ids`: they hold
   class ids, painted in PASCAL VOC's colours (data_pipelines/annotation_pairs.py). `stream`: the
   source decoded into memory or as sentences draw it, in `read_threads` threads
-  (lvm/sentence_sources.py); `listed`: the folder's `image_files`, when listed already."""
+  (lvm/sentence_sources.py); `listed`: the folder's `image_files`, when listed already; `scanned`: a
+  streamed folder's headers, read already (data_pipelines/image_headers.py, as JSON)."""
+  from data_pipelines.image_headers import HeaderScan
   from lvm.sentence_sources import read_sentence_source, stream_choice, streamed_fingerprint
   check_at_least(1, frames=frames, sentences=sentences, records_per_shard=records_per_shard, stride=stride,
                  read_threads=read_threads,
@@ -322,7 +324,8 @@ def plan_tokenize_job(tokenizer_dir: str, source: str, kinds: list[str] | None, 
   images, classes, videos, pairs, notes = read_sentence_source(
       source, tconfig.image_size, split, strict, labels, label_ids,
       video_sentences=(kind_sentences or {}).get('video', sentences) if 'video' in (kinds or KINDS) else 0,
-      frames=frames, stride=stride, streamed=streamed, listed=listed or listing)
+      frames=frames, stride=stride, streamed=streamed, listed=listed or listing,
+      scanned=HeaderScan.from_json(scanned) if scanned else None)
   tconfig.check_images(images, source)
   labelled = None if pairs is None else len(pairs[1])
   kinds = kinds_for(images, classes, kinds, frames, labelled)
@@ -457,6 +460,20 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   streamed = any(each_process('tokenize: the source held in memory or streamed',
                               lambda: _host_stream_choice(tokenizer_dir, source, out, options, listing)))
   options = dict(options, stream='always' if streamed else 'never', listed=listing.get('listed'))
+  if streamed and hosts > 1 and not source.startswith('tfds:'):
+    # A streamed folder's headers (one open per file: minutes for ImageNet, more on gs://) are read
+    # a share on each host, and what they found is put together on every host.
+    from data_pipelines.image_headers import HeaderScan, scan_headers
+    from data_pipelines.image_sources import image_files
+
+    def header_share():
+      listing['listed'] = options['listed'] or image_files(source)
+      return scan_headers(*listing['listed'], share=(me, hosts)).to_json()
+    shares = each_process('tokenize: image headers read, a share on each host', header_share)
+    progress.say(f'{source}: the headers of its {shares[me]["count"]:,} image files read, {shares[me]["files_read"]:,} '
+                 f'of them on this host, the rest on the {hosts - 1} other(s)')
+    options.update(listed=listing['listed'],
+                   scanned=HeaderScan.merged([HeaderScan.from_json(share) for share in shares]).to_json())
   with all_or_none('tokenize: the output folder claimed'):
     job = plan_tokenize_job(tokenizer_dir, source, kinds, out, **options)
   if hosts > 1:

@@ -93,3 +93,31 @@ def test_the_report_reads_every_image_or_an_even_spread(count):
   picked = report_images(Counted())
   assert len(picked) == min(count, 4096) and picked[0] == 0 and picked[-1] == count - 1
   assert len(set(picked.tolist())) == len(picked)
+
+
+def test_header_shares_add_up_to_the_whole_folder_and_refuse_another_listing(tmp_path):
+  """A slice's hosts read a share of a streamed folder's headers each: put together, the shares are
+  the one-host scan (the same files left out, the same fingerprint of the sizes), for any number of
+  hosts; a listing that differs between readers is refused, and a file of another size changes the
+  fingerprint."""
+  from core.config import ConfigError
+  from data_pipelines.image_headers import HeaderScan, scan_headers
+  from data_pipelines.image_sources import image_files
+  root, files = image_files(_digit_folder(tmp_path / 'digits', count=12))
+  whole = scan_headers(root, files)
+  assert [str(files[i].relative_to(root)) for i in whole.problems] == ['odd/saved_error_page.jpg']
+  for hosts in (2, 3, 5):
+    shares = [HeaderScan.from_json(scan_headers(root, files, share=(h, hosts)).to_json()) for h in range(hosts)]
+    assert sum(share.files_read for share in shares) == len(files) == 13
+    merged = HeaderScan.merged(shares)
+    assert merged.problems == whole.problems and merged.sizes_sha256 == whole.sizes_sha256
+    with pytest.raises(RuntimeError, match='no fingerprint'):
+      shares[0].sizes_sha256
+  with pytest.raises(ConfigError, match='listed differently on different hosts'):
+    HeaderScan.merged([scan_headers(root, files, share=(0, 2)), scan_headers(root, files[1:], share=(1, 2))])
+  # The same names, one file rewritten at another size: another fingerprint. A stream given another
+  # listing's scan is refused.
+  (root / 'even' / '002.png').write_bytes((root / 'even' / '002.png').read_bytes() + b'\0')
+  assert scan_headers(root, files).sizes_sha256 != whole.sizes_sha256
+  with pytest.raises(ConfigError, match='lists 12 image files here and 13 where its headers were read'):
+    FolderImageStream(root, 32, listed=(root, files[1:]), scanned=whole)

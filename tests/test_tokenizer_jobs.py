@@ -1350,11 +1350,14 @@ def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_
   writes the manifest; the shards and manifest are one process's. A rerun after a lost shard writes
   that shard alone. (Before, every host encoded and wrote every shard, all of them into one folder.)
   The two processes stream the folder (each image decoded when a sentence draws it), the one process
-  holds it in memory; the rerun keeps streaming, as it began."""
+  holds it in memory; the rerun keeps streaming, as it began. Each process reads half of the files'
+  headers, and every process leaves out (or, --strict, fails on) a file the other one found."""
   from tests.helpers import CPU2X4, free_port, launch
   from tests.test_streamed_images import _digit_folder
+  folder = _digit_folder(tmp_path / 'digits', 24)
+  (folder / 'even' / '0000_broken.png').write_bytes(b'\x89PNG not really')  # listed 2nd: process 1's share
   common = ['lvm', 'tokenize', '--tokenizer', str(tokenizer_dir), '--sentences', '24', '--records-per-shard', '8',
-            '--kind', 'video', '--kind', 'colorization', '--source', str(_digit_folder(tmp_path / 'digits', 24))]
+            '--kind', 'video', '--kind', 'colorization', '--source', str(folder)]
   assert launch_main(common + ['--out', str(tmp_path / 'one'), '--stream', 'never']) == 0
 
   def on_two_processes(*stream):
@@ -1368,6 +1371,9 @@ def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_
   printed = on_two_processes('--stream', 'always')
   # Process 0 wrote shards 1, 3, 5 of the 6 (video 0 and 2, colorization 1) and said so; process 1 the rest.
   assert 'tokenize: video-00000-of-00003' in printed and 'tokenize: video-00001-of-00003' not in printed
+  assert f'{folder}: the headers of its 26 image files read, 13 of them on this host, the rest on the 1 other' in printed
+  assert f'warning: skipped {folder}/even/0000_broken.png: not a readable image' in printed  # found by process 1
+  assert f'warning: skipped {folder}/odd/saved_error_page.jpg: not a readable image' in printed
   one = {p.name: p.read_bytes() for p in (tmp_path / 'one').glob('*.arrayrecord')}
   assert len(one) == 6 and {p.name: p.read_bytes() for p in (tmp_path / 'two').glob('*.arrayrecord')} == one
   manifest = json.loads((tmp_path / 'two' / 'manifest.json').read_text())
@@ -1379,6 +1385,20 @@ def test_tokenize_on_two_processes_writes_one_process_shards(tokenizer_dir, tmp_
   on_two_processes()
   assert json.loads((tmp_path / 'two' / 'tokenize_result.json').read_text())['shards_written_this_run'] == 1
   assert {p.name: p.read_bytes() for p in (tmp_path / 'two').glob('*.arrayrecord')} == one
+  # The fingerprint (names, labels, sizes) does not depend on how many hosts read the headers: one
+  # process resumes the two processes' job.
+  (tmp_path / 'two' / 'colorization-00002-of-00003.arrayrecord').unlink()
+  assert launch_main(common + ['--out', str(tmp_path / 'two')]) == 0
+  assert json.loads((tmp_path / 'two' / 'tokenize_result.json').read_text())['shards_written_this_run'] == 1
+  assert {p.name: p.read_bytes() for p in (tmp_path / 'two').glob('*.arrayrecord')} == one
+  # --strict: both processes fail on the file that process 1 read, naming it.
+  port = free_port()
+  procs = [launch(common + ['--out', str(tmp_path / 'strict'), '--tpu', CPU2X4, '--coordinator', f'127.0.0.1:{port}',
+                            '--num-processes', '2', '--process-id', str(i), '--stream', 'always', '--strict'],
+                  devices=4) for i in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 2 and f'{folder}/even/0000_broken.png: not a readable image' in out, out[-3000:]
 
 
 def test_tokenize_stops_every_process_when_one_fails(tokenizer_dir, tmp_path):
