@@ -8,8 +8,10 @@ decodes only its own rows of each batch. The records are the same images in the 
 memory (the same decoding, `to_rgb_square`), so a run trains identically either way (a test holds it
 to that); only memory and read time differ.
 
-Bad files in a folder: before the first step every file's header is read (in threads), and files
-that are not images are left out with a warning naming them, as the in-memory path leaves them out. A file whose header reads but
+Bad files in a folder: before the first step every file's header is read (in threads;
+data_pipelines/image_headers.py, where `lvm tokenize` on a slice reads a share on each host), and
+files that are not images are left out with a warning naming them, as the in-memory path leaves
+them out. A file whose header reads but
 whose pixels do not (truncated after its header) is only found when the loader gets to it: a warning
 names it and the next readable file is used in its place, so the run goes on and stays
 deterministic (every host substitutes the same file). That one case differs from memory, where
@@ -83,7 +85,6 @@ class FolderImageStream(_ImageStream):
 
   def record_names(self, indices) -> list[str]:
     return [str(self.files[i].relative_to(self.root)) for i in indices]
-
 
   def image(self, index: int) -> np.ndarray:
     """File `index`'s pixels; a file that fails to decode is named once and the next readable one is used."""

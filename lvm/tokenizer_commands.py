@@ -22,7 +22,7 @@ from core.train_loop import check_batch_layout, init_state, restore_latest_param
 from core.workdir import (RUN_CONFIG_FILE, config_of_run, make_workdir, note_changed_training, read_run_config, versions, write_imported_run,
                           write_json_atomic)
 from data_pipelines.token_loader import record_batches
-from lvm.tokenizer_images import InMemoryImages, report_images, training_images
+from lvm.tokenizer_images import InMemoryImages, report_images, slice_stream_plan, training_images
 from lvm.tokenizer_task import TokenizerRunConfig, TokenizerTask
 from lvm.tokenizer_weights import read_tokenizer_dir, tokenizer_params
 
@@ -119,6 +119,10 @@ def train_tokenizer_command(config_path: str | None, tpu_path: str, workdir: str
   config: TokenizerRunConfig = apply_overrides(
       config_of_run(config_path, workdir, TokenizerRunConfig, MADE_BY, 'lvm/configs/tokenizer_tiny.py'), overrides)
   workdir = as_path(workdir)
+  size = config.tokenizer.image_size
+  plan = {'stream': config.data.stream}
+  if jax.process_count() > 1:  # the hosts stream alike, a streamed folder's headers read a share on each
+    plan = slice_stream_plan(config.data.source, size, config.data.stream, jax.process_index(), jax.process_count())
   # Each host checks the job and reads its images; one that fails stops every host here, before the
   # others wait for it in the training's first collective.
   with all_or_none('train-tokenizer: the config, images and workdir checked'):
@@ -128,9 +132,8 @@ def train_tokenizer_command(config_path: str | None, tpu_path: str, workdir: str
         raise ConfigError(f'{workdir} holds a tokenizer with other settings; use a new workdir')
       note_changed_training(workdir, previous, config, groups=('train', 'optim', 'loss', 'data'))
     preset = load_preset(tpu_path)
-    size = config.tokenizer.image_size
     # Decoded (and checked) before any model work; or, streamed, every file's header read.
-    source = training_images(config.data.source, size, config.data.stream)
+    source = training_images(config.data.source, size, **plan)
     config.tokenizer.check_images(source.images_at([0]), config.data.source)
     task = TokenizerTask(config.tokenizer, config.loss, config.train.seed)
     if hasattr(task, 'frozen_inputs'):

@@ -59,34 +59,70 @@ def size_text(gib: float) -> str:
   return f'{gib:.1f} GiB' if gib >= 0.1 else f'{gib * 1024:.1f} MiB'
 
 
-def training_images(source: str, size: int, stream: str):
-  """The records `lvm train-tokenizer` trains on. `stream` ('auto', 'always', 'never'): 'auto'
-  streams a folder or tfds split whose decoded images would take more than a quarter of this host's
-  free memory (decoding holds each image twice for a moment, while the array is stacked)."""
+def stream_plan(source: str, size: int, stream: str) -> tuple[bool, tuple | None]:
+  """(stream the source?, a folder's listing when it was listed). `stream` ('auto', 'always',
+  'never'): 'auto' streams a folder or tfds split whose decoded images would take more than a
+  quarter of this host's free memory (decoding holds each image twice for a moment, while the array
+  is stacked)."""
   if stream == 'always' and not streamable(source):
     raise ConfigError(f'data.stream=always: {source} is decoded into memory (folders and tfds:NAME:SPLIT '
                       'stream; the built-in images and video frames do not)')
   if stream == 'never' or not streamable(source):
-    return InMemoryImages(open_images(source, size)[0], source)
+    return False, None
+  listed = None
   if source.startswith('tfds:'):
-    records = image_records(source)[0]
-    count = len(records)
+    count = len(image_records(source)[0])
   else:
     listed = image_files(source)  # listed once, for the count and for reading
     count = len(listed[1])
   if stream == 'auto':
     free = available_memory_gib()
     if decoded_gib(count, size) <= free / 4:
-      if source.startswith('tfds:'):
-        return InMemoryImages(open_images(source, size)[0], source)
-      return InMemoryImages(folder_images(source, size, listed=listed).images, source)
+      return False, listed
     what = 'images' if source.startswith('tfds:') else 'image files'
     progress.say(f'{source}: {count} {what} decode to {size_text(decoded_gib(count, size))}, more than a quarter of '
                  f"this host's {size_text(free)} of free memory: they are streamed, decoded as the loader reads "
                  'them (data.stream=never holds them in memory)')
+  return True, listed
+
+
+def training_images(source: str, size: int, stream: str, listed: tuple | None = None, scanned=None):
+  """The records `lvm train-tokenizer` trains on, held in memory or streamed (`stream_plan`).
+  `listed`: the folder's listing, when listed already; `scanned`: a streamed folder's headers, read
+  already (on a slice, a share on each host: `slice_stream_plan`)."""
+  streamed, plan_listed = stream_plan(source, size, stream) if listed is None else (stream == 'always', listed)
+  listed = listed or plan_listed
+  if not streamed:
+    if listed is not None:
+      return InMemoryImages(folder_images(source, size, listed=listed).images, source)
+    return InMemoryImages(open_images(source, size)[0], source)
   if source.startswith('tfds:'):
     return TfdsImageStream(source, size)
-  return FolderImageStream(source, size, listed=listed)
+  return FolderImageStream(source, size, listed=listed, scanned=scanned)
+
+
+def slice_stream_plan(source: str, size: int, stream: str, me: int, hosts: int) -> dict:
+  """On a slice of several hosts: every host streams when any host would (a file truncated after
+  its header is left out in memory and replaced streamed, so mixed hosts would disagree on the
+  records), and a streamed folder's headers are read a share on each host and put together on
+  every one (data_pipelines/image_headers.py). The keyword arguments of `training_images`."""
+  from core.distributed import each_process
+  from data_pipelines.image_headers import HeaderScan, scan_headers
+  plan = {}
+
+  def host_choice():
+    streamed, plan['listed'] = stream_plan(source, size, stream)
+    return streamed
+  streamed = any(each_process('train-tokenizer: the images held in memory or streamed', host_choice))
+  if streamed and not source.startswith('tfds:'):
+    def header_share():
+      plan['listed'] = plan['listed'] or image_files(source)
+      return scan_headers(*plan['listed'], share=(me, hosts)).to_json()
+    shares = each_process('train-tokenizer: image headers read, a share on each host', header_share)
+    plan['scanned'] = HeaderScan.merged([HeaderScan.from_json(share) for share in shares])
+    progress.say(f'{source}: the headers of its {shares[me]["count"]:,} image files read, '
+                 f'{shares[me]["files_read"]:,} of them on this host, the rest on the {hosts - 1} other(s)')
+  return dict(plan, stream='always' if streamed else 'never')
 
 
 def report_images(source) -> np.ndarray:

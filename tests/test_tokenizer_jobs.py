@@ -1310,7 +1310,8 @@ def test_tokenizer_trains_on_two_processes_as_on_one(tmp_path, streamed):
   """Two processes of four devices train the tokenizer as one process of eight, and its closing
   reconstruction report (encode and decode over every image) runs across both: before, it fetched
   rows the other host held and crashed after training. `streamed`: a folder of images that the two
-  processes stream (each decoding its own rows) and the one process holds in memory."""
+  processes stream (each decoding its own rows, each having read half of its headers) and the one
+  process holds in memory."""
   from tests.helpers import CPU2X4, CPU8, free_port, launch
   from tests.tolerance import assert_network_close
   common = ['lvm', 'train-tokenizer', '--config', TINY_TOKENIZER, '--set', 'train.steps=4', '--set', 'train.log_every=1',
@@ -1327,9 +1328,12 @@ def test_tokenizer_trains_on_two_processes_as_on_one(tmp_path, streamed):
   procs = [launch(common + stream['two'] + ['--tpu', CPU2X4, '--workdir', str(tmp_path / 'two'),
                                             '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2',
                                             '--process-id', str(i)], devices=4) for i in range(2)]
-  for proc in procs:
+  for i, proc in enumerate(procs):
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
+    if streamed and i == 0:  # (process 0 speaks) each read half of the headers; process 1 left out what 0 found
+      assert f'{folder}: the headers of its 41 image files read, 21 of them on this host' in out, out[-3000:]
+      assert f'warning: skipped {folder}/odd/saved_error_page.jpg: not a readable image' in out
   logged = [[json.loads(line)['loss'] for line in (tmp_path / w / 'metrics.jsonl').read_text().splitlines()]
             for w in ('one', 'two')]
   assert len(logged[0]) == len(logged[1]) == 4
