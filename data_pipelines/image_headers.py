@@ -115,3 +115,21 @@ def unreadable_files(scan: HeaderScan, files: list, where: str, strict: bool = F
   if scan.problems:
     progress.say(f'{where}: skipped {len(scan.problems)} of {len(files)} files (not readable images)')
   return set(scan.problems)
+
+
+def scan_on_every_host(source: str, listed: tuple | None, step: str) -> tuple[tuple, HeaderScan]:
+  """(the folder's listing, the whole scan) on every host of a slice, each host having read a share
+  of the headers: `step` names the exchange (core.distributed.each_process; not inside an
+  all_or_none step). `listed`: this host's `image_files(source)`, when listed already."""
+  import jax
+  from core.distributed import each_process
+  from data_pipelines.image_sources import image_files
+  me, hosts, holder = jax.process_index(), jax.process_count(), {}
+
+  def share():
+    holder['listed'] = listed or image_files(source)
+    return scan_headers(*holder['listed'], share=(me, hosts)).to_json()
+  shares = each_process(step, share)
+  progress.say(f'{source}: the headers of its {shares[me]["count"]:,} image files read, {shares[me]["files_read"]:,} '
+               f'of them on this host, the rest on the {hosts - 1} other(s)')
+  return holder['listed'], HeaderScan.merged([HeaderScan.from_json(one) for one in shares])

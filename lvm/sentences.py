@@ -463,17 +463,9 @@ def tokenize_command(tokenizer_dir: str, source: str, kinds: list[str] | None, o
   if streamed and hosts > 1 and not source.startswith('tfds:'):
     # A streamed folder's headers (one open per file: minutes for ImageNet, more on gs://) are read
     # a share on each host, and what they found is put together on every host.
-    from data_pipelines.image_headers import HeaderScan, scan_headers
-    from data_pipelines.image_sources import image_files
-
-    def header_share():
-      listing['listed'] = options['listed'] or image_files(source)
-      return scan_headers(*listing['listed'], share=(me, hosts)).to_json()
-    shares = each_process('tokenize: image headers read, a share on each host', header_share)
-    progress.say(f'{source}: the headers of its {shares[me]["count"]:,} image files read, {shares[me]["files_read"]:,} '
-                 f'of them on this host, the rest on the {hosts - 1} other(s)')
-    options.update(listed=listing['listed'],
-                   scanned=HeaderScan.merged([HeaderScan.from_json(share) for share in shares]).to_json())
+    from data_pipelines.image_headers import scan_on_every_host
+    listed, scanned = scan_on_every_host(source, options['listed'], 'tokenize: image headers read, a share on each host')
+    options.update(listed=listed, scanned=scanned.to_json())
   with all_or_none('tokenize: the output folder claimed'):
     job = plan_tokenize_job(tokenizer_dir, source, kinds, out, **options)
   if hosts > 1:

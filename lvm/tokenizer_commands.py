@@ -122,7 +122,7 @@ def train_tokenizer_command(config_path: str | None, tpu_path: str, workdir: str
   size = config.tokenizer.image_size
   plan = {'stream': config.data.stream}
   if jax.process_count() > 1:  # the hosts stream alike, a streamed folder's headers read a share on each
-    plan = slice_stream_plan(config.data.source, size, config.data.stream, jax.process_index(), jax.process_count())
+    plan = slice_stream_plan(config.data.source, size, config.data.stream)
   # Each host checks the job and reads its images; one that fails stops every host here, before the
   # others wait for it in the training's first collective.
   with all_or_none('train-tokenizer: the config, images and workdir checked'):

@@ -101,13 +101,13 @@ def training_images(source: str, size: int, stream: str, listed: tuple | None = 
   return FolderImageStream(source, size, listed=listed, scanned=scanned)
 
 
-def slice_stream_plan(source: str, size: int, stream: str, me: int, hosts: int) -> dict:
+def slice_stream_plan(source: str, size: int, stream: str) -> dict:
   """On a slice of several hosts: every host streams when any host would (a file truncated after
   its header is left out in memory and replaced streamed, so mixed hosts would disagree on the
   records), and a streamed folder's headers are read a share on each host and put together on
   every one (data_pipelines/image_headers.py). The keyword arguments of `training_images`."""
   from core.distributed import each_process
-  from data_pipelines.image_headers import HeaderScan, scan_headers
+  from data_pipelines.image_headers import scan_on_every_host
   plan = {}
 
   def host_choice():
@@ -115,13 +115,8 @@ def slice_stream_plan(source: str, size: int, stream: str, me: int, hosts: int) 
     return streamed
   streamed = any(each_process('train-tokenizer: the images held in memory or streamed', host_choice))
   if streamed and not source.startswith('tfds:'):
-    def header_share():
-      plan['listed'] = plan['listed'] or image_files(source)
-      return scan_headers(*plan['listed'], share=(me, hosts)).to_json()
-    shares = each_process('train-tokenizer: image headers read, a share on each host', header_share)
-    plan['scanned'] = HeaderScan.merged([HeaderScan.from_json(share) for share in shares])
-    progress.say(f'{source}: the headers of its {shares[me]["count"]:,} image files read, '
-                 f'{shares[me]["files_read"]:,} of them on this host, the rest on the {hosts - 1} other(s)')
+    plan['listed'], plan['scanned'] = scan_on_every_host(source, plan['listed'],
+                                                         'train-tokenizer: image headers read, a share on each host')
   return dict(plan, stream='always' if streamed else 'never')
 
 
